@@ -1,0 +1,392 @@
+"""Upstream MCP servers (stdio, streamable HTTP, legacy SSE) as providers.
+
+Each ``McpUpstream`` owns one long-lived session to its server, shared by every
+call: a supervisor task connects it, keeps its listing fresh (``list_changed``),
+notices when it dies (the transport's read stream ends: a stdio child exited,
+an HTTP request failed) and reconnects with exponential backoff. While it is
+down, calls fail at once with ``UpstreamUnavailable`` and the last known listing
+stays in the registry.
+
+Server→client requests (sampling, elicitation) and log messages that the
+upstream sends mid-call carry no link to the call that caused them on a shared
+handshake-era session, so they go to the client of the one call in flight on
+this upstream; when calls of several clients are in flight, a request is
+refused rather than risk showing one client's data to another.
+"""
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self, cast
+
+import anyio
+import anyio.abc
+import httpx2
+import mcp_types as types
+from mcp import Client, StdioServerParameters
+from mcp.client.session import ClientRequestContext, IncomingMessage
+from mcp.client.sse import sse_client
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+from pydantic import TypeAdapter, ValidationError
+
+from gateway.config import HttpServer, ServerConfig, StdioServer
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.registry import Listing
+from gateway.types import CallContext, ClientChannel, JSONObject, Prompt, Resource, Tool, ToolResult
+
+logger = logging.getLogger(__name__)
+
+INITIAL_BACKOFF = 0.5
+"""Seconds before the first reconnection attempt; doubles on each failure."""
+MAX_BACKOFF = 30.0
+_PAGE_CAP = 100
+"""A paginator that never ends cannot hang a refresh."""
+
+# Results are taken as raw JSON and passed on as such: faithful, and one validation less per call.
+# `send_request` is typed for models only but takes any TypeAdapter.
+_RAW: Any = TypeAdapter(dict[str, Any])
+
+
+class State(StrEnum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+ChangeFn = Callable[[str], Awaitable[None]]
+"""``async (server_name)``: the server's listing changed (or it came up / went down)."""
+
+
+class _WatchedStream:
+    """A transport read stream that sets ``closed`` when it ends, so the supervisor sees a dead connection."""
+
+    def __init__(self, inner: Any, closed: anyio.Event) -> None:
+        self._inner = inner
+        self._closed = closed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)  # `last_context` and friends
+
+    async def receive(self) -> Any:
+        try:
+            return await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._closed.set()
+            raise
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self._closed.set()
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+@dataclass
+class _Watched:
+    """A ``Transport`` wrapping another one with a ``_WatchedStream``."""
+
+    inner: Any
+    closed: anyio.Event
+
+    async def __aenter__(self) -> tuple[Any, Any]:
+        read, write = await self.inner.__aenter__()
+        return _WatchedStream(read, self.closed), write
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self.closed.set()
+        result: bool | None = await self.inner.__aexit__(exc_type, exc, tb)
+        return result
+
+
+class McpUpstream:
+    """One upstream MCP server: a provider of tools, prompts and resources."""
+
+    def __init__(self, name: str, config: ServerConfig, *, on_change: ChangeFn) -> None:
+        self.name = name
+        self.config = config
+        self.state = State.CONNECTING
+        self.last_error: str | None = None
+        self.listing = Listing()
+        self.connects = 0
+        self._on_change = on_change
+        self._client: Client | None = None
+        self._closed = anyio.Event()
+        self._refresh_wanted = anyio.Event()
+        self._inflight: dict[int, ClientChannel] = {}
+        self._ids = itertools.count()
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep the server connected until cancelled. ``started`` fires after the first attempt, good or bad."""
+        backoff = INITIAL_BACKOFF
+        started = False
+        while True:
+            self.state = State.CONNECTING
+            self._closed = anyio.Event()
+            try:
+                async with anyio.create_task_group() as tg:
+                    with anyio.fail_after(self.config.timeout):
+                        await tg.start(self._session)
+                    backoff = INITIAL_BACKOFF
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await self._on_change(self.name)
+            # The boundary of one connection: whatever broke it (spawn failure, handshake error,
+            # refused HTTP, a crash), the gateway keeps serving and tries again.
+            except Exception as exc:
+                self.last_error = _describe(exc, self.config.timeout)
+                logger.warning("upstream %s: %s; retrying in %.1fs", self.name, self.last_error, backoff)
+            was_up = self.state is State.UP
+            self.state = State.DOWN
+            self._client = None
+            if not started:
+                task_status.started()
+                started = True
+            if was_up:
+                await self._on_change(self.name)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _session(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """One connection: handshake, listing, then serve refreshes until the transport ends."""
+        client = Client(
+            _Watched(self._transport(), self._closed),
+            mode="legacy",
+            cache=None,
+            message_handler=self._on_message,
+            logging_callback=self._on_log,
+            sampling_callback=self._on_sampling,
+            elicitation_callback=self._on_elicitation,
+            client_info=types.Implementation(name="patchbay", version="0.1.0"),
+        )
+        async with client:
+            self.listing = await self._fetch_listing(client)
+            self._client = client
+            self.state = State.UP
+            self.last_error = None
+            self.connects += 1
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._refresher, client)
+                await self._closed.wait()
+                tg.cancel_scope.cancel()
+        self.last_error = "connection closed by the server"
+
+    def _transport(self) -> Any:
+        config = self.config
+        if isinstance(config, StdioServer):
+            params = StdioServerParameters(
+                command=config.command[0], args=list(config.command[1:]), env=dict(config.env) or None, cwd=config.cwd
+            )
+            return stdio_client(params)
+        assert isinstance(config, HttpServer)
+        if config.sse:
+            return sse_client(config.url, headers=dict(config.headers), timeout=config.timeout)
+        http = httpx2.AsyncClient(headers=dict(config.headers), timeout=httpx2.Timeout(config.timeout, read=None))
+        return _closing(http, streamable_http_client(config.url, http_client=http))
+
+    async def _refresher(self, client: Client) -> None:
+        while True:
+            await self._refresh_wanted.wait()
+            self._refresh_wanted = anyio.Event()
+            try:
+                with anyio.fail_after(self.config.timeout):
+                    self.listing = await self._fetch_listing(client)
+            except (MCPError, TimeoutError, ValidationError) as exc:
+                logger.warning("upstream %s: refreshing the listing failed: %s", self.name, exc)
+                continue
+            await self._on_change(self.name)
+
+    async def _fetch_listing(self, client: Client) -> Listing:
+        caps = client.server_capabilities
+        tools: list[Tool] = []
+        prompts: list[Prompt] = []
+        resources: list[Resource] = []
+        if caps.tools is not None:
+            tools.extend(Tool(t["name"], t) for t in await _pages(client, "tools/list", "tools"))
+        if caps.prompts is not None:
+            prompts.extend(Prompt(p["name"], p) for p in await _pages(client, "prompts/list", "prompts"))
+        if caps.resources is not None:
+            resources.extend(Resource(r["uri"], r) for r in await _pages(client, "resources/list", "resources"))
+            templates = await _pages(client, "resources/templates/list", "resourceTemplates")
+            resources.extend(Resource(t["uriTemplate"], t, template=True) for t in templates)
+        return Listing(tuple(tools), tuple(prompts), tuple(resources))
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def list_tools(self) -> Sequence[Tool]:
+        return self.listing.tools
+
+    async def call_tool(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
+        params: dict[str, Any] = {"name": name, "arguments": dict(arguments)}
+        if context.meta:
+            params["_meta"] = dict(context.meta)
+        raw = await self.request(
+            types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params)), context
+        )
+        return ToolResult(
+            content=raw.get("content") or (),
+            structured_content=raw.get("structuredContent"),
+            is_error=bool(raw.get("isError", False)),
+            meta=raw.get("_meta"),
+        )
+
+    async def request(self, request: Any, context: CallContext) -> dict[str, Any]:
+        """Send one request on the shared session, within the server's timeout; the raw result.
+
+        Raises:
+            UpstreamUnavailable: not connected, or the connection died during the call.
+            UpstreamTimeout: no answer in time (the upstream request is cancelled).
+            UpstreamError: the server answered with a JSON-RPC error.
+        """
+        client = self._client
+        if client is None:
+            reason = f" ({self.last_error})" if self.last_error else ""
+            raise UpstreamUnavailable(
+                f"Server {self.name!r} is not connected{reason}; it is being reconnected in the background, "
+                "try again shortly.",
+                server=self.name,
+            )
+        token = next(self._ids)
+        if context.client is not None:
+            self._inflight[token] = context.client
+        progress = _progress_forwarder(context)
+        try:
+            with anyio.fail_after(self.config.timeout):
+                return cast(
+                    dict[str, Any], await client.session.send_request(request, _RAW, progress_callback=progress)
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"Server {self.name!r} did not answer within {self.config.timeout:g}s; the request was cancelled.",
+                server=self.name,
+            ) from None
+        except MCPError as exc:
+            if exc.error.code == types.CONNECTION_CLOSED:
+                self._closed.set()
+                raise UpstreamUnavailable(
+                    f"The connection to server {self.name!r} closed during the call; it is being reconnected.",
+                    server=self.name,
+                ) from None
+            message = f"Server {self.name!r} answered with an error: {exc.error.message}"
+            raise UpstreamError(message, server=self.name) from exc
+        finally:
+            self._inflight.pop(token, None)
+
+    # -- traffic from the upstream --------------------------------------------------------------
+
+    async def _on_message(self, message: IncomingMessage) -> None:
+        # Never await a request here: this runs on the session's receive loop.
+        if isinstance(message, types.ServerNotification) and message.method.endswith("/list_changed"):
+            self._refresh_wanted.set()
+
+    def _sole_client(self) -> ClientChannel | None:
+        channels = {id(c): c for c in self._inflight.values()}
+        return next(iter(channels.values())) if len(channels) == 1 else None
+
+    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
+        channel = self._sole_client()
+        if channel is not None:
+            await channel.log(params.model_dump(by_alias=True, mode="json", exclude_none=True))
+
+    async def _forward(self, method: str, params: Any, capability: str) -> JSONObject | types.ErrorData:
+        channel = self._sole_client()
+        if channel is None:
+            reason = "calls of several clients are in flight" if self._inflight else "no call is in flight"
+            return types.ErrorData(
+                code=types.INVALID_REQUEST, message=f"patchbay cannot route {method}: {reason} on this server"
+            )
+        if capability not in channel.capabilities:
+            return types.ErrorData(
+                code=types.INVALID_REQUEST, message=f"the client behind patchbay does not support {capability}"
+            )
+        try:
+            return await channel.request(method, params.model_dump(by_alias=True, mode="json", exclude_none=True))
+        except UpstreamError as exc:
+            return types.ErrorData(code=types.INTERNAL_ERROR, message=str(exc))
+
+    async def _on_sampling(
+        self, context: ClientRequestContext, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResult | types.ErrorData:
+        result = await self._forward("sampling/createMessage", params, "sampling")
+        return result if isinstance(result, types.ErrorData) else types.CreateMessageResult.model_validate(result)
+
+    async def _on_elicitation(
+        self, context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult | types.ErrorData:
+        result = await self._forward("elicitation/create", params, "elicitation")
+        return result if isinstance(result, types.ErrorData) else types.ElicitResult.model_validate(result)
+
+
+async def _pages(client: Client, method: str, key: str) -> list[dict[str, Any]]:
+    request_type: Any = {
+        "tools/list": types.ListToolsRequest,
+        "prompts/list": types.ListPromptsRequest,
+        "resources/list": types.ListResourcesRequest,
+        "resources/templates/list": types.ListResourceTemplatesRequest,
+    }[method]
+    items: list[dict[str, Any]] = []
+    cursor: str | None = None
+    for _ in range(_PAGE_CAP):
+        params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
+        raw = await client.session.send_request(request_type(params=params), _RAW)
+        items.extend(raw.get(key) or ())
+        cursor = raw.get("nextCursor")
+        if not cursor:
+            break
+    return items
+
+
+def _progress_forwarder(context: CallContext) -> ProgressFnT | None:
+    forward = context.progress
+    if forward is None:
+        return None
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        await forward(progress, total, message)
+
+    return on_progress
+
+
+@asynccontextmanager
+async def _closing(http: httpx2.AsyncClient, transport: Any) -> AsyncIterator[tuple[Any, Any]]:
+    async with http, transport as streams:
+        yield streams
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    """A one-line reason for a failed connection, digging through exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, MCPError):
+        return f"protocol error: {exc.error.message}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not text.startswith(type(exc).__name__) else text

@@ -1,0 +1,179 @@
+"""The ``patchbay`` command: the only reader of argv and the environment."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError, ConfigProblem, ToolNotFound
+from gateway.gateway import Gateway, open_gateway
+from gateway.server import McpFrontend, serve_stdio
+from gateway.types import CallContext, Principal
+
+logger = logging.getLogger("patchbay")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+LOCAL_USER = Principal("local", kind="stdio")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``patchbay`` and ``python -m gateway``; exits with the command's status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(args.config, os.environ)
+        status: int = args.run(config, args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchbay", description="MCP tool-orchestration gateway.")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway (streamable HTTP on /mcp, or stdio)")
+    serve.add_argument("config", metavar="CONFIG")
+    serve.add_argument("--stdio", action="store_true", help="serve one client over stdin/stdout")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate the config and connect to every upstream")
+    check.add_argument("config", metavar="CONFIG")
+    check.set_defaults(run=_check)
+
+    tools = commands.add_parser("tools", help="print the merged tool registry and each upstream's state")
+    tools.add_argument("config", metavar="CONFIG")
+    tools.set_defaults(run=_tools)
+
+    call = commands.add_parser("call", help="call one tool through the full call path and print the result")
+    call.add_argument("config", metavar="CONFIG")
+    call.add_argument("tool", metavar="TOOL")
+    call.add_argument("--args", default="{}", help="the arguments as a JSON object")
+    call.set_defaults(run=_call)
+    return parser
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    if args.stdio:
+        anyio.run(_serve_stdio, config)
+        return 0
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, host=args.host), host=args.host, port=args.port, log_level=args.log_level)
+    )
+    server.run()
+    # uvicorn returns without `started` when the lifespan (connecting upstreams) failed; it logged why.
+    return 0 if server.started else 1
+
+
+async def _serve_stdio(config: Config) -> None:
+    async with open_gateway(config) as gateway:
+        await serve_stdio(McpFrontend(gateway, LOCAL_USER))
+
+
+def _connect_note(config: Config) -> None:
+    count = len(config.servers)
+    print(f"connecting to {count} server{'s' if count != 1 else ''}: {', '.join(config.servers)} …", file=sys.stderr)
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    _connect_note(config)
+
+    async def run() -> list[ConfigProblem]:
+        async with open_gateway(config, strict=False) as gateway:
+            _print_upstreams(gateway)
+            problems = list(gateway.problems)
+            for status in gateway.status():
+                if status.state != "up":
+                    line = config.line_of("servers", status.name)
+                    problems.append(
+                        ConfigProblem(f"servers.{status.name}", f"could not connect: {status.last_error}", line)
+                    )
+            return problems
+
+    problems = anyio.run(run)
+    if problems:
+        print(ConfigError(problems, source=config.source), file=sys.stderr)
+        return 1
+    print(f"{config.source}: ok")
+    return 0
+
+
+def _tools(config: Config, args: argparse.Namespace) -> int:
+    _connect_note(config)
+
+    async def run() -> None:
+        async with open_gateway(config, strict=False) as gateway:
+            rows = [(name, e.provider, _first_line(e.tool.description)) for name, e in gateway.registry.tools.items()]
+            _print_table(("TOOL", "SERVER", "DESCRIPTION"), rows)
+            print()
+            _print_upstreams(gateway)
+            for problem in gateway.problems:
+                print(f"problem: {problem}", file=sys.stderr)
+
+    anyio.run(run)
+    return 0
+
+
+def _call(config: Config, args: argparse.Namespace) -> int:
+    try:
+        arguments = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        print(f"--args is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(arguments, dict):
+        print("--args must be a JSON object", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        async with open_gateway(config, strict=False) as gateway:
+            started = time.perf_counter()
+            try:
+                result = await gateway.dispatcher.call(args.tool, arguments, CallContext(principal=LOCAL_USER))
+            except ToolNotFound as exc:
+                print(exc, file=sys.stderr)
+                return 2
+            for item in result.content:
+                print(item.get("text") if item.get("type") == "text" else json.dumps(item, indent=2))
+            if result.structured_content is not None and not result.content:
+                print(json.dumps(result.structured_content, indent=2))
+            elapsed = (time.perf_counter() - started) * 1000
+            print(f"{'error' if result.is_error else 'ok'} in {elapsed:.1f} ms", file=sys.stderr)
+            return 1 if result.is_error else 0
+
+    return anyio.run(run)
+
+
+def _print_upstreams(gateway: Gateway) -> None:
+    rows = [(s.name, s.state, str(s.tools), s.last_error or "") for s in gateway.status()]
+    _print_table(("SERVER", "STATE", "TOOLS", "LAST ERROR"), rows)
+
+
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _first_line(text: str, limit: int = 80) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"

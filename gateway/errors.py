@@ -1,0 +1,137 @@
+"""The one error tree, and how each error reaches the client.
+
+::
+
+    GatewayError
+     ├── ConfigError                 the config cannot be used (lists every problem)      → CLI exit 1
+     ├── ToolNotFound                no such tool in the registry                        → JSON-RPC invalid params
+     ├── InvalidArguments            arguments do not satisfy the tool's inputSchema     → isError result
+     ├── PolicyDenied                a policy refused the call                           → isError result
+     │    ├── Unauthenticated
+     │    ├── Forbidden
+     │    ├── RateLimited            carries ``retry_after`` seconds
+     │    └── CircuitOpen
+     ├── UpstreamError               the provider failed to answer                       → isError result
+     │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
+     │    └── UpstreamTimeout        no answer within the server's timeout
+     └── WorkflowError               a workflow run failed                               → isError result
+
+``ToolNotFound`` is a protocol error (the client asked for something that does
+not exist); everything that happens while executing a call is a tool result
+with ``isError: true`` so the model sees it and can act on it (DESIGN §4).
+Each class carries the metrics ``outcome`` label it is counted under.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Root of every error Patchbay raises on purpose."""
+
+    outcome = "error"
+    """The ``outcome`` label of ``patchbay_tool_calls_total`` for a call that ended with this error."""
+
+    as_tool_result = True
+    """True: the client sees an ``isError`` tool result; False: a JSON-RPC error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One thing wrong with a config file: where (key path, line) and what."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path} (line {self.line})" if self.line is not None else self.path
+        return f"{where}: {self.message}"
+
+
+class ConfigError(GatewayError):
+    """The configuration cannot be used. ``problems`` lists every problem found, not just the first."""
+
+    as_tool_result = False
+
+    def __init__(self, problems: Sequence[ConfigProblem], source: str = "config") -> None:
+        self.problems = tuple(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        count = len(self.problems)
+        super().__init__(f"{source}: {count} problem{'s' if count != 1 else ''}\n{lines}")
+
+
+class ToolNotFound(GatewayError):
+    """No tool of that name in the registry."""
+
+    outcome = "invalid"
+    as_tool_result = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"Unknown tool: {name!r}. Call tools/list to see the tools this gateway serves.")
+
+
+class InvalidArguments(GatewayError):
+    """The arguments do not satisfy the tool's input schema."""
+
+    outcome = "invalid"
+
+
+class PolicyDenied(GatewayError):
+    """A policy refused the call. ``policy`` names it."""
+
+    outcome = "denied"
+
+    def __init__(self, message: str, *, policy: str = "policy") -> None:
+        self.policy = policy
+        super().__init__(message)
+
+
+class Unauthenticated(PolicyDenied):
+    """The caller did not prove who it is."""
+
+
+class Forbidden(PolicyDenied):
+    """The caller may not use this tool."""
+
+
+class RateLimited(PolicyDenied):
+    """Over a rate limit; ``retry_after`` says when a retry can succeed."""
+
+    outcome = "rate_limited"
+
+    def __init__(self, message: str, *, policy: str = "rate_limit", retry_after: float = 0.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, policy=policy)
+
+
+class CircuitOpen(PolicyDenied):
+    """The server's circuit breaker is open: calls fail fast until it half-opens."""
+
+    outcome = "circuit_open"
+
+
+class UpstreamError(GatewayError):
+    """The provider failed to answer the call."""
+
+    outcome = "unavailable"
+
+    def __init__(self, message: str, *, server: str = "") -> None:
+        self.server = server
+        super().__init__(message)
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The provider is not connected right now (starting, crashed, reconnecting)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The provider did not answer within its timeout; the upstream request was cancelled."""
+
+    outcome = "timeout"
+
+
+class WorkflowError(GatewayError):
+    """A workflow run failed; the message names the failed step and its error."""

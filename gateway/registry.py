@@ -1,0 +1,198 @@
+"""The namespaced catalog: naming, filters, renames, collisions, resolution. Pure, no I/O.
+
+A ``Registry`` is an immutable snapshot built from every provider's listing.
+When a provider's listing changes the gateway builds a new snapshot and swaps
+it in, so a call never sees a half-updated catalog.
+"""
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from gateway.errors import ConfigProblem, ToolNotFound
+from gateway.types import Prompt, Resource, Tool
+
+MAX_NAME_LENGTH = 64
+"""The tool-name limit many clients enforce; longer names are shortened with a stable hash."""
+
+_HASH_LENGTH = 8
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def exposed_name(prefix: str, separator: str, name: str) -> str:
+    """The name a client sees for ``name`` of a provider with ``prefix``.
+
+    Characters outside ``[A-Za-z0-9_.-]`` become ``_``; a name over 64
+    characters keeps its head and gets a hash of the full name, so it is
+    stable across restarts and distinct for distinct originals.
+    """
+    full = f"{prefix}{separator}{name}" if prefix else name
+    safe = _UNSAFE.sub("_", full)
+    if len(safe) <= MAX_NAME_LENGTH:
+        return safe
+    digest = hashlib.sha256(full.encode()).hexdigest()[:_HASH_LENGTH]
+    return f"{safe[: MAX_NAME_LENGTH - _HASH_LENGTH - 1]}_{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Naming:
+    """How one provider's names appear in the registry."""
+
+    prefix: str
+    separator: str = "__"
+    include: Sequence[str] = ("*",)
+    exclude: Sequence[str] = ()
+    rename: Mapping[str, str] = field(default_factory=dict)
+    descriptions: Mapping[str, str] = field(default_factory=dict)
+
+    def admits(self, name: str) -> bool:
+        return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Everything one provider offers."""
+
+    tools: Sequence[Tool] = ()
+    prompts: Sequence[Prompt] = ()
+    resources: Sequence[Resource] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A registry tool: what the client sees (``tool``) and where it goes (``provider``, ``target``)."""
+
+    provider: str
+    target: str
+    tool: Tool
+
+
+@dataclass(frozen=True, slots=True)
+class PromptEntry:
+    provider: str
+    target: str
+    prompt: Prompt
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    provider: str
+    pattern: re.Pattern[str]
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A regex for an RFC 6570 level-1/2 URI template: ``{x}`` is one segment, ``{+x}`` anything."""
+    parts: list[str] = []
+    for literal, expr in re.findall(r"([^{]*)(\{[^}]*\})?", template):
+        parts.append(re.escape(literal))
+        if expr:
+            parts.append(".+" if expr.startswith(("{+", "{#")) else "[^/?#]+")
+    return re.compile("".join(parts) + r"\Z")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """One immutable snapshot of the merged catalog."""
+
+    tools: Mapping[str, Entry] = field(default_factory=dict)
+    prompts: Mapping[str, PromptEntry] = field(default_factory=dict)
+    resources: Mapping[str, str] = field(default_factory=dict)
+    """URI → provider."""
+    resource_list: Sequence[Resource] = ()
+    template_list: Sequence[Resource] = ()
+    _templates: Sequence[_Template] = ()
+
+    def resolve(self, name: str) -> Entry:
+        """The entry for a tool name.
+
+        Raises:
+            ToolNotFound: no such tool.
+        """
+        entry = self.tools.get(name)
+        if entry is None:
+            raise ToolNotFound(name)
+        return entry
+
+    def route_resource(self, uri: str) -> str | None:
+        """The provider that owns ``uri``: a listed resource, else the first matching template."""
+        owner = self.resources.get(uri)
+        if owner is not None:
+            return owner
+        for template in self._templates:
+            if template.pattern.match(uri):
+                return template.provider
+        return None
+
+
+def build_registry(
+    listings: Mapping[str, Listing], naming: Mapping[str, Naming], *, reserved: Iterable[str] = ()
+) -> tuple[Registry, list[ConfigProblem]]:
+    """Merge provider listings into one registry.
+
+    Returns the registry and every collision found. A colliding name is left
+    with its first owner (providers in ``listings`` order) and reported, never
+    silently overwritten; the caller decides whether that is fatal (at start) or
+    a reported degradation (when a provider's listing changes later).
+    ``reserved`` are names taken by something outside the listings (workflows).
+    """
+    problems: list[ConfigProblem] = []
+    tools: dict[str, Entry] = {}
+    owners: dict[str, str] = dict.fromkeys(reserved, "a workflow")
+    prompts: dict[str, PromptEntry] = {}
+    resources: dict[str, str] = {}
+    resource_list: list[Resource] = []
+    template_list: list[Resource] = []
+    templates: list[_Template] = []
+    template_owner: dict[str, str] = {}
+
+    for provider, listing in listings.items():
+        rules = naming[provider]
+        for tool in listing.tools:
+            if not rules.admits(tool.name):
+                continue
+            name = exposed_name(rules.prefix, rules.separator, rules.rename.get(tool.name, tool.name))
+            if name in owners:
+                problems.append(_collision(provider, "tools", tool.name, name, owners[name]))
+                continue
+            owners[name] = f"server {provider!r}"
+            definition = dict(tool.definition, name=name)
+            if tool.name in rules.descriptions:
+                definition["description"] = rules.descriptions[tool.name]
+            tools[name] = Entry(provider, tool.name, Tool(name, definition))
+        for prompt in listing.prompts:
+            name = exposed_name(rules.prefix, rules.separator, prompt.name)
+            if name in prompts:
+                problems.append(
+                    _collision(provider, "prompts", prompt.name, name, f"server {prompts[name].provider!r}")
+                )
+                continue
+            prompts[name] = PromptEntry(provider, prompt.name, Prompt(name, dict(prompt.definition, name=name)))
+        for resource in listing.resources:
+            claimed = template_owner if resource.template else resources
+            if resource.uri in claimed:
+                problems.append(
+                    _collision(provider, "resources", resource.uri, resource.uri, f"server {claimed[resource.uri]!r}")
+                )
+                continue
+            claimed[resource.uri] = provider
+            if resource.template:
+                template_list.append(resource)
+                templates.append(_Template(provider, _template_pattern(resource.uri)))
+            else:
+                resource_list.append(resource)
+    registry = Registry(tools, prompts, resources, tuple(resource_list), tuple(template_list), tuple(templates))
+    return registry, problems
+
+
+def _collision(provider: str, kind: str, original: str, name: str, owner: str) -> ConfigProblem:
+    what = "URI" if kind == "resources" else "name"
+    return ConfigProblem(
+        path=f"servers.{provider}",
+        message=(
+            f"{kind[:-1]} {original!r} of server {provider!r} collides: the {what} {name!r} is already "
+            f"taken by {owner}; "
+            "set a different `prefix:` or `tools.rename` for one of them"
+        ),
+    )

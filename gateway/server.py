@@ -1,0 +1,243 @@
+"""The MCP server side: the merged registry served to clients in both protocol eras.
+
+Handlers translate between the SDK's types and the gateway's wire-form values;
+everything that decides anything lives behind ``Gateway``. Errors are mapped in
+one place: ``ToolNotFound`` becomes a JSON-RPC invalid-params error, every other
+``GatewayError`` has already become an ``isError`` result in the dispatcher.
+"""
+
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import mcp_types as types
+from mcp.server import NotificationOptions, Server, ServerRequestContext
+from mcp.server.connection import Connection
+from mcp.server.models import InitializationOptions
+from mcp.server.stdio import stdio_server
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
+from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ToolsListChanged
+from pydantic import ValidationError
+from starlette.types import ASGIApp
+
+from gateway.errors import ToolNotFound, UpstreamError
+from gateway.gateway import Gateway
+from gateway.types import CallContext, JSONObject, Principal
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+_CLIENT_REQUESTS: Mapping[str, tuple[Any, Any]] = {
+    "sampling/createMessage": (types.CreateMessageRequest, types.CreateMessageResult),
+    "elicitation/create": (types.ElicitRequest, types.ElicitResult),
+}
+"""Server→client requests an upstream may make mid-call, forwarded to the calling client."""
+
+
+class _Channel:
+    """The downstream client of one request, as providers see it (``gateway.types.ClientChannel``)."""
+
+    def __init__(self, ctx: ServerRequestContext[Any]) -> None:
+        self._ctx = ctx
+
+    @property
+    def capabilities(self) -> JSONObject:
+        caps = self._ctx.session.client_capabilities
+        return caps.model_dump(by_alias=True, mode="json", exclude_none=True) if caps else {}
+
+    @property
+    def protocol_version(self) -> str:
+        return self._ctx.protocol_version
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        request_type, result_type = _CLIENT_REQUESTS[method]
+        try:
+            result = await self._ctx.session.send_request(
+                request_type.model_validate({"method": method, "params": params}),
+                result_type,
+                metadata=ServerMessageMetadata(related_request_id=self._ctx.request_id),
+            )
+        except (MCPError, ValidationError, RuntimeError) as exc:
+            # RuntimeError covers NoBackChannelError: a stateless or 2026-era request has no back channel.
+            raise UpstreamError(f"the client could not answer {method}: {exc}") from exc
+        dumped: JSONObject = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return dumped
+
+    async def log(self, params: JSONObject) -> None:
+        notification = types.LoggingMessageNotification(params=types.LoggingMessageNotificationParams(**params))
+        await self._ctx.session.send_notification(notification, related_request_id=self._ctx.request_id)
+
+
+class _Server(Server[Any]):
+    """The SDK server with list_changed advertised on every transport (the HTTP manager passes no options)."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        options = notification_options or NotificationOptions(True, True, True)
+        return super().create_initialization_options(options, experimental_capabilities, extensions)
+
+
+class McpFrontend:
+    """Serves a ``Gateway`` over MCP and tells connected clients when its registry changes."""
+
+    def __init__(self, gateway: Gateway, principal: Principal) -> None:
+        self.gateway = gateway
+        self.principal = principal
+        self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+        self._bus = InMemorySubscriptionBus()
+        self._tools: list[types.Tool] | None = None
+        self.server = _Server(
+            gateway.config.gateway.name,
+            version=VERSION,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            on_list_prompts=self._list_prompts,
+            on_get_prompt=self._get_prompt,
+            on_list_resources=self._list_resources,
+            on_list_resource_templates=self._list_templates,
+            on_read_resource=self._read_resource,
+            on_subscriptions_listen=ListenHandler(self._bus),
+        )
+        gateway.on_change(self._registry_changed)
+
+    def _seen(self, ctx: ServerRequestContext[Any]) -> None:
+        # Remember handshake-era connections to push list_changed to them later (SDK has no public registry).
+        self._connections.add(ctx.session._connection)
+
+    async def _registry_changed(self) -> None:
+        self._tools = None
+        for connection in list(self._connections):
+            await connection.send_tool_list_changed()
+            await connection.send_prompt_list_changed()
+            await connection.send_resource_list_changed()
+        for event in (ToolsListChanged(), PromptsListChanged(), ResourcesListChanged()):
+            await self._bus.publish(event)
+
+    # -- tools ------------------------------------------------------------------------------------
+
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        self._seen(ctx)
+        if self._tools is None:  # converted once per registry snapshot
+            self._tools = [types.Tool.model_validate(e.tool.definition) for e in self.gateway.registry.tools.values()]
+        return types.ListToolsResult(tools=self._tools)
+
+    async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> Any:
+        self._seen(ctx)
+        try:
+            result = await self.gateway.dispatcher.call(params.name, params.arguments or {}, self._context(ctx))
+        except ToolNotFound as exc:
+            raise MCPError(types.INVALID_PARAMS, str(exc)) from None
+        wire: dict[str, Any] = {"content": list(result.content), "isError": result.is_error}
+        if result.structured_content is not None:
+            wire["structuredContent"] = result.structured_content
+        if result.meta is not None:
+            wire["_meta"] = result.meta
+        return types.CallToolResult.model_validate(wire)
+
+    def _context(self, ctx: ServerRequestContext[Any]) -> CallContext:
+        return CallContext(
+            principal=self.principal,
+            progress=ctx.session.report_progress,
+            client=_Channel(ctx),
+            meta=_forwardable_meta(ctx.meta),
+        )
+
+    # -- prompts and resources ----------------------------------------------------------------------
+
+    async def _list_prompts(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        self._seen(ctx)
+        prompts = [types.Prompt.model_validate(e.prompt.definition) for e in self.gateway.registry.prompts.values()]
+        return types.ListPromptsResult(prompts=prompts)
+
+    async def _get_prompt(
+        self, ctx: ServerRequestContext[Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        entry = self.gateway.registry.prompts.get(params.name)
+        if entry is None:
+            raise MCPError(types.INVALID_PARAMS, f"Unknown prompt: {params.name!r}")
+        update = {"name": entry.target, "meta": _forwardable_meta(params.meta)}
+        request = types.GetPromptRequest(params=params.model_copy(update=update))
+        raw = await self._forward(entry.provider, request, ctx)
+        return types.GetPromptResult.model_validate(raw)
+
+    async def _list_resources(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        self._seen(ctx)
+        resources = [types.Resource.model_validate(r.definition) for r in self.gateway.registry.resource_list]
+        return types.ListResourcesResult(resources=resources)
+
+    async def _list_templates(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        templates = [types.ResourceTemplate.model_validate(r.definition) for r in self.gateway.registry.template_list]
+        return types.ListResourceTemplatesResult(resource_templates=templates)
+
+    async def _read_resource(
+        self, ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        owner = self.gateway.registry.route_resource(str(params.uri))
+        if owner is None:
+            raise MCPError(types.INVALID_PARAMS, f"Unknown resource: {params.uri}")
+        request = types.ReadResourceRequest(params=params.model_copy(update={"meta": _forwardable_meta(params.meta)}))
+        raw = await self._forward(owner, request, ctx)
+        return types.ReadResourceResult.model_validate(raw)
+
+    async def _forward(self, provider: str, request: Any, ctx: ServerRequestContext[Any]) -> dict[str, Any]:
+        """Send a non-tool request to its upstream; failures become JSON-RPC errors (no isError here)."""
+        try:
+            return await self.gateway.upstreams[provider].request(request, self._context(ctx))
+        except UpstreamError as exc:
+            raise MCPError(types.INTERNAL_ERROR, str(exc)) from None
+
+
+_ENVELOPE_PREFIX = "io.modelcontextprotocol/"
+
+
+def _forwardable_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The parts of a request's ``_meta`` that belong to the caller, not to this hop.
+
+    The progress token is this connection's (the upstream call gets its own), and
+    ``io.modelcontextprotocol/*`` keys are the 2026-07-28 per-request envelope of
+    this hop, which a handshake-era upstream session rejects.
+    """
+    if not meta:
+        return None
+    kept = {k: v for k, v in meta.items() if k != "progressToken" and not k.startswith(_ENVELOPE_PREFIX)}
+    return kept or None
+
+
+def _security(host: str) -> TransportSecuritySettings:
+    """DNS-rebinding protection: only Host/Origin values naming this gateway are accepted."""
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+    if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
+        hosts.append(f"{host}:*")
+    origins = [f"http://{h}" for h in hosts] + [f"https://{h}" for h in hosts]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def http_endpoint(frontend: McpFrontend, host: str) -> tuple[ASGIApp, Any]:
+    """The streamable-HTTP ASGI app for ``/mcp`` and the context manager that must run around it."""
+    manager = StreamableHTTPSessionManager(app=frontend.server, security_settings=_security(host))
+    return StreamableHTTPASGIApp(manager), manager.run
+
+
+async def serve_stdio(frontend: McpFrontend) -> None:
+    """Serve one client over this process's stdin/stdout until it disconnects."""
+    server = frontend.server
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())

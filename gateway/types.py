@@ -1,0 +1,173 @@
+"""Shared vocabulary: the frozen values and Protocols every package speaks.
+
+Nothing here imports the MCP SDK. Tool definitions and results are carried in
+their wire form (camelCase JSON objects), so whatever an upstream sends –
+icons, annotations, ``_meta``, content types this code has never heard of –
+passes through the gateway unchanged.
+"""
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+JSONObject = Mapping[str, Any]
+"""A JSON object in wire form (camelCase keys, JSON-compatible values)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A tool as its provider lists it.
+
+    ``definition`` is the full wire form (``inputSchema``, ``outputSchema``,
+    ``annotations``, ``_meta``, …); the registry only ever changes its name
+    and, when configured, its description.
+    """
+
+    name: str
+    definition: JSONObject
+
+    @property
+    def description(self) -> str:
+        return str(self.definition.get("description") or "")
+
+    @property
+    def input_schema(self) -> JSONObject:
+        schema = self.definition.get("inputSchema")
+        return schema if isinstance(schema, Mapping) else {"type": "object"}
+
+    @property
+    def output_schema(self) -> JSONObject | None:
+        schema = self.definition.get("outputSchema")
+        return schema if isinstance(schema, Mapping) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt as its provider lists it (wire form in ``definition``)."""
+
+    name: str
+    definition: JSONObject
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """A resource or resource template as its provider lists it.
+
+    ``uri`` is the resource URI, or the URI template for a template.
+    """
+
+    uri: str
+    definition: JSONObject
+    template: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """The outcome of a tool call, in wire form.
+
+    ``is_error`` is the tool's own verdict (or the gateway's, for a call it
+    refused); errors of the protocol itself are raised as ``GatewayError``.
+    """
+
+    content: Sequence[JSONObject]
+    structured_content: JSONObject | None = None
+    is_error: bool = False
+    meta: JSONObject | None = None
+
+    @classmethod
+    def text(cls, text: str, *, is_error: bool = False) -> "ToolResult":
+        return cls(content=({"type": "text", "text": text},), is_error=is_error)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a configured client, the local stdio user, or an anonymous loopback client."""
+
+    id: str
+    kind: str = "client"  # "client" | "stdio" | "anonymous" | "workflow"
+
+
+ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
+"""``async (progress, total, message)``: forwards a progress update to whoever asked for it."""
+
+
+class ClientChannel(Protocol):
+    """The downstream client behind a call: what an upstream may ask of it mid-call.
+
+    Implemented by the server side for each request; providers use it to route
+    server→client traffic (sampling, elicitation, log messages) to the client
+    whose call caused it.
+    """
+
+    @property
+    def capabilities(self) -> JSONObject:
+        """The client's declared capabilities (wire form)."""
+        ...
+
+    @property
+    def protocol_version(self) -> str: ...
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        """Send a server→client request (``sampling/createMessage``, ``elicitation/create``…).
+
+        Raises:
+            UpstreamError: the client refused or failed the request.
+        """
+        ...
+
+    async def log(self, params: JSONObject) -> None:
+        """Forward a ``notifications/message`` to the client."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What travels with a call besides its arguments."""
+
+    principal: Principal
+    progress: ProgressFn | None = None
+    client: ClientChannel | None = None
+    meta: JSONObject | None = None
+    """The request's ``_meta`` minus the progress token (forwarded upstream)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call on its way through the dispatch path.
+
+    ``name`` is the registry name the caller used; ``provider`` and ``target``
+    are where it resolves to.
+    """
+
+    name: str
+    provider: str
+    target: str
+    arguments: JSONObject
+    context: CallContext
+    tool: Tool | None = field(default=None, compare=False)
+
+
+class Provider(Protocol):
+    """Anything that lists and calls tools: an upstream MCP server, a REST system, the workflow engine."""
+
+    name: str
+
+    async def list_tools(self) -> Sequence[Tool]: ...
+
+    async def call_tool(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
+        """Call ``name`` (the provider's own name for it).
+
+        Raises:
+            UpstreamError: the provider could not be reached or did not answer in time.
+        """
+        ...
+
+
+CallNext = Callable[[ToolCall], Awaitable[ToolResult]]
+"""The rest of the dispatch chain, as seen by a policy."""
+
+
+class Policy(Protocol):
+    """An interceptor: ``await policy(call, next)``; refuse by raising ``PolicyDenied``."""
+
+    async def __call__(self, call: ToolCall, call_next: CallNext) -> ToolResult: ...

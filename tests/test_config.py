@@ -1,0 +1,324 @@
+from pathlib import Path
+from textwrap import dedent
+
+import pydantic
+import pytest
+
+from gateway.config import (
+    DEFAULT_TIMEOUT,
+    Config,
+    GatewaySettings,
+    HttpServer,
+    StdioServer,
+    ToolFilter,
+    load_config,
+    parse_config,
+)
+from gateway.errors import ConfigError
+
+FULL = """\
+gateway:
+  name: acme-tools
+  separator: "."
+servers:
+  files:
+    command: [python, examples/servers/files.py, 8080]
+    env: {ROOT: /srv/data}
+    cwd: work
+    prefix: ""
+  crm:
+    url: http://127.0.0.1:9001/mcp
+    headers: {Authorization: "Bearer ${CRM_TOKEN}"}
+    timeout: 20s
+    tools:
+      include: ["get_*"]
+      exclude: [get_secret]
+      rename: {get_order: order}
+      descriptions: {get_order: Look up one order.}
+  legacy:
+    url: https://legacy.example.com/sse
+    sse: true
+    timeout: 200ms
+"""
+
+
+def parse(text: str, **environ: str) -> Config:
+    return parse_config(dedent(text), source="patchbay.yaml", environ=environ)
+
+
+def problems_of(text: str, **environ: str) -> list[tuple[str, int | None]]:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, **environ)
+    assert caught.value.source == "patchbay.yaml"
+    return [(problem.path, problem.line) for problem in caught.value.problems]
+
+
+def test_full_config_parses_to_typed_models() -> None:
+    config = parse(FULL, CRM_TOKEN="s3cret")
+
+    assert config.gateway == GatewaySettings(name="acme-tools", separator=".")
+    assert config.servers == {
+        "files": StdioServer(
+            kind="stdio",
+            command=["python", "examples/servers/files.py", "8080"],
+            env={"ROOT": "/srv/data"},
+            cwd="work",
+            prefix="",
+        ),
+        "crm": HttpServer(
+            kind="http",
+            url="http://127.0.0.1:9001/mcp",
+            headers={"Authorization": "Bearer s3cret"},
+            timeout=20.0,
+            tools=ToolFilter(
+                include=["get_*"],
+                exclude=["get_secret"],
+                rename={"get_order": "order"},
+                descriptions={"get_order": "Look up one order."},
+            ),
+        ),
+        "legacy": HttpServer(kind="http", url="https://legacy.example.com/sse", sse=True, timeout=0.2),
+    }
+    assert config.source == "patchbay.yaml"
+
+
+def test_defaults_apply_to_an_empty_file() -> None:
+    config = parse("")
+
+    assert config.gateway == GatewaySettings()
+    assert config.servers == {}
+
+
+def test_server_defaults() -> None:
+    server = parse("servers: {a: {command: x}}").servers["a"]
+
+    assert isinstance(server, StdioServer)
+    assert server.prefix is None
+    assert server.timeout == DEFAULT_TIMEOUT
+    assert server.tools == ToolFilter(include=["*"], exclude=[], rename={}, descriptions={})
+
+
+def test_line_of_finds_keys_and_falls_back_to_the_nearest_ancestor() -> None:
+    config = parse(FULL, CRM_TOKEN="x")
+
+    assert config.line_of("servers") == 4
+    assert config.line_of("servers", "crm", "timeout") == 13
+    assert config.line_of("servers", "crm", "tools", "rename", "get_order") == 17
+    assert config.line_of("servers", "crm", "tools", "include", 0) == 15
+    assert config.line_of("servers", "crm", "tools", "rename", "no_such_tool") == 17
+    assert config.line_of("servers", "legacy", "headers") == 19
+
+
+def test_config_is_frozen() -> None:
+    config = parse(FULL, CRM_TOKEN="x")
+
+    with pytest.raises(pydantic.ValidationError):
+        config.gateway = GatewaySettings()  # type: ignore[misc]
+
+
+def test_command_string_is_split_like_a_shell() -> None:
+    server = parse("""servers: {a: {command: "python -m 'my server' --port 80"}}""").servers["a"]
+
+    assert isinstance(server, StdioServer)
+    assert server.command == ["python", "-m", "my server", "--port", "80"]
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [("20s", 20.0), ("200ms", 0.2), ("1.5s", 1.5), ("2m", 120.0), ("1h", 3600.0), ("7", 7.0), ("2.5", 2.5)],
+)
+def test_durations_are_seconds(written: str, seconds: float) -> None:
+    server = parse(f"servers: {{a: {{command: x, timeout: {written}}}}}").servers["a"]
+
+    assert server.timeout == pytest.approx(seconds)
+
+
+def test_environment_variables_defaults_and_escapes() -> None:
+    config = parse(
+        """\
+        gateway:
+          name: ${NAME}
+          store: ${STORE:-sqlite:///default.db}
+          engine: ${EMPTY:-local}
+        servers:
+          a:
+            command: [run, "${HOME}/bin", "$${NOT_A_VAR}", "${.input.x}", "${not valid}", "$$5"]
+            timeout: ${TIMEOUT}
+        """,
+        NAME="acme",
+        HOME="/home/me",
+        EMPTY="",
+        TIMEOUT="12",
+    )
+
+    assert config.gateway.name == "acme"
+    assert config.gateway.store == "sqlite:///default.db"
+    assert config.gateway.engine == "local"
+    server = config.servers["a"]
+    assert isinstance(server, StdioServer)
+    assert server.command == ["run", "/home/me/bin", "${NOT_A_VAR}", "${.input.x}", "${not valid}", "$$5"]
+    assert server.timeout == 12.0
+
+
+def test_keys_are_names_and_never_interpolated() -> None:
+    server = parse("servers: {a: {command: x, env: {on: v, '${K}': v, 8080: 1}}}", K="nope").servers["a"]
+
+    assert isinstance(server, StdioServer)
+    assert server.env == {"on": "v", "${K}": "v", "8080": "1"}
+
+
+def test_workflows_strings_are_not_interpolated() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("workflows: {w: {with: {id: '${.input.order_id}', x: '${UNSET}'}}}")
+
+    # Unknown for now, but nothing inside it is read as an environment variable.
+    assert [(p.path, p.line) for p in caught.value.problems] == [("workflows", 1)]
+
+
+def test_merge_keys_fill_in_what_is_not_written() -> None:
+    config = parse(
+        """\
+        servers:
+          a: &base {command: x, timeout: 5s, env: {A: "1"}}
+          b: {<<: *base, timeout: 2m}
+        """
+    )
+
+    assert config.servers["b"].timeout == 120.0
+    assert config.servers["b"] == config.servers["a"].model_copy(update={"timeout": 120.0})
+
+
+def test_relative_cwd_is_resolved_against_base_dir(tmp_path: Path) -> None:
+    text = "servers: {rel: {command: x, cwd: sub/dir}, abs: {command: x, cwd: /opt}, none: {command: x}}"
+
+    config = parse_config(text, environ={}, base_dir=tmp_path)
+
+    assert [getattr(server, "cwd", None) for server in config.servers.values()] == [
+        str(tmp_path / "sub/dir"),
+        "/opt",
+        None,
+    ]
+    assert config.line_of("servers", "abs", "cwd") == 1
+
+
+def test_load_config_reads_the_file_relative_to_its_directory(tmp_path: Path) -> None:
+    file = tmp_path / "patchbay.yaml"
+    file.write_text("servers:\n  a:\n    command: x\n    cwd: .\n    env: {T: '${T}'}\n")
+
+    config = load_config(file, environ={"T": "v"})
+
+    assert config.source == str(file)
+    server = config.servers["a"]
+    assert isinstance(server, StdioServer)
+    assert server.env == {"T": "v"}
+    assert server.cwd == str(tmp_path / ".")
+    assert config.line_of("servers", "a", "cwd") == 4
+
+
+def test_load_config_reports_problems_with_the_file_name(tmp_path: Path) -> None:
+    file = tmp_path / "bad.yaml"
+    file.write_text("servers:\n  a: {command: x, tmeout: 1}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(file, environ={})
+
+    assert caught.value.source == str(file)
+    assert [(p.path, p.line) for p in caught.value.problems] == [("servers.a.tmeout", 2)]
+
+
+def test_load_config_on_a_missing_file_is_one_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "missing.yaml", environ={})
+
+    assert [problem.path for problem in caught.value.problems] == ["<file>"]
+
+
+def test_unknown_key_lists_the_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("servers: {a: {command: x, tool: {}}, b: {url: 'http://h', tools: {renames: {}}}}")
+
+    stdio, tools = caught.value.problems
+    assert stdio.path == "servers.a.tool"
+    assert all(key in stdio.message for key in ("command", "cwd", "env", "prefix", "timeout", "tools"))
+    assert "url" not in stdio.message
+    assert tools.path == "servers.b.tools.renames"
+    assert all(key in tools.message for key in ("include", "exclude", "rename", "descriptions"))
+
+
+def test_messages_strip_pydantic_prefixes_and_name_the_bad_value() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("servers: {a: {url: 'ftp://x', timeout: fast}}")
+
+    assert all(not p.message.startswith("Value error") for p in caught.value.problems)
+    assert any("ftp://x" in p.message for p in caught.value.problems)
+    assert any("fast" in p.message for p in caught.value.problems)
+
+
+BROKEN = {
+    "unknown top-level key": ("gateway: {}\nclients: {}\n", [("clients", 2)]),
+    "unknown gateway key": ("gateway:\n  nmae: x\n", [("gateway.nmae", 2)]),
+    "unknown server key": ("servers:\n  a:\n    command: x\n    tool: {}\n", [("servers.a.tool", 4)]),
+    "missing env var": ("servers:\n  a:\n    command: x\n    env: {T: '${TOKEN}'}\n", [("servers.a.env.T", 4)]),
+    "every missing env var": (
+        "servers:\n  a: {url: '${URL}'}\n  b: {command: '${CMD} ${ARG}'}\n",
+        [("servers.a.url", 2), ("servers.b.command", 3), ("servers.b.command", 3)],
+    ),
+    "bad URL": ("servers:\n  a:\n    url: ftp://x\n", [("servers.a.url", 3)]),
+    "URL without host": ("servers:\n  a:\n    url: 'http:///mcp'\n", [("servers.a.url", 3)]),
+    "relative URL": ("servers:\n  a:\n    url: /mcp\n", [("servers.a.url", 3)]),
+    "both command and url": ("servers:\n  a:\n    command: x\n    url: http://h\n", [("servers.a", 2)]),
+    "neither command nor url": ("servers:\n  a:\n    env: {}\n", [("servers.a", 2)]),
+    "server not a mapping": ("servers:\n  a: python\n", [("servers.a", 2)]),
+    "empty command": ("servers:\n  a:\n    command: []\n", [("servers.a.command", 3)]),
+    "empty command string": ("servers:\n  a:\n    command: ''\n", [("servers.a.command", 3)]),
+    "unbalanced quote in command": ("servers:\n  a:\n    command: 'run \"x'\n", [("servers.a.command", 3)]),
+    "bad duration": ("servers:\n  a:\n    command: x\n    timeout: fast\n", [("servers.a.timeout", 4)]),
+    "boolean duration": ("servers:\n  a:\n    command: x\n    timeout: true\n", [("servers.a.timeout", 4)]),
+    "negative timeout": ("servers:\n  a:\n    command: x\n    timeout: -5\n", [("servers.a.timeout", 4)]),
+    "zero timeout": ("servers:\n  a:\n    command: x\n    timeout: 0s\n", [("servers.a.timeout", 4)]),
+    "bad list item": (
+        "servers:\n  a:\n    command: x\n    tools:\n      include: [a, {b: c}]\n",
+        [("servers.a.tools.include[1]", 5)],
+    ),
+    "empty server name": ("servers:\n  '':\n    command: x\n", [('servers.""', 2)]),
+    "duplicate key": ("servers:\n  a:\n    command: x\n    command: y\n", [("servers.a.command", 4)]),
+    "duplicate server": ("servers:\n  a: {command: x}\n  a: {command: y}\n", [("servers.a", 3)]),
+    "YAML syntax error": ("servers:\n  a: {command: [x\n", [("<document>", 3)]),
+    "bad indentation": ("servers:\n  a:\n    command: x\n   url: y\n", [("<document>", 4)]),
+    "two documents": ("gateway: {}\n---\nservers: {}\n", [("<document>", 2)]),
+    "unknown tag": ("gateway:\n  name: !secret x\n", [("gateway.name", 2)]),
+    "document is a list": ("- servers\n", [("<document>", 1)]),
+    "document is a scalar": ("just text\n", [("<document>", 1)]),
+    "workflows (unknown for now)": ("workflows:\n  w: {steps: []}\n", [("workflows", 1)]),
+    "three independent problems": (
+        "gateway:\n  separator: [x]\nservers:\n  a:\n    url: http://h\n    timeout: soon\n  b:\n    command: x\n"
+        "    env: {T: '${UNSET}'}\n",
+        [("gateway.separator", 2), ("servers.a.timeout", 6), ("servers.b.env.T", 9)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), BROKEN.values(), ids=BROKEN.keys())
+def test_broken_config_reports_each_problem_where_it_is(text: str, expected: list[tuple[str, int]]) -> None:
+    assert problems_of(text) == expected
+
+
+def test_duplicate_key_names_both_lines() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("servers:\n  a:\n    command: x\n    command: y\n")
+
+    (problem,) = caught.value.problems
+    assert problem.line == 4
+    assert "3" in problem.message
+
+
+def test_an_unset_variable_is_reported_once_even_when_its_value_is_then_invalid() -> None:
+    # The literal "${URL}" left in place is not a URL; saying so too would only repeat the cause.
+    assert problems_of("servers:\n  a: {url: '${URL}'}\n") == [("servers.a.url", 2)]
+
+
+def test_recursive_alias_is_a_problem_not_a_crash() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("servers:\n  a: &loop {command: x, env: *loop}\n")
+
+    assert "servers.a.env" in [problem.path for problem in caught.value.problems]
