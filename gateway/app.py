@@ -11,51 +11,55 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
-from gateway.gateway import open_gateway
+from gateway.gateway import Gateway, open_gateway
 from gateway.server import McpFrontend, http_endpoint
 from gateway.types import Principal
 
 ANONYMOUS = Principal("anonymous", kind="anonymous")
 
 
-class _Mcp:
-    """``/mcp``: forwards to the session manager's ASGI app once the lifespan has built it."""
+class _Endpoint:
+    """Mounts an ASGI app on a route (Starlette treats plain functions as request/response handlers)."""
 
-    frontend: McpFrontend
-    endpoint: ASGIApp
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.endpoint(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
-def create_app(config: Config, *, host: str = "127.0.0.1") -> Starlette:
-    """The gateway as an ASGI app; upstreams are connected in its lifespan."""
-    mcp = _Mcp()
+def readiness(gateway: Gateway) -> tuple[dict[str, object], int]:
+    """The ``/readyz`` body and status: 200 when every upstream is up, else 503 naming what is not."""
+    body = {
+        "ready": gateway.ready,
+        "upstreams": {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in gateway.status()},
+        "tools": len(gateway.registry.tools),
+        "problems": [str(p) for p in gateway.problems],
+    }
+    return body, 200 if gateway.ready else 503
 
-    async def healthz(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
 
-    async def readyz(request: Request) -> JSONResponse:
-        gateway = mcp.frontend.gateway
-        body = {
-            "ready": gateway.ready,
-            "upstreams": {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in gateway.status()},
-            "tools": len(gateway.registry.tools),
-            "problems": [str(p) for p in gateway.problems],
-        }
-        return JSONResponse(body, status_code=200 if gateway.ready else 503)
+@asynccontextmanager
+async def serving(config: Config, *, host: str = "127.0.0.1") -> AsyncIterator[Starlette]:
+    """Connect the upstreams, then yield the ASGI app serving them; everything is closed on exit.
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_gateway(config) as gateway:
-            mcp.frontend = McpFrontend(gateway, ANONYMOUS)
-            mcp.endpoint, run = http_endpoint(mcp.frontend, host)
-            async with run():
-                yield
+    Raises:
+        ConfigError: the merged registry is unusable (before anything is served).
+    """
+    async with open_gateway(config) as gateway:
+        endpoint, run = http_endpoint(McpFrontend(gateway, ANONYMOUS), host)
 
-    routes = [
-        Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]),
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-    ]
-    return Starlette(routes=routes, lifespan=lifespan)
+        async def healthz(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        async def readyz(request: Request) -> JSONResponse:
+            body, status = readiness(gateway)
+            return JSONResponse(body, status_code=status)
+
+        routes = [
+            Route("/mcp", _Endpoint(endpoint), methods=["GET", "POST", "DELETE"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ]
+        async with run():
+            yield Starlette(routes=routes)

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import uvicorn
 
-from gateway.app import create_app
+from gateway.app import serving
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, ConfigProblem, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
@@ -77,12 +77,17 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     if args.stdio:
         anyio.run(_serve_stdio, config)
         return 0
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(config, host=args.host), host=args.host, port=args.port, log_level=args.log_level)
-    )
-    server.run()
-    # uvicorn returns without `started` when the lifespan (connecting upstreams) failed; it logged why.
-    return 0 if server.started else 1
+    return anyio.run(_serve_http, config, args)
+
+
+async def _serve_http(config: Config, args: argparse.Namespace) -> int:
+    _connect_note(config)
+    async with serving(config, host=args.host) as app:
+        settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+        server = uvicorn.Server(settings)
+        print(f"patchbay serving MCP on http://{args.host}:{args.port}/mcp", file=sys.stderr)
+        await server.serve()
+        return 0 if server.started else 1
 
 
 async def _serve_stdio(config: Config) -> None:

@@ -1,0 +1,134 @@
+"""An upstream MCP server whose behaviour the tests control: crashes, slowness, new tools, server→client requests.
+
+Run over stdio (default) or ``--http --port N``. It remembers what happened to it
+(``events``) so a test can ask, through the gateway, whether a cancellation arrived.
+"""
+
+import argparse
+import os
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import SamplingMessage, TextContent
+from pydantic import BaseModel
+
+mcp = MCPServer("testkit")
+EVENTS: list[str] = []
+
+
+@mcp.tool()
+def echo(text: str) -> str:
+    """Return the text unchanged."""
+    return text
+
+
+@mcp.tool()
+def whoami() -> dict[str, int | str]:
+    """This process's id and name (to tell a restarted server from the old one)."""
+    return {"pid": os.getpid(), "name": os.environ.get("TESTKIT_NAME", "testkit")}
+
+
+@mcp.tool()
+async def slow(seconds: float) -> str:
+    """Sleep, recording whether the call was cancelled."""
+    EVENTS.append("slow started")
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        EVENTS.append("slow cancelled")
+        raise
+    return "done"
+
+
+@mcp.tool()
+def events() -> list[str]:
+    """What has happened to this server so far."""
+    return list(EVENTS)
+
+
+@mcp.tool()
+def crash() -> str:
+    """Exit the process at once, as a crashing server would."""
+    os._exit(3)
+
+
+@mcp.tool()
+def fail(message: str) -> str:
+    """Fail with the message (an isError result)."""
+    raise ToolError(message)
+
+
+@mcp.tool()
+async def add_tool(name: str, ctx: Context) -> str:
+    """Add a tool called ``name`` and announce it with tools/list_changed."""
+
+    def fresh() -> str:
+        return f"I am {name}"
+
+    mcp.add_tool(fresh, name=name, description=f"added at run time: {name}")
+    await ctx.session.send_tool_list_changed()
+    return f"added {name}"
+
+
+@mcp.tool()
+async def progress(steps: int, ctx: Context) -> str:
+    """Report progress ``steps`` times, then log a message."""
+    for step in range(1, steps + 1):
+        await ctx.report_progress(step, steps, f"step {step}")
+    await ctx.info(f"finished {steps} steps")
+    return f"{steps} steps"
+
+
+@mcp.tool()
+async def ask_model(prompt: str, ctx: Context) -> str:
+    """Ask the client's model (sampling) and return its answer."""
+    result = await ctx.session.create_message(
+        messages=[SamplingMessage(role="user", content=TextContent(type="text", text=prompt))], max_tokens=50
+    )
+    content = result.content
+    return content.text if isinstance(content, TextContent) else str(content)
+
+
+class Answer(BaseModel):
+    answer: str
+
+
+@mcp.tool()
+async def ask_user(question: str, ctx: Context) -> str:
+    """Ask the user (elicitation) and return what they said."""
+    result = await ctx.elicit(question, schema=Answer)
+    return f"{result.action}: {result.data.answer if result.action == 'accept' else ''}"
+
+
+@mcp.prompt()
+def greet(name: str) -> str:
+    """Greet someone."""
+    return f"Hello, {name}!"
+
+
+@mcp.resource("kit://static")
+def static() -> str:
+    """A fixed resource."""
+    return "static content"
+
+
+@mcp.resource("kit://items/{item_id}")
+def item(item_id: str) -> str:
+    """One item by id."""
+    return f"item {item_id}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--http", action="store_true")
+    parser.add_argument("--port", type=int, default=9301)
+    args = parser.parse_args()
+    if args.http:
+        mcp.run("streamable-http", host="127.0.0.1", port=args.port)
+    else:
+        mcp.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The registry as pure logic: naming, filters, renames, collisions, routing."""
+
+import pytest
+
+from gateway.errors import ToolNotFound
+from gateway.registry import MAX_NAME_LENGTH, Listing, Naming, build_registry, exposed_name
+from gateway.types import Prompt, Resource, Tool
+
+
+def tool(name: str, description: str = "") -> Tool:
+    return Tool(name, {"name": name, "description": description, "inputSchema": {"type": "object"}})
+
+
+def test_names_are_prefixed_with_the_separator() -> None:
+    assert exposed_name("crm", "__", "get_order") == "crm__get_order"
+
+
+def test_an_empty_prefix_passes_names_through() -> None:
+    assert exposed_name("", "__", "test_simple_text") == "test_simple_text"
+
+
+def test_characters_outside_the_safe_set_are_replaced() -> None:
+    assert exposed_name("my server", "__", "get-sum/v2") == "my_server__get-sum_v2"
+
+
+def test_long_names_are_shortened_with_a_stable_distinct_hash() -> None:
+    long_a = "a" * 80
+    long_b = "a" * 79 + "b"
+    first = exposed_name("svc", "__", long_a)
+    assert len(first) == MAX_NAME_LENGTH
+    assert first == exposed_name("svc", "__", long_a)
+    assert first != exposed_name("svc", "__", long_b)
+    assert first.startswith("svc__aaaa")
+
+
+def test_include_exclude_rename_and_descriptions_apply() -> None:
+    listing = Listing(tools=(tool("get_order"), tool("get_secret"), tool("delete_all"), tool("get_user", "old")))
+    naming = Naming(
+        prefix="crm",
+        include=("get_*",),
+        exclude=("get_secret",),
+        rename={"get_order": "order"},
+        descriptions={"get_user": "Look up a user."},
+    )
+    registry, problems = build_registry({"crm": listing}, {"crm": naming})
+    assert problems == []
+    assert set(registry.tools) == {"crm__order", "crm__get_user"}
+    assert registry.resolve("crm__order").target == "get_order"
+    assert registry.tools["crm__order"].tool.definition["name"] == "crm__order"
+    assert registry.tools["crm__get_user"].tool.description == "Look up a user."
+
+
+def test_resolving_an_unknown_name_raises_tool_not_found() -> None:
+    registry, _ = build_registry({}, {})
+    with pytest.raises(ToolNotFound):
+        registry.resolve("nope")
+
+
+def test_a_tool_name_collision_is_reported_and_never_overwrites_the_first_owner() -> None:
+    listings = {"a": Listing(tools=(tool("x", "from a"),)), "b": Listing(tools=(tool("x", "from b"),))}
+    naming = {"a": Naming(prefix=""), "b": Naming(prefix="")}
+    registry, problems = build_registry(listings, naming)
+    assert registry.tools["x"].provider == "a"
+    assert [p.path for p in problems] == ["servers.b"]
+    assert "'x'" in problems[0].message
+
+
+def test_a_name_reserved_for_a_workflow_collides_with_a_tool() -> None:
+    registry, problems = build_registry(
+        {"a": Listing(tools=(tool("reply"),))}, {"a": Naming(prefix="")}, reserved=["reply"]
+    )
+    assert "reply" not in registry.tools
+    assert len(problems) == 1
+
+
+def test_prompts_are_namespaced_like_tools() -> None:
+    listing = Listing(prompts=(Prompt("greet", {"name": "greet"}),))
+    registry, _ = build_registry({"kit": listing}, {"kit": Naming(prefix="kit")})
+    assert registry.prompts["kit__greet"].target == "greet"
+    assert registry.prompts["kit__greet"].prompt.definition["name"] == "kit__greet"
+
+
+def test_resources_route_by_uri_and_templates_by_pattern() -> None:
+    listings = {
+        "files": Listing(resources=(Resource("file:///readme", {"uri": "file:///readme", "name": "readme"}),)),
+        "orders": Listing(
+            resources=(Resource("orders://{id}", {"uriTemplate": "orders://{id}", "name": "order"}, template=True),)
+        ),
+    }
+    naming = {"files": Naming(prefix="files"), "orders": Naming(prefix="orders")}
+    registry, problems = build_registry(listings, naming)
+    assert problems == []
+    assert registry.route_resource("file:///readme") == "files"
+    assert registry.route_resource("orders://A-1") == "orders"
+    assert registry.route_resource("orders://A-1/extra") is None
+    assert registry.route_resource("unknown://x") is None
+
+
+def test_a_uri_claimed_by_two_servers_is_a_collision() -> None:
+    resource = Resource("shared://x", {"uri": "shared://x", "name": "x"})
+    listings = {"a": Listing(resources=(resource,)), "b": Listing(resources=(resource,))}
+    registry, problems = build_registry(listings, {"a": Naming(prefix="a"), "b": Naming(prefix="b")})
+    assert registry.route_resource("shared://x") == "a"
+    assert [p.path for p in problems] == ["servers.b"]
