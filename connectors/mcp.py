@@ -63,6 +63,13 @@ class State(StrEnum):
 ChangeFn = Callable[[str], Awaitable[None]]
 """``async (server_name)``: the server's listing changed (or it came up / went down)."""
 
+UpdatedFn = Callable[[str], Awaitable[None]]
+"""``async (uri)``: the server says a subscribed resource changed."""
+
+
+async def _ignore_update(uri: str) -> None:
+    return None
+
 
 class _WatchedStream:
     """A transport read stream that sets ``closed`` when it ends, so the supervisor sees a dead connection."""
@@ -125,7 +132,9 @@ class _Watched:
 class McpUpstream:
     """One upstream MCP server: a provider of tools, prompts and resources."""
 
-    def __init__(self, name: str, config: ServerConfig, *, on_change: ChangeFn) -> None:
+    def __init__(
+        self, name: str, config: ServerConfig, *, on_change: ChangeFn, on_updated: UpdatedFn = _ignore_update
+    ) -> None:
         self.name = name
         self.config = config
         self.state = State.CONNECTING
@@ -133,6 +142,7 @@ class McpUpstream:
         self.listing = Listing()
         self.connects = 0
         self._on_change = on_change
+        self._on_updated = on_updated
         self._client: Client | None = None
         self._closed = anyio.Event()
         self._refresh_wanted = anyio.Event()
@@ -303,8 +313,12 @@ class McpUpstream:
 
     async def _on_message(self, message: IncomingMessage) -> None:
         # Never await a request here: this runs on the session's receive loop.
-        if isinstance(message, types.ServerNotification) and message.method.endswith("/list_changed"):
+        if not isinstance(message, types.ServerNotification):
+            return
+        if message.method.endswith("/list_changed"):
             self._refresh_wanted.set()
+        elif isinstance(message, types.ResourceUpdatedNotification):
+            await self._on_updated(str(message.params.uri))
 
     def _sole_client(self) -> ClientChannel | None:
         channels = {id(c): c for c in self._inflight.values()}

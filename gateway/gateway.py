@@ -22,6 +22,7 @@ from gateway.types import Provider
 logger = logging.getLogger(__name__)
 
 ChangeListener = Callable[[], Awaitable[None]]
+UpdateListener = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,8 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.upstreams: dict[str, McpUpstream] = {
-            name: McpUpstream(name, server, on_change=self._upstream_changed) for name, server in config.servers.items()
+            name: McpUpstream(name, server, on_change=self._upstream_changed, on_updated=self._resource_updated)
+            for name, server in config.servers.items()
         }
         self._naming = {
             name: Naming(
@@ -54,6 +56,7 @@ class Gateway:
         self.registry = Registry()
         self.problems: list[ConfigProblem] = []
         self._listeners: list[ChangeListener] = []
+        self._update_listeners: list[UpdateListener] = []
         self._started = False
         providers: dict[str, Provider] = dict(self.upstreams)
         self.dispatcher = Dispatcher(lambda: self.registry, providers)
@@ -61,6 +64,14 @@ class Gateway:
     def on_change(self, listener: ChangeListener) -> None:
         """Call ``listener`` whenever the registry changes (to tell connected clients)."""
         self._listeners.append(listener)
+
+    def on_resource_updated(self, listener: UpdateListener) -> None:
+        """Call ``listener(uri)`` when an upstream reports that a subscribed resource changed."""
+        self._update_listeners.append(listener)
+
+    async def _resource_updated(self, uri: str) -> None:
+        for listener in self._update_listeners:
+            await listener(uri)
 
     def status(self) -> list[UpstreamStatus]:
         counts: dict[str, int] = {}

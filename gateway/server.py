@@ -7,6 +7,7 @@ one place: ``ToolNotFound`` becomes a JSON-RPC invalid-params error, every other
 """
 
 import logging
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -19,9 +20,9 @@ from mcp.server.stdio import stdio_server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp.shared.message import ServerMessageMetadata
-from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ToolsListChanged
+from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
 from pydantic import ValidationError
 from starlette.types import ASGIApp
 
@@ -40,11 +41,15 @@ _CLIENT_REQUESTS: Mapping[str, tuple[Any, Any]] = {
 """Server→client requests an upstream may make mid-call, forwarded to the calling client."""
 
 
+_LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
 class _Channel:
     """The downstream client of one request, as providers see it (``gateway.types.ClientChannel``)."""
 
-    def __init__(self, ctx: ServerRequestContext[Any]) -> None:
+    def __init__(self, ctx: ServerRequestContext[Any], log_level: str = "debug") -> None:
         self._ctx = ctx
+        self._min_log_level = _LOG_LEVELS.index(log_level)
 
     @property
     def capabilities(self) -> JSONObject:
@@ -70,6 +75,8 @@ class _Channel:
         return dumped
 
     async def log(self, params: JSONObject) -> None:
+        if _LOG_LEVELS.index(params.get("level", "info")) < self._min_log_level:
+            return  # below what this client asked for with logging/setLevel
         notification = types.LoggingMessageNotification(params=types.LoggingMessageNotificationParams(**params))
         await self._ctx.session.send_notification(notification, related_request_id=self._ctx.request_id)
 
@@ -96,19 +103,29 @@ class McpFrontend:
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._bus = InMemorySubscriptionBus()
         self._tools: list[types.Tool] | None = None
-        self.server = _Server(
-            gateway.config.gateway.name,
-            version=VERSION,
-            on_list_tools=self._list_tools,
-            on_call_tool=self._call_tool,
-            on_list_prompts=self._list_prompts,
-            on_get_prompt=self._get_prompt,
-            on_list_resources=self._list_resources,
-            on_list_resource_templates=self._list_templates,
-            on_read_resource=self._read_resource,
-            on_subscriptions_listen=ListenHandler(self._bus),
-        )
+        self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
+        self._subscribers: dict[str, weakref.WeakSet[Connection]] = {}
+        with warnings.catch_warnings():
+            # logging/setLevel is deprecated in 2026-07-28 but handshake-era clients still send it.
+            warnings.simplefilter("ignore", MCPDeprecationWarning)
+            self.server = _Server(
+                gateway.config.gateway.name,
+                version=VERSION,
+                on_list_tools=self._list_tools,
+                on_call_tool=self._call_tool,
+                on_list_prompts=self._list_prompts,
+                on_get_prompt=self._get_prompt,
+                on_list_resources=self._list_resources,
+                on_list_resource_templates=self._list_templates,
+                on_read_resource=self._read_resource,
+                on_subscribe_resource=self._subscribe,
+                on_unsubscribe_resource=self._unsubscribe,
+                on_completion=self._complete,
+                on_set_logging_level=self._set_logging_level,
+                on_subscriptions_listen=ListenHandler(self._bus),
+            )
         gateway.on_change(self._registry_changed)
+        gateway.on_resource_updated(self._resource_updated)
 
     def _seen(self, ctx: ServerRequestContext[Any]) -> None:
         # Remember handshake-era connections to push list_changed to them later (SDK has no public registry).
@@ -147,10 +164,11 @@ class McpFrontend:
         return types.CallToolResult.model_validate(wire)
 
     def _context(self, ctx: ServerRequestContext[Any]) -> CallContext:
+        level = self._log_levels.get(ctx.session._connection, "debug")
         return CallContext(
             principal=self.principal,
             progress=ctx.session.report_progress,
-            client=_Channel(ctx),
+            client=_Channel(ctx, level),
             meta=_forwardable_meta(ctx.meta),
         )
 
@@ -190,12 +208,68 @@ class McpFrontend:
     async def _read_resource(
         self, ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams
     ) -> types.ReadResourceResult:
-        owner = self.gateway.registry.route_resource(str(params.uri))
-        if owner is None:
-            raise MCPError(types.INVALID_PARAMS, f"Unknown resource: {params.uri}")
+        owner = self._owner(str(params.uri))
         request = types.ReadResourceRequest(params=params.model_copy(update={"meta": _forwardable_meta(params.meta)}))
         raw = await self._forward(owner, request, ctx)
         return types.ReadResourceResult.model_validate(raw)
+
+    async def _subscribe(
+        self, ctx: ServerRequestContext[Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        uri = str(params.uri)
+        subscribers = self._subscribers.setdefault(uri, weakref.WeakSet())
+        if not subscribers:  # the shared upstream session subscribes once for every client
+            await self._forward(
+                self._owner(uri), types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri)), ctx
+            )
+        subscribers.add(ctx.session._connection)
+        return types.EmptyResult()
+
+    async def _unsubscribe(
+        self, ctx: ServerRequestContext[Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        uri = str(params.uri)
+        subscribers = self._subscribers.get(uri)
+        if subscribers is not None:
+            subscribers.discard(ctx.session._connection)
+            if not subscribers:
+                del self._subscribers[uri]
+                request = types.UnsubscribeRequest(params=types.UnsubscribeRequestParams(uri=uri))
+                await self._forward(self._owner(uri), request, ctx)
+        return types.EmptyResult()
+
+    async def _resource_updated(self, uri: str) -> None:
+        for connection in list(self._subscribers.get(uri, ())):
+            await connection.send_resource_updated(uri)
+        await self._bus.publish(ResourceUpdated(uri))
+
+    async def _complete(
+        self, ctx: ServerRequestContext[Any], params: types.CompleteRequestParams
+    ) -> types.CompleteResult:
+        ref = params.ref
+        if isinstance(ref, types.PromptReference):
+            entry = self.gateway.registry.prompts.get(ref.name)
+            if entry is None:
+                raise MCPError(types.INVALID_PARAMS, f"Unknown prompt: {ref.name!r}")
+            provider, ref = entry.provider, ref.model_copy(update={"name": entry.target})
+        else:
+            provider = self._owner(ref.uri)
+        update = {"ref": ref, "meta": _forwardable_meta(params.meta)}
+        raw = await self._forward(provider, types.CompleteRequest(params=params.model_copy(update=update)), ctx)
+        return types.CompleteResult.model_validate(raw)
+
+    async def _set_logging_level(
+        self, ctx: ServerRequestContext[Any], params: types.SetLevelRequestParams
+    ) -> types.EmptyResult:
+        # Upstream sessions are shared, so the level is applied here, to what this client is sent.
+        self._log_levels[ctx.session._connection] = params.level
+        return types.EmptyResult()
+
+    def _owner(self, uri: str) -> str:
+        owner = self.gateway.registry.route_resource(uri)
+        if owner is None:
+            raise MCPError(types.INVALID_PARAMS, f"Unknown resource: {uri}")
+        return owner
 
     async def _forward(self, provider: str, request: Any, ctx: ServerRequestContext[Any]) -> dict[str, Any]:
         """Send a non-tool request to its upstream; failures become JSON-RPC errors (no isError here)."""
