@@ -68,8 +68,8 @@ class _Channel:
                 result_type,
                 metadata=ServerMessageMetadata(related_request_id=self._ctx.request_id),
             )
-        except (MCPError, ValidationError, RuntimeError) as exc:
-            # RuntimeError covers NoBackChannelError: a stateless or 2026-era request has no back channel.
+        except (MCPError, ValidationError) as exc:
+            # MCPError includes NoBackChannelError: a stateless or 2026-era request has no back channel.
             raise UpstreamError(f"the client could not answer {method}: {exc}") from exc
         dumped: JSONObject = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         return dumped

@@ -10,7 +10,7 @@ import mcp_types as types
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 
 from tests.support import PYTHON, ROOT, TESTKIT, free_port, run_gateway, run_http_upstream, stdio_server
 
@@ -227,6 +227,35 @@ async def test_log_messages_reach_the_calling_client(tmp_path: Path) -> None:
     ):
         await client.call_tool("kit__progress", {"steps": 1})
         assert [entry.data for entry in logs] == ["finished 1 steps"]
+
+
+async def test_log_messages_below_the_clients_level_are_not_forwarded(tmp_path: Path) -> None:
+    logs: list[types.LoggingMessageNotificationParams] = []
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append(params)
+
+    async with (
+        run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
+        Client(gw.url, mode="legacy", cache=None, logging_callback=on_log) as client,
+    ):
+        with pytest.warns(MCPDeprecationWarning):
+            await client.set_logging_level("warning")
+        result = await client.call_tool("kit__progress", {"steps": 1})
+        assert not result.is_error
+        assert logs == []
+
+
+async def test_a_2026_client_gets_a_clear_error_when_an_upstream_asks_it_to_sample(tmp_path: Path) -> None:
+    async with (
+        run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
+        Client(gw.url, mode="2026-07-28", cache=None) as client,
+    ):
+        result = await client.call_tool("kit__ask_model", {"prompt": "hello?"})
+        assert result.is_error
+        assert "sampling" in result.content[0].text  # type: ignore[union-attr]
+        still_serving = await client.call_tool("kit__echo", {"text": "ok"})
+        assert still_serving.content[0].text == "ok"  # type: ignore[union-attr]
 
 
 async def test_cancelling_a_call_cancels_it_upstream(tmp_path: Path) -> None:
