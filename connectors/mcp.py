@@ -12,12 +12,19 @@ upstream sends mid-call carry no link to the call that caused them on a shared
 handshake-era session, so they go to the client of the one call in flight on
 this upstream; when calls of several clients are in flight, a request is
 refused rather than risk showing one client's data to another.
+
+An HTTP upstream that speaks 2026-07-28 gets a second, stateless session in
+that era, used for the calls of 2026-07-28 clients: each request then carries
+that client's capabilities and log level, and an ``InputRequiredResult`` (the
+era's way of asking the user or the model mid-call) goes back to the client
+unchanged, its answers forwarded on the retry. A stdio upstream keeps one
+session: a second would be a second process with state of its own.
 """
 
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -34,6 +41,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
 from gateway.config import HttpServer, ServerConfig, StdioServer
@@ -46,6 +54,7 @@ logger = logging.getLogger(__name__)
 INITIAL_BACKOFF = 0.5
 """Seconds before the first reconnection attempt; doubles on each failure."""
 MAX_BACKOFF = 30.0
+_CLIENT_INFO = types.Implementation(name="patchbay", version="0.1.0")
 _PAGE_CAP = 100
 """A paginator that never ends cannot hang a refresh."""
 
@@ -144,6 +153,7 @@ class McpUpstream:
         self._on_change = on_change
         self._on_updated = on_updated
         self._client: Client | None = None
+        self._modern: Client | None = None
         self._closed = anyio.Event()
         self._refresh_wanted = anyio.Event()
         self._inflight: dict[int, ClientChannel] = {}
@@ -193,10 +203,11 @@ class McpUpstream:
             logging_callback=self._on_log,
             sampling_callback=self._on_sampling,
             elicitation_callback=self._on_elicitation,
-            client_info=types.Implementation(name="patchbay", version="0.1.0"),
+            client_info=_CLIENT_INFO,
         )
-        async with client:
+        async with client, AsyncExitStack() as stack:
             self.listing = await self._fetch_listing(client)
+            self._modern = await self._open_modern(stack)
             self._client = client
             self.state = State.UP
             self.last_error = None
@@ -206,7 +217,30 @@ class McpUpstream:
                 tg.start_soon(self._refresher, client)
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
+        self._modern = None
         self.last_error = "connection closed by the server"
+
+    async def _open_modern(self, stack: AsyncExitStack) -> Client | None:
+        """A 2026-07-28 session beside the handshake one, for HTTP upstreams that speak that era."""
+        if not isinstance(self.config, HttpServer) or self.config.sse:
+            return None
+        modern = Client(
+            self._transport(), mode="auto", cache=None, client_info=_CLIENT_INFO, logging_callback=self._on_log
+        )
+        inner = AsyncExitStack()
+        try:
+            await inner.enter_async_context(modern)
+            if modern.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+                await inner.aclose()
+                return None
+            await modern.list_tools()  # the session needs the listing to send Mcp-Param-* headers
+        except (MCPError, httpx2.HTTPError, ValidationError, OSError) as exc:
+            logger.info("upstream %s: no 2026-07-28 session (%s); its clients use the handshake era", self.name, exc)
+            await inner.aclose()
+            return None
+        _forward_client_capabilities(modern)
+        stack.push_async_exit(inner)
+        return modern
 
     def _transport(self) -> Any:
         config = self.config
@@ -255,11 +289,22 @@ class McpUpstream:
 
     async def call_tool(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
         params: dict[str, Any] = {"name": name, "arguments": dict(arguments)}
-        if context.meta:
-            params["_meta"] = dict(context.meta)
-        raw = await self.request(
-            types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params)), context
-        )
+        meta = dict(context.meta or {})
+        modern = self._modern_for(context)
+        if modern and context.client is not None:
+            meta[types.CLIENT_CAPABILITIES_META_KEY] = dict(context.client.capabilities)
+            if context.log_level is not None:
+                meta[types.LOG_LEVEL_META_KEY] = context.log_level
+            if context.input_responses is not None:
+                params["inputResponses"] = dict(context.input_responses)
+            if context.request_state is not None:
+                params["requestState"] = context.request_state
+        if meta:
+            params["_meta"] = meta
+        request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
+        raw = await self.request(request, context, modern=modern)
+        if raw.get("resultType") == "input_required":
+            return ToolResult(content=(), input_required=raw)
         return ToolResult(
             content=raw.get("content") or (),
             structured_content=raw.get("structuredContent"),
@@ -267,7 +312,12 @@ class McpUpstream:
             meta=raw.get("_meta"),
         )
 
-    async def request(self, request: Any, context: CallContext) -> dict[str, Any]:
+    def _modern_for(self, context: CallContext) -> bool:
+        """Whether this call goes over the 2026-07-28 session: its client speaks that era and so does the server."""
+        client = context.client
+        return self._modern is not None and client is not None and client.protocol_version in MODERN_PROTOCOL_VERSIONS
+
+    async def request(self, request: Any, context: CallContext, *, modern: bool = False) -> dict[str, Any]:
         """Send one request on the shared session, within the server's timeout; the raw result.
 
         Raises:
@@ -275,7 +325,7 @@ class McpUpstream:
             UpstreamTimeout: no answer in time (the upstream request is cancelled).
             UpstreamError: the server answered with a JSON-RPC error.
         """
-        client = self._client
+        client = self._modern if modern else self._client
         if client is None:
             reason = f" ({self.last_error})" if self.last_error else ""
             raise UpstreamUnavailable(
@@ -386,6 +436,25 @@ def _progress_forwarder(context: CallContext) -> ProgressFnT | None:
         await forward(progress, total, message)
 
     return on_progress
+
+
+def _forward_client_capabilities(client: Client) -> None:
+    """Let each request say its own client's capabilities instead of this session's.
+
+    The SDK stamps the session's capabilities into every 2026-07-28 request;
+    a gateway speaks for many clients, so a capability map already present in the
+    request's ``_meta`` (the calling client's) is put back after the stamp.
+    """
+    session: Any = client.session
+    stamp = session._stamp
+
+    def stamp_keeping_callers(data: dict[str, Any], opts: Any) -> None:
+        wanted = ((data.get("params") or {}).get("_meta") or {}).get(types.CLIENT_CAPABILITIES_META_KEY)
+        stamp(data, opts)
+        if wanted is not None:
+            data["params"]["_meta"][types.CLIENT_CAPABILITIES_META_KEY] = wanted
+
+    session._stamp = stamp_keeping_callers
 
 
 @asynccontextmanager

@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))  # one line per request
     try:
         config = load_config(args.config, os.environ)
         status: int = args.run(config, args)

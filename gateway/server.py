@@ -10,6 +10,7 @@ import logging
 import warnings
 import weakref
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import mcp_types as types
@@ -152,10 +153,19 @@ class McpFrontend:
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> Any:
         self._seen(ctx)
+        context = self._context(ctx)
+        if params.input_responses is not None or params.request_state is not None:
+            responses = {
+                k: v.model_dump(by_alias=True, mode="json", exclude_none=True)
+                for k, v in (params.input_responses or {}).items()
+            }
+            context = replace(context, input_responses=responses, request_state=params.request_state)
         try:
-            result = await self.gateway.dispatcher.call(params.name, params.arguments or {}, self._context(ctx))
+            result = await self.gateway.dispatcher.call(params.name, params.arguments or {}, context)
         except ToolNotFound as exc:
             raise MCPError(types.INVALID_PARAMS, str(exc)) from None
+        if result.input_required is not None:
+            return types.InputRequiredResult.model_validate(result.input_required)
         wire: dict[str, Any] = {"content": list(result.content), "isError": result.is_error}
         if result.structured_content is not None:
             wire["structuredContent"] = result.structured_content
@@ -170,6 +180,7 @@ class McpFrontend:
             progress=ctx.session.report_progress,
             client=_Channel(ctx, level),
             meta=_forwardable_meta(ctx.meta),
+            log_level=_log_level(ctx.meta),
         )
 
     # -- prompts and resources ----------------------------------------------------------------------
@@ -280,6 +291,11 @@ class McpFrontend:
 
 
 _ENVELOPE_PREFIX = "io.modelcontextprotocol/"
+
+
+def _log_level(meta: Mapping[str, Any] | None) -> str | None:
+    level = meta.get(types.LOG_LEVEL_META_KEY) if meta else None
+    return level if isinstance(level, str) else None
 
 
 def _forwardable_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -73,6 +73,8 @@ class ToolResult:
     structured_content: JSONObject | None = None
     is_error: bool = False
     meta: JSONObject | None = None
+    input_required: JSONObject | None = None
+    """A 2026-07-28 ``InputRequiredResult`` (wire form) for the client to answer and retry; no content then."""
 
     @classmethod
     def text(cls, text: str, *, is_error: bool = False) -> "ToolResult":
@@ -128,7 +130,13 @@ class CallContext:
     progress: ProgressFn | None = None
     client: ClientChannel | None = None
     meta: JSONObject | None = None
-    """The request's ``_meta`` minus the progress token (forwarded upstream)."""
+    """The request's ``_meta`` minus the progress token and this hop's envelope (forwarded upstream)."""
+    log_level: str | None = None
+    """The 2026-07-28 per-request log opt-in of the client, if it sent one."""
+    input_responses: JSONObject | None = None
+    """A 2026-07-28 client's answers to an ``InputRequiredResult`` (wire form), on its retry."""
+    request_state: str | None = None
+    """The opaque state the client echoes with ``input_responses``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -312,3 +312,68 @@ async def test_requests_naming_a_foreign_host_are_refused(tmp_path: Path) -> Non
         assert rebinding.status_code in (403, 421)
         foreign_origin = await http.post(gw.url, json=body, headers={"Origin": "http://evil.example"})
         assert foreign_origin.status_code == 403
+
+
+@pytest.fixture
+async def kit_http(tmp_path: Path) -> Any:
+    port = free_port()
+    async with run_http_upstream(tmp_path, TESTKIT, port, name="kit"):
+        yield f"http://127.0.0.1:{port}/mcp"
+
+
+async def test_a_2026_client_answers_an_upstreams_input_request_through_the_gateway(
+    tmp_path: Path, kit_http: str
+) -> None:
+    asked: list[str] = []
+
+    async def elicitation(context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    async with (
+        run_gateway(tmp_path, f'servers:\n  kit: {{url: "{kit_http}"}}\n') as gw,
+        Client(gw.url, mode="2026-07-28", cache=None, elicitation_callback=elicitation) as client,
+    ):
+        result = await client.call_tool("kit__confirm", {"action": "delete"})
+        assert asked == ["Really delete?"]
+        assert result.content[0].text == "delete: accept {'ok': True} (state: pending delete)"  # type: ignore[union-attr]
+
+
+async def test_the_upstream_sees_the_capabilities_of_the_2026_client_calling(tmp_path: Path, kit_http: str) -> None:
+    async def elicitation(context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
+        return types.ElicitResult(action="decline")
+
+    async with (
+        run_gateway(tmp_path, f'servers:\n  kit: {{url: "{kit_http}"}}\n') as gw,
+        Client(gw.url, mode="2026-07-28", cache=None, elicitation_callback=elicitation) as asks_users,
+        Client(gw.url, mode="2026-07-28", cache=None) as plain,
+    ):
+        seen_by_upstream = (await asks_users.call_tool("kit__client_capabilities", {})).structured_content
+        assert seen_by_upstream is not None
+        assert "elicitation" in seen_by_upstream
+        plain_seen = (await plain.call_tool("kit__client_capabilities", {})).structured_content
+        assert plain_seen is not None
+        assert "elicitation" not in plain_seen
+        assert "sampling" not in plain_seen
+
+
+async def test_progress_and_logs_reach_a_2026_client_over_the_upstreams_2026_session(
+    tmp_path: Path, kit_http: str
+) -> None:
+    seen: list[float] = []
+    logs: list[Any] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(progress)
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append(params.data)
+
+    async with (
+        run_gateway(tmp_path, f'servers:\n  kit: {{url: "{kit_http}"}}\n') as gw,
+        Client(gw.url, mode="2026-07-28", cache=None, log_level="info", logging_callback=on_log) as client,
+    ):
+        result = await client.call_tool("kit__progress", {"steps": 2}, progress_callback=on_progress)
+        assert not result.is_error
+        assert seen == [1, 2]
+        assert logs == ["finished 2 steps"]

@@ -10,7 +10,14 @@ import os
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import SamplingMessage, TextContent
+from mcp_types import (
+    ElicitRequest,
+    ElicitRequestFormParams,
+    ElicitResult,
+    InputRequiredResult,
+    SamplingMessage,
+    TextContent,
+)
 from pydantic import BaseModel
 
 mcp = MCPServer("testkit")
@@ -99,6 +106,24 @@ async def ask_user(question: str, ctx: Context) -> str:
     """Ask the user (elicitation) and return what they said."""
     result = await ctx.elicit(question, schema=Answer)
     return f"{result.action}: {result.data.answer if result.action == 'accept' else ''}"
+
+
+@mcp.tool()
+async def confirm(action: str, ctx: Context) -> str | InputRequiredResult:
+    """Ask the user to confirm through the 2026-07-28 input-required round trip, then act."""
+    answer = (ctx.input_responses or {}).get("confirm")
+    if not isinstance(answer, ElicitResult):
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+        question = ElicitRequest(params=ElicitRequestFormParams(message=f"Really {action}?", requested_schema=schema))
+        return InputRequiredResult(input_requests={"confirm": question}, request_state=f"pending {action}")
+    return f"{action}: {answer.action} {answer.content} (state: {ctx.request_state})"
+
+
+@mcp.tool()
+async def client_capabilities(ctx: Context) -> dict[str, object]:
+    """The capabilities this server sees for the client of this request."""
+    caps = ctx.session.client_capabilities
+    return caps.model_dump(by_alias=True, mode="json", exclude_none=True) if caps else {}
 
 
 @mcp.prompt()
