@@ -23,8 +23,8 @@ session: a second would be a second process with state of its own.
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -44,6 +44,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
+from connectors._http_call import CallFailed, CallRefused, HttpCaller, SessionGone, SessionInfo
 from gateway.config import HttpServer, ServerConfig, StdioServer
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.registry import Listing
@@ -61,6 +62,9 @@ _PAGE_CAP = 100
 # Results are taken as raw JSON and passed on as such: faithful, and one validation less per call.
 # `send_request` is typed for models only but takes any TypeAdapter.
 _RAW: Any = TypeAdapter(dict[str, Any])
+
+_CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
+"""The client capability each server→client request needs."""
 
 
 class State(StrEnum):
@@ -154,6 +158,7 @@ class McpUpstream:
         self._on_updated = on_updated
         self._client: Client | None = None
         self._modern: Client | None = None
+        self._caller: HttpCaller | None = None
         self._closed = anyio.Event()
         self._refresh_wanted = anyio.Event()
         self._inflight: dict[int, ClientChannel] = {}
@@ -195,8 +200,10 @@ class McpUpstream:
 
     async def _session(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """One connection: handshake, listing, then serve refreshes until the transport ends."""
+        session = SessionInfo()
+        transport, http = self._transport(session)
         client = Client(
-            _Watched(self._transport(), self._closed),
+            _Watched(transport, self._closed),
             mode="legacy",
             cache=None,
             message_handler=self._on_message,
@@ -208,6 +215,9 @@ class McpUpstream:
         async with client, AsyncExitStack() as stack:
             self.listing = await self._fetch_listing(client)
             self._modern = await self._open_modern(stack)
+            if http is not None and session.session_id:
+                session.protocol_version = client.protocol_version
+                self._caller = HttpCaller(http, self.config.url, session)  # type: ignore[union-attr]
             self._client = client
             self.state = State.UP
             self.last_error = None
@@ -218,6 +228,7 @@ class McpUpstream:
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
         self._modern = None
+        self._caller = None
         self.last_error = "connection closed by the server"
 
     async def _open_modern(self, stack: AsyncExitStack) -> Client | None:
@@ -225,7 +236,7 @@ class McpUpstream:
         if not isinstance(self.config, HttpServer) or self.config.sse:
             return None
         modern = Client(
-            self._transport(), mode="auto", cache=None, client_info=_CLIENT_INFO, logging_callback=self._on_log
+            self._transport()[0], mode="auto", cache=None, client_info=_CLIENT_INFO, logging_callback=self._on_log
         )
         inner = AsyncExitStack()
         try:
@@ -242,18 +253,29 @@ class McpUpstream:
         stack.push_async_exit(inner)
         return modern
 
-    def _transport(self) -> Any:
+    def _transport(self, session: SessionInfo | None = None) -> tuple[Any, httpx2.AsyncClient | None]:
+        """The SDK transport for this server, and for streamable HTTP its HTTP client (which records
+        the session id into ``session``, for the lean call path to share the session)."""
         config = self.config
         if isinstance(config, StdioServer):
             params = StdioServerParameters(
                 command=config.command[0], args=list(config.command[1:]), env=dict(config.env) or None, cwd=config.cwd
             )
-            return stdio_client(params)
+            return stdio_client(params), None
         assert isinstance(config, HttpServer)
         if config.sse:
-            return sse_client(config.url, headers=dict(config.headers), timeout=config.timeout)
-        http = httpx2.AsyncClient(headers=dict(config.headers), timeout=httpx2.Timeout(config.timeout, read=None))
-        return _closing(http, streamable_http_client(config.url, http_client=http))
+            return sse_client(config.url, headers=dict(config.headers), timeout=config.timeout), None
+
+        async def remember_session(response: httpx2.Response) -> None:
+            if session is not None and (session_id := response.headers.get("mcp-session-id")):
+                session.session_id = session_id
+
+        http = httpx2.AsyncClient(
+            headers=dict(config.headers),
+            timeout=httpx2.Timeout(config.timeout, read=None),
+            event_hooks={"response": [remember_session]},
+        )
+        return _closing(http, streamable_http_client(config.url, http_client=http)), http
 
     async def _refresher(self, client: Client) -> None:
         while True:
@@ -301,8 +323,11 @@ class McpUpstream:
                 params["requestState"] = context.request_state
         if meta:
             params["_meta"] = meta
-        request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
-        raw = await self.request(request, context, modern=modern)
+        if not modern and self._caller is not None:
+            raw = await self._lean_call(self._caller, params, context)
+        else:
+            request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
+            raw = await self.request(request, context, modern=modern)
         if raw.get("resultType") == "input_required":
             return ToolResult(content=(), input_required=raw)
         return ToolResult(
@@ -310,6 +335,42 @@ class McpUpstream:
             structured_content=raw.get("structuredContent"),
             is_error=bool(raw.get("isError", False)),
             meta=raw.get("_meta"),
+        )
+
+    async def _lean_call(self, caller: HttpCaller, params: dict[str, Any], context: CallContext) -> dict[str, Any]:
+        """A call over the lean HTTP path; what the upstream asks mid-call goes to this call's client."""
+        channel = context.client
+
+        async def on_request(method: str, request_params: dict[str, Any]) -> dict[str, Any]:
+            result = await self._ask_client(channel, method, request_params)
+            if isinstance(result, types.ErrorData):
+                raise CallRefused(result.code, result.message)
+            return dict(result)
+
+        try:
+            with self._in_flight(context), anyio.fail_after(self.config.timeout):
+                return await caller.call(
+                    "tools/call",
+                    params,
+                    on_progress=context.progress,
+                    on_log=channel.log if channel is not None else None,
+                    on_request=on_request,
+                )
+        except TimeoutError:
+            raise self._timeout() from None
+        except SessionGone as exc:
+            self._closed.set()
+            raise UpstreamUnavailable(
+                f"The connection to server {self.name!r} was lost during the call ({exc}); it is being reconnected.",
+                server=self.name,
+            ) from None
+        except CallFailed as exc:
+            raise UpstreamError(f"Server {self.name!r} answered with an error: {exc}", server=self.name) from None
+
+    def _timeout(self) -> UpstreamTimeout:
+        return UpstreamTimeout(
+            f"Server {self.name!r} did not answer within {self.config.timeout:g}s; the request was cancelled.",
+            server=self.name,
         )
 
     def _modern_for(self, context: CallContext) -> bool:
@@ -333,20 +394,14 @@ class McpUpstream:
                 "try again shortly.",
                 server=self.name,
             )
-        token = next(self._ids)
-        if context.client is not None:
-            self._inflight[token] = context.client
         progress = _progress_forwarder(context)
         try:
-            with anyio.fail_after(self.config.timeout):
+            with self._in_flight(context), anyio.fail_after(self.config.timeout):
                 return cast(
                     dict[str, Any], await client.session.send_request(request, _RAW, progress_callback=progress)
                 )
         except TimeoutError:
-            raise UpstreamTimeout(
-                f"Server {self.name!r} did not answer within {self.config.timeout:g}s; the request was cancelled.",
-                server=self.name,
-            ) from None
+            raise self._timeout() from None
         except MCPError as exc:
             if exc.error.code == types.CONNECTION_CLOSED:
                 self._closed.set()
@@ -356,6 +411,15 @@ class McpUpstream:
                 ) from None
             message = f"Server {self.name!r} answered with an error: {exc.error.message}"
             raise UpstreamError(message, server=self.name) from exc
+
+    @contextmanager
+    def _in_flight(self, context: CallContext) -> Iterator[None]:
+        """Track the call's client, for server→client requests that arrive with no link to a call."""
+        token = next(self._ids)
+        if context.client is not None:
+            self._inflight[token] = context.client
+        try:
+            yield
         finally:
             self._inflight.pop(token, None)
 
@@ -379,32 +443,39 @@ class McpUpstream:
         if channel is not None:
             await channel.log(params.model_dump(by_alias=True, mode="json", exclude_none=True))
 
-    async def _forward(self, method: str, params: Any, capability: str) -> JSONObject | types.ErrorData:
+    async def _forward(self, method: str, params: Any) -> JSONObject | types.ErrorData:
+        """A server→client request on the shared session: to the client of the one call in flight."""
         channel = self._sole_client()
         if channel is None:
             reason = "calls of several clients are in flight" if self._inflight else "no call is in flight"
             return types.ErrorData(
                 code=types.INVALID_REQUEST, message=f"patchbay cannot route {method}: {reason} on this server"
             )
-        if capability not in channel.capabilities:
+        return await self._ask_client(channel, method, params.model_dump(by_alias=True, mode="json", exclude_none=True))
+
+    async def _ask_client(
+        self, channel: ClientChannel | None, method: str, params: JSONObject
+    ) -> JSONObject | types.ErrorData:
+        capability = _CAPABILITY.get(method)
+        if channel is None or capability is None or capability not in channel.capabilities:
             return types.ErrorData(
-                code=types.INVALID_REQUEST, message=f"the client behind patchbay does not support {capability}"
+                code=types.INVALID_REQUEST, message=f"the client behind patchbay does not support {method}"
             )
         try:
-            return await channel.request(method, params.model_dump(by_alias=True, mode="json", exclude_none=True))
+            return await channel.request(method, params)
         except UpstreamError as exc:
             return types.ErrorData(code=types.INTERNAL_ERROR, message=str(exc))
 
     async def _on_sampling(
         self, context: ClientRequestContext, params: types.CreateMessageRequestParams
     ) -> types.CreateMessageResult | types.ErrorData:
-        result = await self._forward("sampling/createMessage", params, "sampling")
+        result = await self._forward("sampling/createMessage", params)
         return result if isinstance(result, types.ErrorData) else types.CreateMessageResult.model_validate(result)
 
     async def _on_elicitation(
         self, context: ClientRequestContext, params: types.ElicitRequestParams
     ) -> types.ElicitResult | types.ErrorData:
-        result = await self._forward("elicitation/create", params, "elicitation")
+        result = await self._forward("elicitation/create", params)
         return result if isinstance(result, types.ErrorData) else types.ElicitResult.model_validate(result)
 
 

@@ -377,3 +377,35 @@ async def test_progress_and_logs_reach_a_2026_client_over_the_upstreams_2026_ses
         assert not result.is_error
         assert seen == [1, 2]
         assert logs == ["finished 2 steps"]
+
+
+async def test_concurrent_sampling_requests_of_two_clients_each_reach_their_own_client(
+    tmp_path: Path, kit_http: str
+) -> None:
+    def model(name: str) -> Any:
+        async def sampling(
+            context: ClientRequestContext, params: types.CreateMessageRequestParams
+        ) -> types.CreateMessageResult:
+            await anyio.sleep(0.2)  # keep both calls in flight at once
+            question = params.messages[0].content.text  # type: ignore[union-attr]
+            return types.CreateMessageResult(
+                role="assistant", content=types.TextContent(type="text", text=f"{name}: {question}"), model=name
+            )
+
+        return sampling
+
+    answers: dict[str, str] = {}
+    async with (
+        run_gateway(tmp_path, f'servers:\n  kit: {{url: "{kit_http}"}}\n') as gw,
+        Client(gw.url, mode="legacy", cache=None, sampling_callback=model("alice")) as alice,
+        Client(gw.url, mode="legacy", cache=None, sampling_callback=model("bob")) as bob,
+    ):
+
+        async def ask(name: str, client: Client) -> None:
+            result = await client.call_tool("kit__ask_model", {"prompt": f"question of {name}"})
+            answers[name] = result.content[0].text  # type: ignore[union-attr]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "alice", alice)
+            tg.start_soon(ask, "bob", bob)
+    assert answers == {"alice": "alice: question of alice", "bob": "bob: question of bob"}

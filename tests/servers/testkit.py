@@ -91,7 +91,9 @@ async def progress(steps: int, ctx: Context) -> str:
 async def ask_model(prompt: str, ctx: Context) -> str:
     """Ask the client's model (sampling) and return its answer."""
     result = await ctx.session.create_message(
-        messages=[SamplingMessage(role="user", content=TextContent(type="text", text=prompt))], max_tokens=50
+        messages=[SamplingMessage(role="user", content=TextContent(type="text", text=prompt))],
+        max_tokens=50,
+        related_request_id=ctx.request_id,  # on this call's own stream, as the spec asks
     )
     content = result.content
     return content.text if isinstance(content, TextContent) else str(content)

@@ -1,0 +1,188 @@
+"""``tools/call`` on an upstream's existing streamable-HTTP session, without the SDK's per-message machinery.
+
+The SDK client costs about twice the CPU of one plain httpx2 exchange per call,
+and it closes each SSE response as soon as the JSON-RPC reply arrives, so every
+call opens a new TCP connection. This caller speaks the session's wire format
+directly: one POST, its response read to the end (the connection goes back to
+the pool), progress and log notifications and server→client requests taken
+from that response's own stream – so they are routed to the call that caused
+them, exactly. The session itself (handshake, listing, the GET stream) stays
+with the SDK client; this only borrows its id.
+"""
+
+import itertools
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx2
+
+logger = logging.getLogger(__name__)
+
+_DRAIN_SECONDS = 1.0
+"""How long to keep reading after the reply for the server to end the stream (then the connection is reused)."""
+
+ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
+LogFn = Callable[[dict[str, Any]], Awaitable[None]]
+RequestFn = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""``async (method, params) -> result``; raises ``CallRefused`` to answer with a JSON-RPC error."""
+
+
+class SessionGone(Exception):
+    """The server no longer knows the session (404) or the connection broke: reconnect."""
+
+
+class CallFailed(Exception):
+    """The server answered the request with a JSON-RPC error, or with something that is not JSON-RPC."""
+
+
+class CallRefused(Exception):
+    """Raised by a ``RequestFn`` to answer a server→client request with an error."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass
+class SessionInfo:
+    """The upstream session this caller rides on, filled in from the SDK session's own HTTP traffic."""
+
+    session_id: str | None = None
+    protocol_version: str | None = None
+
+
+class HttpCaller:
+    def __init__(self, http: httpx2.AsyncClient, url: str, session: SessionInfo) -> None:
+        self._http = http
+        self._url = url
+        self._session = session
+        self._ids = itertools.count(1)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+        if self._session.session_id:
+            headers["mcp-session-id"] = self._session.session_id
+        if self._session.protocol_version:
+            headers["mcp-protocol-version"] = self._session.protocol_version
+        return headers
+
+    async def call(
+        self,
+        method: str,
+        params: Mapping[str, Any],
+        *,
+        on_progress: ProgressFn | None = None,
+        on_log: LogFn | None = None,
+        on_request: RequestFn | None = None,
+    ) -> dict[str, Any]:
+        """Send one request and return its raw result.
+
+        Raises:
+            SessionGone: the session or connection is gone.
+            CallFailed: a JSON-RPC error (its message) or an unusable response.
+        """
+        request_id = f"patchbay-{next(self._ids)}"
+        body_params = dict(params)
+        if on_progress is not None:
+            body_params["_meta"] = {**(body_params.get("_meta") or {}), "progressToken": request_id}
+        body = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": body_params}
+        try:
+            return await self._exchange(body, request_id, on_progress, on_log, on_request)
+        except anyio.get_cancelled_exc_class():  # the caller gave up (or timed out): tell the server
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self._notify_cancelled(request_id)
+            raise
+
+    async def _exchange(
+        self,
+        body: dict[str, Any],
+        request_id: str,
+        on_progress: ProgressFn | None,
+        on_log: LogFn | None,
+        on_request: RequestFn | None,
+    ) -> dict[str, Any]:
+        try:
+            async with self._http.stream("POST", self._url, content=json.dumps(body), headers=self._headers()) as r:
+                if r.status_code == 404:
+                    raise SessionGone("the server no longer knows this session")
+                if r.status_code != 200:
+                    await r.aread()
+                    raise CallFailed(f"HTTP {r.status_code}: {r.text[:200]}")
+                if r.headers.get("content-type", "").startswith("application/json"):
+                    return _reply(json.loads(await r.aread()), request_id)
+                reply: dict[str, Any] | None = None
+                events = aiter(httpx2.EventSource(r))
+                async for event in events:
+                    if not event.data:
+                        continue
+                    message = json.loads(event.data)
+                    if message.get("id") == request_id and "method" not in message:
+                        reply = message
+                        break
+                    await self._handle(message, on_progress, on_log, on_request)
+                if reply is None:
+                    raise SessionGone("the response stream ended without a reply")
+                with anyio.move_on_after(_DRAIN_SECONDS):  # let the server end the stream: keeps the connection
+                    async for _ in events:
+                        pass
+                return _reply(reply, request_id)
+        except (httpx2.TransportError, json.JSONDecodeError) as exc:
+            raise SessionGone(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _handle(
+        self,
+        message: dict[str, Any],
+        on_progress: ProgressFn | None,
+        on_log: LogFn | None,
+        on_request: RequestFn | None,
+    ) -> None:
+        method = message.get("method")
+        params = message.get("params") or {}
+        if "id" in message and method:  # a server→client request about this call
+            await self._answer(message["id"], method, params, on_request)
+        elif method == "notifications/progress" and on_progress is not None:
+            await on_progress(params.get("progress", 0), params.get("total"), params.get("message"))
+        elif method == "notifications/message" and on_log is not None:
+            await on_log(params)
+        else:
+            logger.debug("ignored %s on a call's stream", method)
+
+    async def _answer(self, request_id: Any, method: str, params: dict[str, Any], on_request: RequestFn | None) -> None:
+        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id}
+        if on_request is None:
+            reply["error"] = {"code": -32601, "message": f"{method} is not supported"}
+        else:
+            try:
+                reply["result"] = await on_request(method, params)
+            except CallRefused as exc:
+                reply["error"] = {"code": exc.code, "message": str(exc)}
+        response = await self._http.post(self._url, content=json.dumps(reply), headers=self._headers())
+        if response.status_code >= 400:
+            logger.warning("the server refused our answer to %s: HTTP %s", method, response.status_code)
+
+    async def _notify_cancelled(self, request_id: str) -> None:
+        notice = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": request_id, "reason": "the client cancelled the call"},
+        }
+        try:
+            await self._http.post(self._url, content=json.dumps(notice), headers=self._headers())
+        except httpx2.TransportError as exc:
+            logger.debug("could not tell the server about a cancellation: %s", exc)
+
+
+def _reply(message: Any, request_id: str) -> dict[str, Any]:
+    if not isinstance(message, dict) or message.get("id") != request_id:
+        raise CallFailed("the server answered with something that is not the reply to this request")
+    if "error" in message:
+        error = message["error"] if isinstance(message["error"], dict) else {}
+        raise CallFailed(str(error.get("message", "unknown error")))
+    result = message.get("result")
+    if not isinstance(result, dict):
+        raise CallFailed("the server's reply has no result")
+    return result
