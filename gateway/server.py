@@ -125,6 +125,9 @@ class McpFrontend:
                 on_set_logging_level=self._set_logging_level,
                 on_subscriptions_listen=ListenHandler(self._bus),
             )
+        # The SDK wraps every message in a tracing span even with no tracer installed (~8% of the gateway's
+        # CPU per call, measured by py-spy); spans belong to the call path, where they see the policy outcome.
+        self.server.middleware = []
         gateway.on_change(self._registry_changed)
         gateway.on_resource_updated(self._resource_updated)
 

@@ -41,8 +41,8 @@ async def wait_http(url: str, process: Process | None = None) -> None:
                 if process is not None and process.returncode is not None:
                     raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
                 try:
-                    await http.get(url, timeout=1.0)
-                    return
+                    async with http.stream("GET", url, timeout=1.0):  # headers suffice: /sse never ends
+                        return
                 except httpx2.TransportError:
                     await anyio.sleep(0.05)
 
@@ -95,11 +95,13 @@ async def run_gateway(tmp_path: Path, config: str, *, name: str = "gateway") -> 
 
 @asynccontextmanager
 async def run_http_upstream(
-    tmp_path: Path, script: Path, port: int, *, name: str = "upstream"
+    tmp_path: Path, script: Path, port: int, *, name: str = "upstream", sse: bool = False
 ) -> AsyncIterator[Running]:
-    """An example or test server over streamable HTTP on ``port`` (kb.py serves HTTP by default)."""
-    argv = [PYTHON, str(script), *([] if script.name == "kb.py" else ["--http"]), "--port", str(port)]
-    async with run_process(argv, tmp_path / f"{name}.log", ready_url=f"http://127.0.0.1:{port}/mcp") as running:
+    """An example or test server over streamable HTTP (or legacy SSE) on ``port`` (kb.py serves HTTP by default)."""
+    mode = ["--sse"] if sse else [] if script.name == "kb.py" else ["--http"]
+    argv = [PYTHON, str(script), *mode, "--port", str(port)]
+    ready = f"http://127.0.0.1:{port}/{'sse' if sse else 'mcp'}"
+    async with run_process(argv, tmp_path / f"{name}.log", ready_url=ready) as running:
         yield running
 
 

@@ -409,3 +409,44 @@ async def test_concurrent_sampling_requests_of_two_clients_each_reach_their_own_
             tg.start_soon(ask, "alice", alice)
             tg.start_soon(ask, "bob", bob)
     assert answers == {"alice": "alice: question of alice", "bob": "bob: question of bob"}
+
+
+async def test_a_legacy_sse_upstream_is_served_like_any_other(tmp_path: Path) -> None:
+    port = free_port()
+    async with (
+        run_http_upstream(tmp_path, TESTKIT, port, name="sse", sse=True),
+        run_gateway(tmp_path, f'servers:\n  old: {{url: "http://127.0.0.1:{port}/sse", sse: true}}\n') as gw,
+        Client(gw.url, mode="legacy", cache=None) as client,
+    ):
+        assert "old__echo" in tool_names(await client.list_tools())
+        result = await client.call_tool("old__echo", {"text": "over sse"})
+        assert result.content[0].text == "over sse"  # type: ignore[union-attr]
+
+
+async def test_cancelling_a_call_to_an_http_upstream_cancels_it_there(tmp_path: Path, kit_http: str) -> None:
+    async with (
+        run_gateway(tmp_path, f'servers:\n  kit: {{url: "{kit_http}"}}\n') as gw,
+        Client(gw.url, mode="legacy", cache=None) as client,
+    ):
+        with anyio.move_on_after(1.0):
+            await client.call_tool("kit__slow", {"seconds": 30})
+
+        async def cancelled_upstream() -> bool:
+            result = await client.call_tool("kit__events", {})
+            assert result.structured_content is not None
+            return "slow cancelled" in result.structured_content["result"]
+
+        await until(cancelled_upstream)
+
+
+async def test_a_2026_client_hears_of_new_tools_on_its_listen_stream(tmp_path: Path) -> None:
+    async with (
+        run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
+        Client(gw.url, mode="2026-07-28", cache=None) as client,
+        client.listen(tools_list_changed=True) as events,
+    ):
+        await client.call_tool("kit__add_tool", {"name": "announced"})
+        with anyio.fail_after(10):
+            async for _event in events:
+                break
+        assert "kit__announced" in tool_names(await client.list_tools())

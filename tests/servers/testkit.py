@@ -149,9 +149,12 @@ def item(item_id: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--http", action="store_true")
+    parser.add_argument("--sse", action="store_true", help="the legacy HTTP+SSE transport (GET /sse)")
     parser.add_argument("--port", type=int, default=9301)
     args = parser.parse_args()
-    if args.http:
+    if args.sse:
+        mcp.run("sse", host="127.0.0.1", port=args.port)
+    elif args.http:
         mcp.run("streamable-http", host="127.0.0.1", port=args.port)
     else:
         mcp.run()
