@@ -7,12 +7,15 @@ one place: ``ToolNotFound`` becomes a JSON-RPC invalid-params error, every other
 """
 
 import logging
+import math
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import anyio
 import mcp_types as types
 from mcp.server import NotificationOptions, Server, ServerRequestContext
 from mcp.server.connection import Connection
@@ -20,14 +23,17 @@ from mcp.server.models import InitializationOptions
 from mcp.server.stdio import stdio_server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
-from starlette.types import ASGIApp
+from starlette.requests import Request
+from starlette.types import ASGIApp, Scope
 
 from gateway.errors import ToolNotFound, UpstreamError
+from gateway.fastpath import FastPath, FastSession
 from gateway.gateway import Gateway
 from gateway.types import CallContext, JSONObject, Principal
 
@@ -106,6 +112,8 @@ class McpFrontend:
         self._tools: list[types.Tool] | None = None
         self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._subscribers: dict[str, weakref.WeakSet[Connection]] = {}
+        self.fast_sessions: dict[str, FastSession] = {}
+        """Handshake-era HTTP sessions the lean ``tools/call`` path may serve (see ``gateway.fastpath``)."""
         with warnings.catch_warnings():
             # logging/setLevel is deprecated in 2026-07-28 but handshake-era clients still send it.
             warnings.simplefilter("ignore", MCPDeprecationWarning)
@@ -133,7 +141,17 @@ class McpFrontend:
 
     def _seen(self, ctx: ServerRequestContext[Any]) -> None:
         # Remember handshake-era connections to push list_changed to them later (SDK has no public registry).
-        self._connections.add(ctx.session._connection)
+        connection = ctx.session._connection
+        self._connections.add(connection)
+        request = ctx.request
+        session_id = request.headers.get("mcp-session-id") if isinstance(request, Request) else None
+        if session_id and session_id not in self.fast_sessions and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            self.fast_sessions[session_id] = FastSession(
+                capabilities=_Channel(ctx).capabilities,
+                protocol_version=ctx.protocol_version,
+                log_level=lambda: self._log_levels.get(connection, "debug"),
+                forwardable_meta=_forwardable_meta,
+            )
 
     async def _registry_changed(self) -> None:
         self._tools = None
@@ -323,10 +341,58 @@ def _security(host: str) -> TransportSecuritySettings:
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
+class _SdkSessions:
+    """The SDK session manager's view of its sessions, for the lean path (``gateway.fastpath.SessionHost``).
+
+    The manager has no public session registry, so this reads its session table and mirrors the
+    transport's idle bookkeeping (``StreamableHTTPServerTransport.handle_request``): the one place
+    that depends on those internals, covered by every end-to-end test that calls a tool over HTTP.
+    """
+
+    def __init__(self, manager: StreamableHTTPSessionManager, frontend: McpFrontend, security: Any) -> None:
+        self._manager = manager
+        self._sessions = frontend.fast_sessions
+        self._security = TransportSecurityMiddleware(security)
+
+    def _transport(self, session_id: str) -> Any:
+        transport = self._manager._server_instances.get(session_id)
+        if transport is None or transport.is_terminated:
+            self._sessions.pop(session_id, None)
+            return None
+        idle = transport.idle_scope
+        return None if idle is not None and idle.cancel_called else transport
+
+    def lookup(self, session_id: str) -> FastSession | None:
+        return self._sessions.get(session_id) if self._transport(session_id) is not None else None
+
+    @contextmanager
+    def activity(self, session_id: str) -> Iterator[None]:
+        transport = self._transport(session_id)
+        idle = transport.idle_scope if transport is not None else None
+        if idle is None or transport._idle_timeout is None:
+            yield
+            return
+        transport._requests_in_flight += 1
+        idle.deadline = math.inf
+        try:
+            yield
+        finally:
+            transport._requests_in_flight -= 1
+            if not transport._requests_in_flight:
+                idle.deadline = anyio.current_time() + transport._idle_timeout
+
+    async def refusal(self, scope: Scope) -> ASGIApp | None:
+        response = await self._security.validate_request(Request(scope), is_post=True)
+        return response
+
+
 def http_endpoint(frontend: McpFrontend, host: str) -> tuple[ASGIApp, Any]:
     """The streamable-HTTP ASGI app for ``/mcp`` and the context manager that must run around it."""
-    manager = StreamableHTTPSessionManager(app=frontend.server, security_settings=_security(host))
-    return StreamableHTTPASGIApp(manager), manager.run
+    security = _security(host)
+    manager = StreamableHTTPSessionManager(app=frontend.server, security_settings=security)
+    sessions = _SdkSessions(manager, frontend, security)
+    app = FastPath(StreamableHTTPASGIApp(manager), sessions, frontend.gateway.dispatcher, frontend.principal)
+    return app, manager.run
 
 
 async def serve_stdio(frontend: McpFrontend) -> None:

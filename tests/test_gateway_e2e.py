@@ -1,5 +1,6 @@
 """The gateway end to end: real upstream processes, ``patchbay serve`` as a process, real MCP clients."""
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,7 @@ async def test_progress_is_forwarded_to_the_caller(tmp_path: Path, mode: str) ->
         run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
         Client(gw.url, mode=mode, cache=None) as client,
     ):
+        await client.list_tools()  # the SDK side registers the session: the calls below take the lean path
         result = await client.call_tool("kit__progress", {"steps": 3}, progress_callback=on_progress)
         assert not result.is_error
         assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
@@ -225,6 +227,7 @@ async def test_log_messages_reach_the_calling_client(tmp_path: Path) -> None:
         run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
         Client(gw.url, mode="legacy", cache=None, logging_callback=on_log) as client,
     ):
+        await client.list_tools()  # the SDK side registers the session: the calls below take the lean path
         await client.call_tool("kit__progress", {"steps": 1})
         assert [entry.data for entry in logs] == ["finished 1 steps"]
 
@@ -239,6 +242,7 @@ async def test_log_messages_below_the_clients_level_are_not_forwarded(tmp_path: 
         run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
         Client(gw.url, mode="legacy", cache=None, logging_callback=on_log) as client,
     ):
+        await client.list_tools()  # the SDK side registers the session: the calls below take the lean path
         with pytest.warns(MCPDeprecationWarning):
             await client.set_logging_level("warning")
         result = await client.call_tool("kit__progress", {"steps": 1})
@@ -263,6 +267,7 @@ async def test_cancelling_a_call_cancels_it_upstream(tmp_path: Path) -> None:
         run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
         Client(gw.url, mode="legacy", cache=None) as client,
     ):
+        await client.list_tools()  # the SDK side registers the session: the calls below take the lean path
 
         async def events() -> list[str]:
             result = await client.call_tool("kit__events", {})
@@ -296,6 +301,7 @@ async def test_sampling_and_elicitation_reach_the_client_whose_call_asked(tmp_pa
             gw.url, mode="legacy", cache=None, sampling_callback=sampling, elicitation_callback=elicitation
         ) as client,
     ):
+        await client.list_tools()  # the SDK side registers the session: the calls below take the lean path
         sampled = await client.call_tool("kit__ask_model", {"prompt": "hello?"})
         assert sampled.content[0].text == "model says: hello?"  # type: ignore[union-attr]
         elicited = await client.call_tool("kit__ask_user", {"question": "favourite colour?"})
@@ -400,6 +406,8 @@ async def test_concurrent_sampling_requests_of_two_clients_each_reach_their_own_
         Client(gw.url, mode="legacy", cache=None, sampling_callback=model("alice")) as alice,
         Client(gw.url, mode="legacy", cache=None, sampling_callback=model("bob")) as bob,
     ):
+        await alice.list_tools()  # the SDK side registers each session: their calls take the lean path
+        await bob.list_tools()
 
         async def ask(name: str, client: Client) -> None:
             result = await client.call_tool("kit__ask_model", {"prompt": f"question of {name}"})
@@ -428,6 +436,7 @@ async def test_cancelling_a_call_to_an_http_upstream_cancels_it_there(tmp_path: 
         run_gateway(tmp_path, f'servers:\n  kit: {{url: "{kit_http}"}}\n') as gw,
         Client(gw.url, mode="legacy", cache=None) as client,
     ):
+        await client.list_tools()  # the SDK side registers the session: the calls below take the lean path
         with anyio.move_on_after(1.0):
             await client.call_tool("kit__slow", {"seconds": 30})
 
@@ -450,3 +459,44 @@ async def test_a_2026_client_hears_of_new_tools_on_its_listen_stream(tmp_path: P
             async for _event in events:
                 break
         assert "kit__announced" in tool_names(await client.list_tools())
+
+
+async def test_the_lean_path_answers_json_and_switches_to_sse_when_a_call_streams(tmp_path: Path) -> None:
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+    def rpc(method: str, params: dict[str, Any], request_id: int | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "params": params}
+        return message if request_id is None else {**message, "id": request_id}
+
+    init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+    async with (
+        run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
+        httpx2.AsyncClient(headers=headers) as http,
+    ):
+        opened = await http.post(gw.url, json=rpc("initialize", init, 1))
+        session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+        await http.post(gw.url, json=rpc("notifications/initialized", {}), headers=session)
+        await http.post(gw.url, json=rpc("tools/list", {}, 2), headers=session)
+
+        plain = await http.post(
+            gw.url, json=rpc("tools/call", {"name": "kit__echo", "arguments": {"text": "x"}}, 3), headers=session
+        )
+        assert plain.headers["content-type"] == "application/json"
+        assert plain.json()["result"]["content"] == [{"type": "text", "text": "x"}]
+
+        call = {"name": "kit__progress", "arguments": {"steps": 2}, "_meta": {"progressToken": "p1"}}
+        streamed = await http.post(gw.url, json=rpc("tools/call", call, 4), headers=session)
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert [e["params"]["progress"] for e in events if e.get("method") == "notifications/progress"] == [1, 2]
+        assert events[-1]["id"] == 4
+        assert events[-1]["result"]["content"][0]["text"] == "2 steps"
+
+        unknown = await http.post(gw.url, json=rpc("tools/call", {"name": "kit__nope"}, 5), headers=session)
+        assert unknown.json()["error"]["code"] == types.INVALID_PARAMS
+
+        await http.delete(gw.url, headers=session)
+        gone = await http.post(
+            gw.url, json=rpc("tools/call", {"name": "kit__echo", "arguments": {"text": "x"}}, 6), headers=session
+        )
+        assert gone.status_code == 404
