@@ -24,12 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.dispatch import Dispatcher
 from gateway.errors import ToolNotFound, UpstreamError
-from gateway.types import CallContext, JSONObject, Principal
+from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
 
 MAX_BODY = 4 * 1024 * 1024
 """Larger bodies are left to the SDK (which refuses them with 413)."""
 
-_LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 _INVALID_PARAMS = -32602
 _REQUEST_CANCELLED = -32800
 
@@ -136,7 +135,7 @@ class FastPath:
             session.calls[message["id"]] = scope
             try:
                 result = await self._dispatcher.call(name, arguments, context)
-                reply = {"jsonrpc": "2.0", "id": message["id"], "result": _wire(result)}
+                reply = {"jsonrpc": "2.0", "id": message["id"], "result": result.wire()}
             except ToolNotFound as exc:
                 reply = _error(message["id"], _INVALID_PARAMS, str(exc))
             finally:
@@ -208,7 +207,7 @@ class _Channel:
         return result if isinstance(result, dict) else {}
 
     async def log(self, params: JSONObject) -> None:
-        if _LOG_LEVELS.index(params.get("level", "info")) < _LOG_LEVELS.index(self._session.log_level()):
+        if LOG_LEVELS.index(params.get("level", "info")) < LOG_LEVELS.index(self._session.log_level()):
             return
         await self._responder.event({"jsonrpc": "2.0", "method": "notifications/message", "params": dict(params)})
 
@@ -223,15 +222,6 @@ def _progress(responder: _Responder, token: Any) -> Callable[[float, float | Non
         await responder.event({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
 
     return report
-
-
-def _wire(result: Any) -> dict[str, Any]:
-    wire: dict[str, Any] = {"content": list(result.content), "isError": result.is_error}
-    if result.structured_content is not None:
-        wire["structuredContent"] = result.structured_content
-    if result.meta is not None:
-        wire["_meta"] = result.meta
-    return wire
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:

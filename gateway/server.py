@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Scope
 from gateway.errors import ToolNotFound, UpstreamError
 from gateway.fastpath import FastPath, FastSession
 from gateway.gateway import Gateway
-from gateway.types import CallContext, JSONObject, Principal
+from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,12 @@ _CLIENT_REQUESTS: Mapping[str, tuple[Any, Any]] = {
 """Server→client requests an upstream may make mid-call, forwarded to the calling client."""
 
 
-_LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
-
-
 class _Channel:
     """The downstream client of one request, as providers see it (``gateway.types.ClientChannel``)."""
 
     def __init__(self, ctx: ServerRequestContext[Any], log_level: str = "debug") -> None:
         self._ctx = ctx
-        self._min_log_level = _LOG_LEVELS.index(log_level)
+        self._min_log_level = LOG_LEVELS.index(log_level)
 
     @property
     def capabilities(self) -> JSONObject:
@@ -82,7 +79,7 @@ class _Channel:
         return dumped
 
     async def log(self, params: JSONObject) -> None:
-        if _LOG_LEVELS.index(params.get("level", "info")) < self._min_log_level:
+        if LOG_LEVELS.index(params.get("level", "info")) < self._min_log_level:
             return  # below what this client asked for with logging/setLevel
         notification = types.LoggingMessageNotification(params=types.LoggingMessageNotificationParams(**params))
         await self._ctx.session.send_notification(notification, related_request_id=self._ctx.request_id)
@@ -187,12 +184,7 @@ class McpFrontend:
             raise MCPError(types.INVALID_PARAMS, str(exc)) from None
         if result.input_required is not None:
             return types.InputRequiredResult.model_validate(result.input_required)
-        wire: dict[str, Any] = {"content": list(result.content), "isError": result.is_error}
-        if result.structured_content is not None:
-            wire["structuredContent"] = result.structured_content
-        if result.meta is not None:
-            wire["_meta"] = result.meta
-        return types.CallToolResult.model_validate(wire)
+        return types.CallToolResult.model_validate(result.wire())
 
     def _context(self, ctx: ServerRequestContext[Any]) -> CallContext:
         level = self._log_levels.get(ctx.session._connection, "debug")

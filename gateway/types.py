@@ -13,6 +13,9 @@ from typing import Any, Protocol
 JSONObject = Mapping[str, Any]
 """A JSON object in wire form (camelCase keys, JSON-compatible values)."""
 
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+"""MCP log levels, least severe first."""
+
 
 @dataclass(frozen=True, slots=True)
 class Tool:
@@ -79,6 +82,15 @@ class ToolResult:
     @classmethod
     def text(cls, text: str, *, is_error: bool = False) -> "ToolResult":
         return cls(content=({"type": "text", "text": text},), is_error=is_error)
+
+    def wire(self) -> dict[str, Any]:
+        """The ``CallToolResult`` as it goes on the wire (not for an ``input_required`` result)."""
+        wire: dict[str, Any] = {"content": list(self.content), "isError": self.is_error}
+        if self.structured_content is not None:
+            wire["structuredContent"] = self.structured_content
+        if self.meta is not None:
+            wire["_meta"] = self.meta
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
