@@ -500,3 +500,29 @@ async def test_the_lean_path_answers_json_and_switches_to_sse_when_a_call_stream
             gw.url, json=rpc("tools/call", {"name": "kit__echo", "arguments": {"text": "x"}}, 6), headers=session
         )
         assert gone.status_code == 404
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_a_call_past_the_servers_timeout_is_an_error_and_is_cancelled_upstream(
+    tmp_path: Path, kit_http: str, transport: str
+) -> None:
+    server = (
+        f"{{command: [{PYTHON}, {TESTKIT}], timeout: 1s}}"
+        if transport == "stdio"
+        else f'{{url: "{kit_http}", timeout: 1s}}'
+    )
+    async with (
+        run_gateway(tmp_path, f"servers:\n  kit: {server}\n") as gw,
+        Client(gw.url, mode="legacy", cache=None) as client,
+    ):
+        await client.list_tools()
+        result = await client.call_tool("kit__slow", {"seconds": 5})
+        assert result.is_error
+        assert "did not answer within 1s" in result.content[0].text  # type: ignore[union-attr]
+
+        async def cancelled_upstream() -> bool:
+            events = await client.call_tool("kit__events", {})
+            assert events.structured_content is not None
+            return "slow cancelled" in events.structured_content["result"]
+
+        await until(cancelled_upstream)
