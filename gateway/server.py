@@ -10,7 +10,7 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -109,8 +109,8 @@ class McpFrontend:
         self._tools: list[types.Tool] | None = None
         self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._subscribers: dict[str, weakref.WeakSet[Connection]] = {}
-        self.fast_sessions: dict[str, FastSession] = {}
-        """Handshake-era HTTP sessions the lean ``tools/call`` path may serve (see ``gateway.fastpath``)."""
+        self.register_http_session: Callable[[str, Callable[[], FastSession]], None] | None = None
+        """Set when served over HTTP: records handshake-era sessions for the lean ``tools/call`` path."""
         with warnings.catch_warnings():
             # logging/setLevel is deprecated in 2026-07-28 but handshake-era clients still send it.
             warnings.simplefilter("ignore", MCPDeprecationWarning)
@@ -142,12 +142,16 @@ class McpFrontend:
         self._connections.add(connection)
         request = ctx.request
         session_id = request.headers.get("mcp-session-id") if isinstance(request, Request) else None
-        if session_id and session_id not in self.fast_sessions and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
-            self.fast_sessions[session_id] = FastSession(
-                capabilities=_Channel(ctx).capabilities,
-                protocol_version=ctx.protocol_version,
-                log_level=lambda: self._log_levels.get(connection, "debug"),
-                forwardable_meta=_forwardable_meta,
+        register = self.register_http_session
+        if register is not None and session_id and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            register(
+                session_id,
+                lambda: FastSession(
+                    capabilities=_Channel(ctx).capabilities,
+                    protocol_version=ctx.protocol_version,
+                    log_level=lambda: self._log_levels.get(connection, "debug"),
+                    forwardable_meta=_forwardable_meta,
+                ),
             )
 
     async def _registry_changed(self) -> None:
@@ -343,8 +347,18 @@ class _SdkSessions:
 
     def __init__(self, manager: StreamableHTTPSessionManager, frontend: McpFrontend, security: Any) -> None:
         self._manager = manager
-        self._sessions = frontend.fast_sessions
+        self._sessions: dict[str, FastSession] = {}
         self._security = TransportSecurityMiddleware(security)
+        frontend.register_http_session = self.register
+
+    def register(self, session_id: str, make: Callable[[], FastSession]) -> None:
+        """Record a session the SDK side has seen; forget those the SDK has ended (bounded by its own table)."""
+        if session_id in self._sessions:
+            return
+        live = self._manager._server_instances
+        for ended in [sid for sid in self._sessions if sid not in live]:
+            del self._sessions[ended]
+        self._sessions[session_id] = make()
 
     def _transport(self, session_id: str) -> Any:
         transport = self._manager._server_instances.get(session_id)
