@@ -202,7 +202,9 @@ class _Channel:
         finally:
             self._session.pending.pop(request_id, None)
         if "error" in pending.reply:
-            raise UpstreamError(f"the client refused {method}: {pending.reply['error'].get('message', '')}")
+            error = pending.reply["error"]
+            reason = error.get("message", "") if isinstance(error, dict) else str(error)
+            raise UpstreamError(f"the client refused {method}: {reason}")
         result = pending.reply.get("result")
         return result if isinstance(result, dict) else {}
 
