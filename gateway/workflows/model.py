@@ -1,0 +1,400 @@
+"""The ``workflows:`` section of the config as typed, frozen models (DESIGN §3).
+
+A workflow is a tool whose body is a list of steps. A step's kind follows from which one of the
+kind keys it has (``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``ask_user``,
+``ask_model``); every step may also carry ``after``, ``retry``, ``timeout``, ``success``,
+``on_error`` and ``compensate``. Values that hold expressions (``with``, ``set``, ``output``,
+messages, conditions) stay raw JSON here, ``${…}`` unparsed: :mod:`gateway.workflows.expressions`
+compiles them, :mod:`gateway.workflows.graph` checks how steps refer to each other.
+"""
+
+import copy
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal
+
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    JsonValue,
+    Tag,
+    model_validator,
+)
+
+from gateway.config import Duration
+
+__all__ = [
+    "STEP_KINDS",
+    "AskModel",
+    "AskModelStep",
+    "AskUser",
+    "AskUserStep",
+    "CallSpec",
+    "CallStep",
+    "Case",
+    "ErrorKind",
+    "FailStep",
+    "ForEachStep",
+    "Retry",
+    "SetStep",
+    "Step",
+    "SwitchStep",
+    "Workflow",
+    "Workflows",
+    "iter_steps",
+    "strip_tags",
+]
+
+STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "ask_user", "ask_model")
+"""The keys that decide a step's kind; a step has exactly one of them."""
+
+DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_FOR_EACH_CONCURRENCY = 1
+DEFAULT_ITEM_NAME = "item"
+DEFAULT_RETRY_ATTEMPTS = 3
+DEFAULT_BACKOFF = 0.2
+"""Seconds before the first retry; each further retry doubles it, up to ``max_backoff``."""
+DEFAULT_MAX_BACKOFF = 5.0
+DEFAULT_JITTER = 0.1
+DEFAULT_RETRY_ON: tuple["ErrorKind", ...] = ("timeout", "unavailable", "rate_limited")
+"""Transient failures: retrying the same call can succeed. The other kinds would fail again."""
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_INPUT_SCHEMA: dict[str, JsonValue] = {"type": "object"}
+CONFIRM_SCHEMA: dict[str, JsonValue] = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+"""What ``ask_user`` requests when it names no ``schema``: a yes/no confirmation."""
+
+ErrorKind = Literal["error", "invalid", "denied", "rate_limited", "circuit_open", "timeout", "unavailable"]
+"""How a step failed: the ``outcome`` labels of DESIGN §5. A ``success`` condition that does not hold is ``error``."""
+
+_MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+# The expression context is {input, steps, item, index}: a loop variable must not hide the others.
+_RESERVED_NAMES = frozenset({"input", "steps", "index"})
+_STEP_LISTS = frozenset({"steps", "default", "fallback"})
+
+
+def _matching(pattern: str, rule: str, reserved: frozenset[str] = frozenset()) -> AfterValidator:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} {rule}")
+        if value in reserved:
+            raise ValueError(f"{value!r} would hide .{value} in expressions: choose another name")
+        return value
+
+    return AfterValidator(check)
+
+
+def _at_least_one(what: str) -> AfterValidator:
+    # Not Field(min_length=1): that also reports "too short" when an item is merely invalid.
+    def check(items: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not items:
+            raise ValueError(f"needs at least one {what}")
+        return items
+
+    return AfterValidator(check)
+
+
+def _check_object_schema(schema: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    if schema.get("type") != "object":
+        raise ValueError("must be a JSON Schema of an object (type: object)")
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+    return schema
+
+
+_NAME_RULE = "must start with a letter or _ and hold only letters, digits, _"
+StepId = Annotated[str, _matching(r"[A-Za-z_][A-Za-z0-9_-]*", f"is not a step id: it {_NAME_RULE} and -")]
+ToolName = Annotated[str, _matching(r"[A-Za-z0-9_.-]{1,64}", "is not a tool name: 1 to 64 letters, digits, _, . and -")]
+Variable = Annotated[
+    str, _matching(r"[A-Za-z_][A-Za-z0-9_]*", f"is not a variable name: it {_NAME_RULE}", _RESERVED_NAMES)
+]
+Steps = Annotated[tuple["Step", ...], _at_least_one("step")]
+ObjectSchema = Annotated[dict[str, JsonValue], AfterValidator(_check_object_schema)]
+
+
+class Retry(BaseModel):
+    """How often, and after which failures, a step is tried again."""
+
+    model_config = _MODEL_CONFIG
+
+    attempts: int = Field(DEFAULT_RETRY_ATTEMPTS, ge=1)
+    """Tries in all, the first included: 1 means no retry."""
+    backoff: Duration = DEFAULT_BACKOFF
+    """Seconds before the first retry; doubled before each further one."""
+    max_backoff: Duration = DEFAULT_MAX_BACKOFF
+    """The longest wait between two tries."""
+    jitter: float = Field(DEFAULT_JITTER, ge=0, le=1)
+    """Each wait varies randomly by up to this fraction of itself, so retries do not arrive in lockstep."""
+    on: Annotated[tuple[ErrorKind, ...], _at_least_one("kind of failure")] = DEFAULT_RETRY_ON
+    """The kinds of failure that are retried; any other fails the step at once."""
+
+    @model_validator(mode="after")
+    def _backoff_within_max(self) -> "Retry":
+        if self.backoff > self.max_backoff:
+            raise ValueError(f"backoff ({self.backoff:g}s) is longer than max_backoff ({self.max_backoff:g}s)")
+        return self
+
+
+class CallSpec(BaseModel):
+    """One tool call: what ``compensate`` runs to undo a step."""
+
+    model_config = _MODEL_CONFIG
+
+    call: ToolName
+    """The tool, by the name this gateway serves it under."""
+    with_: dict[str, JsonValue] = Field(default_factory=dict, alias="with")
+    """The arguments; strings may hold ``${…}`` expressions."""
+
+
+class _StepBase(BaseModel):
+    model_config = _MODEL_CONFIG
+
+    kind: ClassVar[str]
+    """Which kind key the step has; not a key users write."""
+
+    id: StepId
+    """Names the step within its workflow: ``.steps.<id>`` in expressions, ``after``, the journal."""
+    after: tuple[StepId, ...] = ()
+    """Steps that must finish first, besides those the step's expressions refer to."""
+    retry: Retry | None = None
+    """Try the step again after transient failures; None: one try."""
+    timeout: Duration | None = None
+    """Seconds one try may take; None: the called tool's own timeout."""
+    success: str | None = None
+    """A jq condition on ``.result`` that must hold, else the step failed."""
+    on_error: "OnError" = "fail"
+    """When the step failed after its retries: ``fail`` the run, ``continue`` without it, or run these steps."""
+    compensate: CallSpec | None = None
+    """A call that undoes the step, run when the workflow fails after the step completed."""
+
+
+class CallStep(_StepBase, CallSpec):
+    """Calls a tool (an upstream's, a connector's or another workflow) with ``call`` and ``with``."""
+
+    kind: ClassVar[str] = "call"
+
+    idempotency_key: str | None = None
+    """Sent with the call so an upstream can recognise a retry after a crash; may hold ``${…}``."""
+
+
+class Case(BaseModel):
+    """One branch of a ``switch``."""
+
+    model_config = _MODEL_CONFIG
+
+    when: str = Field(min_length=1)
+    """A jq condition over the run's context; the first case whose condition holds runs."""
+    steps: "Steps"
+    """The steps of this branch."""
+
+
+class SwitchStep(_StepBase):
+    """Runs the steps of the first case whose condition holds."""
+
+    kind: ClassVar[str] = "switch"
+
+    switch: Annotated[tuple[Case, ...], _at_least_one("case")]
+    """The cases, tried in order."""
+    default: tuple["Step", ...] = ()
+    """Runs when no case matched; empty: nothing runs."""
+
+
+class ForEachStep(_StepBase):
+    """Runs its steps once per item of a list; its result is the list of each iteration's output."""
+
+    kind: ClassVar[str] = "for_each"
+
+    for_each: str | list[JsonValue]
+    """The list to map over, usually one ``${…}`` expression."""
+    as_: Variable = Field(DEFAULT_ITEM_NAME, alias="as")
+    """The name of the current item in expressions (``.item``); ``.index`` is its position."""
+    concurrency: int = Field(DEFAULT_FOR_EACH_CONCURRENCY, ge=1)
+    """Iterations that may run at once."""
+    steps: "Steps"
+    """The body, run for each item."""
+    output: JsonValue = None
+    """Each iteration's output; None: the result of the body's last step."""
+
+
+class SetStep(_StepBase):
+    """Computes values without calling anything; its result is the mapping, evaluated."""
+
+    kind: ClassVar[str] = "set"
+
+    set: dict[str, JsonValue]
+    """Names and values; strings may hold ``${…}`` expressions."""
+
+
+class FailStep(_StepBase):
+    """Ends the run as failed with a message."""
+
+    kind: ClassVar[str] = "fail"
+
+    fail: str = Field(min_length=1)
+    """The error message; may hold ``${…}``."""
+
+
+class AskUser(BaseModel):
+    """What an ``ask_user`` step asks the client's user (MCP elicitation)."""
+
+    model_config = _MODEL_CONFIG
+
+    message: str = Field(min_length=1)
+    """Shown to the user; may hold ``${…}``."""
+    requested_schema: ObjectSchema = Field(default_factory=lambda: copy.deepcopy(CONFIRM_SCHEMA), alias="schema")
+    """JSON Schema of the answer (an object of plain values)."""
+    default: dict[str, JsonValue] | None = None
+    """The answer when the client cannot ask or the user declines; None: the step fails then."""
+
+
+class AskUserStep(_StepBase):
+    """Asks the client's user to confirm or supply values; the answer is its result."""
+
+    kind: ClassVar[str] = "ask_user"
+
+    ask_user: AskUser
+    """The question."""
+
+
+class AskModel(BaseModel):
+    """What an ``ask_model`` step asks the client's model (MCP sampling)."""
+
+    model_config = _MODEL_CONFIG
+
+    prompt: str = Field(min_length=1)
+    """The user message; may hold ``${…}``."""
+    system: str | None = None
+    """The system prompt; may hold ``${…}``."""
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
+    """The most tokens the model may answer with."""
+    default: str | None = None
+    """The answer when the client cannot sample; None: the step fails then."""
+
+
+class AskModelStep(_StepBase):
+    """Asks the client's model to classify or draft text; the text is its result."""
+
+    kind: ClassVar[str] = "ask_model"
+
+    ask_model: AskModel
+    """The request."""
+
+
+_ONE_KIND = f"a step needs exactly one of {', '.join(STEP_KINDS)}"
+
+
+def _one_kind(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        if len(kinds := [kind for kind in STEP_KINDS if kind in value]) != 1:
+            raise ValueError(f"{_ONE_KIND}; it has {' and '.join(kinds) or 'none'}")
+    elif not isinstance(value, _StepBase):
+        raise ValueError(f"a step is a mapping with an id and one of {', '.join(STEP_KINDS)}")
+    return value
+
+
+def _step_kind(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        kinds = [kind for kind in STEP_KINDS if kind in value]
+        return kinds[0] if len(kinds) == 1 else None
+    return getattr(value, "kind", None)
+
+
+Step = Annotated[
+    Annotated[CallStep, Tag("call")]
+    | Annotated[SwitchStep, Tag("switch")]
+    | Annotated[ForEachStep, Tag("for_each")]
+    | Annotated[SetStep, Tag("set")]
+    | Annotated[FailStep, Tag("fail")]
+    | Annotated[AskUserStep, Tag("ask_user")]
+    | Annotated[AskModelStep, Tag("ask_model")],
+    Discriminator(_step_kind, custom_error_type="step_kind", custom_error_message=_ONE_KIND),
+    BeforeValidator(_one_kind),
+]
+"""One step; its kind follows from which kind key it has."""
+
+
+def _on_error_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "policy"
+    return "fallback" if isinstance(value, list | tuple) else None
+
+
+OnError = Annotated[
+    Annotated[Literal["fail", "continue"], Tag("policy")] | Annotated[tuple[Step, ...], Tag("fallback")],
+    Discriminator(
+        _on_error_kind,
+        custom_error_type="on_error",
+        custom_error_message="on_error is fail, continue or a list of fallback steps",
+    ),
+]
+"""``fail``, ``continue`` or fallback steps."""
+
+for _model in (_StepBase, CallStep, Case, SwitchStep, ForEachStep, SetStep, FailStep, AskUserStep, AskModelStep):
+    _model.model_rebuild()
+
+
+class Workflow(BaseModel):
+    """One workflow, served as a tool named by its key."""
+
+    model_config = _MODEL_CONFIG
+
+    description: str | None = None
+    """The tool's description, shown to the assistant."""
+    input: ObjectSchema = Field(default_factory=lambda: copy.deepcopy(DEFAULT_INPUT_SCHEMA))
+    """JSON Schema of the arguments: the tool's ``inputSchema``, reached as ``.input`` in expressions."""
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
+    """Ready steps that may run at once in one run."""
+    steps: Steps
+    """The steps; they run as soon as the steps they depend on have finished."""
+    output: JsonValue = None
+    """The tool's result, may hold ``${…}``; None: ``{id: result}`` of the top-level steps that completed."""
+    output_schema: ObjectSchema | None = None
+    """JSON Schema of the result: the tool's ``outputSchema``."""
+
+
+Workflows = dict[ToolName, Workflow]
+"""The ``workflows:`` section: workflows by tool name."""
+
+
+def iter_steps(steps: Iterable[Step], location: str = "steps") -> Iterator[tuple[str, Step]]:
+    """Every step, nested ones included, each before its nested steps, with its location.
+
+    Locations read like ``steps[2].switch[0].steps[1]``, ``steps[2].default[0]``,
+    ``steps[3].steps[0]`` (a for_each body) and ``steps[0].on_error[1]`` (a fallback).
+    """
+    for index, step in enumerate(steps):
+        here = f"{location}[{index}]"
+        yield here, step
+        if isinstance(step, SwitchStep):
+            for number, case in enumerate(step.switch):
+                yield from iter_steps(case.steps, f"{here}.switch[{number}].steps")
+            yield from iter_steps(step.default, f"{here}.default")
+        elif isinstance(step, ForEachStep):
+            yield from iter_steps(step.steps, f"{here}.steps")
+        if isinstance(step.on_error, tuple):
+            yield from iter_steps(step.on_error, f"{here}.on_error")
+
+
+def strip_tags(loc: Sequence[str | int]) -> tuple[str | int, ...]:
+    """A pydantic error location without the union tags it adds (a step's kind, ``fallback``, ``policy``).
+
+    ``("steps", 0, "call", "retry", "attempts")`` becomes ``("steps", 0, "retry", "attempts")``.
+    """
+    parts = tuple(loc)
+    return tuple(
+        part
+        for index, part in enumerate(parts)
+        if not (index >= 1 and parts[index - 1] == "on_error" and part in ("fallback", "policy"))
+        and not (
+            index >= 2 and isinstance(parts[index - 1], int) and parts[index - 2] in _STEP_LISTS and part in STEP_KINDS
+        )
+    )
