@@ -39,7 +39,7 @@ class ExpressionError(Exception):
 # --- Tokens. Shared by the template splitter (which `}` ends a `${`?) and the reader scan. ---
 
 _LEX = re.compile(
-    r"""(?P<ws>\s+|\#[^\n]*)
+    r"""(?P<ws>\s+|\#(?:[^\\\n]|\\[\s\S])*)
     |(?P<num>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)
     |\.(?P<field>[A-Za-z_][A-Za-z_0-9]*)
     |(?P<var>\$[A-Za-z_][A-Za-z_0-9]*(?:::[A-Za-z_][A-Za-z_0-9]*)*)
@@ -150,14 +150,16 @@ def _index_at(tokens: list[_Token], i: int) -> tuple[int | None, int]:
 
 
 def _plain_path(tokens: list[_Token]) -> tuple[str | int, ...] | None:
+    """The keys and indexes of a program that is only a path (``.a."b-c"[0]``), else None."""
     path: list[str | int] = []
     i = 0
     while i < len(tokens):
         key, j = _key_at(tokens, i, after_term=i > 0)
-        index, k = (None, i) if key is not None or i == 0 else _index_at(tokens, i)
-        if key is None and index is None:
+        index, k = _index_at(tokens, i) if key is None and i > 0 else (None, i)
+        step = key if key is not None else index
+        if step is None:
             return None
-        path.append(key if key is not None else index)  # type: ignore[arg-type]  # one of them is set
+        path.append(step)
         i = max(j, k)
     return tuple(path) or None
 
@@ -444,13 +446,15 @@ def _build(value: Any, where: str, programs: list[_Reads]) -> _Node:
         return lambda scope: literals[0] + "".join(_as_text(p.first(scope), p) + after for p, after in pairs)
     if isinstance(value, Mapping):
         items = [(key, _build(item, f"{where}.{key}", programs)) for key, item in value.items()]
-        if all(isinstance(node, _Constant) for _, node in items):
-            return _Constant({key: node.value for key, node in items})  # type: ignore[union-attr]
+        constants = {key: node.value for key, node in items if isinstance(node, _Constant)}
+        if len(constants) == len(items):
+            return _Constant(constants)
         return lambda scope: {key: _evaluate(node, scope) for key, node in items}
     if isinstance(value, (list, tuple)):
         nodes = [_build(item, f"{where}[{i}]", programs) for i, item in enumerate(value)]
-        if all(isinstance(node, _Constant) for node in nodes):
-            return _Constant([node.value for node in nodes])  # type: ignore[union-attr]
+        values = [node.value for node in nodes if isinstance(node, _Constant)]
+        if len(values) == len(nodes):
+            return _Constant(values)
         return lambda scope: [_evaluate(node, scope) for node in nodes]
     return _Constant(value)
 

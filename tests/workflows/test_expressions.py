@@ -117,6 +117,7 @@ def test_a_lone_dollar_or_brace_is_plain_text() -> None:
         ('${"n=\\(.input.n + 1)}"}', "n=4}"),
         ('${"\\({a: "}"} | .a)"}', "}"),
         ("${.input.n # a comment }\n}", 3),
+        ("${.input.n # a comment \\\n continued } \n}", 3),
     ],
 )
 def test_braces_and_strings_inside_a_program_do_not_end_it(template: str, expected: Any) -> None:
