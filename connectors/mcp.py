@@ -405,7 +405,8 @@ class McpUpstream:
                 "try again shortly.",
                 server=self.name,
             )
-        progress = _progress_forwarder(context)
+        # CallContext.progress is ``async (progress, total, message)``, the shape the SDK's ProgressFnT names.
+        progress = cast(ProgressFnT | None, context.progress)
         token = self._track(context)
         try:
             with anyio.fail_after(self.config.timeout):
@@ -506,17 +507,6 @@ async def _pages(client: Client, method: str, key: str) -> list[dict[str, Any]]:
         if not cursor:
             break
     return items
-
-
-def _progress_forwarder(context: CallContext) -> ProgressFnT | None:
-    forward = context.progress
-    if forward is None:
-        return None
-
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        await forward(progress, total, message)
-
-    return on_progress
 
 
 def _forward_client_capabilities(client: Client) -> None:

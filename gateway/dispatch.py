@@ -59,7 +59,8 @@ class Dispatcher:
                 raise
             result = ToolResult.text(str(exc), is_error=True)
             outcome = exc.outcome
-        logger.debug("%s → %s/%s: %s in %.1fms", name, call.provider, call.target, outcome, _ms(started))
+        if logger.isEnabledFor(logging.DEBUG):  # the timing is for this log line only: keep it off the hot path
+            logger.debug("%s → %s/%s: %s in %.1fms", name, call.provider, call.target, outcome, _ms(started))
         return result
 
     async def _invoke(self, call: ToolCall) -> ToolResult:
