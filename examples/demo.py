@@ -3,7 +3,8 @@
 Starts the knowledge base (examples/servers/kb.py, streamable HTTP) and
 `patchbay serve examples/quickstart.yaml` (which runs examples/servers/orders.py over stdio),
 then talks to the gateway the way an assistant would: it lists the merged tools, calls a few,
-watches progress arrive and shows an error result. Both subprocesses are stopped at the end.
+watches progress arrive, runs the `support_reply` workflow and shows an error result. Both
+subprocesses are stopped at the end.
 
     .venv/bin/python examples/demo.py        # or: make demo
 """
@@ -138,7 +139,8 @@ async def show_tools(client: Client) -> None:
     section(f"What the assistant sees: {len(tools)} tools")
     servers: dict[str, list[Any]] = {}
     for tool in tools:
-        servers.setdefault(tool.name.split("__", 1)[0], []).append(tool)
+        server = tool.name.split("__", 1)[0] if "__" in tool.name else "workflows (run by the gateway)"
+        servers.setdefault(server, []).append(tool)
     width = max(len(tool.name) for tool in tools)
     for server, group in servers.items():
         print(f"{server}")
@@ -179,6 +181,21 @@ async def show_progress(client: Client) -> None:
     print(f"result: exported {done['exported']} orders ({', '.join(done['order_ids'])})")
 
 
+async def show_workflow(client: Client) -> None:
+    """The workflow tool: one call, several upstream calls planned and run by the gateway."""
+    started = time.monotonic()
+
+    async def on_step(progress: float, total: float | None, message: str | None) -> None:
+        elapsed = (time.monotonic() - started) * 1000
+        print(f"  step {progress:g}  {message or '':<52} +{elapsed:.0f} ms")
+
+    args = {"order_id": "A-1003", "question": "how long does a refund take?"}
+    done = await call(client, "support_reply", args, progress_callback=on_step)
+    print(f"result: {to_json(done, levels=1)}")
+    print("(order and docs ran in parallel; the failed order was refunded; no sampling here, so the")
+    print(" draft step fell back to the template reply)")
+
+
 async def show_error(client: Client) -> None:
     name, args = "orders__get_order", {"order_id": "Z-9999"}
     section(f"{name} {json.dumps(args)}  (an unknown order)")
@@ -199,6 +216,7 @@ async def session(url: str) -> None:
             await show_order(client)
             await show_search(client)
             await show_progress(client)
+            await show_workflow(client)
             await show_error(client)
 
 

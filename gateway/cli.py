@@ -18,6 +18,7 @@ from gateway.errors import ConfigError, ConfigProblem, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.server import McpFrontend, serve_stdio
 from gateway.types import CallContext, Principal
+from gateway.workflows.graph import mermaid
 
 logger = logging.getLogger("patchbay")
 
@@ -73,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("tool", metavar="TOOL")
     call.add_argument("--args", default="{}", help="the arguments as a JSON object")
     call.set_defaults(run=_call)
+
+    graph = commands.add_parser("graph", help="print a workflow's steps and their dependencies as Mermaid")
+    graph.add_argument("config", metavar="CONFIG")
+    graph.add_argument("workflow", metavar="WORKFLOW")
+    graph.set_defaults(run=_graph)
     return parser
 
 
@@ -155,13 +161,14 @@ def _call(config: Config, args: argparse.Namespace) -> int:
     async def run() -> int:
         async with open_gateway(config, strict=False) as gateway:
             started = time.perf_counter()
+            context = CallContext(principal=LOCAL_USER, progress=_show_progress)
             try:
-                result = await gateway.dispatcher.call(args.tool, arguments, CallContext(principal=LOCAL_USER))
+                result = await gateway.dispatcher.call(args.tool, arguments, context)
             except ToolNotFound as exc:
                 print(exc, file=sys.stderr)
                 return 2
             for item in result.content:
-                print(item.get("text") if item.get("type") == "text" else json.dumps(item, indent=2))
+                print(item.get("text") if item.get("type") == "text" else json.dumps(item, indent=2), flush=True)
             if result.structured_content is not None and not result.content:
                 print(json.dumps(result.structured_content, indent=2))
             elapsed = (time.perf_counter() - started) * 1000
@@ -169,6 +176,22 @@ def _call(config: Config, args: argparse.Namespace) -> int:
             return 1 if result.is_error else 0
 
     return anyio.run(run)
+
+
+async def _show_progress(progress: float, total: float | None, message: str | None) -> None:
+    """A workflow's steps as they settle, on stderr: ``  [3] order: succeeded in 4 ms``."""
+    of = f"/{total:g}" if total is not None else ""
+    print(f"  [{progress:g}{of}] {message or ''}", file=sys.stderr, flush=True)
+
+
+def _graph(config: Config, args: argparse.Namespace) -> int:
+    plan = config.plans.get(args.workflow)
+    if plan is None:
+        known = ", ".join(config.plans) or "none"
+        print(f"no workflow {args.workflow!r} in {config.source} (workflows: {known})", file=sys.stderr)
+        return 2
+    print(mermaid(plan.graph), end="")
+    return 0
 
 
 def _print_upstreams(gateway: Gateway) -> None:

@@ -14,9 +14,10 @@ alone. Mapping keys are names: they are always the text as written (``on:`` is `
 import os
 import re
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -26,13 +27,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Discriminator,
-    Field,
     PrivateAttr,
     Tag,
     ValidationError,
 )
 
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.units import Duration
+from gateway.workflows.model import Workflows, strip_tags
+from gateway.workflows.plan import Plan, check_calls, compile_workflow
 
 __all__ = [
     "Config",
@@ -58,23 +61,10 @@ Loc = tuple[str | int, ...]
 
 # Numbers are coerced to strings so `env: {PORT: 8080}` and `command: [serve, 8080]` just work.
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Workflow strings are jq programs such as `${.input.order_id}`; the engine evaluates them later.
 _NOT_INTERPOLATED = frozenset({"workflows"})
 _MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-def _parse_duration(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 20s or 200ms, got {value!r}")
-    if not isinstance(value, str):
-        return value  # a number of seconds; pydantic checks it is one
-    match = _DURATION.fullmatch(value.strip())
-    if match is None:
-        raise ValueError(f"expected a duration like 20s or 200ms, got {value!r}")
-    return float(match[1]) * _UNIT_SECONDS[match[2] or "s"]
 
 
 def _split_command(value: Any) -> Any:
@@ -107,10 +97,6 @@ def _check_server_name(name: str) -> str:
     if not name:
         raise ValueError("a server name must not be empty")
     return name
-
-
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, allow_inf_nan=False)]
-"""Seconds, written as a number or as ``20s``, ``200ms``, ``1.5s``, ``2m``."""
 
 
 class GatewaySettings(BaseModel):
@@ -211,14 +197,28 @@ class Config(BaseModel):
     """Settings of the gateway itself."""
     servers: dict[Annotated[str, AfterValidator(_check_server_name)], ServerConfig] = {}
     """Upstream MCP servers by name; the name is the default tool-name prefix."""
+    workflows: Workflows = {}
+    """Workflow tools by name (DESIGN §3)."""
 
     _source: str = PrivateAttr(default="config")
     _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
+    _plans: dict[str, Plan] = PrivateAttr(default_factory=dict)
+
+    @property
+    def plans(self) -> Mapping[str, Plan]:
+        """The workflows compiled: expressions, dependency graphs (checked when the config loaded)."""
+        if len(self._plans) != len(self.workflows):  # a config built in code, not by parse_config
+            self._plans = {name: compile_workflow(name, wf)[0] for name, wf in self.workflows.items()}
+        return self._plans
 
     @property
     def source(self) -> str:
         """Where the config came from: the file name, or ``"config"``."""
         return self._source
+
+    def line_at(self, path: str) -> int | None:
+        """The line of a dotted path as problems name it (``workflows.w.steps[2].with.id``), else None."""
+        return self.line_of(*_loc_of(path, self.workflows))
 
     def line_of(self, *path: str | int) -> int | None:
         """The 1-based line of ``path`` (or of its nearest ancestor that has one), else None."""
@@ -271,13 +271,36 @@ def parse_config(
         already = {p.path for p in problems}  # an unset variable also makes its value invalid: say it once
         problems.extend(p for p in _validation_problems(exc, tree) if p.path not in already)
         raise ConfigError(_in_file_order(problems), source=source) from None
+    plans: dict[str, Plan] = {}
+    for name, workflow in config.workflows.items():
+        plans[name], found = compile_workflow(name, workflow)
+        problems.extend(_located(found, tree, config.workflows))
+    problems.extend(_located(check_calls(plans), tree, config.workflows))
     if problems:
         raise ConfigError(_in_file_order(problems), source=source)
     if base_dir is not None:
         config = _resolve_cwds(config, base_dir)
     config._source = source
     config._lines = tree.lines
+    config._plans = plans
     return config
+
+
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _loc_of(path: str, workflows: Iterable[str]) -> Loc:
+    """``workflows.<name>.steps[2].with.id`` back into a key path (a workflow's name may hold dots)."""
+    for name in sorted(workflows, key=len, reverse=True):
+        head = f"workflows.{name}"
+        if path == head or path.startswith((head + ".", head + "[")):
+            tail = path[len(head) :]
+            return ("workflows", name, *(m[1] if m[1] is not None else int(m[2]) for m in _PATH_PART.finditer(tail)))
+    return tuple(path.split("."))
+
+
+def _located(problems: list[ConfigProblem], tree: "_Tree", workflows: Iterable[str]) -> list[ConfigProblem]:
+    return [ConfigProblem(p.path, p.message, p.line or tree.line(_loc_of(p.path, workflows))) for p in problems]
 
 
 class _Tree:
@@ -411,30 +434,42 @@ def _validation_problems(exc: ValidationError, tree: _Tree) -> Iterator[ConfigPr
 
 
 def _strip_tags(loc: Loc) -> Loc:
-    # The discriminated union adds the member's tag after the server's key, and pydantic appends
-    # "[key]" when a mapping key itself is bad; neither is a key in the file.
+    # The discriminated unions add the member's tag after the server's key (and inside workflow
+    # steps), and pydantic appends "[key]" when a mapping key itself is bad; none is a key in the file.
     if len(loc) > 2 and loc[0] == "servers" and loc[2] in ("stdio", "http"):
         loc = (*loc[:2], *loc[3:])
+    elif loc and loc[0] == "workflows":
+        loc = strip_tags(loc)
     return tuple(part for part in loc if part != "[key]")
 
 
 def _allowed_keys(loc: Loc) -> list[str]:
-    """Field names of the model at pydantic error location ``loc`` (tags included), minus ``kind``."""
+    """Keys of the model at pydantic error location ``loc`` (tags included) as written in the file, minus ``kind``."""
     annotation: Any = Config
     for part in loc:
-        while get_origin(annotation) is Annotated:
-            annotation = get_args(annotation)[0]
+        annotation = _unwrap(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            annotation = annotation.model_fields[str(part)].annotation
-        elif get_origin(annotation) in (dict, list):
-            annotation = get_args(annotation)[-1]
+            annotation = next(f.annotation for name, f in annotation.model_fields.items() if part in (name, f.alias))
+        elif get_origin(annotation) in (dict, list, tuple):
+            annotation = get_args(annotation)[0 if get_origin(annotation) is tuple else -1]
         else:  # a tagged union: `part` is a member's tag
             annotation = next(m for m in get_args(annotation) if Tag(str(part)) in get_args(m)[1:])
-    while get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
+    annotation = _unwrap(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return sorted(name for name in annotation.model_fields if name != "kind")
+        return sorted(f.alias or name for name, f in annotation.model_fields.items() if name != "kind")
     return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``annotation`` without ``Annotated`` and without ``| None``."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
+            members = [m for m in get_args(annotation) if m is not type(None)]
+            annotation = members[0] if len(members) == 1 else Union[tuple(members)]  # noqa: UP007
+        else:
+            return annotation
 
 
 def _dotted(loc: Loc) -> str:

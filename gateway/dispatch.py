@@ -48,6 +48,15 @@ class Dispatcher:
         Raises:
             ToolNotFound: no such tool (a protocol error, not a tool result).
         """
+        result, _ = await self.invoke(name, arguments, context)
+        return result
+
+    async def invoke(self, name: str, arguments: JSONObject, context: CallContext) -> tuple[ToolResult, str]:
+        """Like ``call``, with the call's ``outcome`` label (``ok``, ``error``, ``timeout``…, DESIGN §5).
+
+        Raises:
+            ToolNotFound: no such tool (a protocol error, not a tool result).
+        """
         entry = self._registry().resolve(name)
         call = ToolCall(name, entry.provider, entry.target, arguments, context, entry.tool)
         started = time.perf_counter()
@@ -61,7 +70,7 @@ class Dispatcher:
             outcome = exc.outcome
         if logger.isEnabledFor(logging.DEBUG):  # the timing is for this log line only: keep it off the hot path
             logger.debug("%s → %s/%s: %s in %.1fms", name, call.provider, call.target, outcome, _ms(started))
-        return result
+        return result, outcome
 
     async def _invoke(self, call: ToolCall) -> ToolResult:
         return await self._providers[call.provider].call_tool(call.target, call.arguments, call.context)

@@ -7,7 +7,7 @@ keeps the registry current as they come and go, and builds the dispatcher.
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -16,8 +16,12 @@ from connectors.mcp import McpUpstream, State
 from gateway.config import Config
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConfigError, ConfigProblem
-from gateway.registry import Naming, Registry, build_registry
+from gateway.registry import Entry, Naming, Registry, build_registry
 from gateway.types import Provider
+from gateway.workflows.journal import MemoryJournal
+from gateway.workflows.plan import check_tools
+from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
+from gateway.workflows.runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +59,17 @@ class Gateway:
         }
         self.registry = Registry()
         self.problems: list[ConfigProblem] = []
+        """What makes the gateway unfit to serve: name collisions, workflows calling what is not there."""
+        self.pending_problems: list[ConfigProblem] = []
+        """Workflow problems that may go away once every upstream is up (their tools are not known yet)."""
         self._listeners: list[ChangeListener] = []
         self._update_listeners: list[UpdateListener] = []
         self._started = False
         providers: dict[str, Provider] = dict(self.upstreams)
         self.dispatcher = Dispatcher(lambda: self.registry, providers)
+        self.journal = MemoryJournal()
+        self.workflows = WorkflowProvider(config.plans, Runner(self.dispatcher.invoke, self.journal))
+        providers[WORKFLOW_PROVIDER] = self.workflows
 
     def on_change(self, listener: ChangeListener) -> None:
         """Call ``listener`` whenever the registry changes (to tell connected clients)."""
@@ -88,11 +98,22 @@ class Gateway:
 
     def _rebuild(self) -> list[ConfigProblem]:
         listings = {name: up.listing for name, up in self.upstreams.items()}
-        self.registry, problems = build_registry(listings, self._naming)
-        for problem in problems:
-            line = self.config.line_of(*problem.path.split("."))
-            self.problems.append(ConfigProblem(problem.path, problem.message, line))
-        return problems
+        registry, problems = build_registry(listings, self._naming, reserved=self.config.plans)
+        workflow_tools = {tool.name: Entry(WORKFLOW_PROVIDER, tool.name, tool) for tool in self.workflows.tools}
+        self.registry = replace(registry, tools={**registry.tools, **workflow_tools})
+        schemas = {name: entry.tool.input_schema for name, entry in self.registry.tools.items()}
+        calls = check_tools(self.config.plans, schemas)
+        if self.ready:
+            problems += calls
+            self.pending_problems = []
+        else:
+            self.pending_problems = [self._located(p) for p in calls]
+        located = [self._located(problem) for problem in problems]
+        self.problems.extend(located)
+        return located
+
+    def _located(self, problem: ConfigProblem) -> ConfigProblem:
+        return ConfigProblem(problem.path, problem.message, self.config.line_at(problem.path))
 
     async def _upstream_changed(self, name: str) -> None:
         if not self._started:
@@ -100,6 +121,8 @@ class Gateway:
         self.problems = []
         for problem in self._rebuild():
             logger.error("%s", problem)
+        for problem in self.pending_problems:
+            logger.warning("%s (until every server is up)", problem)
         for listener in self._listeners:
             await listener()
 

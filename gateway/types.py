@@ -149,6 +149,10 @@ class CallContext:
     """A 2026-07-28 client's answers to an ``InputRequiredResult`` (wire form), on its retry."""
     request_state: str | None = None
     """The opaque state the client echoes with ``input_responses``."""
+    workflow_run: str | None = None
+    """The id of the workflow run whose step makes this call, if one does."""
+    workflow_step: str | None = None
+    """The key of that step (``lines[2]/stock``)."""
 
 
 @dataclass(frozen=True, slots=True)

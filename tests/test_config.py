@@ -168,11 +168,11 @@ def test_keys_are_names_and_never_interpolated() -> None:
 
 
 def test_workflows_strings_are_not_interpolated() -> None:
-    with pytest.raises(ConfigError) as caught:
-        parse("workflows: {w: {with: {id: '${.input.order_id}', x: '${UNSET}'}}}")
+    config = parse("workflows: {w: {steps: [{id: a, set: {id: '${.input.order_id}', x: '$${literal}'}}]}}")
 
-    # Unknown for now, but nothing inside it is read as an environment variable.
-    assert [(p.path, p.line) for p in caught.value.problems] == [("workflows", 1)]
+    # `${…}` in a workflow is jq for the run to evaluate, never an environment variable.
+    step = config.workflows["w"].steps[0]
+    assert step.set == {"id": "${.input.order_id}", "x": "$${literal}"}  # type: ignore[union-attr]
 
 
 def test_merge_keys_fill_in_what_is_not_written() -> None:
@@ -289,7 +289,11 @@ BROKEN = {
     "unknown tag": ("gateway:\n  name: !secret x\n", [("gateway.name", 2)]),
     "document is a list": ("- servers\n", [("<document>", 1)]),
     "document is a scalar": ("just text\n", [("<document>", 1)]),
-    "workflows (unknown for now)": ("workflows:\n  w: {steps: []}\n", [("workflows", 1)]),
+    "a workflow without steps": ("workflows:\n  w: {steps: []}\n", [("workflows.w.steps", 2)]),
+    "a workflow's unknown key": (
+        "workflows:\n  w:\n    stepz: []\n",
+        [("workflows.w.steps", 2), ("workflows.w.stepz", 3)],
+    ),
     "three independent problems": (
         "gateway:\n  separator: [x]\nservers:\n  a:\n    url: http://h\n    timeout: soon\n  b:\n    command: x\n"
         "    env: {T: '${UNSET}'}\n",

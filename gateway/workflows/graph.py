@@ -11,6 +11,7 @@ container finishes only once they have. A reference that crosses scopes is resol
   (refer to the for_each step, whose result is the list of iteration outputs);
 * from a for_each's expressions to its own body: allowed, no dependency (``output`` picks a result);
 * from a nested step to a step that contains it: an error, the container finishes only after it;
+  except from a fallback to the step it stands in for, whose ``error`` it may read (no dependency);
 * from any other container (or a for_each's ``after``) to its own nested steps: an error, they
   start only after it has;
 * into another branch of a switch the referrer is in: an error, the branches exclude each other.
@@ -162,6 +163,8 @@ def _resolve(step_id: str, ref: str, walked: Mapping[str, _Walked], *, explicit:
         return None, f"steps form a cycle: {step_id} → {step_id}"
     mine, theirs = _chain(step_id, walked), _chain(ref, walked)
     if ref in mine:
+        if walked[mine[mine.index(ref) - 1]].branch == "fallback" and not explicit:
+            return None, None  # a fallback reads the error of the step it stands in for
         return None, f"step {step_id!r} is inside {ref!r} and cannot refer to it: {ref!r} finishes after it"
     if step_id in theirs:
         inner = theirs[theirs.index(step_id) - 1]

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.config import Duration
+from gateway.units import Duration
 
 __all__ = [
     "STEP_KINDS",

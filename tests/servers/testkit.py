@@ -49,6 +49,34 @@ async def slow(seconds: float) -> str:
 
 
 @mcp.tool()
+async def record(label: str, seconds: float = 0.0, fail: bool = False) -> dict[str, object]:
+    """Record ``label`` in the events (``<label> cancelled`` when cancelled), after sleeping; fail if asked."""
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        EVENTS.append(f"{label} cancelled")
+        raise
+    if fail:
+        EVENTS.append(f"{label} failed")
+        raise ToolError(f"{label} failed as asked")
+    EVENTS.append(label)
+    return {"label": label, "count": len(EVENTS)}
+
+
+ATTEMPTS: dict[str, int] = {}
+
+
+@mcp.tool()
+def flaky(key: str, failures: int) -> dict[str, object]:
+    """Fail the first ``failures`` calls for ``key``, then succeed; returns the attempt that succeeded."""
+    ATTEMPTS[key] = attempt = ATTEMPTS.get(key, 0) + 1
+    EVENTS.append(f"{key} attempt {attempt}")
+    if attempt <= failures:
+        raise ToolError(f"{key}: failure {attempt} of {failures}")
+    return {"key": key, "attempt": attempt}
+
+
+@mcp.tool()
 def events() -> list[str]:
     """What has happened to this server so far."""
     return list(EVENTS)

@@ -1,0 +1,96 @@
+"""The run journal: what happened in each workflow run, as append-only events.
+
+Events are keyed by ``run_id`` and, for steps, by the step's key (``order``, ``lines[2]/stock``)
+and try; a store that keeps them (SQLite, PostgreSQL) can rebuild a run's state from them, and a
+resumed run skips the steps whose ``step_settled`` event says they succeeded. :class:`MemoryJournal`
+keeps the most recent runs in memory.
+"""
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+__all__ = ["DEFAULT_KEPT_RUNS", "EventKind", "Journal", "JournalEvent", "MemoryJournal", "RunSummary"]
+
+DEFAULT_KEPT_RUNS = 1000
+"""Runs a :class:`MemoryJournal` keeps; older ones are forgotten first."""
+
+EventKind = Literal["run_started", "step_started", "step_settled", "run_finished"]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEvent:
+    """One thing that happened in a run.
+
+    ``data`` by kind: ``run_started`` {workflow, arguments}; ``step_started`` {step, tool,
+    arguments} (or {step, kind}); ``step_settled`` {step, status, result, error, duration_ms};
+    ``run_finished`` {status, output, error, duration_ms}.
+    """
+
+    run_id: str
+    seq: int
+    """Position in the run, from 0."""
+    at: float
+    """Wall-clock time, seconds since the epoch."""
+    kind: EventKind
+    key: str | None = None
+    """The step's key, for step events."""
+    attempt: int = 0
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """A run at a glance."""
+
+    run_id: str
+    workflow: str
+    status: str
+    """``running``, ``succeeded`` or ``failed``."""
+    started_at: float
+    steps: int
+    """Steps settled so far."""
+
+
+class Journal(Protocol):
+    """Where runs are recorded. Appends must not be reordered within a run."""
+
+    async def append(self, event: JournalEvent) -> None: ...
+
+    async def events(self, run_id: str) -> Sequence[JournalEvent]:
+        """Every event of the run, in order; empty for an unknown run."""
+        ...
+
+    async def runs(self) -> Sequence[RunSummary]:
+        """The runs recorded, most recent first."""
+        ...
+
+
+class MemoryJournal:
+    """A journal in memory that keeps the ``kept_runs`` most recent runs."""
+
+    def __init__(self, kept_runs: int = DEFAULT_KEPT_RUNS) -> None:
+        self._kept = kept_runs
+        self._runs: OrderedDict[str, list[JournalEvent]] = OrderedDict()
+
+    async def append(self, event: JournalEvent) -> None:
+        events = self._runs.get(event.run_id)
+        if events is None:
+            events = self._runs[event.run_id] = []
+            while len(self._runs) > self._kept:
+                self._runs.popitem(last=False)
+        events.append(event)
+
+    async def events(self, run_id: str) -> Sequence[JournalEvent]:
+        return tuple(self._runs.get(run_id, ()))
+
+    async def runs(self) -> Sequence[RunSummary]:
+        return [_summary(events) for events in reversed(self._runs.values())]
+
+
+def _summary(events: Sequence[JournalEvent]) -> RunSummary:
+    first, last = events[0], events[-1]
+    status = str(last.data.get("status")) if last.kind == "run_finished" else "running"
+    settled = sum(event.kind == "step_settled" for event in events)
+    return RunSummary(first.run_id, str(first.data.get("workflow", "")), status, first.at, settled)

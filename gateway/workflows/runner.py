@@ -1,0 +1,302 @@
+"""Runs workflows: carries out the engine's commands with real calls, timers and cancellation.
+
+The engine decides; the runner awaits. Each call or question runs in its own task of the run's
+task group, under its own cancel scope (so the engine can cancel one) and its step's timeout;
+its outcome goes back to the engine as an event, and so do timers. The runner is also where
+time and randomness come from, and where everything is journaled and reported as progress.
+Compensations run one at a time, in the run's own task, and also when the caller cancels the
+run (shielded, within :data:`COMPENSATION_LIMIT`).
+"""
+
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from gateway.errors import GatewayError, UpstreamError
+from gateway.types import CallContext, JSONObject, ToolResult
+from gateway.workflows.engine import (
+    AskModel,
+    AskUser,
+    CallTool,
+    Cancel,
+    Command,
+    Finished,
+    Run,
+    Settled,
+    StartTimer,
+    StepError,
+)
+from gateway.workflows.journal import EventKind, Journal, JournalEvent
+from gateway.workflows.plan import Plan
+
+__all__ = ["COMPENSATION_LIMIT", "CallFn", "Runner", "result_value"]
+
+logger = logging.getLogger(__name__)
+
+COMPENSATION_LIMIT = 30.0
+"""Seconds the compensations of a cancelled run may take in all."""
+RUN_META_KEY = "io.patchbay/run"
+"""The ``_meta`` key of a workflow result that holds the run's id."""
+IDEMPOTENCY_META_KEY = "io.patchbay/idempotency-key"
+"""The ``_meta`` key a step's ``idempotency_key`` is sent under."""
+
+CallFn = Callable[[str, JSONObject, CallContext], Awaitable[tuple[ToolResult, str]]]
+"""``Dispatcher.invoke``: a call through the gateway's one dispatch path, with its outcome label."""
+
+_Event = tuple[str, Any, int, Any, StepError | None]
+
+
+def result_value(result: ToolResult) -> Any:
+    """What ``.steps.<id>.result`` holds for a call's result: its structured content, or its text (as JSON if it is)."""
+    if result.structured_content is not None:
+        return result.structured_content
+    texts = [str(item.get("text", "")) for item in result.content if item.get("type") == "text"]
+    if len(texts) != len(result.content):
+        return [dict(item) for item in result.content]
+    text = "".join(texts)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _error_text(result: ToolResult) -> str:
+    texts = [str(item.get("text", "")) for item in result.content if item.get("type") == "text"]
+    return " ".join(texts).strip() or "the tool reported an error"
+
+
+@dataclass
+class _Execution:
+    """One run in progress: what the runner keeps besides the engine."""
+
+    run_id: str
+    plan: Plan
+    engine: Run
+    context: CallContext
+    send: MemoryObjectSendStream[_Event]
+    scopes: dict[str, anyio.CancelScope] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+    seq: int = 0
+    settled: int = 0
+
+
+class Runner:
+    """Runs workflow plans; every step's call goes through ``call`` (the dispatch path)."""
+
+    def __init__(
+        self,
+        call: CallFn,
+        journal: Journal,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._call = call
+        self._journal = journal
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rng = rng
+
+    async def run(self, plan: Plan, arguments: Mapping[str, Any], context: CallContext) -> ToolResult:
+        """Run ``plan`` with (already validated) ``arguments``; the result, or an ``isError`` naming the failed step."""
+        send, receive = anyio.create_memory_object_stream[_Event](math.inf)
+        run = _Execution(uuid.uuid4().hex, plan, Run(plan, arguments), context, send)
+        started = self._clock()
+        await self._record(run, "run_started", data={"workflow": plan.name, "arguments": arguments})
+        finished: Finished | None = None
+        try:
+            with send, receive:
+                async with anyio.create_task_group() as tg:
+                    finished = await self._apply(run, run.engine.start(), tg)
+                    while finished is None:
+                        kind, key, attempt, result, error = await receive.receive()
+                        if kind == "fire":
+                            commands = run.engine.fire(key)
+                        else:
+                            commands = run.engine.done(key, attempt, result, error, random=self._rng())
+                        finished = await self._apply(run, commands, tg)
+                    tg.cancel_scope.cancel()  # timers still pending
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(COMPENSATION_LIMIT):
+                finished = await self._apply(run, run.engine.cancel("the caller cancelled the run"), None)
+                await self._finish(run, finished, started)
+            raise
+        assert finished is not None
+        return await self._finish(run, finished, started)
+
+    async def _apply(self, run: _Execution, commands: list[Command], tg: TaskGroup | None) -> Finished | None:
+        """Carry out ``commands`` (and what compensations lead to); the ``Finished`` note, once there is one."""
+        pending = deque(commands)
+        finished: Finished | None = None
+        while pending:
+            command = pending.popleft()
+            if isinstance(command, Settled):
+                await self._settled(run, command)
+            elif isinstance(command, Finished):
+                finished = command
+            elif isinstance(command, Cancel):
+                scope = run.scopes.pop(command.key, None)
+                if scope is not None:
+                    scope.cancel()
+            elif isinstance(command, StartTimer):
+                if tg is not None:
+                    tg.start_soon(self._timer, run, command)
+            elif isinstance(command, CallTool) and command.compensation:
+                await self._record(run, "step_started", command.key, 1, {"step": command.step, "tool": command.tool})
+                result, error = await self._perform(run, command)
+                await self._record(
+                    run, "step_settled", command.key, 1, {"status": "failed" if error else "succeeded", "error": error}
+                )
+                pending.extend(run.engine.done(command.key, 1, result, error))
+            elif tg is not None:
+                scope = run.scopes[command.key] = anyio.CancelScope()
+                run.started[command.key] = self._clock()
+                await self._record(run, "step_started", command.key, command.attempt, _started_data(command))
+                tg.start_soon(self._leaf, run, command, scope)
+        return finished
+
+    async def _timer(self, run: _Execution, command: StartTimer) -> None:
+        await anyio.sleep(command.seconds)
+        await run.send.send(("fire", command.key, 0, None, None))
+
+    async def _leaf(self, run: _Execution, command: CallTool | AskUser | AskModel, scope: anyio.CancelScope) -> None:
+        with scope:
+            limit = command.timeout
+            try:
+                with anyio.fail_after(limit) if limit is not None else nullcontext():
+                    result, error = await self._perform(run, command)
+            except TimeoutError:
+                result, error = None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
+            run.scopes.pop(command.key, None)
+            await run.send.send(("done", command.key, command.attempt, result, error))
+
+    async def _perform(self, run: _Execution, command: CallTool | AskUser | AskModel) -> tuple[Any, StepError | None]:
+        """Make the call or ask the question: its result, or the error that failed it. Raises only cancellation."""
+        try:
+            if isinstance(command, CallTool):
+                return await self._call_tool(run, command)
+            if isinstance(command, AskUser):
+                return await self._ask_user(run.context, command)
+            return await self._ask_model(run.context, command)
+        except GatewayError as exc:  # ToolNotFound: the tool went away since the config was checked
+            return None, StepError(exc.outcome, str(exc))
+        except Exception as exc:  # the step boundary: one step's bug fails the step, not the gateway
+            logger.exception("workflow %s run %s: step %s raised", run.plan.name, run.run_id, command.key)
+            return None, StepError("error", f"internal error: {exc!r}")
+
+    async def _call_tool(self, run: _Execution, command: CallTool) -> tuple[Any, StepError | None]:
+        meta = {IDEMPOTENCY_META_KEY: command.idempotency_key} if command.idempotency_key is not None else None
+        context = CallContext(
+            principal=run.context.principal,
+            client=run.context.client,
+            log_level=run.context.log_level,
+            meta=meta,
+            workflow_run=run.run_id,
+            workflow_step=command.key,
+        )
+        result, outcome = await self._call(command.tool, command.arguments, context)
+        if result.is_error:
+            return None, StepError(outcome, _error_text(result))
+        return result_value(result), None
+
+    async def _ask_user(self, context: CallContext, command: AskUser) -> tuple[Any, StepError | None]:
+        client = context.client
+        if client is None or "elicitation" not in client.capabilities:
+            return _default(command.default, "the client cannot ask its user (it has no elicitation capability)")
+        params = {"message": command.message, "requestedSchema": dict(command.schema)}
+        try:
+            answer = await client.request("elicitation/create", params)
+        except UpstreamError as exc:
+            return _default(command.default, str(exc))
+        if answer.get("action") != "accept":
+            return _default(command.default, f"the user did not accept (action: {answer.get('action')})", "denied")
+        return answer.get("content") or {}, None
+
+    async def _ask_model(self, context: CallContext, command: AskModel) -> tuple[Any, StepError | None]:
+        client = context.client
+        if client is None or "sampling" not in client.capabilities:
+            return _default(command.default, "the client cannot ask its model (it has no sampling capability)")
+        params: dict[str, Any] = {
+            "messages": [{"role": "user", "content": {"type": "text", "text": command.prompt}}],
+            "maxTokens": command.max_tokens,
+        }
+        if command.system is not None:
+            params["systemPrompt"] = command.system
+        try:
+            answer = await client.request("sampling/createMessage", params)
+        except UpstreamError as exc:
+            return _default(command.default, str(exc))
+        content = answer.get("content")
+        blocks = content if isinstance(content, list) else [content]
+        return "".join(
+            str(b.get("text", "")) for b in blocks if isinstance(b, Mapping) and b.get("type") == "text"
+        ), None
+
+    async def _settled(self, run: _Execution, note: Settled) -> None:
+        started = run.started.pop(note.key, None)
+        duration = round((self._clock() - started) * 1000, 3) if started is not None else None
+        error = note.error.as_json() if note.error else None
+        data = {
+            "step": note.step,
+            "status": note.status,
+            "result": note.result,
+            "error": error,
+            "duration_ms": duration,
+        }
+        await self._record(run, "step_settled", note.key, note.attempts, data)
+        run.settled += 1
+        if run.context.progress is not None:
+            took = f" in {duration:.0f} ms" if duration is not None else ""
+            why = f" ({note.error.kind}: {note.error.message})" if note.error is not None else ""
+            await run.context.progress(run.settled, None, f"{note.key}: {note.status}{took}{why}")
+
+    async def _finish(self, run: _Execution, finished: Finished | None, started: float) -> ToolResult:
+        duration = round((self._clock() - started) * 1000, 3)
+        meta = {RUN_META_KEY: run.run_id}
+        if finished is not None and finished.status == "succeeded":
+            await self._record(run, "run_finished", data={"status": "succeeded", "duration_ms": duration})
+            output = finished.output
+            text = output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False)
+            structured = output if isinstance(output, Mapping) else None
+            return ToolResult(({"type": "text", "text": text},), structured_content=structured, meta=meta)
+        error = finished.error if finished is not None else None
+        message = f"workflow {run.plan.name!r} failed: {error.describe() if error else 'compensation did not finish'}"
+        if finished is not None and finished.compensation_errors:
+            message += "; " + "; ".join(e.describe() for e in finished.compensation_errors)
+        message += f" (run {run.run_id})"
+        await self._record(run, "run_finished", data={"status": "failed", "error": message, "duration_ms": duration})
+        return ToolResult(({"type": "text", "text": message},), is_error=True, meta=meta)
+
+    async def _record(
+        self, run: _Execution, kind: EventKind, key: str | None = None, attempt: int = 0, data: Any = None
+    ) -> None:
+        if isinstance(data, Mapping) and isinstance(data.get("error"), StepError):
+            data = {**data, "error": data["error"].as_json()}
+        event = JournalEvent(run.run_id, run.seq, self._wall_clock(), kind, key, attempt, data or {})
+        run.seq += 1
+        await self._journal.append(event)
+
+
+def _started_data(command: CallTool | AskUser | AskModel) -> dict[str, Any]:
+    if isinstance(command, CallTool):
+        return {"step": command.step, "tool": command.tool, "arguments": command.arguments}
+    return {"step": command.step, "kind": "ask_user" if isinstance(command, AskUser) else "ask_model"}
+
+
+def _default(default: Any, reason: str, kind: str = "unavailable") -> tuple[Any, StepError | None]:
+    if default is not None:
+        return default, None
+    return None, StepError(kind, reason)

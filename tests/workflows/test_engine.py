@@ -1,0 +1,490 @@
+"""The engine as a pure state machine: events in, commands out, no I/O and no clock."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.workflows.engine import (
+    AskModel,
+    AskUser,
+    CallTool,
+    Cancel,
+    Command,
+    Finished,
+    Run,
+    Settled,
+    StartTimer,
+    StepError,
+    retry_delay,
+)
+from gateway.workflows.model import Workflow
+from gateway.workflows.plan import Plan, compile_workflow
+
+Leaf = CallTool | AskUser | AskModel
+
+
+def plan_of(text: str) -> Plan:
+    plan, problems = compile_workflow("w", Workflow.model_validate(yaml.safe_load(text)))
+    assert problems == []
+    return plan
+
+
+class Driver:
+    """Runs an engine by hand: collects what it asks for, answers when told to."""
+
+    def __init__(self, text: str, arguments: dict[str, Any] | None = None) -> None:
+        self.run = Run(plan_of(text), arguments or {})
+        self.in_flight: dict[str, Leaf] = {}
+        self.timers: dict[str, float] = {}
+        self.log: list[Command] = []
+        self.finished: Finished | None = None
+        self.take(self.run.start())
+
+    def take(self, commands: list[Command]) -> list[Command]:
+        for command in commands:
+            self.log.append(command)
+            if isinstance(command, CallTool | AskUser | AskModel):
+                self.in_flight[command.key] = command
+            elif isinstance(command, StartTimer):
+                self.timers[command.key] = command.seconds
+            elif isinstance(command, Cancel):
+                self.in_flight.pop(command.key, None)
+            elif isinstance(command, Finished):
+                assert self.finished is None, "finished twice"
+                self.finished = command
+        return commands
+
+    def ok(self, key: str, result: Any = None) -> list[Command]:
+        command = self.in_flight.pop(key)
+        return self.take(self.run.done(key, command.attempt, result))
+
+    def fail(self, key: str, kind: str = "error", message: str = "boom", random: float = 0.5) -> list[Command]:
+        command = self.in_flight.pop(key)
+        return self.take(self.run.done(key, command.attempt, error=StepError(kind, message), random=random))
+
+    def fire(self, key: str) -> list[Command]:
+        del self.timers[key]
+        return self.take(self.run.fire(key))
+
+    def answer_all(self, results: Callable[[Leaf], Any] = lambda c: None) -> None:
+        """Answer every call as it comes, oldest first, until none is left."""
+        while self.in_flight:
+            key, command = next(iter(self.in_flight.items()))
+            self.ok(key, results(command))
+
+    @property
+    def started(self) -> list[str]:
+        return [c.key for c in self.log if isinstance(c, CallTool | AskUser | AskModel)]
+
+    @property
+    def settled(self) -> dict[str, str]:
+        return {c.key: c.status for c in self.log if isinstance(c, Settled)}
+
+
+def test_independent_steps_start_together_and_a_dependent_one_after_both() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t__a}
+  - {id: b, call: t__b}
+  - {id: c, call: t__c, with: {x: "${.steps.a.result}", y: "${.steps.b.result}"}}
+""")
+    assert set(d.in_flight) == {"a", "b"}
+    d.ok("a", 1)
+    assert set(d.in_flight) == {"b"}
+    d.ok("b", 2)
+    assert d.in_flight["c"].arguments == {"x": 1, "y": 2}  # type: ignore[union-attr]
+    d.ok("c", 3)
+    assert d.finished == Finished("succeeded", {"a": 1, "b": 2, "c": 3})
+
+
+def test_max_concurrency_bounds_the_calls_in_flight_and_keeps_their_order() -> None:
+    d = Driver("""
+max_concurrency: 2
+steps: [{id: a, call: t}, {id: b, call: t}, {id: c, call: t}, {id: d, call: t}]
+""")
+    assert list(d.in_flight) == ["a", "b"]
+    d.ok("b")
+    assert list(d.in_flight) == ["a", "c"]
+    d.answer_all()
+    assert d.started == ["a", "b", "c", "d"]
+    assert d.finished is not None
+    assert d.finished.status == "succeeded"
+
+
+def test_arguments_and_output_are_evaluated_over_input_and_results() -> None:
+    d = Driver(
+        """
+steps:
+  - {id: order, call: crm__order, with: {id: "${.input.order_id}", note: "for ${.input.order_id}"}}
+  - {id: total, set: {sum: "${.steps.order.result.items | map(.price) | add}"}}
+output: {status: "${.steps.order.result.status}", sum: "${.steps.total.result.sum}"}
+""",
+        {"order_id": "A-1"},
+    )
+    assert d.in_flight["order"].arguments == {"id": "A-1", "note": "for A-1"}  # type: ignore[union-attr]
+    d.ok("order", {"status": "shipped", "items": [{"price": 2}, {"price": 3}]})
+    assert d.finished == Finished("succeeded", {"status": "shipped", "sum": 5})
+
+
+def test_a_switch_runs_the_first_matching_branch_and_skips_the_others() -> None:
+    d = Driver(
+        """
+steps:
+  - id: route
+    switch:
+      - {when: '.input.n > 10', steps: [{id: big, call: t__big}]}
+      - {when: '.input.n > 1', steps: [{id: mid, call: t__mid}, {id: mid2, set: {x: 1}, after: [mid]}]}
+    default: [{id: small, call: t__small}]
+  - {id: after_route, set: {picked: "${.steps.route.result}"}}
+""",
+        {"n": 5},
+    )
+    assert list(d.in_flight) == ["mid"]
+    d.ok("mid", "m")
+    assert d.settled == {"big": "skipped", "small": "skipped", "mid": "succeeded", "mid2": "succeeded",
+                         "route": "succeeded", "after_route": "succeeded"}  # fmt: skip
+    assert d.finished is not None
+    assert d.finished.output["after_route"] == {"picked": {"x": 1}}
+
+
+def test_a_switch_with_no_matching_case_and_no_default_succeeds_with_null() -> None:
+    d = Driver("""
+steps:
+  - {id: s, switch: [{when: 'false', steps: [{id: x, call: t}]}]}
+""")
+    assert d.settled == {"x": "skipped", "s": "succeeded"}
+    assert d.finished == Finished("succeeded", {"s": None})
+
+
+def test_steps_that_depend_only_on_skipped_steps_are_skipped() -> None:
+    d = Driver("""
+steps:
+  - id: s
+    switch:
+      - when: 'false'
+        steps: [{id: x, call: t}, {id: y, call: t, with: {v: "${.steps.x.result}"}}]
+  - {id: z, call: t, after: [s]}
+""")
+    assert d.settled["x"] == "skipped"
+    assert d.settled["y"] == "skipped"
+    assert list(d.in_flight) == ["z"]
+
+
+def test_for_each_maps_its_body_over_the_items_with_bounded_concurrency() -> None:
+    d = Driver(
+        """
+steps:
+  - id: lines
+    for_each: "${.input.skus}"
+    as: sku
+    concurrency: 2
+    steps:
+      - {id: stock, call: inventory__check, with: {sku: "${.sku}", position: "${.index}"}}
+      - {id: label, set: {text: "${.sku}: ${.steps.stock.result}"}}
+""",
+        {"skus": ["a", "b", "c"]},
+    )
+    assert list(d.in_flight) == ["lines[0]/stock", "lines[1]/stock"]
+    assert d.in_flight["lines[1]/stock"].arguments == {"sku": "b", "position": 1}  # type: ignore[union-attr]
+    d.ok("lines[1]/stock", 7)
+    assert list(d.in_flight) == ["lines[0]/stock", "lines[2]/stock"]
+    d.ok("lines[2]/stock", 0)
+    d.ok("lines[0]/stock", 3)
+    assert d.finished == Finished("succeeded", {"lines": [{"text": "a: 3"}, {"text": "b: 7"}, {"text": "c: 0"}]})
+
+
+def test_for_each_output_picks_each_iterations_value_and_an_empty_list_gives_an_empty_result() -> None:
+    d = Driver(
+        """
+steps:
+  - id: each
+    for_each: "${.input.xs}"
+    steps: [{id: sq, set: {v: "${.item * .item}"}}]
+    output: "${.steps.sq.result.v}"
+  - {id: none, for_each: "${[]}", steps: [{id: never, call: t}]}
+""",
+        {"xs": [1, 2, 3]},
+    )
+    assert d.finished == Finished("succeeded", {"each": [1, 4, 9], "none": []})
+
+
+def test_for_each_over_something_other_than_a_list_fails_the_step() -> None:
+    d = Driver("""
+steps: [{id: each, for_each: "${.input}", steps: [{id: x, call: t}]}]
+""")
+    assert d.finished is not None
+    assert d.finished.status == "failed"
+    assert d.finished.error is not None
+    assert "needs a list" in d.finished.error.message
+
+
+def test_retries_wait_with_exponential_backoff_and_then_succeed() -> None:
+    d = Driver("""
+steps: [{id: a, call: t, retry: {attempts: 3, backoff: 1s, max_backoff: 10s, jitter: 0}}]
+""")
+    d.fail("a", "timeout")
+    assert d.timers == {"a#retry": 1.0}
+    assert d.in_flight == {}
+    d.fire("a#retry")
+    d.fail("a", "unavailable")
+    assert d.timers == {"a#retry": 2.0}
+    d.fire("a#retry")
+    d.ok("a", "finally")
+    assert d.finished == Finished("succeeded", {"a": "finally"})
+    assert [c.attempt for c in d.log if isinstance(c, CallTool)] == [1, 2, 3]
+
+
+def test_a_kind_of_failure_not_named_in_retry_on_fails_at_once() -> None:
+    d = Driver("""
+steps: [{id: a, call: t, retry: {attempts: 5}}]
+""")
+    d.fail("a", "error", "bad input")
+    assert d.timers == {}
+    assert d.finished is not None
+    assert d.finished.error == StepError("error", "bad input", "a")
+
+
+def test_retries_stop_after_the_last_attempt() -> None:
+    d = Driver("""
+steps: [{id: a, call: t, retry: {attempts: 2, "on": [error]}}]
+""")
+    d.fail("a")
+    d.fire("a#retry")
+    d.fail("a", message="again")
+    assert d.finished is not None
+    assert d.finished.error == StepError("error", "again", "a")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "random", "expected"),
+    [(1, 0.5, 0.2), (2, 0.5, 0.4), (3, 0.5, 0.8), (10, 0.5, 5.0), (1, 0.0, 0.18), (1, 0.999999, 0.22)],
+)
+def test_retry_delay_doubles_up_to_the_maximum_and_jitter_spreads_it(
+    attempt: int, random: float, expected: float
+) -> None:
+    assert retry_delay(attempt, 0.2, 5.0, 0.1, random) == pytest.approx(expected, abs=1e-5)
+
+
+def test_on_error_continue_lets_dependents_run_and_read_the_error() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t, on_error: continue}
+  - {id: b, set: {why: "${.steps.a.error.message}", kind: "${.steps.a.error.kind}"}}
+""")
+    d.fail("a", "unavailable", "down")
+    assert d.finished == Finished("succeeded", {"b": {"why": "down", "kind": "unavailable"}})
+    assert d.settled["a"] == "failed"
+
+
+def test_a_fallback_runs_in_place_of_a_failed_step_and_gives_it_its_result() -> None:
+    d = Driver("""
+steps:
+  - id: a
+    call: primary
+    on_error:
+      - {id: backup, call: secondary, with: {reason: "${.steps.a.error.message}"}}
+  - {id: b, set: {got: "${.steps.a.result}"}}
+""")
+    d.fail("a", "unavailable", "primary down")
+    assert d.in_flight["backup"].arguments == {"reason": "primary down"}  # type: ignore[union-attr]
+    d.ok("backup", "from backup")
+    assert d.finished == Finished("succeeded", {"a": "from backup", "b": {"got": "from backup"}})
+
+
+def test_a_failing_fallback_fails_the_step() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: primary, on_error: [{id: backup, call: secondary}]}
+""")
+    d.fail("a", "unavailable", "primary down")
+    d.fail("backup", "error", "secondary down too")
+    assert d.finished is not None
+    assert d.finished.error == StepError("error", "secondary down too", "backup")
+
+
+def test_a_success_condition_that_does_not_hold_fails_the_step() -> None:
+    d = Driver("""
+steps: [{id: a, call: t, success: '.result.ok == true'}]
+""")
+    d.ok("a", {"ok": False})
+    assert d.finished is not None
+    assert d.finished.error is not None
+    assert d.finished.error.kind == "error"
+    assert "success condition" in d.finished.error.message
+
+
+def test_a_failed_run_compensates_completed_steps_in_reverse_completion_order() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t__a, compensate: {call: undo__a, with: {id: "${.steps.a.result.id}"}}}
+  - {id: b, call: t__b, compensate: {call: undo__b}}
+  - {id: c, call: t__c, compensate: {call: undo__c}}
+  - {id: d, call: t__d, after: [a, b, c]}
+""")
+    d.ok("b", {"id": "B"})
+    d.ok("a", {"id": "A"})
+    d.ok("c", {"id": "C"})
+    d.fail("d", "error", "nope")
+    assert d.in_flight["c#compensate"].tool == "undo__c"  # type: ignore[union-attr]
+    assert d.finished is None  # one compensation at a time
+    d.ok("c#compensate")
+    d.ok("a#compensate")
+    assert d.in_flight["b#compensate"].tool == "undo__b"  # type: ignore[union-attr]
+    d.ok("b#compensate")
+    assert [c.tool for c in d.log if isinstance(c, CallTool) and c.compensation] == ["undo__c", "undo__a", "undo__b"]
+    assert next(c for c in d.log if isinstance(c, CallTool) and c.tool == "undo__a").arguments == {"id": "A"}
+    assert d.finished == Finished("failed", error=StepError("error", "nope", "d"))
+
+
+def test_a_failed_run_cancels_the_steps_in_flight() -> None:
+    d = Driver("""
+steps: [{id: a, call: t}, {id: b, call: t}, {id: c, call: t}]
+""")
+    d.fail("a", "error")
+    assert Cancel("b") in d.log
+    assert Cancel("c") in d.log
+    assert d.take(d.run.done("b", 1, "late")) == []  # an outcome after cancellation is ignored
+    assert d.finished is not None
+    assert d.finished.status == "failed"
+
+
+def test_a_failed_compensation_is_reported_and_the_rest_still_run() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t, compensate: {call: undo__a}}
+  - {id: b, call: t, compensate: {call: undo__b}, after: [a]}
+  - {id: c, fail: "stop at ${.steps.b.result}"}
+""")
+    d.ok("a")
+    d.ok("b", "B")
+    d.fail("b#compensate", "unavailable", "undo service down")
+    d.ok("a#compensate")
+    assert d.finished is not None
+    assert d.finished.error == StepError("error", "stop at B", "c")
+    assert [e.step for e in d.finished.compensation_errors] == ["b"]
+
+
+def test_cancelling_the_run_cancels_in_flight_steps_and_compensates() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t, compensate: {call: undo__a}}
+  - {id: b, call: t, after: [a]}
+""")
+    d.ok("a")
+    d.take(d.run.cancel())
+    assert Cancel("b") in d.log
+    d.ok("a#compensate")
+    assert d.finished is not None
+    assert d.finished.error is not None
+    assert d.finished.error.kind == "cancelled"
+
+
+def test_a_failing_nested_step_fails_its_container_whose_on_error_can_catch_it() -> None:
+    d = Driver("""
+steps:
+  - id: lines
+    for_each: "${[1, 2, 3]}"
+    concurrency: 3
+    on_error: continue
+    steps: [{id: check, call: t}]
+  - {id: after, set: {error: "${.steps.lines.error.step}"}}
+""")
+    d.fail("lines[1]/check", "error", "no stock")
+    assert Cancel("lines[0]/check") in d.log
+    assert Cancel("lines[2]/check") in d.log
+    assert d.finished == Finished("succeeded", {"after": {"error": "lines[1]/check"}})
+
+
+def test_a_container_retries_from_scratch() -> None:
+    d = Driver("""
+steps:
+  - id: lines
+    for_each: "${[1, 2]}"
+    retry: {attempts: 2, "on": [error], backoff: 1s, jitter: 0}
+    steps: [{id: check, call: t}]
+""")
+    d.ok("lines[0]/check", "first")
+    d.fail("lines[1]/check")
+    d.fire("lines#retry")
+    assert set(d.in_flight) == {"lines[0]/check"}
+    d.answer_all(lambda c: "again")
+    assert d.finished == Finished("succeeded", {"lines": ["again", "again"]})
+
+
+def test_a_container_timeout_fails_it_and_cancels_what_runs_inside() -> None:
+    d = Driver("""
+steps:
+  - {id: s, timeout: 2s, switch: [{when: 'true', steps: [{id: slow, call: t}]}]}
+""")
+    assert d.timers == {"s#timeout1": 2.0}
+    d.fire("s#timeout1")
+    assert Cancel("slow") in d.log
+    assert d.finished is not None
+    assert d.finished.error is not None
+    assert d.finished.error.kind == "timeout"
+
+
+def test_a_leaf_step_timeout_is_left_to_the_runner() -> None:
+    d = Driver("""
+steps: [{id: a, call: t, timeout: 3s}]
+""")
+    assert d.in_flight["a"].timeout == 3.0
+    assert d.timers == {}
+
+
+def test_a_runtime_jq_error_fails_the_step_naming_the_expression() -> None:
+    d = Driver("""
+steps: [{id: a, set: {x: "${.input.n + 1}"}}]
+""", {"n": "text"})  # fmt: skip
+    assert d.finished is not None
+    assert d.finished.error is not None
+    assert d.finished.error.step == "a"
+    assert ".input.n + 1" in d.finished.error.message
+
+
+def test_a_fail_step_ends_the_run_with_its_message() -> None:
+    d = Driver("""
+steps: [{id: stop, fail: "order ${.input.id} is locked"}]
+""", {"id": "A-1"})  # fmt: skip
+    assert d.finished == Finished("failed", error=StepError("error", "order A-1 is locked", "stop"))
+
+
+def test_ask_steps_carry_their_question_and_default() -> None:
+    d = Driver("""
+steps:
+  - {id: ok, ask_user: {message: "Refund ${.input.id}?", default: {ok: false}}}
+  - {id: draft, ask_model: {prompt: "Write to ${.input.id}", system: be brief, max_tokens: 50, default: hi}}
+""", {"id": "A-1"})  # fmt: skip
+    ask = d.in_flight["ok"]
+    assert isinstance(ask, AskUser)
+    assert (ask.message, ask.default) == ("Refund A-1?", {"ok": False})
+    model = d.in_flight["draft"]
+    assert isinstance(model, AskModel)
+    assert (model.prompt, model.system, model.max_tokens, model.default) == ("Write to A-1", "be brief", 50, "hi")
+
+
+def test_a_long_chain_of_instant_steps_runs_without_recursion() -> None:
+    steps = [{"id": "s0", "set": {"v": 0}}] + [
+        {"id": f"s{i}", "set": {"v": f"${{.steps.s{i - 1}.result.v + 1}}"}} for i in range(1, 1500)
+    ]
+    d = Driver(yaml.safe_dump({"steps": steps, "output": "${.steps.s1499.result.v}"}))
+    assert d.finished == Finished("succeeded", 1499)
+
+
+def test_the_same_events_give_the_same_commands() -> None:
+    text = """
+steps:
+  - {id: a, call: t, retry: {attempts: 2, "on": [error]}}
+  - {id: b, for_each: "${[1, 2]}", steps: [{id: x, call: t, with: {i: "${.item}"}}]}
+"""
+
+    def replay() -> list[Command]:
+        d = Driver(text)
+        d.fail("a", random=0.3)
+        d.fire("a#retry")
+        d.answer_all(lambda c: c.key)
+        return d.log
+
+    assert replay() == replay()
