@@ -115,7 +115,7 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     async def run() -> list[ConfigProblem]:
         async with open_gateway(config, strict=False) as gateway:
             _print_upstreams(gateway)
-            problems = list(gateway.problems)
+            problems = [*gateway.problems, *gateway.pending_problems]
             for status in gateway.status():
                 if status.state != "up":
                     line = config.line_of("servers", status.name)
@@ -141,7 +141,7 @@ def _tools(config: Config, args: argparse.Namespace) -> int:
             _print_table(("TOOL", "SERVER", "DESCRIPTION"), rows)
             print()
             _print_upstreams(gateway)
-            for problem in gateway.problems:
+            for problem in [*gateway.problems, *gateway.pending_problems]:
                 print(f"problem: {problem}", file=sys.stderr)
 
     anyio.run(run)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from connectors.mcp import McpUpstream, State
 from gateway.config import Config
@@ -68,7 +69,9 @@ class Gateway:
         providers: dict[str, Provider] = dict(self.upstreams)
         self.dispatcher = Dispatcher(lambda: self.registry, providers)
         self.journal = MemoryJournal()
-        self.workflows = WorkflowProvider(config.plans, Runner(self.dispatcher.invoke, self.journal))
+        self._background: TaskGroup | None = None
+        runner = Runner(self.dispatcher.invoke, self.journal)
+        self.workflows = WorkflowProvider(config.plans, runner, background=lambda: self._background)
         providers[WORKFLOW_PROVIDER] = self.workflows
 
     def on_change(self, listener: ChangeListener) -> None:
@@ -146,6 +149,7 @@ async def open_gateway(config: Config, *, strict: bool = True) -> AsyncIterator[
             if strict and gateway.problems:
                 raise ConfigError(gateway.problems, source=config.source)
             gateway._started = True
+            gateway._background = tg
             yield gateway
         finally:
             tg.cancel_scope.cancel()

@@ -154,14 +154,7 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
         cases = tuple(condition for role, condition in conditions.items() if role.startswith("case "))
         kids = MappingProxyType({branch: tuple(ids) for branch, ids in children[step_id].items()})
         steps[step_id] = StepPlan(node, step, MappingProxyType(values), cases, conditions.get("success"), kids)
-    output = None
-    if workflow.output is not None:
-        try:
-            output = compile_value(workflow.output, where=f"workflows.{name}.output")
-        except ExpressionError as exc:
-            problems.append(ConfigProblem(exc.where, exc.detail))
-        else:
-            problems.extend(_unknown_references(name, "output", output, graph))
+    output = _compile_output(name, workflow, compiled, graph, problems)
     calls = frozenset(
         tool
         for step in by_id.values()
@@ -174,6 +167,25 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
     top = tuple(step.id for step in workflow.steps)
     plan = Plan(name, workflow, graph, MappingProxyType(steps), top, output, calls, *_relations(graph))
     return plan, problems
+
+
+def _compile_output(
+    name: str, workflow: Workflow, compiled: Mapping[str, tuple[Any, ...]], graph: Graph, problems: list[ConfigProblem]
+) -> Value | None:
+    """The workflow's compiled ``output``; adds the problems with it, and with compensations' references."""
+    for step_id, (values, _, _) in compiled.items():
+        if "compensate" in values:  # not a dependency, so the graph did not check it
+            where = f"{graph.nodes[step_id].path}.compensate.with" if step_id in graph.nodes else "steps"
+            problems.extend(_unknown_references(name, where, values["compensate"], graph))
+    if workflow.output is None:
+        return None
+    try:
+        output = compile_value(workflow.output, where=f"workflows.{name}.output")
+    except ExpressionError as exc:
+        problems.append(ConfigProblem(exc.where, exc.detail))
+        return None
+    problems.extend(_unknown_references(name, "output", output, graph))
+    return output
 
 
 def _relations(
@@ -203,7 +215,7 @@ def _relations(
 
 def _unknown_references(name: str, path: str, value: Value, graph: Graph) -> Iterator[ConfigProblem]:
     for ref in sorted(value.references - graph.nodes.keys()):
-        yield ConfigProblem(f"workflows.{name}.{path}", f"the output refers to unknown step {ref!r}")
+        yield ConfigProblem(f"workflows.{name}.{path}", f"refers to unknown step {ref!r}")
 
 
 def _all_steps(steps: tuple[Step, ...]) -> Iterator[Step]:

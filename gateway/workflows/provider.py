@@ -5,15 +5,17 @@ A workflow's tool has the workflow's ``input`` as its ``inputSchema`` (and ``out
 its JSON path.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from anyio.abc import TaskGroup
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
 from gateway.errors import InvalidArguments, ToolNotFound
 from gateway.types import CallContext, JSONObject, Tool, ToolResult
 from gateway.workflows.plan import Plan
+from gateway.workflows.roundtrip import STATE_PREFIX, RoundTrips, needs_round_trip
 from gateway.workflows.runner import Runner
 
 __all__ = ["WORKFLOW_PROVIDER", "WorkflowProvider"]
@@ -27,15 +29,22 @@ class WorkflowProvider:
 
     name = WORKFLOW_PROVIDER
 
-    def __init__(self, plans: Mapping[str, Plan], runner: Runner) -> None:
+    def __init__(
+        self, plans: Mapping[str, Plan], runner: Runner, background: Callable[[], TaskGroup | None] = lambda: None
+    ) -> None:
+        """``background`` gives the task group that runs wait in for a 2026-07-28 client's answers."""
         self.plans = plans
         self.runner = runner
+        self._round_trips = RoundTrips(background)
         self.tools = tuple(_tool(plan) for plan in plans.values())
         """The workflows as tools, in the order the config lists them."""
         self._validators: dict[str, Validator] = {}
+        self._output_validators: dict[str, Validator] = {}
         for name, plan in plans.items():
             schema = plan.workflow.input
             self._validators[name] = validator_for(schema)(schema)
+            if (output := plan.workflow.output_schema) is not None:
+                self._output_validators[name] = validator_for(output)(output)
 
     async def list_tools(self) -> Sequence[Tool]:
         return self.tools
@@ -50,11 +59,31 @@ class WorkflowProvider:
         plan = self.plans.get(name)
         if plan is None:
             raise ToolNotFound(name)
+        if context.request_state is not None and context.request_state.startswith(STATE_PREFIX):
+            return await self._round_trips.resume(context)  # a 2026-07-28 client's answers
         errors = sorted(self._validators[name].iter_errors(dict(arguments)), key=lambda e: e.json_path)
         if errors:
             problems = "; ".join(f"{error.json_path}: {error.message}" for error in errors)
             raise InvalidArguments(f"invalid arguments for workflow {name!r}: {problems}")
-        return await self.runner.run(plan, arguments, context)
+
+        async def run(run_context: CallContext) -> ToolResult:
+            return self._checked(name, await self.runner.run(plan, arguments, run_context))
+
+        if needs_round_trip(context):
+            return await self._round_trips.start(run, context)
+        return await run(context)
+
+    def _checked(self, name: str, result: ToolResult) -> ToolResult:
+        """``result``, or an error when it does not match the workflow's ``output_schema``."""
+        checker = self._output_validators.get(name)
+        if checker is None or result.is_error:
+            return result
+        wrong = [f"{e.json_path}: {e.message}" for e in checker.iter_errors(result.structured_content)]
+        if result.structured_content is None or wrong:
+            detail = "; ".join(wrong) if result.structured_content is not None else "it is not an object"
+            message = f"workflow {name!r} produced an output that does not match its output_schema: {detail}"
+            return ToolResult.text(message, is_error=True)
+        return result
 
 
 def _tool(plan: Plan) -> Tool:

@@ -26,18 +26,18 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from gateway.errors import GatewayError, UpstreamError
 from gateway.types import CallContext, JSONObject, ToolResult
-from gateway.workflows.engine import (
+from gateway.workflows.commands import (
     AskModel,
     AskUser,
     CallTool,
     Cancel,
     Command,
     Finished,
-    Run,
     Settled,
     StartTimer,
     StepError,
 )
+from gateway.workflows.engine import Run
 from gateway.workflows.journal import EventKind, Journal, JournalEvent
 from gateway.workflows.plan import Plan
 
@@ -208,6 +208,8 @@ class Runner:
             workflow_step=command.key,
         )
         result, outcome = await self._call(command.tool, command.arguments, context)
+        if result.input_required is not None:  # a 2026-07-28 upstream asking the client mid-call
+            return None, StepError("unavailable", f"{command.tool} asked for input, which a workflow step cannot give")
         if result.is_error:
             return None, StepError(outcome, _error_text(result))
         return result_value(result), None

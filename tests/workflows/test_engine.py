@@ -6,19 +6,19 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.workflows.engine import (
+from gateway.workflows.commands import (
     AskModel,
     AskUser,
     CallTool,
     Cancel,
     Command,
     Finished,
-    Run,
     Settled,
     StartTimer,
     StepError,
     retry_delay,
 )
+from gateway.workflows.engine import Run
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
 

@@ -1,0 +1,136 @@
+"""What the engine tells the runner to do, and the failures it reports: plain frozen values.
+
+The runner carries out :class:`CallTool`, :class:`AskUser`, :class:`AskModel`,
+:class:`StartTimer` and :class:`Cancel`, and journals and reports :class:`Settled` and
+:class:`Finished`. They hold JSON-like data only, so a run's commands can be recorded, compared
+and replayed.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "AskModel",
+    "AskUser",
+    "CallTool",
+    "Cancel",
+    "Command",
+    "Finished",
+    "Leaf",
+    "Settled",
+    "StartTimer",
+    "Status",
+    "StepError",
+    "retry_delay",
+]
+
+Status = Literal["succeeded", "failed", "skipped", "cancelled"]
+"""How a step ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepError:
+    """Why a step failed: its kind (an ``outcome`` label of DESIGN §5) and what happened."""
+
+    kind: str
+    message: str
+    step: str = ""
+    """The key of the step the failure began at (a container fails with its nested step's error)."""
+
+    def as_json(self) -> dict[str, str]:
+        """What expressions see as ``.steps.<id>.error``."""
+        return {"kind": self.kind, "message": self.message, "step": self.step}
+
+    def describe(self) -> str:
+        return f"step {self.step!r} failed ({self.kind}): {self.message}" if self.step else self.message
+
+
+@dataclass(frozen=True, slots=True)
+class CallTool:
+    """Call ``tool`` through the dispatch path; report with ``done(key, attempt, …)``."""
+
+    key: str
+    step: str
+    attempt: int
+    tool: str
+    arguments: Mapping[str, Any]
+    timeout: float | None = None
+    idempotency_key: str | None = None
+    compensation: bool = False
+    """True: the call undoes step ``step`` (``key`` ends with ``#compensate``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AskUser:
+    """Ask the client's user (elicitation); the answer (an object) is the result."""
+
+    key: str
+    step: str
+    attempt: int
+    message: str
+    schema: Mapping[str, Any]
+    default: Mapping[str, Any] | None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AskModel:
+    """Ask the client's model (sampling); the answer's text is the result."""
+
+    key: str
+    step: str
+    attempt: int
+    prompt: str
+    system: str | None
+    max_tokens: int
+    default: str | None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """Call ``fire(key)`` after ``seconds``."""
+
+    key: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel the call or question ``key``; its outcome, if one still comes, is ignored."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Step ``key`` reached its final state (for the journal and progress)."""
+
+    key: str
+    step: str
+    status: Status
+    attempts: int
+    result: Any = None
+    error: StepError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The run is over: ``output`` when it succeeded, ``error`` when it failed."""
+
+    status: Literal["succeeded", "failed"]
+    output: Any = None
+    error: StepError | None = None
+    compensation_errors: tuple[StepError, ...] = ()
+
+
+Command = CallTool | AskUser | AskModel | StartTimer | Cancel | Settled | Finished
+Leaf = CallTool | AskUser | AskModel
+"""The commands that start a call or a question: what counts against ``max_concurrency``."""
+
+
+def retry_delay(attempt: int, backoff: float, max_backoff: float, jitter: float, random: float) -> float:
+    """Seconds to wait before try ``attempt + 1``; ``random`` in [0, 1) spreads it by ± ``jitter``."""
+    base: float = min(max_backoff, backoff * 2.0 ** (attempt - 1))
+    return max(0.0, base * (1 + jitter * (2 * random - 1)))

@@ -1,0 +1,272 @@
+"""The runner and the workflow provider in-process: a fake tool behind the call function, real anyio."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+
+from gateway.errors import InvalidArguments, ToolNotFound, UpstreamTimeout
+from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.workflows.journal import MemoryJournal
+from gateway.workflows.model import Workflow
+from gateway.workflows.plan import Plan, compile_workflow
+from gateway.workflows.provider import WorkflowProvider
+from gateway.workflows.runner import RUN_META_KEY, Runner, result_value
+
+pytestmark = pytest.mark.anyio
+
+CALLER = CallContext(principal=Principal("tester"))
+
+
+def plan_of(text: str, name: str = "w") -> Plan:
+    plan, problems = compile_workflow(name, Workflow.model_validate(yaml.safe_load(text)))
+    assert problems == []
+    return plan
+
+
+class Tools:
+    """Fake tools: each call is recorded; ``slow`` waits until cancelled, ``boom`` fails, ``late`` times out."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.cancelled: list[str] = []
+        self.started = anyio.Event()
+
+    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> tuple[ToolResult, str]:
+        self.calls.append((tool, dict(arguments)))
+        if tool == "slow":
+            self.started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self.cancelled.append(tool)
+        if tool == "boom":
+            return ToolResult.text("it broke", is_error=True), "error"
+        if tool == "late":
+            return ToolResult.text(str(UpstreamTimeout("no answer")), is_error=True), "timeout"
+        if tool == "asks":
+            return ToolResult(content=(), input_required={"resultType": "input_required"}), "ok"
+        return ToolResult.text(f'{{"tool": "{tool}", "args": {len(arguments)}}}'), "ok"
+
+
+def test_a_result_is_its_structured_content_else_its_text_as_json_else_the_text() -> None:
+    assert result_value(ToolResult((), structured_content={"a": 1})) == {"a": 1}
+    assert result_value(ToolResult.text('{"b": 2}')) == {"b": 2}
+    assert result_value(ToolResult.text("plain words")) == "plain words"
+    image = {"type": "image", "data": "AA==", "mimeType": "image/png"}
+    assert result_value(ToolResult((image,))) == [image]
+
+
+async def test_a_run_reports_progress_per_settled_step_and_journals_every_event() -> None:
+    tools, journal = Tools(), MemoryJournal()
+    seen: list[tuple[float, str | None]] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        seen.append((done, message))
+
+    context = CallContext(principal=Principal("tester"), progress=progress)
+    plan = plan_of("steps: [{id: a, call: t__a, with: {x: 1}}, {id: b, set: {y: '${.steps.a.result.tool}'}}]")
+    result = await Runner(tools, journal).run(plan, {}, context)
+
+    assert result.structured_content == {"a": {"tool": "t__a", "args": 1}, "b": {"y": "t__a"}}
+    assert [done for done, _ in seen] == [1, 2]
+    assert seen[1][1] == "b: succeeded"
+    assert result.meta is not None
+    run_id = result.meta[RUN_META_KEY]
+    events = await journal.events(run_id)
+    assert [(e.kind, e.key) for e in events] == [
+        ("run_started", None),
+        ("step_started", "a"),
+        ("step_settled", "a"),
+        ("step_settled", "b"),
+        ("run_finished", None),
+    ]
+    assert events[1].data["arguments"] == {"x": 1}
+    assert [e.seq for e in events] == [0, 1, 2, 3, 4]
+    [summary] = await journal.runs()
+    assert (summary.run_id, summary.workflow, summary.status, summary.steps) == (run_id, "w", "succeeded", 2)
+
+
+async def test_a_step_past_its_timeout_fails_with_kind_timeout() -> None:
+    tools = Tools()
+    plan = plan_of("steps: [{id: a, call: slow, timeout: 50ms}]")
+    with anyio.fail_after(5):
+        result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+    assert result.is_error
+    assert "step 'a' failed (timeout)" in result.content[0]["text"]
+    assert tools.cancelled == ["slow"]
+
+
+async def test_the_outcome_of_a_refused_call_is_the_steps_kind_of_failure_and_can_be_retried() -> None:
+    tools = Tools()
+    plan = plan_of("steps: [{id: a, call: late, retry: {attempts: 2, backoff: 1ms}}]")
+    result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+    assert result.is_error
+    assert "(timeout)" in result.content[0]["text"]
+    assert [tool for tool, _ in tools.calls] == ["late", "late"]
+
+
+async def test_cancelling_the_caller_cancels_the_steps_and_runs_the_compensations() -> None:
+    tools = Tools()
+    plan = plan_of("""
+steps:
+  - {id: a, call: t__a, compensate: {call: undo__a, with: {of: "${.steps.a.result.tool}"}}}
+  - {id: b, call: slow, after: [a]}
+""")
+    journal = MemoryJournal()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Runner(tools, journal).run, plan, {}, CALLER)
+            await tools.started.wait()
+            tg.cancel_scope.cancel()
+    assert tools.cancelled == ["slow"]
+    assert tools.calls[-1] == ("undo__a", {"of": "t__a"})
+    [summary] = await journal.runs()
+    assert summary.status == "failed"
+
+
+async def test_an_upstream_asking_for_input_mid_step_fails_the_step() -> None:
+    result = await Runner(Tools(), MemoryJournal()).run(plan_of("steps: [{id: a, call: asks}]"), {}, CALLER)
+    assert result.is_error
+    assert "asked for input" in result.content[0]["text"]
+
+
+async def test_ask_steps_without_a_client_take_their_default_or_fail() -> None:
+    plan = plan_of("""
+steps:
+  - {id: ok, ask_user: {message: "Go?", default: {ok: true}}}
+  - {id: text, ask_model: {prompt: "Write"}}
+""")
+    result = await Runner(Tools(), MemoryJournal()).run(plan, {}, CALLER)
+    assert result.is_error
+    assert "step 'text' failed (unavailable)" in result.content[0]["text"]
+
+
+class _Client:
+    def __init__(self, answer: Mapping[str, Any], protocol_version: str = "2025-11-25") -> None:
+        self.answer = answer
+        self.asked: list[tuple[str, Mapping[str, Any]]] = []
+        self._version = protocol_version
+
+    @property
+    def capabilities(self) -> JSONObject:
+        return {"elicitation": {}, "sampling": {}}
+
+    @property
+    def protocol_version(self) -> str:
+        return self._version
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        self.asked.append((method, params))
+        return self.answer
+
+    async def log(self, params: JSONObject) -> None:
+        pass
+
+
+async def test_a_declined_question_fails_the_step_unless_it_has_a_default() -> None:
+    client = _Client({"action": "decline"})
+    context = CallContext(principal=Principal("tester"), client=client)
+    plan = plan_of("steps: [{id: ok, ask_user: {message: 'Refund ${.input.id}?'}}]")
+    result = await Runner(Tools(), MemoryJournal()).run(plan, {"id": "A-1"}, context)
+    assert result.is_error
+    assert "failed (denied)" in result.content[0]["text"]
+    method, params = client.asked[0]
+    assert method == "elicitation/create"
+    assert params["message"] == "Refund A-1?"
+    assert params["requestedSchema"]["required"] == ["ok"]
+
+
+async def test_the_models_answer_is_the_text_of_its_content() -> None:
+    client = _Client({"role": "assistant", "content": {"type": "text", "text": "Dear Ada"}, "model": "m"})
+    context = CallContext(principal=Principal("tester"), client=client)
+    plan = plan_of("steps: [{id: d, ask_model: {prompt: p, system: s, max_tokens: 9}}]")
+    result = await Runner(Tools(), MemoryJournal()).run(plan, {}, context)
+    assert result.structured_content == {"d": "Dear Ada"}
+    assert client.asked[0][1]["systemPrompt"] == "s"
+    assert client.asked[0][1]["maxTokens"] == 9
+
+
+async def test_the_provider_validates_arguments_before_anything_runs() -> None:
+    tools = Tools()
+    plan = plan_of("input: {type: object, properties: {n: {type: integer}}, required: [n]}\nsteps: [{id: a, call: t}]")
+    provider = WorkflowProvider({"w": plan}, Runner(tools, MemoryJournal()))
+    with pytest.raises(InvalidArguments, match=r"\$\.n: 'x' is not of type 'integer'"):
+        await provider.call_tool("w", {"n": "x"}, CALLER)
+    with pytest.raises(ToolNotFound):
+        await provider.call_tool("nope", {}, CALLER)
+    assert tools.calls == []
+    [tool] = await provider.list_tools()
+    assert tool.input_schema["required"] == ["n"]
+
+
+async def test_an_output_that_does_not_match_the_output_schema_is_an_error() -> None:
+    plan = plan_of("""
+output_schema: {type: object, properties: {n: {type: integer}}, required: [n]}
+steps: [{id: a, set: {v: 1}}]
+output: {n: "${.steps.a.result.v | tostring}"}
+""")
+    provider = WorkflowProvider({"w": plan}, Runner(Tools(), MemoryJournal()))
+    [tool] = await provider.list_tools()
+    assert tool.output_schema == plan.workflow.output_schema
+    result = await provider.call_tool("w", {}, CALLER)
+    assert result.is_error
+    assert "does not match its output_schema" in result.content[0]["text"]
+
+
+ASKING = """
+input: {type: object}
+steps:
+  - {id: ok, ask_user: {message: "Refund?"}}
+  - {id: how, ask_model: {prompt: "How?"}}
+  - {id: done, call: t__done, with: {ok: "${.steps.ok.result.ok}", how: "${.steps.how.result}"}}
+output: {ok: "${.steps.ok.result.ok}", how: "${.steps.how.result}"}
+"""
+
+
+async def test_a_2026_client_is_asked_through_the_input_required_round_trip() -> None:
+    tools = Tools()
+    client = _Client({}, protocol_version="2026-07-28")
+    context = CallContext(principal=Principal("tester"), client=client)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as background:
+            provider = WorkflowProvider({"w": plan_of(ASKING)}, Runner(tools, MemoryJournal()), lambda: background)
+            first = await provider.call_tool("w", {}, context)
+            assert first.input_required is not None
+            state = first.input_required["requestState"]
+            asked = first.input_required["inputRequests"]
+            assert {r["method"] for r in asked.values()} == {"elicitation/create", "sampling/createMessage"}
+            assert client.asked == []  # nothing went over a back channel
+            answers = {
+                key: {"action": "accept", "content": {"ok": True}}
+                if request["method"] == "elicitation/create"
+                else {"role": "assistant", "content": {"type": "text", "text": "kindly"}, "model": "m"}
+                for key, request in asked.items()
+            }
+            retry = CallContext(
+                principal=Principal("tester"), client=client, input_responses=answers, request_state=state
+            )
+            done = await provider.call_tool("w", {}, retry)
+            assert done.structured_content == {"ok": True, "how": "kindly"}
+            assert tools.calls == [("t__done", {"ok": True, "how": "kindly"})]
+            again = await provider.call_tool("w", {}, retry)
+            assert again.is_error
+            assert "no longer waiting" in again.content[0]["text"]
+
+
+async def test_unanswered_questions_are_asked_again() -> None:
+    client = _Client({}, protocol_version="2026-07-28")
+    context = CallContext(principal=Principal("tester"), client=client)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as background:
+            provider = WorkflowProvider({"w": plan_of(ASKING)}, Runner(Tools(), MemoryJournal()), lambda: background)
+            first = await provider.call_tool("w", {}, context)
+            assert first.input_required is not None
+            state = first.input_required["requestState"]
+            retry = CallContext(principal=Principal("tester"), client=client, input_responses={}, request_state=state)
+            second = await provider.call_tool("w", {}, retry)
+            assert second.input_required is not None
+            assert second.input_required["inputRequests"] == first.input_required["inputRequests"]
+            background.cancel_scope.cancel()
