@@ -1,0 +1,97 @@
+"""Compiling workflows: a table of invalid ones and what loading the config says about each."""
+
+from textwrap import dedent
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+from gateway.workflows.plan import check_tools
+
+INVALID = {
+    "jq that does not compile": (
+        "w:\n  steps: [{id: a, set: {x: '${.input | nosuch}'}}]",
+        [("workflows.w.steps[0].set.x", 2, "nosuch/0 is not defined")],
+    ),
+    "an unclosed template": (
+        "w:\n  steps: [{id: a, call: t, with: {x: '${.input'}}]",
+        [("workflows.w.steps[0].with.x", 2, "without a matching")],
+    ),
+    "a condition that does not compile": (
+        "w:\n  steps:\n    - {id: s, switch: [{when: '.a ==', steps: [{id: x, set: {}}]}]}",
+        [("workflows.w.steps[0].switch[0].when", 3, "invalid jq")],
+    ),
+    "a cycle": (
+        "w:\n  steps:\n    - {id: a, set: {x: '${.steps.b.result}'}}\n    - {id: b, set: {x: '${.steps.a.result}'}}",
+        [("workflows.w.steps[0]", 3, "steps form a cycle: a → b → a")],
+    ),
+    "an unknown step in after": (
+        "w:\n  steps:\n    - {id: a, set: {}, after: [ghost]}",
+        [("workflows.w.steps[0].after[0]", 3, "unknown step 'ghost'")],
+    ),
+    "a duplicate id": (
+        "w:\n  steps:\n    - {id: a, set: {}}\n    - {id: a, set: {}}",
+        [("workflows.w.steps[1].id", 4, "duplicate step id 'a'")],
+    ),
+    "an output naming an unknown step": (
+        "w:\n  steps: [{id: a, set: {}}]\n  output: '${.steps.b.result}'",
+        [("workflows.w.output", 3, "unknown step 'b'")],
+    ),
+    "a compensation naming an unknown step": (
+        "w:\n  steps: [{id: a, call: t, compensate: {call: u, with: {x: '${.steps.zz.result}'}}}]",
+        [("workflows.w.steps[0].compensate.with", 2, "unknown step 'zz'")],
+    ),
+    "a compensated step that is not a call": (
+        "w:\n  steps: [{id: a, set: {}, compensate: {call: u}}]",
+        [("workflows.w.steps[0].compensate", 2, "only call steps can be compensated")],
+    ),
+    "a workflow calling itself through another": (
+        "w:\n  steps: [{id: a, call: v}]\nv:\n  steps: [{id: b, call: w}]",
+        [
+            ("workflows.w.steps[0].call", 2, "workflow calls itself: w → v → w"),
+            ("workflows.v.steps[0].call", 4, "workflow calls itself: v → w → v"),
+        ],
+    ),
+    "a workflow calling itself in its compensation": (
+        "w:\n  steps: [{id: a, call: t, compensate: {call: w}}]",
+        [("workflows.w.steps[0].compensate.call", 2, "workflow calls itself: w → w")],
+    ),
+    "a reference into a loop body": (
+        "w:\n  steps:\n    - {id: l, for_each: '${[1]}', steps: [{id: x, set: {}}]}\n"
+        "    - {id: y, set: {v: '${.steps.x.result}'}}",
+        [("workflows.w.steps[1]", 4, "refer to 'l', the list of its iterations' outputs, instead")],
+    ),
+    "a name with dots is located too": (
+        "acme.reply:\n  steps: [{id: a, set: {x: '${.input | nosuch}'}}]",
+        [("workflows.acme.reply.steps[0].set.x", 2, "nosuch/0")],
+    ),
+}
+
+
+@pytest.mark.parametrize(("workflows", "expected"), INVALID.values(), ids=INVALID.keys())
+def test_an_invalid_workflow_is_reported_where_it_is_wrong(
+    workflows: str, expected: list[tuple[str, int, str]]
+) -> None:
+    text = "workflows:\n" + "\n".join("  " + line for line in dedent(workflows).splitlines()) + "\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={})
+    # Lines are counted in the snippet; the file has `workflows:` above it.
+    found = [(p.path, (p.line or 0) - 1, p.message) for p in caught.value.problems]
+    assert [(path, line) for path, line, _ in found] == [(path, line) for path, line, _ in expected]
+    for (_, _, message), (_, _, fragment) in zip(found, expected, strict=True):
+        assert fragment in message
+
+
+def test_calls_are_checked_against_the_tools_served() -> None:
+    config = parse_config(
+        "workflows:\n  w:\n    steps:\n      - {id: a, call: crm__order, with: {id: 7}}\n"
+        "      - {id: b, call: crm__gone, compensate: {call: crm__undo}}\n",
+        environ={},
+    )
+    schemas = {"crm__order": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}}
+    problems = check_tools(config.plans, schemas)
+    assert [(p.path, p.message.split(":")[0]) for p in problems] == [
+        ("workflows.w.steps[0].with.id", "step 'a' calls crm__order"),
+        ("workflows.w.steps[1].call", "step 'b' calls 'crm__gone', which is not a tool this gateway serves"),
+        ("workflows.w.steps[1].compensate.call", "step 'b' calls 'crm__undo', which is not a tool this gateway serves"),
+    ]
