@@ -73,6 +73,19 @@ class Plan:
     descendants: Mapping[str, frozenset[str]]
     """For each step, every step nested in it, at any depth."""
 
+    @property
+    def total_steps(self) -> int | None:
+        """How many steps a run settles (each once, run or skipped), if that is known before it runs.
+
+        Unknown when a for_each runs its body once per item, a fallback may run, or a container
+        may be retried (its steps then settle again).
+        """
+        for step_plan in self.steps.values():
+            node, step = step_plan.node, step_plan.step
+            if node.kind == "for_each" or node.branch == "fallback" or (step.retry and self.descendants[node.id]):
+                return None
+        return len(self.steps)
+
 
 def _own_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
     """(role, relative path, raw value or condition) of the step's own expressions, nested steps excluded."""

@@ -90,6 +90,8 @@ class _Execution:
     started: dict[str, float] = field(default_factory=dict)
     seq: int = 0
     settled: int = 0
+    total: int | None = None
+    """How many steps will settle, when known: progress's total."""
 
 
 class Runner:
@@ -113,7 +115,7 @@ class Runner:
     async def run(self, plan: Plan, arguments: Mapping[str, Any], context: CallContext) -> ToolResult:
         """Run ``plan`` with (already validated) ``arguments``; the result, or an ``isError`` naming the failed step."""
         send, receive = anyio.create_memory_object_stream[_Event](math.inf)
-        run = _Execution(uuid.uuid4().hex, plan, Run(plan, arguments), context, send)
+        run = _Execution(uuid.uuid4().hex, plan, Run(plan, arguments), context, send, total=plan.total_steps)
         started = self._clock()
         await self._record(run, "run_started", data={"workflow": plan.name, "arguments": arguments})
         finished: Finished | None = None
@@ -263,7 +265,7 @@ class Runner:
         if run.context.progress is not None:
             took = f" in {duration:.0f} ms" if duration is not None else ""
             why = f" ({note.error.kind}: {note.error.message})" if note.error is not None else ""
-            await run.context.progress(run.settled, None, f"{note.key}: {note.status}{took}{why}")
+            await run.context.progress(run.settled, run.total, f"{note.key}: {note.status}{took}{why}")
 
     async def _finish(self, run: _Execution, finished: Finished | None, started: float) -> ToolResult:
         duration = round((self._clock() - started) * 1000, 3)

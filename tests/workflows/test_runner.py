@@ -62,9 +62,11 @@ def test_a_result_is_its_structured_content_else_its_text_as_json_else_the_text(
 async def test_a_run_reports_progress_per_settled_step_and_journals_every_event() -> None:
     tools, journal = Tools(), MemoryJournal()
     seen: list[tuple[float, str | None]] = []
+    totals: set[float | None] = set()
 
     async def progress(done: float, total: float | None, message: str | None) -> None:
         seen.append((done, message))
+        totals.add(total)
 
     context = CallContext(principal=Principal("tester"), progress=progress)
     plan = plan_of("steps: [{id: a, call: t__a, with: {x: 1}}, {id: b, set: {y: '${.steps.a.result.tool}'}}]")
@@ -72,6 +74,7 @@ async def test_a_run_reports_progress_per_settled_step_and_journals_every_event(
 
     assert result.structured_content == {"a": {"tool": "t__a", "args": 1}, "b": {"y": "t__a"}}
     assert [done for done, _ in seen] == [1, 2]
+    assert totals == {2}
     assert seen[1][1] == "b: succeeded"
     assert result.meta is not None
     run_id = result.meta[RUN_META_KEY]
@@ -270,3 +273,20 @@ async def test_unanswered_questions_are_asked_again() -> None:
             assert second.input_required is not None
             assert second.input_required["inputRequests"] == first.input_required["inputRequests"]
             background.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("steps", "total"),
+    [
+        (
+            "[{id: a, set: {}}, {id: s, switch: [{when: 'true', steps: [{id: x, set: {}}]}],"
+            " default: [{id: y, set: {}}]}]",
+            4,
+        ),
+        ("[{id: l, for_each: '${[1, 2]}', steps: [{id: x, set: {}}]}]", None),
+        ("[{id: a, call: t, on_error: [{id: b, call: u}]}]", None),
+        ("[{id: a, call: t, retry: {attempts: 2}}]", 1),
+    ],
+)
+def test_the_progress_total_is_known_when_every_step_settles_once(steps: str, total: int | None) -> None:
+    assert plan_of(f"steps: {steps}").total_steps == total
