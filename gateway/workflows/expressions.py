@@ -1,11 +1,12 @@
-"""Workflow expressions: ``${…}`` templates and conditions, both jq (DESIGN §3). Pure: no I/O.
+"""Workflow expressions: ``${…}`` templates and conditions, both jq (DESIGN §3).
 
-Everything is compiled once, when the config loads. Evaluation stays cheap because the ``jq``
-binding serialises its whole input to JSON on every run (≈195 µs over a 20-step scope, ≈15 µs
-over one step), so:
+Everything is compiled once, when the config loads. A jq program that is not a plain path runs in
+a worker process with time and memory limits (:mod:`gateway.workflows._jqsafe`: libjq can abort
+or hang the process that runs it), which costs ≈200 µs per evaluation; and the ``jq`` binding
+serialises its whole input to JSON on every run. So:
 
 * a plain path (``.steps.order.result.status``, ``."x-y"``, ``.items[0]``) is resolved in Python,
-  with jq's semantics, and never reaches jq;
+  with jq's semantics (≈1.5 µs), and never reaches jq;
 * any other program runs over only what it reads: the top-level names it mentions and, under
   ``steps``, the step ids it names. A scan of its tokens decides this, and gives the whole scope
   (or every step) whenever it cannot be sure: ``.``, ``keys``, ``select(…)``, ``.steps[$id]``.
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jq
+
+from gateway.workflows import _jqsafe
 
 __all__ = ["Condition", "ExpressionError", "Value", "compile_condition", "compile_value", "references_in"]
 
@@ -310,7 +313,6 @@ def _jq_type(value: Any) -> str:
 class _Program:
     source: str
     where: str
-    compiled: Any  # jq._Program, untyped
     path: tuple[str | int, ...] | None  # a plain path: resolved without jq
     names: frozenset[str] | None  # top-level names read; None: the whole scope
     steps: frozenset[str] | None  # step ids read; None: every step
@@ -319,11 +321,9 @@ class _Program:
         """The program's first output over ``scope``, or ``_NOTHING``. Raises ExpressionError."""
         if self.path is not None:
             return self._resolve(scope)
-        try:
-            return self.compiled.input_value(self._narrow(scope)).first()
-        except StopIteration:
-            return _NOTHING
-        except (ValueError, TypeError) as exc:  # jq's errors; TypeError: a scope value that is not JSON
+        try:  # in a worker process: libjq aborts (out of memory, a 2 GiB string), and loops holding the GIL
+            return _jqsafe.first(self.source, self._narrow(scope), _NOTHING)
+        except _jqsafe.JqError as exc:  # jq's errors, a scope value that is not JSON, a time or memory limit
             raise self._error(str(exc)) from exc
 
     def _error(self, detail: str) -> ExpressionError:
@@ -357,14 +357,21 @@ def _compile_program(source: str, where: str) -> tuple[_Program, _Reads]:
     if not source.strip():
         raise ExpressionError("empty expression", source=source, where=where)
     try:
-        compiled = jq.compile(source)
-    except ValueError as exc:  # jq's compile errors: the first line names the problem and its column
-        detail = f"invalid jq in {source!r}: {str(exc).splitlines()[0]}"
-        raise ExpressionError(detail, source=source, where=where) from exc
-    reads = _Reads(source)
+        reads: _Reads | None = _Reads(source)
+    except _Unlexable:
+        reads = None  # not jq either: the compiler says what is wrong
+    path = _plain_path(reads.tokens) if reads is not None else None
+    if path is None:  # a plain path is valid jq by construction: skip the compiler's ≈1.5 ms
+        try:
+            jq.compile(source)  # in-process: only the config's text reaches the compiler
+        except ValueError as exc:  # jq's compile errors: the first line names the problem and its column
+            detail = f"invalid jq in {source!r}: {str(exc).splitlines()[0].rstrip(':')}"
+            raise ExpressionError(detail, source=source, where=where) from exc
+    if reads is None:
+        raise ExpressionError(f"cannot read the jq program {source!r}", source=source, where=where)
     names = None if reads.whole else frozenset(reads.names)
     steps = None if reads.all_steps else frozenset(reads.steps)
-    return _Program(source, where, compiled, _plain_path(reads.tokens), names, steps), reads
+    return _Program(source, where, path, names, steps), reads
 
 
 def references_in(program: str) -> frozenset[str]:
