@@ -90,6 +90,8 @@ class _Execution:
     started: dict[str, float] = field(default_factory=dict)
     seq: int = 0
     settled: int = 0
+    active: int = 0
+    """Calls, questions and timers started and not yet reported."""
     total: int | None = None
     """How many steps will settle, when known: progress's total."""
 
@@ -130,6 +132,10 @@ class Runner:
                         else:
                             commands = run.engine.done(key, attempt, result, error, random=self._rng())
                         finished = await self._apply(run, commands, tg)
+                        if finished is None and run.active == 0 and not receive.statistics().current_buffer_used:
+                            # Nothing in flight, nothing to wait for: an engine bug must not hang the caller.
+                            logger.error("workflow %s run %s stalled; cancelling it", plan.name, run.run_id)
+                            finished = await self._apply(run, run.engine.cancel("internal error: the run stalled"), tg)
                     tg.cancel_scope.cancel()  # timers still pending
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(COMPENSATION_LIMIT):
@@ -155,6 +161,7 @@ class Runner:
                     scope.cancel()
             elif isinstance(command, StartTimer):
                 if tg is not None:
+                    run.active += 1
                     tg.start_soon(self._timer, run, command)
             elif isinstance(command, CallTool) and command.compensation:
                 await self._record(run, "step_started", command.key, 1, {"step": command.step, "tool": command.tool})
@@ -167,12 +174,17 @@ class Runner:
                 scope = run.scopes[command.key] = anyio.CancelScope()
                 run.started[command.key] = self._clock()
                 await self._record(run, "step_started", command.key, command.attempt, _started_data(command))
+                run.active += 1
                 tg.start_soon(self._leaf, run, command, scope)
         return finished
 
     async def _timer(self, run: _Execution, command: StartTimer) -> None:
-        await anyio.sleep(command.seconds)
-        await run.send.send(("fire", command.key, 0, None, None))
+        try:
+            await anyio.sleep(command.seconds)
+        except anyio.get_cancelled_exc_class():
+            run.active -= 1
+            raise
+        _report(run, ("fire", command.key, 0, None, None))
 
     async def _leaf(self, run: _Execution, command: CallTool | AskUser | AskModel, scope: anyio.CancelScope) -> None:
         with scope:
@@ -182,8 +194,11 @@ class Runner:
                     result, error = await self._perform(run, command)
             except TimeoutError:
                 result, error = None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
+            except anyio.get_cancelled_exc_class():
+                run.active -= 1
+                raise
             run.scopes.pop(command.key, None)
-            await run.send.send(("done", command.key, command.attempt, result, error))
+            _report(run, ("done", command.key, command.attempt, result, error))
 
     async def _perform(self, run: _Execution, command: CallTool | AskUser | AskModel) -> tuple[Any, StepError | None]:
         """Make the call or ask the question: its result, or the error that failed it. Raises only cancellation."""
@@ -292,6 +307,13 @@ class Runner:
         event = JournalEvent(run.run_id, run.seq, self._wall_clock(), kind, key, attempt, data or {})
         run.seq += 1
         await self._journal.append(event)
+
+
+def _report(run: _Execution, event: _Event) -> None:
+    """Hand an outcome to the run's loop: no checkpoint between the count and the send, so the loop
+    never sees nothing active and nothing queued while an outcome is on its way."""
+    run.active -= 1
+    run.send.send_nowait(event)
 
 
 def _started_data(command: CallTool | AskUser | AskModel) -> dict[str, Any]:
