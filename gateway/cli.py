@@ -16,6 +16,7 @@ from gateway.app import serving
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, ConfigProblem, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
+from gateway.heap import freeze_startup_heap
 from gateway.server import McpFrontend, serve_stdio
 from gateway.types import CallContext, Principal
 from gateway.workflows.graph import mermaid
@@ -94,6 +95,7 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
     async with serving(config, host=args.host) as app:
         settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
         server = uvicorn.Server(settings)
+        freeze_startup_heap()
         print(f"patchbay serving MCP on http://{args.host}:{args.port}/mcp", file=sys.stderr)
         await server.serve()
         return 0 if server.started else 1
@@ -101,6 +103,7 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
 
 async def _serve_stdio(config: Config) -> None:
     async with open_gateway(config) as gateway:
+        freeze_startup_heap()
         await serve_stdio(McpFrontend(gateway, LOCAL_USER))
 
 

@@ -11,10 +11,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-__all__ = ["DEFAULT_KEPT_RUNS", "EventKind", "Journal", "JournalEvent", "MemoryJournal", "RunSummary"]
+__all__ = [
+    "DEFAULT_KEPT_EVENTS",
+    "DEFAULT_KEPT_RUNS",
+    "EventKind",
+    "Journal",
+    "JournalEvent",
+    "MemoryJournal",
+    "RunSummary",
+]
 
 DEFAULT_KEPT_RUNS = 1000
 """Runs a :class:`MemoryJournal` keeps; older ones are forgotten first."""
+DEFAULT_KEPT_EVENTS = 100_000
+"""Events a :class:`MemoryJournal` keeps across its runs (a 1,000-step run has about 2,000): memory
+stays bounded however large the workflows are. Runs still going are kept whole."""
 
 EventKind = Literal["run_started", "step_started", "step_settled", "run_finished"]
 
@@ -68,19 +79,26 @@ class Journal(Protocol):
 
 
 class MemoryJournal:
-    """A journal in memory that keeps the ``kept_runs`` most recent runs."""
+    """A journal in memory: the most recent runs, at most ``kept_runs`` of them and ``kept_events``
+    events in all: whole finished runs are forgotten, oldest first, and runs still going are kept."""
 
-    def __init__(self, kept_runs: int = DEFAULT_KEPT_RUNS) -> None:
-        self._kept = kept_runs
+    def __init__(self, kept_runs: int = DEFAULT_KEPT_RUNS, kept_events: int = DEFAULT_KEPT_EVENTS) -> None:
+        self._kept_runs = kept_runs
+        self._kept_events = kept_events
         self._runs: OrderedDict[str, list[JournalEvent]] = OrderedDict()
+        self._events = 0
 
     async def append(self, event: JournalEvent) -> None:
         events = self._runs.get(event.run_id)
         if events is None:
             events = self._runs[event.run_id] = []
-            while len(self._runs) > self._kept:
-                self._runs.popitem(last=False)
         events.append(event)
+        self._events += 1
+        while len(self._runs) > self._kept_runs or self._events > self._kept_events:
+            finished = next((run for run, kept in self._runs.items() if kept[-1].kind == "run_finished"), None)
+            if finished is None:  # runs still going are kept whole
+                break
+            self._events -= len(self._runs.pop(finished))
 
     async def events(self, run_id: str) -> Sequence[JournalEvent]:
         return tuple(self._runs.get(run_id, ()))

@@ -56,6 +56,10 @@ CallFn = Callable[[str, JSONObject, CallContext], Awaitable[tuple[ToolResult, st
 """``Dispatcher.invoke``: a call through the gateway's one dispatch path, with its outcome label."""
 
 _Event = tuple[str, Any, int, Any, StepError | None]
+_Leaf = CallTool | AskUser | AskModel
+
+
+_JSON_STARTS = frozenset('{["-0123456789tfn')
 
 
 def result_value(result: ToolResult) -> Any:
@@ -66,6 +70,8 @@ def result_value(result: ToolResult) -> Any:
     if len(texts) != len(result.content):
         return [dict(item) for item in result.content]
     text = "".join(texts)
+    if text.lstrip()[:1] not in _JSON_STARTS:  # plain text: spare json.loads building an exception
+        return text
     try:
         return json.loads(text)
     except ValueError:
@@ -94,6 +100,8 @@ class _Execution:
     """Calls, questions and timers started and not yet reported."""
     total: int | None = None
     """How many steps will settle, when known: progress's total."""
+    ready: list[_Leaf] = field(default_factory=list)
+    """Steps journaled as started and not launched yet."""
 
 
 class Runner:
@@ -126,16 +134,22 @@ class Runner:
                 async with anyio.create_task_group() as tg:
                     finished = await self._apply(run, run.engine.start(), tg)
                     while finished is None:
-                        kind, key, attempt, result, error = await receive.receive()
+                        idle = run.active == 0 and not receive.statistics().current_buffer_used
+                        event = await self._launch(run, tg, inline=idle)
+                        if event is None:
+                            if idle and not run.active:
+                                # Nothing in flight, nothing to wait for: an engine bug must not hang the caller.
+                                logger.error("workflow %s run %s stalled; cancelling it", plan.name, run.run_id)
+                                stalled = run.engine.cancel("internal error: the run stalled")
+                                finished = await self._apply(run, stalled, tg)
+                                continue
+                            event = await receive.receive()
+                        kind, key, attempt, result, error = event
                         if kind == "fire":
                             commands = run.engine.fire(key)
                         else:
                             commands = run.engine.done(key, attempt, result, error, random=self._rng())
                         finished = await self._apply(run, commands, tg)
-                        if finished is None and run.active == 0 and not receive.statistics().current_buffer_used:
-                            # Nothing in flight, nothing to wait for: an engine bug must not hang the caller.
-                            logger.error("workflow %s run %s stalled; cancelling it", plan.name, run.run_id)
-                            finished = await self._apply(run, run.engine.cancel("internal error: the run stalled"), tg)
                     tg.cancel_scope.cancel()  # timers still pending
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(COMPENSATION_LIMIT):
@@ -171,12 +185,23 @@ class Runner:
                 )
                 pending.extend(run.engine.done(command.key, 1, result, error))
             elif tg is not None:
-                scope = run.scopes[command.key] = anyio.CancelScope()
                 run.started[command.key] = self._clock()
                 await self._record(run, "step_started", command.key, command.attempt, _started_data(command))
-                run.active += 1
-                tg.start_soon(self._leaf, run, command, scope)
+                run.ready.append(command)
         return finished
+
+    async def _launch(self, run: _Execution, tg: TaskGroup, *, inline: bool) -> _Event | None:
+        """Start the steps made ready; when ``inline`` (nothing else in flight or queued) and there is
+        only one, await it here instead and return its outcome: a chain step then costs no task, no
+        cancel scope and no stream hop, and nothing could cancel it but the caller anyway."""
+        ready, run.ready = run.ready, []
+        if inline and len(ready) == 1:
+            return await self._leaf(run, ready[0])
+        for command in ready:
+            scope = run.scopes[command.key] = anyio.CancelScope()
+            run.active += 1
+            tg.start_soon(self._task, run, command, scope)
+        return None
 
     async def _timer(self, run: _Execution, command: StartTimer) -> None:
         try:
@@ -186,21 +211,27 @@ class Runner:
             raise
         _report(run, ("fire", command.key, 0, None, None))
 
-    async def _leaf(self, run: _Execution, command: CallTool | AskUser | AskModel, scope: anyio.CancelScope) -> None:
+    async def _task(self, run: _Execution, command: _Leaf, scope: anyio.CancelScope) -> None:
+        """A step in its own task, under the scope the engine cancels it by; its outcome goes to the run's loop."""
         with scope:
-            limit = command.timeout
             try:
-                with anyio.fail_after(limit) if limit is not None else nullcontext():
-                    result, error = await self._perform(run, command)
-            except TimeoutError:
-                result, error = None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
+                event = await self._leaf(run, command)
             except anyio.get_cancelled_exc_class():
                 run.active -= 1
                 raise
             run.scopes.pop(command.key, None)
-            _report(run, ("done", command.key, command.attempt, result, error))
+            _report(run, event)
 
-    async def _perform(self, run: _Execution, command: CallTool | AskUser | AskModel) -> tuple[Any, StepError | None]:
+    async def _leaf(self, run: _Execution, command: _Leaf) -> _Event:
+        limit = command.timeout
+        try:
+            with anyio.fail_after(limit) if limit is not None else nullcontext():
+                result, error = await self._perform(run, command)
+        except TimeoutError:
+            result, error = None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
+        return ("done", command.key, command.attempt, result, error)
+
+    async def _perform(self, run: _Execution, command: _Leaf) -> tuple[Any, StepError | None]:
         """Make the call or ask the question: its result, or the error that failed it. Raises only cancellation."""
         try:
             if isinstance(command, CallTool):
@@ -316,7 +347,7 @@ def _report(run: _Execution, event: _Event) -> None:
     run.send.send_nowait(event)
 
 
-def _started_data(command: CallTool | AskUser | AskModel) -> dict[str, Any]:
+def _started_data(command: _Leaf) -> dict[str, Any]:
     if isinstance(command, CallTool):
         return {"step": command.step, "tool": command.tool, "arguments": command.arguments}
     return {"step": command.step, "kind": "ask_user" if isinstance(command, AskUser) else "ask_model"}

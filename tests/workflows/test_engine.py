@@ -1,5 +1,6 @@
 """The engine as a pure state machine: events in, commands out, no I/O and no clock."""
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -488,3 +489,32 @@ steps:
         return d.log
 
     assert replay() == replay()
+
+
+@pytest.mark.parametrize("outcome", ["succeeds", "fails"])
+def test_a_finished_run_leaves_no_garbage_for_the_cycle_collector(outcome: str) -> None:
+    """Frames and states refer to each other; a finished run must not leave that for a full collection."""
+    text = """
+steps:
+  - {id: first, call: t, compensate: {call: undo}}
+  - id: each
+    for_each: "${.input.xs}"
+    after: [first]
+    steps: [{id: c, call: t, with: {x: "${.item}"}}, {id: d, call: t, after: [c]}]
+  - {id: last, call: t, after: [each]}
+"""
+    gc.collect()
+    gc.disable()
+    try:
+        driver = Driver(text, {"xs": [1, 2, 3]})
+        while driver.finished is None:
+            key = next(iter(driver.in_flight))
+            if outcome == "fails" and key == "last":
+                driver.fail(key)
+            else:
+                driver.ok(key)
+        assert driver.finished.status == ("succeeded" if outcome == "succeeds" else "failed")
+        del driver
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -55,6 +55,14 @@ def test_a_result_is_its_structured_content_else_its_text_as_json_else_the_text(
     assert result_value(ToolResult((), structured_content={"a": 1})) == {"a": 1}
     assert result_value(ToolResult.text('{"b": 2}')) == {"b": 2}
     assert result_value(ToolResult.text("plain words")) == "plain words"
+    assert result_value(ToolResult.text(" [1, true]")) == [1, True]
+    assert [result_value(ToolResult.text(t)) for t in ("-3", "null", "nothing", "{not json", "")] == [
+        -3,
+        None,
+        "nothing",
+        "{not json",
+        "",
+    ]
     image = {"type": "image", "data": "AA==", "mimeType": "image/png"}
     assert result_value(ToolResult((image,))) == [image]
 
@@ -109,6 +117,31 @@ async def test_the_outcome_of_a_refused_call_is_the_steps_kind_of_failure_and_ca
     assert result.is_error
     assert "(timeout)" in result.content[0]["text"]
     assert [tool for tool, _ in tools.calls] == ["late", "late"]
+
+
+async def test_a_failed_step_cancels_its_siblings_in_flight_and_compensates_the_finished_ones() -> None:
+    tools = Tools()
+    plan = plan_of("""
+steps:
+  - {id: a, call: t__a, compensate: {call: undo__a}}
+  - {id: wait, call: slow, after: [a]}
+  - {id: fails, call: boom, after: [a]}
+""")
+    with anyio.fail_after(5):
+        result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+    assert result.is_error
+    assert "step 'fails' failed (error): it broke" in result.content[0]["text"]
+    assert tools.cancelled == ["slow"]
+    assert tools.calls[-1] == ("undo__a", {})
+
+
+async def test_a_chain_runs_its_steps_one_after_another_in_order() -> None:
+    tools = Tools()
+    steps = [{"id": f"s{i}", "call": f"t__{i}", "after": [f"s{i - 1}"] if i else []} for i in range(20)]
+    plan = plan_of(yaml.safe_dump({"steps": steps, "output": "${.steps.s19.result.tool}"}))
+    result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+    assert result.content[0]["text"] == "t__19"
+    assert [tool for tool, _ in tools.calls] == [f"t__{i}" for i in range(20)]
 
 
 async def test_cancelling_the_caller_cancels_the_steps_and_runs_the_compensations() -> None:
