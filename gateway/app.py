@@ -1,4 +1,9 @@
-"""The HTTP surface of ``patchbay serve``: ``/mcp``, ``/healthz``, ``/readyz``."""
+"""The HTTP surface of ``patchbay serve``: ``/mcp``, ``/metrics``, ``/healthz``, ``/readyz``.
+
+Requests to ``/mcp`` pass, outermost first: bearer-token authentication (or, with no ``clients:``,
+loopback only), the gateway-wide request limit (429), and the body size limit (413). An
+unauthenticated request is refused before it uses up anyone's budget.
+"""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -6,7 +11,7 @@ from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -14,6 +19,7 @@ from gateway.config import Config
 from gateway.gateway import Gateway, open_gateway
 from gateway.server import McpFrontend, http_endpoint
 from gateway.types import Principal
+from policies.auth import BearerAuth, BodyLimit, GlobalRateLimit
 
 ANONYMOUS = Principal("anonymous", kind="anonymous")
 
@@ -40,7 +46,7 @@ def readiness(gateway: Gateway) -> tuple[dict[str, object], int]:
 
 
 @asynccontextmanager
-async def serving(config: Config, *, host: str = "127.0.0.1") -> AsyncIterator[Starlette]:
+async def serving(config: Config, *, host: str = "127.0.0.1") -> AsyncIterator[ASGIApp]:
     """Connect the upstreams, then yield the ASGI app serving them; everything is closed on exit.
 
     Raises:
@@ -56,10 +62,21 @@ async def serving(config: Config, *, host: str = "127.0.0.1") -> AsyncIterator[S
             body, status = readiness(gateway)
             return JSONResponse(body, status_code=status)
 
+        async def metrics(request: Request) -> Response:
+            body, content_type = gateway.metrics.render(request.headers.get("accept"))
+            return Response(body, headers={"Content-Type": content_type})
+
         routes = [
             Route("/mcp", _Endpoint(endpoint), methods=["GET", "POST", "DELETE"]),
+            Route("/metrics", metrics),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
         ]
+        settings = config.gateway
+        app: ASGIApp = BodyLimit(Starlette(routes=routes), settings.max_body)
+        if settings.rate_limit is not None:
+            burst = settings.burst if settings.burst is not None else max(1.0, settings.rate_limit[1])
+            app = GlobalRateLimit(app, settings.rate_limit[1], burst)
+        app = BearerAuth(app, {name: client.token_sha256 for name, client in config.clients.items()})
         async with run():
-            yield Starlette(routes=routes)
+            yield app

@@ -20,6 +20,7 @@ from gateway.heap import freeze_startup_heap
 from gateway.server import McpFrontend, serve_stdio
 from gateway.types import CallContext, Principal
 from gateway.workflows.graph import mermaid
+from policies.auth import check_bind, new_token
 
 logger = logging.getLogger("patchbay")
 
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))  # one line per request
     try:
-        config = load_config(args.config, os.environ)
+        config = load_config(args.config, os.environ) if args.config is not None else None
         status: int = args.run(config, args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--args", default="{}", help="the arguments as a JSON object")
     call.set_defaults(run=_call)
 
+    token = commands.add_parser("token", help="print a fresh client token and the SHA-256 the config stores")
+    token.set_defaults(run=_token, config=None)
+
     graph = commands.add_parser("graph", help="print a workflow's steps and their dependencies as Mermaid")
     graph.add_argument("config", metavar="CONFIG")
     graph.add_argument("workflow", metavar="WORKFLOW")
@@ -91,6 +95,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_http(config: Config, args: argparse.Namespace) -> int:
+    refusal = check_bind(args.host, {name: client.token_sha256 for name, client in config.clients.items()})
+    if refusal is not None:
+        print(f"patchbay: {refusal}", file=sys.stderr)
+        return 1
     _connect_note(config)
     async with serving(config, host=args.host) as app:
         settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
@@ -105,6 +113,15 @@ async def _serve_stdio(config: Config) -> None:
     async with open_gateway(config) as gateway:
         freeze_startup_heap()
         await serve_stdio(McpFrontend(gateway, LOCAL_USER))
+
+
+def _token(config: Config | None, args: argparse.Namespace) -> int:
+    token, digest = new_token()
+    print(f"token:        {token}")
+    print(f"token_sha256: {digest}")
+    print("Give the token to the client (it sends `Authorization: Bearer <token>`); put only the hash in the config:")
+    print(f'  clients:\n    <name>: {{token_sha256: "{digest}"}}')
+    return 0
 
 
 def _connect_note(config: Config) -> None:

@@ -27,21 +27,40 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Discriminator,
+    Field,
     PrivateAttr,
     Tag,
     ValidationError,
 )
 
 from gateway.errors import ConfigError, ConfigProblem
-from gateway.units import Duration
+from gateway.guards import (
+    AccessRule,
+    AuditConfig,
+    CircuitBreakerConfig,
+    ClientConfig,
+    LimitRule,
+    PolicyRule,
+    Rate,
+    ServerRetry,
+)
+from gateway.units import Duration, Size
 from gateway.workflows.model import Workflows, strip_tags
 from gateway.workflows.plan import Plan, check_calls, compile_workflow
 
 __all__ = [
+    "AccessRule",
+    "AuditConfig",
+    "CircuitBreakerConfig",
+    "ClientConfig",
     "Config",
     "GatewaySettings",
     "HttpServer",
+    "LimitRule",
+    "PolicyRule",
+    "Rate",
     "ServerConfig",
+    "ServerRetry",
     "StdioServer",
     "ToolFilter",
     "load_config",
@@ -55,6 +74,8 @@ DEFAULT_ENGINE = "local"
 DEFAULT_SHARED_STATE = "memory"
 DEFAULT_TIMEOUT = 30.0
 """Seconds an upstream call may take."""
+DEFAULT_MAX_BODY = 4 * 2**20
+"""Bytes an HTTP request body to the gateway may have."""
 
 Loc = tuple[str | int, ...]
 """A key path into the config: mapping keys are ``str``, list indexes ``int``."""
@@ -114,6 +135,12 @@ class GatewaySettings(BaseModel):
     """Where workflows run: ``local`` (in-process) or ``temporal://HOST:PORT``."""
     shared_state: str = DEFAULT_SHARED_STATE
     """Where rate limits and breaker state live: ``memory`` or ``redis://…``."""
+    max_body: Size = DEFAULT_MAX_BODY
+    """The largest HTTP request body accepted (``4MiB``); a larger one gets 413."""
+    rate_limit: Rate | None = None
+    """Requests the whole gateway accepts on average (``200/s``); beyond it, HTTP 429 with Retry-After."""
+    burst: float | None = Field(None, ge=1)
+    """Requests accepted at once above ``rate_limit``; default: one second's worth."""
 
 
 class ToolFilter(BaseModel):
@@ -129,6 +156,9 @@ class ToolFilter(BaseModel):
     """Upstream tool name → the name served (before the server prefix is added)."""
     descriptions: dict[str, str] = {}
     """Upstream tool name → a description that replaces the upstream's."""
+    idempotent: list[str] = []
+    """Glob patterns of upstream tool names safe to call twice: only these (and tools the upstream marks
+    ``idempotentHint``) are retried after a connection failure or timeout."""
 
 
 class _ServerBase(BaseModel):
@@ -140,6 +170,12 @@ class _ServerBase(BaseModel):
     """Seconds a call to this server may take before it is cancelled."""
     tools: ToolFilter = ToolFilter()
     """Which tools to serve and how to name them."""
+    retry: ServerRetry | None = None
+    """Retries after connection failures and timeouts, for idempotent tools only."""
+    circuit_breaker: CircuitBreakerConfig | None = None
+    """Stop calling the server for a while after it failed too often."""
+    fallback: dict[str, str] = {}
+    """Upstream tool name (glob) → the tool (its gateway name) to call instead when a call fails to get an answer."""
 
 
 class StdioServer(_ServerBase):
@@ -199,6 +235,12 @@ class Config(BaseModel):
     """Upstream MCP servers by name; the name is the default tool-name prefix."""
     workflows: Workflows = {}
     """Workflow tools by name (DESIGN §3)."""
+    clients: dict[str, ClientConfig] = {}
+    """Who may connect over HTTP, by name; with none, only anonymous clients on loopback."""
+    policies: tuple[PolicyRule, ...] = ()
+    """Access rules and limits, applied to every call (DESIGN §1)."""
+    audit: AuditConfig = AuditConfig()
+    """The audit trail."""
 
     _source: str = PrivateAttr(default="config")
     _lines: dict[Loc, int] = PrivateAttr(default_factory=dict)
@@ -276,6 +318,7 @@ def parse_config(
         plans[name], found = compile_workflow(name, workflow)
         problems.extend(_located(found, tree, config.workflows))
     problems.extend(_located(check_calls(plans), tree, config.workflows))
+    problems.extend(_unknown_clients(config, tree))
     if problems:
         raise ConfigError(_in_file_order(problems), source=source)
     if base_dir is not None:
@@ -438,6 +481,8 @@ def _strip_tags(loc: Loc) -> Loc:
     # steps), and pydantic appends "[key]" when a mapping key itself is bad; none is a key in the file.
     if len(loc) > 2 and loc[0] == "servers" and loc[2] in ("stdio", "http"):
         loc = (*loc[:2], *loc[3:])
+    elif len(loc) > 2 and loc[0] == "policies" and loc[2] in ("access", "limits"):
+        loc = (*loc[:2], *loc[3:])
     elif loc and loc[0] == "workflows":
         loc = strip_tags(loc)
     return tuple(part for part in loc if part != "[key]")
@@ -482,6 +527,16 @@ def _dotted(loc: Loc) -> str:
     return text or "<document>"
 
 
+def _unknown_clients(config: Config, tree: _Tree) -> Iterator[ConfigProblem]:
+    """A rule naming a client that is not configured would never apply: a typo, most likely."""
+    for index, rule in enumerate(config.policies):
+        for name in rule.clients or ():
+            if not any(c in name for c in "*?[") and name not in config.clients:
+                known = ", ".join(sorted(config.clients)) or "none are configured"
+                message = f"no client {name!r} in `clients:` ({known})"
+                yield ConfigProblem(f"policies[{index}].clients", message, tree.line(("policies", index, "clients")))
+
+
 def _resolve_cwds(config: Config, base_dir: Path) -> Config:
     servers: dict[str, StdioServer | HttpServer] = {
         name: server.model_copy(update={"cwd": str(base_dir / server.cwd)})
@@ -489,4 +544,7 @@ def _resolve_cwds(config: Config, base_dir: Path) -> Config:
         else server
         for name, server in config.servers.items()
     }
-    return config.model_copy(update={"servers": servers})
+    update: dict[str, Any] = {"servers": servers}
+    if config.audit.path is not None:
+        update["audit"] = config.audit.model_copy(update={"path": str(base_dir / config.audit.path)})
+    return config.model_copy(update=update)

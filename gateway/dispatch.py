@@ -1,18 +1,29 @@
 """The one call path: resolve → policy chain → provider, with every outcome turned into a result.
 
 Every call – from an assistant, from ``patchbay call``, from a workflow step –
-comes through ``Dispatcher.call``, so whatever a policy, a metric or the audit
-trail does applies to all of them alike.
+comes through the :class:`Dispatcher`, so whatever a policy, a metric, a span
+or the audit trail does applies to all of them alike. Each call is counted once
+(refusals included) under its ``outcome`` (DESIGN §5), plus ``cancelled`` for a
+call its caller gave up on, which none of the others describes.
 """
 
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import reduce
+from typing import Any
 
-from gateway.errors import GatewayError
+import anyio
+
+from gateway.audit import AuditSink, build_record
+from gateway.errors import GatewayError, PolicyDenied, RateLimited, ToolNotFound
+from gateway.metrics import Metrics
 from gateway.registry import Registry
+from gateway.tracing import call_span
 from gateway.types import CallContext, CallNext, JSONObject, Policy, Provider, ToolCall, ToolResult
+from policies.fallback import META_KEY as FALLBACK_META_KEY
+from policies.redaction import Redactor
 
 logger = logging.getLogger(__name__)
 
@@ -29,26 +40,43 @@ def compose(policies: Sequence[Policy], terminal: CallNext) -> CallNext:
     return reduce(wrap, reversed(policies), terminal)
 
 
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """Where audit records go, and what is redacted from them first."""
+
+    sink: AuditSink
+    redactor: Redactor
+
+
 class Dispatcher:
-    """Routes calls by name through the policy chain to their provider."""
+    """Routes calls by name through the policy chain to their provider; measures, traces and audits each."""
 
     def __init__(
         self,
         registry: Callable[[], Registry],
         providers: Mapping[str, Provider],
         policies: Sequence[Policy] = (),
+        *,
+        metrics: Metrics | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self._registry = registry
         self._providers = providers
         self._chain = compose(policies, self._invoke)
+        self._metrics = metrics
+        self._audit = audit
+
+    def use(self, policies: Sequence[Policy]) -> None:
+        """Put ``policies`` in front of the providers (built once, at start-up, before any call)."""
+        self._chain = compose(policies, self._invoke)
 
     async def call(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
-        """Call a tool by its registry name.
+        """Call a tool by its registry name; refusals and failures come back as ``isError`` results.
 
         Raises:
             ToolNotFound: no such tool (a protocol error, not a tool result).
         """
-        result, _ = await self.invoke(name, arguments, context)
+        result, _, _ = await self._dispatch(name, arguments, context)
         return result
 
     async def invoke(self, name: str, arguments: JSONObject, context: CallContext) -> tuple[ToolResult, str]:
@@ -57,24 +85,101 @@ class Dispatcher:
         Raises:
             ToolNotFound: no such tool (a protocol error, not a tool result).
         """
-        entry = self._registry().resolve(name)
-        call = ToolCall(name, entry.provider, entry.target, arguments, context, entry.tool)
-        started = time.perf_counter()
-        try:
-            result = await self._chain(call)
-            outcome = "error" if result.is_error else "ok"
-        except GatewayError as exc:
-            if not exc.as_tool_result:
-                raise
-            result = ToolResult.text(str(exc), is_error=True)
-            outcome = exc.outcome
-        if logger.isEnabledFor(logging.DEBUG):  # the timing is for this log line only: keep it off the hot path
-            logger.debug("%s → %s/%s: %s in %.1fms", name, call.provider, call.target, outcome, _ms(started))
+        result, outcome, _ = await self._dispatch(name, arguments, context)
         return result, outcome
+
+    async def call_or_raise(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
+        """Like ``call``, but a refusal or failure is raised as the gateway error it is (for a fallback).
+
+        Raises:
+            GatewayError: the call was refused or failed (ToolNotFound included).
+        """
+        result, _, error = await self._dispatch(name, arguments, context)
+        if error is not None:
+            raise error
+        return result
+
+    async def _dispatch(
+        self, name: str, arguments: JSONObject, context: CallContext
+    ) -> tuple[ToolResult, str, GatewayError | None]:
+        try:
+            entry = self._registry().resolve(name)
+        except ToolNotFound as exc:
+            if self._metrics is not None:
+                self._metrics.refused(name, "", "invalid")
+            self._record(name, "", context, "invalid", 0.0, arguments, None, exc)
+            raise
+        call = ToolCall(name, entry.provider, entry.target, arguments, context, entry.tool)
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.call_started(name, call.provider)
+        started = time.perf_counter()
+        error: GatewayError | None = None
+        outcome = "cancelled"
+        result: ToolResult | None = None
+        principal = context.principal
+        with call_span(
+            name, call.provider, principal.id, context.workflow_run, context.workflow_step, carrier=context.meta
+        ) as span:
+            try:
+                result = await self._chain(call)
+                outcome = "error" if result.is_error else "ok"
+            except GatewayError as exc:
+                if not exc.as_tool_result:
+                    outcome = exc.outcome
+                    raise
+                result = ToolResult.text(str(exc), is_error=True)
+                outcome, error = exc.outcome, exc
+            except BaseException as exc:
+                outcome = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else "error"
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                span.set_outcome(outcome)
+                if metrics is not None:
+                    metrics.call_finished(name, call.provider, outcome, seconds)
+                    if isinstance(error, PolicyDenied):
+                        metrics.policy_denied(error.policy, name)
+                        if isinstance(error, RateLimited):
+                            metrics.rate_limited(name)
+                if result is None:  # cancelled, or a bug below raised: no result, but still a record
+                    self._record(name, call.provider, context, outcome, seconds, arguments, None, None)
+        self._record(name, call.provider, context, outcome, seconds, arguments, result, error)
+        assert result is not None
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s → %s/%s: %s in %.1fms", name, call.provider, call.target, outcome, seconds * 1000)
+        return result, outcome, error
+
+    def _record(
+        self,
+        name: str,
+        provider: str,
+        context: CallContext,
+        outcome: str,
+        seconds: float,
+        arguments: JSONObject,
+        result: ToolResult | None,
+        error: GatewayError | None,
+    ) -> None:
+        audit = self._audit
+        if audit is None:
+            return
+        decisions = _decisions(result, error)
+        error_text = str(error) if error is not None else None
+        record = build_record(
+            name, provider, context, outcome, seconds, decisions, arguments, result, error_text, audit.redactor
+        )
+        audit.sink.record(record)
 
     async def _invoke(self, call: ToolCall) -> ToolResult:
         return await self._providers[call.provider].call_tool(call.target, call.arguments, call.context)
 
 
-def _ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
+def _decisions(result: ToolResult | None, error: GatewayError | None) -> tuple[str, ...]:
+    """What the policies decided, for the audit record: who refused, or which fallback answered."""
+    if isinstance(error, PolicyDenied):
+        return (f"refused by {error.policy} ({error.outcome})",)
+    fallback: Any = result.meta.get(FALLBACK_META_KEY) if result is not None and result.meta else None
+    if isinstance(fallback, Mapping):
+        return (f"fallback {fallback.get('from')} → {fallback.get('to')}: {fallback.get('reason')}",)
+    return ()

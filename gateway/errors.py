@@ -10,6 +10,7 @@
      │    ├── Unauthenticated
      │    ├── Forbidden
      │    ├── RateLimited            carries ``retry_after`` seconds
+     │    │    └── ConcurrencyLimited  too many calls in flight: refused at once, not queued
      │    └── CircuitOpen
      ├── UpstreamError               the provider failed to answer                       → isError result
      │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
@@ -105,6 +106,13 @@ class RateLimited(PolicyDenied):
     def __init__(self, message: str, *, policy: str = "rate_limit", retry_after: float = 0.0) -> None:
         self.retry_after = retry_after
         super().__init__(message, policy=policy)
+
+
+class ConcurrencyLimited(RateLimited):
+    """Too many calls in flight under a ``max_concurrency`` limit: refused at once, never queued."""
+
+    def __init__(self, message: str, *, policy: str = "max_concurrency") -> None:
+        super().__init__(message, policy=policy, retry_after=0.0)
 
 
 class CircuitOpen(PolicyDenied):

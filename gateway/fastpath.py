@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.dispatch import Dispatcher
 from gateway.errors import ToolNotFound, UpstreamError
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
+from policies.auth import principal_of
 
 MAX_BODY = 4 * 1024 * 1024
 """Larger bodies are left to the SDK (which refuses them with 413)."""
@@ -102,7 +103,7 @@ class FastPath:
         method = message.get("method")
         if method == "tools/call" and "id" in message and isinstance(message.get("params"), dict):
             with self._host.activity(session_id):
-                return await self._call(session, session_id, message, send)
+                return await self._call(session, session_id, message, send, principal_of(scope) or self._principal)
         if method is None and message.get("id") in session.pending:  # the client's answer to our request
             pending = session.pending.pop(message["id"])
             pending.reply = message
@@ -115,7 +116,9 @@ class FastPath:
                 return await _accepted(send)
         return await self._sdk(scope, _replay(body, complete, receive), send)
 
-    async def _call(self, session: FastSession, session_id: str, message: dict[str, Any], send: Send) -> None:
+    async def _call(
+        self, session: FastSession, session_id: str, message: dict[str, Any], send: Send, principal: Principal
+    ) -> None:
         params: dict[str, Any] = message["params"]
         name = params.get("name")
         arguments = params.get("arguments") or {}
@@ -125,7 +128,7 @@ class FastPath:
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else None
         token = meta.get("progressToken") if meta else None
         context = CallContext(
-            principal=self._principal,
+            principal=principal,
             progress=_progress(responder, token) if token is not None else None,
             client=_Channel(session, responder, self._ids),
             meta=session.forwardable_meta(meta),

@@ -14,15 +14,20 @@ import anyio
 from anyio.abc import TaskGroup
 
 from connectors.mcp import McpUpstream, State
+from gateway.audit import JsonlAuditSink
+from gateway.chain import build_chain
 from gateway.config import Config
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Audit, Dispatcher
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.metrics import Metrics
 from gateway.registry import Entry, Naming, Registry, build_registry
 from gateway.types import Provider
 from gateway.workflows.journal import MemoryJournal
 from gateway.workflows.plan import check_tools
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
+from policies.redaction import DEFAULT_KEYS, Redactor
+from policies.state import MemoryLimitState
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +72,28 @@ class Gateway:
         self._update_listeners: list[UpdateListener] = []
         self._started = False
         providers: dict[str, Provider] = dict(self.upstreams)
-        self.dispatcher = Dispatcher(lambda: self.registry, providers)
+        self.metrics = Metrics(known_tools=lambda name: name in self.registry.tools)
+        self.audit_sink: JsonlAuditSink | None = None
+        audit: Audit | None = None
+        if config.audit.path is not None:
+            self.audit_sink = JsonlAuditSink(
+                config.audit.path, buffer=config.audit.buffer, on_drop=self.metrics.audit_dropped
+            )
+            redactor = Redactor((*DEFAULT_KEYS, *config.audit.redact_keys), config.audit.redact_patterns)
+            audit = Audit(self.audit_sink, redactor)
+        self.dispatcher = Dispatcher(lambda: self.registry, providers, metrics=self.metrics, audit=audit)
+        chain = build_chain(
+            config,
+            state=MemoryLimitState(),
+            call_tool=self.dispatcher.call_or_raise,
+            on_circuit_change=lambda server, state: self.metrics.circuit_open(server, state == "open"),
+        )
+        self.dispatcher.use(chain.policies)
+        self.access = chain.access
+        """Which tools each caller may see (``tools/list``)."""
         self.journal = MemoryJournal()
         self._background: TaskGroup | None = None
-        runner = Runner(self.dispatcher.invoke, self.journal)
+        runner = Runner(self.dispatcher.invoke, self.journal, metrics=self.metrics)
         self.workflows = WorkflowProvider(config.plans, runner, background=lambda: self._background)
         providers[WORKFLOW_PROVIDER] = self.workflows
 
@@ -100,6 +123,8 @@ class Gateway:
         return all(up.state is State.UP for up in self.upstreams.values())
 
     def _rebuild(self) -> list[ConfigProblem]:
+        for name, upstream in self.upstreams.items():
+            self.metrics.upstream_up(name, upstream.state is State.UP)
         listings = {name: up.listing for name, up in self.upstreams.items()}
         registry, problems = build_registry(listings, self._naming, reserved=self.config.plans)
         workflow_tools = {tool.name: Entry(WORKFLOW_PROVIDER, tool.name, tool) for tool in self.workflows.tools}
@@ -142,6 +167,12 @@ async def open_gateway(config: Config, *, strict: bool = True) -> AsyncIterator[
     gateway = Gateway(config)
     async with anyio.create_task_group() as tg:
         try:
+            if gateway.audit_sink is not None:
+                try:
+                    await tg.start(gateway.audit_sink.run)
+                except OSError as exc:
+                    problem = ConfigProblem("audit.path", f"cannot write the audit log: {exc}", config.line_of("audit"))
+                    raise ConfigError([problem], source=config.source) from exc
             async with anyio.create_task_group() as starters:
                 for upstream in gateway.upstreams.values():
                     starters.start_soon(_start, tg, upstream)

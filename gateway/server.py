@@ -36,6 +36,7 @@ from gateway.errors import ToolNotFound, UpstreamError
 from gateway.fastpath import FastPath, FastSession
 from gateway.gateway import Gateway
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
+from policies.auth import principal_of
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ class McpFrontend:
         self.principal = principal
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._bus = InMemorySubscriptionBus()
-        self._tools: list[types.Tool] | None = None
+        self._tools: list[tuple[str, types.Tool]] | None = None
+        self._visible: dict[Principal, list[types.Tool]] = {}
         self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._subscribers: dict[str, weakref.WeakSet[Connection]] = {}
         self.register_http_session: Callable[[str, Callable[[], FastSession]], None] | None = None
@@ -156,6 +158,7 @@ class McpFrontend:
 
     async def _registry_changed(self) -> None:
         self._tools = None
+        self._visible = {}
         for connection in list(self._connections):
             await connection.send_tool_list_changed()
             await connection.send_prompt_list_changed()
@@ -169,9 +172,26 @@ class McpFrontend:
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         self._seen(ctx)
-        if self._tools is None:  # converted once per registry snapshot
-            self._tools = [types.Tool.model_validate(e.tool.definition) for e in self.gateway.registry.tools.values()]
-        return types.ListToolsResult(tools=self._tools)
+        principal = self._principal(ctx)
+        visible = self._visible.get(principal)
+        if visible is None:  # converted once per registry snapshot, filtered once per caller
+            if self._tools is None:
+                self._tools = [
+                    (name, types.Tool.model_validate(e.tool.definition))
+                    for name, e in self.gateway.registry.tools.items()
+                ]
+            access = self.gateway.access
+            visible = [tool for name, tool in self._tools if access.visible(principal, name)]
+            if len(self._visible) > 1024:  # one entry per configured client, in practice: bounded anyway
+                self._visible.clear()
+            self._visible[principal] = visible
+        return types.ListToolsResult(tools=visible)
+
+    def _principal(self, ctx: ServerRequestContext[Any]) -> Principal:
+        """Who sent this request: the client the HTTP auth middleware recognised, else this frontend's."""
+        request = ctx.request
+        found = principal_of(request.scope) if isinstance(request, Request) else None
+        return found or self.principal
 
     async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> Any:
         self._seen(ctx)
@@ -193,7 +213,7 @@ class McpFrontend:
     def _context(self, ctx: ServerRequestContext[Any]) -> CallContext:
         level = self._log_levels.get(ctx.session._connection, "debug")
         return CallContext(
-            principal=self.principal,
+            principal=self._principal(ctx),
             progress=ctx.session.report_progress,
             client=_Channel(ctx, level),
             meta=_forwardable_meta(ctx.meta),

@@ -1,4 +1,4 @@
-"""Durations as users write them in the config: ``20s``, ``200ms``, ``1.5s``, ``2m``, or a number of seconds.
+"""Durations and sizes as users write them in the config: ``20s``, ``200ms``, ``1.5s``, ``2m``, or a number of seconds.
 
 Its own module because both :mod:`gateway.config` and :mod:`gateway.workflows.model` use it,
 and the config holds the workflows.
@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-__all__ = ["Duration"]
+__all__ = ["Duration", "Size"]
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -28,3 +28,22 @@ def _parse_duration(value: Any) -> Any:
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, allow_inf_nan=False)]
 """Seconds, written as a number or as ``20s``, ``200ms``, ``1.5s``, ``2m``."""
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?", re.IGNORECASE)
+_UNIT_BYTES = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
+
+
+def _parse_size(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 4MiB or 512KB, got {value!r}")
+    if not isinstance(value, str):
+        return value  # a number of bytes; pydantic checks it is one
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"expected a size like 4MiB or 512KB, got {value!r}")
+    return int(float(match[1]) * _UNIT_BYTES[(match[2] or "b").lower()])
+
+
+Size = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+"""Bytes, written as a number or as ``4MiB``, ``512KB``, ``1GB``."""

@@ -255,7 +255,7 @@ def test_messages_strip_pydantic_prefixes_and_name_the_bad_value() -> None:
 
 
 BROKEN = {
-    "unknown top-level key": ("gateway: {}\nclients: {}\n", [("clients", 2)]),
+    "unknown top-level key": ("gateway: {}\nclient: {}\n", [("client", 2)]),
     "unknown gateway key": ("gateway:\n  nmae: x\n", [("gateway.nmae", 2)]),
     "unknown server key": ("servers:\n  a:\n    command: x\n    tool: {}\n", [("servers.a.tool", 4)]),
     "missing env var": ("servers:\n  a:\n    command: x\n    env: {T: '${TOKEN}'}\n", [("servers.a.env.T", 4)]),

@@ -25,6 +25,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 from gateway.errors import GatewayError, UpstreamError
+from gateway.metrics import Metrics
+from gateway.tracing import step_span
 from gateway.types import CallContext, JSONObject, ToolResult
 from gateway.workflows.commands import (
     AskModel,
@@ -115,8 +117,10 @@ class Runner:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self._call = call
+        self._metrics = metrics
         self._journal = journal
         self._clock = clock
         self._wall_clock = wall_clock
@@ -127,6 +131,8 @@ class Runner:
         send, receive = anyio.create_memory_object_stream[_Event](math.inf)
         run = _Execution(uuid.uuid4().hex, plan, Run(plan, arguments), context, send, total=plan.total_steps)
         started = self._clock()
+        if self._metrics is not None:
+            self._metrics.workflow_started(plan.name)
         await self._record(run, "run_started", data={"workflow": plan.name, "arguments": arguments})
         finished: Finished | None = None
         try:
@@ -154,7 +160,7 @@ class Runner:
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(COMPENSATION_LIMIT):
                 finished = await self._apply(run, run.engine.cancel("the caller cancelled the run"), None)
-                await self._finish(run, finished, started)
+                await self._finish(run, finished, started, cancelled=True)
             raise
         assert finished is not None
         return await self._finish(run, finished, started)
@@ -224,11 +230,14 @@ class Runner:
 
     async def _leaf(self, run: _Execution, command: _Leaf) -> _Event:
         limit = command.timeout
-        try:
-            with anyio.fail_after(limit) if limit is not None else nullcontext():
-                result, error = await self._perform(run, command)
-        except TimeoutError:
-            result, error = None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
+        tool = command.tool if isinstance(command, CallTool) else None
+        with step_span(run.plan.name, command.key, tool, run=run.run_id, attempt=command.attempt) as span:
+            try:
+                with anyio.fail_after(limit) if limit is not None else nullcontext():
+                    result, error = await self._perform(run, command)
+            except TimeoutError:
+                result, error = None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
+            span.set_outcome("ok" if error is None else error.kind)
         return ("done", command.key, command.attempt, result, error)
 
     async def _perform(self, run: _Execution, command: _Leaf) -> tuple[Any, StepError | None]:
@@ -307,16 +316,24 @@ class Runner:
             "duration_ms": duration,
         }
         await self._record(run, "step_settled", note.key, note.attempts, data)
+        if self._metrics is not None and duration is not None:  # the step's id: a bounded label, unlike its key
+            self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)
         run.settled += 1
         if run.context.progress is not None:
             took = f" in {duration:.0f} ms" if duration is not None else ""
             why = f" ({note.error.kind}: {note.error.message})" if note.error is not None else ""
             await run.context.progress(run.settled, run.total, f"{note.key}: {note.status}{took}{why}")
 
-    async def _finish(self, run: _Execution, finished: Finished | None, started: float) -> ToolResult:
+    async def _finish(
+        self, run: _Execution, finished: Finished | None, started: float, *, cancelled: bool = False
+    ) -> ToolResult:
         duration = round((self._clock() - started) * 1000, 3)
         meta = {RUN_META_KEY: run.run_id}
-        if finished is not None and finished.status == "succeeded":
+        succeeded = finished is not None and finished.status == "succeeded"
+        if self._metrics is not None:
+            outcome = "cancelled" if cancelled else "succeeded" if succeeded else "failed"
+            self._metrics.workflow_run(run.plan.name, outcome)
+        if finished is not None and succeeded:
             await self._record(run, "run_finished", data={"status": "succeeded", "duration_ms": duration})
             output = finished.output
             text = output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False)

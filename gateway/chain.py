@@ -1,0 +1,102 @@
+"""The policy chain every call passes (DESIGN §1), built once from the config.
+
+Outermost first; each refuses as early as it can, so refused calls cost little and never reach
+what they would have used up:
+
+1. **access** (``policies:`` deny/allow, ``clients.<name>.tools``): who may call what;
+2. **validation**: the arguments against the tool's ``inputSchema``;
+3. **rate limits**, then 4. **concurrency limits** (``policies:`` rate_limit, max_concurrency);
+5. **fallback** (a server's ``fallback:``): answers a failed call with another tool;
+6. **circuit breaker** (a server's ``circuit_breaker:``): fails fast while a server is failing;
+7. **retry** (a server's ``retry:``): idempotent calls again after a connection failure or timeout.
+
+So a call that is retried and still fails counts as one failure for the breaker, and an open
+circuit can still be answered by the fallback. The call timeout is the connector's (a server's
+``timeout:``), per attempt.
+"""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway.config import AccessRule, Config, LimitRule
+from gateway.types import CallContext, JSONObject, Policy, ToolResult
+from policies.access import AccessPolicy
+from policies.breaker import BreakerPolicy, BreakerSettings
+from policies.concurrency import ConcurrencyLimit, ConcurrencyRule
+from policies.fallback import FallbackPolicy
+from policies.ratelimit import RateLimit, RateRule
+from policies.retry import RetryPolicy, RetrySettings
+from policies.state import LimitState
+from policies.validation import ArgumentValidation
+
+__all__ = ["Chain", "build_chain"]
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """The policies in order, and the ones the gateway consults outside calls."""
+
+    policies: tuple[Policy, ...]
+    access: AccessPolicy
+    """Also filters ``tools/list`` per caller."""
+    breakers: BreakerPolicy
+
+
+def build_chain(
+    config: Config,
+    *,
+    state: LimitState,
+    call_tool: Callable[[str, JSONObject, CallContext], Awaitable[ToolResult]],
+    on_circuit_change: Callable[[str, str], None] | None = None,
+) -> Chain:
+    """The chain for ``config``; ``call_tool`` makes a fallback's call (through the whole chain, raising
+    gateway errors rather than turning them into results)."""
+    access_rules = [(f"policies[{i}]", rule) for i, rule in enumerate(config.policies) if isinstance(rule, AccessRule)]
+    limits = [(f"policies[{i}]", rule) for i, rule in enumerate(config.policies) if isinstance(rule, LimitRule)]
+    access = AccessPolicy(access_rules, config.clients)
+    rates = [
+        RateRule(rule.tools, rule.rate_limit[1], rule.bucket, rule.per, label, rule.rate_limit[0], rule.clients)
+        for label, rule in limits
+        if rule.rate_limit is not None
+    ]
+    concurrency = [
+        ConcurrencyRule(rule.tools, rule.max_concurrency, rule.per, label, rule.clients)
+        for label, rule in limits
+        if rule.max_concurrency is not None
+    ]
+    breakers = BreakerPolicy(
+        {
+            name: BreakerSettings(
+                failures=b.failures,
+                failure_rate=b.failure_rate,
+                window=b.window,
+                min_calls=b.min_calls,
+                reset_after=b.reset_after,
+                half_open_probes=b.half_open_probes,
+            )
+            for name, server in config.servers.items()
+            if (b := server.circuit_breaker) is not None
+        },
+        on_change=on_circuit_change,
+    )
+    retries = {
+        name: RetrySettings(r.attempts, r.backoff, r.max_backoff, r.jitter, tuple(server.tools.idempotent))
+        for name, server in config.servers.items()
+        if (r := server.retry) is not None
+    }
+    fallbacks = {name: server.fallback for name, server in config.servers.items() if server.fallback}
+    policies: list[Policy] = []
+    if access.active:
+        policies.append(access)
+    policies.append(ArgumentValidation())
+    if rates:
+        policies.append(RateLimit(rates, state))
+    if concurrency:
+        policies.append(ConcurrencyLimit(concurrency, state))
+    if fallbacks:
+        policies.append(FallbackPolicy(fallbacks, call_tool))
+    if any(server.circuit_breaker is not None for server in config.servers.values()):
+        policies.append(breakers)
+    if retries:
+        policies.append(RetryPolicy(retries))
+    return Chain(tuple(policies), access, breakers)

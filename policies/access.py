@@ -1,0 +1,118 @@
+"""Access rules: which caller may see and call which tools (``policies:`` deny/allow, ``clients.<name>.tools``).
+
+A call is refused when, in this order:
+
+1. a **deny** rule applies to it: its globs match the tool, it is for every caller or for this
+   client, and its ``if`` condition (if any) holds over ``{arguments, client, tool}``;
+2. the caller is a configured client with a ``tools:`` list that does not match the tool;
+3. some **allow** rule applies to the caller and none of them both matches the tool and has its
+   ``if`` hold.
+
+Deny wins, whatever the order of the rules in the file. Rules naming ``clients`` and a client's
+own ``tools:`` list judge what that client calls directly; a workflow's steps are judged only by
+rules for every caller, since the workflow (not the client) chose them. A condition that cannot be
+evaluated counts against the call: a deny applies, an allow does not.
+
+``tools/list`` shows a caller exactly the tools it could call: deny rules with a condition do not
+hide a tool (some arguments may pass) and allow rules with one do not hide it either.
+"""
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import translate
+
+from gateway.config import AccessRule, ClientConfig
+from gateway.errors import Forbidden
+from gateway.types import CallNext, Principal, ToolCall, ToolResult
+
+__all__ = ["AccessPolicy"]
+
+
+def _matcher(globs: Sequence[str]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{translate(glob)})" for glob in globs))
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    label: str
+    deny: bool
+    tools: re.Pattern[str]
+    clients: re.Pattern[str] | None
+    rule: AccessRule
+
+    def for_caller(self, principal: Principal, step: bool) -> bool:
+        if self.clients is None:
+            return True
+        return not step and principal.kind == "client" and self.clients.fullmatch(principal.id) is not None
+
+
+class AccessPolicy:
+    """Refuses calls the access rules do not permit (:class:`~gateway.errors.Forbidden`); filters listings."""
+
+    def __init__(self, rules: Sequence[tuple[str, AccessRule]], clients: Mapping[str, ClientConfig]) -> None:
+        """``rules``: each rule with its label (``policies[0]``), in file order."""
+        self._rules = [
+            _Rule(
+                label,
+                rule.deny is not None,
+                _matcher(rule.tools),
+                _matcher(rule.clients) if rule.clients is not None else None,
+                rule,
+            )
+            for label, rule in rules
+        ]
+        self._denies = [rule for rule in self._rules if rule.deny]
+        self._allows = [rule for rule in self._rules if not rule.deny]
+        self._client_tools = {
+            name: (_matcher(client.tools), ", ".join(client.tools))
+            for name, client in clients.items()
+            if client.tools is not None
+        }
+
+    @property
+    def active(self) -> bool:
+        """Whether any rule or client list can refuse anything (else the policy need not be in the chain)."""
+        return bool(self._rules or self._client_tools)
+
+    def visible(self, principal: Principal, tool: str) -> bool:
+        """Whether ``tools/list`` shows ``tool`` to ``principal``: it is not certain to be refused."""
+        return self._refusal(principal, tool, None, step=False) is None
+
+    async def __call__(self, call: ToolCall, call_next: CallNext) -> ToolResult:
+        principal = call.context.principal
+        refusal = self._refusal(principal, call.name, call.arguments, step=call.context.workflow_run is not None)
+        if refusal is not None:
+            message, label = refusal
+            raise Forbidden(message, policy=label)
+        return await call_next(call)
+
+    def _refusal(
+        self, principal: Principal, tool: str, arguments: Mapping[str, object] | None, *, step: bool
+    ) -> tuple[str, str] | None:
+        """Why the call is refused and by which rule; None when it is permitted. ``arguments`` None: a listing."""
+        for rule in self._denies:
+            if rule.for_caller(principal, step) and rule.tools.fullmatch(tool):
+                if rule.rule.if_ is not None and (
+                    arguments is None or not rule.rule.applies_to(arguments, principal.id, tool)
+                ):
+                    continue
+                reason = rule.rule.reason or f"{rule.label} denies it"
+                return f"{tool} is not allowed: {reason}.", rule.label
+        listed = self._client_tools.get(principal.id) if principal.kind == "client" and not step else None
+        if listed is not None and not listed[0].fullmatch(tool):
+            return f"client {principal.id!r} may only call {listed[1]}; {tool} is not among them.", (
+                f"clients.{principal.id}.tools"
+            )
+        allows = [rule for rule in self._allows if rule.for_caller(principal, step)]
+        if not allows:
+            return None
+        for rule in allows:
+            if rule.tools.fullmatch(tool) and (
+                arguments is None or rule.rule.applies_to(arguments, principal.id, tool)
+            ):
+                return None
+        labels = ", ".join(rule.label for rule in allows)
+        return f"{tool} is not allowed for {principal.id!r}: no allow rule permits this call ({labels}).", allows[
+            0
+        ].label

@@ -1,0 +1,286 @@
+"""The circuit breaker: a fake clock and a scripted upstream, no time passing."""
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from gateway.errors import CircuitOpen, Forbidden, UpstreamTimeout, UpstreamUnavailable
+from gateway.types import CallContext, Principal, ToolCall, ToolResult
+from policies.breaker import BreakerPolicy, BreakerSettings, CircuitBreaker
+
+pytestmark = pytest.mark.anyio
+
+OK = ToolResult.text("ok")
+TOOL_ERROR = ToolResult.text("no such order", is_error=True)
+
+
+class Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Upstream:
+    """The rest of the chain: counts calls and plays a script of results and errors, then answers OK."""
+
+    def __init__(self, script: Sequence[ToolResult | BaseException] = ()) -> None:
+        self.script = list(script)
+        self.calls = 0
+
+    async def __call__(self, call: ToolCall) -> ToolResult:
+        self.calls += 1
+        outcome = self.script.pop(0) if self.script else OK
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+class Blocking:
+    """An upstream whose calls wait until released, to hold calls in flight; ``started`` once ``expected`` are in."""
+
+    def __init__(self, expected: int = 1) -> None:
+        self.expected = expected
+        self.entered = 0
+        self.started = anyio.Event()
+        self.release = anyio.Event()
+
+    async def __call__(self, call: ToolCall) -> ToolResult:
+        self.entered += 1
+        if self.entered == self.expected:
+            self.started.set()
+        await self.release.wait()
+        return OK
+
+
+def call_to(server: str = "crm") -> ToolCall:
+    return ToolCall(f"{server}__get_order", server, "get_order", {"id": 1}, CallContext(principal=Principal("t")))
+
+
+def down() -> UpstreamUnavailable:
+    return UpstreamUnavailable("crm is not connected", server="crm")
+
+
+async def fail(policy: BreakerPolicy, times: int, server: str = "crm") -> None:
+    for _ in range(times):
+        with pytest.raises(UpstreamUnavailable):
+            await policy(call_to(server), Upstream([down()]))
+
+
+def make(clock: Clock, changes: list[tuple[str, str]] | None = None, **settings: object) -> BreakerPolicy:
+    on_change = None if changes is None else (lambda server, state: changes.append((server, state)))
+    return BreakerPolicy({"crm": BreakerSettings(**settings)}, clock=clock, on_change=on_change)  # type: ignore[arg-type]
+
+
+async def test_circuit_opens_after_the_configured_number_of_consecutive_failures() -> None:
+    policy = make(Clock(), failures=3)
+    await fail(policy, 2)
+    assert policy.state("crm") == "closed"
+    await fail(policy, 1)
+    assert policy.state("crm") == "open"
+
+
+async def test_a_success_resets_the_consecutive_failure_count() -> None:
+    policy = make(Clock(), failures=3)
+    await fail(policy, 2)
+    await policy(call_to(), Upstream())
+    await fail(policy, 2)
+    assert policy.state("crm") == "closed"
+
+
+async def test_open_circuit_rejects_without_calling_upstream() -> None:
+    clock = Clock()
+    policy = make(clock, failures=1, reset_after=30)
+    await fail(policy, 1)
+    clock.now += 10
+    upstream = Upstream()
+    with anyio.fail_after(5), pytest.raises(CircuitOpen) as caught:
+        await policy(call_to(), upstream)
+    assert upstream.calls == 0
+    assert caught.value.policy == "circuit_breaker"
+    assert caught.value.outcome == "circuit_open"
+    assert "'crm'" in str(caught.value)
+    assert "retry after 20 s" in str(caught.value).lower()
+
+
+async def test_timeouts_count_as_failures_too() -> None:
+    policy = make(Clock(), failures=2)
+    for _ in range(2):
+        with pytest.raises(UpstreamTimeout):
+            await policy(call_to(), Upstream([UpstreamTimeout("no answer in 20 s", server="crm")]))
+    assert policy.state("crm") == "open"
+
+
+async def test_tool_error_results_are_answers_and_never_open_the_circuit() -> None:
+    policy = make(Clock(), failures=2)
+    upstream = Upstream([TOOL_ERROR] * 5)
+    for _ in range(5):
+        assert await policy(call_to(), upstream) is TOOL_ERROR
+    assert policy.state("crm") == "closed"
+
+
+async def test_errors_that_say_nothing_about_the_server_are_not_counted() -> None:
+    policy = make(Clock(), failures=1)
+    with pytest.raises(Forbidden):
+        await policy(call_to(), Upstream([Forbidden("no")]))
+    assert policy.state("crm") == "closed"
+
+
+async def test_servers_without_settings_pass_straight_through() -> None:
+    policy = make(Clock(), failures=1)
+    upstream = Upstream([down(), down(), OK])
+    for _ in range(2):
+        with pytest.raises(UpstreamUnavailable):
+            await policy(call_to("files"), upstream)
+    assert await policy(call_to("files"), upstream) is OK
+    assert policy.state("files") == "closed"
+    assert policy.state("crm") == "closed"
+
+
+async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_calls_ended() -> None:
+    policy = make(Clock(), failures=None, failure_rate=0.5, window=60, min_calls=4)
+    upstream = Upstream([down(), OK, down()])
+    for _ in range(3):
+        try:
+            await policy(call_to(), upstream)
+        except UpstreamUnavailable:
+            pass
+    assert policy.state("crm") == "closed"  # 2 of 3 failed, but fewer than min_calls ended
+    await fail(policy, 1)
+    assert policy.state("crm") == "open"
+
+
+async def test_failure_rate_forgets_calls_older_than_the_window() -> None:
+    clock = Clock()
+    policy = make(clock, failures=None, failure_rate=0.5, window=60, min_calls=4)
+    await fail(policy, 3)
+    clock.now += 61
+    upstream = Upstream()
+    for _ in range(3):
+        await policy(call_to(), upstream)
+    await fail(policy, 1)  # 1 failure in the 4 calls of the last minute
+    assert policy.state("crm") == "closed"
+
+
+def test_failure_rate_window_keeps_bounded_memory() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("crm", BreakerSettings(failures=None, failure_rate=0.9, window=60), clock=clock)
+    for _ in range(10_000):
+        clock.now += 0.7
+        breaker.succeeded(breaker.admit())
+    assert len(breaker._buckets) <= 20
+
+
+async def test_open_circuit_turns_half_open_after_reset_after() -> None:
+    clock = Clock()
+    policy = make(clock, failures=1, reset_after=30)
+    await fail(policy, 1)
+    clock.now += 29.9
+    assert policy.state("crm") == "open"
+    clock.now += 0.1
+    assert policy.state("crm") == "half_open"
+
+
+async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters() -> None:
+    clock = Clock()
+    policy = make(clock, failures=2, reset_after=30)
+    await fail(policy, 2)
+    clock.now += 30
+    assert await policy(call_to(), Upstream()) is OK
+    assert policy.state("crm") == "closed"
+    await fail(policy, 1)
+    assert policy.state("crm") == "closed"
+
+
+async def test_a_tool_error_result_from_a_probe_closes_the_circuit() -> None:
+    clock = Clock()
+    policy = make(clock, failures=1, reset_after=30)
+    await fail(policy, 1)
+    clock.now += 30
+    assert await policy(call_to(), Upstream([TOOL_ERROR])) is TOOL_ERROR
+    assert policy.state("crm") == "closed"
+
+
+async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after() -> None:
+    clock = Clock()
+    policy = make(clock, failures=1, reset_after=30)
+    await fail(policy, 1)
+    clock.now += 30
+    await fail(policy, 1)
+    assert policy.state("crm") == "open"
+    clock.now += 29
+    with pytest.raises(CircuitOpen) as caught:
+        await policy(call_to(), Upstream())
+    assert "probe" in str(caught.value)
+    clock.now += 1
+    assert policy.state("crm") == "half_open"
+
+
+async def test_half_open_admits_at_most_the_configured_number_of_concurrent_probes() -> None:
+    clock = Clock()
+    policy = make(clock, failures=1, reset_after=30, half_open_probes=2)
+    await fail(policy, 1)
+    clock.now += 30
+    upstream = Blocking(expected=2)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(policy, call_to(), upstream)
+            tg.start_soon(policy, call_to(), upstream)
+            await upstream.started.wait()
+            rejected = Upstream()
+            with pytest.raises(CircuitOpen):
+                await policy(call_to(), rejected)
+            assert rejected.calls == 0
+            upstream.release.set()
+    assert policy.state("crm") == "closed"
+
+
+async def test_a_cancelled_probe_frees_its_slot_without_deciding() -> None:
+    clock = Clock()
+    policy = make(clock, failures=1, reset_after=30)
+    await fail(policy, 1)
+    clock.now += 30
+    upstream = Blocking()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(policy, call_to(), upstream)
+            await upstream.started.wait()
+            tg.cancel_scope.cancel()
+    assert policy.state("crm") == "half_open"
+    assert await policy(call_to(), Upstream()) is OK
+    assert policy.state("crm") == "closed"
+
+
+async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later() -> None:
+    clock = Clock()
+    policy = make(clock, failures=1, reset_after=30)
+    slow = Blocking()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(policy, call_to(), slow)
+            await slow.started.wait()
+            await fail(policy, 1)
+            slow.release.set()
+    assert policy.state("crm") == "open"
+
+
+async def test_every_transition_is_reported_with_the_server_name() -> None:
+    clock = Clock()
+    changes: list[tuple[str, str]] = []
+    policy = make(clock, changes, failures=1, reset_after=30)
+    await fail(policy, 1)
+    clock.now += 30
+    await fail(policy, 1)
+    clock.now += 30
+    await policy(call_to(), Upstream())
+    assert changes == [("crm", "open"), ("crm", "half_open"), ("crm", "open"), ("crm", "half_open"), ("crm", "closed")]
+
+
+def test_settings_that_can_never_work_are_refused() -> None:
+    for bad in ({"failures": 0}, {"failure_rate": 1.5}, {"window": 0}, {"half_open_probes": 0}):
+        with pytest.raises(ValueError, match="must"):
+            BreakerSettings(**bad)
