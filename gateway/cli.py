@@ -46,9 +46,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         status = 1
+    except BaseExceptionGroup as group:  # a ConfigError raised inside the gateway's task group
+        found = _config_error(group)
+        if found is None:
+            raise
+        print(found, file=sys.stderr)
+        status = 1
     except KeyboardInterrupt:
         status = 130
     sys.exit(status)
+
+
+def _config_error(group: BaseExceptionGroup[BaseException]) -> ConfigError | None:
+    """The ConfigError ``group`` holds, when that is all it holds (nested groups included)."""
+    errors: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            errors.append(exc)
+    return errors[0] if len(errors) == 1 and isinstance(errors[0], ConfigError) else None
 
 
 def _parser() -> argparse.ArgumentParser:

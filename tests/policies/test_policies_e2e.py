@@ -1,0 +1,261 @@
+"""The policy chain end to end: ``patchbay serve`` as a process, the testkit upstream counting what reaches it."""
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx2
+import mcp_types as types
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from prometheus_client.parser import text_string_to_metric_families
+
+from policies.auth import new_token, token_hash
+from tests.support import TESTKIT, run_gateway, stdio_server
+
+pytestmark = pytest.mark.anyio
+
+CANARY = "CANARY-7f3a9c"
+
+
+def text(result: types.CallToolResult) -> str:
+    content = result.content[0]
+    assert isinstance(content, types.TextContent)
+    return content.text
+
+
+@asynccontextmanager
+async def client_of(url: str, token: str | None = None) -> AsyncIterator[Client]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx2.AsyncClient(headers=headers) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode="legacy", cache=None) as client:
+            yield client
+
+
+@asynccontextmanager
+async def gateway_with(tmp_path: Path, sections: str, kit: str = "") -> AsyncIterator[tuple[str, Client]]:
+    """``patchbay serve`` with the testkit as ``kit`` (plus ``kit`` settings) and ``sections``; a client on it."""
+    server = stdio_server(TESTKIT)[:-1] + (f", {kit}" if kit else "") + "}"
+    config = f"servers:\n  kit: {server}\n{sections}"
+    async with run_gateway(tmp_path, config) as gw, client_of(gw.url) as client:
+        yield gw.base, client
+
+
+async def upstream_events(client: Client) -> list[str]:
+    result = await client.call_tool("kit__events", {})
+    assert result.structured_content is not None
+    return list(result.structured_content["result"])
+
+
+async def test_a_denied_tool_is_hidden_and_calling_it_is_refused_before_the_upstream(tmp_path: Path) -> None:
+    sections = 'policies:\n  - {deny: "kit__record", reason: "recording is off today"}\n'
+    async with gateway_with(tmp_path, sections) as (_, client):
+        names = {tool.name for tool in (await client.list_tools()).tools}
+        assert "kit__echo" in names
+        assert "kit__record" not in names
+        result = await client.call_tool("kit__record", {"label": "denied"})
+        assert result.is_error
+        assert text(result) == "kit__record is not allowed: recording is off today."
+        assert "denied" not in await upstream_events(client)
+
+
+async def test_invalid_arguments_list_every_violation_and_never_reach_the_upstream(tmp_path: Path) -> None:
+    async with gateway_with(tmp_path, "") as (_, client):
+        result = await client.call_tool("kit__record", {"seconds": "soon", "extra": 1})
+        assert result.is_error
+        assert text(result).startswith("Invalid arguments for kit__record (2 problems): $: 'label' is a required")
+        assert "$.seconds: 'soon' is not of type 'number'" in text(result)
+        assert await upstream_events(client) == []
+
+
+async def test_exactly_n_of_m_rapid_calls_pass_a_limit_of_n(tmp_path: Path) -> None:
+    sections = 'policies:\n  - {tools: "kit__record", rate_limit: "5/min", burst: 5}\n'
+    async with gateway_with(tmp_path, sections) as (_, client):
+        results: list[types.CallToolResult] = []
+
+        async def call(n: int) -> None:
+            results.append(await client.call_tool("kit__record", {"label": f"r{n}"}))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for n in range(8):
+                    tg.start_soon(call, n)
+        refused = [text(r) for r in results if r.is_error]
+        assert len(refused) == 3
+        assert all("rate limit 5/min in total (policies[0]) reached for kit__record: retry after" in r for r in refused)
+        assert len([e for e in await upstream_events(client) if e.startswith("r")]) == 5
+
+
+async def test_calls_over_max_concurrency_are_refused_at_once_not_queued(tmp_path: Path) -> None:
+    sections = 'policies:\n  - {tools: "kit__record", max_concurrency: 2}\n'
+    async with gateway_with(tmp_path, sections) as (_, client):
+        results: list[tuple[float, types.CallToolResult]] = []
+
+        async def call(n: int) -> None:
+            started = anyio.current_time()
+            result = await client.call_tool("kit__record", {"label": f"c{n}", "seconds": 1.0})
+            results.append((anyio.current_time() - started, result))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for n in range(4):
+                    tg.start_soon(call, n)
+        refused = [(took, r) for took, r in results if r.is_error]
+        assert len(refused) == 2
+        assert all(took < 0.9 for took, _ in refused)  # refused, not queued behind the 1 s calls
+        assert all("retry when one of them finishes" in text(r) for _, r in refused)
+
+
+async def test_an_open_circuit_fails_fast_and_recovers_through_half_open(tmp_path: Path) -> None:
+    kit = "timeout: 300ms, circuit_breaker: {failures: 2, reset_after: 1s}"
+    async with gateway_with(tmp_path, "", kit) as (base, client):
+        for _ in range(2):
+            timed_out = await client.call_tool("kit__slow", {"seconds": 5})
+            assert timed_out.is_error
+        started = anyio.current_time()
+        refused = await client.call_tool("kit__record", {"label": "while open"})
+        assert anyio.current_time() - started < 0.25
+        assert refused.is_error
+        assert "circuit" in text(refused).lower()
+        assert await gauge(base, "patchbay_circuit_open", server="kit") == 1
+        await anyio.sleep(1.1)  # reset_after: the next call is a probe
+        probe = await client.call_tool("kit__record", {"label": "probe"})
+        assert not probe.is_error
+        assert await gauge(base, "patchbay_circuit_open", server="kit") == 0
+        assert "while open" not in await upstream_events(client)
+
+
+async def test_retries_happen_only_for_idempotent_tools_and_only_for_failures_to_answer(tmp_path: Path) -> None:
+    kit = 'timeout: 300ms, retry: {attempts: 3, backoff: 10ms}, tools: {idempotent: ["slow", "flaky"]}'
+    async with gateway_with(tmp_path, "", kit) as (_, client):
+        assert text(await client.call_tool("kit__slow", {"seconds": 5})).endswith("(gave up after 3 attempts)")
+        assert (await client.call_tool("kit__record", {"label": "once", "seconds": 5})).is_error  # not idempotent
+        assert (await client.call_tool("kit__flaky", {"key": "f", "failures": 1})).is_error  # its own error: answered
+        events = await upstream_events(client)
+        assert events.count("slow started") == 3
+        assert events.count("f attempt 1") == 1
+        assert "f attempt 2" not in events
+
+
+async def test_a_fallback_answers_when_the_server_fails(tmp_path: Path) -> None:
+    kit = 'timeout: 300ms, fallback: {"slow": "spare_slow"}'
+    spare = """
+workflows:
+  spare_slow:
+    input: {type: object, properties: {seconds: {type: number}}}
+    steps: [{id: answer, set: {from: spare}}]
+    output: {result: "${.steps.answer.result.from}"}  # the shape of kit__slow's outputSchema
+"""
+    async with gateway_with(tmp_path, spare, kit) as (_, client):
+        result = await client.call_tool("kit__slow", {"seconds": 5})
+        assert not result.is_error
+        assert result.structured_content == {"result": "spare"}
+        assert result.meta is not None
+        assert result.meta["io.patchbay/fallback"]["to"] == "spare_slow"
+        assert "did not answer within 0.3s" in result.meta["io.patchbay/fallback"]["reason"]
+
+
+async def gauge(base: str, name: str, **labels: str) -> float:
+    families = await scrape(base)
+    return sum(value for metric, found, value in families if metric == name and labels.items() <= found.items())
+
+
+async def scrape(base: str) -> list[tuple[str, dict[str, str], float]]:
+    async with httpx2.AsyncClient() as http:
+        response = await http.get(f"{base}/metrics")
+    assert response.status_code == 200
+    return [
+        (sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    ]
+
+
+async def test_metrics_count_every_call_once_under_its_outcome(tmp_path: Path) -> None:
+    sections = 'policies:\n  - {deny: "kit__fail"}\n  - {tools: "kit__whoami", rate_limit: "1/min"}\n'
+    async with gateway_with(tmp_path, sections) as (base, client):
+        for _ in range(3):
+            await client.call_tool("kit__echo", {"text": "hi"})
+        await client.call_tool("kit__echo", {})
+        await client.call_tool("kit__fail", {"message": "x"})
+        await client.call_tool("kit__whoami", {})
+        await client.call_tool("kit__whoami", {})
+        await client.call_tool("kit__flaky", {"key": "m", "failures": 1})
+        samples = await scrape(base)
+
+    def count(tool: str, outcome: str) -> float:
+        wanted = {"tool": tool, "server": "kit", "outcome": outcome}
+        return sum(v for n, labels, v in samples if n == "patchbay_tool_calls_total" and labels == wanted)
+
+    assert count("kit__echo", "ok") == 3
+    assert count("kit__echo", "invalid") == 1
+    assert count("kit__fail", "denied") == 1
+    assert (count("kit__whoami", "ok"), count("kit__whoami", "rate_limited")) == (1, 1)
+    assert count("kit__flaky", "error") == 1
+    denials = {
+        (labels["policy"], labels["tool"]): v for n, labels, v in samples if n == "patchbay_policy_denials_total"
+    }
+    assert denials == {("policies[0]", "kit__fail"): 1, ("policies[1]", "kit__whoami"): 1}
+    limited = {labels["tool"]: v for n, labels, v in samples if n == "patchbay_rate_limited_total"}
+    assert limited == {"kit__whoami": 1}
+    durations = {labels["tool"]: v for n, labels, v in samples if n == "patchbay_tool_call_duration_seconds_count"}
+    assert durations["kit__echo"] == 4
+    assert ("patchbay_upstream_up", {"server": "kit"}, 1.0) in samples
+
+
+async def test_clients_need_their_token_and_see_only_their_tools(tmp_path: Path) -> None:
+    token, digest = new_token()
+    other, other_digest = new_token()
+    sections = (
+        f'clients:\n  bot: {{token_sha256: "{digest}", tools: ["kit__echo"]}}\n'
+        f'  ops: {{token_sha256: "{other_digest}"}}\n'
+    )
+    async with run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n{sections}") as gw:
+        async with httpx2.AsyncClient() as http:
+            body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+            missing = await http.post(gw.url, json=body)
+            wrong = await http.post(gw.url, json=body, headers={"Authorization": "Bearer pb_wrong"})
+            in_query = await http.post(f"{gw.url}?access_token={token}", json=body)
+        assert (missing.status_code, missing.headers["www-authenticate"]) == (401, 'Bearer realm="patchbay"')
+        assert wrong.status_code == 401
+        assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+        assert in_query.status_code == 401
+        async with client_of(gw.url, token) as bot, client_of(gw.url, other) as ops:
+            assert [tool.name for tool in (await bot.list_tools()).tools] == ["kit__echo"]
+            assert len((await ops.list_tools()).tools) > 1
+            refused = await bot.call_tool("kit__whoami", {})
+            assert refused.is_error
+            assert "client 'bot' may only call kit__echo" in text(refused)
+            assert text(await bot.call_tool("kit__echo", {"text": "hi"})) == "hi"
+
+
+async def test_audit_records_every_call_and_no_secret(tmp_path: Path) -> None:
+    token = new_token()[0] + CANARY  # a token is any string: this one carries the canary
+    digest = token_hash(token)
+    audit = tmp_path / "audit.jsonl"
+    config = (
+        f"servers:\n  kit: {stdio_server(TESTKIT, SECRET_ENV=CANARY)}\n"
+        f'clients:\n  bot: {{token_sha256: "{digest}"}}\n'
+        f"audit: {{path: {audit}}}\n"
+    )
+    async with run_gateway(tmp_path, config) as gw, client_of(gw.url, token) as client:
+        assert text(await client.call_tool("kit__echo", {"text": f"password={CANARY}"})) == f"password={CANARY}"
+        await client.call_tool("kit__echo", {"text": f"Authorization: Bearer {CANARY}"})
+        await client.call_tool("kit__record", {"label": "x", "password": CANARY})
+        await client.call_tool("kit__record", {"label": 5, "token": CANARY})  # invalid: audited all the same
+        result = await client.call_tool("kit__echo", {"text": "plain"})
+        assert not result.is_error
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert CANARY not in audit.read_text()
+    assert [(r["tool"], r["outcome"], r["client"]) for r in records] == [
+        ("kit__echo", "ok", "bot"),
+        ("kit__echo", "ok", "bot"),
+        ("kit__record", "ok", "bot"),
+        ("kit__record", "invalid", "bot"),
+        ("kit__echo", "ok", "bot"),
+    ]
+    assert records[-1]["arguments"] == {"text": "plain"}
+    assert all(r["upstream"] == "kit" and r["duration_ms"] >= 0 for r in records)
