@@ -130,7 +130,7 @@ class Gateway:
         workflow_tools = {tool.name: Entry(WORKFLOW_PROVIDER, tool.name, tool) for tool in self.workflows.tools}
         self.registry = replace(registry, tools={**registry.tools, **workflow_tools})
         schemas = {name: entry.tool.input_schema for name, entry in self.registry.tools.items()}
-        calls = check_tools(self.config.plans, schemas)
+        calls = check_tools(self.config.plans, schemas) + self._unknown_fallbacks()
         if self.ready:
             problems += calls
             self.pending_problems = []
@@ -139,6 +139,19 @@ class Gateway:
         located = [self._located(problem) for problem in problems]
         self.problems.extend(located)
         return located
+
+    def _unknown_fallbacks(self) -> list[ConfigProblem]:
+        """Fallback routes to tools that are not served (checked like a workflow's calls)."""
+        return [
+            ConfigProblem(
+                f"servers.{server}.fallback.{glob}",
+                f"no tool {target!r} is served to fall back to",
+                self.config.line_of("servers", server, "fallback", glob),
+            )
+            for server, settings in self.config.servers.items()
+            for glob, target in settings.fallback.items()
+            if target not in self.registry.tools
+        ]
 
     def _located(self, problem: ConfigProblem) -> ConfigProblem:
         return ConfigProblem(problem.path, problem.message, self.config.line_at(problem.path))

@@ -97,8 +97,8 @@ class AccessPolicy:
                     arguments is None or not rule.rule.applies_to(arguments, principal.id, tool)
                 ):
                     continue
-                reason = rule.rule.reason or f"{rule.label} denies it"
-                return f"{tool} is not allowed: {reason}.", rule.label
+                reason = rule.rule.reason or "the gateway's policy denies it"
+                return f"{tool} is not allowed ({rule.label}): {reason}.", rule.label
         listed = self._client_tools.get(principal.id) if principal.kind == "client" and not step else None
         if listed is not None and not listed[0].fullmatch(tool):
             return f"client {principal.id!r} may only call {listed[1]}; {tool} is not among them.", (

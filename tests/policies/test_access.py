@@ -45,7 +45,8 @@ CLIENTS = f'{{bot: {{token_sha256: "{HASH}", tools: ["crm__*", "kb__*"]}}, ops: 
 async def test_a_deny_rule_refuses_every_caller_with_its_reason() -> None:
     access = policy('[{deny: "files__delete_*", reason: "deletion is not allowed through the gateway"}]')
     assert await outcome(access, LOCAL, "files__delete_all") == (
-        "refused by policies[0]: files__delete_all is not allowed: deletion is not allowed through the gateway."
+        "refused by policies[0]: files__delete_all is not allowed (policies[0]): "
+        "deletion is not allowed through the gateway."
     )
     assert await outcome(access, LOCAL, "files__read") == "called files__read"
 

@@ -1,6 +1,7 @@
 """The policy chain end to end: ``patchbay serve`` as a process, the testkit upstream counting what reaches it."""
 
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from mcp.client.streamable_http import streamable_http_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from policies.auth import new_token, token_hash
-from tests.support import TESTKIT, run_gateway, stdio_server
+from tests.support import PYTHON, ROOT, TESTKIT, free_port, run_gateway, run_http_upstream, stdio_server
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +59,7 @@ async def test_a_denied_tool_is_hidden_and_calling_it_is_refused_before_the_upst
         assert "kit__record" not in names
         result = await client.call_tool("kit__record", {"label": "denied"})
         assert result.is_error
-        assert text(result) == "kit__record is not allowed: recording is off today."
+        assert text(result) == "kit__record is not allowed (policies[0]): recording is off today."
         assert "denied" not in await upstream_events(client)
 
 
@@ -232,6 +233,26 @@ async def test_clients_need_their_token_and_see_only_their_tools(tmp_path: Path)
             assert text(await bot.call_tool("kit__echo", {"text": "hi"})) == "hi"
 
 
+async def test_the_clients_token_is_never_forwarded_upstream(tmp_path: Path) -> None:
+    token, digest = new_token()
+    port = free_port()
+    config = (
+        f"servers:\n  kit: {{url: http://127.0.0.1:{port}/mcp, headers: {{X-Upstream-Key: kit-only}}}}\n"
+        f'clients:\n  bot: {{token_sha256: "{digest}"}}\n'
+    )
+    async with (
+        run_http_upstream(tmp_path, TESTKIT, port),
+        run_gateway(tmp_path, config) as gw,
+        client_of(gw.url, token) as client,
+    ):
+        result = await client.call_tool("kit__request_headers", {})
+    assert result.structured_content is not None
+    seen = {name.lower(): value for name, value in result.structured_content.items()}
+    assert seen["x-upstream-key"] == "kit-only"  # the server's own configured header
+    assert token not in json.dumps(seen)
+    assert "authorization" not in seen
+
+
 async def test_audit_records_every_call_and_no_secret(tmp_path: Path) -> None:
     token = new_token()[0] + CANARY  # a token is any string: this one carries the canary
     digest = token_hash(token)
@@ -259,3 +280,69 @@ async def test_audit_records_every_call_and_no_secret(tmp_path: Path) -> None:
     ]
     assert records[-1]["arguments"] == {"text": "plain"}
     assert all(r["upstream"] == "kit" and r["duration_ms"] >= 0 for r in records)
+
+
+def _patchbay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_check_reports_a_fallback_to_a_tool_that_is_not_served(tmp_path: Path) -> None:
+    path = tmp_path / "fallback.yaml"
+    path.write_text(f'servers:\n  kit: {stdio_server(TESTKIT)[:-1]}, fallback: {{"slow": kit__sloth}}}}\n')
+    done = _patchbay("check", str(path))
+    assert done.returncode == 1
+    assert "servers.kit.fallback.slow (line 2): no tool 'kit__sloth' is served to fall back to" in done.stderr
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_clients(tmp_path: Path) -> None:
+    path = tmp_path / "open.yaml"
+    path.write_text("servers: {}\n")
+    done = _patchbay("serve", str(path), "--host", "0.0.0.0", "--port", "1")
+    assert done.returncode == 1
+    assert "refusing to listen on '0.0.0.0': there is no `clients:` section" in done.stderr
+
+
+def test_token_prints_a_token_and_the_hash_the_config_keeps() -> None:
+    done = _patchbay("token")
+    assert done.returncode == 0
+    lines = dict(line.split(":", 1) for line in done.stdout.splitlines()[:2])
+    token, digest = lines["token"].strip(), lines["token_sha256"].strip()
+    assert token.startswith("pb_")
+    assert digest == token_hash(token)
+
+
+async def test_oversized_bodies_get_413_and_a_gateway_over_its_limit_429(tmp_path: Path) -> None:
+    config = f"gateway: {{max_body: 1KiB, rate_limit: 2/min, burst: 2}}\nservers:\n  kit: {stdio_server(TESTKIT)}\n"
+    small = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    async with run_gateway(tmp_path, config) as gw, httpx2.AsyncClient() as http:
+        big = await http.post(gw.url, content=b"x" * 2048, headers={"content-type": "application/json"})
+        second = await http.post(gw.url, json=small)
+        third = await http.post(gw.url, json=small)
+        health = await http.get(f"{gw.base}/healthz")
+    assert big.status_code == 413
+    assert second.status_code not in (413, 429)
+    assert third.status_code == 429
+    assert int(third.headers["retry-after"]) >= 1
+    assert health.status_code == 200  # the limit covers /mcp only
+
+
+async def test_workflow_runs_and_steps_are_counted(tmp_path: Path) -> None:
+    workflow = """
+workflows:
+  twice:
+    steps:
+      - {id: first, call: kit__echo, with: {text: a}}
+      - {id: second, call: kit__echo, with: {text: "${.steps.first.result.result}"}}
+"""
+    async with gateway_with(tmp_path, workflow) as (base, client):
+        assert not (await client.call_tool("twice", {})).is_error
+        samples = await scrape(base)
+    runs = {(found["workflow"], found["outcome"]): v for n, found, v in samples if n == "patchbay_workflow_runs_total"}
+    assert runs == {("twice", "succeeded"): 1}
+    steps = {labels["step"]: v for n, labels, v in samples if n == "patchbay_workflow_step_duration_seconds_count"}
+    assert steps == {"first": 1, "second": 1}
+    calls = {(labels["tool"], labels["outcome"]): v for n, labels, v in samples if n == "patchbay_tool_calls_total"}
+    assert calls[("kit__echo", "ok")] == 2  # the steps' calls pass the dispatcher too
+    assert calls[("twice", "ok")] == 1

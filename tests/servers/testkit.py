@@ -77,6 +77,14 @@ def flaky(key: str, failures: int) -> dict[str, object]:
 
 
 @mcp.tool()
+def request_headers(ctx: Context) -> dict[str, str]:
+    """The HTTP headers of the request that carried this call (empty over stdio)."""
+    request = ctx.request_context.request
+    headers = getattr(request, "headers", None)
+    return dict(headers.items()) if headers is not None else {}
+
+
+@mcp.tool()
 def events() -> list[str]:
     """What has happened to this server so far."""
     return list(EVENTS)
