@@ -2,7 +2,8 @@
 
 Requests to ``/mcp`` pass, outermost first: bearer-token authentication (or, with no ``clients:``,
 loopback only), the gateway-wide request limit (429), and the body size limit (413). An
-unauthenticated request is refused before it uses up anyone's budget.
+unauthenticated request is refused before it uses up anyone's budget; a session opened by one
+client is not found for another.
 """
 
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from gateway.gateway import Gateway, open_gateway
 from gateway.server import McpFrontend, http_endpoint
 from gateway.types import Principal
 from policies.auth import BearerAuth, BodyLimit, GlobalRateLimit
+from policies.sessions import SessionOwnership
 
 ANONYMOUS = Principal("anonymous", kind="anonymous")
 
@@ -73,7 +75,7 @@ async def serving(config: Config, *, host: str = "127.0.0.1") -> AsyncIterator[A
             Route("/readyz", readyz),
         ]
         settings = config.gateway
-        app: ASGIApp = BodyLimit(Starlette(routes=routes), settings.max_body)
+        app: ASGIApp = BodyLimit(SessionOwnership(Starlette(routes=routes)), settings.max_body)
         if settings.rate_limit is not None:
             burst = settings.burst if settings.burst is not None else max(1.0, settings.rate_limit[1])
             app = GlobalRateLimit(app, settings.rate_limit[1], burst)

@@ -346,3 +346,31 @@ workflows:
     calls = {(labels["tool"], labels["outcome"]): v for n, labels, v in samples if n == "patchbay_tool_calls_total"}
     assert calls[("kit__echo", "ok")] == 2  # the steps' calls pass the dispatcher too
     assert calls[("twice", "ok")] == 1
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+}
+STREAMS = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-11-25"}
+
+
+async def test_a_session_belongs_to_the_client_that_opened_it(tmp_path: Path) -> None:
+    (bot, bot_digest), (ops, ops_digest) = new_token(), new_token()
+    clients = f'clients:\n  bot: {{token_sha256: "{bot_digest}"}}\n  ops: {{token_sha256: "{ops_digest}"}}\n'
+    async with run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n{clients}") as gw:
+        async with httpx2.AsyncClient(headers=STREAMS) as http:
+            opened = await http.post(gw.url, json=INITIALIZE, headers={"authorization": f"Bearer {bot}"})
+            session = opened.headers["mcp-session-id"]
+            ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+            as_ops = await http.post(
+                gw.url, json=ping, headers={"authorization": f"Bearer {ops}", "mcp-session-id": session}
+            )
+            as_bot = await http.post(
+                gw.url, json=ping, headers={"authorization": f"Bearer {bot}", "mcp-session-id": session}
+            )
+    assert as_ops.status_code == 404
+    assert as_ops.json()["error"]["message"] == "Session not found"
+    assert as_bot.status_code == 200
