@@ -207,6 +207,26 @@ async def show_error(client: Client) -> None:
     print("(not an exception: the model reads the text and can recover, e.g. ask for the right id)")
 
 
+async def show_policy(client: Client) -> None:
+    name, args = "orders__export_orders", {"batch": 50}
+    section(f"{name} {json.dumps(args)}  (over the quick-start's policy limit)")
+    result = await client.call_tool(name, args)
+    if not result.is_error:
+        raise DemoError(f"{name} with batch 50 was not refused by the policy")
+    print(f"isError: true\n{text_of(result)}")
+    print("(refused by the gateway's policy before the orders server saw it)")
+
+
+def show_metrics(base: str) -> None:
+    section("GET /metrics  (patchbay_tool_calls_total)")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    calls = [line for line in lines if line.startswith("patchbay_tool_calls_total{")]
+    if not calls:
+        raise DemoError("/metrics has no patchbay_tool_calls_total")
+    print("\n".join(calls))
+
+
 async def session(url: str) -> None:
     with anyio.fail_after(SESSION_TIMEOUT):
         async with Client(url) as client:
@@ -218,6 +238,7 @@ async def session(url: str) -> None:
             await show_progress(client)
             await show_workflow(client)
             await show_error(client)
+            await show_policy(client)
 
 
 def run_session(base: str, gateway: Service) -> None:
@@ -296,6 +317,7 @@ def main() -> int:
                 base = start_services(Path(logs), services)
                 run_session(base, services[-1])
                 show_readyz(base)
+                show_metrics(base)
                 show_connect()
             finally:
                 for service in reversed(services):
