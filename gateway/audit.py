@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import anyio
+import orjson
 from anyio.abc import TaskStatus
 
 from gateway.types import CallContext, ToolResult
@@ -65,8 +66,15 @@ class AuditRecord:
 
     def json(self) -> str:
         """The record as one line of JSON (newlines inside strings are escaped)."""
-        fields_ = {f.name: getattr(self, f.name) for f in fields(self)}
-        return json.dumps(fields_, ensure_ascii=False, separators=(",", ":"), default=str)
+        values = {name: getattr(self, name) for name in _FIELDS}
+        # orjson: a record per call, and the stdlib takes ~5 µs for a typical one (mostly float repr), orjson ~0.5.
+        try:
+            return orjson.dumps(values, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # what orjson refuses and the stdlib writes: integers beyond 64 bits
+            return json.dumps(values, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+_FIELDS = tuple(f.name for f in fields(AuditRecord))
 
 
 class AuditSink(Protocol):

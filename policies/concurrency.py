@@ -17,8 +17,6 @@ slot counted but not recorded here could never be released.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import anyio
-
 from gateway.errors import ConcurrencyLimited
 from gateway.types import CallNext, ToolCall, ToolResult
 from policies.ratelimit import SCOPE_WORDS, Per, RuleIndex, check_scope, scope_value
@@ -70,8 +68,7 @@ class ConcurrencyLimit:
         try:
             for rule in rules:
                 key = f"concurrency:{rule.label}:{rule.per}:{scope_value(rule.per, call)}"
-                with anyio.CancelScope(shield=True):
-                    counted = await self._state.acquire(key, rule.limit)
+                counted = await self._state.acquire(key, rule.limit)
                 if not counted:
                     raise ConcurrencyLimited(
                         f"concurrency limit {rule.limit} {SCOPE_WORDS[rule.per]} ({rule.label}) reached for "
@@ -81,7 +78,6 @@ class ConcurrencyLimit:
                 held.append(key)
             return await call_next(call)
         finally:
-            if held:
-                with anyio.CancelScope(shield=True):
-                    for key in reversed(held):
-                        await self._state.release(key)
+            # Also when the call was cancelled: a state that awaits I/O shields its own release (LimitState).
+            for key in reversed(held):
+                await self._state.release(key)

@@ -128,6 +128,23 @@ class Redactor:
 
     def _walk(self, value: Any, depth: int, path: set[int]) -> Any:
         # Recursion bounded by MAX_DEPTH; ``path`` holds the ids of the containers being walked, to stop cycles.
+        kind = type(value)  # exact types first: JSON from the wire is only these, and isinstance on ABCs is slow
+        if kind is str:
+            return self.redact_text(value) if value else value
+        if kind is int or kind is bool or value is None:
+            return value
+        if (kind is dict or kind is list) and depth < MAX_DEPTH and id(value) not in path:
+            path.add(id(value))
+            try:
+                if kind is list:
+                    return [self._walk(item, depth + 1, path) for item in value]
+                return self._mapping(value, depth, path)
+            finally:
+                path.discard(id(value))
+        return self._walk_other(value, depth, path)
+
+    def _walk_other(self, value: Any, depth: int, path: set[int]) -> Any:
+        """``_walk`` for what is not plain JSON from the wire: subclasses, tuples, sets, floats, objects."""
         if isinstance(value, str):
             return self.redact_text(value)
         if value is None or isinstance(value, bool | int):
@@ -146,14 +163,25 @@ class Redactor:
         path.add(ident)
         try:
             if isinstance(value, Mapping):
-                copy: dict[str, Any] = {}
-                for k, v in value.items():
-                    key = k if isinstance(k, str) else str(k)
-                    copy[key] = REDACTED if self.is_secret_key(key) else self._walk(v, depth + 1, path)
-                return copy
+                return self._mapping(value, depth, path)
             return [self._walk(item, depth + 1, path) for item in value]
         finally:
             path.discard(ident)
+
+    def _mapping(self, value: Mapping[Any, Any], depth: int, path: set[int]) -> dict[str, Any]:
+        copy: dict[str, Any] = {}
+        secret, text, walk = self.is_secret_key, self.redact_text, self._walk
+        for k, v in value.items():
+            key = k if type(k) is str else str(k)
+            if secret(key):
+                copy[key] = REDACTED
+            elif type(v) is str:  # the common leaves inline: a call per value is most of the walk's cost
+                copy[key] = text(v) if v else v
+            elif type(v) is int or v is None or type(v) is bool or (type(v) is float and math.isfinite(v)):
+                copy[key] = v
+            else:
+                copy[key] = walk(v, depth + 1, path)
+        return copy
 
 
 def _normalize(key: str) -> str:

@@ -277,3 +277,10 @@ async def test_a_buffer_of_zero_is_refused(tmp_path: Path) -> None:
 
 async def test_the_null_sink_takes_records_and_keeps_nothing() -> None:
     NullAuditSink().record(record())
+
+
+def test_a_record_with_an_integer_beyond_64_bits_is_still_written_whole() -> None:
+    record = build_record(
+        "t", "s", CallContext(principal=Principal("p")), "ok", 0.0, (), {"n": 2**70}, None, None, Redactor()
+    )
+    assert json.loads(record.json())["arguments"] == {"n": 2**70}
