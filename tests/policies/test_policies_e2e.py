@@ -253,20 +253,28 @@ async def test_the_clients_token_is_never_forwarded_upstream(tmp_path: Path) -> 
     assert "authorization" not in seen
 
 
-async def test_audit_records_every_call_and_no_secret(tmp_path: Path) -> None:
+async def test_audit_records_every_call_and_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     token = new_token()[0] + CANARY  # a token is any string: this one carries the canary
-    digest = token_hash(token)
+    monkeypatch.setenv("KIT_API_KEY", CANARY)  # the environment: the gateway sends it upstream as a header
+    port = free_port()
     audit = tmp_path / "audit.jsonl"
     config = (
-        f"servers:\n  kit: {stdio_server(TESTKIT, SECRET_ENV=CANARY)}\n"
-        f'clients:\n  bot: {{token_sha256: "{digest}"}}\n'
+        f"servers:\n  kit: {{url: http://127.0.0.1:{port}/mcp, headers: {{X-Api-Key: '${{KIT_API_KEY}}'}}}}\n"
+        f'clients:\n  bot: {{token_sha256: "{token_hash(token)}"}}\n'
         f"audit: {{path: {audit}}}\n"
     )
-    async with run_gateway(tmp_path, config) as gw, client_of(gw.url, token) as client:
+    async with (
+        run_http_upstream(tmp_path, TESTKIT, port),
+        run_gateway(tmp_path, config) as gw,
+        client_of(gw.url, token) as client,
+    ):
         assert text(await client.call_tool("kit__echo", {"text": f"password={CANARY}"})) == f"password={CANARY}"
         await client.call_tool("kit__echo", {"text": f"Authorization: Bearer {CANARY}"})
         await client.call_tool("kit__record", {"label": "x", "password": CANARY})
         await client.call_tool("kit__record", {"label": 5, "token": CANARY})  # invalid: audited all the same
+        seen = await client.call_tool("kit__request_headers", {})  # a result holding the env's secret
+        assert seen.structured_content is not None
+        assert CANARY in json.dumps(seen.structured_content)
         result = await client.call_tool("kit__echo", {"text": "plain"})
         assert not result.is_error
     records = [json.loads(line) for line in audit.read_text().splitlines()]
@@ -276,9 +284,11 @@ async def test_audit_records_every_call_and_no_secret(tmp_path: Path) -> None:
         ("kit__echo", "ok", "bot"),
         ("kit__record", "ok", "bot"),
         ("kit__record", "invalid", "bot"),
+        ("kit__request_headers", "ok", "bot"),
         ("kit__echo", "ok", "bot"),
     ]
     assert records[-1]["arguments"] == {"text": "plain"}
+    assert records[-1]["result"] == {"result": "plain"}
     assert all(r["upstream"] == "kit" and r["duration_ms"] >= 0 for r in records)
 
 
