@@ -20,7 +20,8 @@ from gateway.config import Config
 from gateway.gateway import Gateway, open_gateway
 from gateway.server import McpFrontend, http_endpoint
 from gateway.types import Principal
-from policies.auth import BearerAuth, BodyLimit, GlobalRateLimit
+from policies.auth import BearerAuth
+from policies.http_limits import BodyLimit, GlobalRateLimit
 from policies.sessions import SessionOwnership
 
 ANONYMOUS = Principal("anonymous", kind="anonymous")

@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
 )
 
+from gateway._yamlfile import Loc, Tree, dotted, in_file_order, interpolate, syntax_problem
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.guards import (
     AccessRule,
@@ -77,15 +78,11 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_BODY = 4 * 2**20
 """Bytes an HTTP request body to the gateway may have."""
 
-Loc = tuple[str | int, ...]
-"""A key path into the config: mapping keys are ``str``, list indexes ``int``."""
 
 # Numbers are coerced to strings so `env: {PORT: 8080}` and `command: [serve, 8080]` just work.
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
-_VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Workflow strings are jq programs such as `${.input.order_id}`; the engine evaluates them later.
 _NOT_INTERPOLATED = frozenset({"workflows"})
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _split_command(value: Any) -> Any:
@@ -296,23 +293,26 @@ def parse_config(
         ConfigError: lists every problem found.
     """
     problems: list[ConfigProblem] = []
-    tree = _Tree(text, problems)
+    tree = Tree(text, problems)
     try:
         data = tree.load()
     except yaml.YAMLError as exc:
-        raise ConfigError([_syntax_problem(exc, text)], source=source) from None
+        raise ConfigError([syntax_problem(exc, text)], source=source) from None
     if data is None:  # an empty file: every default
         data = {}
     if not isinstance(data, dict):
         problems.append(ConfigProblem("<document>", "the config must be a mapping of keys to values", tree.line(())))
         raise ConfigError(problems, source=source)
-    data = {key: _interpolate(value, (key,), environ, tree) for key, value in data.items()}
+    data = {
+        key: value if key in _NOT_INTERPOLATED else interpolate(value, (key,), environ, tree)
+        for key, value in data.items()
+    }
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         already = {p.path for p in problems}  # an unset variable also makes its value invalid: say it once
         problems.extend(p for p in _validation_problems(exc, tree) if p.path not in already)
-        raise ConfigError(_in_file_order(problems), source=source) from None
+        raise ConfigError(in_file_order(problems), source=source) from None
     plans: dict[str, Plan] = {}
     for name, workflow in config.workflows.items():
         plans[name], found = compile_workflow(name, workflow)
@@ -320,7 +320,7 @@ def parse_config(
     problems.extend(_located(check_calls(plans), tree, config.workflows))
     problems.extend(_unknown_clients(config, tree))
     if problems:
-        raise ConfigError(_in_file_order(problems), source=source)
+        raise ConfigError(in_file_order(problems), source=source)
     if base_dir is not None:
         config = _resolve_cwds(config, base_dir)
     config._source = source
@@ -342,129 +342,11 @@ def _loc_of(path: str, workflows: Iterable[str]) -> Loc:
     return tuple(path.split("."))
 
 
-def _located(problems: list[ConfigProblem], tree: "_Tree", workflows: Iterable[str]) -> list[ConfigProblem]:
+def _located(problems: list[ConfigProblem], tree: Tree, workflows: Iterable[str]) -> list[ConfigProblem]:
     return [ConfigProblem(p.path, p.message, p.line or tree.line(_loc_of(p.path, workflows))) for p in problems]
 
 
-class _Tree:
-    """Builds plain data from the YAML node tree, recording each key's line and reporting duplicates."""
-
-    def __init__(self, text: str, problems: list[ConfigProblem]) -> None:
-        self.lines: dict[Loc, int] = {}
-        self._problems = problems
-        self._open: set[int] = set()  # nodes being built: an alias back into one would recurse forever
-        self._loader = yaml.SafeLoader(text)
-
-    def load(self) -> Any:
-        try:
-            node = self._loader.get_single_node()
-            if node is None:
-                return None
-            self.lines[()] = node.start_mark.line + 1
-            return self._build(node, ())
-        finally:
-            self._loader.dispose()
-
-    def line(self, loc: Loc) -> int | None:
-        for end in range(len(loc), -1, -1):
-            if loc[:end] in self.lines:
-                return self.lines[loc[:end]]
-        return None
-
-    def problem(self, loc: Loc, message: str, line: int | None = None) -> None:
-        self._problems.append(ConfigProblem(_dotted(loc), message, line or self.line(loc)))
-
-    def _build(self, node: yaml.Node, loc: Loc) -> Any:
-        if id(node) in self._open:
-            self.problem(loc, "an alias refers to a node that contains it")
-            return None
-        self._open.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode):
-                return self._mapping(node, loc)
-            if isinstance(node, yaml.SequenceNode):
-                return [self._item(item, (*loc, index)) for index, item in enumerate(node.value)]
-            try:
-                return self._loader.construct_object(node, deep=True)
-            except yaml.constructor.ConstructorError as exc:
-                self.problem(loc, exc.problem or str(exc), node.start_mark.line + 1)
-                return None
-        finally:
-            self._open.discard(id(node))
-
-    def _item(self, node: yaml.Node, loc: Loc) -> Any:
-        self.lines.setdefault(loc, node.start_mark.line + 1)
-        return self._build(node, loc)
-
-    def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        first_line: dict[str, int] = {}
-        merged: list[yaml.Node] = []
-        for key_node, value_node in node.value:
-            line = key_node.start_mark.line + 1
-            if key_node.tag == _MERGE_TAG:
-                merged.extend(value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node])
-                continue
-            if not isinstance(key_node, yaml.ScalarNode):
-                self.problem(loc, "a key must be a name, not a list or mapping", line)
-                continue
-            key = str(key_node.value)
-            if key in first_line:
-                self.problem((*loc, key), f"duplicate key {key!r} (first on line {first_line[key]})", line)
-            first_line.setdefault(key, line)
-            self.lines[(*loc, key)] = first_line[key]
-            result[key] = self._build(value_node, (*loc, key))
-        # `<<: *defaults` fills in keys not written explicitly, as YAML merge keys do.
-        for source in merged:
-            extra = self._build(source, loc)
-            if isinstance(extra, dict):
-                for key, value in extra.items():
-                    result.setdefault(key, value)
-            else:
-                self.problem(loc, "`<<` can only merge mappings", source.start_mark.line + 1)
-        return result
-
-
-def _interpolate(value: Any, loc: Loc, environ: Mapping[str, str], tree: _Tree) -> Any:
-    if loc[0] in _NOT_INTERPOLATED:
-        return value
-    if isinstance(value, dict):
-        return {key: _interpolate(item, (*loc, key), environ, tree) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(item, (*loc, index), environ, tree) for index, item in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match[1], match[2]
-        if name is None:
-            return "${"
-        found = environ.get(name)
-        if default is not None and not found:
-            return default
-        if found is None:
-            tree.problem(loc, f"environment variable {name} is not set")
-            return match[0]
-        return found
-
-    return _VARIABLE.sub(substitute, value)
-
-
-def _in_file_order(problems: list[ConfigProblem]) -> list[ConfigProblem]:
-    return sorted(problems, key=lambda problem: problem.line or 0)
-
-
-def _syntax_problem(exc: yaml.YAMLError, text: str) -> ConfigProblem:
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark or exc.context_mark
-        return ConfigProblem("<document>", exc.problem or str(exc), mark.line + 1 if mark else None)
-    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
-        line = text.count("\n", 0, exc.position) + 1
-        return ConfigProblem("<document>", f"{exc.reason} (#x{exc.character:04x})", line)
-    return ConfigProblem("<document>", str(exc))
-
-
-def _validation_problems(exc: ValidationError, tree: _Tree) -> Iterator[ConfigProblem]:
+def _validation_problems(exc: ValidationError, tree: Tree) -> Iterator[ConfigProblem]:
     for error in exc.errors(include_url=False):
         raw: Loc = tuple(error["loc"])
         loc = _strip_tags(raw)
@@ -473,7 +355,7 @@ def _validation_problems(exc: ValidationError, tree: _Tree) -> Iterator[ConfigPr
             message = f"unknown key {raw[-1]!r} (allowed: {allowed})"
         else:
             message = error["msg"].removeprefix("Value error, ")
-        yield ConfigProblem(_dotted(loc), message, tree.line(loc))
+        yield ConfigProblem(dotted(loc), message, tree.line(loc))
 
 
 def _strip_tags(loc: Loc) -> Loc:
@@ -517,17 +399,7 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
-def _dotted(loc: Loc) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += ("." if text else "") + (part if part else '""')
-    return text or "<document>"
-
-
-def _unknown_clients(config: Config, tree: _Tree) -> Iterator[ConfigProblem]:
+def _unknown_clients(config: Config, tree: Tree) -> Iterator[ConfigProblem]:
     """A rule naming a client that is not configured would never apply: a typo, most likely."""
     for index, rule in enumerate(config.policies):
         for name in rule.clients or ():

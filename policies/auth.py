@@ -1,27 +1,37 @@
-"""HTTP-level protection of ``patchbay serve``: bearer tokens, body size, a gateway-wide rate limit.
+"""Who is calling ``patchbay serve`` over HTTP: bearer tokens, or anonymous loopback peers.
 
-Pure ASGI middlewares (the shape of ``starlette/middleware/trustedhost.py``)
-that answer refusals themselves, so a refused request costs no MCP session,
-body parsing or upstream call. The config holds only SHA-256 hashes of tokens
-(a leaked config leaks no credential); ``Authorization`` is removed from the
-scope passed on, so nothing downstream can forward a client's token upstream.
-``GlobalRateLimit`` is the backstop under the policy chain's per-client and
-per-tool limits.
+Pure ASGI middleware (the shape of ``starlette/middleware/trustedhost.py``) that
+answers refusals itself, so a refused request costs no MCP session, body
+parsing or upstream call. The config holds only SHA-256 hashes of tokens (a
+leaked config leaks no credential); ``Authorization`` is removed from the scope
+passed on, so nothing downstream can forward a client's token upstream.
 """
 
 import hashlib
 import hmac
 import ipaddress
-import math
 import secrets
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import parse_qsl
 
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.types import Principal
+
+__all__ = [
+    "PRINCIPAL_KEY",
+    "REALM",
+    "TOKEN_PREFIX",
+    "BearerAuth",
+    "check_bind",
+    "error_response",
+    "is_loopback",
+    "new_token",
+    "principal_of",
+    "token_hash",
+    "under",
+]
 
 PRINCIPAL_KEY = "patchbay.principal"
 """Key of the authenticated ``Principal`` in ``scope["state"]``."""
@@ -78,7 +88,7 @@ def check_bind(host: str, clients: Mapping[str, str]) -> str | None:
     )
 
 
-def _matches(path: str, prefixes: Sequence[str]) -> bool:
+def under(path: str, prefixes: Sequence[str]) -> bool:
     """``/mcp`` covers ``/mcp`` and ``/mcp/…`` but not ``/mcpx``."""
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
@@ -91,7 +101,9 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, response: JSONResp
     await response(scope, receive, send)
 
 
-def _error(status: int, error: str, description: str, headers: Mapping[str, str], **extra: object) -> JSONResponse:
+def error_response(
+    status: int, error: str, description: str, headers: Mapping[str, str], **extra: object
+) -> JSONResponse:
     body = {"error": error, "error_description": description, **extra}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -124,7 +136,7 @@ class BearerAuth:
         self._clients = tuple(by_hash.items())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not _matches(scope["path"], self.protected):
+        if scope["type"] not in ("http", "websocket") or not under(scope["path"], self.protected):
             await self.app(scope, receive, send)
             return
         principal_or_refusal = self._authenticate(scope)
@@ -143,7 +155,7 @@ class BearerAuth:
             if client and is_loopback(str(client[0])):
                 return Principal("anonymous", kind="anonymous")
             # No peer address (e.g. a unix socket) is refused too: fail closed.
-            return _error(403, "forbidden", _LOOPBACK_ONLY, {})
+            return error_response(403, "forbidden", _LOOPBACK_ONLY, {})
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         if any(key in _QUERY_TOKEN_PARAMS for key, _ in query):
             return self._challenge("invalid_request", _NOT_IN_QUERY)
@@ -177,123 +189,4 @@ class BearerAuth:
         challenge = f'Bearer realm="{REALM}"'
         if error is not None:  # RFC 6750 §3: no error code when no credentials were presented
             challenge += f', error="{error}"'
-        return _error(401, "unauthorized", description, {"WWW-Authenticate": challenge})
-
-
-def _declared_length(scope: Scope) -> int:
-    """The ``Content-Length`` header, or 0 (chunked; a malformed one never gets past the HTTP server)."""
-    declared = next((v.strip() for k, v in scope["headers"] if k.lower() == b"content-length"), b"")
-    return int(declared) if declared.isdigit() else 0
-
-
-class _BodyTooLarge(Exception):
-    """Raised from ``receive`` once a streamed body passes the limit, to stop the app reading."""
-
-
-class _Guard:
-    """One request's ``receive`` and ``send`` for ``BodyLimit``: counts the body, tracks the response."""
-
-    def __init__(self, receive: Receive, send: Send, max_bytes: int) -> None:
-        self._receive, self._send, self.max_bytes = receive, send, max_bytes
-        self.received, self.exceeded, self.started = 0, False, False
-
-    async def receive(self) -> Message:
-        if self.exceeded:
-            raise _BodyTooLarge
-        message = await self._receive()
-        if message["type"] == "http.request":
-            self.received += len(message.get("body", b""))
-            self.exceeded = self.received > self.max_bytes
-            if self.exceeded:
-                raise _BodyTooLarge
-        return message
-
-    async def send(self, message: Message) -> None:
-        if self.exceeded:
-            return  # the app's reaction to the cut-off body: the 413 replaces it
-        self.started = self.started or message["type"] == "http.response.start"
-        await self._send(message)
-
-
-class BodyLimit:
-    """413 for request bodies over ``max_bytes``.
-
-    A declared ``Content-Length`` over the limit is refused before reading. A
-    chunked body is counted as the app reads it: past the limit, ``receive``
-    raises, the app's own reaction (often a 500) is discarded, and a 413 goes
-    out instead. If the app had already started its response, the status line
-    is on the wire and cannot change, so the middleware raises and the server
-    drops the connection: a truncated reply that looks complete would be worse.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError("max_bytes must not be negative")
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if _declared_length(scope) > self.max_bytes:
-            await self._too_large(scope, receive, send)
-            return
-
-        guard = _Guard(receive, send, self.max_bytes)
-        try:
-            await self.app(scope, guard.receive, guard.send)
-        except Exception:
-            if not guard.exceeded:
-                raise
-            # The app failed because its body was cut off (maybe wrapped in an ExceptionGroup): answered below.
-        if guard.exceeded:
-            if guard.started:
-                raise _BodyTooLarge(f"request body over {self.max_bytes} bytes after the response started")
-            await self._too_large(scope, receive, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        description = f"The request body is larger than this gateway accepts ({self.max_bytes} bytes)."
-        await _error(413, "payload_too_large", description, {"Connection": "close"})(scope, receive, send)
-
-
-class GlobalRateLimit:
-    """One token bucket for every request to ``paths``: 429 with ``Retry-After`` when it is empty.
-
-    ``rate`` requests per second refill a bucket of ``burst``. No lock is
-    needed: the bucket is read and updated without an ``await`` in between.
-
-    Raises:
-        ValueError: ``rate`` is not positive or ``burst`` is below 1.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        rate: float,
-        burst: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        paths: Sequence[str] = ("/mcp",),
-    ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be positive and burst at least 1")
-        self.app, self.rate, self.burst, self.clock, self.paths = app, rate, burst, clock, tuple(paths)
-        self._tokens = burst
-        self._last = clock()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _matches(scope["path"], self.paths):
-            await self.app(scope, receive, send)
-            return
-        now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            await self.app(scope, receive, send)
-            return
-        retry_after = max(1, math.ceil((1 - self._tokens) / self.rate))
-        description = f"The gateway is over its request limit; retry after {retry_after} s."
-        headers = {"Retry-After": str(retry_after)}
-        await _error(429, "rate_limited", description, headers, retry_after=retry_after)(scope, receive, send)
+        return error_response(401, "unauthorized", description, {"WWW-Authenticate": challenge})

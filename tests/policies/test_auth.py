@@ -22,16 +22,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.types import Principal
-from policies.auth import (
-    PRINCIPAL_KEY,
-    BearerAuth,
-    BodyLimit,
-    GlobalRateLimit,
-    check_bind,
-    new_token,
-    principal_of,
-    token_hash,
-)
+from policies.auth import PRINCIPAL_KEY, BearerAuth, check_bind, new_token, principal_of, token_hash
+from policies.http_limits import BodyLimit, GlobalRateLimit
 
 pytestmark = pytest.mark.anyio
 
