@@ -29,10 +29,10 @@ def text(result: types.CallToolResult) -> str:
 
 
 @asynccontextmanager
-async def client_of(url: str, token: str | None = None) -> AsyncIterator[Client]:
+async def client_of(url: str, token: str | None = None, mode: str = "legacy") -> AsyncIterator[Client]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx2.AsyncClient(headers=headers) as http:
-        async with Client(streamable_http_client(url, http_client=http), mode="legacy", cache=None) as client:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode, cache=None) as client:
             yield client
 
 
@@ -207,7 +207,8 @@ async def test_metrics_count_every_call_once_under_its_outcome(tmp_path: Path) -
     assert ("patchbay_upstream_up", {"server": "kit"}, 1.0) in samples
 
 
-async def test_clients_need_their_token_and_see_only_their_tools(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_clients_need_their_token_and_see_only_their_tools(tmp_path: Path, mode: str) -> None:
     token, digest = new_token()
     other, other_digest = new_token()
     sections = (
@@ -224,7 +225,7 @@ async def test_clients_need_their_token_and_see_only_their_tools(tmp_path: Path)
         assert wrong.status_code == 401
         assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
         assert in_query.status_code == 401
-        async with client_of(gw.url, token) as bot, client_of(gw.url, other) as ops:
+        async with client_of(gw.url, token, mode) as bot, client_of(gw.url, other, mode) as ops:
             assert [tool.name for tool in (await bot.list_tools()).tools] == ["kit__echo"]
             assert len((await ops.list_tools()).tools) > 1
             refused = await bot.call_tool("kit__whoami", {})
