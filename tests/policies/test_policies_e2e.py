@@ -1,5 +1,6 @@
 """The policy chain end to end: ``patchbay serve`` as a process, the testkit upstream counting what reaches it."""
 
+import itertools
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -385,3 +386,27 @@ async def test_a_session_belongs_to_the_client_that_opened_it(tmp_path: Path) ->
     assert as_ops.status_code == 404
     assert as_ops.json()["error"]["message"] == "Session not found"
     assert as_bot.status_code == 200
+
+
+async def gauge_becomes(base: str, name: str, value: float, seconds: float, **labels: str) -> None:
+    """Poll ``/metrics`` until the gauge reads ``value`` (the gateway notices a change on its own schedule)."""
+    with anyio.fail_after(seconds):
+        for _ in itertools.count():
+            if await gauge(base, name, **labels) == value:
+                return
+            await anyio.sleep(0.1)
+
+
+async def test_the_upstream_up_gauge_follows_the_connection(tmp_path: Path) -> None:
+    port = free_port()
+    config = f"servers:\n  kit: {{url: http://127.0.0.1:{port}/mcp}}\n"
+    async with run_http_upstream(tmp_path, TESTKIT, port, name="first") as upstream:
+        async with run_gateway(tmp_path, config) as gw, client_of(gw.url) as client:
+            assert await gauge(gw.base, "patchbay_upstream_up", server="kit") == 1
+            upstream.process.terminate()
+            await upstream.process.wait()
+            # An HTTP upstream is seen to be gone when a call to it fails (there is no heartbeat).
+            assert (await client.call_tool("kit__echo", {"text": "anyone?"})).is_error
+            await gauge_becomes(gw.base, "patchbay_upstream_up", 0, 10, server="kit")
+            async with run_http_upstream(tmp_path, TESTKIT, port, name="second"):
+                await gauge_becomes(gw.base, "patchbay_upstream_up", 1, 40, server="kit")  # backoff: 0.5 s doubling
