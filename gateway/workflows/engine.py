@@ -310,9 +310,10 @@ class Run:
             self._succeed(state, state.outputs)
 
     def _enqueue(self, state: _State, command: Leaf) -> None:
+        # Handed out by `_pump` when the batch of events is done (`_flush`), not now: something later in
+        # the same batch may cancel it, and a call handed out and cancelled at once would still be made.
         state.status = "queued"
         self._queue.append((state, command))
-        self._pump()
 
     def _pump(self) -> None:
         limit = self.plan.workflow.max_concurrency

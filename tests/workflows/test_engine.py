@@ -518,3 +518,15 @@ steps:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_call_cancelled_in_the_same_batch_of_events_is_never_handed_out() -> None:
+    driver = Driver("""
+steps:
+  - {id: slow, call: t}
+  - id: sw
+    switch: [{when: "true", steps: [{id: side, call: side_effect}, {id: stop, fail: "no"}]}]
+    on_error: continue
+""")
+    assert driver.started == ["slow"]  # `side` was queued, then cancelled when `stop` failed its switch
+    assert not any(isinstance(c, Cancel) for c in driver.log)
