@@ -164,6 +164,8 @@ def _plain_path(tokens: list[_Token]) -> tuple[str | int, ...] | None:
             return None
         path.append(step)
         i = max(j, k)
+    if path == ["steps"]:  # the engine's live mapping of settled steps: jq gets (and returns) a copy
+        return None
     return tuple(path) or None
 
 
@@ -330,10 +332,8 @@ class _Program:
         return ExpressionError(f"jq error in {self.source!r}: {detail}", source=self.source, where=self.where)
 
     def _narrow(self, scope: Scope) -> dict[str, Any]:
-        if self.names is None:
-            return dict(scope)
-        data = {name: scope[name] for name in self.names if name in scope}
-        steps = data.get("steps")
+        data = dict(scope) if self.names is None else {name: scope[name] for name in self.names if name in scope}
+        steps = data.get("steps")  # a ChainMap inside a loop body: not JSON until copied
         if isinstance(steps, Mapping):
             data["steps"] = dict(steps) if self.steps is None else {s: steps[s] for s in self.steps if s in steps}
         return data

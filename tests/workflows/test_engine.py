@@ -1,6 +1,7 @@
 """The engine as a pure state machine: events in, commands out, no I/O and no clock."""
 
 import gc
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -530,3 +531,20 @@ steps:
 """)
     assert driver.started == ["slow"]  # `side` was queued, then cancelled when `stop` failed its switch
     assert not any(isinstance(c, Cancel) for c in driver.log)
+
+
+def test_expressions_over_all_steps_see_a_copy_inside_loops_and_out() -> None:
+    driver = Driver("""
+steps:
+  - {id: first, set: {x: 1}}
+  - {id: seen, set: {all: "${.steps}"}, after: [first]}
+  - id: each
+    for_each: "${[1, 2]}"
+    steps: [{id: names, set: {keys: "${. | keys}"}}]
+""")
+    assert driver.finished is not None
+    assert driver.finished.status == "succeeded", driver.finished.error
+    output = driver.finished.output
+    assert output["seen"] == {"all": {"first": {"result": {"x": 1}, "error": None, "status": "succeeded"}}}
+    assert output["each"] == [{"keys": ["index", "input", "item", "steps"]}] * 2
+    json.dumps(output)  # no reference back into the engine's own state
