@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.gateway import Gateway, open_gateway
+from gateway.guards import bucket_size
 from gateway.server import McpFrontend, http_endpoint
 from gateway.types import Principal
 from policies.auth import BearerAuth
@@ -78,8 +79,8 @@ async def serving(config: Config, *, host: str = "127.0.0.1") -> AsyncIterator[A
         settings = config.gateway
         app: ASGIApp = BodyLimit(SessionOwnership(Starlette(routes=routes)), settings.max_body)
         if settings.rate_limit is not None:
-            burst = settings.burst if settings.burst is not None else max(1.0, settings.rate_limit[1])
-            app = GlobalRateLimit(app, settings.rate_limit[1], burst)
+            rate = settings.rate_limit[1]
+            app = GlobalRateLimit(app, rate, bucket_size(rate, settings.burst))
         app = BearerAuth(app, {name: client.token_sha256 for name, client in config.clients.items()})
         async with run():
             yield app

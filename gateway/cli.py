@@ -114,7 +114,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_http(config: Config, args: argparse.Namespace) -> int:
-    refusal = check_bind(args.host, {name: client.token_sha256 for name, client in config.clients.items()})
+    refusal = check_bind(args.host, config.clients)
     if refusal is not None:
         print(f"patchbay: {refusal}", file=sys.stderr)
         return 1

@@ -45,7 +45,7 @@ from gateway.guards import (
     Rate,
     ServerRetry,
 )
-from gateway.units import Duration, Size
+from gateway.units import Duration, Size, retry_delay
 from gateway.workflows.model import Workflows, strip_tags
 from gateway.workflows.plan import Plan, check_calls, compile_workflow
 
@@ -66,6 +66,7 @@ __all__ = [
     "ToolFilter",
     "load_config",
     "parse_config",
+    "retry_delay",
 ]
 
 DEFAULT_NAME = "patchbay"

@@ -143,11 +143,7 @@ class Gateway:
     def _unknown_fallbacks(self) -> list[ConfigProblem]:
         """Fallback routes to tools that are not served (checked like a workflow's calls)."""
         return [
-            ConfigProblem(
-                f"servers.{server}.fallback.{glob}",
-                f"no tool {target!r} is served to fall back to",
-                self.config.line_of("servers", server, "fallback", glob),
-            )
+            ConfigProblem(f"servers.{server}.fallback.{glob}", f"no tool {target!r} is served to fall back to")
             for server, settings in self.config.servers.items()
             for glob, target in settings.fallback.items()
             if target not in self.registry.tools

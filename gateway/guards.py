@@ -43,6 +43,7 @@ __all__ = [
     "PolicyRule",
     "Rate",
     "ServerRetry",
+    "bucket_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,11 @@ def _parse_rate(value: Any) -> Any:
 
 Rate = Annotated[tuple[str, float], BeforeValidator(_parse_rate)]
 """A rate as written (``"10/s"``) and in calls per second."""
+
+
+def bucket_size(rate: float, burst: float | None) -> float:
+    """A token bucket's size: ``burst``, or one second's worth of ``rate`` (at least 1)."""
+    return burst if burst is not None else max(1.0, rate)
 
 
 def _globs(value: Any) -> Any:
@@ -199,7 +205,7 @@ class LimitRule(BaseModel):
     def bucket(self) -> float:
         """The bucket size: ``burst``, or one second's worth of calls (at least 1)."""
         assert self.rate_limit is not None
-        return self.burst if self.burst is not None else max(1.0, self.rate_limit[1])
+        return bucket_size(self.rate_limit[1], self.burst)
 
 
 def _rule_kind(value: Any) -> str:

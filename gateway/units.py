@@ -1,7 +1,8 @@
-"""Durations and sizes as users write them in the config: ``20s``, ``200ms``, ``1.5s``, ``2m``, or a number of seconds.
+"""Durations (``20s``, ``200ms``, ``1.5s``, ``2m``, or seconds) and sizes (``4MiB``) as users write them in
+the config, and the retry schedule configured durations imply.
 
-Its own module because both :mod:`gateway.config` and :mod:`gateway.workflows.model` use it,
-and the config holds the workflows.
+Its own module because :mod:`gateway.config`, :mod:`gateway.workflows` and (through the config)
+:mod:`policies` use it, and the config holds the workflows.
 """
 
 import re
@@ -9,7 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-__all__ = ["Duration", "Size"]
+__all__ = ["Duration", "Size", "retry_delay"]
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -47,3 +48,10 @@ def _parse_size(value: Any) -> Any:
 
 Size = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
 """Bytes, written as a number or as ``4MiB``, ``512KB``, ``1GB``."""
+
+
+def retry_delay(attempt: int, backoff: float, max_backoff: float, jitter: float, random: float) -> float:
+    """Seconds to wait before try ``attempt + 1``: ``backoff`` doubled per try up to ``max_backoff``, spread
+    by ± ``jitter`` with ``random`` in [0, 1). One schedule for workflow steps and server retries."""
+    base = min(max_backoff, backoff * 2.0 ** min(attempt - 1, 64))  # the cap keeps 2**n a float
+    return max(0.0, base * (1 + jitter * (2 * random - 1)))

@@ -20,17 +20,13 @@ hide a tool (some arguments may pass) and allow rules with one do not hide it ei
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import translate
 
 from gateway.config import AccessRule, ClientConfig
 from gateway.errors import Forbidden
 from gateway.types import CallNext, Principal, ToolCall, ToolResult
+from policies._globs import matcher
 
 __all__ = ["AccessPolicy"]
-
-
-def _matcher(globs: Sequence[str]) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?:{translate(glob)})" for glob in globs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +54,8 @@ class AccessPolicy:
             _Rule(
                 label,
                 rule.deny is not None,
-                _matcher(rule.tools),
-                _matcher(rule.clients) if rule.clients is not None else None,
+                matcher(rule.tools),
+                matcher(rule.clients) if rule.clients is not None else None,
                 rule,
                 rule.if_ is not None,
             )
@@ -68,7 +64,7 @@ class AccessPolicy:
         self._denies = [rule for rule in self._rules if rule.deny]
         self._allows = [rule for rule in self._rules if not rule.deny]
         self._client_tools = {
-            name: (_matcher(client.tools), ", ".join(client.tools))
+            name: (matcher(client.tools), ", ".join(client.tools))
             for name, client in clients.items()
             if client.tools is not None
         }

@@ -77,7 +77,7 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def check_bind(host: str, clients: Mapping[str, str]) -> str | None:
+def check_bind(host: str, clients: Mapping[str, object]) -> str | None:
     """Why ``serve`` must not listen on ``host`` (anonymous mode off loopback), or None when it may."""
     if clients or is_loopback(host):
         return None

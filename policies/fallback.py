@@ -21,13 +21,13 @@ context variable, it also covers everything the fallback call does in turn
 """
 
 import dataclasses
-import fnmatch
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 
 from gateway.errors import CircuitOpen, GatewayError, UpstreamError
 from gateway.types import CallContext, CallNext, JSONObject, ToolCall, ToolResult
+from policies._globs import matcher
 
 __all__ = ["META_KEY", "FallbackPolicy"]
 
@@ -45,7 +45,7 @@ class FallbackPolicy:
     def __init__(self, routes: Mapping[str, Mapping[str, str]], call_tool: CallTool) -> None:
         # Globs are tried in the order the config lists them; the first match wins.
         self._routes = {
-            server: tuple((re.compile(fnmatch.translate(glob)), name) for glob, name in server_routes.items())
+            server: tuple((matcher((glob,)), name) for glob, name in server_routes.items())
             for server, server_routes in routes.items()
             if server_routes
         }

@@ -11,16 +11,16 @@ is an answer and is returned as it is; other errors would fail the same way
 again.
 """
 
-import fnmatch
 import random
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
 
+from gateway.config import retry_delay
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallNext, ToolCall, ToolResult
+from policies._globs import matcher
 
 __all__ = ["RetryPolicy", "RetrySettings"]
 
@@ -48,8 +48,7 @@ class RetrySettings:
 
     def delay(self, retry: int, random: float) -> float:
         """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``random`` in [0, 1)."""
-        base = min(self.max_backoff, self.backoff * 2.0 ** min(retry - 1, 64))  # the cap keeps 2**n a float
-        return base * (1 + self.jitter * (2 * random - 1))
+        return retry_delay(retry, self.backoff, self.max_backoff, self.jitter, random)
 
 
 class RetryPolicy:
@@ -62,7 +61,7 @@ class RetryPolicy:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         random: Callable[[], float] = random.random,
     ) -> None:
-        self._settings = {server: (s, _globs(s.idempotent)) for server, s in settings.items() if s.attempts > 1}
+        self._settings = {server: (s, matcher(s.idempotent)) for server, s in settings.items() if s.attempts > 1}
         self._sleep = sleep
         self._random = random
 
@@ -90,11 +89,6 @@ class RetryPolicy:
                     raise
             await self._sleep(settings.delay(attempt, self._random()))
             attempt += 1
-
-
-def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
-    """One regex for all the globs, compiled once (one that matches nothing when there are none)."""
-    return re.compile("|".join(fnmatch.translate(p) for p in patterns) or r"(?!)")
 
 
 def _hinted_idempotent(call: ToolCall) -> bool:

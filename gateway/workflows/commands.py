@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gateway.units import retry_delay
+
 __all__ = [
     "AskModel",
     "AskUser",
@@ -128,9 +130,3 @@ class Finished:
 Command = CallTool | AskUser | AskModel | StartTimer | Cancel | Settled | Finished
 Leaf = CallTool | AskUser | AskModel
 """The commands that start a call or a question: what counts against ``max_concurrency``."""
-
-
-def retry_delay(attempt: int, backoff: float, max_backoff: float, jitter: float, random: float) -> float:
-    """Seconds to wait before try ``attempt + 1``; ``random`` in [0, 1) spreads it by ± ``jitter``."""
-    base: float = min(max_backoff, backoff * 2.0 ** (attempt - 1))
-    return max(0.0, base * (1 + jitter * (2 * random - 1)))

@@ -152,7 +152,7 @@ class Run:
             self._restart(state)
         elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback"):
             limit = state.plan.step.timeout
-            self._fail(state, StepError("timeout", f"did not finish within {limit:g}s", state.key), 0.5)
+            self._fail(state, StepError("timeout", f"did not finish within {limit:g}s", state.key))
         return self._flush()
 
     def cancel(self, message: str = "the run was cancelled") -> list[Command]:
@@ -190,10 +190,14 @@ class Run:
     def _activate(self, frame: _Frame, step_ids: Iterable[str]) -> None:
         """Place steps in ``frame``; each starts once ready (all are placed before any starts)."""
         for step_id in step_ids:
-            state = _State(self.plan.steps[step_id], frame, frame.path + step_id)
-            frame.states[step_id] = state
-            self._by_key[state.key] = state
-            self._wake.append(state)
+            self._wake.append(self._place(frame, step_id))
+
+    def _place(self, frame: _Frame, step_id: str) -> _State:
+        """A new state for ``step_id`` in ``frame``, findable by its key."""
+        state = _State(self.plan.steps[step_id], frame, frame.path + step_id)
+        frame.states[step_id] = state
+        self._by_key[state.key] = state
+        return state
 
     def _dep_state(self, frame: _Frame, dep: str) -> "_State | None":
         region = self.plan.regions[dep]
@@ -221,7 +225,7 @@ class Run:
         try:
             self._run_step(state)
         except ExpressionError as exc:
-            self._fail(state, StepError("error", exc.detail, state.key), 0.5)
+            self._fail(state, StepError("error", exc.detail, state.key))
 
     def _run_step(self, state: _State) -> None:
         step, values = state.plan.step, state.plan.values
@@ -254,7 +258,7 @@ class Run:
             self._succeed(state, values["set"].evaluate(scope))
         elif isinstance(step, FailStep):
             message = _text(values["fail"].evaluate(scope)) or "the workflow failed"
-            self._fail(state, StepError("error", message, state.key), 0.5)
+            self._fail(state, StepError("error", message, state.key))
         elif isinstance(step, SwitchStep):
             chosen = next((f"case {i}" for i, case in enumerate(state.plan.cases) if case.holds(scope)), "default")
             self._open(state, chosen)
@@ -280,9 +284,7 @@ class Run:
             self._succeed(state, None)
 
     def _skip_tree(self, frame: _Frame, step_id: str) -> None:
-        state = _State(self.plan.steps[step_id], frame, frame.path + step_id)
-        frame.states[step_id] = state
-        self._by_key[state.key] = state
+        state = self._place(frame, step_id)
         self._settle(state, "skipped", notify=False)
         for branch, ids in state.plan.children.items():
             if branch != "fallback":
@@ -342,7 +344,8 @@ class Run:
             self._completed.append(state)
         self._settle(state, "succeeded")
 
-    def _fail(self, state: _State, error: StepError, random: float) -> None:
+    def _fail(self, state: _State, error: StepError, random: float = 0.5) -> None:
+        """``state`` failed; ``random`` jitters a retry (0.5: none, for failures that are not a try's outcome)."""
         if state.status in _SETTLED:
             return
         self._cancel_inside(state)
@@ -455,9 +458,9 @@ class Run:
                 parent.error = error
                 self._settle(parent, "failed")
             else:
-                self._fail(parent, error, 0.5)
+                self._fail(parent, error)
         elif state.frame.owner is not None:
-            self._fail(state.frame.owner, error, 0.5)
+            self._fail(state.frame.owner, error)
         else:
             self._fail_run(error)
 
@@ -489,7 +492,7 @@ class Run:
                 body = owner.plan.children.get("body", ())
                 output = frame.states[body[-1]].result if body else None
         except ExpressionError as exc:
-            self._fail(owner, StepError("error", exc.detail, owner.key), 0.5)
+            self._fail(owner, StepError("error", exc.detail, owner.key))
             return
         owner.outputs[frame.index] = output
         del owner.iterations[frame.index]

@@ -73,18 +73,18 @@ class Plan:
     descendants: Mapping[str, frozenset[str]]
     """For each step, every step nested in it, at any depth."""
 
-    @property
-    def total_steps(self) -> int | None:
-        """How many steps a run settles (each once, run or skipped), if that is known before it runs.
+    total_steps: int | None
+    """How many steps a run settles (each once, run or skipped), if known before it runs: progress's total."""
 
-        Unknown when a for_each runs its body once per item, a fallback may run, or a container
-        may be retried (its steps then settle again).
-        """
-        for step_plan in self.steps.values():
-            node, step = step_plan.node, step_plan.step
-            if node.kind == "for_each" or node.branch == "fallback" or (step.retry and self.descendants[node.id]):
-                return None
-        return len(self.steps)
+
+def _total_steps(steps: Mapping[str, StepPlan], descendants: Mapping[str, frozenset[str]]) -> int | None:
+    """Unknown when a for_each runs its body once per item, a fallback may run, or a container may be
+    retried (its steps then settle again)."""
+    for step_plan in steps.values():
+        node, step = step_plan.node, step_plan.step
+        if node.kind == "for_each" or node.branch == "fallback" or (step.retry and descendants[node.id]):
+            return None
+    return len(steps)
 
 
 def _own_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
@@ -140,9 +140,11 @@ def _compile(step: Step, where: str) -> tuple[dict[str, Value], dict[str, Condit
 def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigProblem]]:
     """The plan of workflow ``name`` and every problem in it (paths start ``workflows.<name>.``, no lines)."""
     compiled: dict[str, tuple[dict[str, Value], dict[str, Condition], list[ConfigProblem]]] = {}
+    by_id: dict[str, Step] = {}
     for path, step in iter_steps(workflow.steps):
         if step.id not in compiled:  # a duplicate id is reported by the graph
             compiled[step.id] = _compile(step, f"workflows.{name}.{path}")
+            by_id[step.id] = step
 
     def references(step: Step) -> frozenset[str]:
         values, conditions, _ = compiled[step.id]
@@ -152,9 +154,6 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
         return frozenset().union(*found)
 
     graph, problems = build_graph(name, workflow, references)
-    by_id: dict[str, Step] = {}
-    for step in _all_steps(workflow.steps):
-        by_id.setdefault(step.id, step)
     children: dict[str, dict[str, list[str]]] = {step_id: {} for step_id in graph.nodes}
     for node in graph.nodes.values():
         if node.parent is not None and node.branch is not None:
@@ -178,7 +177,11 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
         if tool is not None
     )
     top = tuple(step.id for step in workflow.steps)
-    plan = Plan(name, workflow, graph, MappingProxyType(steps), top, output, calls, *_relations(graph))
+    regions, dependents, descendants = _relations(graph)
+    total = _total_steps(steps, descendants)
+    plan = Plan(
+        name, workflow, graph, MappingProxyType(steps), top, output, calls, regions, dependents, descendants, total
+    )
     return plan, problems
 
 
@@ -229,19 +232,6 @@ def _relations(
 def _unknown_references(name: str, path: str, value: Value, graph: Graph) -> Iterator[ConfigProblem]:
     for ref in sorted(value.references - graph.nodes.keys()):
         yield ConfigProblem(f"workflows.{name}.{path}", f"refers to unknown step {ref!r}")
-
-
-def _all_steps(steps: tuple[Step, ...]) -> Iterator[Step]:
-    for step in steps:
-        yield step
-        if isinstance(step, SwitchStep):
-            for case in step.switch:
-                yield from _all_steps(case.steps)
-            yield from _all_steps(step.default)
-        elif isinstance(step, ForEachStep):
-            yield from _all_steps(step.steps)
-        if isinstance(step.on_error, tuple):
-            yield from _all_steps(step.on_error)
 
 
 def check_calls(plans: Mapping[str, Plan]) -> list[ConfigProblem]:

@@ -17,6 +17,7 @@ from gateway.types import CallContext, JSONObject, Tool, ToolResult
 from gateway.workflows.plan import Plan
 from gateway.workflows.roundtrip import STATE_PREFIX, RoundTrips, needs_round_trip
 from gateway.workflows.runner import Runner
+from policies.validation import violations
 
 __all__ = ["WORKFLOW_PROVIDER", "WorkflowProvider"]
 
@@ -61,10 +62,10 @@ class WorkflowProvider:
             raise ToolNotFound(name)
         if context.request_state is not None and context.request_state.startswith(STATE_PREFIX):
             return await self._round_trips.resume(context)  # a 2026-07-28 client's answers
-        errors = sorted(self._validators[name].iter_errors(dict(arguments)), key=lambda e: e.json_path)
-        if errors:
-            problems = "; ".join(f"{error.json_path}: {error.message}" for error in errors)
-            raise InvalidArguments(f"invalid arguments for workflow {name!r}: {problems}")
+        # The gateway's chain has validated them already; this guards calls made to the provider directly.
+        problems = violations(self._validators[name], arguments)
+        if problems:
+            raise InvalidArguments(f"invalid arguments for workflow {name!r}: {'; '.join(problems)}")
 
         async def run(run_context: CallContext) -> ToolResult:
             return self._checked(name, await self.runner.run(plan, arguments, run_context))
@@ -78,7 +79,7 @@ class WorkflowProvider:
         checker = self._output_validators.get(name)
         if checker is None or result.is_error:
             return result
-        wrong = [f"{e.json_path}: {e.message}" for e in checker.iter_errors(result.structured_content)]
+        wrong = violations(checker, result.structured_content) if result.structured_content is not None else []
         if result.structured_content is None or wrong:
             detail = "; ".join(wrong) if result.structured_content is not None else "it is not an object"
             message = f"workflow {name!r} produced an output that does not match its output_schema: {detail}"

@@ -100,8 +100,6 @@ class _Execution:
     settled: int = 0
     active: int = 0
     """Calls, questions and timers started and not yet reported."""
-    total: int | None = None
-    """How many steps will settle, when known: progress's total."""
     ready: list[_Leaf] = field(default_factory=list)
     """Steps journaled as started and not launched yet."""
 
@@ -129,7 +127,7 @@ class Runner:
     async def run(self, plan: Plan, arguments: Mapping[str, Any], context: CallContext) -> ToolResult:
         """Run ``plan`` with (already validated) ``arguments``; the result, or an ``isError`` naming the failed step."""
         send, receive = anyio.create_memory_object_stream[_Event](math.inf)
-        run = _Execution(uuid.uuid4().hex, plan, Run(plan, arguments), context, send, total=plan.total_steps)
+        run = _Execution(uuid.uuid4().hex, plan, Run(plan, arguments), context, send)
         started = self._clock()
         if self._metrics is not None:
             self._metrics.workflow_started(plan.name)
@@ -186,9 +184,9 @@ class Runner:
             elif isinstance(command, CallTool) and command.compensation:
                 await self._record(run, "step_started", command.key, 1, {"step": command.step, "tool": command.tool})
                 result, error = await self._perform(run, command)
-                await self._record(
-                    run, "step_settled", command.key, 1, {"status": "failed" if error else "succeeded", "error": error}
-                )
+                status = "failed" if error else "succeeded"
+                settled = {"status": status, "error": error.as_json() if error else None}
+                await self._record(run, "step_settled", command.key, 1, settled)
                 pending.extend(run.engine.done(command.key, 1, result, error))
             elif tg is not None:
                 run.started[command.key] = self._clock()
@@ -322,7 +320,7 @@ class Runner:
         if run.context.progress is not None:
             took = f" in {duration:.0f} ms" if duration is not None else ""
             why = f" ({note.error.kind}: {note.error.message})" if note.error is not None else ""
-            await run.context.progress(run.settled, run.total, f"{note.key}: {note.status}{took}{why}")
+            await run.context.progress(run.settled, run.plan.total_steps, f"{note.key}: {note.status}{took}{why}")
 
     async def _finish(
         self, run: _Execution, finished: Finished | None, started: float, *, cancelled: bool = False
@@ -350,8 +348,6 @@ class Runner:
     async def _record(
         self, run: _Execution, kind: EventKind, key: str | None = None, attempt: int = 0, data: Any = None
     ) -> None:
-        if isinstance(data, Mapping) and isinstance(data.get("error"), StepError):
-            data = {**data, "error": data["error"].as_json()}
         event = JournalEvent(run.run_id, run.seq, self._wall_clock(), kind, key, attempt, data or {})
         run.seq += 1
         await self._journal.append(event)
