@@ -10,7 +10,9 @@ from pathlib import Path
 
 import anyio
 import httpx2
+import mcp_types as types
 from anyio.abc import Process
+from mcp import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTKIT = ROOT / "tests" / "servers" / "testkit.py"
@@ -109,3 +111,24 @@ def stdio_server(script: Path, **env: str) -> str:
     """A YAML flow mapping for a stdio upstream running ``script`` with this interpreter."""
     env_part = ", env: {" + ", ".join(f"{k}: {v}" for k, v in env.items()) + "}" if env else ""
     return f"{{command: [{PYTHON}, {script}]{env_part}}}"
+
+
+def text(result: types.CallToolResult) -> str:
+    """The text of a tool result's first content block."""
+    content = result.content[0]
+    assert isinstance(content, types.TextContent)
+    return content.text
+
+
+async def upstream_events(client: Client, tool: str = "kit__events") -> list[str]:
+    """What the testkit upstream says has happened to it (its ``events`` tool, through ``client``)."""
+    result = await client.call_tool(tool, {})
+    assert result.structured_content is not None
+    return list(result.structured_content["result"])
+
+
+def patchbay(*args: str) -> subprocess.CompletedProcess[str]:
+    """``patchbay ARGS`` as a process, its output captured."""
+    return subprocess.run(
+        [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )

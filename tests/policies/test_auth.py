@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.types import Principal
 from policies.auth import PRINCIPAL_KEY, BearerAuth, check_bind, new_token, principal_of, token_hash
 from policies.http_limits import BodyLimit, GlobalRateLimit
+from tests.policies.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -350,14 +351,6 @@ async def test_body_over_limit_after_response_started_aborts_the_connection() ->
 
 
 # --- gateway-wide rate limit -------------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_requests_over_the_burst_get_429_with_retry_after_then_recover() -> None:

@@ -1,43 +1,16 @@
 """The circuit breaker: a fake clock and a scripted upstream, no time passing."""
 
-from collections.abc import Sequence
-
 import anyio
 import pytest
 
 from gateway.errors import CircuitOpen, Forbidden, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallContext, Principal, ToolCall, ToolResult
 from policies.breaker import BreakerPolicy, BreakerSettings, CircuitBreaker
+from tests.policies.fakes import OK, FakeClock, Upstream, down
 
 pytestmark = pytest.mark.anyio
 
-OK = ToolResult.text("ok")
 TOOL_ERROR = ToolResult.text("no such order", is_error=True)
-
-
-class Clock:
-    """A clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Upstream:
-    """The rest of the chain: counts calls and plays a script of results and errors, then answers OK."""
-
-    def __init__(self, script: Sequence[ToolResult | BaseException] = ()) -> None:
-        self.script = list(script)
-        self.calls = 0
-
-    async def __call__(self, call: ToolCall) -> ToolResult:
-        self.calls += 1
-        outcome = self.script.pop(0) if self.script else OK
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
 
 class Blocking:
@@ -61,23 +34,19 @@ def call_to(server: str = "crm") -> ToolCall:
     return ToolCall(f"{server}__get_order", server, "get_order", {"id": 1}, CallContext(principal=Principal("t")))
 
 
-def down() -> UpstreamUnavailable:
-    return UpstreamUnavailable("crm is not connected", server="crm")
-
-
 async def fail(policy: BreakerPolicy, times: int, server: str = "crm") -> None:
     for _ in range(times):
         with pytest.raises(UpstreamUnavailable):
             await policy(call_to(server), Upstream([down()]))
 
 
-def make(clock: Clock, changes: list[tuple[str, str]] | None = None, **settings: object) -> BreakerPolicy:
+def make(clock: FakeClock, changes: list[tuple[str, str]] | None = None, **settings: object) -> BreakerPolicy:
     on_change = None if changes is None else (lambda server, state: changes.append((server, state)))
     return BreakerPolicy({"crm": BreakerSettings(**settings)}, clock=clock, on_change=on_change)  # type: ignore[arg-type]
 
 
 async def test_circuit_opens_after_the_configured_number_of_consecutive_failures() -> None:
-    policy = make(Clock(), failures=3)
+    policy = make(FakeClock(), failures=3)
     await fail(policy, 2)
     assert policy.state("crm") == "closed"
     await fail(policy, 1)
@@ -85,7 +54,7 @@ async def test_circuit_opens_after_the_configured_number_of_consecutive_failures
 
 
 async def test_a_success_resets_the_consecutive_failure_count() -> None:
-    policy = make(Clock(), failures=3)
+    policy = make(FakeClock(), failures=3)
     await fail(policy, 2)
     await policy(call_to(), Upstream())
     await fail(policy, 2)
@@ -93,7 +62,7 @@ async def test_a_success_resets_the_consecutive_failure_count() -> None:
 
 
 async def test_open_circuit_rejects_without_calling_upstream() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 10
@@ -108,7 +77,7 @@ async def test_open_circuit_rejects_without_calling_upstream() -> None:
 
 
 async def test_timeouts_count_as_failures_too() -> None:
-    policy = make(Clock(), failures=2)
+    policy = make(FakeClock(), failures=2)
     for _ in range(2):
         with pytest.raises(UpstreamTimeout):
             await policy(call_to(), Upstream([UpstreamTimeout("no answer in 20 s", server="crm")]))
@@ -116,7 +85,7 @@ async def test_timeouts_count_as_failures_too() -> None:
 
 
 async def test_tool_error_results_are_answers_and_never_open_the_circuit() -> None:
-    policy = make(Clock(), failures=2)
+    policy = make(FakeClock(), failures=2)
     upstream = Upstream([TOOL_ERROR] * 5)
     for _ in range(5):
         assert await policy(call_to(), upstream) is TOOL_ERROR
@@ -124,14 +93,14 @@ async def test_tool_error_results_are_answers_and_never_open_the_circuit() -> No
 
 
 async def test_errors_that_say_nothing_about_the_server_are_not_counted() -> None:
-    policy = make(Clock(), failures=1)
+    policy = make(FakeClock(), failures=1)
     with pytest.raises(Forbidden):
         await policy(call_to(), Upstream([Forbidden("no")]))
     assert policy.state("crm") == "closed"
 
 
 async def test_servers_without_settings_pass_straight_through() -> None:
-    policy = make(Clock(), failures=1)
+    policy = make(FakeClock(), failures=1)
     upstream = Upstream([down(), down(), OK])
     for _ in range(2):
         with pytest.raises(UpstreamUnavailable):
@@ -142,7 +111,7 @@ async def test_servers_without_settings_pass_straight_through() -> None:
 
 
 async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_calls_ended() -> None:
-    policy = make(Clock(), failures=None, failure_rate=0.5, window=60, min_calls=4)
+    policy = make(FakeClock(), failures=None, failure_rate=0.5, window=60, min_calls=4)
     upstream = Upstream([down(), OK, down()])
     for _ in range(3):
         try:
@@ -155,7 +124,7 @@ async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_cal
 
 
 async def test_failure_rate_forgets_calls_older_than_the_window() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=None, failure_rate=0.5, window=60, min_calls=4)
     await fail(policy, 3)
     clock.now += 61
@@ -167,7 +136,7 @@ async def test_failure_rate_forgets_calls_older_than_the_window() -> None:
 
 
 def test_failure_rate_window_keeps_bounded_memory() -> None:
-    clock = Clock()
+    clock = FakeClock()
     breaker = CircuitBreaker("crm", BreakerSettings(failures=None, failure_rate=0.9, window=60), clock=clock)
     for _ in range(10_000):
         clock.now += 0.7
@@ -176,7 +145,7 @@ def test_failure_rate_window_keeps_bounded_memory() -> None:
 
 
 async def test_open_circuit_turns_half_open_after_reset_after() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 29.9
@@ -186,7 +155,7 @@ async def test_open_circuit_turns_half_open_after_reset_after() -> None:
 
 
 async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=2, reset_after=30)
     await fail(policy, 2)
     clock.now += 30
@@ -197,7 +166,7 @@ async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters() -
 
 
 async def test_a_tool_error_result_from_a_probe_closes_the_circuit() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 30
@@ -206,7 +175,7 @@ async def test_a_tool_error_result_from_a_probe_closes_the_circuit() -> None:
 
 
 async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 30
@@ -221,7 +190,7 @@ async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after() -> N
 
 
 async def test_half_open_admits_at_most_the_configured_number_of_concurrent_probes() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=1, reset_after=30, half_open_probes=2)
     await fail(policy, 1)
     clock.now += 30
@@ -240,7 +209,7 @@ async def test_half_open_admits_at_most_the_configured_number_of_concurrent_prob
 
 
 async def test_a_cancelled_probe_frees_its_slot_without_deciding() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 30
@@ -256,7 +225,7 @@ async def test_a_cancelled_probe_frees_its_slot_without_deciding() -> None:
 
 
 async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later() -> None:
-    clock = Clock()
+    clock = FakeClock()
     policy = make(clock, failures=1, reset_after=30)
     slow = Blocking()
     with anyio.fail_after(5):
@@ -269,7 +238,7 @@ async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later()
 
 
 async def test_every_transition_is_reported_with_the_server_name() -> None:
-    clock = Clock()
+    clock = FakeClock()
     changes: list[tuple[str, str]] = []
     policy = make(clock, changes, failures=1, reset_after=30)
     await fail(policy, 1)

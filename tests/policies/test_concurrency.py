@@ -241,7 +241,10 @@ async def test_no_applying_rule_lets_every_call_through() -> None:
     assert outcomes.ok == 5
 
 
-@pytest.mark.parametrize(("limit", "per", "tools"), [(0, "global", ("*",)), (1, "nobody", ("*",)), (1, "global", ())])
-def test_a_rule_that_cannot_work_is_rejected(limit: int, per: Per, tools: tuple[str, ...]) -> None:
-    with pytest.raises(ValueError, match=r"."):
+@pytest.mark.parametrize(
+    ("limit", "per", "tools", "fault"),
+    [(0, "global", ("*",), "limit"), (1, "nobody", ("*",), "per"), (1, "global", (), "tool glob")],
+)
+def test_a_rule_that_cannot_work_is_rejected(limit: int, per: Per, tools: tuple[str, ...], fault: str) -> None:
+    with pytest.raises(ValueError, match=fault):
         ConcurrencyRule(tools, limit, per, "policies[0]")

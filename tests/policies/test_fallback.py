@@ -1,6 +1,6 @@
 """Fallbacks, and the three resilience policies composed the way the gateway chains them."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import anyio
 import pytest
@@ -11,27 +11,11 @@ from gateway.types import CallContext, CallNext, JSONObject, Policy, Principal, 
 from policies.breaker import BreakerPolicy, BreakerSettings
 from policies.fallback import META_KEY, FallbackPolicy
 from policies.retry import RetryPolicy, RetrySettings
+from tests.policies.fakes import OK, Upstream, down
 
 pytestmark = pytest.mark.anyio
 
-OK = ToolResult.text("ok")
 CALLER = CallContext(principal=Principal("t"))
-
-
-class Upstream:
-    """One server: counts calls and plays a script of results and errors, then answers ``answer``."""
-
-    def __init__(self, script: Sequence[ToolResult | BaseException] = (), answer: ToolResult = OK) -> None:
-        self.script = list(script)
-        self.answer = answer
-        self.calls = 0
-
-    async def __call__(self, call: ToolCall) -> ToolResult:
-        self.calls += 1
-        outcome = self.script.pop(0) if self.script else self.answer
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
 
 class Gateway:
@@ -59,10 +43,6 @@ def call_to(
 ) -> ToolCall:
     name = f"{server}__{target}"
     return ToolCall(name, server, target, {"id": 1} if arguments is None else arguments, context, Tool(name, {}))
-
-
-def down(server: str = "crm") -> UpstreamUnavailable:
-    return UpstreamUnavailable(f"{server} is not connected", server=server)
 
 
 def with_fallback(servers: Mapping[str, Upstream], routes: Mapping[str, Mapping[str, str]]) -> Gateway:

@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,17 +15,20 @@ from mcp.client.streamable_http import streamable_http_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from policies.auth import new_token, token_hash
-from tests.support import PYTHON, ROOT, TESTKIT, free_port, run_gateway, run_http_upstream, stdio_server
+from tests.support import (
+    TESTKIT,
+    free_port,
+    patchbay,
+    run_gateway,
+    run_http_upstream,
+    stdio_server,
+    text,
+    upstream_events,
+)
 
 pytestmark = pytest.mark.anyio
 
 CANARY = "CANARY-7f3a9c"
-
-
-def text(result: types.CallToolResult) -> str:
-    content = result.content[0]
-    assert isinstance(content, types.TextContent)
-    return content.text
 
 
 @asynccontextmanager
@@ -44,12 +46,6 @@ async def gateway_with(tmp_path: Path, sections: str, kit: str = "") -> AsyncIte
     config = f"servers:\n  kit: {server}\n{sections}"
     async with run_gateway(tmp_path, config) as gw, client_of(gw.url) as client:
         yield gw.base, client
-
-
-async def upstream_events(client: Client) -> list[str]:
-    result = await client.call_tool("kit__events", {})
-    assert result.structured_content is not None
-    return list(result.structured_content["result"])
 
 
 async def test_a_denied_tool_is_hidden_and_calling_it_is_refused_before_the_upstream(tmp_path: Path) -> None:
@@ -140,6 +136,12 @@ async def test_retries_happen_only_for_idempotent_tools_and_only_for_failures_to
         assert events.count("slow started") == 3
         assert events.count("f attempt 1") == 1
         assert "f attempt 2" not in events
+        # A retry would have been made (and cancelled at its timeout) before the call returned; only the
+        # cancellation of the one try may still be on its way to the upstream.
+        with anyio.fail_after(5):
+            while "once cancelled" not in events:
+                events = await upstream_events(client)
+        assert events.count("once cancelled") == 1
 
 
 async def test_a_fallback_answers_when_the_server_fails(tmp_path: Path) -> None:
@@ -294,16 +296,10 @@ async def test_audit_records_every_call_and_no_secret(tmp_path: Path, monkeypatc
     assert all(r["upstream"] == "kit" and r["duration_ms"] >= 0 for r in records)
 
 
-def _patchbay(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def test_check_reports_a_fallback_to_a_tool_that_is_not_served(tmp_path: Path) -> None:
     path = tmp_path / "fallback.yaml"
     path.write_text(f'servers:\n  kit: {stdio_server(TESTKIT)[:-1]}, fallback: {{"slow": kit__sloth}}}}\n')
-    done = _patchbay("check", str(path))
+    done = patchbay("check", str(path))
     assert done.returncode == 1
     assert "servers.kit.fallback.slow (line 2): no tool 'kit__sloth' is served to fall back to" in done.stderr
 
@@ -311,13 +307,13 @@ def test_check_reports_a_fallback_to_a_tool_that_is_not_served(tmp_path: Path) -
 def test_serve_refuses_to_listen_beyond_loopback_without_clients(tmp_path: Path) -> None:
     path = tmp_path / "open.yaml"
     path.write_text("servers: {}\n")
-    done = _patchbay("serve", str(path), "--host", "0.0.0.0", "--port", "1")
+    done = patchbay("serve", str(path), "--host", "0.0.0.0", "--port", "1")
     assert done.returncode == 1
     assert "refusing to listen on '0.0.0.0': there is no `clients:` section" in done.stderr
 
 
 def test_token_prints_a_token_and_the_hash_the_config_keeps() -> None:
-    done = _patchbay("token")
+    done = patchbay("token")
     assert done.returncode == 0
     lines = dict(line.split(":", 1) for line in done.stdout.splitlines()[:2])
     token, digest = lines["token"].strip(), lines["token_sha256"].strip()

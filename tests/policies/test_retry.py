@@ -1,32 +1,14 @@
 """Retries: a scripted upstream and a sleep that only records how long it was asked to wait."""
 
-from collections.abc import Sequence
-
 import anyio
 import pytest
 
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallContext, JSONObject, Principal, Tool, ToolCall, ToolResult
 from policies.retry import RetryPolicy, RetrySettings
+from tests.policies.fakes import OK, Upstream, down
 
 pytestmark = pytest.mark.anyio
-
-OK = ToolResult.text("ok")
-
-
-class Upstream:
-    """The rest of the chain: counts calls and plays a script of results and errors, then answers OK."""
-
-    def __init__(self, script: Sequence[ToolResult | BaseException] = ()) -> None:
-        self.script = list(script)
-        self.calls = 0
-
-    async def __call__(self, call: ToolCall) -> ToolResult:
-        self.calls += 1
-        outcome = self.script.pop(0) if self.script else OK
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
 
 class Sleeps:
@@ -45,10 +27,6 @@ def call_to(target: str = "get_order", server: str = "crm", annotations: JSONObj
         definition["annotations"] = annotations
     name = f"{server}__{target}"
     return ToolCall(name, server, target, {"id": 1}, CallContext(principal=Principal("t")), Tool(name, definition))
-
-
-def down() -> UpstreamUnavailable:
-    return UpstreamUnavailable("crm is not connected", server="crm")
 
 
 def policy_with(sleeps: Sleeps, random: float = 0.5, **settings: object) -> RetryPolicy:

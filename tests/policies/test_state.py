@@ -1,23 +1,13 @@
 """MemoryLimitState: token-bucket math on a fake clock, exact counters, bounded memory."""
 
+import inspect
+
 import pytest
 
 from policies.state import LimitState, MemoryLimitState
+from tests.policies.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    """A monotonic clock that only moves when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -31,8 +21,10 @@ def state(clock: FakeClock) -> MemoryLimitState:
 
 
 def test_memory_state_implements_the_protocol(state: MemoryLimitState) -> None:
-    backend: LimitState = state
-    assert backend is state
+    for method in ("take", "acquire", "release"):
+        ours, protocol = getattr(state, method), getattr(LimitState, method)
+        assert inspect.iscoroutinefunction(ours)
+        assert list(inspect.signature(ours).parameters) == list(inspect.signature(protocol).parameters)[1:]
 
 
 async def test_a_new_bucket_starts_full_and_gives_burst_tokens_at_once(state: MemoryLimitState) -> None:

@@ -69,10 +69,13 @@ async def test_the_validator_is_built_once_per_schema_and_rebuilt_when_the_schem
     validation, upstream = ArgumentValidation(), Upstream()
     first = call_of({"id": "A"})
     await validation(first, upstream)
+    built = validation._validators["crm__order"][1]
     await validation(call_of({"id": "B"}, first.tool.input_schema if first.tool else SCHEMA), upstream)
     assert len(validation._validators) == 1
+    assert validation._validators["crm__order"][1] is built  # not built again for the same schema
     loose = {"type": "object"}
     await validation(call_of({"anything": True}, loose), upstream)  # the same tool, a new schema
+    assert validation._validators["crm__order"][1] is not built
     assert upstream.calls == 3
     with pytest.raises(InvalidArguments):
         await validation(call_of({}, SCHEMA), upstream)

@@ -213,6 +213,9 @@ async def test_a_declined_question_fails_the_step_unless_it_has_a_default() -> N
     assert method == "elicitation/create"
     assert params["message"] == "Refund A-1?"
     assert params["requestedSchema"]["required"] == ["ok"]
+    with_default = plan_of("steps: [{id: ok, ask_user: {message: 'Refund?', default: {ok: true}}}]")
+    result = await Runner(Tools(), MemoryJournal()).run(with_default, {}, context)
+    assert result.structured_content == {"ok": {"ok": True}}
 
 
 async def test_the_models_answer_is_the_text_of_its_content() -> None:

@@ -1,7 +1,6 @@
 """Workflow tools end to end: ``patchbay serve`` as a process, the testkit upstream, real MCP clients."""
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
 
-from tests.support import PYTHON, ROOT, TESTKIT, run_gateway, stdio_server
+from tests.support import PYTHON, TESTKIT, patchbay, run_gateway, stdio_server, text, upstream_events
 
 pytestmark = pytest.mark.anyio
 
@@ -20,18 +19,6 @@ ERAS = ["legacy", "2026-07-28"]
 
 def config(workflows: str) -> str:
     return f"servers:\n  kit: {stdio_server(TESTKIT)}\nworkflows:\n{workflows}"
-
-
-async def events(client: Client) -> list[str]:
-    result = await client.call_tool("kit__events", {})
-    assert result.structured_content is not None
-    return list(result.structured_content["result"])
-
-
-def text(result: types.CallToolResult) -> str:
-    content = result.content[0]
-    assert isinstance(content, types.TextContent)
-    return content.text
 
 
 EVERY_KIND = """
@@ -99,7 +86,7 @@ async def test_invalid_arguments_are_an_error_and_nothing_is_called(tmp_path: Pa
         assert result.is_error
         assert "'items' is a required property" in text(result)
         assert "$.name" in text(result)
-        assert await events(client) == []
+        assert await upstream_events(client) == []
 
 
 @pytest.mark.parametrize("mode", ERAS)
@@ -161,7 +148,7 @@ async def test_independent_steps_run_in_parallel(tmp_path: Path) -> None:
         assert not (await client.call_tool("sequential", {})).is_error
         sequential = time.perf_counter() - started
         assert parallel < sequential / 2, (parallel, sequential)
-        assert (await events(client))[-4:] == ["s0", "s1", "s2", "s3"]
+        assert (await upstream_events(client))[-4:] == ["s0", "s1", "s2", "s3"]
 
 
 async def test_a_failing_step_is_retried_until_it_succeeds(tmp_path: Path) -> None:
@@ -176,7 +163,7 @@ async def test_a_failing_step_is_retried_until_it_succeeds(tmp_path: Path) -> No
     async with run_gateway(tmp_path, config(workflow)) as gw, Client(gw.url, mode="legacy", cache=None) as client:
         result = await client.call_tool("retrying", {})
         assert result.structured_content == {"f": {"key": "f", "attempt": 3}}
-        assert await events(client) == ["f attempt 1", "f attempt 2", "f attempt 3"]
+        assert await upstream_events(client) == ["f attempt 1", "f attempt 2", "f attempt 3"]
 
 
 async def test_a_fallback_stands_in_for_a_failed_step(tmp_path: Path) -> None:
@@ -209,7 +196,7 @@ async def test_a_failed_run_compensates_completed_steps_in_reverse_order(tmp_pat
         assert result.is_error
         assert "step 'c' failed" in text(result)
         assert "c failed as asked" in text(result)
-        assert await events(client) == ["a", "b", "c failed", "undo b", "undo a"]
+        assert await upstream_events(client) == ["a", "b", "c failed", "undo b", "undo a"]
 
 
 async def test_cancelling_the_call_cancels_in_flight_steps_and_compensates(tmp_path: Path) -> None:
@@ -224,7 +211,7 @@ async def test_cancelling_the_call_cancels_in_flight_steps_and_compensates(tmp_p
         with anyio.move_on_after(1.5):
             await client.call_tool("long", {})
         with anyio.fail_after(15):
-            while "undo a" not in (seen := await events(client)):  # noqa: ASYNC110 - the state is in another process
+            while "undo a" not in (seen := await upstream_events(client)):  # noqa: ASYNC110 - the state is in another process
                 await anyio.sleep(0.1)
         assert seen == ["a", "slow cancelled", "undo a"]
 
@@ -263,12 +250,6 @@ async def test_a_workflow_can_call_another_workflow(tmp_path: Path) -> None:
         assert text(result) == "42"
 
 
-def _patchbay(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def test_check_reports_calls_that_cannot_work_against_the_live_schemas(tmp_path: Path) -> None:
     workflow = """
   broken:
@@ -279,7 +260,7 @@ def test_check_reports_calls_that_cannot_work_against_the_live_schemas(tmp_path:
 """
     path = tmp_path / "broken.yaml"
     path.write_text(config(workflow))
-    done = _patchbay("check", str(path))
+    done = patchbay("check", str(path))
     assert done.returncode == 1
     assert "workflows.broken.steps[0].call (line 7)" in done.stderr
     assert "'kit__nope', which is not a tool this gateway serves" in done.stderr
@@ -291,21 +272,21 @@ def test_check_reports_calls_that_cannot_work_against_the_live_schemas(tmp_path:
 CLASH = "workflows:\n  echo:\n    steps: [{id: a, set: {x: 1}}]\n"
 
 
-def test_serve_refuses_a_workflow_named_like_a_tool(tmp_path: Path) -> None:
+def test_check_refuses_a_workflow_named_like_a_tool(tmp_path: Path) -> None:
     path = tmp_path / "clash.yaml"
     other = f"{{command: [{PYTHON}, {TESTKIT}], prefix: ''}}"
     path.write_text(f"servers:\n  kit: {stdio_server(TESTKIT)}\n  other: {other}\n" + CLASH)
-    done = _patchbay("check", str(path))
+    done = patchbay("check", str(path))
     assert done.returncode == 1
     assert "'echo' is already taken by a workflow" in done.stderr
 
 
 def test_graph_prints_the_workflow_as_mermaid() -> None:
-    done = _patchbay("graph", "examples/quickstart.yaml", "support_reply")
+    done = patchbay("graph", "examples/quickstart.yaml", "support_reply")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "flowchart TD"
     assert '    route -->|"case 0"| refund' in lines
-    unknown = _patchbay("graph", "examples/quickstart.yaml", "nope")
+    unknown = patchbay("graph", "examples/quickstart.yaml", "nope")
     assert unknown.returncode == 2
     assert "support_reply" in unknown.stderr
