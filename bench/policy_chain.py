@@ -299,7 +299,7 @@ async def build_way(spec: Spec, folder: Path, tg: TaskGroup, block: int) -> Way:
 
 async def check_way(way: Way) -> None:
     """One call must go all the way through and come back as the provider's result."""
-    result, outcome = await way.dispatcher.invoke(NAME, ARGUMENTS, CONTEXT)
+    result, outcome, _ = await way.dispatcher.invoke(NAME, ARGUMENTS, CONTEXT)
     if outcome != "ok" or result.structured_content != ORDERS:
         raise RuntimeError(f"{way.spec.key}: the call came back {outcome}: {result.content}")
 

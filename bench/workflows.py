@@ -58,7 +58,7 @@ from run import (  # bench/run.py: this script's folder is sys.path[0]
 
 from connectors.mcp import McpUpstream
 from gateway.config import HttpServer
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, Invocation
 from gateway.heap import freeze_startup_heap
 from gateway.registry import Entry, Registry
 from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
@@ -183,8 +183,8 @@ class NoopProvider:
         return NOOP_RESULT
 
 
-async def noop_call(name: str, arguments: JSONObject, context: CallContext) -> tuple[ToolResult, str]:
-    return NOOP_RESULT, "ok"
+async def noop_call(name: str, arguments: JSONObject, context: CallContext) -> Invocation:
+    return Invocation(NOOP_RESULT, "ok")
 
 
 def drive_engine(plan: Plan, arguments: dict[str, Any]) -> int:

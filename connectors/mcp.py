@@ -167,6 +167,8 @@ class McpUpstream:
         self._refresh_wanted = anyio.Event()
         self._inflight: dict[int, ClientChannel] = {}
         self._ids = itertools.count()
+        self._next_attempt = 0.0
+        """When the supervisor tries to connect again (``anyio.current_time()``), while it waits to."""
 
     @property
     def connect_timeout(self) -> float:
@@ -197,6 +199,7 @@ class McpUpstream:
                 logger.warning("upstream %s: %s; retrying in %.1fs", self.name, self.last_error, backoff)
             was_up = self.state is State.UP
             self.state = State.DOWN
+            self._next_attempt = anyio.current_time() + backoff
             self._client = self._modern = self._caller = None  # however the connection ended
             if not started:
                 task_status.started()
@@ -404,6 +407,7 @@ class McpUpstream:
                 f"Server {self.name!r} is not connected{reason}; it is being reconnected in the background, "
                 "try again shortly.",
                 server=self.name,
+                retry_after=max(0.0, self._next_attempt - anyio.current_time()),
             )
         # CallContext.progress is ``async (progress, total, message)``, the shape the SDK's ProgressFnT names.
         progress = cast(ProgressFnT | None, context.progress)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial, reduce
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -39,6 +39,16 @@ def compose(policies: Sequence[Policy], terminal: CallNext) -> CallNext:
         return partial(policy, call_next=inner)
 
     return reduce(wrap, reversed(policies), terminal)
+
+
+class Invocation(NamedTuple):
+    """A call's result as :meth:`Dispatcher.invoke` reports it to a workflow step."""
+
+    result: ToolResult
+    outcome: str
+    """The call's ``outcome`` label (``ok``, ``error``, ``timeout``…, DESIGN §5)."""
+    retry_after: float | None = None
+    """Set when the call was refused before it reached the tool: when the same call may succeed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +90,14 @@ class Dispatcher:
         result, _, _ = await self._dispatch(name, arguments, context)
         return result
 
-    async def invoke(self, name: str, arguments: JSONObject, context: CallContext) -> tuple[ToolResult, str]:
-        """Like ``call``, with the call's ``outcome`` label (``ok``, ``error``, ``timeout``…, DESIGN §5).
+    async def invoke(self, name: str, arguments: JSONObject, context: CallContext) -> Invocation:
+        """Like ``call``, with the call's ``outcome`` label and, for a refusal, when to try again.
 
         Raises:
             ToolNotFound: no such tool (a protocol error, not a tool result).
         """
-        result, outcome, _ = await self._dispatch(name, arguments, context)
-        return result, outcome
+        result, outcome, error = await self._dispatch(name, arguments, context)
+        return Invocation(result, outcome, error.retry_after if error is not None else None)
 
     async def call_or_raise(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
         """Like ``call``, but a refusal or failure is raised as the gateway error it is (for a fallback).

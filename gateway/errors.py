@@ -36,6 +36,10 @@ class GatewayError(Exception):
     as_tool_result = True
     """True: the client sees an ``isError`` tool result; False: a JSON-RPC error."""
 
+    retry_after: float | None = None
+    """Set when the call was refused before it reached the tool (a limit, an open circuit, a server not
+    connected): seconds after which the same call may succeed. None: the call may have had effects."""
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigProblem:
@@ -120,6 +124,10 @@ class CircuitOpen(PolicyDenied):
 
     outcome = "circuit_open"
 
+    def __init__(self, message: str, *, policy: str = "circuit_breaker", retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, policy=policy)
+
 
 class UpstreamError(GatewayError):
     """The provider failed to answer the call."""
@@ -132,7 +140,12 @@ class UpstreamError(GatewayError):
 
 
 class UpstreamUnavailable(UpstreamError):
-    """The provider is not connected right now (starting, crashed, reconnecting)."""
+    """The provider is not connected right now (starting, crashed, reconnecting), or the connection was
+    lost during the call. ``retry_after`` is set only in the first case: the call was never sent."""
+
+    def __init__(self, message: str, *, server: str = "", retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, server=server)
 
 
 class UpstreamTimeout(UpstreamError):

@@ -124,6 +124,7 @@ class CircuitBreaker:
                 f"Server {self.server!r} is failing, so calls to it are refused for now (circuit open after "
                 f"{self._reason}). Retry after {max(1, math.ceil(left))} s.",
                 policy="circuit_breaker",
+                retry_after=max(left, 0.0),
             )
         if self._probes >= self.settings.half_open_probes:
             raise CircuitOpen(

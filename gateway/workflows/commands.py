@@ -39,6 +39,10 @@ class StepError:
     message: str
     step: str = ""
     """The key of the step the failure began at (a container fails with its nested step's error)."""
+    retry_after: float | None = None
+    """Set when the call was refused before it reached the tool (rate limited, circuit open, server not
+    connected): the seconds after which trying again may succeed. Such a step is tried again even without
+    ``retry:``, within its timeout."""
 
     def as_json(self) -> dict[str, str]:
         """What expressions see as ``.steps.<id>.error``."""

@@ -18,9 +18,13 @@ How steps run:
 * A ``for_each`` runs its body once per item, ``concurrency`` items at a time, each in its own
   frame (``lines[2]/stock`` is the key of step ``stock`` for item 2); its result is the list of
   each iteration's ``output`` (default: the result of the body's last step).
-* A failed step is retried after ``backoff · 2^(attempt-1)`` seconds (at most ``max_backoff``,
+* A failed step is retried after ``backoff · 2^(try-1)`` seconds (at most ``max_backoff``,
   varied by ``jitter`` with the random number that comes with the failure) when its kind of
-  failure is one ``retry.on`` names. After its last try, ``on_error`` decides: ``continue``
+  failure is one ``retry.on`` names. A call refused before it reached the tool (its error carries
+  ``retry_after``: rate limited, circuit open, server not connected) is tried again after the wait
+  it was told, even without ``retry:``, as long as the waits add up to no more than the step's
+  ``timeout`` (:data:`REFUSAL_BUDGET` without one); such tries do not count against
+  ``retry.attempts``. After its last try, ``on_error`` decides: ``continue``
   settles it as failed and lets the run go on; fallback steps run in its place (their last result
   becomes its result); ``fail`` fails the step that contains it, and so on up to the run.
 * A failed run cancels the steps in flight, then runs the ``compensate`` calls of the steps that
@@ -51,7 +55,16 @@ from gateway.workflows.expressions import ExpressionError
 from gateway.workflows.model import AskModelStep, AskUserStep, CallStep, FailStep, ForEachStep, SetStep, SwitchStep
 from gateway.workflows.plan import Plan, StepPlan
 
-__all__ = ["Run"]
+__all__ = ["REFUSAL_BUDGET", "Run"]
+
+REFUSAL_BUDGET = 30.0
+"""Seconds a step without a ``timeout`` may spend waiting to retry calls refused before they reached the tool."""
+_REFUSAL_FLOOR = 0.05
+"""Seconds before the first retry of a refusal that hints no wait (a concurrency limit); doubled per refusal."""
+_REFUSAL_CEILING = 2.0
+"""The longest of those floors: a refusal's own hint may be longer."""
+_REFUSAL_JITTER = 0.1
+"""Refusal waits are stretched by up to this fraction, so steps refused together do not return in lockstep."""
 
 # --- State. ---
 
@@ -80,6 +93,10 @@ class _State:
     key: str
     status: str = "waiting"  # waiting | queued | running | retrying | fallback | + _SETTLED
     attempt: int = 0
+    refusals: int = 0
+    """Tries refused before they reached the tool (not counted against ``retry.attempts``)."""
+    waited: float = 0.0
+    """Seconds spent waiting to retry those refusals."""
     result: Any = None
     error: StepError | None = None
     continued: bool = False
@@ -139,7 +156,7 @@ class Run:
         if error is None:
             self._succeed(state, result)
         else:
-            self._fail(state, StepError(error.kind, error.message, error.step or key), random)
+            self._fail(state, StepError(error.kind, error.message, error.step or key, error.retry_after), random)
         return self._flush()
 
     def fire(self, key: str) -> list[Command]:
@@ -350,15 +367,9 @@ class Run:
             return
         self._cancel_inside(state)
         step = state.plan.step
-        retry = step.retry
-        if (
-            retry is not None
-            and error.kind in retry.on
-            and state.attempt < retry.attempts
-            and state.status != "fallback"
-        ):
+        delay = self._retry_wait(state, error, random) if state.status != "fallback" else None
+        if delay is not None:
             state.status, state.error = "retrying", error
-            delay = retry_delay(state.attempt, retry.backoff, retry.max_backoff, retry.jitter, random)
             self._out.append(StartTimer(f"{state.key}#retry", delay))
             return
         state.error = error
@@ -372,6 +383,24 @@ class Run:
             self._activate(state.frame, fallback)
         else:
             self._settle(state, "failed")
+
+    def _retry_wait(self, state: _State, error: StepError, random: float) -> float | None:
+        """Seconds to wait before trying ``state`` again after ``error``, or None: no more tries."""
+        step = state.plan.step
+        if error.retry_after is not None:  # refused before it reached the tool: nothing happened, so try again
+            floor = min(_REFUSAL_FLOOR * 2.0**state.refusals, _REFUSAL_CEILING)
+            wait = max(error.retry_after, floor) * (1 + _REFUSAL_JITTER * random)
+            budget = step.timeout if step.timeout is not None else REFUSAL_BUDGET
+            if state.waited + wait <= budget:
+                state.refusals += 1
+                state.waited += wait
+                return wait
+        retry = step.retry
+        tries = state.attempt - state.refusals
+        if retry is None or error.kind not in retry.on or tries >= retry.attempts:
+            return None
+        delay: float = retry_delay(tries, retry.backoff, retry.max_backoff, retry.jitter, random)
+        return max(delay, error.retry_after or 0.0)
 
     def _restart(self, state: _State) -> None:
         """Try a step again after a failure: a container starts over, what it held forgotten."""

@@ -54,7 +54,9 @@ __all__ = [
 STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "ask_user", "ask_model")
 """The keys that decide a step's kind; a step has exactly one of them."""
 
-DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_MAX_CONCURRENCY = 2000
+"""A safety cap, not a throttle: every ready step of an ordinary run starts at once (Temporal allows 2,000
+pending activities per run). Upstreams are protected by the ``max_concurrency`` policies."""
 DEFAULT_FOR_EACH_CONCURRENCY = 1
 DEFAULT_ITEM_NAME = "item"
 DEFAULT_RETRY_ATTEMPTS = 3
@@ -62,8 +64,9 @@ DEFAULT_BACKOFF = 0.2
 """Seconds before the first retry; each further retry doubles it, up to ``max_backoff``."""
 DEFAULT_MAX_BACKOFF = 5.0
 DEFAULT_JITTER = 0.1
-DEFAULT_RETRY_ON: tuple["ErrorKind", ...] = ("timeout", "unavailable", "rate_limited")
-"""Transient failures: retrying the same call can succeed. The other kinds would fail again."""
+DEFAULT_RETRY_ON: tuple["ErrorKind", ...] = ("error", "rate_limited", "circuit_open", "timeout", "unavailable")
+"""Every kind of failure but ``denied`` and ``invalid``, which the same call would meet again (as in Step
+Functions and Temporal, where every failure is retried unless excluded)."""
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_INPUT_SCHEMA: dict[str, JsonValue] = {"type": "object"}
 CONFIRM_SCHEMA: dict[str, JsonValue] = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}

@@ -24,6 +24,7 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
+from gateway.dispatch import Invocation
 from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.tracing import step_span
@@ -54,7 +55,7 @@ RUN_META_KEY = "io.patchbay/run"
 IDEMPOTENCY_META_KEY = "io.patchbay/idempotency-key"
 """The ``_meta`` key a step's ``idempotency_key`` is sent under."""
 
-CallFn = Callable[[str, JSONObject, CallContext], Awaitable[tuple[ToolResult, str]]]
+CallFn = Callable[[str, JSONObject, CallContext], Awaitable[Invocation]]
 """``Dispatcher.invoke``: a call through the gateway's one dispatch path, with its outcome label."""
 
 _Event = tuple[str, Any, int, Any, StepError | None]
@@ -262,11 +263,11 @@ class Runner:
             workflow_run=run.run_id,
             workflow_step=command.key,
         )
-        result, outcome = await self._call(command.tool, command.arguments, context)
+        result, outcome, retry_after = await self._call(command.tool, command.arguments, context)
         if result.input_required is not None:  # a 2026-07-28 upstream asking the client mid-call
             return None, StepError("unavailable", f"{command.tool} asked for input, which a workflow step cannot give")
         if result.is_error:
-            return None, StepError(outcome, _error_text(result))
+            return None, StepError(outcome, _error_text(result), retry_after=retry_after)
         return result_value(result), None
 
     async def _ask_user(self, context: CallContext, command: AskUser) -> tuple[Any, StepError | None]:

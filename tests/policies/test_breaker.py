@@ -74,6 +74,7 @@ async def test_open_circuit_rejects_without_calling_upstream() -> None:
     assert caught.value.outcome == "circuit_open"
     assert "'crm'" in str(caught.value)
     assert "retry after 20 s" in str(caught.value).lower()
+    assert caught.value.retry_after == pytest.approx(20)
 
 
 async def test_timeouts_count_as_failures_too() -> None:

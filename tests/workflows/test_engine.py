@@ -20,7 +20,7 @@ from gateway.workflows.commands import (
     StepError,
     retry_delay,
 )
-from gateway.workflows.engine import Run
+from gateway.workflows.engine import REFUSAL_BUDGET, Run
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
 
@@ -99,6 +99,12 @@ steps:
     assert d.in_flight["c"].arguments == {"x": 1, "y": 2}  # type: ignore[union-attr]
     d.ok("c", 3)
     assert d.finished == Finished("succeeded", {"a": 1, "b": 2, "c": 3})
+
+
+def test_by_default_a_wide_fan_out_starts_every_call_at_once() -> None:
+    steps = ", ".join(f"{{id: f{i}, call: t}}" for i in range(50))
+    d = Driver(f"steps: [{steps}]")
+    assert len(d.in_flight) == 50
 
 
 def test_max_concurrency_bounds_the_calls_in_flight_and_keeps_their_order() -> None:
@@ -240,12 +246,109 @@ steps: [{id: a, call: t, retry: {attempts: 3, backoff: 1s, max_backoff: 10s, jit
 
 def test_a_kind_of_failure_not_named_in_retry_on_fails_at_once() -> None:
     d = Driver("""
-steps: [{id: a, call: t, retry: {attempts: 5}}]
+steps: [{id: a, call: t, retry: {attempts: 5, "on": [timeout]}}]
 """)
     d.fail("a", "error", "bad input")
     assert d.timers == {}
     assert d.finished is not None
     assert d.finished.error == StepError("error", "bad input", "a")
+
+
+def test_by_default_retry_covers_every_failure_but_denied_and_invalid() -> None:
+    for kind in ("error", "rate_limited", "circuit_open", "timeout", "unavailable"):
+        d = Driver("""
+steps: [{id: a, call: t, retry: {attempts: 2}}]
+""")
+        d.fail("a", kind, "the tool said no")
+        assert list(d.timers) == ["a#retry"], kind
+        d.fire("a#retry")
+        d.ok("a", "then yes")
+        assert d.finished == Finished("succeeded", {"a": "then yes"}), kind
+    for kind in ("denied", "invalid"):
+        d = Driver("""
+steps: [{id: a, call: t, retry: {attempts: 2}}]
+""")
+        d.fail("a", kind, "would fail again")
+        assert d.timers == {}, kind
+        assert d.finished is not None, kind
+        assert d.finished.status == "failed", kind
+
+
+def refuse(d: "Driver", key: str, kind: str, retry_after: float, random: float = 0.0) -> None:
+    command = d.in_flight.pop(key)
+    error = StepError(kind, "refused before it reached the tool", retry_after=retry_after)
+    d.take(d.run.done(key, command.attempt, error=error, random=random))
+
+
+def test_a_call_refused_before_reaching_the_tool_is_retried_after_the_hinted_wait_without_retry() -> None:
+    d = Driver("""
+steps: [{id: a, call: t}]
+""")
+    refuse(d, "a", "rate_limited", 0.4)
+    assert d.timers == {"a#retry": pytest.approx(0.4)}
+    d.fire("a#retry")
+    refuse(d, "a", "circuit_open", 3.0)
+    assert d.timers == {"a#retry": pytest.approx(3.0)}
+    d.fire("a#retry")
+    d.ok("a", "served")
+    assert d.finished == Finished("succeeded", {"a": "served"})
+
+
+def test_refusals_are_retried_only_within_the_steps_timeout() -> None:
+    d = Driver("""
+steps: [{id: a, call: t, timeout: 1s}]
+""")
+    refuse(d, "a", "rate_limited", 0.6)
+    d.fire("a#retry")
+    refuse(d, "a", "rate_limited", 0.6)  # 1.2 s of waiting in all would pass the step's 1 s
+    assert d.timers == {}
+    assert d.finished is not None
+    assert d.finished.error is not None
+    assert d.finished.error.kind == "rate_limited"
+
+
+def test_refusals_without_a_step_timeout_wait_at_most_the_refusal_budget() -> None:
+    d = Driver("""
+steps: [{id: a, call: t}]
+""")
+    waited = 0.0
+    while "a" in d.in_flight:
+        refuse(d, "a", "unavailable", 7.0)
+        if "a#retry" in d.timers:
+            waited += d.timers["a#retry"]
+            d.fire("a#retry")
+    assert waited <= REFUSAL_BUDGET
+    assert waited >= REFUSAL_BUDGET - 7.0
+    assert d.finished is not None
+    assert d.finished.status == "failed"
+
+
+def test_a_refusal_that_hints_no_wait_backs_off_exponentially() -> None:
+    d = Driver("""
+steps: [{id: a, call: t}]
+""")
+    waits = []
+    for _ in range(4):
+        refuse(d, "a", "rate_limited", 0.0)
+        waits.append(d.timers["a#retry"])
+        d.fire("a#retry")
+    assert waits == pytest.approx([0.05, 0.1, 0.2, 0.4])
+
+
+def test_refusals_do_not_use_up_the_steps_retry_attempts() -> None:
+    d = Driver("""
+steps: [{id: a, call: t, retry: {attempts: 2, backoff: 1s, jitter: 0}}]
+""")
+    refuse(d, "a", "rate_limited", 0.5)
+    d.fire("a#retry")
+    refuse(d, "a", "rate_limited", 0.5)
+    d.fire("a#retry")
+    d.fail("a", "error", "a real failure")  # the first real try: one retry left
+    assert d.timers == {"a#retry": 1.0}
+    d.fire("a#retry")
+    d.fail("a", "error", "again")
+    assert d.finished is not None
+    assert d.finished.status == "failed"
 
 
 def test_retries_stop_after_the_last_attempt() -> None:

@@ -7,6 +7,7 @@ import anyio
 import pytest
 import yaml
 
+from gateway.dispatch import Invocation
 from gateway.errors import InvalidArguments, ToolNotFound, UpstreamTimeout
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.journal import MemoryJournal
@@ -34,7 +35,7 @@ class Tools:
         self.cancelled: list[str] = []
         self.started = anyio.Event()
 
-    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> tuple[ToolResult, str]:
+    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> Invocation:
         self.calls.append((tool, dict(arguments)))
         if tool == "slow":
             self.started.set()
@@ -43,12 +44,14 @@ class Tools:
             finally:
                 self.cancelled.append(tool)
         if tool == "boom":
-            return ToolResult.text("it broke", is_error=True), "error"
+            return Invocation(ToolResult.text("it broke", is_error=True), "error")
         if tool == "late":
-            return ToolResult.text(str(UpstreamTimeout("no answer")), is_error=True), "timeout"
+            return Invocation(ToolResult.text(str(UpstreamTimeout("no answer")), is_error=True), "timeout")
+        if tool == "limited" and sum(called == "limited" for called, _ in self.calls) == 1:
+            return Invocation(ToolResult.text("retry after 0.01 s", is_error=True), "rate_limited", 0.01)
         if tool == "asks":
-            return ToolResult(content=(), input_required={"resultType": "input_required"}), "ok"
-        return ToolResult.text(f'{{"tool": "{tool}", "args": {len(arguments)}}}'), "ok"
+            return Invocation(ToolResult(content=(), input_required={"resultType": "input_required"}), "ok")
+        return Invocation(ToolResult.text(f'{{"tool": "{tool}", "args": {len(arguments)}}}'), "ok")
 
 
 def test_a_result_is_its_structured_content_else_its_text_as_json_else_the_text() -> None:
@@ -117,6 +120,15 @@ async def test_the_outcome_of_a_refused_call_is_the_steps_kind_of_failure_and_ca
     assert result.is_error
     assert "(timeout)" in result.content[0]["text"]
     assert [tool for tool, _ in tools.calls] == ["late", "late"]
+
+
+async def test_a_call_refused_before_it_reached_the_tool_is_made_again_after_the_hinted_wait() -> None:
+    tools = Tools()
+    plan = plan_of("steps: [{id: a, call: limited}]")
+    with anyio.fail_after(5):
+        result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+    assert not result.is_error, result.content
+    assert [tool for tool, _ in tools.calls] == ["limited", "limited"]
 
 
 async def test_a_failed_step_cancels_its_siblings_in_flight_and_compensates_the_finished_ones() -> None:

@@ -166,6 +166,31 @@ async def test_a_failing_step_is_retried_until_it_succeeds(tmp_path: Path) -> No
         assert await upstream_events(client) == ["f attempt 1", "f attempt 2", "f attempt 3"]
 
 
+async def test_a_steps_retry_covers_the_tools_own_errors_by_default(tmp_path: Path) -> None:
+    workflow = """
+  retrying:
+    steps: [{id: f, call: kit__flaky, with: {key: f, failures: 1}, retry: {attempts: 2, backoff: 10ms}}]
+"""
+    async with run_gateway(tmp_path, config(workflow)) as gw, Client(gw.url, mode="legacy", cache=None) as client:
+        result = await client.call_tool("retrying", {})
+        assert result.structured_content == {"f": {"key": "f", "attempt": 2}}
+
+
+async def test_a_step_refused_by_a_rate_limit_waits_as_told_and_runs_without_retry(tmp_path: Path) -> None:
+    workflow = """
+  twice:
+    steps:
+      - {id: a, call: kit__record, with: {label: a}}
+      - {id: b, call: kit__record, with: {label: b}}
+policies:
+  - {tools: kit__record, rate_limit: 4/s, burst: 1}
+"""
+    async with run_gateway(tmp_path, config(workflow)) as gw, Client(gw.url, mode="legacy", cache=None) as client:
+        result = await client.call_tool("twice", {})
+        assert not result.is_error, text(result)
+        assert sorted((await upstream_events(client))[-2:]) == ["a", "b"]
+
+
 async def test_a_fallback_stands_in_for_a_failed_step(tmp_path: Path) -> None:
     workflow = """
   falling_back:
