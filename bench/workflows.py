@@ -71,7 +71,7 @@ from gateway.workflows.runner import Runner
 STEPS = 1000
 QUICK_STEPS = 200
 DEFAULT_CONCURRENCY = 8
-"""``max_concurrency``'s default (``gateway.workflows.model``)."""
+"""A throttled fan-out's ``max_concurrency`` (the model's default until issue 9: kept so results compare)."""
 CHAIN_STEPS = 200
 FAN_WIDTH = 50
 FAN_MS = 100
