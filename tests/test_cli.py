@@ -37,6 +37,15 @@ def test_check_lists_every_config_problem_with_its_line_and_exits_1(tmp_path: Pa
     assert "servers.b.bogus (line 5)" in done.stderr
 
 
+def test_check_refuses_settings_that_are_not_implemented_yet(tmp_path: Path) -> None:
+    config = "gateway:\n  shared_state: redis://cache:6379\n  engine: temporal://127.0.0.1:7233\n"
+    done = patchbay("check", write(tmp_path, config))
+    assert done.returncode == 1
+    assert "2 problems" in done.stderr
+    assert "gateway.shared_state (line 2): `redis://…` is not supported yet" in done.stderr
+    assert "gateway.engine (line 3): `temporal://…` is not supported yet" in done.stderr
+
+
 def test_check_reports_an_upstream_that_cannot_be_reached(tmp_path: Path) -> None:
     config = f"servers:\n  kit: {KIT}\n  gone: {{url: 'http://127.0.0.1:{free_port()}/mcp', timeout: 2s}}\n"
     done = patchbay("check", write(tmp_path, config))
