@@ -19,6 +19,11 @@ that client's capabilities and log level, and an ``InputRequiredResult`` (the
 era's way of asking the user or the model mid-call) goes back to the client
 unchanged, its answers forwarded on the retry. A stdio upstream keeps one
 session: a second would be a second process with state of its own.
+
+A server that declares a capability but answers one of its list methods with
+Method not found (``mcp-server-sqlite`` does so for ``resources/templates/list``)
+is served with what it has: that kind is empty, and a warning naming the method
+is logged once per connection and kept in ``warnings`` for the status.
 """
 
 import itertools
@@ -69,6 +74,14 @@ _RAW: Any = TypeAdapter(dict[str, Any])
 
 _CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
 """The client capability each server→client request needs."""
+
+_LISTS: dict[str, tuple[Any, str, str]] = {
+    "tools/list": (types.ListToolsRequest, "tools", "tools"),
+    "prompts/list": (types.ListPromptsRequest, "prompts", "prompts"),
+    "resources/list": (types.ListResourcesRequest, "resources", "resources"),
+    "resources/templates/list": (types.ListResourceTemplatesRequest, "resourceTemplates", "resource templates"),
+}
+"""Each list method: its request type, the key of its items in the result, what it lists (in warnings)."""
 
 
 class State(StrEnum):
@@ -158,6 +171,8 @@ class McpUpstream:
         self.last_error: str | None = None
         self.listing = Listing()
         self.connects = 0
+        self._missing: set[str] = set()
+        """List methods this connection's server answered with Method not found: not asked again."""
         self._on_change = on_change
         self._on_updated = on_updated
         self._client: Client | None = None
@@ -173,6 +188,11 @@ class McpUpstream:
     @property
     def connect_timeout(self) -> float:
         return max(self.config.timeout, MIN_CONNECT_TIMEOUT)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the server lacks that the gateway works around (list methods it does not answer), for the status."""
+        return tuple(_lacking(method) for method in _LISTS if method in self._missing)
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -224,6 +244,7 @@ class McpUpstream:
             client_info=_CLIENT_INFO,
         )
         async with client, AsyncExitStack() as stack:
+            self._missing = set()
             self.listing = await self._fetch_listing(client)
             self._modern = await self._open_modern(stack)
             if http is not None and session.session_id and isinstance(self.config, HttpServer):
@@ -304,14 +325,36 @@ class McpUpstream:
         prompts: list[Prompt] = []
         resources: list[Resource] = []
         if caps.tools is not None:
-            tools.extend(Tool(t["name"], t) for t in await _pages(client, "tools/list", "tools"))
+            tools.extend(Tool(t["name"], t) for t in await self._list(client, "tools/list"))
         if caps.prompts is not None:
-            prompts.extend(Prompt(p["name"], p) for p in await _pages(client, "prompts/list", "prompts"))
+            prompts.extend(Prompt(p["name"], p) for p in await self._list(client, "prompts/list"))
         if caps.resources is not None:
-            resources.extend(Resource(r["uri"], r) for r in await _pages(client, "resources/list", "resources"))
-            templates = await _pages(client, "resources/templates/list", "resourceTemplates")
+            resources.extend(Resource(r["uri"], r) for r in await self._list(client, "resources/list"))
+            templates = await self._list(client, "resources/templates/list")
             resources.extend(Resource(t["uriTemplate"], t, template=True) for t in templates)
         return Listing(tuple(tools), tuple(prompts), tuple(resources))
+
+    async def _list(self, client: Client, method: str) -> list[dict[str, Any]]:
+        """Every item ``method`` lists; none when the server does not have the method.
+
+        A server that declares a capability may still lack one of its list methods (servers on
+        ``mcp`` 1.x often answer ``resources/templates/list`` with Method not found). Reconnecting
+        would not make the method appear, so the server is served with what it has, and the method is
+        not asked again on this connection (a ``list_changed`` refresh skips it): one warning each.
+
+        Raises:
+            MCPError: any other error answer, which fails this connection attempt as before.
+        """
+        if method in self._missing:
+            return []
+        try:
+            return await _pages(client, method)
+        except MCPError as exc:
+            if exc.error.code != types.METHOD_NOT_FOUND:
+                raise
+        self._missing.add(method)
+        logger.warning("upstream %s: %s", self.name, _lacking(method))
+        return []
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -494,13 +537,12 @@ class McpUpstream:
         return result if isinstance(result, types.ErrorData) else types.ElicitResult.model_validate(result)
 
 
-async def _pages(client: Client, method: str, key: str) -> list[dict[str, Any]]:
-    request_type: Any = {
-        "tools/list": types.ListToolsRequest,
-        "prompts/list": types.ListPromptsRequest,
-        "resources/list": types.ListResourcesRequest,
-        "resources/templates/list": types.ListResourceTemplatesRequest,
-    }[method]
+def _lacking(method: str) -> str:
+    return f"answers {method} with 'Method not found': served without {_LISTS[method][2]}"
+
+
+async def _pages(client: Client, method: str) -> list[dict[str, Any]]:
+    request_type, key, _ = _LISTS[method]
     items: list[dict[str, Any]] = []
     cursor: str | None = None
     for _ in range(_PAGE_CAP):

@@ -236,6 +236,10 @@ def _graph(config: Config, args: argparse.Namespace) -> int:
 def _print_upstreams(gateway: Gateway) -> None:
     rows = [(s.name, s.state, str(s.tools), s.last_error or "") for s in gateway.status()]
     _print_table(("SERVER", "STATE", "TOOLS", "LAST ERROR"), rows)
+    for status in gateway.status():
+        for warning in status.warnings:
+            where = ConfigProblem(f"servers.{status.name}", warning, gateway.config.line_of("servers", status.name))
+            print(f"warning: {where}", file=sys.stderr)
 
 
 def _print_table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> None:

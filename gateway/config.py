@@ -112,6 +112,42 @@ def _check_url(url: str) -> str:
     return url
 
 
+def _shown(value: str) -> str:
+    """``value`` for an error message: a URL only by its scheme, since the rest may hold a password."""
+    scheme, sep, _ = value.partition("://")
+    return f"`{scheme}://…`" if sep else repr(value)
+
+
+def _check_store(url: str) -> str:
+    # Durable runs come with the next issue; until then a store that could not be used is refused, so
+    # nobody believes runs are kept somewhere they are not. Any SQLite path is already accepted.
+    if url.startswith("sqlite:///") and url != "sqlite:///":
+        return url
+    if url.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            f"{_shown(url)} is not supported yet: store must be a `sqlite:///PATH` URL (PostgreSQL is planned)"
+        )
+    raise ValueError(f"{_shown(url)} is not supported: store must be a `sqlite:///PATH` URL")
+
+
+def _check_engine(engine: str) -> str:
+    if engine == DEFAULT_ENGINE:
+        return engine
+    if engine.startswith("temporal://"):
+        raise ValueError(f"{_shown(engine)} is not supported yet: engine must be `local` (Temporal is planned)")
+    raise ValueError(f"{_shown(engine)} is not supported: engine must be `local`")
+
+
+def _check_shared_state(where: str) -> str:
+    if where == DEFAULT_SHARED_STATE:
+        return where
+    if where.startswith(("redis://", "rediss://")):
+        raise ValueError(
+            f"{_shown(where)} is not supported yet: shared_state must be `memory` (Redis-shared limits are planned)"
+        )
+    raise ValueError(f"{_shown(where)} is not supported: shared_state must be `memory`")
+
+
 def _check_server_name(name: str) -> str:
     if not name:
         raise ValueError("a server name must not be empty")
@@ -127,12 +163,12 @@ class GatewaySettings(BaseModel):
     """The server name this gateway reports to its clients."""
     separator: str = DEFAULT_SEPARATOR
     """Joins a server's prefix and a tool name: ``crm__get_order``."""
-    store: str = DEFAULT_STORE
-    """Database URL of the run journal, pins and audit log."""
-    engine: str = DEFAULT_ENGINE
-    """Where workflows run: ``local`` (in-process) or ``temporal://HOST:PORT``."""
-    shared_state: str = DEFAULT_SHARED_STATE
-    """Where rate limits and breaker state live: ``memory`` or ``redis://…``."""
+    store: Annotated[str, AfterValidator(_check_store)] = DEFAULT_STORE
+    """Database URL of the run journal: a ``sqlite:///PATH`` URL (nothing is kept there yet; PostgreSQL is planned)."""
+    engine: Annotated[str, AfterValidator(_check_engine)] = DEFAULT_ENGINE
+    """Where workflows run: ``local`` (in-process), the only engine so far (Temporal is planned)."""
+    shared_state: Annotated[str, AfterValidator(_check_shared_state)] = DEFAULT_SHARED_STATE
+    """Where rate limits and breaker state live: ``memory`` (per process), the only choice so far (Redis is planned)."""
     max_body: Size = DEFAULT_MAX_BODY
     """The largest HTTP request body accepted (``4MiB``); a larger one gets 413."""
     rate_limit: Rate | None = None

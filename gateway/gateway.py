@@ -41,6 +41,8 @@ class UpstreamStatus:
     state: str
     tools: int
     last_error: str | None
+    warnings: tuple[str, ...] = ()
+    """What the server lacks that is worked around, e.g. a list method it does not answer."""
 
 
 class Gateway:
@@ -114,7 +116,7 @@ class Gateway:
         for entry in self.registry.tools.values():
             counts[entry.provider] = counts.get(entry.provider, 0) + 1
         return [
-            UpstreamStatus(name, up.state.value, counts.get(name, 0), up.last_error)
+            UpstreamStatus(name, up.state.value, counts.get(name, 0), up.last_error, up.warnings)
             for name, up in self.upstreams.items()
         ]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from tests.support import PYTHON, ROOT, TESTKIT, free_port, stdio_server
 
 KIT = stdio_server(TESTKIT)
+PARTIAL = stdio_server(ROOT / "tests" / "servers" / "partial.py")
 
 
 def patchbay(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -37,11 +38,36 @@ def test_check_lists_every_config_problem_with_its_line_and_exits_1(tmp_path: Pa
     assert "servers.b.bogus (line 5)" in done.stderr
 
 
+def test_check_refuses_settings_that_are_not_implemented_yet(tmp_path: Path) -> None:
+    config = "gateway:\n  shared_state: redis://cache:6379\n  engine: temporal://127.0.0.1:7233\n"
+    done = patchbay("check", write(tmp_path, config))
+    assert done.returncode == 1
+    assert "2 problems" in done.stderr
+    assert "gateway.shared_state (line 2): `redis://…` is not supported yet" in done.stderr
+    assert "gateway.engine (line 3): `temporal://…` is not supported yet" in done.stderr
+
+
 def test_check_reports_an_upstream_that_cannot_be_reached(tmp_path: Path) -> None:
     config = f"servers:\n  kit: {KIT}\n  gone: {{url: 'http://127.0.0.1:{free_port()}/mcp', timeout: 2s}}\n"
     done = patchbay("check", write(tmp_path, config))
     assert done.returncode == 1
     assert "servers.gone (line 3): could not connect" in done.stderr
+
+
+def test_check_passes_an_upstream_lacking_an_optional_list_method_and_says_what_it_lacks(tmp_path: Path) -> None:
+    # As mcp-server-sqlite does: it declares resources but answers resources/templates/list with -32601.
+    done = patchbay("check", write(tmp_path, f"servers:\n  sqlish: {PARTIAL}\n"))
+    assert done.returncode == 0, done.stderr
+    assert ["sqlish", "up", "2"] in [line.split()[:3] for line in done.stdout.splitlines()]
+    assert "warning: servers.sqlish (line 2): answers resources/templates/list" in done.stderr
+
+
+def test_call_reaches_a_tool_of_an_upstream_lacking_an_optional_list_method(tmp_path: Path) -> None:
+    done = patchbay(
+        "call", write(tmp_path, f"servers:\n  sqlish: {PARTIAL}\n"), "sqlish__echo", "--args", '{"text": "hi"}'
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "hi"
 
 
 def test_tools_prints_the_merged_registry_and_upstream_states(tmp_path: Path) -> None:

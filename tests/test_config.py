@@ -326,3 +326,37 @@ def test_recursive_alias_is_a_problem_not_a_crash() -> None:
         parse("servers:\n  a: &loop {command: x, env: *loop}\n")
 
     assert "servers.a.env" in [problem.path for problem in caught.value.problems]
+
+
+NOT_YET = {
+    "Redis shared state": ("shared_state", "redis://:pw@cache:6379/0", ["`redis://…`", "`memory`", "planned"]),
+    "TLS Redis shared state": ("shared_state", "rediss://cache:6380", ["`rediss://…`", "`memory`", "planned"]),
+    "misspelt shared state": ("shared_state", "memroy", ["'memroy'", "`memory`"]),
+    "Temporal engine": ("engine", "temporal://127.0.0.1:7233", ["`temporal://…`", "`local`", "planned"]),
+    "unknown engine": ("engine", "celery", ["'celery'", "`local`"]),
+    "PostgreSQL store": ("store", "postgresql://u:pw@db/patchbay", ["`postgresql://…`", "sqlite:///", "planned"]),
+    "a path, not a URL": ("store", "patchbay.db", ["'patchbay.db'", "sqlite:///"]),
+    "SQLite without a path": ("store", "sqlite:///", ["sqlite:///"]),
+}
+
+
+@pytest.mark.parametrize(("key", "value", "said"), NOT_YET.values(), ids=NOT_YET.keys())
+def test_a_setting_that_would_do_nothing_is_an_error_saying_what_is_supported(
+    key: str, value: str, said: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(f"gateway:\n  name: x\n  {key}: '{value}'\n")
+
+    (problem,) = caught.value.problems
+    assert (problem.path, problem.line) == (f"gateway.{key}", 3)
+    assert all(part in problem.message for part in said), problem.message
+    assert "pw" not in problem.message  # a URL's credentials are never echoed
+
+
+@pytest.mark.parametrize(
+    "store", ["sqlite:///patchbay.db", "sqlite:////var/lib/patchbay/runs.db", "sqlite:///:memory:"]
+)
+def test_any_sqlite_store_and_the_working_engine_and_shared_state_are_accepted(store: str) -> None:
+    settings = parse(f"gateway: {{store: '{store}', engine: local, shared_state: memory}}").gateway
+
+    assert (settings.store, settings.engine, settings.shared_state) == (store, "local", "memory")

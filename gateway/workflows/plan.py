@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.errors import ConfigProblem
 from gateway.workflows.checks import check_arguments
+from gateway.workflows.defaults import check_defaults
 from gateway.workflows.expressions import Condition, ExpressionError, Value, compile_condition, compile_value
 from gateway.workflows.graph import Graph, Node, build_graph
 from gateway.workflows.model import (
@@ -154,6 +155,7 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
         return frozenset().union(*found)
 
     graph, problems = build_graph(name, workflow, references)
+    problems.extend(check_defaults(workflow.input, f"workflows.{name}.input"))
     children: dict[str, dict[str, list[str]]] = {step_id: {} for step_id in graph.nodes}
     for node in graph.nodes.values():
         if node.parent is not None and node.branch is not None:

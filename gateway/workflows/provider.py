@@ -2,7 +2,7 @@
 
 A workflow's tool has the workflow's ``input`` as its ``inputSchema`` (and ``output_schema`` as its
 ``outputSchema``); its arguments are validated before anything runs, every violation listed with
-its JSON path.
+its JSON path, and the schema's ``default`` values fill in what the caller omitted.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +14,7 @@ from jsonschema.validators import validator_for
 
 from gateway.errors import InvalidArguments, ToolNotFound
 from gateway.types import CallContext, JSONObject, Tool, ToolResult
+from gateway.workflows.defaults import with_defaults
 from gateway.workflows.plan import Plan
 from gateway.workflows.roundtrip import STATE_PREFIX, RoundTrips, needs_round_trip
 from gateway.workflows.runner import Runner
@@ -66,9 +67,10 @@ class WorkflowProvider:
         problems = violations(self._validators[name], arguments)
         if problems:
             raise InvalidArguments(f"invalid arguments for workflow {name!r}: {'; '.join(problems)}")
+        given = with_defaults(plan.workflow.input, arguments)
 
         async def run(run_context: CallContext) -> ToolResult:
-            return self._checked(name, await self.runner.run(plan, arguments, run_context))
+            return self._checked(name, await self.runner.run(plan, given, run_context))
 
         if needs_round_trip(context):
             return await self._round_trips.start(run, context)
