@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from gateway.config import parse_config
+from gateway.dispatch import Invocation
 from gateway.errors import ConfigError
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.defaults import check_defaults, with_defaults
@@ -111,9 +112,9 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> tuple[ToolResult, str]:
+    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> Invocation:
         self.calls.append((tool, dict(arguments)))
-        return ToolResult.text(json.dumps(dict(arguments))), "ok"
+        return Invocation(ToolResult.text(json.dumps(dict(arguments))), "ok")
 
 
 WORKFLOW = """
