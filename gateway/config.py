@@ -35,7 +35,7 @@ from pydantic import (
 
 from gateway._yamlfile import Loc, Tree, dotted, in_file_order, interpolate, syntax_problem
 from gateway.errors import ConfigError, ConfigProblem
-from gateway.guards import (
+from gateway.policy_config import (
     AccessRule,
     AuditConfig,
     CircuitBreakerConfig,
