@@ -25,7 +25,7 @@ from policies.breaker import BreakerPolicy
 from policies.concurrency import ConcurrencyLimit, ConcurrencyRule
 from policies.fallback import FallbackPolicy
 from policies.ratelimit import RateLimit, RateRule
-from policies.retry import RetryPolicy, RetrySettings
+from policies.retry import RetryPolicy
 from policies.state import BreakerState, LimitState
 from policies.validation import ArgumentValidation
 
@@ -68,11 +68,8 @@ def build_chain(
     ]
     circuits = {name: b for name, server in config.servers.items() if (b := server.circuit_breaker) is not None}
     breaker = BreakerPolicy(circuits, breakers, on_change=on_circuit_change)
-    retries = {
-        name: RetrySettings(r.attempts, r.backoff, r.max_backoff, r.jitter, tuple(server.tools.idempotent))
-        for name, server in config.servers.items()
-        if (r := server.retry) is not None
-    }
+    retries = {name: r for name, server in config.servers.items() if (r := server.retry) is not None}
+    idempotent = {name: server.tools.idempotent for name, server in config.servers.items()}
     fallbacks = {name: server.fallback for name, server in config.servers.items() if server.fallback}
     policies: list[Policy] = []
     if access.active:
@@ -87,5 +84,5 @@ def build_chain(
     if circuits:
         policies.append(breaker)
     if retries:
-        policies.append(RetryPolicy(retries))
+        policies.append(RetryPolicy(retries, idempotent))
     return Chain(tuple(policies), access, breaker)

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.units import Duration
+from gateway.units import Duration, retry_delay
 from gateway.workflows.expressions import Condition, ExpressionError, compile_condition
 
 __all__ = [
@@ -233,6 +233,10 @@ class ServerRetry(BaseModel):
     """The longest wait between two tries."""
     jitter: float = Field(DEFAULT_RETRY_JITTER, ge=0, le=1)
     """Each wait varies randomly by up to this fraction of itself."""
+
+    def delay(self, retry: int, random: float) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``random`` in [0, 1)."""
+        return retry_delay(retry, self.backoff, self.max_backoff, self.jitter, random)
 
 
 class CircuitBreakerConfig(BaseModel):

@@ -5,13 +5,13 @@ from collections.abc import Mapping
 import anyio
 import pytest
 
-from gateway.config import CircuitBreakerConfig
+from gateway.config import CircuitBreakerConfig, ServerRetry
 from gateway.dispatch import compose
 from gateway.errors import CircuitOpen, Forbidden, ToolNotFound, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallContext, CallNext, JSONObject, Policy, Principal, Tool, ToolCall, ToolResult
 from policies.breaker import BreakerPolicy
 from policies.fallback import META_KEY, FallbackPolicy
-from policies.retry import RetryPolicy, RetrySettings
+from policies.retry import RetryPolicy
 from policies.state import MemoryBreakerState
 from tests.policies.fakes import OK, Upstream, down
 
@@ -183,7 +183,7 @@ def resilient(servers: Mapping[str, Upstream], sleeps: list[float]) -> tuple[Gat
     policies: list[Policy] = [
         FallbackPolicy({"crm": {"get_*": "replica__get_order"}}, gateway.call),
         breaker,
-        RetryPolicy({"crm": RetrySettings(attempts=3, idempotent=("get_*",))}, sleep=sleep),
+        RetryPolicy({"crm": ServerRetry(attempts=3)}, {"crm": ["get_*"]}, sleep=sleep),
     ]
     gateway.chain = compose(policies, gateway.chain)
     return gateway, breaker
