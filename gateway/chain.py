@@ -22,9 +22,9 @@ from gateway.config import AccessRule, Config, LimitRule
 from gateway.types import CallContext, JSONObject, Policy, ToolResult
 from policies.access import AccessPolicy
 from policies.breaker import BreakerPolicy
-from policies.concurrency import ConcurrencyLimit, ConcurrencyRule
+from policies.concurrency import ConcurrencyLimit
 from policies.fallback import FallbackPolicy
-from policies.ratelimit import RateLimit, RateRule
+from policies.ratelimit import RateLimit
 from policies.retry import RetryPolicy
 from policies.state import BreakerState, LimitState
 from policies.validation import ArgumentValidation
@@ -53,19 +53,8 @@ def build_chain(
     """The chain for ``config``, its rate and concurrency limits kept in ``limits`` and its circuits in
     ``breakers``; ``call_tool`` makes a fallback's call (through the whole chain, raising gateway errors
     rather than turning them into results)."""
-    access_rules = [(f"policies[{i}]", rule) for i, rule in enumerate(config.policies) if isinstance(rule, AccessRule)]
-    limit_rules = [(f"policies[{i}]", rule) for i, rule in enumerate(config.policies) if isinstance(rule, LimitRule)]
-    access = AccessPolicy(access_rules, config.clients)
-    rates = [
-        RateRule(rule.tools, rule.rate_limit[1], rule.bucket, rule.per, label, rule.rate_limit[0], rule.clients)
-        for label, rule in limit_rules
-        if rule.rate_limit is not None
-    ]
-    concurrency = [
-        ConcurrencyRule(rule.tools, rule.max_concurrency, rule.per, label, rule.clients)
-        for label, rule in limit_rules
-        if rule.max_concurrency is not None
-    ]
+    access = AccessPolicy([rule for rule in config.policies if isinstance(rule, AccessRule)], config.clients)
+    limit_rules = [rule for rule in config.policies if isinstance(rule, LimitRule)]
     circuits = {name: b for name, server in config.servers.items() if (b := server.circuit_breaker) is not None}
     breaker = BreakerPolicy(circuits, breakers, on_change=on_circuit_change)
     retries = {name: r for name, server in config.servers.items() if (r := server.retry) is not None}
@@ -75,10 +64,10 @@ def build_chain(
     if access.active:
         policies.append(access)
     policies.append(ArgumentValidation())
-    if rates:
-        policies.append(RateLimit(rates, limits))
-    if concurrency:
-        policies.append(ConcurrencyLimit(concurrency, limits))
+    if any(rule.rate_limit is not None for rule in limit_rules):
+        policies.append(RateLimit(limit_rules, limits))
+    if any(rule.max_concurrency is not None for rule in limit_rules):
+        policies.append(ConcurrencyLimit(limit_rules, limits))
     if fallbacks:
         policies.append(FallbackPolicy(fallbacks, call_tool))
     if circuits:
