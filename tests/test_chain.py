@@ -2,6 +2,7 @@
 
 from textwrap import dedent
 
+import anyio
 import pytest
 
 from gateway.chain import build_chain
@@ -37,11 +38,11 @@ async def upstream(call: ToolCall) -> ToolResult:
     return OK
 
 
-def chain(config: str, limits: MemoryLimitState) -> CallNext:
+def chain(config: str, limits: MemoryLimitState, terminal: CallNext = upstream) -> CallNext:
     built = build_chain(
         parse_config(dedent(config), environ={}), limits=limits, breakers=MemoryBreakerState(), call_tool=unreachable
     )
-    return compose(built.policies, upstream)
+    return compose(built.policies, terminal)
 
 
 def call(name: str) -> ToolCall:
@@ -76,6 +77,28 @@ async def test_a_half_used_limit_stays_half_used_when_rules_are_inserted_before_
     for name in ("crm__get_order", "kb__search"):
         assert await passes(after, name)
         assert not await passes(after, name)
+
+
+async def test_a_slot_held_under_a_rule_still_counts_after_rules_are_inserted_before_it() -> None:
+    limits = MemoryLimitState()
+    release = anyio.Event()
+
+    async def blocking(call: ToolCall) -> ToolResult:
+        await release.wait()
+        return OK
+
+    before = chain('policies: [{tools: "crm__*", max_concurrency: 1}]', limits, blocking)
+    after = chain(
+        'policies: [{deny: "x"}, {tools: "kb__*", max_concurrency: 1}, {tools: "crm__*", max_concurrency: 1}]', limits
+    )
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(before, call("crm__get_order"))
+            await anyio.wait_all_tasks_blocked()
+            assert not await passes(after, "crm__get_order")
+            assert await passes(after, "kb__search")
+            release.set()
+    assert await passes(after, "crm__get_order")
 
 
 async def test_a_refusal_names_the_rule_by_its_given_or_derived_id() -> None:
