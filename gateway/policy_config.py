@@ -16,7 +16,7 @@ Every rule is known by its ``id`` – in refusals, in the ``policy`` label of th
 audit trail and in the keys of its limits' state – never by its position, so inserting or moving
 a rule leaves every other rule's identity and half-used limits alone (and replicas on different
 config versions agree on what a key means). Without ``id:`` it is derived from what the rule does:
-``<kind>-<first glob>-<hash>``, e.g. ``deny-files__delete_all-3f9c0a12``; the hash is of the
+``<kind>-<first glob>-<hash>``, e.g. ``deny-files__delete_all-e557dab2``; the hash is of the
 rule's canonical content (globs sorted, the rate in calls per second, the bucket size as it
 applies), so it is the same in every process and wherever the rule stands in the list. ``reason``
 is not part of it: rewording a refusal does not rename the rule.
