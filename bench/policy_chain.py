@@ -60,7 +60,7 @@ from run import OUT, machine_facts, markdown_table, plain_table  # bench/run.py:
 
 from gateway.audit import JsonlAuditSink, build_record
 from gateway.chain import build_chain
-from gateway.config import AccessRule, Config, parse_config
+from gateway.config import AccessRule, CircuitBreakerConfig, Config, parse_config
 from gateway.dispatch import Audit, Dispatcher
 from gateway.errors import CircuitOpen, UpstreamUnavailable
 from gateway.heap import freeze_startup_heap
@@ -69,13 +69,13 @@ from gateway.registry import Entry, Registry
 from gateway.types import CallContext, JSONObject, Policy, Principal, Tool, ToolCall, ToolResult
 from gateway.workflows.expressions import Condition
 from policies.access import AccessPolicy
-from policies.breaker import BreakerPolicy, BreakerSettings
+from policies.breaker import BreakerPolicy
 from policies.concurrency import ConcurrencyLimit
 from policies.fallback import FallbackPolicy
 from policies.ratelimit import RateLimit
 from policies.redaction import DEFAULT_KEYS, Redactor
 from policies.retry import RetryPolicy
-from policies.state import MemoryLimitState
+from policies.state import MemoryBreakerState, MemoryLimitState
 from policies.validation import ArgumentValidation, violations
 
 BUDGET_US = 50.0
@@ -287,7 +287,11 @@ async def build_way(spec: Spec, folder: Path, tg: TaskGroup, block: int) -> Way:
     if spec.policies != ():
         on_change = (lambda s, state: metrics.circuit_open(s, state == "open")) if metrics is not None else None
         chain = build_chain(
-            config, state=MemoryLimitState(), call_tool=dispatcher.call_or_raise, on_circuit_change=on_change
+            config,
+            limits=MemoryLimitState(),
+            breakers=MemoryBreakerState(),
+            call_tool=dispatcher.call_or_raise,
+            on_circuit_change=on_change,
         )
         wanted = spec.policies
         chosen = [p for p in chain.policies if wanted is None or isinstance(p, wanted)]
@@ -486,7 +490,7 @@ def jq_round_trip_us(condition: Condition, scope: dict[str, Any], gap: float, ca
 
 async def open_circuit_us(number: int = 50_000) -> float:
     """µs for an open circuit to refuse a call (``CircuitOpen`` raised and caught), the upstream untouched."""
-    breaker = BreakerPolicy({SERVER: BreakerSettings(failures=1, reset_after=3600.0)})
+    breaker = BreakerPolicy({SERVER: CircuitBreakerConfig(failures=1, reset_after=3600.0)}, MemoryBreakerState())
     call = ToolCall(NAME, SERVER, TOOL, ARGUMENTS, CONTEXT, REGISTRY.tools[NAME].tool)
     reached = 0
 

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.gateway import Gateway, open_gateway
-from gateway.guards import bucket_size
+from gateway.policy_config import bucket_size
 from gateway.server import McpFrontend, http_endpoint
 from gateway.types import Principal
 from policies.auth import BearerAuth

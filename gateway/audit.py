@@ -57,7 +57,7 @@ class AuditRecord:
     """ok | error | invalid | denied | rate_limited | circuit_open | timeout | unavailable (as in the metrics)."""
     duration_ms: float
     decisions: tuple[str, ...]
-    """Policy decisions in the order they were taken, e.g. ``access: allowed by policies[0]``."""
+    """Policy decisions in the order they were taken, e.g. ``refused by no-deletes (denied)`` (a rule's id)."""
     workflow_run: str | None
     workflow_step: str | None
     arguments: Any

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from gateway.config import AccessRule, Config, LimitRule
 from gateway.types import CallContext, JSONObject, Policy, ToolResult
 from policies.access import AccessPolicy
-from policies.breaker import BreakerPolicy, BreakerSettings
-from policies.concurrency import ConcurrencyLimit, ConcurrencyRule
+from policies.breaker import BreakerPolicy
+from policies.concurrency import ConcurrencyLimit
 from policies.fallback import FallbackPolicy
-from policies.ratelimit import RateLimit, RateRule
-from policies.retry import RetryPolicy, RetrySettings
-from policies.state import LimitState
+from policies.ratelimit import RateLimit
+from policies.retry import RetryPolicy
+from policies.state import BreakerState, LimitState
 from policies.validation import ArgumentValidation
 
 __all__ = ["Chain", "build_chain"]
@@ -45,58 +45,33 @@ class Chain:
 def build_chain(
     config: Config,
     *,
-    state: LimitState,
+    limits: LimitState,
+    breakers: BreakerState,
     call_tool: Callable[[str, JSONObject, CallContext], Awaitable[ToolResult]],
     on_circuit_change: Callable[[str, str], None] | None = None,
 ) -> Chain:
-    """The chain for ``config``; ``call_tool`` makes a fallback's call (through the whole chain, raising
-    gateway errors rather than turning them into results)."""
-    access_rules = [(f"policies[{i}]", rule) for i, rule in enumerate(config.policies) if isinstance(rule, AccessRule)]
-    limits = [(f"policies[{i}]", rule) for i, rule in enumerate(config.policies) if isinstance(rule, LimitRule)]
-    access = AccessPolicy(access_rules, config.clients)
-    rates = [
-        RateRule(rule.tools, rule.rate_limit[1], rule.bucket, rule.per, label, rule.rate_limit[0], rule.clients)
-        for label, rule in limits
-        if rule.rate_limit is not None
-    ]
-    concurrency = [
-        ConcurrencyRule(rule.tools, rule.max_concurrency, rule.per, label, rule.clients)
-        for label, rule in limits
-        if rule.max_concurrency is not None
-    ]
-    breakers = BreakerPolicy(
-        {
-            name: BreakerSettings(
-                failures=b.failures,
-                failure_rate=b.failure_rate,
-                window=b.window,
-                min_calls=b.min_calls,
-                reset_after=b.reset_after,
-                half_open_probes=b.half_open_probes,
-            )
-            for name, server in config.servers.items()
-            if (b := server.circuit_breaker) is not None
-        },
-        on_change=on_circuit_change,
-    )
-    retries = {
-        name: RetrySettings(r.attempts, r.backoff, r.max_backoff, r.jitter, tuple(server.tools.idempotent))
-        for name, server in config.servers.items()
-        if (r := server.retry) is not None
-    }
+    """The chain for ``config``, its rate and concurrency limits kept in ``limits`` and its circuits in
+    ``breakers``; ``call_tool`` makes a fallback's call (through the whole chain, raising gateway errors
+    rather than turning them into results)."""
+    access = AccessPolicy([rule for rule in config.policies if isinstance(rule, AccessRule)], config.clients)
+    limit_rules = [rule for rule in config.policies if isinstance(rule, LimitRule)]
+    circuits = {name: b for name, server in config.servers.items() if (b := server.circuit_breaker) is not None}
+    breaker = BreakerPolicy(circuits, breakers, on_change=on_circuit_change)
+    retries = {name: r for name, server in config.servers.items() if (r := server.retry) is not None}
+    idempotent = {name: server.tools.idempotent for name, server in config.servers.items()}
     fallbacks = {name: server.fallback for name, server in config.servers.items() if server.fallback}
     policies: list[Policy] = []
     if access.active:
         policies.append(access)
     policies.append(ArgumentValidation())
-    if rates:
-        policies.append(RateLimit(rates, state))
-    if concurrency:
-        policies.append(ConcurrencyLimit(concurrency, state))
+    if any(rule.rate_limit is not None for rule in limit_rules):
+        policies.append(RateLimit(limit_rules, limits))
+    if any(rule.max_concurrency is not None for rule in limit_rules):
+        policies.append(ConcurrencyLimit(limit_rules, limits))
     if fallbacks:
         policies.append(FallbackPolicy(fallbacks, call_tool))
-    if any(server.circuit_breaker is not None for server in config.servers.values()):
-        policies.append(breakers)
+    if circuits:
+        policies.append(breaker)
     if retries:
-        policies.append(RetryPolicy(retries))
-    return Chain(tuple(policies), access, breakers)
+        policies.append(RetryPolicy(retries, idempotent))
+    return Chain(tuple(policies), access, breaker)

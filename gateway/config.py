@@ -35,12 +35,13 @@ from pydantic import (
 
 from gateway._yamlfile import Loc, Tree, dotted, in_file_order, interpolate, syntax_problem
 from gateway.errors import ConfigError, ConfigProblem
-from gateway.guards import (
+from gateway.policy_config import (
     AccessRule,
     AuditConfig,
     CircuitBreakerConfig,
     ClientConfig,
     LimitRule,
+    Per,
     PolicyRule,
     Rate,
     ServerRetry,
@@ -58,6 +59,7 @@ __all__ = [
     "GatewaySettings",
     "HttpServer",
     "LimitRule",
+    "Per",
     "PolicyRule",
     "Rate",
     "ServerConfig",
@@ -356,6 +358,7 @@ def parse_config(
         problems.extend(_located(found, tree, config.workflows))
     problems.extend(_located(check_calls(plans), tree, config.workflows))
     problems.extend(_unknown_clients(config, tree))
+    problems.extend(_duplicate_ids(config, tree))
     if problems:
         raise ConfigError(in_file_order(problems), source=source)
     if base_dir is not None:
@@ -444,6 +447,26 @@ def _unknown_clients(config: Config, tree: Tree) -> Iterator[ConfigProblem]:
                 known = ", ".join(sorted(config.clients)) or "none are configured"
                 message = f"no client {name!r} in `clients:` ({known})"
                 yield ConfigProblem(f"policies[{index}].clients", message, tree.line(("policies", index, "clients")))
+
+
+def _duplicate_ids(config: Config, tree: Tree) -> Iterator[ConfigProblem]:
+    """Two rules under one id would share their limits' state and be told apart nowhere."""
+    first: dict[str, int] = {}
+    for index, rule in enumerate(config.policies):
+        earlier = first.setdefault(rule.id, index)
+        if earlier == index:
+            continue
+        where = f"policies[{earlier}] (line {tree.line(('policies', earlier))})"
+        if "id" in rule.model_fields_set:
+            loc: tuple[str | int, ...] = ("policies", index, "id")
+            message = f"the id {rule.id!r} is taken by {where}; every rule needs its own"
+        else:
+            loc = ("policies", index)
+            message = (
+                f"does the same as {where}, so both get the id {rule.id!r} (derived from what a rule does): "
+                "remove one, or give it an `id:`"
+            )
+        yield ConfigProblem(dotted(loc), message, tree.line(loc))
 
 
 def _resolve_cwds(config: Config, base_dir: Path) -> Config:

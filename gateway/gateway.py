@@ -27,7 +27,7 @@ from gateway.workflows.plan import check_tools
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
 from policies.redaction import DEFAULT_KEYS, Redactor
-from policies.state import MemoryLimitState
+from policies.state import MemoryBreakerState, MemoryLimitState
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class Gateway:
         self.dispatcher = Dispatcher(lambda: self.registry, providers, metrics=self.metrics, audit=audit)
         chain = build_chain(
             config,
-            state=MemoryLimitState(),
+            limits=MemoryLimitState(),
+            breakers=MemoryBreakerState(),
             call_tool=self.dispatcher.call_or_raise,
             on_circuit_change=lambda server, state: self.metrics.circuit_open(server, state == "open"),
         )

@@ -48,18 +48,18 @@ class _Rule:
 class AccessPolicy:
     """Refuses calls the access rules do not permit (:class:`~gateway.errors.Forbidden`); filters listings."""
 
-    def __init__(self, rules: Sequence[tuple[str, AccessRule]], clients: Mapping[str, ClientConfig]) -> None:
-        """``rules``: each rule with its label (``policies[0]``), in file order."""
+    def __init__(self, rules: Sequence[AccessRule], clients: Mapping[str, ClientConfig]) -> None:
+        """``rules``: in file order; each is named by its ``id`` in refusals."""
         self._rules = [
             _Rule(
-                label,
+                rule.id,
                 rule.deny is not None,
                 matcher(rule.tools),
                 matcher(rule.clients) if rule.clients is not None else None,
                 rule,
                 rule.if_ is not None,
             )
-            for label, rule in rules
+            for rule in rules
         ]
         self._denies = [rule for rule in self._rules if rule.deny]
         self._allows = [rule for rule in self._rules if not rule.deny]

@@ -17,36 +17,33 @@ slot counted but not recorded here could never be released.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.config import LimitRule, Per
 from gateway.errors import ConcurrencyLimited
 from gateway.types import CallNext, ToolCall, ToolResult
-from policies.ratelimit import SCOPE_WORDS, Per, RuleIndex, check_scope, scope_value
+from policies.ratelimit import SCOPE_WORDS, RuleIndex, scope_value
 from policies.state import LimitState
 
-__all__ = ["ConcurrencyLimit", "ConcurrencyRule"]
+__all__ = ["ConcurrencyLimit"]
 
 
 @dataclass(frozen=True, slots=True)
-class ConcurrencyRule:
-    """One concurrency limit: at most ``limit`` calls in flight on the tools matching ``tools``, counted ``per``.
-
-    Raises:
-        ValueError: a limit below 1, no tool globs, or an unknown ``per``.
-    """
+class _Slots:
+    """A rule's concurrency limit as the policy uses it on every call, read from the ``LimitRule`` once."""
 
     tools: tuple[str, ...]
-    """fnmatch globs on the registry tool name (``call.name``)."""
-    limit: int
-    """Calls in flight at once."""
+    clients: tuple[str, ...] | None
+    id: str
     per: Per
-    label: str
-    """Where the rule is (``policies[3]``): names the policy in refusals and metrics, and keys its counters."""
-    clients: tuple[str, ...] | None = None
-    """fnmatch globs on the principal id: the rule applies to these callers only; None: to every caller."""
+    limit: int
+    key: str
+    """The counter key less its scope value: ``concurrency:<rule id>:<per>:``."""
 
-    def __post_init__(self) -> None:
-        if not self.limit >= 1:
-            raise ValueError(f"limit must be at least 1, not {self.limit!r}")
-        check_scope(self.tools, self.per, self.clients)
+    @classmethod
+    def of(cls, rule: LimitRule) -> "_Slots":
+        assert rule.max_concurrency is not None
+        return cls(
+            rule.tools, rule.clients, rule.id, rule.per, rule.max_concurrency, f"concurrency:{rule.id}:{rule.per}:"
+        )
 
 
 class ConcurrencyLimit:
@@ -56,8 +53,9 @@ class ConcurrencyLimit:
         ConcurrencyLimited: a rule already has ``limit`` calls in flight in the call's scope.
     """
 
-    def __init__(self, rules: Sequence[ConcurrencyRule], state: LimitState) -> None:
-        self._index = RuleIndex(rules)
+    def __init__(self, rules: Sequence[LimitRule], state: LimitState) -> None:
+        """``rules``: the config's limit rules, in file order; those without ``max_concurrency`` are skipped."""
+        self._index = RuleIndex([_Slots.of(rule) for rule in rules if rule.max_concurrency is not None])
         self._state = state
 
     async def __call__(self, call: ToolCall, call_next: CallNext) -> ToolResult:
@@ -67,13 +65,13 @@ class ConcurrencyLimit:
         held: list[str] = []
         try:
             for rule in rules:
-                key = f"concurrency:{rule.label}:{rule.per}:{scope_value(rule.per, call)}"
+                key = rule.key + scope_value(rule.per, call)
                 counted = await self._state.acquire(key, rule.limit)
                 if not counted:
                     raise ConcurrencyLimited(
-                        f"concurrency limit {rule.limit} {SCOPE_WORDS[rule.per]} ({rule.label}) reached for "
+                        f"concurrency limit {rule.limit} {SCOPE_WORDS[rule.per]} ({rule.id}) reached for "
                         f"{call.name}: {rule.limit} calls already in flight; retry when one of them finishes",
-                        policy=rule.label,
+                        policy=rule.id,
                     )
                 held.append(key)
             return await call_next(call)

@@ -1,7 +1,10 @@
 """Rate limits: token buckets per client, tool, server or overall, refused with a time to retry.
 
-Each ``RateRule`` is one bucket per scope value (each client, each tool, …),
-held in a ``LimitState`` so that replicas sharing Redis share the limit. A
+Each rule with a ``rate_limit`` (a ``LimitRule`` of the config) is one bucket
+per scope value (each client, each tool, …), held in a ``LimitState`` so that
+replicas sharing Redis share the limit. A bucket's key is
+``rate:<rule id>:<per>:<scope value>``: the rule's id, never its position, so
+inserting or moving rules leaves every other rule's buckets as they are. A
 call takes one token from the bucket of every rule that applies, in rule
 order; the first empty bucket refuses it with ``RateLimited``, whose
 ``retry_after`` is rounded *up* to a tenth of a second so that a client that
@@ -22,16 +25,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Generic, Literal, Protocol, TypeVar, get_args
+from typing import Generic, Protocol, TypeVar
 
+from gateway.config import LimitRule, Per
 from gateway.errors import RateLimited
 from gateway.types import CallNext, ToolCall, ToolResult
 from policies.state import SLACK, LimitState
 
-__all__ = ["SCOPE_WORDS", "Per", "RateLimit", "RateRule", "RuleIndex", "scope_value"]
-
-Per = Literal["client", "tool", "server", "global"]
-"""What a limit counts separately: each client, each tool, each server, or all calls it applies to together."""
+__all__ = ["SCOPE_WORDS", "RateLimit", "RuleIndex", "scope_value"]
 
 SCOPE_WORDS: dict[str, str] = {"client": "per client", "tool": "per tool", "server": "per server", "global": "in total"}
 """How refusals name a scope."""
@@ -51,48 +52,26 @@ def scope_value(per: Per, call: ToolCall) -> str:
     return ""
 
 
-def check_scope(tools: tuple[str, ...], per: str, clients: tuple[str, ...] | None) -> None:
-    """Check the fields every limit rule has.
-
-    Raises:
-        ValueError: no tool globs, an unknown ``per``, or an empty ``clients``.
-    """
-    if not tools:
-        raise ValueError("a limit needs at least one tool glob")
-    if per not in get_args(Per):
-        raise ValueError(f"per must be one of {', '.join(get_args(Per))}, not {per!r}")
-    if clients is not None and not clients:
-        raise ValueError("clients, when given, needs at least one glob")
-
-
 @dataclass(frozen=True, slots=True)
-class RateRule:
-    """One rate limit: ``rate`` calls/s on average, up to ``burst`` at once, on the tools matching ``tools``.
-
-    Raises:
-        ValueError: a rate that is not positive, a burst below 1, no tool globs, or an unknown ``per``.
-    """
+class _Bucket:
+    """A rule's rate limit as the policy uses it on every call, read from the ``LimitRule`` once."""
 
     tools: tuple[str, ...]
-    """fnmatch globs on the registry tool name (``call.name``)."""
-    rate: float
-    """Tokens added per second."""
-    burst: float
-    """Bucket size (at least 1)."""
+    clients: tuple[str, ...] | None
+    id: str
     per: Per
-    label: str
-    """Where the rule is (``policies[2]``): names the policy in refusals and metrics, and keys its buckets."""
+    rate: float
+    size: float
     text: str
-    """The rate as the user wrote it (``10/s``), for messages."""
-    clients: tuple[str, ...] | None = None
-    """fnmatch globs on the principal id: the rule applies to these callers only; None: to every caller."""
+    key: str
+    """The bucket key less its scope value."""
 
-    def __post_init__(self) -> None:
-        if not (self.rate > 0 and math.isfinite(self.rate)):
-            raise ValueError(f"rate must be a positive number of calls per second, not {self.rate!r}")
-        if not self.burst >= 1:
-            raise ValueError(f"burst must be at least 1, not {self.burst!r}")
-        check_scope(self.tools, self.per, self.clients)
+    @classmethod
+    def of(cls, rule: LimitRule) -> "_Bucket":
+        assert rule.rate_limit is not None
+        text, rate = rule.rate_limit
+        key = f"rate:{rule.id}:{rule.per}:"
+        return cls(rule.tools, rule.clients, rule.id, rule.per, rate, rule.bucket, text, key)
 
 
 class _Scoped(Protocol):
@@ -144,24 +123,25 @@ def _round_up(seconds: float) -> float:
 class RateLimit:
     """The rate-limit policy: takes a token from every applying rule's bucket before the call goes on.
 
+    ``rules``: the config's limit rules, in file order; those without a ``rate_limit`` are not its business.
+
     Raises:
-        RateLimited: a bucket was empty; ``policy`` is the rule's label, ``retry_after`` the seconds to wait.
+        RateLimited: a bucket was empty; ``policy`` is the rule's id, ``retry_after`` the seconds to wait.
     """
 
-    def __init__(self, rules: Sequence[RateRule], state: LimitState) -> None:
-        self._index = RuleIndex(rules)
+    def __init__(self, rules: Sequence[LimitRule], state: LimitState) -> None:
+        self._index = RuleIndex([_Bucket.of(rule) for rule in rules if rule.rate_limit is not None])
         self._state = state
 
     async def __call__(self, call: ToolCall, call_next: CallNext) -> ToolResult:
-        for rule in self._index.applying(call):
-            key = f"rate:{rule.label}:{rule.per}:{scope_value(rule.per, call)}"
-            wait = await self._state.take(key, rule.rate, rule.burst)
+        for bucket in self._index.applying(call):
+            wait = await self._state.take(bucket.key + scope_value(bucket.per, call), bucket.rate, bucket.size)
             if wait > 0:
                 retry_after = max(_round_up(wait), 0.1)
                 raise RateLimited(
-                    f"rate limit {rule.text} {SCOPE_WORDS[rule.per]} ({rule.label}) reached for {call.name}: "
+                    f"rate limit {bucket.text} {SCOPE_WORDS[bucket.per]} ({bucket.id}) reached for {call.name}: "
                     f"retry after {retry_after:.1f} s",
-                    policy=rule.label,
+                    policy=bucket.id,
                     retry_after=retry_after,
                 )
         return await call_next(call)

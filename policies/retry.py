@@ -12,56 +12,38 @@ again.
 """
 
 import random
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 
-from gateway.config import retry_delay
+from gateway.config import ServerRetry
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallNext, ToolCall, ToolResult
 from policies._globs import matcher
 
-__all__ = ["RetryPolicy", "RetrySettings"]
-
-
-@dataclass(frozen=True, slots=True)
-class RetrySettings:
-    """How often and how patiently calls to one server are retried."""
-
-    attempts: int = 3
-    """Calls in all, the first included (1: no retry)."""
-    backoff: float = 0.2
-    """Seconds before the first retry; doubled for each retry after it."""
-    max_backoff: float = 5.0
-    """The longest wait before a retry, before jitter."""
-    jitter: float = 0.2
-    """Each wait is spread by ± this fraction, so that callers that failed together do not retry together."""
-    idempotent: tuple[str, ...] = ()
-    """Globs on the upstream's own tool names (``call.target``) that are safe to call twice."""
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("attempts must be at least 1")
-        if self.backoff < 0 or self.max_backoff < 0 or not 0 <= self.jitter <= 1:
-            raise ValueError("backoff and max_backoff must not be negative, jitter must be in [0, 1]")
-
-    def delay(self, retry: int, random: float) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``random`` in [0, 1)."""
-        return retry_delay(retry, self.backoff, self.max_backoff, self.jitter, random)
+__all__ = ["RetryPolicy"]
 
 
 class RetryPolicy:
-    """Retries idempotent calls to configured servers; calls to other servers pass straight through."""
+    """Retries idempotent calls to configured servers; calls to other servers pass straight through.
+
+    ``retries`` is each server's ``retry:``; ``idempotent`` its ``tools.idempotent`` globs (on the
+    upstream's own tool names, ``call.target``).
+    """
 
     def __init__(
         self,
-        settings: Mapping[str, RetrySettings],
+        retries: Mapping[str, ServerRetry],
+        idempotent: Mapping[str, Sequence[str]],
         *,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         random: Callable[[], float] = random.random,
     ) -> None:
-        self._settings = {server: (s, matcher(s.idempotent)) for server, s in settings.items() if s.attempts > 1}
+        self._settings = {
+            server: (retry, matcher(idempotent.get(server, ())))
+            for server, retry in retries.items()
+            if retry.attempts > 1
+        }
         self._sleep = sleep
         self._random = random
 
@@ -75,7 +57,7 @@ class RetryPolicy:
         entry = self._settings.get(call.provider)
         if entry is None:
             return await call_next(call)
-        settings, idempotent = entry
+        retry, idempotent = entry
         if not (idempotent.fullmatch(call.target) or _hinted_idempotent(call)):
             return await call_next(call)
         attempt = 1
@@ -83,11 +65,11 @@ class RetryPolicy:
             try:
                 return await call_next(call)
             except (UpstreamUnavailable, UpstreamTimeout) as exc:
-                if attempt >= settings.attempts:
+                if attempt >= retry.attempts:
                     # Same error, same type and attributes: only the message learns it was retried.
                     exc.args = (f"{exc} (gave up after {attempt} attempts)",)
                     raise
-            await self._sleep(settings.delay(attempt, self._random()))
+            await self._sleep(retry.delay(attempt, self._random()))
             attempt += 1
 
 

@@ -1,10 +1,10 @@
-"""Where rate-limit buckets and concurrency counters live.
+"""Where rate-limit buckets, concurrency counters and circuit-breaker state live.
 
-Limits are only as good as the state behind them: one process keeps it in
-memory (``MemoryLimitState``), replicas share it on Redis (a later issue).
-The ``LimitState`` interface is shaped for the shared case: every operation is
-ONE atomic call – check and update together – so a Redis implementation is one
-Lua script per method and never a read followed by a racing write.
+Limits and breakers are only as good as the state behind them: one process keeps it in
+memory (``MemoryLimitState``, ``MemoryBreakerState``), replicas share it on Redis (a later
+issue). The ``LimitState`` and ``BreakerState`` interfaces are shaped for the shared case:
+every operation is ONE atomic call – check and update together – so a Redis implementation
+is one Lua script per method and never a read followed by a racing write.
 
 Token buckets are kept in GCRA form (the "generic cell rate algorithm"): a
 bucket is a single number, the time at which it will be full again. A bucket
@@ -16,10 +16,25 @@ full bucket would not: it can be forgotten, which is how memory stays bounded.
 """
 
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["SLACK", "LimitState", "MemoryLimitState"]
+from gateway.config import CircuitBreakerConfig
+
+__all__ = [
+    "CLOSED",
+    "HALF_OPEN",
+    "OPEN",
+    "SLACK",
+    "Admission",
+    "BreakerState",
+    "LimitState",
+    "MemoryBreakerState",
+    "MemoryLimitState",
+    "Refusal",
+]
 
 SLACK = 1e-6
 """Seconds early a take may come and still succeed: float noise never refuses a retry made when it was told.
@@ -108,3 +123,196 @@ class MemoryLimitState:
         """Forget buckets that are full again; amortised O(1) per take, as the threshold doubles with what stays."""
         self._full_at = {key: full_at for key, full_at in self._full_at.items() if full_at > now}
         self._prune_at = max(_PRUNE_AT, 2 * len(self._full_at))
+
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+_WINDOW_BUCKETS = 20
+"""A failure-rate window is kept as this many counters: memory is fixed, the window exact to 1/20 of its length."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A call the breaker let through: the state ``generation`` that admitted it, and whether it is a probe.
+
+    Every state change starts a new generation, so the late outcome of a call
+    admitted before the change (one that was in flight when the circuit
+    opened, say) cannot close or reopen the circuit it no longer describes.
+    """
+
+    generation: int
+    probe: bool
+    entered: str | None = None
+    """The state this admission moved the circuit into (``half_open``: open → half-open is due to time
+    alone and is noticed by the next call), else None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A call the breaker refused: the circuit is open, or half-open with every probe slot taken."""
+
+    state: str
+    """``open`` or ``half_open``."""
+    reason: str
+    """What opened the circuit, e.g. ``5 consecutive failures, the last: …``."""
+    retry_after: float
+    """Seconds until an open circuit turns half-open; 0 when half-open."""
+    probes: int
+    """Probe calls in flight (half-open)."""
+
+
+class BreakerState(Protocol):
+    """Circuit-breaker state, one circuit per key (the breaker policy uses the server's name).
+
+    Each method is one atomic operation on the backend, given the circuit's ``config`` (the thresholds
+    travel with every call, as a Lua script's arguments would). The caller asks ``admit`` before a call
+    and reports how an admitted call ended with exactly one of ``succeeded``, ``failed`` or
+    ``abandoned``. Methods that change the state return the state they moved the circuit into, if any,
+    so the caller can report transitions (the ``patchbay_circuit_open`` gauge).
+
+    ``abandoned`` and the outcome reports may be awaited in a caller that is being cancelled: an
+    implementation that awaits I/O shields them (``anyio.CancelScope(shield=True)``) so a probe slot is
+    never leaked. The in-memory state never awaits, so it needs no shield.
+    """
+
+    async def admit(self, key: str, config: CircuitBreakerConfig) -> Admission | Refusal:
+        """Let a call through (taking a probe slot when half-open), or say why not; an open circuit whose
+        ``reset_after`` has passed turns half-open here."""
+        ...
+
+    async def succeeded(self, key: str, config: CircuitBreakerConfig, admission: Admission) -> str | None:
+        """The admitted call got an answer: a probe closes the circuit; otherwise the failure streak ends."""
+        ...
+
+    async def failed(self, key: str, config: CircuitBreakerConfig, admission: Admission, error: str) -> str | None:
+        """The admitted call failed upstream with ``error``: a probe reopens the circuit; a streak or rate
+        over the limit opens it."""
+        ...
+
+    async def abandoned(self, key: str, admission: Admission) -> None:
+        """The admitted call ended without a verdict on the server: free its probe slot, count nothing."""
+        ...
+
+    async def state(self, key: str, config: CircuitBreakerConfig) -> str:
+        """``closed``, ``open`` or ``half_open`` (an open circuit past ``reset_after`` reads as half-open);
+        changes nothing."""
+        ...
+
+
+class _Circuit:
+    """One circuit's state, as a shared backend would keep it under its key."""
+
+    __slots__ = ("buckets", "consecutive", "generation", "opened_at", "probes", "reason", "state")
+
+    def __init__(self) -> None:
+        self.state = CLOSED
+        self.generation = 0
+        self.consecutive = 0
+        self.buckets: deque[list[int]] = deque(maxlen=_WINDOW_BUCKETS)  # [bucket index, calls, failures]
+        self.opened_at = 0.0
+        self.reason = ""
+        self.probes = 0
+
+
+class MemoryBreakerState:
+    """``BreakerState`` for one process: the closed → open → half-open state machine of each key.
+
+    Atomic for the same reason as ``MemoryLimitState``: no method awaits anything.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._circuits: dict[str, _Circuit] = {}
+
+    @property
+    def held(self) -> int:
+        """Failure-rate counters in memory, over all circuits: lets tests see that memory stays bounded."""
+        return sum(len(circuit.buckets) for circuit in self._circuits.values())
+
+    async def admit(self, key: str, config: CircuitBreakerConfig) -> Admission | Refusal:
+        circuit = self._circuits.get(key)
+        if circuit is None:
+            circuit = self._circuits[key] = _Circuit()
+        if circuit.state == CLOSED:
+            return Admission(circuit.generation, probe=False)
+        entered = None
+        if circuit.state == OPEN:
+            left = circuit.opened_at + config.reset_after - self._clock()
+            if left > 0:
+                return Refusal(OPEN, circuit.reason, left, circuit.probes)
+            # Open → half-open is due to time alone: decided lazily, on the next call.
+            entered = self._transition(circuit, HALF_OPEN)
+        if circuit.probes >= config.half_open_probes:
+            return Refusal(HALF_OPEN, circuit.reason, 0.0, circuit.probes)
+        circuit.probes += 1
+        return Admission(circuit.generation, probe=True, entered=entered)
+
+    async def succeeded(self, key: str, config: CircuitBreakerConfig, admission: Admission) -> str | None:
+        circuit = self._circuits.get(key)
+        if circuit is None or admission.generation != circuit.generation:
+            return None
+        if admission.probe:
+            return self._transition(circuit, CLOSED)
+        circuit.consecutive = 0
+        if config.failure_rate is not None:
+            self._count(circuit, config, failed=False)
+        return None
+
+    async def failed(self, key: str, config: CircuitBreakerConfig, admission: Admission, error: str) -> str | None:
+        circuit = self._circuits.get(key)
+        if circuit is None or admission.generation != circuit.generation:
+            return None
+        if admission.probe:
+            return self._open(circuit, f"a failed probe call ({error})")
+        circuit.consecutive += 1
+        if config.failures is not None and circuit.consecutive >= config.failures:
+            return self._open(circuit, f"{circuit.consecutive} consecutive failures, the last: {error}")
+        if config.failure_rate is not None:
+            calls, failures = self._count(circuit, config, failed=True)
+            if calls >= config.min_calls and failures / calls >= config.failure_rate:
+                window = f"{config.window:g} s"
+                return self._open(circuit, f"{failures} failures in {calls} calls within {window}, the last: {error}")
+        return None
+
+    async def abandoned(self, key: str, admission: Admission) -> None:
+        circuit = self._circuits.get(key)
+        if circuit is not None and admission.probe and admission.generation == circuit.generation:
+            circuit.probes -= 1
+
+    async def state(self, key: str, config: CircuitBreakerConfig) -> str:
+        circuit = self._circuits.get(key)
+        if circuit is None:
+            return CLOSED
+        if circuit.state == OPEN and self._clock() >= circuit.opened_at + config.reset_after:
+            return HALF_OPEN
+        return circuit.state
+
+    def _open(self, circuit: _Circuit, reason: str) -> str:
+        circuit.opened_at = self._clock()
+        circuit.reason = reason
+        return self._transition(circuit, OPEN)
+
+    @staticmethod
+    def _transition(circuit: _Circuit, state: str) -> str:
+        # Every state starts from clean counters: a closed circuit judges the server afresh.
+        circuit.state = state
+        circuit.generation += 1
+        circuit.probes = 0
+        circuit.consecutive = 0
+        circuit.buckets.clear()
+        return state
+
+    def _count(self, circuit: _Circuit, config: CircuitBreakerConfig, *, failed: bool) -> tuple[int, int]:
+        """Record a call that ended now in the rate window; return the window's (calls, failures)."""
+        index = int(self._clock() // (config.window / _WINDOW_BUCKETS))
+        buckets = circuit.buckets
+        while buckets and buckets[0][0] <= index - _WINDOW_BUCKETS:
+            buckets.popleft()
+        if not buckets or buckets[-1][0] != index:
+            buckets.append([index, 0, 0])
+        bucket = buckets[-1]
+        bucket[1] += 1
+        bucket[2] += failed
+        return sum(b[1] for b in buckets), sum(b[2] for b in buckets)

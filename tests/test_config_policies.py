@@ -99,7 +99,7 @@ def test_every_bad_rule_is_reported_with_its_location() -> None:
         "policies[2].rate_limit (line 4): expected a rate like 10/s, 100/min or 5/2s, got 'fast'",
         "policies[3].if (line 5): invalid jq in '.x | bogus(': jq: error: syntax error, unexpected end of file"
         " at <top-level>, line 1, column 11",
-        "policies[4].colour (line 6): unknown key 'colour' (allowed: allow, clients, deny, if, reason)",
+        "policies[4].colour (line 6): unknown key 'colour' (allowed: allow, clients, deny, id, if, reason)",
         "policies[5].max_concurrency (line 7): Input should be greater than or equal to 1",
         "policies[6].deny (line 8): needs at least one name or glob, and none may be empty",
         "policies[7] (line 9): `burst` needs a `rate_limit`",
@@ -133,4 +133,86 @@ def test_bad_sizes_rates_and_patterns_are_located() -> None:
         " at position 0",
         "servers.s.retry.attempts (line 3): Input should be greater than or equal to 1",
         "servers.s.circuit_breaker.failure_rate (line 3): Input should be less than or equal to 1",
+    ]
+
+
+def ids_of(text: str) -> list[str]:
+    return [rule.id for rule in parse_config(dedent(text), environ={}).policies]
+
+
+def test_a_rule_without_an_id_is_known_by_one_derived_from_what_it_does() -> None:
+    assert ids_of("""\
+        policies:
+          - {deny: "files__delete_*", reason: "deletion is not allowed"}
+          - {tools: "crm__*", rate_limit: 10/s, per: client}
+          - {max_concurrency: 4}
+          - {tools: "kb:?", rate_limit: 1/s, max_concurrency: 1}
+        """) == [
+        "deny-files__delete_all-e557dab2",
+        "rate-crm__all-246913d8",
+        "concurrency-all-959c87db",
+        "limit-kb_-bb85f1c8",
+    ]
+
+
+def test_a_derived_id_ignores_position_spelling_and_reason_but_not_what_the_rule_does() -> None:
+    clients = f'clients: {{x: {{token_sha256: "{HASH}"}}, y: {{token_sha256: "{HASH}"}}}}'
+    [written] = ids_of(f"""\
+        {clients}
+        policies: [{{tools: ["b*", "a*"], rate_limit: 10/s, per: client, clients: [y, x]}}]
+        """)
+    [deny, respelled] = ids_of(f"""\
+        {clients}
+        policies:
+          - {{deny: "files__delete_*", reason: "deletion is not allowed"}}
+          - {{per: client, clients: [x, y, x], rate_limit: "600 / min", burst: 10, tools: ["a*", "b*"]}}
+        """)
+    assert respelled == written
+    assert ids_of('policies: [{deny: "files__delete_*", reason: "not today"}]') == [deny]
+    [per_tool, for_x, slower, denied] = ids_of(f"""\
+        {clients}
+        policies:
+          - {{tools: ["a*", "b*"], rate_limit: 10/s, per: tool, clients: [x, y]}}
+          - {{tools: ["a*", "b*"], rate_limit: 10/s, per: client, clients: [x]}}
+          - {{tools: ["a*", "b*"], rate_limit: 5/s, per: client, clients: [x, y]}}
+          - {{deny: ["a*", "b*"], clients: [x, y]}}
+        """)
+    assert len({written, per_tool, for_x, slower, denied}) == 5
+
+
+def test_a_given_id_is_used_as_is() -> None:
+    assert ids_of("""\
+        policies:
+          - {id: no-deletes, deny: "files__delete_*"}
+          - {id: crm.rate_v2, tools: "crm__*", rate_limit: 10/s}
+        """) == ["no-deletes", "crm.rate_v2"]
+
+
+def test_an_id_unsafe_in_a_metric_label_or_a_limit_key_is_refused() -> None:
+    assert problems_of("""\
+        policies:
+          - {id: "crm:rate", tools: "crm__*", rate_limit: 10/s}
+          - {id: "no deletes", deny: "x"}
+          - {id: "", deny: "y"}
+        """) == [
+        "policies[0].id (line 2): 'crm:rate' is not an id: 1 to 64 letters, digits, `_`, `.` or `-`, starting with"
+        " a letter or digit",
+        "policies[1].id (line 3): 'no deletes' is not an id: 1 to 64 letters, digits, `_`, `.` or `-`, starting with"
+        " a letter or digit",
+        "policies[2].id (line 4): '' is not an id: 1 to 64 letters, digits, `_`, `.` or `-`, starting with"
+        " a letter or digit",
+    ]
+
+
+def test_two_rules_with_one_id_are_refused_at_the_later_one() -> None:
+    assert problems_of("""\
+        policies:
+          - {deny: "files__delete_*", reason: "deletion is not allowed"}
+          - {id: crm, tools: "crm__*", rate_limit: 10/s}
+          - {deny: "files__delete_*", reason: "really not"}
+          - {id: crm, tools: "crm__*", max_concurrency: 2}
+        """) == [
+        "policies[2] (line 4): does the same as policies[0] (line 2), so both get the id"
+        " 'deny-files__delete_all-e557dab2' (derived from what a rule does): remove one, or give it an `id:`",
+        "policies[3].id (line 5): the id 'crm' is taken by policies[1] (line 3); every rule needs its own",
     ]

@@ -17,11 +17,14 @@ LOCAL = Principal("local", kind="stdio")
 HASH = "ab" * 32
 
 
-def policy(rules: str, clients: str = "{}") -> AccessPolicy:
+def policy(rules: str, clients: str = "{}", *, named: bool = True) -> AccessPolicy:
+    """The access policy of ``rules``; ``named``: each rule gets the id ``rule<its index>``, to tell them apart."""
     listed = rules if "\n" not in rules else "\n" + indent(dedent(rules).strip("\n"), "  ")
     config = parse_config(f"clients: {clients}\npolicies: {listed}\n", environ={})
-    labelled = [(f"policies[{i}]", r) for i, r in enumerate(config.policies) if isinstance(r, AccessRule)]
-    return AccessPolicy(labelled, config.clients)
+    access = [r for r in config.policies if isinstance(r, AccessRule)]
+    if named:
+        access = [AccessRule.model_validate({**r.model_dump(), "id": f"rule{i}"}) for i, r in enumerate(access)]
+    return AccessPolicy(access, config.clients)
 
 
 async def reached(call: ToolCall) -> ToolResult:
@@ -45,15 +48,24 @@ CLIENTS = f'{{bot: {{token_sha256: "{HASH}", tools: ["crm__*", "kb__*"]}}, ops: 
 async def test_a_deny_rule_refuses_every_caller_with_its_reason() -> None:
     access = policy('[{deny: "files__delete_*", reason: "deletion is not allowed through the gateway"}]')
     assert await outcome(access, LOCAL, "files__delete_all") == (
-        "refused by policies[0]: files__delete_all is not allowed (policies[0]): "
-        "deletion is not allowed through the gateway."
+        "refused by rule0: files__delete_all is not allowed (rule0): deletion is not allowed through the gateway."
     )
     assert await outcome(access, LOCAL, "files__read") == "called files__read"
 
 
+async def test_a_refusal_names_the_rule_by_its_given_or_derived_id() -> None:
+    access = policy('[{deny: "files__delete_*", id: no-deletes}, {deny: "crm__delete"}]', named=False)
+    assert (await outcome(access, LOCAL, "files__delete_all")).startswith(
+        "refused by no-deletes: files__delete_all is not allowed (no-deletes)"
+    )
+    assert (await outcome(access, LOCAL, "crm__delete")).startswith(
+        "refused by deny-crm__delete-fa7849ad: crm__delete is not allowed (deny-crm__delete-fa7849ad)"
+    )
+
+
 async def test_deny_wins_over_allow_whatever_their_order() -> None:
     access = policy('[{allow: "crm__*"}, {deny: "crm__delete"}]')
-    assert (await outcome(access, LOCAL, "crm__delete")).startswith("refused by policies[1]")
+    assert (await outcome(access, LOCAL, "crm__delete")).startswith("refused by rule1")
     assert await outcome(access, LOCAL, "crm__get") == "called crm__get"
 
 
@@ -62,14 +74,14 @@ async def test_once_an_allow_rule_applies_only_allowed_tools_pass() -> None:
     assert await outcome(access, LOCAL, "kb__search") == "called kb__search"
     refused = await outcome(access, LOCAL, "crm__update")
     assert refused == (
-        "refused by policies[0]: crm__update is not allowed for 'local': no allow rule permits this call (policies[0])."
+        "refused by rule0: crm__update is not allowed for 'local': no allow rule permits this call (rule0)."
     )
 
 
 async def test_rules_for_some_clients_leave_the_others_alone() -> None:
     access = policy('[{deny: "kb__*", clients: [bot]}, {allow: "crm__get", clients: "o*"}]', CLIENTS)
-    assert (await outcome(access, BOT, "kb__search")).startswith("refused by policies[0]")
-    assert (await outcome(access, OPS, "kb__search")).startswith("refused by policies[1]")  # ops may only crm__get
+    assert (await outcome(access, BOT, "kb__search")).startswith("refused by rule0")
+    assert (await outcome(access, OPS, "kb__search")).startswith("refused by rule1")  # ops may only crm__get
     assert await outcome(access, OPS, "crm__get") == "called crm__get"
     assert await outcome(access, LOCAL, "kb__search") == "called kb__search"  # the stdio user is no client
 
@@ -87,7 +99,7 @@ async def test_workflow_steps_are_judged_only_by_rules_for_every_caller() -> Non
     access = policy('[{deny: "kb__*", clients: bot}, {deny: "files__delete"}]', CLIENTS)
     assert await outcome(access, BOT, "files__read", step=True) == "called files__read"  # not in bot's list
     assert await outcome(access, BOT, "kb__search", step=True) == "called kb__search"
-    assert (await outcome(access, BOT, "files__delete", step=True)).startswith("refused by policies[1]")
+    assert (await outcome(access, BOT, "files__delete", step=True)).startswith("refused by rule1")
 
 
 async def test_conditions_look_at_the_arguments_and_fail_closed() -> None:
@@ -96,10 +108,10 @@ async def test_conditions_look_at_the_arguments_and_fail_closed() -> None:
       - {allow: "files__*", if: '.arguments.path | length < 20'}
     """)
     assert await outcome(access, LOCAL, "files__read", path="/home/a") == "called files__read"
-    assert (await outcome(access, LOCAL, "files__read", path="/etc/passwd")).startswith("refused by policies[0]")
-    assert (await outcome(access, LOCAL, "files__read", path="/home/" + "a" * 30)).startswith("refused by policies[1]")
+    assert (await outcome(access, LOCAL, "files__read", path="/etc/passwd")).startswith("refused by rule0")
+    assert (await outcome(access, LOCAL, "files__read", path="/home/" + "a" * 30)).startswith("refused by rule1")
     # `startswith` on a number is a jq error: the deny applies (and the allow would not)
-    assert (await outcome(access, LOCAL, "files__read", path=5)).startswith("refused by policies[0]")
+    assert (await outcome(access, LOCAL, "files__read", path=5)).startswith("refused by rule0")
 
 
 def test_listings_hide_what_is_certain_to_be_refused_and_show_what_some_arguments_may_pass() -> None:

@@ -1,11 +1,16 @@
 """The circuit breaker: a fake clock and a scripted upstream, no time passing."""
 
+import inspect
+
 import anyio
 import pytest
+from pydantic import ValidationError
 
+from gateway.config import CircuitBreakerConfig
 from gateway.errors import CircuitOpen, Forbidden, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallContext, Principal, ToolCall, ToolResult
-from policies.breaker import BreakerPolicy, BreakerSettings, CircuitBreaker
+from policies.breaker import BreakerPolicy
+from policies.state import Admission, BreakerState, MemoryBreakerState
 from tests.policies.fakes import OK, FakeClock, Upstream, down
 
 pytestmark = pytest.mark.anyio
@@ -42,15 +47,16 @@ async def fail(policy: BreakerPolicy, times: int, server: str = "crm") -> None:
 
 def make(clock: FakeClock, changes: list[tuple[str, str]] | None = None, **settings: object) -> BreakerPolicy:
     on_change = None if changes is None else (lambda server, state: changes.append((server, state)))
-    return BreakerPolicy({"crm": BreakerSettings(**settings)}, clock=clock, on_change=on_change)  # type: ignore[arg-type]
+    config = CircuitBreakerConfig(**settings)  # type: ignore[arg-type]
+    return BreakerPolicy({"crm": config}, MemoryBreakerState(clock), on_change=on_change)
 
 
 async def test_circuit_opens_after_the_configured_number_of_consecutive_failures() -> None:
     policy = make(FakeClock(), failures=3)
     await fail(policy, 2)
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
     await fail(policy, 1)
-    assert policy.state("crm") == "open"
+    assert await policy.state("crm") == "open"
 
 
 async def test_a_success_resets_the_consecutive_failure_count() -> None:
@@ -58,7 +64,7 @@ async def test_a_success_resets_the_consecutive_failure_count() -> None:
     await fail(policy, 2)
     await policy(call_to(), Upstream())
     await fail(policy, 2)
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_open_circuit_rejects_without_calling_upstream() -> None:
@@ -82,7 +88,7 @@ async def test_timeouts_count_as_failures_too() -> None:
     for _ in range(2):
         with pytest.raises(UpstreamTimeout):
             await policy(call_to(), Upstream([UpstreamTimeout("no answer in 20 s", server="crm")]))
-    assert policy.state("crm") == "open"
+    assert await policy.state("crm") == "open"
 
 
 async def test_tool_error_results_are_answers_and_never_open_the_circuit() -> None:
@@ -90,14 +96,14 @@ async def test_tool_error_results_are_answers_and_never_open_the_circuit() -> No
     upstream = Upstream([TOOL_ERROR] * 5)
     for _ in range(5):
         assert await policy(call_to(), upstream) is TOOL_ERROR
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_errors_that_say_nothing_about_the_server_are_not_counted() -> None:
     policy = make(FakeClock(), failures=1)
     with pytest.raises(Forbidden):
         await policy(call_to(), Upstream([Forbidden("no")]))
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_servers_without_settings_pass_straight_through() -> None:
@@ -107,8 +113,8 @@ async def test_servers_without_settings_pass_straight_through() -> None:
         with pytest.raises(UpstreamUnavailable):
             await policy(call_to("files"), upstream)
     assert await policy(call_to("files"), upstream) is OK
-    assert policy.state("files") == "closed"
-    assert policy.state("crm") == "closed"
+    assert await policy.state("files") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_calls_ended() -> None:
@@ -119,9 +125,9 @@ async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_cal
             await policy(call_to(), upstream)
         except UpstreamUnavailable:
             pass
-    assert policy.state("crm") == "closed"  # 2 of 3 failed, but fewer than min_calls ended
+    assert await policy.state("crm") == "closed"  # 2 of 3 failed, but fewer than min_calls ended
     await fail(policy, 1)
-    assert policy.state("crm") == "open"
+    assert await policy.state("crm") == "open"
 
 
 async def test_failure_rate_forgets_calls_older_than_the_window() -> None:
@@ -133,16 +139,19 @@ async def test_failure_rate_forgets_calls_older_than_the_window() -> None:
     for _ in range(3):
         await policy(call_to(), upstream)
     await fail(policy, 1)  # 1 failure in the 4 calls of the last minute
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
-def test_failure_rate_window_keeps_bounded_memory() -> None:
+async def test_failure_rate_window_keeps_bounded_memory() -> None:
     clock = FakeClock()
-    breaker = CircuitBreaker("crm", BreakerSettings(failures=None, failure_rate=0.9, window=60), clock=clock)
+    state = MemoryBreakerState(clock)
+    config = CircuitBreakerConfig(failures=None, failure_rate=0.9, window=60)
     for _ in range(10_000):
         clock.now += 0.7
-        breaker.succeeded(breaker.admit())
-    assert len(breaker._buckets) <= 20
+        admission = await state.admit("crm", config)
+        assert isinstance(admission, Admission)
+        await state.succeeded("crm", config, admission)
+    assert 0 < state.held <= 20
 
 
 async def test_open_circuit_turns_half_open_after_reset_after() -> None:
@@ -150,9 +159,9 @@ async def test_open_circuit_turns_half_open_after_reset_after() -> None:
     policy = make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 29.9
-    assert policy.state("crm") == "open"
+    assert await policy.state("crm") == "open"
     clock.now += 0.1
-    assert policy.state("crm") == "half_open"
+    assert await policy.state("crm") == "half_open"
 
 
 async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters() -> None:
@@ -161,9 +170,9 @@ async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters() -
     await fail(policy, 2)
     clock.now += 30
     assert await policy(call_to(), Upstream()) is OK
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
     await fail(policy, 1)
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_a_tool_error_result_from_a_probe_closes_the_circuit() -> None:
@@ -172,7 +181,7 @@ async def test_a_tool_error_result_from_a_probe_closes_the_circuit() -> None:
     await fail(policy, 1)
     clock.now += 30
     assert await policy(call_to(), Upstream([TOOL_ERROR])) is TOOL_ERROR
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after() -> None:
@@ -181,13 +190,13 @@ async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after() -> N
     await fail(policy, 1)
     clock.now += 30
     await fail(policy, 1)
-    assert policy.state("crm") == "open"
+    assert await policy.state("crm") == "open"
     clock.now += 29
     with pytest.raises(CircuitOpen) as caught:
         await policy(call_to(), Upstream())
     assert "probe" in str(caught.value)
     clock.now += 1
-    assert policy.state("crm") == "half_open"
+    assert await policy.state("crm") == "half_open"
 
 
 async def test_half_open_admits_at_most_the_configured_number_of_concurrent_probes() -> None:
@@ -206,7 +215,7 @@ async def test_half_open_admits_at_most_the_configured_number_of_concurrent_prob
                 await policy(call_to(), rejected)
             assert rejected.calls == 0
             upstream.release.set()
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_a_cancelled_probe_frees_its_slot_without_deciding() -> None:
@@ -220,9 +229,9 @@ async def test_a_cancelled_probe_frees_its_slot_without_deciding() -> None:
             tg.start_soon(policy, call_to(), upstream)
             await upstream.started.wait()
             tg.cancel_scope.cancel()
-    assert policy.state("crm") == "half_open"
+    assert await policy.state("crm") == "half_open"
     assert await policy(call_to(), Upstream()) is OK
-    assert policy.state("crm") == "closed"
+    assert await policy.state("crm") == "closed"
 
 
 async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later() -> None:
@@ -235,7 +244,7 @@ async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later()
             await slow.started.wait()
             await fail(policy, 1)
             slow.release.set()
-    assert policy.state("crm") == "open"
+    assert await policy.state("crm") == "open"
 
 
 async def test_every_transition_is_reported_with_the_server_name() -> None:
@@ -252,5 +261,23 @@ async def test_every_transition_is_reported_with_the_server_name() -> None:
 
 def test_settings_that_can_never_work_are_refused() -> None:
     for bad in ({"failures": 0}, {"failure_rate": 1.5}, {"window": 0}, {"half_open_probes": 0}):
-        with pytest.raises(ValueError, match="must"):
-            BreakerSettings(**bad)
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            CircuitBreakerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_memory_breaker_state_implements_the_protocol() -> None:
+    for method in ("admit", "succeeded", "failed", "abandoned", "state"):
+        ours, protocol = getattr(MemoryBreakerState(), method), getattr(BreakerState, method)
+        assert inspect.iscoroutinefunction(ours)
+        assert list(inspect.signature(ours).parameters) == list(inspect.signature(protocol).parameters)[1:]
+
+
+async def test_circuits_in_one_shared_state_are_separate_per_server_and_seen_by_every_policy() -> None:
+    state = MemoryBreakerState(FakeClock())
+    config = CircuitBreakerConfig(failures=1)
+    first = BreakerPolicy({"crm": config, "files": config}, state)
+    second = BreakerPolicy({"crm": config, "files": config}, state)  # another replica, say
+    await fail(first, 1)
+    assert (await second.state("crm"), await second.state("files")) == ("open", "closed")
+    with pytest.raises(CircuitOpen):
+        await second(call_to(), Upstream())

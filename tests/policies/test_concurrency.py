@@ -4,11 +4,12 @@ from collections.abc import Sequence
 
 import anyio
 import pytest
+from pydantic import ValidationError
 
+from gateway.config import LimitRule, Per
 from gateway.errors import ConcurrencyLimited, RateLimited, UpstreamError
 from gateway.types import CallContext, Principal, ToolCall, ToolResult
-from policies.concurrency import ConcurrencyLimit, ConcurrencyRule
-from policies.ratelimit import Per
+from policies.concurrency import ConcurrencyLimit
 from policies.state import MemoryLimitState
 
 pytestmark = pytest.mark.anyio
@@ -48,10 +49,10 @@ def rule(
     tools: Sequence[str] = ("*",),
     limit: int = 1,
     per: Per = "global",
-    label: str = "policies[0]",
+    id: str = "the-rule",
     clients: Sequence[str] | None = None,
-) -> ConcurrencyRule:
-    return ConcurrencyRule(tuple(tools), limit, per, label, tuple(clients) if clients is not None else None)
+) -> LimitRule:
+    return LimitRule(tools=tuple(tools), max_concurrency=limit, per=per, id=id, clients=clients)
 
 
 class Outcomes:
@@ -87,7 +88,7 @@ async def test_exactly_n_of_m_concurrent_calls_pass_a_limit_of_n() -> None:
 
 
 async def test_a_refusal_names_the_rule_and_is_a_rate_limit() -> None:
-    limit = ConcurrencyLimit([rule(limit=1, per="client", label="policies[3]")], MemoryLimitState())
+    limit = ConcurrencyLimit([rule(limit=1, per="client", id="one-each")], MemoryLimitState())
     upstream = BlockingUpstream()
     outcomes = Outcomes()
     with anyio.fail_after(5):
@@ -98,7 +99,7 @@ async def test_a_refusal_names_the_rule_and_is_a_rate_limit() -> None:
                 await limit(call(), upstream)
             upstream.release.set()
     assert isinstance(refused.value, RateLimited)
-    assert refused.value.policy == "policies[3]"
+    assert refused.value.policy == "one-each"
     assert refused.value.outcome == "rate_limited"
     assert "retry when one of them finishes" in str(refused.value)
 
@@ -201,7 +202,7 @@ async def test_acquisition_is_all_or_nothing() -> None:
     # The per-client rule has room, the global one does not: the per-client slot must not stay taken.
     state = MemoryLimitState()
     limit = ConcurrencyLimit(
-        [rule(limit=1, per="client", label="policies[0]"), rule(limit=1, per="global", label="policies[1]")], state
+        [rule(limit=1, per="client", id="one-each"), rule(limit=1, per="global", id="one-at-all")], state
     )
     upstream = BlockingUpstream()
     outcomes = Outcomes()
@@ -212,17 +213,17 @@ async def test_acquisition_is_all_or_nothing() -> None:
             held = state.held
             with pytest.raises(ConcurrencyLimited) as refused:
                 await limit(call(client="alice"), upstream)
-            assert refused.value.policy == "policies[1]"
+            assert refused.value.policy == "one-at-all"
             assert state.held == held
             upstream.release.set()
     assert state.held == 0
-    # Had alice's per-client slot leaked, this would be refused by policies[0].
+    # Had alice's per-client slot leaked, this would be refused by one-each.
     await limit(call(client="alice"), instant)
 
 
 async def test_slots_held_under_several_rules_are_all_released() -> None:
     state = MemoryLimitState()
-    limit = ConcurrencyLimit([rule(limit=1, per=per, label=f"policies[{per}]") for per in ("client", "tool")], state)
+    limit = ConcurrencyLimit([rule(limit=1, per=per, id=f"by-{per}") for per in ("client", "tool")], state)
     await limit(call(), instant)
     assert state.held == 0
 
@@ -243,8 +244,8 @@ async def test_no_applying_rule_lets_every_call_through() -> None:
 
 @pytest.mark.parametrize(
     ("limit", "per", "tools", "fault"),
-    [(0, "global", ("*",), "limit"), (1, "nobody", ("*",), "per"), (1, "global", (), "tool glob")],
+    [(0, "global", ("*",), "max_concurrency"), (1, "nobody", ("*",), "per"), (1, "global", (), "tools")],
 )
-def test_a_rule_that_cannot_work_is_rejected(limit: int, per: Per, tools: tuple[str, ...], fault: str) -> None:
-    with pytest.raises(ValueError, match=fault):
-        ConcurrencyRule(tools, limit, per, "policies[0]")
+def test_a_rule_that_cannot_work_is_rejected(limit: int, per: str, tools: tuple[str, ...], fault: str) -> None:
+    with pytest.raises(ValidationError, match=fault):
+        LimitRule.model_validate({"tools": tools, "max_concurrency": limit, "per": per})

@@ -5,12 +5,14 @@ from collections.abc import Mapping
 import anyio
 import pytest
 
+from gateway.config import CircuitBreakerConfig, ServerRetry
 from gateway.dispatch import compose
 from gateway.errors import CircuitOpen, Forbidden, ToolNotFound, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallContext, CallNext, JSONObject, Policy, Principal, Tool, ToolCall, ToolResult
-from policies.breaker import BreakerPolicy, BreakerSettings
+from policies.breaker import BreakerPolicy
 from policies.fallback import META_KEY, FallbackPolicy
-from policies.retry import RetryPolicy, RetrySettings
+from policies.retry import RetryPolicy
+from policies.state import MemoryBreakerState
 from tests.policies.fakes import OK, Upstream, down
 
 pytestmark = pytest.mark.anyio
@@ -177,11 +179,11 @@ def resilient(servers: Mapping[str, Upstream], sleeps: list[float]) -> tuple[Gat
         sleeps.append(seconds)
 
     gateway = Gateway(servers)
-    breaker = BreakerPolicy({"crm": BreakerSettings(failures=2, reset_after=30)}, clock=lambda: 0.0)
+    breaker = BreakerPolicy({"crm": CircuitBreakerConfig(failures=2, reset_after=30)}, MemoryBreakerState(lambda: 0.0))
     policies: list[Policy] = [
         FallbackPolicy({"crm": {"get_*": "replica__get_order"}}, gateway.call),
         breaker,
-        RetryPolicy({"crm": RetrySettings(attempts=3, idempotent=("get_*",))}, sleep=sleep),
+        RetryPolicy({"crm": ServerRetry(attempts=3)}, {"crm": ["get_*"]}, sleep=sleep),
     ]
     gateway.chain = compose(policies, gateway.chain)
     return gateway, breaker
@@ -193,12 +195,12 @@ async def test_retries_inside_the_breaker_count_as_one_failure_per_exhausted_cal
     gateway, breaker = resilient({"crm": crm, "replica": replica}, sleeps)
 
     first = await gateway.call("crm__get_order", {}, CALLER)
-    assert (crm.calls, breaker.state("crm")) == (3, "closed")
+    assert (crm.calls, await breaker.state("crm")) == (3, "closed")
     assert first.meta is not None
     assert "3 attempts" in first.meta[META_KEY]["reason"]
 
     await gateway.call("crm__get_order", {}, CALLER)
-    assert (crm.calls, breaker.state("crm")) == (6, "open")
+    assert (crm.calls, await breaker.state("crm")) == (6, "open")
     assert len(sleeps) == 4
 
     third = await gateway.call("crm__get_order", {}, CALLER)
@@ -213,7 +215,7 @@ async def test_a_call_that_succeeds_on_retry_is_no_failure_for_the_breaker() -> 
     gateway, breaker = resilient({"crm": crm, "replica": replica}, [])
     for _ in range(2):
         assert await gateway.call("crm__get_order", {}, CALLER) is OK
-    assert breaker.state("crm") == "closed"
+    assert await breaker.state("crm") == "closed"
     assert replica.calls == 0
 
 

@@ -49,15 +49,21 @@ async def gateway_with(tmp_path: Path, sections: str, kit: str = "") -> AsyncIte
 
 
 async def test_a_denied_tool_is_hidden_and_calling_it_is_refused_before_the_upstream(tmp_path: Path) -> None:
-    sections = 'policies:\n  - {deny: "kit__record", reason: "recording is off today"}\n'
+    audit = tmp_path / "audit.jsonl"
+    sections = (
+        'policies:\n  - {id: no-recording, deny: "kit__record", reason: "recording is off today"}\n'
+        f"audit: {{path: {audit}}}\n"
+    )
     async with gateway_with(tmp_path, sections) as (_, client):
         names = {tool.name for tool in (await client.list_tools()).tools}
         assert "kit__echo" in names
         assert "kit__record" not in names
         result = await client.call_tool("kit__record", {"label": "denied"})
         assert result.is_error
-        assert text(result) == "kit__record is not allowed (policies[0]): recording is off today."
+        assert text(result) == "kit__record is not allowed (no-recording): recording is off today."
         assert "denied" not in await upstream_events(client)
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["decisions"] for r in records if r["tool"] == "kit__record"] == [["refused by no-recording (denied)"]]
 
 
 async def test_invalid_arguments_list_every_violation_and_never_reach_the_upstream(tmp_path: Path) -> None:
@@ -83,7 +89,8 @@ async def test_exactly_n_of_m_rapid_calls_pass_a_limit_of_n(tmp_path: Path) -> N
                     tg.start_soon(call, n)
         refused = [text(r) for r in results if r.is_error]
         assert len(refused) == 3
-        assert all("rate limit 5/min in total (policies[0]) reached for kit__record: retry after" in r for r in refused)
+        reached = "rate limit 5/min in total (rate-kit__record-aa583d24) reached for kit__record: retry after"
+        assert all(reached in r for r in refused)
         assert len([e for e in await upstream_events(client) if e.startswith("r")]) == 5
 
 
@@ -179,7 +186,7 @@ async def scrape(base: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 async def test_metrics_count_every_call_once_under_its_outcome(tmp_path: Path) -> None:
-    sections = 'policies:\n  - {deny: "kit__fail"}\n  - {tools: "kit__whoami", rate_limit: "1/min"}\n'
+    sections = 'policies:\n  - {deny: "kit__fail"}\n  - {id: whoami-rate, tools: "kit__whoami", rate_limit: "1/min"}\n'
     async with gateway_with(tmp_path, sections) as (base, client):
         for _ in range(3):
             await client.call_tool("kit__echo", {"text": "hi"})
@@ -202,7 +209,7 @@ async def test_metrics_count_every_call_once_under_its_outcome(tmp_path: Path) -
     denials = {
         (labels["policy"], labels["tool"]): v for n, labels, v in samples if n == "patchbay_policy_denials_total"
     }
-    assert denials == {("policies[0]", "kit__fail"): 1, ("policies[1]", "kit__whoami"): 1}
+    assert denials == {("deny-kit__fail-c22552be", "kit__fail"): 1, ("whoami-rate", "kit__whoami"): 1}
     limited = {labels["tool"]: v for n, labels, v in samples if n == "patchbay_rate_limited_total"}
     assert limited == {"kit__whoami": 1}
     durations = {labels["tool"]: v for n, labels, v in samples if n == "patchbay_tool_call_duration_seconds_count"}

@@ -3,10 +3,12 @@
 from collections.abc import Sequence
 
 import pytest
+from pydantic import ValidationError
 
+from gateway.config import LimitRule, Per
 from gateway.errors import PolicyDenied, RateLimited
 from gateway.types import CallContext, Principal, ToolCall, ToolResult
-from policies.ratelimit import Per, RateLimit, RateRule
+from policies.ratelimit import RateLimit
 from policies.state import MemoryLimitState
 from tests.policies.fakes import FakeClock
 
@@ -31,14 +33,13 @@ def call(name: str = "crm__get_order", client: str = "alice", provider: str | No
 
 def rule(
     tools: Sequence[str] = ("*",),
-    rate: float = 1.0,
+    rate: str = "1/s",
     burst: float = 1.0,
     per: Per = "global",
-    label: str = "policies[0]",
-    text: str = "1/s",
+    id: str = "the-rule",
     clients: Sequence[str] | None = None,
-) -> RateRule:
-    return RateRule(tuple(tools), rate, burst, per, label, text, tuple(clients) if clients is not None else None)
+) -> LimitRule:
+    return LimitRule(tools=tuple(tools), rate_limit=rate, burst=burst, per=per, id=id, clients=clients)
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def upstream() -> Upstream:
     return Upstream()
 
 
-def policy(clock: FakeClock, *rules: RateRule) -> RateLimit:
+def policy(clock: FakeClock, *rules: LimitRule) -> RateLimit:
     return RateLimit(rules, MemoryLimitState(clock))
 
 
@@ -64,7 +65,7 @@ async def passes(limit: RateLimit, upstream: Upstream, the_call: ToolCall) -> bo
 
 
 async def test_calls_within_the_burst_pass_and_the_next_is_refused(clock: FakeClock, upstream: Upstream) -> None:
-    limit = policy(clock, rule(rate=10, burst=3))
+    limit = policy(clock, rule(rate="10/s", burst=3))
     assert [await passes(limit, upstream, call()) for _ in range(4)] == [True, True, True, False]
     assert len(upstream.calls) == 3
 
@@ -72,12 +73,12 @@ async def test_calls_within_the_burst_pass_and_the_next_is_refused(clock: FakeCl
 async def test_a_refusal_is_a_policy_denial_naming_the_rule_with_a_retry_after(
     clock: FakeClock, upstream: Upstream
 ) -> None:
-    limit = policy(clock, rule(rate=10, per="client", label="policies[2]", text="10/s"))
+    limit = policy(clock, rule(rate="10/s", per="client", id="crm-rate"))
     await limit(call(), upstream)
     with pytest.raises(RateLimited) as refused:
         await limit(call(), upstream)
     assert isinstance(refused.value, PolicyDenied)
-    assert refused.value.policy == "policies[2]"
+    assert refused.value.policy == "crm-rate"
     assert refused.value.outcome == "rate_limited"
     assert refused.value.retry_after == pytest.approx(0.1)
     assert "10/s" in str(refused.value)
@@ -85,7 +86,7 @@ async def test_a_refusal_is_a_policy_denial_naming_the_rule_with_a_retry_after(
 
 
 async def test_retry_after_is_rounded_up_to_a_tenth(clock: FakeClock, upstream: Upstream) -> None:
-    limit = policy(clock, rule(rate=3))  # a token every 0.333… s
+    limit = policy(clock, rule(rate="3/s"))  # a token every 0.333… s
     await limit(call(), upstream)
     with pytest.raises(RateLimited) as refused:
         await limit(call(), upstream)
@@ -93,7 +94,7 @@ async def test_retry_after_is_rounded_up_to_a_tenth(clock: FakeClock, upstream: 
 
 
 async def test_retrying_when_told_succeeds(clock: FakeClock, upstream: Upstream) -> None:
-    for rate in (3.0, 7.0, 10.0, 0.5, 1 / 30):
+    for rate in ("3/s", "7/s", "10/s", "1/2s", "1/30s"):
         limit = policy(clock, rule(rate=rate, burst=2))
         await limit(call(), upstream)
         await limit(call(), upstream)
@@ -104,7 +105,7 @@ async def test_retrying_when_told_succeeds(clock: FakeClock, upstream: Upstream)
 
 
 async def test_retrying_a_tenth_before_the_stated_time_is_refused(clock: FakeClock, upstream: Upstream) -> None:
-    limit = policy(clock, rule(rate=3))
+    limit = policy(clock, rule(rate="3/s"))
     await limit(call(), upstream)
     with pytest.raises(RateLimited) as refused:
         await limit(call(), upstream)
@@ -113,7 +114,7 @@ async def test_retrying_a_tenth_before_the_stated_time_is_refused(clock: FakeClo
 
 
 async def test_the_bucket_refills_over_time(clock: FakeClock, upstream: Upstream) -> None:
-    limit = policy(clock, rule(rate=2, burst=2))
+    limit = policy(clock, rule(rate="2/s", burst=2))
     for _ in range(2):
         await limit(call(), upstream)
     clock.advance(0.5)
@@ -176,33 +177,33 @@ async def test_rules_limited_to_some_clients_leave_the_others_alone(clock: FakeC
 async def test_every_matching_rule_applies(clock: FakeClock, upstream: Upstream) -> None:
     limit = policy(
         clock,
-        rule(tools=("*",), per="client", burst=3, label="policies[0]"),
-        rule(tools=("crm__*",), per="global", burst=1, label="policies[1]"),
+        rule(tools=("*",), per="client", burst=3, id="everything"),
+        rule(tools=("crm__*",), per="global", burst=1, id="crm"),
     )
     assert await passes(limit, upstream, call("crm__get_order"))
     with pytest.raises(RateLimited) as refused:
         await limit(call("crm__get_order"), upstream)
-    assert refused.value.policy == "policies[1]"
+    assert refused.value.policy == "crm"
 
 
 async def test_tokens_taken_before_a_later_rule_refuses_stay_taken(clock: FakeClock, upstream: Upstream) -> None:
     # Documented behaviour: no refund (it would not be atomic on a shared backend).
     limit = policy(
         clock,
-        rule(tools=("*",), per="client", burst=2, label="policies[0]"),
-        rule(tools=("crm__*",), per="global", burst=1, label="policies[1]"),
+        rule(tools=("*",), per="client", burst=2, id="everything"),
+        rule(tools=("crm__*",), per="global", burst=1, id="crm"),
     )
     assert await passes(limit, upstream, call("crm__get_order"))
-    assert not await passes(limit, upstream, call("crm__get_order"))  # refused by policies[1]
+    assert not await passes(limit, upstream, call("crm__get_order"))  # refused by the crm rule
     with pytest.raises(RateLimited) as refused:
         await limit(call("files__read"), upstream)
-    assert refused.value.policy == "policies[0]"
+    assert refused.value.policy == "everything"
 
 
-async def test_rules_with_different_labels_have_separate_buckets(clock: FakeClock, upstream: Upstream) -> None:
+async def test_rules_with_different_ids_have_separate_buckets(clock: FakeClock, upstream: Upstream) -> None:
     shared = MemoryLimitState(clock)
-    first = RateLimit([rule(label="policies[0]")], shared)
-    second = RateLimit([rule(label="policies[1]")], shared)
+    first = RateLimit([rule(id="first")], shared)
+    second = RateLimit([rule(id="second")], shared)
     assert await passes(first, upstream, call())
     assert await passes(second, upstream, call())
     assert not await passes(first, upstream, call())
@@ -224,15 +225,15 @@ async def test_no_rules_let_every_call_through(clock: FakeClock, upstream: Upstr
 
 @pytest.mark.parametrize(
     ("rate", "burst", "per", "tools", "fault"),
-    [(0.0, 1.0, "global", ("*",), "rate"), (float("inf"), 1.0, "global", ("*",), "rate")]
+    [("0/s", 1.0, "global", ("*",), "rate_limit"), ("1" + "0" * 400 + "/s", 1.0, "global", ("*",), "rate_limit")]
     + [
-        (1.0, 0.5, "global", ("*",), "burst"),
-        (1.0, 1.0, "everyone", ("*",), "per"),
-        (1.0, 1.0, "global", (), "tool glob"),
+        ("1/s", 0.5, "global", ("*",), "burst"),
+        ("1/s", 1.0, "everyone", ("*",), "per"),
+        ("1/s", 1.0, "global", (), "tools"),
     ],
 )
 def test_a_rule_that_cannot_work_is_rejected(
-    rate: float, burst: float, per: Per, tools: tuple[str, ...], fault: str
+    rate: str, burst: float, per: str, tools: tuple[str, ...], fault: str
 ) -> None:
-    with pytest.raises(ValueError, match=fault):
-        RateRule(tools, rate, burst, per, "policies[0]", "?")
+    with pytest.raises(ValidationError, match=fault):
+        LimitRule.model_validate({"tools": tools, "rate_limit": rate, "burst": burst, "per": per})

@@ -2,10 +2,12 @@
 
 import anyio
 import pytest
+from pydantic import ValidationError
 
+from gateway.config import ServerRetry
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallContext, JSONObject, Principal, Tool, ToolCall, ToolResult
-from policies.retry import RetryPolicy, RetrySettings
+from policies.retry import RetryPolicy
 from tests.policies.fakes import OK, Upstream, down
 
 pytestmark = pytest.mark.anyio
@@ -30,8 +32,8 @@ def call_to(target: str = "get_order", server: str = "crm", annotations: JSONObj
 
 
 def policy_with(sleeps: Sleeps, random: float = 0.5, **settings: object) -> RetryPolicy:
-    config = RetrySettings(**{"idempotent": ("get_*",), **settings})  # type: ignore[arg-type]
-    return RetryPolicy({"crm": config}, sleep=sleeps, random=lambda: random)
+    config = ServerRetry(**settings)  # type: ignore[arg-type]
+    return RetryPolicy({"crm": config}, {"crm": ["get_*"]}, sleep=sleeps, random=lambda: random)
 
 
 async def test_an_idempotent_call_is_retried_until_it_succeeds() -> None:
@@ -108,7 +110,7 @@ async def test_jitter_spreads_each_delay_within_its_bounds(random: float, factor
 
 
 def test_every_delay_stays_within_the_jitter_bounds() -> None:
-    settings = RetrySettings(backoff=0.2, max_backoff=5.0, jitter=0.2)
+    settings = ServerRetry(backoff=0.2, max_backoff=5.0, jitter=0.2)
     for retry in range(1, 12):
         base = min(5.0, 0.2 * 2 ** (retry - 1))
         for r in (0.0, 0.1, 0.5, 0.9, 0.99999):
@@ -125,12 +127,12 @@ async def test_cancellation_during_the_backoff_sleep_propagates() -> None:
             scope.cancel()
             await anyio.sleep_forever()
 
-        await RetryPolicy({"crm": RetrySettings(idempotent=("*",))}, sleep=sleep)(call_to(), upstream)
+        await RetryPolicy({"crm": ServerRetry()}, {"crm": ["*"]}, sleep=sleep)(call_to(), upstream)
     assert scope.cancelled_caught
     assert upstream.calls == 1
 
 
 def test_settings_that_can_never_work_are_refused() -> None:
     for bad in ({"attempts": 0}, {"backoff": -1}, {"jitter": 2}):
-        with pytest.raises(ValueError, match="must"):
-            RetrySettings(**bad)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            ServerRetry(**bad)  # type: ignore[arg-type]

@@ -11,9 +11,21 @@ Policy rules are a list, each rule one of two shapes:
   refused caller is told;
 * **limits**: ``{tools: GLOBS, rate_limit: "10/s", burst: 20, max_concurrency: 8, per: client}``
   (either limit or both), optionally for some ``clients`` only.
+
+Every rule is known by its ``id`` – in refusals, in the ``policy`` label of the metrics, in the
+audit trail and in the keys of its limits' state – never by its position, so inserting or moving
+a rule leaves every other rule's identity and half-used limits alone (and replicas on different
+config versions agree on what a key means). Without ``id:`` it is derived from what the rule does:
+``<kind>-<first glob>-<hash>``, e.g. ``deny-files__delete_all-e557dab2``; the hash is of the
+rule's canonical content (globs sorted, the rate in calls per second, the bucket size as it
+applies), so it is the same in every process and wherever the rule stands in the list. ``reason``
+is not part of it: rewording a refusal does not rename the rule.
 """
 
+import hashlib
+import json
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -31,7 +43,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.units import Duration
+from gateway.units import Duration, retry_delay
 from gateway.workflows.expressions import Condition, ExpressionError, compile_condition
 
 __all__ = [
@@ -40,10 +52,13 @@ __all__ = [
     "CircuitBreakerConfig",
     "ClientConfig",
     "LimitRule",
+    "Per",
+    "PolicyId",
     "PolicyRule",
     "Rate",
     "ServerRetry",
     "bucket_size",
+    "derive_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +78,9 @@ _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|sec|second|m
 _PER_SECONDS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _PER_SECONDS |= {"h": 3600.0, "hour": 3600.0}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NOT_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+_STEM_LENGTH = 40
 
 
 def _parse_rate(value: Any) -> Any:
@@ -71,8 +89,14 @@ def _parse_rate(value: Any) -> Any:
     match = _RATE.fullmatch(value.strip())
     if match is None or float(match[1]) <= 0 or (match[2] is not None and float(match[2]) <= 0):
         raise ValueError(f"expected a rate like 10/s, 100/min or 5/2s, got {value!r}")
-    return (value.strip(), float(match[1]) / (float(match[2] or 1) * _PER_SECONDS[match[3]]))
+    rate = float(match[1]) / (float(match[2] or 1) * _PER_SECONDS[match[3]])
+    if not 0 < rate < math.inf:
+        raise ValueError(f"{value!r} is not a finite, positive rate")
+    return (value.strip(), rate)
 
+
+Per = Literal["client", "tool", "server", "global"]
+"""What a limit counts separately: each client, each tool, each server, or all calls it applies to together."""
 
 Rate = Annotated[tuple[str, float], BeforeValidator(_parse_rate)]
 """A rate as written (``"10/s"``) and in calls per second."""
@@ -95,6 +119,33 @@ def _non_empty(items: tuple[str, ...]) -> tuple[str, ...]:
 
 Globs = Annotated[tuple[str, ...], BeforeValidator(_globs), AfterValidator(_non_empty)]
 """One glob (``crm__*``) or a list of them, matched with fnmatch against tool (or client) names."""
+
+
+def _check_id(value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an id: 1 to 64 letters, digits, `_`, `.` or `-`, starting with a letter or digit"
+        )
+    return value
+
+
+PolicyId = Annotated[str, AfterValidator(_check_id)]
+"""A rule's name in refusals, metrics, audit records and limit keys: safe in each of them (no ``:``, no spaces)."""
+
+
+def derive_id(kind: str, globs: tuple[str, ...], content: Mapping[str, Any]) -> str:
+    """``<kind>-<first glob in sort order>-<hash of content>``: readable, and stable across processes, rule
+    orders and spellings of the same content."""
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:8]
+    stem = _NOT_ID.sub("_", min(globs).replace("*", "all"))[:_STEM_LENGTH]
+    return f"{kind}-{stem}-{digest}"
+
+
+def _set_derived_id(rule: BaseModel, derived: str) -> None:
+    # The model is frozen for everyone else; filling in the default it could not compute before the
+    # other fields were validated is part of building it.
+    object.__setattr__(rule, "id", derived)
 
 
 def _check_sha256(value: str) -> str:
@@ -130,6 +181,8 @@ class AccessRule(BaseModel):
     """A jq condition over ``{arguments, client, tool}``: the rule applies only to calls for which it holds."""
     reason: str | None = None
     """What a refused caller is told."""
+    id: PolicyId = ""
+    """Names the rule in refusals, metrics, the audit trail; default: derived from its content."""
     _condition: Condition | None = PrivateAttr(default=None)
 
     @field_validator("if_")
@@ -148,6 +201,14 @@ class AccessRule(BaseModel):
             raise ValueError("an access rule has exactly one of `deny` and `allow`")
         if self.if_ is not None:
             self._condition = compile_condition(self.if_, where="if")
+        return self
+
+    @model_validator(mode="after")
+    def _identified(self) -> "AccessRule":
+        if not self.id:
+            kind = "deny" if self.deny is not None else "allow"
+            content = {"kind": kind, "tools": _canonical(self.tools), "clients": _canonical(self.clients)}
+            _set_derived_id(self, derive_id(kind, self.tools, content | {"if": self.if_}))
         return self
 
     @property
@@ -190,8 +251,11 @@ class LimitRule(BaseModel):
     """Calls allowed at once above the average rate (the bucket size); default: one second's worth, at least 1."""
     max_concurrency: int | None = Field(None, ge=1)
     """Calls in flight at once; one more is refused at once, not queued."""
-    per: Literal["client", "tool", "server", "global"] = "global"
+    per: Per = "global"
     """What is counted separately: each client, each tool, each server, or all matching calls together."""
+    id: PolicyId = ""
+    """Names the rule in refusals, metrics, the audit trail and the keys of its limits' state; default:
+    derived from its content. Give one to keep a rule's identity (and its half-used limits) across edits."""
 
     @model_validator(mode="after")
     def _some_limit(self) -> "LimitRule":
@@ -199,6 +263,17 @@ class LimitRule(BaseModel):
             raise ValueError("a policy needs `deny`, `allow`, `rate_limit` or `max_concurrency`")
         if self.burst is not None and self.rate_limit is None:
             raise ValueError("`burst` needs a `rate_limit`")
+        if not self.id:
+            kind = "concurrency" if self.rate_limit is None else "rate" if self.max_concurrency is None else "limit"
+            content = {
+                "tools": _canonical(self.tools),
+                "clients": _canonical(self.clients),
+                "rate": self.rate_limit[1] if self.rate_limit is not None else None,
+                "burst": self.bucket if self.rate_limit is not None else None,
+                "max_concurrency": self.max_concurrency,
+                "per": self.per,
+            }
+            _set_derived_id(self, derive_id(kind, self.tools, content))
         return self
 
     @property
@@ -206,6 +281,11 @@ class LimitRule(BaseModel):
         """The bucket size: ``burst``, or one second's worth of calls (at least 1)."""
         assert self.rate_limit is not None
         return bucket_size(self.rate_limit[1], self.burst)
+
+
+def _canonical(globs: tuple[str, ...] | None) -> list[str] | None:
+    """Globs as a set: their order and repeats do not change what a rule matches."""
+    return None if globs is None else sorted(set(globs))
 
 
 def _rule_kind(value: Any) -> str:
@@ -233,6 +313,10 @@ class ServerRetry(BaseModel):
     """The longest wait between two tries."""
     jitter: float = Field(DEFAULT_RETRY_JITTER, ge=0, le=1)
     """Each wait varies randomly by up to this fraction of itself."""
+
+    def delay(self, retry: int, random: float) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``random`` in [0, 1)."""
+        return retry_delay(retry, self.backoff, self.max_backoff, self.jitter, random)
 
 
 class CircuitBreakerConfig(BaseModel):
