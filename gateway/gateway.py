@@ -85,17 +85,21 @@ class Gateway:
             ConfigError: a server's kind has no factory in ``kinds``, or two providers share a name.
         """
         self.config = config
+        # 1. The state backends.
         self.backends = backends if backends is not None else memory_backends()
+        # What everything below reports to, and the call path for calls made from inside calls.
         self.metrics = Metrics(known_tools=lambda name: name in self.registry.tools)
         self.audit_sink, audit = _audit(config, self.metrics)
         calls = CallPath()
 
+        # 2. The providers.
         runner = Runner(calls.invoke, self.backends.journal, metrics=self.metrics)
         self.workflows = WorkflowProvider(config.plans, runner)
         self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
         """Every provider by name: the workflows first (their names are taken before any server's), then the
         configured servers, then the extra providers."""
 
+        # 3. The registry.
         self._naming = _naming(config, self.providers)
         self.registry = Registry()
         """The current snapshot: empty until every provider has had its first try, then rebuilt on each change."""
@@ -104,6 +108,7 @@ class Gateway:
         self.pending_problems: list[ConfigProblem] = []
         """Workflow problems that may go away once every provider is up (their tools are not known yet)."""
 
+        # 4. The policy chain.
         chain = build_chain(
             config,
             state=self.backends.limits,
@@ -114,6 +119,7 @@ class Gateway:
         self.access = chain.access
         """Which tools each caller may see (``tools/list``)."""
 
+        # 5. The dispatcher; from now on, calls made from inside calls reach it.
         self.dispatcher = Dispatcher(
             lambda: self.registry, self.providers, chain.policies, metrics=self.metrics, audit=audit
         )
