@@ -61,7 +61,7 @@ from run import OUT, machine_facts, markdown_table, plain_table  # bench/run.py:
 from gateway.audit import JsonlAuditSink, build_record
 from gateway.chain import build_chain
 from gateway.config import AccessRule, CircuitBreakerConfig, Config, parse_config
-from gateway.dispatch import Audit, Dispatcher
+from gateway.dispatch import Audit, CallPath, Dispatcher
 from gateway.errors import CircuitOpen, UpstreamUnavailable
 from gateway.heap import freeze_startup_heap
 from gateway.metrics import Metrics
@@ -282,7 +282,7 @@ async def build_way(spec: Spec, folder: Path, tg: TaskGroup, block: int) -> Way:
         sink = JsonlAuditSink(config.audit.path, buffer=buffer, on_drop=on_drop)
         await tg.start(sink.run)
         audit = Audit(sink, Redactor((*DEFAULT_KEYS, *config.audit.redact_keys), config.audit.redact_patterns))
-    dispatcher = Dispatcher(lambda: REGISTRY, PROVIDERS, metrics=metrics, audit=audit)
+    calls = CallPath()
     chosen: list[Policy] = []
     if spec.policies != ():
         on_change = (lambda s, state: metrics.circuit_open(s, state == "open")) if metrics is not None else None
@@ -290,14 +290,15 @@ async def build_way(spec: Spec, folder: Path, tg: TaskGroup, block: int) -> Way:
             config,
             limits=MemoryLimitState(),
             breakers=MemoryBreakerState(),
-            call_tool=dispatcher.call_or_raise,
+            call_tool=calls.call_or_raise,
             on_circuit_change=on_change,
         )
         wanted = spec.policies
         chosen = [p for p in chain.policies if wanted is None or isinstance(p, wanted)]
         if wanted is not None and len(chosen) != len(wanted):
             raise RuntimeError(f"{spec.key}: the chain lacks one of {wanted}")
-        dispatcher.use(chosen)
+    dispatcher = Dispatcher(lambda: REGISTRY, PROVIDERS, chosen, metrics=metrics, audit=audit)
+    calls.bind(dispatcher)
     return Way(spec, dispatcher, tuple(type(p).__name__ for p in chosen), sink, audit_path)
 
 

@@ -31,7 +31,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -52,8 +51,18 @@ from pydantic import TypeAdapter, ValidationError
 from connectors._http_call import CallFailed, CallRefused, HttpCaller, SessionGone, SessionInfo
 from gateway.config import HttpServer, ServerConfig, StdioServer
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from gateway.registry import Listing
-from gateway.types import CallContext, ClientChannel, JSONObject, Prompt, Resource, Tool, ToolResult
+from gateway.types import (
+    CallContext,
+    ClientChannel,
+    JSONObject,
+    Listing,
+    Prompt,
+    ProviderEvents,
+    ProviderState,
+    Resource,
+    Tool,
+    ToolResult,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +93,8 @@ _LISTS: dict[str, tuple[Any, str, str]] = {
 """Each list method: its request type, the key of its items in the result, what it lists (in warnings)."""
 
 
-class State(StrEnum):
-    CONNECTING = "connecting"
-    UP = "up"
-    DOWN = "down"
-
+State = ProviderState
+"""The name this module used before the state moved to ``gateway.types``."""
 
 ChangeFn = Callable[[str], Awaitable[None]]
 """``async (server_name)``: the server's listing changed (or it came up / went down)."""
@@ -96,8 +102,13 @@ ChangeFn = Callable[[str], Awaitable[None]]
 UpdatedFn = Callable[[str], Awaitable[None]]
 """``async (uri)``: the server says a subscribed resource changed."""
 
+_REQUESTS = frozenset(
+    {"prompts/get", "resources/read", "resources/subscribe", "resources/unsubscribe", "completion/complete"}
+)
+"""The requests besides ``tools/call`` that :meth:`McpUpstream.request` forwards."""
 
-async def _ignore_update(uri: str) -> None:
+
+async def _ignore(value: str) -> None:
     return None
 
 
@@ -160,14 +171,15 @@ class _Watched:
 
 
 class McpUpstream:
-    """One upstream MCP server: a provider of tools, prompts and resources."""
+    """One upstream MCP server: a provider of tools, prompts and resources (``gateway.types.Provider``)."""
 
     def __init__(
-        self, name: str, config: ServerConfig, *, on_change: ChangeFn, on_updated: UpdatedFn = _ignore_update
+        self, name: str, config: ServerConfig, *, on_change: ChangeFn = _ignore, on_updated: UpdatedFn = _ignore
     ) -> None:
+        """``on_change`` and ``on_updated`` are told what happens when :meth:`run` is given no events."""
         self.name = name
         self.config = config
-        self.state = State.CONNECTING
+        self.state = ProviderState.CONNECTING
         self.last_error: str | None = None
         self.listing = Listing()
         self.connects = 0
@@ -175,6 +187,7 @@ class McpUpstream:
         """List methods this connection's server answered with Method not found: not asked again."""
         self._on_change = on_change
         self._on_updated = on_updated
+        self._stop = anyio.CancelScope()
         self._client: Client | None = None
         self._modern: Client | None = None
         self._caller: HttpCaller | None = None
@@ -196,34 +209,59 @@ class McpUpstream:
 
     # -- lifetime -----------------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep the server connected until cancelled. ``started`` fires after the first attempt, good or bad."""
+    async def run(
+        self,
+        events: ProviderEvents | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep the server connected until cancelled or closed, telling ``events`` (else the constructor's
+        callbacks) of changes. ``started`` fires after the first attempt, good or bad."""
+        if events is not None:
+            self._on_change, self._on_updated = events.changed, events.resource_updated
+        announced = False
+
+        def announce() -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                task_status.started()
+
+        try:
+            with self._stop:
+                await self._supervise(announce)
+        finally:
+            self.state = ProviderState.DOWN
+            self._client = self._modern = self._caller = None
+        self.last_error = "closed"
+        announce()  # closed before the first attempt was over
+
+    async def close(self) -> None:
+        """Stop supervising: :meth:`run` returns, and calls fail as unavailable from now on."""
+        self._stop.cancel()
+
+    async def _supervise(self, announce: Callable[[], None]) -> None:
         backoff = INITIAL_BACKOFF
-        started = False
         while True:
-            self.state = State.CONNECTING
+            self.state = ProviderState.CONNECTING
             self._closed = anyio.Event()
             try:
                 async with anyio.create_task_group() as tg:
                     with anyio.fail_after(self.connect_timeout):
                         await tg.start(self._session)
                     backoff = INITIAL_BACKOFF
-                    if not started:
-                        task_status.started()
-                        started = True
+                    announce()
                     await self._on_change(self.name)
             # The boundary of one connection: whatever broke it (spawn failure, handshake error,
             # refused HTTP, a crash), the gateway keeps serving and tries again.
             except Exception as exc:
                 self.last_error = _describe(exc, self.connect_timeout)
                 logger.warning("upstream %s: %s; retrying in %.1fs", self.name, self.last_error, backoff)
-            was_up = self.state is State.UP
-            self.state = State.DOWN
+            was_up = self.state is ProviderState.UP
+            self.state = ProviderState.DOWN
             self._next_attempt = anyio.current_time() + backoff
             self._client = self._modern = self._caller = None  # however the connection ended
-            if not started:
-                task_status.started()
-                started = True
+            announce()
             if was_up:
                 await self._on_change(self.name)
             await anyio.sleep(backoff)
@@ -251,7 +289,7 @@ class McpUpstream:
                 session.protocol_version = client.protocol_version
                 self._caller = HttpCaller(http, self.config.url, session)
             self._client = client
-            self.state = State.UP
+            self.state = ProviderState.UP
             self.last_error = None
             self.connects += 1
             task_status.started()
@@ -379,7 +417,7 @@ class McpUpstream:
             raw = await self._lean_call(self._caller, params, context)
         else:
             request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
-            raw = await self.request(request, context, modern=modern)
+            raw = await self._send(request, context, modern=modern)
         if raw.get("resultType") == "input_required":
             return ToolResult(content=(), input_required=raw)
         return ToolResult(
@@ -434,7 +472,23 @@ class McpUpstream:
         client = context.client
         return self._modern is not None and client is not None and client.protocol_version in MODERN_PROTOCOL_VERSIONS
 
-    async def request(self, request: Any, context: CallContext, *, modern: bool = False) -> dict[str, Any]:
+    async def request(self, method: str, params: JSONObject, context: CallContext) -> dict[str, Any]:
+        """Forward a prompt, resource or completion request (wire form) on the shared session; the raw result.
+
+        Raises:
+            UpstreamUnavailable: not connected, or the connection died during the call.
+            UpstreamTimeout: no answer in time (the upstream request is cancelled).
+            UpstreamError: the server answered with a JSON-RPC error, or ``method`` is not one forwarded.
+        """
+        if method not in _REQUESTS:
+            raise UpstreamError(f"patchbay does not forward {method} to server {self.name!r}", server=self.name)
+        try:
+            request = types.client_request_adapter.validate_python({"method": method, "params": dict(params)})
+        except ValidationError as exc:
+            raise UpstreamError(f"invalid {method} request for server {self.name!r}: {exc}", server=self.name) from None
+        return await self._send(request, context)
+
+    async def _send(self, request: Any, context: CallContext, *, modern: bool = False) -> dict[str, Any]:
         """Send one request on the shared session, within the server's timeout; the raw result.
 
         Raises:

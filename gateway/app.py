@@ -6,7 +6,7 @@ unauthenticated request is refused before it uses up anyone's budget; a session 
 client is not found for another.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
@@ -20,7 +20,7 @@ from gateway.config import Config
 from gateway.gateway import Gateway, open_gateway
 from gateway.policy_config import bucket_size
 from gateway.server import McpFrontend, http_endpoint
-from gateway.types import Principal
+from gateway.types import Principal, Provider
 from policies.auth import BearerAuth
 from policies.http_limits import BodyLimit, GlobalRateLimit
 from policies.sessions import SessionOwnership
@@ -39,7 +39,7 @@ class _Endpoint:
 
 
 def readiness(gateway: Gateway) -> tuple[dict[str, object], int]:
-    """The ``/readyz`` body and status: 200 when every upstream is up, else 503 naming what is not."""
+    """The ``/readyz`` body and status: 200 when every provider is up, else 503 naming what is not."""
     body = {
         "ready": gateway.ready,
         "upstreams": {s.name: {k: v for k, v in asdict(s).items() if k != "name"} for s in gateway.status()},
@@ -50,13 +50,16 @@ def readiness(gateway: Gateway) -> tuple[dict[str, object], int]:
 
 
 @asynccontextmanager
-async def serving(config: Config, *, host: str = "127.0.0.1") -> AsyncIterator[ASGIApp]:
-    """Connect the upstreams, then yield the ASGI app serving them; everything is closed on exit.
+async def serving(
+    config: Config, *, host: str = "127.0.0.1", providers: Iterable[Provider] = ()
+) -> AsyncIterator[ASGIApp]:
+    """Start the providers (those of ``config`` and ``providers``), then yield the ASGI app serving them;
+    everything is closed on exit.
 
     Raises:
         ConfigError: the merged registry is unusable (before anything is served).
     """
-    async with open_gateway(config) as gateway:
+    async with open_gateway(config, providers=providers) as gateway:
         endpoint, run = http_endpoint(McpFrontend(gateway, ANONYMOUS), host)
 
         async def healthz(request: Request) -> PlainTextResponse:

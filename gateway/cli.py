@@ -18,7 +18,7 @@ from gateway.errors import ConfigError, ConfigProblem, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
 from gateway.server import McpFrontend, serve_stdio
-from gateway.types import CallContext, Principal
+from gateway.types import CallContext, Principal, Provider
 from gateway.workflows.graph import mermaid
 from policies.auth import check_bind, new_token
 
@@ -31,9 +31,14 @@ _LOOP = {"use_uvloop": True}
 """uvloop for serving: a faster event loop under the same asyncio semantics (anyio falls back without it)."""
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``patchbay`` and ``python -m gateway``; exits with the command's status."""
+def main(argv: Sequence[str] | None = None, *, providers: Sequence[Provider] = ()) -> None:
+    """Entry point of ``patchbay`` and ``python -m gateway``; exits with the command's status.
+
+    ``providers`` are served beside the configured servers (a program embedding patchbay with a
+    provider kind of its own).
+    """
     args = _parser().parse_args(argv)
+    args.providers = tuple(providers)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         stream=sys.stderr,
@@ -108,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
     if args.stdio:
-        anyio.run(_serve_stdio, config, backend_options=_LOOP)
+        anyio.run(_serve_stdio, config, args.providers, backend_options=_LOOP)
         return 0
     return anyio.run(_serve_http, config, args, backend_options=_LOOP)
 
@@ -118,8 +123,8 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"patchbay: {refusal}", file=sys.stderr)
         return 1
-    _connect_note(config)
-    async with serving(config, host=args.host) as app:
+    _connect_note(config, args.providers)
+    async with serving(config, host=args.host, providers=args.providers) as app:
         settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
         server = uvicorn.Server(settings)
         freeze_startup_heap()
@@ -128,8 +133,8 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
         return 0 if server.started else 1
 
 
-async def _serve_stdio(config: Config) -> None:
-    async with open_gateway(config) as gateway:
+async def _serve_stdio(config: Config, providers: Sequence[Provider]) -> None:
+    async with open_gateway(config, providers=providers) as gateway:
         freeze_startup_heap()
         await serve_stdio(McpFrontend(gateway, LOCAL_USER))
 
@@ -143,16 +148,17 @@ def _token(config: Config | None, args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect_note(config: Config) -> None:
-    count = len(config.servers)
-    print(f"connecting to {count} server{'s' if count != 1 else ''}: {', '.join(config.servers)} …", file=sys.stderr)
+def _connect_note(config: Config, providers: Sequence[Provider]) -> None:
+    names = [*config.servers, *(provider.name for provider in providers)]
+    count = len(names)
+    print(f"connecting to {count} server{'s' if count != 1 else ''}: {', '.join(names)} …", file=sys.stderr)
 
 
 def _check(config: Config, args: argparse.Namespace) -> int:
-    _connect_note(config)
+    _connect_note(config, args.providers)
 
     async def run() -> list[ConfigProblem]:
-        async with open_gateway(config, strict=False) as gateway:
+        async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             _print_upstreams(gateway)
             problems = [*gateway.problems, *gateway.pending_problems]
             for status in gateway.status():
@@ -172,10 +178,10 @@ def _check(config: Config, args: argparse.Namespace) -> int:
 
 
 def _tools(config: Config, args: argparse.Namespace) -> int:
-    _connect_note(config)
+    _connect_note(config, args.providers)
 
     async def run() -> None:
-        async with open_gateway(config, strict=False) as gateway:
+        async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             rows = [(name, e.provider, _first_line(e.tool.description)) for name, e in gateway.registry.tools.items()]
             _print_table(("TOOL", "SERVER", "DESCRIPTION"), rows)
             print()
@@ -198,7 +204,7 @@ def _call(config: Config, args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        async with open_gateway(config, strict=False) as gateway:
+        async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             started = time.perf_counter()
             context = CallContext(principal=LOCAL_USER, progress=_show_progress)
             try:

@@ -77,10 +77,6 @@ class Dispatcher:
         self._metrics = metrics
         self._audit = audit
 
-    def use(self, policies: Sequence[Policy]) -> None:
-        """Put ``policies`` in front of the providers (built once, at start-up, before any call)."""
-        self._chain = compose(policies, self._invoke)
-
     async def call(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
         """Call a tool by its registry name; refusals and failures come back as ``isError`` results.
 
@@ -184,6 +180,51 @@ class Dispatcher:
 
     async def _invoke(self, call: ToolCall) -> ToolResult:
         return await self._providers[call.provider].call_tool(call.target, call.arguments, call.context)
+
+
+class CallPath:
+    """The dispatch path, for calls made from inside a call: a fallback's, a workflow step's.
+
+    Those callers are parts of the chain and of the providers the dispatcher is built from, so
+    they cannot be handed the dispatcher itself: they are built against this instead, and the
+    composition root binds it to the dispatcher once, right after building it, before any call.
+    A call is recursive by nature (a workflow step is a call through the whole path); this is the
+    one place the knot is tied.
+    """
+
+    def __init__(self) -> None:
+        self._dispatcher: Dispatcher | None = None
+
+    def bind(self, dispatcher: "Dispatcher") -> None:
+        """Route every call to ``dispatcher`` from now on.
+
+        Raises:
+            RuntimeError: already bound.
+        """
+        if self._dispatcher is not None:
+            raise RuntimeError("the call path is bound already")
+        self._dispatcher = dispatcher
+
+    def _bound(self) -> "Dispatcher":
+        if self._dispatcher is None:
+            raise RuntimeError("a call was made before the gateway was assembled")
+        return self._dispatcher
+
+    async def invoke(self, name: str, arguments: JSONObject, context: CallContext) -> Invocation:
+        """``Dispatcher.invoke`` (a workflow step's call).
+
+        Raises:
+            ToolNotFound: no such tool.
+        """
+        return await self._bound().invoke(name, arguments, context)
+
+    async def call_or_raise(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
+        """``Dispatcher.call_or_raise`` (a fallback's call).
+
+        Raises:
+            GatewayError: the call was refused or failed.
+        """
+        return await self._bound().call_or_raise(name, arguments, context)
 
 
 def _decisions(result: ToolResult | None, error: GatewayError | None) -> tuple[str, ...]:

@@ -1,42 +1,61 @@
 """The composition root: builds everything from a config and owns its lifetime.
 
-The only module that knows every package: it opens the upstream connections,
-keeps the registry current as they come and go, and builds the dispatcher.
+The only module that knows every package. It builds, in this order and each against its protocol:
+
+1. the **state backends** (limit counters, breaker state, run journal: ``gateway.backends``);
+2. the **providers**: one per ``servers:`` entry, from the factory of the entry's kind
+   (:data:`PROVIDER_KINDS`), any extra ones it is given, and the workflow provider with its runner;
+3. the **registry**, rebuilt from the providers' listings whenever one changes;
+4. the **policy chain** (``gateway.chain``), against the backends;
+5. the **dispatcher**, from the registry, the providers and the chain.
+
+Fallbacks and workflow steps call back into the dispatcher that is built from them: they are built
+against a :class:`~gateway.dispatch.CallPath`, bound to the dispatcher once it exists (the one
+place the knot is tied). Metrics and audit come first of all: everything reports to them.
 """
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskGroup
 
-from connectors.mcp import McpUpstream, State
+from connectors.mcp import McpUpstream
 from gateway.audit import JsonlAuditSink
+from gateway.backends import Backends, memory_backends, open_backends
 from gateway.chain import build_chain
-from gateway.config import Config
-from gateway.dispatch import Audit, Dispatcher
+from gateway.config import Config, HttpServer, StdioServer
+from gateway.dispatch import Audit, CallPath, Dispatcher
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.metrics import Metrics
-from gateway.registry import Entry, Naming, Registry, build_registry
-from gateway.types import Provider
-from gateway.workflows.journal import MemoryJournal
+from gateway.registry import Naming, Registry, build_registry
+from gateway.types import Provider, ProviderEvents, ProviderState
 from gateway.workflows.plan import check_tools
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
 from policies.redaction import DEFAULT_KEYS, Redactor
-from policies.state import MemoryBreakerState, MemoryLimitState
+
+__all__ = ["PROVIDER_KINDS", "Gateway", "ProviderFactory", "ProviderStatus", "UpstreamStatus", "open_gateway"]
 
 logger = logging.getLogger(__name__)
 
 ChangeListener = Callable[[], Awaitable[None]]
 UpdateListener = Callable[[str], Awaitable[None]]
 
+ProviderFactory = Callable[[str, StdioServer | HttpServer], Provider]
+"""Builds the provider of one ``servers:`` entry: ``(name, entry) -> Provider``."""
+
+PROVIDER_KINDS: Mapping[str, ProviderFactory] = {"stdio": McpUpstream, "http": McpUpstream}
+"""The provider factory of each kind of ``servers:`` entry (its ``kind``)."""
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds the providers may take, all together, to close when the gateway stops."""
+
 
 @dataclass(frozen=True, slots=True)
-class UpstreamStatus:
+class ProviderStatus:
     name: str
     state: str
     tools: int
@@ -45,60 +64,74 @@ class UpstreamStatus:
     """What the server lacks that is worked around, e.g. a list method it does not answer."""
 
 
-class Gateway:
-    """A running gateway: upstreams, the current registry, the dispatcher."""
+UpstreamStatus = ProviderStatus
+"""The name this status had when only upstream servers had one."""
 
-    def __init__(self, config: Config) -> None:
+
+class Gateway:
+    """A running gateway: its state backends, providers, current registry, policy chain and dispatcher."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backends: Backends | None = None,
+        kinds: Mapping[str, ProviderFactory] = PROVIDER_KINDS,
+        providers: Iterable[Provider] = (),
+    ) -> None:
+        """Assemble the gateway (nothing runs until :func:`open_gateway` starts the providers).
+
+        ``providers`` are served beside the configured servers, named by their ``name`` (also their prefix).
+
+        Raises:
+            ConfigError: a server's kind has no factory in ``kinds``, or two providers share a name.
+        """
         self.config = config
-        self.upstreams: dict[str, McpUpstream] = {
-            name: McpUpstream(name, server, on_change=self._upstream_changed, on_updated=self._resource_updated)
-            for name, server in config.servers.items()
-        }
-        self._naming = {
-            name: Naming(
-                prefix=name if server.prefix is None else server.prefix,
-                separator=config.gateway.separator,
-                include=tuple(server.tools.include),
-                exclude=tuple(server.tools.exclude),
-                rename=server.tools.rename,
-                descriptions=server.tools.descriptions,
-            )
-            for name, server in config.servers.items()
-        }
+        # 1. The state backends.
+        self.backends = backends if backends is not None else memory_backends()
+        # What everything below reports to, and the call path for calls made from inside calls.
+        self.metrics = Metrics(known_tools=lambda name: name in self.registry.tools)
+        self.audit_sink, audit = _audit(config, self.metrics)
+        calls = CallPath()
+
+        # 2. The providers.
+        runner = Runner(calls.invoke, self.backends.journal, metrics=self.metrics)
+        self.workflows = WorkflowProvider(config.plans, runner)
+        self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
+        """Every provider by name: the workflows first (their names are taken before any server's), then the
+        configured servers, then the extra providers."""
+
+        # 3. The registry.
+        self._naming = _naming(config, self.providers)
         self.registry = Registry()
+        """The current snapshot: empty until every provider has had its first try, then rebuilt on each change."""
         self.problems: list[ConfigProblem] = []
         """What makes the gateway unfit to serve: name collisions, workflows calling what is not there."""
         self.pending_problems: list[ConfigProblem] = []
-        """Workflow problems that may go away once every upstream is up (their tools are not known yet)."""
+        """Workflow problems that may go away once every provider is up (their tools are not known yet)."""
+
+        # 4. The policy chain.
+        chain = build_chain(
+            config,
+            limits=self.backends.limits,
+            breakers=self.backends.breakers,
+            call_tool=calls.call_or_raise,
+            on_circuit_change=lambda server, state: self.metrics.circuit_open(server, state == "open"),
+        )
+        self.access = chain.access
+        """Which tools each caller may see (``tools/list``)."""
+
+        # 5. The dispatcher; from now on, calls made from inside calls reach it.
+        self.dispatcher = Dispatcher(
+            lambda: self.registry, self.providers, chain.policies, metrics=self.metrics, audit=audit
+        )
+        calls.bind(self.dispatcher)
+
+        self.events = ProviderEvents(changed=self._provider_changed, resource_updated=self._resource_updated)
+        """What the providers tell this gateway while they run."""
         self._listeners: list[ChangeListener] = []
         self._update_listeners: list[UpdateListener] = []
         self._started = False
-        providers: dict[str, Provider] = dict(self.upstreams)
-        self.metrics = Metrics(known_tools=lambda name: name in self.registry.tools)
-        self.audit_sink: JsonlAuditSink | None = None
-        audit: Audit | None = None
-        if config.audit.path is not None:
-            self.audit_sink = JsonlAuditSink(
-                config.audit.path, buffer=config.audit.buffer, on_drop=self.metrics.audit_dropped
-            )
-            redactor = Redactor((*DEFAULT_KEYS, *config.audit.redact_keys), config.audit.redact_patterns)
-            audit = Audit(self.audit_sink, redactor)
-        self.dispatcher = Dispatcher(lambda: self.registry, providers, metrics=self.metrics, audit=audit)
-        chain = build_chain(
-            config,
-            limits=MemoryLimitState(),
-            breakers=MemoryBreakerState(),
-            call_tool=self.dispatcher.call_or_raise,
-            on_circuit_change=lambda server, state: self.metrics.circuit_open(server, state == "open"),
-        )
-        self.dispatcher.use(chain.policies)
-        self.access = chain.access
-        """Which tools each caller may see (``tools/list``)."""
-        self.journal = MemoryJournal()
-        self._background: TaskGroup | None = None
-        runner = Runner(self.dispatcher.invoke, self.journal, metrics=self.metrics)
-        self.workflows = WorkflowProvider(config.plans, runner, background=lambda: self._background)
-        providers[WORKFLOW_PROVIDER] = self.workflows
 
     def on_change(self, listener: ChangeListener) -> None:
         """Call ``listener`` whenever the registry changes (to tell connected clients)."""
@@ -112,26 +145,56 @@ class Gateway:
         for listener in self._update_listeners:
             await listener(uri)
 
-    def status(self) -> list[UpstreamStatus]:
+    def status(self) -> list[ProviderStatus]:
+        """Each provider's state, tool count and last error, in provider order."""
         counts: dict[str, int] = {}
         for entry in self.registry.tools.values():
             counts[entry.provider] = counts.get(entry.provider, 0) + 1
         return [
-            UpstreamStatus(name, up.state.value, counts.get(name, 0), up.last_error, up.warnings)
-            for name, up in self.upstreams.items()
+            ProviderStatus(name, provider.state.value, counts.get(name, 0), provider.last_error, provider.warnings)
+            for name, provider in self.providers.items()
         ]
 
     @property
     def ready(self) -> bool:
-        return all(up.state is State.UP for up in self.upstreams.values())
+        """Whether every provider is up."""
+        return all(provider.state is ProviderState.UP for provider in self.providers.values())
+
+    async def start(self, tg: TaskGroup, *, strict: bool = True) -> None:
+        """Start the audit writer and every provider (concurrently, in ``tg``), then build the first registry.
+
+        Returns once every provider has had its first try; those that failed keep retrying in ``tg``.
+
+        Raises:
+            ConfigError: the audit log cannot be written, or (with ``strict``) the registry has collisions
+                or workflow problems.
+        """
+        if self.audit_sink is not None:
+            try:
+                await tg.start(self.audit_sink.run)
+            except OSError as exc:
+                line = self.config.line_of("audit")
+                problem = ConfigProblem("audit.path", f"cannot write the audit log: {exc}", line)
+                raise ConfigError([problem], source=self.config.source) from exc
+        async with anyio.create_task_group() as starters:
+            for provider in self.providers.values():
+                starters.start_soon(_start, tg, provider, self.events)
+        self._rebuild()
+        if strict and self.problems:
+            raise ConfigError(self.problems, source=self.config.source)
+        self._started = True
+
+    async def close(self) -> None:
+        """Close every provider (each returns at once; bounded by :data:`CLOSE_TIMEOUT` all the same)."""
+        with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            for provider in self.providers.values():
+                await provider.close()
 
     def _rebuild(self) -> list[ConfigProblem]:
-        for name, upstream in self.upstreams.items():
-            self.metrics.upstream_up(name, upstream.state is State.UP)
-        listings = {name: up.listing for name, up in self.upstreams.items()}
-        registry, problems = build_registry(listings, self._naming, reserved=self.config.plans)
-        workflow_tools = {tool.name: Entry(WORKFLOW_PROVIDER, tool.name, tool) for tool in self.workflows.tools}
-        self.registry = replace(registry, tools={**registry.tools, **workflow_tools})
+        for name, provider in self.providers.items():
+            self.metrics.upstream_up(name, provider.state is ProviderState.UP)
+        listings = {name: provider.listing for name, provider in self.providers.items()}
+        self.registry, problems = build_registry(listings, self._naming)
         schemas = {name: entry.tool.input_schema for name, entry in self.registry.tools.items()}
         calls = check_tools(self.config.plans, schemas) + self._unknown_fallbacks()
         if self.ready:
@@ -155,9 +218,9 @@ class Gateway:
     def _located(self, problem: ConfigProblem) -> ConfigProblem:
         return ConfigProblem(problem.path, problem.message, self.config.line_at(problem.path))
 
-    async def _upstream_changed(self, name: str) -> None:
+    async def _provider_changed(self, name: str) -> None:
         if not self._started:
-            return  # the first registry is built once every upstream has had its first try
+            return  # the first registry is built once every provider has had its first try
         self.problems = []
         for problem in self._rebuild():
             logger.error("%s", problem)
@@ -168,35 +231,100 @@ class Gateway:
 
 
 @asynccontextmanager
-async def open_gateway(config: Config, *, strict: bool = True) -> AsyncIterator[Gateway]:
-    """Connect every upstream concurrently (each within its timeout) and yield the running gateway.
+async def open_gateway(
+    config: Config,
+    *,
+    strict: bool = True,
+    kinds: Mapping[str, ProviderFactory] = PROVIDER_KINDS,
+    providers: Iterable[Provider] = (),
+) -> AsyncIterator[Gateway]:
+    """Open the state backends, start every provider concurrently (each within its timeout) and yield
+    the running gateway; ``kinds`` and ``providers`` are :class:`Gateway`'s.
 
-    Upstreams that fail to start are reported and retried in the background.
+    Providers that fail to start are reported and retried in the background.
 
     Raises:
-        ConfigError: the merged registry has collisions (with ``strict``), so the gateway must not start.
+        ConfigError: the backends or provider kinds are unknown, or the merged registry has collisions
+            (with ``strict``), so the gateway must not start.
     """
-    gateway = Gateway(config)
-    async with anyio.create_task_group() as tg:
-        try:
-            if gateway.audit_sink is not None:
+    failure: ConfigError | None = None
+    async with open_backends(config) as backends:
+        gateway = Gateway(config, backends=backends, kinds=kinds, providers=providers)
+        async with anyio.create_task_group() as tg:
+            try:
                 try:
-                    await tg.start(gateway.audit_sink.run)
-                except OSError as exc:
-                    problem = ConfigProblem("audit.path", f"cannot write the audit log: {exc}", config.line_of("audit"))
-                    raise ConfigError([problem], source=config.source) from exc
-            async with anyio.create_task_group() as starters:
-                for upstream in gateway.upstreams.values():
-                    starters.start_soon(_start, tg, upstream)
-            gateway._rebuild()
-            if strict and gateway.problems:
-                raise ConfigError(gateway.problems, source=config.source)
-            gateway._started = True
-            gateway._background = tg
-            yield gateway
-        finally:
-            tg.cancel_scope.cancel()
+                    await gateway.start(tg, strict=strict)
+                except ConfigError as exc:
+                    failure = exc  # raised below, as itself rather than inside the task group's exception group
+                else:
+                    yield gateway
+            finally:
+                await gateway.close()
+                tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
-async def _start(tg: Any, upstream: McpUpstream) -> None:
-    await tg.start(upstream.run)
+async def _start(tg: TaskGroup, provider: Provider, events: ProviderEvents) -> None:
+    await tg.start(provider.run, events)
+
+
+def _audit(config: Config, metrics: Metrics) -> tuple[JsonlAuditSink | None, Audit | None]:
+    """The audit writer the config asks for (not yet running), and the dispatcher's view of it."""
+    if config.audit.path is None:
+        return None, None
+    sink = JsonlAuditSink(config.audit.path, buffer=config.audit.buffer, on_drop=metrics.audit_dropped)
+    redactor = Redactor((*DEFAULT_KEYS, *config.audit.redact_keys), config.audit.redact_patterns)
+    return sink, Audit(sink, redactor)
+
+
+def _providers(
+    config: Config, kinds: Mapping[str, ProviderFactory], extra: Iterable[Provider], workflows: Provider
+) -> dict[str, Provider]:
+    """Every provider by name: the workflows, one per ``servers:`` entry (built by its kind's factory), the extra ones.
+
+    Raises:
+        ConfigError: an entry's kind has no factory, or a name is taken twice.
+    """
+    providers: dict[str, Provider] = {workflows.name: workflows}
+    problems: list[ConfigProblem] = []
+    for name, entry in config.servers.items():
+        factory = kinds.get(entry.kind)
+        if factory is None:
+            message = f"no provider for servers of kind {entry.kind!r} (known: {', '.join(sorted(kinds))})"
+            problems.append(ConfigProblem(f"servers.{name}", message, config.line_of("servers", name)))
+            continue
+        providers[name] = factory(name, entry)
+    for provider in extra:
+        if provider.name in providers:
+            message = f"a provider named {provider.name!r} is served already"
+            problems.append(
+                ConfigProblem(f"servers.{provider.name}", message, config.line_of("servers", provider.name))
+            )
+            continue
+        providers[provider.name] = provider
+    if problems:
+        raise ConfigError(problems, source=config.source)
+    return providers
+
+
+def _naming(config: Config, providers: Iterable[str]) -> dict[str, Naming]:
+    """How each provider's names appear: a server's as configured, the workflows' unchanged, others under their name."""
+    separator = config.gateway.separator
+    naming: dict[str, Naming] = {}
+    for name in providers:
+        server = config.servers.get(name)
+        if name == WORKFLOW_PROVIDER:
+            naming[name] = Naming(prefix="", separator=separator, owner="a workflow")
+        elif server is None:
+            naming[name] = Naming(prefix=name, separator=separator)
+        else:
+            naming[name] = Naming(
+                prefix=name if server.prefix is None else server.prefix,
+                separator=separator,
+                include=tuple(server.tools.include),
+                exclude=tuple(server.tools.exclude),
+                rename=server.tools.rename,
+                descriptions=server.tools.descriptions,
+            )
+    return naming

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from gateway.errors import ConfigProblem, ToolNotFound
-from gateway.types import Prompt, Resource, Tool
+from gateway.types import Listing, Prompt, Resource, Tool
 
 MAX_NAME_LENGTH = 64
 """The tool-name limit many clients enforce; longer names are shortened with a stable hash."""
@@ -46,18 +46,11 @@ class Naming:
     exclude: Sequence[str] = ()
     rename: Mapping[str, str] = field(default_factory=dict)
     descriptions: Mapping[str, str] = field(default_factory=dict)
+    owner: str | None = None
+    """How a collision names this provider; None: ``server '<name>'``."""
 
     def admits(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.include) and not any(fnmatchcase(name, p) for p in self.exclude)
-
-
-@dataclass(frozen=True, slots=True)
-class Listing:
-    """Everything one provider offers."""
-
-    tools: Sequence[Tool] = ()
-    prompts: Sequence[Prompt] = ()
-    resources: Sequence[Resource] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +149,7 @@ def build_registry(
             if name in owners:
                 problems.append(_collision(provider, "tools", tool.name, name, owners[name]))
                 continue
-            owners[name] = f"server {provider!r}"
+            owners[name] = rules.owner or f"server {provider!r}"
             definition = dict(tool.definition, name=name)
             if tool.name in rules.descriptions:
                 definition["description"] = rules.descriptions[tool.name]

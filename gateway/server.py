@@ -235,9 +235,7 @@ class McpFrontend:
         entry = self.gateway.registry.prompts.get(params.name)
         if entry is None:
             raise MCPError(types.INVALID_PARAMS, f"Unknown prompt: {params.name!r}")
-        update = {"name": entry.target, "meta": _forwardable_meta(params.meta)}
-        request = types.GetPromptRequest(params=params.model_copy(update=update))
-        raw = await self._forward(entry.provider, request, ctx)
+        raw = await self._forward(entry.provider, "prompts/get", _wire(params, name=entry.target), ctx)
         return types.GetPromptResult.model_validate(raw)
 
     async def _list_resources(
@@ -256,9 +254,7 @@ class McpFrontend:
     async def _read_resource(
         self, ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams
     ) -> types.ReadResourceResult:
-        owner = self._owner(str(params.uri))
-        request = types.ReadResourceRequest(params=params.model_copy(update={"meta": _forwardable_meta(params.meta)}))
-        raw = await self._forward(owner, request, ctx)
+        raw = await self._forward(self._owner(str(params.uri)), "resources/read", _wire(params), ctx)
         return types.ReadResourceResult.model_validate(raw)
 
     async def _subscribe(
@@ -267,9 +263,7 @@ class McpFrontend:
         uri = str(params.uri)
         subscribers = self._subscribers.setdefault(uri, weakref.WeakSet())
         if not subscribers:  # the shared upstream session subscribes once for every client
-            await self._forward(
-                self._owner(uri), types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri)), ctx
-            )
+            await self._forward(self._owner(uri), "resources/subscribe", {"uri": uri}, ctx)
         subscribers.add(ctx.session._connection)
         return types.EmptyResult()
 
@@ -282,8 +276,7 @@ class McpFrontend:
             subscribers.discard(ctx.session._connection)
             if not subscribers:
                 del self._subscribers[uri]
-                request = types.UnsubscribeRequest(params=types.UnsubscribeRequestParams(uri=uri))
-                await self._forward(self._owner(uri), request, ctx)
+                await self._forward(self._owner(uri), "resources/unsubscribe", {"uri": uri}, ctx)
         return types.EmptyResult()
 
     async def _resource_updated(self, uri: str) -> None:
@@ -302,8 +295,8 @@ class McpFrontend:
             provider, ref = entry.provider, ref.model_copy(update={"name": entry.target})
         else:
             provider = self._owner(ref.uri)
-        update = {"ref": ref, "meta": _forwardable_meta(params.meta)}
-        raw = await self._forward(provider, types.CompleteRequest(params=params.model_copy(update=update)), ctx)
+        wire = _wire(params, ref=ref.model_dump(by_alias=True, mode="json", exclude_none=True))
+        raw = await self._forward(provider, "completion/complete", wire, ctx)
         return types.CompleteResult.model_validate(raw)
 
     async def _set_logging_level(
@@ -319,12 +312,26 @@ class McpFrontend:
             raise MCPError(types.INVALID_PARAMS, f"Unknown resource: {uri}")
         return owner
 
-    async def _forward(self, provider: str, request: Any, ctx: ServerRequestContext[Any]) -> dict[str, Any]:
-        """Send a non-tool request to its upstream; failures become JSON-RPC errors (no isError here)."""
+    async def _forward(
+        self, provider: str, method: str, params: JSONObject, ctx: ServerRequestContext[Any]
+    ) -> JSONObject:
+        """Send a non-tool request to its provider; failures become JSON-RPC errors (no isError here)."""
         try:
-            return await self.gateway.upstreams[provider].request(request, self._context(ctx))
+            return await self.gateway.providers[provider].request(method, params, self._context(ctx))
         except UpstreamError as exc:
             raise MCPError(types.INTERNAL_ERROR, str(exc)) from None
+
+
+def _wire(params: Any, **update: Any) -> dict[str, Any]:
+    """Request ``params`` in wire form, with ``update`` applied and only the caller's part of ``_meta`` kept."""
+    wire: dict[str, Any] = params.model_dump(by_alias=True, mode="json", exclude_none=True)
+    wire.update(update)
+    meta = _forwardable_meta(params.meta)
+    if meta:
+        wire["_meta"] = meta
+    else:
+        wire.pop("_meta", None)
+    return wire
 
 
 _ENVELOPE_PREFIX = "io.modelcontextprotocol/"

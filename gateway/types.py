@@ -8,7 +8,10 @@ passes through the gateway unchanged.
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
+
+import anyio.abc
 
 JSONObject = Mapping[str, Any]
 """A JSON object in wire form (camelCase keys, JSON-compatible values)."""
@@ -62,6 +65,15 @@ class Resource:
     uri: str
     definition: JSONObject
     template: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Everything one provider offers: its tools, prompts, resources and resource templates."""
+
+    tools: Sequence[Tool] = ()
+    prompts: Sequence[Prompt] = ()
+    resources: Sequence[Resource] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +183,65 @@ class ToolCall:
     tool: Tool | None = field(default=None, compare=False)
 
 
-class Provider(Protocol):
-    """Anything that lists and calls tools: an upstream MCP server, a REST system, the workflow engine."""
+class ProviderState(StrEnum):
+    """Where a provider is: trying to connect, serving, or down (and being retried)."""
 
-    name: str
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+async def _ignore(value: str) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEvents:
+    """What a running provider tells the gateway."""
+
+    changed: Callable[[str], Awaitable[None]]
+    """``async (provider_name)``: its listing or its state changed (it came up, went down, has new tools)."""
+    resource_updated: Callable[[str], Awaitable[None]] = _ignore
+    """``async (uri)``: a resource a client subscribed to changed."""
+
+
+class Provider(Protocol):
+    """Anything that offers tools (and maybe prompts and resources): an upstream MCP server, a REST
+    system, the workflow engine. The registry, the dispatcher, the server and the CLI know nothing else
+    about a provider; the composition root starts each one with :meth:`run` and reads the rest."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> ProviderState:
+        """Whether it is serving now."""
+        ...
+
+    @property
+    def last_error(self) -> str | None:
+        """Why it is not serving (or last failed to), for ``/readyz`` and ``patchbay tools``."""
+        ...
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What it lacks that is worked around (a list method an upstream does not answer), for the status."""
+        ...
+
+    @property
+    def listing(self) -> Listing:
+        """What it offers now: the last known listing while it is down."""
+        ...
+
+    async def run(
+        self, events: ProviderEvents, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled or closed, telling ``events`` what changes.
+
+        ``task_status.started()`` fires once the first attempt to come up is over, good or bad; a
+        provider that failed keeps retrying here, and raises nothing for a failure of its own.
+        """
+        ...
 
     async def list_tools(self) -> Sequence[Tool]: ...
 
@@ -184,6 +251,20 @@ class Provider(Protocol):
         Raises:
             UpstreamError: the provider could not be reached or did not answer in time.
         """
+        ...
+
+    async def request(self, method: str, params: JSONObject, context: CallContext) -> JSONObject:
+        """A request about its prompts or resources (``prompts/get``, ``resources/read``,
+        ``resources/subscribe``, ``resources/unsubscribe``, ``completion/complete``), in wire form;
+        names in ``params`` are the provider's own. Returns the result's wire form.
+
+        Raises:
+            UpstreamError: it failed, could not be reached, or offers no such thing.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop serving: ``run`` returns soon after, and calls fail as unavailable. Does not block."""
         ...
 
 

@@ -3,17 +3,23 @@
 A workflow's tool has the workflow's ``input`` as its ``inputSchema`` (and ``output_schema`` as its
 ``outputSchema``); its arguments are validated before anything runs, every violation listed with
 its JSON path, and the schema's ``default`` values fill in what the caller omitted.
+
+It is a provider like any other (``gateway.types.Provider``): always up, listing the workflow tools
+and no prompts or resources; while it runs, it owns the task group where the runs of 2026-07-28
+clients wait for their answers.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import anyio
+import anyio.abc
 from anyio.abc import TaskGroup
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from gateway.errors import InvalidArguments, ToolNotFound
-from gateway.types import CallContext, JSONObject, Tool, ToolResult
+from gateway.errors import InvalidArguments, ToolNotFound, UpstreamError
+from gateway.types import CallContext, JSONObject, Listing, ProviderEvents, ProviderState, Tool, ToolResult
 from gateway.workflows.defaults import with_defaults
 from gateway.workflows.plan import Plan
 from gateway.workflows.roundtrip import STATE_PREFIX, RoundTrips, needs_round_trip
@@ -30,16 +36,25 @@ class WorkflowProvider:
     """Lists the workflows as tools and runs one per call."""
 
     name = WORKFLOW_PROVIDER
+    state = ProviderState.UP
+    last_error: str | None = None
+    warnings: tuple[str, ...] = ()
 
     def __init__(
-        self, plans: Mapping[str, Plan], runner: Runner, background: Callable[[], TaskGroup | None] = lambda: None
+        self,
+        plans: Mapping[str, Plan],
+        runner: Runner,
+        background: Callable[[], TaskGroup | None] | None = None,
     ) -> None:
-        """``background`` gives the task group that runs wait in for a 2026-07-28 client's answers."""
+        """``background`` gives the task group that runs wait in for a 2026-07-28 client's answers; by
+        default, the one :meth:`run` holds (none before it runs: such a run is then answered inline)."""
         self.plans = plans
         self.runner = runner
-        self._round_trips = RoundTrips(background)
+        self._tasks: TaskGroup | None = None
+        self._round_trips = RoundTrips(background or (lambda: self._tasks))
         self.tools = tuple(_tool(plan) for plan in plans.values())
         """The workflows as tools, in the order the config lists them."""
+        self.listing = Listing(tools=self.tools)
         self._validators: dict[str, Validator] = {}
         self._output_validators: dict[str, Validator] = {}
         for name, plan in plans.items():
@@ -48,8 +63,33 @@ class WorkflowProvider:
             if (output := plan.workflow.output_schema) is not None:
                 self._output_validators[name] = validator_for(output)(output)
 
+    async def run(
+        self, events: ProviderEvents, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the task group of waiting runs until cancelled or closed (the listing never changes)."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tasks = None
+
+    async def close(self) -> None:
+        """Cancel the runs waiting for a client's answers, and stop."""
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+
     async def list_tools(self) -> Sequence[Tool]:
         return self.tools
+
+    async def request(self, method: str, params: JSONObject, context: CallContext) -> JSONObject:
+        """Workflows offer no prompts or resources.
+
+        Raises:
+            UpstreamError: always.
+        """
+        raise UpstreamError(f"workflows offer no prompts or resources ({method})", server=self.name)
 
     async def call_tool(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
         """Run workflow ``name``.
