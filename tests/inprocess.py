@@ -17,6 +17,7 @@ import uvicorn
 from mcp import Client
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp
 
 from gateway.config import parse_config
@@ -148,22 +149,28 @@ def _talking_tools(up: Upstream) -> None:
 
     @mcp.tool()
     async def ask_model(prompt: str, ctx: Context) -> str:
-        """Ask the client's model (sampling) and return its answer."""
-        result = await ctx.session.create_message(
-            messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
-            max_tokens=50,
-            related_request_id=ctx.request_id,
-        )
+        """Ask the client's model (sampling) on this call's stream and return its answer, or why it was refused."""
+        try:
+            result = await ctx.session.create_message(
+                messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
+                max_tokens=50,
+                related_request_id=ctx.request_id,
+            )
+        except MCPError as exc:
+            return f"refused: {exc.error.message}"
         content = result.content
         return content.text if isinstance(content, types.TextContent) else str(content)
 
     @mcp.tool()
     async def ask_model_aside(prompt: str, ctx: Context) -> str:
         """Ask the client's model on the session's own stream, with no link to this call (as old servers do)."""
-        result = await ctx.session.create_message(
-            messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
-            max_tokens=50,
-        )
+        try:
+            result = await ctx.session.create_message(
+                messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
+                max_tokens=50,
+            )
+        except MCPError as exc:
+            return f"refused: {exc.error.message}"
         content = result.content
         return content.text if isinstance(content, types.TextContent) else str(content)
 

@@ -232,12 +232,12 @@ async def test_a_calls_sampling_request_rides_its_response_and_the_answer_is_tak
         assert reply["result"]["content"][0]["text"] == "hi there"
 
 
-async def test_a_sampling_request_the_client_refuses_makes_the_call_an_is_error_result() -> None:
+async def test_a_client_refusing_a_sampling_request_is_answered_upstream_with_its_reason() -> None:
     async with gateway() as gw:
         session = await gw.seen_session({"sampling": {}})
         *_, reply = await answer_sampling(gw, session, {"error": {"code": -1, "message": "the user said no"}})
         assert reply["id"] == 14
-        assert reply["result"]["isError"] is True
+        assert "the user said no" in reply["result"]["content"][0]["text"]
 
 
 async def test_cancelling_a_lean_call_cancels_it_upstream() -> None:

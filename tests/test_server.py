@@ -253,8 +253,8 @@ async def test_sampling_asked_by_an_upstream_mid_call_reaches_the_calling_client
         assert text(result) == "model says: hello?"
 
 
-async def test_sampling_is_refused_with_an_is_error_result_when_the_client_cannot_sample() -> None:
+async def test_sampling_is_refused_upstream_when_the_calling_client_cannot_sample() -> None:
     async with frontend(make_upstream()) as fe, frontend_client(fe, "legacy") as client:
         result = await client.call_tool("kit__ask_model", {"prompt": "hello?"})
-        assert result.is_error
+        assert text(result) == "refused: the client behind patchbay does not support sampling/createMessage"
         assert text(await client.call_tool("kit__echo", {"text": "still serving"})) == "still serving"
