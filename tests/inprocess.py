@@ -213,9 +213,10 @@ def _catalog(up: Upstream) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serve_upstream(upstream: Upstream, *, port: int = 0) -> AsyncIterator[str]:
+async def serve_upstream(upstream: Upstream, *, port: int = 0, json_response: bool = False) -> AsyncIterator[str]:
     """The upstream over streamable HTTP on 127.0.0.1; yields its MCP endpoint URL."""
-    async with serve_asgi(upstream.server.streamable_http_app(host="127.0.0.1"), port=port) as base:
+    app = upstream.server.streamable_http_app(host="127.0.0.1", json_response=json_response)
+    async with serve_asgi(app, port=port) as base:
         yield f"{base}/mcp"
 
 
