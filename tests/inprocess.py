@@ -133,6 +133,17 @@ def _plain_tools(up: Upstream) -> None:
         await ctx.session.send_tool_list_changed()
         return f"added {tool_name}"
 
+    @mcp.tool()
+    async def add_tool_announced_to_listeners(tool_name: str, ctx: Context) -> str:
+        """Add a tool called ``tool_name`` and announce it only on 2026-07-28 ``subscriptions/listen`` streams."""
+
+        def fresh() -> str:
+            return f"I am {tool_name}"
+
+        mcp.add_tool(fresh, name=tool_name, description=f"added at run time: {tool_name}")
+        await ctx.notify_tools_changed()
+        return f"added {tool_name}"
+
 
 def _talking_tools(up: Upstream) -> None:
     """Tools that send the client something mid-call: progress, log messages, requests."""

@@ -153,6 +153,15 @@ async def test_a_list_changed_from_the_server_refreshes_the_listing() -> None:
         assert first_text(await conn.call("fresh", {})) == "I am fresh"
 
 
+async def test_a_change_the_server_announces_only_to_2026_listeners_refreshes_the_listing() -> None:
+    # A 2026-07-28 server pushes nothing on its sessions: changes reach only `subscriptions/listen` streams.
+    async with connected_to(make_upstream()) as conn:
+        await conn.call("add_tool_announced_to_listeners", {"tool_name": "fresh"})
+        with anyio.fail_after(WITHIN):
+            while "fresh" not in {tool.name for tool in conn.upstream.listing.tools}:
+                await conn.changes.receive()
+
+
 @pytest.mark.parametrize("era", [HANDSHAKE, MODERN])
 async def test_a_call_past_the_servers_timeout_raises_upstream_timeout_and_is_cancelled_there(era: str) -> None:
     upstream = make_upstream()
