@@ -123,8 +123,12 @@ async def test_a_call_is_answered_with_the_servers_result_in_both_eras(era: str)
 
 async def test_a_2026_callers_own_capabilities_are_what_the_server_sees() -> None:
     async with connected_to(make_upstream()) as conn:
-        modern = await conn.call("client_capabilities", {}, context(Channel("new", {}, protocol_version=MODERN)))
-        assert modern.structured_content == {}
+        asks_users = Channel("new", {"elicitation": {}}, protocol_version=MODERN)
+        seen = (await conn.call("client_capabilities", {}, context(asks_users))).structured_content
+        assert seen is not None
+        assert "elicitation" in seen
+        plain = await conn.call("client_capabilities", {}, context(Channel("new", {}, protocol_version=MODERN)))
+        assert plain.structured_content == {}
         shared = await conn.call("client_capabilities", {}, context(Channel("old", {})))
         assert shared.structured_content is not None
         assert "sampling" in shared.structured_content  # the handshake session is the gateway's own
