@@ -1,7 +1,7 @@
 """``McpUpstream`` against in-process MCP servers on 127.0.0.1, and the testkit over stdio where stdio is the point."""
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,28 +243,47 @@ async def test_a_server_that_cannot_be_reached_is_down_and_its_calls_fail_at_onc
             await conn.call("echo", {"text": "x"})
 
 
-async def test_reconnects_when_the_server_comes_back_after_going_away() -> None:
+@asynccontextmanager
+async def mortal_upstream() -> AsyncIterator[tuple[str, Callable[[], Awaitable[None]]]]:
+    """A test upstream over HTTP, its URL, and ``go_away()``, which stops it (its port is free again after)."""
     stop, stopped = anyio.Event(), anyio.Event()
 
-    async def first_life(*, task_status: TaskStatus[str]) -> None:
+    async def life(*, task_status: TaskStatus[str]) -> None:
         async with serve_upstream(make_upstream()) as url:
             task_status.started(url)
             await stop.wait()
         stopped.set()
 
+    async def go_away() -> None:
+        stop.set()
+        with anyio.fail_after(WITHIN):
+            await stopped.wait()
+
     async with anyio.create_task_group() as tg:
-        url = await tg.start(first_life)
+        url = await tg.start(life)
+        try:
+            yield url, go_away
+        finally:
+            stop.set()
+
+
+async def test_reconnects_when_the_server_comes_back_after_going_away() -> None:
+    async with mortal_upstream() as (url, go_away), connected(f'{{url: "{url}"}}') as conn:
+        assert first_text(await conn.call("echo", {"text": "first"})) == "first"
+        await go_away()
+        with pytest.raises(UpstreamUnavailable):
+            await conn.call("echo", {"text": "lost"})
         port = int(url.rsplit(":", 1)[1].split("/")[0])
-        async with connected(f'{{url: "{url}"}}') as conn:
-            assert first_text(await conn.call("echo", {"text": "first"})) == "first"
-            stop.set()  # the server goes away
-            with anyio.fail_after(WITHIN):
-                await stopped.wait()
-            with pytest.raises(UpstreamUnavailable):
-                await conn.call("echo", {"text": "lost"})
-            async with serve_upstream(make_upstream(), port=port):
-                await conn.until(lambda up: up.connects == 2 and up.state is State.UP)
-                assert first_text(await conn.call("echo", {"text": "second"})) == "second"
+        async with serve_upstream(make_upstream(), port=port):
+            await conn.until(lambda up: up.connects == 2 and up.state is State.UP)
+            assert first_text(await conn.call("echo", {"text": "second"})) == "second"
+
+
+async def test_an_http_server_that_goes_away_is_noticed_without_a_call() -> None:
+    async with mortal_upstream() as (url, go_away), connected(f'{{url: "{url}"}}') as conn:
+        await go_away()
+        await conn.until(lambda up: up.state is not State.UP)
+        assert conn.upstream.last_error
 
 
 async def test_a_stdio_server_that_exits_is_restarted() -> None:
