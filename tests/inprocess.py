@@ -211,6 +211,23 @@ def _catalog(up: Upstream) -> None:
         """One item by id."""
         return f"item {item_id}"
 
+    async def subscribe(ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
+        up.events.append(f"subscribed {params.uri}")
+        return types.EmptyResult()
+
+    async def unsubscribe(ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+        up.events.append(f"unsubscribed {params.uri}")
+        return types.EmptyResult()
+
+    mcp._lowlevel_server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, subscribe)
+    mcp._lowlevel_server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, unsubscribe)
+
+    @mcp.tool()
+    async def touch(uri: str, ctx: Context) -> str:
+        """Tell the session that the resource ``uri`` changed."""
+        await ctx.session.send_resource_updated(uri)
+        return f"touched {uri}"
+
     @mcp.completion()
     async def complete(
         ref: types.PromptReference | types.ResourceTemplateReference,

@@ -258,3 +258,37 @@ async def test_sampling_is_refused_upstream_when_the_calling_client_cannot_sampl
         result = await client.call_tool("kit__ask_model", {"prompt": "hello?"})
         assert text(result) == "refused: the client behind patchbay does not support sampling/createMessage"
         assert text(await client.call_tool("kit__echo", {"text": "still serving"})) == "still serving"
+
+
+# Handshake-era clients still subscribe; the SDK client warns that 2026-07-28 removed it.
+@pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed:mcp.shared.exceptions.MCPDeprecationWarning")
+async def test_resource_subscriptions_are_shared_upstream_and_updates_reach_each_subscriber() -> None:
+    upstream = make_upstream()
+    updated: dict[str, list[str]] = {"ada": [], "bob": []}
+    heard = {"ada": anyio.Event(), "bob": anyio.Event()}
+
+    def on_message(name: str) -> Any:
+        async def record(message: Any) -> None:
+            if isinstance(message, types.ResourceUpdatedNotification):
+                updated[name].append(str(message.params.uri))
+                heard[name].set()
+
+        return record
+
+    async with (
+        frontend(upstream) as fe,
+        frontend_client(fe, "legacy", message_handler=on_message("ada")) as ada,
+        frontend_client(fe, "legacy", message_handler=on_message("bob")) as bob,
+    ):
+        await ada.session.subscribe_resource("kit://static")
+        await bob.session.subscribe_resource("kit://static")
+        assert upstream.events == ["subscribed kit://static"]  # once, for every client
+        await ada.call_tool("kit__touch", {"uri": "kit://static"})
+        with anyio.fail_after(WITHIN):
+            await heard["ada"].wait()
+            await heard["bob"].wait()
+        await ada.session.unsubscribe_resource("kit://static")
+        assert upstream.events == ["subscribed kit://static"]  # bob still listens
+        await bob.session.unsubscribe_resource("kit://static")
+        assert upstream.events == ["subscribed kit://static", "unsubscribed kit://static"]
+    assert updated == {"ada": ["kit://static"], "bob": ["kit://static"]}
