@@ -186,6 +186,23 @@ def _talking_tools(up: Upstream) -> None:
         return content.text if isinstance(content, types.TextContent) else str(content)
 
     @mcp.tool()
+    async def confirm(action: str, ctx: Context) -> str | types.InputRequiredResult:
+        """Ask the user to confirm through the 2026-07-28 input-required round trip, then act."""
+        answer = (ctx.input_responses or {}).get("confirm")
+        if not isinstance(answer, types.ElicitResult):
+            schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+            params = types.ElicitRequestFormParams(message=f"Really {action}?", requested_schema=schema)
+            question = types.ElicitRequest(params=params)
+            return types.InputRequiredResult(input_requests={"confirm": question}, request_state=f"pending {action}")
+        return f"{action}: {answer.action} {answer.content} (state: {ctx.request_state})"
+
+    @mcp.tool()
+    def request_meta(ctx: Context) -> dict[str, Any]:
+        """The ``_meta`` of the request that carried this call."""
+        meta = ctx.request_context.meta
+        return dict(meta) if meta else {}
+
+    @mcp.tool()
     async def client_capabilities(ctx: Context) -> dict[str, object]:
         """The capabilities this server sees for the client of this request."""
         caps = ctx.session.client_capabilities

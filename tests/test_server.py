@@ -292,3 +292,41 @@ async def test_resource_subscriptions_are_shared_upstream_and_updates_reach_each
         await bob.session.unsubscribe_resource("kit://static")
         assert upstream.events == ["subscribed kit://static", "unsubscribed kit://static"]
     assert updated == {"ada": ["kit://static"], "bob": ["kit://static"]}
+
+
+async def test_a_client_that_fails_a_sampling_request_makes_the_upstream_hear_why() -> None:
+    async def sampling(context: ClientRequestContext, params: types.CreateMessageRequestParams) -> types.ErrorData:
+        return types.ErrorData(code=types.INVALID_REQUEST, message="the user said no")
+
+    async with (
+        frontend(make_upstream()) as fe,
+        frontend_client(fe, "legacy", sampling_callback=sampling) as client,
+    ):
+        result = await client.call_tool("kit__ask_model", {"prompt": "hello?"})
+        assert text(result).startswith("refused: the client could not answer sampling/createMessage")
+        assert "the user said no" in text(result)
+
+
+async def test_a_2026_client_answers_an_upstreams_input_request_through_the_gateway() -> None:
+    asked: list[str] = []
+
+    async def elicitation(context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"ok": True})
+
+    async with (
+        frontend(make_upstream()) as fe,
+        frontend_client(fe, "2026-07-28", elicitation_callback=elicitation) as client,
+    ):
+        result = await client.call_tool("kit__confirm", {"action": "delete"})
+    assert asked == ["Really delete?"]
+    assert text(result) == "delete: accept {'ok': True} (state: pending delete)"
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_the_callers_own_meta_entries_reach_the_upstream(mode: str) -> None:
+    async with frontend(make_upstream()) as fe, frontend_client(fe, mode) as client:
+        result = await client.call_tool("kit__request_meta", {}, meta={"example.com/trace": "t-1"})
+    seen = result.structured_content
+    assert seen is not None
+    assert seen["example.com/trace"] == "t-1"
