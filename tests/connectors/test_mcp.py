@@ -134,15 +134,16 @@ async def test_a_2026_callers_own_capabilities_are_what_the_server_sees() -> Non
         assert "sampling" in shared.structured_content  # the handshake session is the gateway's own
 
 
-async def test_progress_and_log_messages_of_a_call_reach_its_client() -> None:
+@pytest.mark.parametrize("era", [HANDSHAKE, MODERN])
+async def test_progress_and_log_messages_of_a_call_reach_its_client(era: str) -> None:
     progress: list[float] = []
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append(value)
 
-    ada = Channel("ada")
+    ada = Channel("ada", protocol_version=era)
     async with connected_to(make_upstream()) as conn:
-        await conn.call("progress", {"steps": 2}, context(ada, progress=on_progress))
+        await conn.call("progress", {"steps": 2}, context(ada, progress=on_progress, log_level="debug"))
     assert progress == [1, 2]
     assert [log["data"] for log in ada.logs] == ["debug detail", "finished 2 steps"]
 
@@ -220,6 +221,19 @@ async def test_a_client_that_cannot_sample_is_not_asked_to() -> None:
         result = await conn.call("ask_model", {"prompt": "hello?"}, context(ada))
     assert first_text(result) == "refused: the client behind patchbay does not support sampling/createMessage"
     assert ada.asked == []
+
+
+async def test_a_legacy_sse_server_is_connected_and_called_on_its_one_session() -> None:
+    ada = Channel("ada", protocol_version=MODERN)  # a 2026 caller too: an SSE server has no 2026-07-28 session
+    async with (
+        serve_asgi(make_upstream().server.sse_app()) as base,
+        connected(f'{{url: "{base}/sse", sse: true}}') as conn,
+    ):
+        assert conn.upstream.state is State.UP, conn.upstream.last_error
+        assert "echo" in {tool.name for tool in conn.upstream.listing.tools}
+        assert first_text(await conn.call("echo", {"text": "over sse"}, context(ada))) == "over sse"
+        result = await conn.call("ask_model_aside", {"prompt": "hello?"}, context(Channel("bob")))
+        assert first_text(result) == "bob says hi"
 
 
 async def test_other_requests_are_forwarded_and_their_json_rpc_errors_are_upstream_errors() -> None:
