@@ -95,12 +95,12 @@ class Gateway:
 
 
 @asynccontextmanager
-async def gateway(extra: str = "") -> AsyncIterator[Gateway]:
-    """``http_endpoint`` of a frontend over an in-process upstream, served on 127.0.0.1."""
+async def gateway(extra: str = "", *, host: str = "127.0.0.1") -> AsyncIterator[Gateway]:
+    """``http_endpoint`` of a frontend over an in-process upstream, served on 127.0.0.1 (named ``host``)."""
     upstream = make_upstream()
     with anyio.fail_after(WITHIN):
         async with serve_upstream(upstream) as upstream_url, gateway_over(upstream_url, extra) as gw:
-            app, run = http_endpoint(McpFrontend(gw, LOCAL), "127.0.0.1")
+            app, run = http_endpoint(McpFrontend(gw, LOCAL), host)
             async with run(), serve_asgi(app, lifespan="off") as base, httpx2.AsyncClient(headers=STREAMS) as http:
                 yield Gateway(f"{base}/mcp", http, upstream)
 
@@ -201,6 +201,27 @@ async def test_dns_rebinding_protection_applies_to_lean_calls() -> None:
         assert (await gw.post(message, session, host="evil.example:80")).status_code == 421
         assert (await gw.post(message, session, origin="http://evil.example")).status_code == 403
         assert (await gw.post(message, session, origin="http://localhost:1234")).status_code == 200
+
+
+async def test_the_host_the_gateway_is_served_as_is_accepted_as_well_as_loopback_names() -> None:
+    async with gateway(host="gateway.internal") as gw:
+        session = await gw.seen_session()
+        message = call("kit__echo", {"text": "x"}, 16)
+        assert (await gw.post(message, session, host="gateway.internal:8765")).status_code == 200
+        assert (await gw.post(message, session, host="localhost:8765")).status_code == 200
+        assert (await gw.post(message, session, host="evil.example:8765")).status_code == 421
+
+
+async def test_requests_the_lean_path_cannot_answer_as_asked_are_left_to_the_sdk() -> None:
+    async with gateway() as gw:
+        session = await gw.seen_session()
+        message = call("kit__echo", {"text": "x"}, 17)
+        json_only = await gw.post(message, session, accept="application/json")
+        assert json_only.status_code == 406  # the SDK insists on both; the lean path would have answered
+        other_version = await gw.post(message, session, **{"mcp-protocol-version": "2025-06-18"})
+        assert is_sse(other_version)  # a version other than the session's: the SDK judges it
+        huge = call("kit__echo", {"text": "x" * (5 * 2**20)}, 18)
+        assert (await gw.post(huge, session)).status_code == 413
 
 
 async def answer_sampling(gw: Gateway, session: dict[str, str], reply: dict[str, Any]) -> list[dict[str, Any]]:
