@@ -17,7 +17,10 @@ import mcp_types as types
 import pytest
 from mcp import Client
 
+from gateway.app import serving
+from gateway.config import parse_config
 from gateway.server import McpFrontend, http_endpoint
+from policies.auth import new_token
 from tests.inprocess import (
     LOCAL,
     UPSTREAM_DEPRECATIONS,
@@ -222,6 +225,32 @@ async def test_requests_the_lean_path_cannot_answer_as_asked_are_left_to_the_sdk
         assert is_sse(other_version)  # a version other than the session's: the SDK judges it
         huge = call("kit__echo", {"text": "x" * (5 * 2**20)}, 18)
         assert (await gw.post(huge, session)).status_code == 413
+
+
+async def test_a_lean_call_is_made_as_the_client_the_auth_middleware_recognised() -> None:
+    token, token_sha256 = new_token()
+    upstream = make_upstream()
+    with anyio.fail_after(WITHIN):
+        async with serve_upstream(upstream) as upstream_url:
+            config = f"""
+servers:
+  kit: {{url: "{upstream_url}"}}
+clients:
+  bot: {{token_sha256: "{token_sha256}", tools: ["kit__echo"]}}
+"""
+            async with (
+                serving(parse_config(config, environ={})) as app,
+                serve_asgi(app, lifespan="off") as base,
+                httpx2.AsyncClient(headers={**STREAMS, "authorization": f"Bearer {token}"}) as http,
+            ):
+                gw = Gateway(f"{base}/mcp", http, upstream)
+                session = await gw.seen_session()
+                allowed = await gw.post(call("kit__echo", {"text": "x"}, 19), session)
+                assert is_json(allowed)
+                assert allowed.json()["result"]["isError"] is False
+                refused = await gw.post(call("kit__progress", {"steps": 1}, 20), session)
+                assert is_json(refused)
+                assert refused.json()["result"]["isError"] is True
 
 
 async def answer_sampling(gw: Gateway, session: dict[str, str], reply: dict[str, Any]) -> list[dict[str, Any]]:
