@@ -266,10 +266,10 @@ async def serve_upstream(upstream: Upstream, *, port: int = 0, json_response: bo
 
 
 @contextlib.asynccontextmanager
-async def gateway_over(url: str, extra: str = "", *, server: str = "") -> AsyncIterator[Gateway]:
+async def gateway_over(url: str, extra: str = "") -> AsyncIterator[Gateway]:
     """A gateway (``open_gateway``) with the upstream at ``url`` as server ``kit``; ``extra`` is more YAML."""
-    text = f'servers:\n  kit: {{url: "{url}"{server}}}\n{extra}'
-    async with open_gateway(parse_config(text, environ={})) as gateway:
+    config = f'servers:\n  kit: {{url: "{url}"}}\n{extra}'
+    async with open_gateway(parse_config(config, environ={})) as gateway:
         yield gateway
 
 
@@ -280,9 +280,3 @@ def frontend_client(frontend: McpFrontend, mode: str, **options: Any) -> Client:
 
 def tool_names(result: types.ListToolsResult) -> set[str]:
     return {tool.name for tool in result.tools}
-
-
-def text(result: types.CallToolResult) -> str:
-    content = result.content[0]
-    assert isinstance(content, types.TextContent)
-    return content.text

@@ -30,9 +30,9 @@ from tests.inprocess import (
     make_upstream,
     serve_asgi,
     serve_upstream,
-    text,
     tool_names,
 )
+from tests.support import text
 
 pytestmark = [pytest.mark.anyio, *UPSTREAM_DEPRECATIONS]
 

@@ -21,9 +21,9 @@ from tests.inprocess import (
     gateway_over,
     make_upstream,
     serve_upstream,
-    text,
     tool_names,
 )
+from tests.support import text
 
 pytestmark = [pytest.mark.anyio, *UPSTREAM_DEPRECATIONS]
 
