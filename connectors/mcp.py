@@ -43,6 +43,7 @@ from mcp.client.session import ClientRequestContext, IncomingMessage
 from mcp.client.sse import sse_client
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -80,6 +81,10 @@ _PAGE_CAP = 100
 # Results are taken as raw JSON and passed on as such: faithful, and one validation less per call.
 # `send_request` is typed for models only but takes any TypeAdapter.
 _RAW: Any = TypeAdapter(dict[str, Any])
+
+_GONE = frozenset({types.CONNECTION_CLOSED, types.INVALID_REQUEST, types.INTERNAL_ERROR})
+"""Errors a ping meets when the connection or the session is gone (the SDK's HTTP transport reports a lost
+connection, a session the server no longer knows and an HTTP error status with these codes)."""
 
 _CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
 """The client capability each server→client request needs."""
@@ -196,6 +201,8 @@ class McpUpstream:
         self._inflight: dict[int, ClientChannel] = {}
         self._ids = itertools.count()
         self._next_attempt = 0.0
+        self._lost = "connection closed by the server"
+        """Why the current connection ended, once it has."""
         """When the supervisor tries to connect again (``anyio.current_time()``), while it waits to."""
 
     @property
@@ -293,11 +300,16 @@ class McpUpstream:
             self.last_error = None
             self.connects += 1
             task_status.started()
+            self._lost = "connection closed by the server"
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._refresher, client)
+                if self._modern is not None:
+                    tg.start_soon(self._listen, self._modern)
+                if isinstance(self.config, HttpServer) and self.config.heartbeat is not None:
+                    tg.start_soon(self._heartbeat, client, self.config.heartbeat)
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
-        self.last_error = "connection closed by the server"
+        self.last_error = self._lost
 
     async def _open_modern(self, stack: AsyncExitStack) -> Client | None:
         """A 2026-07-28 session beside the handshake one, for HTTP upstreams that speak that era."""
@@ -344,6 +356,49 @@ class McpUpstream:
             event_hooks={"response": [remember_session]},
         )
         return _closing(http, streamable_http_client(config.url, http_client=http)), http
+
+    async def _listen(self, modern: Client) -> None:
+        """Refresh the listing when a 2026-07-28 server announces a change: such a server announces changes
+        only on ``subscriptions/listen`` streams, never on its sessions. A lost stream is opened again
+        (after a pause that doubles, up to :data:`MAX_BACKOFF`), and the listing refetched, since nothing
+        is replayed."""
+        backoff = INITIAL_BACKOFF
+        while True:
+            try:
+                changes = modern.listen(tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True)
+                async with changes as events:
+                    backoff = INITIAL_BACKOFF
+                    async for _ in events:
+                        self._refresh_wanted.set()
+            except ListenNotSupportedError:
+                return
+            except (SubscriptionLost, MCPError, httpx2.HTTPError, TimeoutError, OSError) as exc:
+                logger.info("upstream %s: its listen stream ended (%s); again in %.1fs", self.name, exc, backoff)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            self._refresh_wanted.set()
+
+    async def _heartbeat(self, client: Client, every: float) -> None:
+        """Ping the server every ``every`` seconds: an HTTP server that went away while idle ends no stream
+        the SDK watches, so without this only the next call would notice. No answer (in the call timeout),
+        a lost connection or an ended session closes this connection, and the supervisor reconnects."""
+        while True:
+            await anyio.sleep(every)
+            try:
+                with anyio.fail_after(self.config.timeout):
+                    await client.session.send_ping()
+            except TimeoutError:
+                reason = f"no answer to a ping within {self.config.timeout:g}s"
+            except MCPError as exc:
+                if exc.error.code not in _GONE:
+                    return  # it answered, with an error: it is there, and does not do pings (METHOD_NOT_FOUND)
+                reason = f"a ping failed: {exc.error.message}"
+            else:
+                continue
+            logger.warning("upstream %s: %s; reconnecting", self.name, reason)
+            self._lost = reason
+            self._closed.set()
+            return
 
     async def _refresher(self, client: Client) -> None:
         while True:

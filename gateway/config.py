@@ -78,6 +78,8 @@ DEFAULT_ENGINE = "local"
 DEFAULT_SHARED_STATE = "memory"
 DEFAULT_TIMEOUT = 30.0
 """Seconds an upstream call may take."""
+DEFAULT_HEARTBEAT = 15.0
+"""Seconds between pings to an HTTP upstream, to notice one that went away while idle."""
 DEFAULT_MAX_BODY = 4 * 2**20
 """Bytes an HTTP request body to the gateway may have."""
 
@@ -238,6 +240,9 @@ class HttpServer(_ServerBase):
     """Sent with every request, e.g. ``Authorization``."""
     sse: bool = False
     """True: the legacy HTTP+SSE transport instead of streamable HTTP."""
+    heartbeat: Duration | None = DEFAULT_HEARTBEAT
+    """Seconds between pings that check the server is still there while no call tells (an HTTP server that
+    went away ends no stream the gateway watches); ``null``: no pings, a failed call is the first sign."""
 
 
 def _server_kind(value: Any) -> str | None:

@@ -85,6 +85,8 @@ class Upstream:
     """Set when a ``wait`` call has started."""
     cancelled: anyio.Event = field(default_factory=anyio.Event)
     """Set when a ``wait`` call was cancelled."""
+    pinged: anyio.Event = field(default_factory=anyio.Event)
+    """Set when a ``ping`` arrived (replace it to wait for the next)."""
 
 
 def make_upstream(name: str = "kit") -> Upstream:
@@ -236,6 +238,11 @@ def _catalog(up: Upstream) -> None:
         up.events.append(f"unsubscribed {params.uri}")
         return types.EmptyResult()
 
+    async def ping(ctx: Any, params: types.RequestParams) -> types.EmptyResult:
+        up.pinged.set()
+        return types.EmptyResult()
+
+    mcp._lowlevel_server.add_request_handler("ping", types.RequestParams, ping)
     mcp._lowlevel_server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, subscribe)
     mcp._lowlevel_server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, unsubscribe)
 

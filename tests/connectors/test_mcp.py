@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import mcp_types as types
 import pytest
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -237,12 +236,11 @@ async def test_a_legacy_sse_server_is_connected_and_called_on_its_one_session() 
 
 async def test_other_requests_are_forwarded_and_their_json_rpc_errors_are_upstream_errors() -> None:
     async with connected_to(make_upstream()) as conn:
-        params = types.GetPromptRequestParams(name="greet", arguments={"person": "Ada"})
-        prompt = await conn.upstream.request(types.GetPromptRequest(params=params), context())
+        params = {"name": "greet", "arguments": {"person": "Ada"}}
+        prompt = await conn.upstream.request("prompts/get", params, context())
         assert prompt["messages"][0]["content"]["text"] == "Hello, Ada!"
-        unknown = types.GetPromptRequest(params=types.GetPromptRequestParams(name="nope"))
         with pytest.raises(UpstreamError, match="answered with an error"):
-            await conn.upstream.request(unknown, context())
+            await conn.upstream.request("prompts/get", {"name": "nope"}, context())
 
 
 async def test_a_server_that_cannot_be_reached_is_down_and_its_calls_fail_at_once() -> None:
@@ -293,10 +291,20 @@ async def test_reconnects_when_the_server_comes_back_after_going_away() -> None:
 
 
 async def test_an_http_server_that_goes_away_is_noticed_without_a_call() -> None:
-    async with mortal_upstream() as (url, go_away), connected(f'{{url: "{url}"}}') as conn:
+    async with mortal_upstream() as (url, go_away), connected(f'{{url: "{url}", heartbeat: 100ms}}') as conn:
         await go_away()
         await conn.until(lambda up: up.state is not State.UP, within=NOTICED_WITHIN)
         assert conn.upstream.last_error
+
+
+async def test_a_server_that_answers_its_pings_stays_up_and_is_not_reconnected() -> None:
+    upstream = make_upstream()
+    async with connected_to(upstream, ", heartbeat: 50ms") as conn:
+        for _ in range(5):  # several heartbeats, each answered
+            await upstream.pinged.wait()
+            upstream.pinged = anyio.Event()
+        assert conn.upstream.state is State.UP
+        assert conn.upstream.connects == 1
 
 
 async def test_a_stdio_server_that_exits_is_restarted() -> None:
