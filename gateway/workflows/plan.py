@@ -7,6 +7,8 @@ checks that need more than one workflow: a workflow that calls itself, directly 
 The engine runs a :class:`Plan`; nothing here does I/O.
 """
 
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -75,6 +77,8 @@ class Plan:
 
     total_steps: int | None
     """How many steps a run settles (each once, run or skipped), if known before it runs: progress's total."""
+    digest: str = ""
+    """SHA-256 of the workflow's canonical JSON (its model, defaults filled in): which plan a journaled run ran."""
 
 
 def _total_steps(steps: Mapping[str, StepPlan], descendants: Mapping[str, frozenset[str]]) -> int | None:
@@ -180,9 +184,25 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
     regions, dependents, descendants = _relations(graph)
     total = _total_steps(steps, descendants)
     plan = Plan(
-        name, workflow, graph, MappingProxyType(steps), top, output, calls, regions, dependents, descendants, total
+        name,
+        workflow,
+        graph,
+        MappingProxyType(steps),
+        top,
+        output,
+        calls,
+        regions,
+        dependents,
+        descendants,
+        total,
+        _digest(workflow),
     )
     return plan, problems
+
+
+def _digest(workflow: Workflow) -> str:
+    canonical = json.dumps(workflow.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _compile_output(

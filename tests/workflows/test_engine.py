@@ -14,12 +14,14 @@ from gateway.workflows.commands import (
     CallTool,
     Cancel,
     Command,
+    Evaluate,
     Finished,
     Settled,
     StartTimer,
     StepError,
     retry_delay,
 )
+from gateway.workflows import _jqsafe
 from gateway.workflows.engine import Run
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
@@ -36,12 +38,16 @@ def plan_of(text: str) -> Plan:
 class Driver:
     """Runs an engine by hand: collects what it asks for, answers when told to."""
 
-    def __init__(self, text: str, arguments: dict[str, Any] | None = None) -> None:
+    def __init__(self, text: str, arguments: dict[str, Any] | None = None, *, evaluate: bool = True) -> None:
+        """``evaluate``: run the jq programs the engine asks for at once (as the runner does), in order."""
         self.run = Run(plan_of(text), arguments or {})
         self.in_flight: dict[str, Leaf] = {}
+        self.evaluations: dict[str, Evaluate] = {}
         self.timers: dict[str, float] = {}
         self.log: list[Command] = []
         self.finished: Finished | None = None
+        self.evaluate = evaluate
+        self._evaluating = False
         self.take(self.run.start())
 
     def take(self, commands: list[Command]) -> list[Command]:
@@ -49,14 +55,36 @@ class Driver:
             self.log.append(command)
             if isinstance(command, CallTool | AskUser | AskModel):
                 self.in_flight[command.key] = command
+            elif isinstance(command, Evaluate):
+                self.evaluations[command.key] = command
             elif isinstance(command, StartTimer):
                 self.timers[command.key] = command.seconds
             elif isinstance(command, Cancel):
                 self.in_flight.pop(command.key, None)
+                self.evaluations.pop(command.key, None)
             elif isinstance(command, Finished):
                 assert self.finished is None, "finished twice"
                 self.finished = command
+        if self.evaluate and not self._evaluating:
+            self._evaluating = True
+            try:
+                while self.evaluations:
+                    self.evaluated(next(iter(self.evaluations)))
+            finally:
+                self._evaluating = False
         return commands
+
+    def evaluated(self, key: str) -> list[Command]:
+        """Run the program of evaluation ``key`` (here, in the test: the engine never does) and report it."""
+        command = self.evaluations.pop(key)
+        empty = object()
+        try:
+            value = _jqsafe.first(command.source, command.data, empty)
+        except _jqsafe.JqError as exc:
+            return self.take(self.run.evaluated(key, error=str(exc)))
+        if value is empty:
+            return self.take(self.run.evaluated(key, empty=True))
+        return self.take(self.run.evaluated(key, value))
 
     def ok(self, key: str, result: Any = None) -> list[Command]:
         command = self.in_flight.pop(key)

@@ -90,12 +90,16 @@ async def test_a_run_reports_progress_per_settled_step_and_journals_every_event(
     assert [(e.kind, e.key) for e in events] == [
         ("run_started", None),
         ("step_started", "a"),
+        ("step_done", "a"),  # the input: journaled before what it leads to
         ("step_settled", "a"),
         ("step_settled", "b"),
         ("run_finished", None),
     ]
+    assert events[0].data["caller"] == {"kind": "client", "id": "tester"}
+    assert events[0].data["plan"] == plan.digest
     assert events[1].data["arguments"] == {"x": 1}
-    assert [e.seq for e in events] == [0, 1, 2, 3, 4]
+    assert events[2].data["result"] == {"tool": "t__a", "args": 1}
+    assert [e.seq for e in events] == [0, 1, 2, 3, 4, 5]
     [summary] = await journal.runs()
     assert (summary.run_id, summary.workflow, summary.status, summary.steps) == (run_id, "w", "succeeded", 2)
 
