@@ -191,6 +191,8 @@ class Run:
             self._restart(state)
         elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating"):
             limit = state.plan.step.timeout
+            if limit is None:  # not a timer it started
+                return []
             self._fail(state, StepError("timeout", f"did not finish within {limit:g}s", state.key))
         return self._flush()
 
@@ -275,7 +277,7 @@ class Run:
                 "continued": state.continued,
                 "branch": state.branch,
                 "items": state.items,
-                "outputs": state.outputs,
+                "outputs": list(state.outputs),  # filled in place as iterations end
                 "next_item": state.next_item,
                 "iterations": sorted(state.iterations),
             }
