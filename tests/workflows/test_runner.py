@@ -9,6 +9,7 @@ import yaml
 
 from gateway.errors import InvalidArguments, ToolNotFound, UpstreamTimeout
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.workflows import _jqsafe
 from gateway.workflows.journal import MemoryJournal
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
@@ -330,3 +331,29 @@ async def test_unanswered_questions_are_asked_again() -> None:
 )
 def test_the_progress_total_is_known_when_every_step_settles_once(steps: str, total: int | None) -> None:
     assert plan_of(f"steps: {steps}").total_steps == total
+
+
+async def test_a_runaway_jq_program_does_not_hold_up_another_run_on_the_event_loop() -> None:
+    tools, journal = Tools(), MemoryJournal()
+    runner = Runner(tools, journal)
+    runaway = plan_of("steps: [{id: big, set: {n: '${last(range(1e12))}'}}]")
+    quick = plan_of("steps: [{id: echo, call: t__echo}]", name="quick")
+    finished: list[str] = []
+
+    async def run_away() -> None:
+        result = await runner.run(runaway, {}, CALLER)
+        assert result.is_error
+        assert "jq evaluation exceeded" in result.content[0]["text"]  # it did run, for the whole time limit
+        finished.append("runaway")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_away)
+        await anyio.wait_all_tasks_blocked()  # the runaway run waits for its program's answer
+        began = anyio.current_time()
+        result = await runner.run(quick, {}, CALLER)
+        took = anyio.current_time() - began
+        finished.append("quick")
+
+    assert not result.is_error
+    assert finished == ["quick", "runaway"]
+    assert took < _jqsafe.TIME_LIMIT / 2  # in fact a few ms; before, the whole second the program ran
