@@ -346,12 +346,24 @@ class _Worker:
             raise
 
     async def ask_async(self, request: bytes, time_limit: float) -> tuple[int, bytes]:
-        """``ask``, waiting on the event loop instead of blocking it."""
+        """``ask``, waiting on the event loop instead of blocking it.
+
+        Most answers come within microseconds: the request is written and the answer polled for
+        ``_ASYNC_SPIN`` first, without a cancel scope or the event loop (each costs more than the
+        evaluation); only then does it wait on the loop, within what is left of the time limit.
+        """
         self._tail = b""
+        started = time.monotonic()
+        answer = bytearray()
         try:
-            with anyio.fail_after(time_limit):
-                await self._send_async(request)
-                return await self._receive_async()
+            view = self._write(memoryview(request), len(request))
+            if not view and (done := self._take(answer, _ASYNC_SPIN)) is not None:
+                return done
+            with anyio.fail_after(max(started + time_limit - time.monotonic(), 0)):
+                while view:
+                    await anyio.wait_writable(self._requests)
+                    view = self._write(view, len(request))
+                return await self._receive_async(answer)
         except TimeoutError:
             self.stop()
             raise JqTimeout(f"jq evaluation exceeded {time_limit:g} s") from None
@@ -365,30 +377,36 @@ class _Worker:
             self.stop()
             raise
 
-    async def _send_async(self, request: bytes) -> None:
-        view = memoryview(request)
+    def _write(self, view: memoryview, size: int) -> memoryview:
+        """Write what the pipe takes now; the rest. Raises _Stale (nothing of ``size`` bytes sent) or _Gone."""
         while view:
             try:
                 view = view[os.write(self._requests, view) :]
             except BlockingIOError:
-                await anyio.wait_writable(self._requests)
+                break
             except BrokenPipeError:
-                raise (_Stale("jq worker had exited") if len(view) == len(request) else _Gone()) from None
+                raise (_Stale("jq worker had exited") if len(view) == size else _Gone()) from None
+        return view
 
-    async def _receive_async(self) -> tuple[int, bytes]:
-        answer = bytearray()
+    async def _receive_async(self, answer: bytearray | None = None) -> tuple[int, bytes]:
+        answer = bytearray() if answer is None else answer
+        while (done := self._take(answer, 0.0)) is None:
+            await anyio.wait_readable(self._answers)  # stderr is read on the way (the worker never waits on it)
+        return done
+
+    def _take(self, answer: bytearray, spin: float) -> tuple[int, bytes] | None:
+        """Read what has come, polling for up to ``spin`` seconds: the whole answer, or None. Raises _Gone."""
+        spin_until = time.monotonic() + spin if spin else 0.0
         while True:
             if len(answer) >= _ANSWER.size:
                 status, size = _ANSWER.unpack_from(answer)
                 if len(answer) >= _ANSWER.size + size:
                     return status, bytes(answer[_ANSWER.size : _ANSWER.size + size])
             ready = self._readable.poll(0)
-            spin_until = time.monotonic() + _ASYNC_SPIN  # an answer within it spares two wake-ups
-            while not ready and time.monotonic() < spin_until:
-                ready = self._readable.poll(0)
             if not ready:
-                await anyio.wait_readable(self._answers)  # stderr is read on the way (the worker never waits on it)
-                continue
+                if spin_until and time.monotonic() < spin_until:
+                    continue
+                return None
             for fd, _ in ready:
                 if fd == self._errors:
                     self._read_errors()

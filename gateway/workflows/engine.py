@@ -13,7 +13,7 @@ Expressions: plain paths (``.steps.order.result.id``) are resolved here, at once
 program is not run here: where one is needed (a step's arguments, a switch's conditions, a success
 condition, a for_each's items or output, the run's output, a compensation's arguments), the engine
 emits :class:`Evaluate` with the program and its (narrowed) input, and that place waits – the step
-is ``evaluating`` – until the outcomes come back; then it is evaluated again over the same scope, the
+is ``evaluating`` – until the outcomes come back; then it is evaluated again (what it reads is unchanged), the
 outcomes now known (:class:`~gateway.workflows.expressions.Lookup`). The programs of one place are
 asked for together, except a switch's conditions, which are asked for one at a time, in order.
 
@@ -111,14 +111,18 @@ _SiteKind = Literal["step", "success", "output", "run", "compensate"]
 
 @dataclass(eq=False, slots=True)
 class _Site:
-    """A place waiting for jq outcomes: what it belongs to, the scope it reads (as it was when it was
-    first evaluated, so asking again gives the same programs the same input), what is known so far."""
+    """A place waiting for jq outcomes: what it belongs to, and the outcomes known so far.
+
+    It is evaluated again over the live scope, which is safe: what it reads by name (``.steps.<id>``
+    of the steps it depends on, ``.input``, the item) cannot change while it waits, since a step that
+    could change them would have cancelled it first; the outcomes it got are by position, whatever
+    their input was. Only a program asked for later (a switch's next condition) that reads steps it
+    does not name (``.steps | keys``) may see steps that settled meanwhile."""
 
     prefix: str
     kind: _SiteKind
     state: _State | None
     attempt: int
-    scope: dict[str, Any]
     frame: _Frame | None = None
     result: Any = None
     random: float = 0.5
@@ -364,7 +368,7 @@ class Run:
         self._run_step(state, None)
 
     def _run_step(self, state: _State, site: _Site | None) -> None:
-        scope = site.scope if site is not None else self.scope(state.frame)
+        scope = self.scope(state.frame)
         try:
             self._at(site, scope, lambda scope, lookup: self._step(state, scope, lookup), "step", state)
         except ExpressionError as exc:
@@ -491,11 +495,8 @@ class Run:
         """A try of ``state`` ended: it succeeded if its ``success`` condition holds (which may wait for jq)."""
         condition = state.plan.success
         if error is None and condition is not None:
-            if site is not None:
-                scope = site.scope
-            else:
-                scope = self.scope(state.frame)
-                scope["result"] = result
+            scope = self.scope(state.frame)
+            scope["result"] = result
             try:
                 holds = self._at(site, scope, condition.holds, "success", state, result=result, random=random)
             except ExpressionError as exc:
@@ -539,11 +540,8 @@ class Run:
         if site is None:
             self._sites += 1
             attempt = state.attempt if state is not None else 0
-            frozen = dict(scope)
-            if "steps" in frozen:  # the live entries (a ChainMap in a loop): as they are now
-                frozen["steps"] = dict(frozen["steps"])
             where = frame.path if frame is not None else state.key if state is not None else ""
-            site = _Site(f"{where}#eval{self._sites}", kind, state, attempt, frozen, frame, result, random)
+            site = _Site(f"{where}#eval{self._sites}", kind, state, attempt, frame, result, random)
         if kind in ("step", "success") and state is not None:
             state.status = "evaluating"
         if frame is not None:
@@ -759,7 +757,7 @@ class Run:
         assert isinstance(step, ForEachStep)
         try:
             if "output" in owner.plan.values:
-                scope = site.scope if site is not None else self.scope(frame)
+                scope = self.scope(frame)
                 output = self._at(site, scope, owner.plan.values["output"].evaluate, "output", owner, frame=frame)
                 if output is _PARKED:
                     return
@@ -780,7 +778,7 @@ class Run:
         states = [self._root.states[step_id] for step_id in self.plan.top]
         try:
             if self.plan.output is not None:
-                scope = site.scope if site is not None else self.scope()
+                scope = self.scope()
                 output = self._at(site, scope, self.plan.output.evaluate, "run", None)
                 if output is _PARKED:
                     return
@@ -810,7 +808,7 @@ class Run:
             assert state is not None
             spec = state.plan.step.compensate
             assert spec is not None
-            scope = site.scope if site is not None else self.scope(state.frame)
+            scope = self.scope(state.frame)
             self._compensating = state
             try:
                 arguments = self._at(site, scope, state.plan.values["compensate"].evaluate, "compensate", state)
