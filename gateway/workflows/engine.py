@@ -302,8 +302,6 @@ class Run:
             "evaluations": sites,
         }
 
-    # --- Reading state. ---
-
     def scope(self, frame: _Frame | None = None) -> dict[str, Any]:
         """What expressions see: ``{input, steps, <item>, index}``."""
         frame = frame or self._root
