@@ -200,7 +200,7 @@ class AsyncEvaluator:
         ``program`` is jq source known to compile. Raises JqError, or JqTimeout, JqOutOfMemory, JqAborted.
         """
         request = _request(program, data)
-        worker = await self._acquire()
+        worker = self._idle_worker() or await self._acquire()
         try:
             try:
                 status, payload = await worker.ask_async(request, self.time_limit)
@@ -213,13 +213,19 @@ class AsyncEvaluator:
             self._release(worker)
         return _answer(status, payload, default, self.memory_limit)
 
+    def _idle_worker(self) -> "_Worker | None":
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive:
+                self._busy += 1
+                return worker
+        return None
+
     async def _acquire(self) -> "_Worker":
         while True:
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.alive:
-                    self._busy += 1
-                    return worker
+            worker = self._idle_worker()
+            if worker is not None:
+                return worker
             if self._busy < self.size:
                 self._busy += 1
                 try:

@@ -288,7 +288,7 @@ class Run:
             for key, state in sorted(self._by_key.items())
         }
         sites = {
-            key: [asdict(known) if known is not None else None for known in site.known]
+            key: [known._asdict() if known is not None else None for known in site.known]
             for key, (site, _, _) in self._evaluations.items()
         }
         return {
@@ -377,7 +377,7 @@ class Run:
         step = state.plan.step
         if isinstance(step, CallStep | AskUserStep | AskModelStep):
             command = self._leaf(state, scope, lookup)
-            if not lookup.missing:
+            if command is not None:
                 self._enqueue(state, command)
         elif isinstance(step, SwitchStep):
             chosen = "default"
@@ -392,21 +392,27 @@ class Run:
         else:
             self._decide(state, scope, lookup)
 
-    def _leaf(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> Leaf:
-        """The call or question of ``state``'s try (meaningless while ``lookup.missing``)."""
+    def _leaf(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> Leaf | None:
+        """The call or question of ``state``'s try; None while ``lookup`` lacks jq outcomes."""
         step, values = state.plan.step, state.plan.values
         if isinstance(step, CallStep):
             key = values["idempotency_key"].evaluate(scope, lookup) if "idempotency_key" in values else None
             arguments = values["with"].evaluate(scope, lookup)
+            if lookup.missing:
+                return None
             return CallTool(state.key, step.id, state.attempt, step.call, arguments, step.timeout, _text(key))
         if isinstance(step, AskUserStep):
             ask = step.ask_user
             message = _text(values["message"].evaluate(scope, lookup)) or ""
+            if lookup.missing:
+                return None
             return AskUser(state.key, step.id, state.attempt, message, ask.requested_schema, ask.default, step.timeout)
         assert isinstance(step, AskModelStep)
         model = step.ask_model
         prompt = _text(values["prompt"].evaluate(scope, lookup)) or ""
         system = _text(values["system"].evaluate(scope, lookup)) if "system" in values else None
+        if lookup.missing:
+            return None
         return AskModel(
             state.key, step.id, state.attempt, prompt, system, model.max_tokens, model.default, step.timeout
         )
@@ -545,11 +551,11 @@ class Run:
         if frame is not None:
             frame.evaluating = True
         for request in lookup.missing:
-            key = f"{site.prefix}.{request.index}"
-            site.known.extend([None] * (request.index + 1 - len(site.known)))
+            key = f"{site.prefix}.{request.position}"
+            site.known.extend([None] * (request.position + 1 - len(site.known)))
             site.waiting += 1
             command = Evaluate(key, request.source, request.data)
-            self._evaluations[key] = (site, request.index, command)
+            self._evaluations[key] = (site, request.position, command)
             self._out.append(command)
         return _PARKED
 

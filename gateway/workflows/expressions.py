@@ -414,8 +414,7 @@ def references_in(program: str) -> frozenset[str]:
 # --- Evaluation as data: what the engine asks for and is told. ---
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What running a jq program gave: its first output, no output (``empty``), or jq's ``error``."""
 
     value: Any = None
@@ -423,11 +422,10 @@ class Outcome:
     empty: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A program a :class:`Lookup` had no result for: the ``index``-th met, its source and its (narrowed) input."""
+class Request(NamedTuple):
+    """A program a :class:`Lookup` had no result for: the ``position``-th met, its source and its (narrowed) input."""
 
-    index: int
+    position: int
     source: str
     data: Mapping[str, Any]
 
@@ -439,7 +437,7 @@ class Lookup:
     run). One whose outcome is not known yet is added to ``missing`` and reads as no output, so the
     evaluation goes on and collects every program it can reach in one pass; its value is then
     meaningless. Evaluating the same thing over the same scope meets the same programs in the same
-    order, so the ``index`` of a request is where its outcome goes the next time.
+    order, so the ``position`` of a request is where its outcome goes the next time.
     """
 
     __slots__ = ("_known", "_next", "missing")

@@ -107,7 +107,9 @@ class _Execution:
     seq: int = 0
     settled: int = 0
     active: int = 0
-    """Calls, questions and timers started and not yet reported."""
+    """Calls, questions, evaluations and timers started and not yet reported."""
+    reported: int = 0
+    """Outcomes sent to the run's loop and not received yet (cheaper to count than to ask the stream)."""
     ready: list[_Work] = field(default_factory=list)
     """Steps journaled as started, and evaluations, not launched yet."""
 
@@ -153,7 +155,7 @@ class Runner:
                 async with anyio.create_task_group() as tg:
                     finished = await self._apply(run, run.engine.start(), tg)
                     while finished is None:
-                        idle = run.active == 0 and not receive.statistics().current_buffer_used
+                        idle = run.active == 0 and not run.reported
                         event = await self._launch(run, tg, inline=idle)
                         if event is None:
                             if idle and not run.active:
@@ -163,6 +165,7 @@ class Runner:
                                 finished = await self._apply(run, stalled, tg)
                                 continue
                             event = await receive.receive()
+                            run.reported -= 1
                         finished = await self._apply(run, await self._feed(run, event), tg)
                     tg.cancel_scope.cancel()  # timers still pending
         except anyio.get_cancelled_exc_class():
@@ -402,6 +405,7 @@ def _report(run: _Execution, event: _Event) -> None:
     """Hand an outcome to the run's loop: no checkpoint between the count and the send, so the loop
     never sees nothing active and nothing queued while an outcome is on its way."""
     run.active -= 1
+    run.reported += 1
     run.send.send_nowait(event)
 
 
