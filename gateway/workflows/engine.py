@@ -131,6 +131,7 @@ class _Site:
 
 
 _PARKED: Any = object()  # an evaluation that waits for jq outcomes
+_PLAIN = Lookup()  # for values of plain paths only, which never consult it
 
 
 class Run:
@@ -368,7 +369,11 @@ class Run:
     def _run_step(self, state: _State, site: _Site | None) -> None:
         scope = self.scope(state.frame)
         try:
-            self._at(site, scope, lambda scope, lookup: self._step(state, scope, lookup), "step", state)
+            if site is None and not state.plan.starts_with_jq:  # plain paths only: nothing to wait for
+                self._step(state, scope, _PLAIN)
+                assert not _PLAIN.missing
+            else:
+                self._at(site, scope, lambda scope, lookup: self._step(state, scope, lookup), "step", state)
         except ExpressionError as exc:
             self._fail(state, StepError("error", exc.detail, state.key))
 
@@ -501,8 +506,12 @@ class Run:
         if error is None and condition is not None:
             scope = self.scope(state.frame)
             scope["result"] = result
+            holds: Any
             try:
-                holds = self._at(site, scope, condition.holds, "success", state, result=result, random=random)
+                if condition.is_path:
+                    holds = condition.holds(scope, _PLAIN)
+                else:
+                    holds = self._at(site, scope, condition.holds, "success", state, result=result, random=random)
             except ExpressionError as exc:
                 holds = StepError("error", exc.detail, state.key)
             if holds is _PARKED:

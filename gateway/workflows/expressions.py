@@ -574,6 +574,8 @@ class Value:
     is_constant: bool
     """No ``${…}`` inside: ``evaluate`` returns the value itself (``$${`` unescaped)."""
     _node: _Node = field(repr=False, compare=False)
+    runs_jq: bool = False
+    """Some program is not a plain path: evaluating it runs jq (or, with a ``Lookup``, asks for it)."""
 
     def evaluate(self, scope: Scope, lookup: Lookup | None = None) -> Any:
         """The value over ``scope`` (``{input, steps: {id: {result, error}}, item, index}``). Raises ExpressionError.
@@ -618,6 +620,7 @@ def compile_value(value: Any, *, where: str) -> Value:
         dynamic_references=any(r.all_steps for r in reads),
         is_constant=isinstance(node, _Constant),
         _node=node,
+        runs_jq=any(_plain_path(r.tokens) is None for r in reads),
     )
 
 
