@@ -244,7 +244,7 @@ class Run:
             elif run is None:
                 raise ValueError("a run's journal begins with run_started")
             elif event.kind == "step_done":
-                error = data.get("error")
+                error = data.get("error")  # every field of the StepError
                 step_error = StepError(**error) if error is not None else None
                 run.done(str(event.key), event.attempt, data.get("result"), step_error, random=data.get("random", 0.5))
             elif event.kind == "timer_fired":

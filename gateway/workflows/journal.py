@@ -57,7 +57,7 @@ class JournalEvent:
     """One thing that happened in a run.
 
     ``data`` by kind. Inputs: ``run_started`` {workflow, arguments, caller: {kind, id}, plan: the
-    plan's digest}; ``step_done`` {result, error: {kind, message, step} or null, random} (a try's
+    plan's digest}; ``step_done`` {result, error: the StepError's fields or null, random} (a try's
     outcome, ``key`` and ``attempt`` set; a compensation's key ends ``#compensate``);
     ``timer_fired`` {} (``key``: the timer's); ``evaluated`` {value} or {empty: true} or {error}
     (``key``: the evaluation's); ``run_cancelled`` {message}. Outputs: ``step_started`` {step, tool,

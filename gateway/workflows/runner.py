@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
@@ -192,7 +192,8 @@ class Runner:
     async def _done(
         self, run: _Execution, key: str, attempt: int, result: Any, error: StepError | None, draw: float
     ) -> list[Command]:
-        data = {"result": result, "error": error.as_json() if error is not None else None, "random": draw}
+        # Every field of the error (not only what expressions see): the replayed run must get the same one.
+        data = {"result": result, "error": asdict(error) if error is not None else None, "random": draw}
         await self._record(run, "step_done", key, attempt, data)
         return run.engine.done(key, attempt, result, error, random=draw)
 

@@ -2,6 +2,7 @@
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import jq
@@ -68,7 +69,7 @@ class Recorded:
         self, key: str, attempt: int, result: Any = None, error: StepError | None = None, random: float = 0.5
     ) -> None:
         self.calls.pop(key, None)
-        data = {"result": result, "error": error.as_json() if error else None, "random": random}
+        data = {"result": result, "error": asdict(error) if error else None, "random": random}
         self._input("step_done", key, attempt, data, lambda: self.run.done(key, attempt, result, error, random=random))
 
     def fire(self, key: str) -> None:
