@@ -35,7 +35,7 @@ __all__ = [
 DEFAULT_KEPT_RUNS = 1000
 """Runs a :class:`MemoryJournal` keeps; older ones are forgotten first."""
 DEFAULT_KEPT_EVENTS = 100_000
-"""Events a :class:`MemoryJournal` keeps across its runs (a 1,000-step run has about 2,000): memory
+"""Events a :class:`MemoryJournal` keeps across its runs (a 1,000-step run has about 3,000, more with jq): memory
 stays bounded however large the workflows are. Runs still going are kept whole."""
 
 EventKind = Literal[
