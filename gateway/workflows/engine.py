@@ -40,7 +40,7 @@ How steps run:
 import json
 from collections import ChainMap, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from gateway.workflows.commands import (
@@ -524,7 +524,7 @@ class Run:
         if error is None:
             self._succeed(state, result)
         else:
-            self._fail(state, StepError(error.kind, error.message, error.step or state.key), random)
+            self._fail(state, replace(error, step=error.step or state.key), random)  # every other field kept
 
     # --- Evaluation sites: where jq outcomes are waited for. ---
 
