@@ -62,6 +62,8 @@ from gateway.dispatch import Dispatcher, Invocation
 from gateway.heap import freeze_startup_heap
 from gateway.registry import Entry, Registry
 from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
+from gateway.workflows._jqsafe import first as jq_first
+from gateway.workflows.commands import Evaluate
 from gateway.workflows.engine import CallTool, Run
 from gateway.workflows.journal import MemoryJournal
 from gateway.workflows.model import Workflow
@@ -188,7 +190,7 @@ async def noop_call(name: str, arguments: JSONObject, context: CallContext) -> I
 
 
 def drive_engine(plan: Plan, arguments: dict[str, Any]) -> int:
-    """Run ``plan`` on the engine alone, answering each call at once, in order: the calls made."""
+    """Run ``plan`` on the engine alone, answering each call and evaluation at once, in order: the calls made."""
     run = Run(plan, arguments)
     pending = deque(run.start())
     calls = 0
@@ -197,6 +199,8 @@ def drive_engine(plan: Plan, arguments: dict[str, Any]) -> int:
         if isinstance(command, CallTool):
             calls += 1
             pending.extend(run.done(command.key, command.attempt, "ok"))
+        elif isinstance(command, Evaluate):  # the engine asks; here, the worker answers synchronously
+            pending.extend(run.evaluated(command.key, jq_first(command.source, command.data)))
     if run.status != "succeeded":
         raise RuntimeError(f"{plan.name}: the engine finished {run.status}")
     return calls

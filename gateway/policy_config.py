@@ -216,16 +216,18 @@ class AccessRule(BaseModel):
         """The compiled ``if``."""
         return self._condition
 
-    def applies_to(self, arguments: Mapping[str, Any], client: str, tool: str) -> bool:
+    async def applies_to(self, arguments: Mapping[str, Any], client: str, tool: str) -> bool:
         """Whether the ``if`` condition (if any) holds over ``{arguments, client, tool}``.
 
-        A condition that cannot be evaluated counts against the call (fail closed): a deny applies,
-        an allow does not.
+        A plain path is resolved at once; another jq program runs in the bounded worker pool,
+        awaited without blocking the event loop. A condition that cannot be evaluated (a jq error,
+        the time or memory limit) counts against the call (fail closed): a deny applies, an allow
+        does not.
         """
         if self._condition is None:
             return True
         try:
-            return self._condition.holds({"arguments": dict(arguments), "client": client, "tool": tool})
+            return await self._condition.holds_async({"arguments": dict(arguments), "client": client, "tool": tool})
         except ExpressionError as exc:
             logger.warning("policy condition %r failed for %s: %s", self.if_, tool, exc.detail)
             return self.deny is not None

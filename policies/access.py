@@ -11,7 +11,9 @@ A call is refused when, in this order:
 Deny wins, whatever the order of the rules in the file. Rules naming ``clients`` and a client's
 own ``tools:`` list judge what that client calls directly; a workflow's steps are judged only by
 rules for every caller, since the workflow (not the client) chose them. A condition that cannot be
-evaluated counts against the call: a deny applies, an allow does not.
+evaluated counts against the call: a deny applies, an allow does not. The decision itself is
+synchronous; a condition it needs is awaited outside it (jq runs in a worker process, and must not
+block the event loop), then the decision is taken again, knowing it.
 
 ``tools/list`` shows a caller exactly the tools it could call: deny rules with a condition do not
 hide a tool (some arguments may pass) and allow rules with one do not hide it either.
@@ -45,6 +47,13 @@ class _Rule:
         return not step and principal.kind == "client" and self.clients.fullmatch(principal.id) is not None
 
 
+class _Unknown(Exception):
+    """The decision needs the condition of ``rule``, not evaluated yet."""
+
+    def __init__(self, rule: _Rule) -> None:
+        self.rule = rule
+
+
 class AccessPolicy:
     """Refuses calls the access rules do not permit (:class:`~gateway.errors.Forbidden`); filters listings."""
 
@@ -76,23 +85,46 @@ class AccessPolicy:
 
     def visible(self, principal: Principal, tool: str) -> bool:
         """Whether ``tools/list`` shows ``tool`` to ``principal``: it is not certain to be refused."""
-        return self._refusal(principal, tool, None, step=False) is None
+        return self._refusal(principal, tool, None, step=False, held={}) is None
 
     async def __call__(self, call: ToolCall, call_next: CallNext) -> ToolResult:
         principal = call.context.principal
-        refusal = self._refusal(principal, call.name, call.arguments, step=call.context.workflow_run is not None)
+        step = call.context.workflow_run is not None
+        held: dict[str, bool] = {}
+        while True:
+            try:
+                refusal = self._refusal(principal, call.name, call.arguments, step=step, held=held)
+                break
+            except _Unknown as unknown:  # evaluate it (jq: awaited in the worker pool), then decide again
+                rule = unknown.rule
+                held[rule.label] = await rule.rule.applies_to(call.arguments, principal.id, call.name)
         if refusal is not None:
             message, label = refusal
             raise Forbidden(message, policy=label)
         return await call_next(call)
 
     def _refusal(
-        self, principal: Principal, tool: str, arguments: Mapping[str, object] | None, *, step: bool
+        self,
+        principal: Principal,
+        tool: str,
+        arguments: Mapping[str, object] | None,
+        *,
+        step: bool,
+        held: Mapping[str, bool],
     ) -> tuple[str, str] | None:
-        """Why the call is refused and by which rule; None when it is permitted. ``arguments`` None: a listing."""
+        """Why the call is refused and by which rule; None when it is permitted. ``arguments`` None: a listing.
+
+        ``held``: the conditions evaluated so far, by rule label. Raises _Unknown for one it needs.
+        """
+
+        def holds(rule: _Rule) -> bool:
+            if rule.label not in held:
+                raise _Unknown(rule)
+            return held[rule.label]
+
         for rule in self._denies:
             if rule.for_caller(principal, step) and rule.tools.fullmatch(tool):
-                if rule.conditional and (arguments is None or not rule.rule.applies_to(arguments, principal.id, tool)):
+                if rule.conditional and (arguments is None or not holds(rule)):
                     continue
                 reason = rule.rule.reason or "the gateway's policy denies it"
                 return f"{tool} is not allowed ({rule.label}): {reason}.", rule.label
@@ -105,9 +137,7 @@ class AccessPolicy:
         if not allows:
             return None
         for rule in allows:
-            if rule.tools.fullmatch(tool) and (
-                not rule.conditional or arguments is None or rule.rule.applies_to(arguments, principal.id, tool)
-            ):
+            if rule.tools.fullmatch(tool) and (not rule.conditional or arguments is None or holds(rule)):
                 return None
         labels = ", ".join(rule.label for rule in allows)
         return f"{tool} is not allowed for {principal.id!r}: no allow rule permits this call ({labels}).", allows[

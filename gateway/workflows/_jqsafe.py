@@ -19,6 +19,12 @@ whatever the program. Each side polls briefly before it sleeps (``_SPIN``, ``_WO
 wake-ups from sleep cost ≈40 µs on a 2-vCPU VM: a round trip, evaluation included, takes ≈14 µs then,
 against ≈55 µs sleeping. Starting a worker takes ≈50 ms.
 
+Two ways in: :class:`Evaluator` (``first``) blocks its thread while it waits, for config-time
+and tests; :class:`AsyncEvaluator` (``afirst``) waits on the event loop (``anyio.wait_readable``),
+so a program that runs for the whole time limit holds up nothing else, and keeps a small pool of
+workers, so one slow program does not queue the others behind it. The workflow runner and the
+access policy use the async one; the workflow engine uses neither (it asks the runner).
+
 Errors: ``JqError`` (the program's own error, or input that is not JSON), with subclasses
 ``JqTimeout``, ``JqOutOfMemory`` and ``JqAborted`` for an evaluation the worker did not survive.
 """
@@ -37,12 +43,25 @@ import sys
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
+import anyio
 import jq
 
-__all__ = ["MEMORY_LIMIT", "TIME_LIMIT", "Evaluator", "JqAborted", "JqError", "JqOutOfMemory", "JqTimeout", "first"]
+__all__ = [
+    "MEMORY_LIMIT",
+    "POOL_SIZE",
+    "TIME_LIMIT",
+    "AsyncEvaluator",
+    "Evaluator",
+    "JqAborted",
+    "JqError",
+    "JqOutOfMemory",
+    "JqTimeout",
+    "afirst",
+    "first",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +69,14 @@ TIME_LIMIT = 1.0
 """Seconds an evaluation may take, from sending its input to reading its output."""
 MEMORY_LIMIT = 512 * 2**20
 """Bytes of address space the worker may use."""
+POOL_SIZE = 2
+"""Workers an :class:`AsyncEvaluator` runs at most: evaluations beyond that many wait for one."""
 
 _STARTUP_LIMIT = 10.0  # seconds for a new worker to import jq and say so
 _REAP_LIMIT = 5.0  # seconds for a worker to exit, once told to or killed
 _STACK_LIMIT = 8 * 2**20  # the worker's C stack: converting an output nested ~100 000 deep overflows it
 _SPIN = 200e-6  # seconds the caller polls for an answer before it sleeps (most come within 20 µs)
+_ASYNC_SPIN = 30e-6  # the same, on the event loop: polling holds up everything else on it, so less
 _WORKER_SPIN = 50e-6  # seconds the worker polls for the next request before it sleeps (steps of a chain)
 _CACHE_SIZE = 4096  # compiled programs a worker keeps (≈4 KiB each; compiling one takes ≈1.5 ms)
 _REQUEST = struct.Struct("<II")  # program and input lengths; then both, UTF-8
@@ -111,24 +133,10 @@ class Evaluator:
 
         ``program`` is jq source known to compile. Raises JqError, or JqTimeout, JqOutOfMemory, JqAborted.
         """
-        try:
-            text = json.dumps(data).encode()  # what the binding's input_value would give jq
-        except (TypeError, ValueError, RecursionError) as exc:  # not JSON, circular, nested too deep
-            raise JqError(str(exc)) from exc
-        source = program.encode()
-        request = b"".join((_REQUEST.pack(len(source), len(text)), source, text))
+        request = _request(program, data)
         with self._lock:
             status, payload = self._ask(request)
-        if status == _OUTPUT:
-            try:
-                return json.loads(payload)
-            except RecursionError as exc:
-                raise JqError("output nested too deeply") from exc
-        if status == _EMPTY:
-            return default
-        if status == _NO_MEMORY:
-            raise JqOutOfMemory(_out_of_memory(self.memory_limit))
-        raise JqError(payload.decode(errors="replace"))
+        return _answer(status, payload, default, self.memory_limit)
 
     def _ask(self, request: bytes) -> tuple[int, bytes]:
         worker = self._running()
@@ -161,10 +169,112 @@ class Evaluator:
             self._worker = None
 
 
+class AsyncEvaluator:
+    """Evaluates jq programs for tasks on an event loop, in up to ``size`` workers; ``close()`` when done.
+
+    Waiting never blocks the loop: a worker's answer is awaited with ``anyio.wait_readable``, a
+    new worker's readiness too. A worker serves one evaluation at a time; an evaluation that finds
+    every worker busy waits for one. A cancelled evaluation kills its worker (its answer would
+    otherwise be read as the next one's). Used from event loops in one thread at a time.
+    """
+
+    def __init__(
+        self, *, size: int = POOL_SIZE, time_limit: float = TIME_LIMIT, memory_limit: int = MEMORY_LIMIT
+    ) -> None:
+        self.size = size
+        self.time_limit = time_limit
+        self.memory_limit = memory_limit
+        self._idle: list[_Worker] = []
+        self._busy = 0
+        self._waiters: deque[anyio.Event] = deque()
+        _evaluators.add(self)
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the idle workers that are alive."""
+        return [worker.pid for worker in self._idle if worker.alive]
+
+    async def first(self, program: str, data: Any, default: Any = None) -> Any:
+        """The first output of ``program`` over ``data``, or ``default`` if it has none.
+
+        ``program`` is jq source known to compile. Raises JqError, or JqTimeout, JqOutOfMemory, JqAborted.
+        """
+        request = _request(program, data)
+        worker = self._idle_worker() or await self._acquire()
+        try:
+            try:
+                status, payload = await worker.ask_async(request, self.time_limit)
+            except _Stale:  # it died between evaluations, killed from outside: once more, with a new one
+                worker = await self._start()
+                status, payload = await worker.ask_async(request, self.time_limit)
+            if status == _NO_MEMORY:
+                worker.stop()  # a fresh one next time, rather than one that just failed to allocate
+        finally:
+            self._release(worker)
+        return _answer(status, payload, default, self.memory_limit)
+
+    def _idle_worker(self) -> "_Worker | None":
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive:
+                self._busy += 1
+                return worker
+        return None
+
+    async def _acquire(self) -> "_Worker":
+        while True:
+            worker = self._idle_worker()
+            if worker is not None:
+                return worker
+            if self._busy < self.size:
+                self._busy += 1
+                try:
+                    return await self._start()
+                except BaseException:
+                    self._busy -= 1
+                    self._wake()
+                    raise
+            waiter = anyio.Event()  # created here, so it belongs to this caller's event loop
+            self._waiters.append(waiter)
+            try:
+                await waiter.wait()
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    async def _start(self) -> "_Worker":
+        worker = _Worker(self.time_limit, self.memory_limit, wait=False)
+        await worker.ready_async()
+        return worker
+
+    def _release(self, worker: "_Worker") -> None:
+        self._busy -= 1
+        if worker.alive:
+            self._idle.append(worker)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Let every waiter look again (one that was cancelled meanwhile must not swallow the turn)."""
+        while self._waiters:
+            self._waiters.popleft().set()
+
+    def close(self) -> None:
+        """Stop the idle workers; the next evaluation starts others."""
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.close()
+
+    def _after_fork(self) -> None:
+        for worker in self._idle:
+            worker.forget()
+        self._idle, self._busy, self._waiters = [], 0, deque()
+
+
 class _Worker:
     """A worker process and our ends of its pipes. The Evaluator's lock serialises its use."""
 
-    def __init__(self, time_limit: float, memory_limit: int) -> None:
+    def __init__(self, time_limit: float, memory_limit: int, *, wait: bool = True) -> None:
+        """Start the worker; with ``wait``, block until it is ready, else ``await ready_async()``."""
         self.alive = False
         self._memory_limit = memory_limit
         self._tail = b""  # the end of what the worker wrote to stderr during the current evaluation
@@ -196,12 +306,27 @@ class _Worker:
         self._readable.register(self._errors, select.POLLIN)
         self._writable = select.poll()
         self._writable.register(self._requests, select.POLLOUT)
+        if wait:
+            try:
+                self._receive(time.monotonic() + _STARTUP_LIMIT)
+            except (_Late, _Gone):
+                raise self._not_started() from None
+
+    async def ready_async(self) -> None:
+        """Wait on the event loop for the new worker to say it is ready. Raises JqAborted."""
         try:
-            self._receive(time.monotonic() + _STARTUP_LIMIT)
-        except (_Late, _Gone):
+            with anyio.fail_after(_STARTUP_LIMIT):
+                await self._receive_async()
+        except (TimeoutError, _Gone):
+            raise self._not_started() from None
+        except BaseException:
             self.stop()
-            said = self._tail.decode(errors="replace").strip().splitlines()
-            raise JqAborted(f"jq worker did not start: {said[-1] if said else 'no answer'}") from None
+            raise
+
+    def _not_started(self) -> JqAborted:
+        self.stop()
+        said = self._tail.decode(errors="replace").strip().splitlines()
+        return JqAborted(f"jq worker did not start: {said[-1] if said else 'no answer'}")
 
     def ask(self, request: bytes, time_limit: float) -> tuple[int, bytes]:
         """Send a request, and return the answer's status and payload.
@@ -225,6 +350,77 @@ class _Worker:
         except BaseException:  # KeyboardInterrupt mid-evaluation: its answer must not become the next one's
             self.stop()
             raise
+
+    async def ask_async(self, request: bytes, time_limit: float) -> tuple[int, bytes]:
+        """``ask``, waiting on the event loop instead of blocking it.
+
+        Most answers come within microseconds: the request is written and the answer polled for
+        ``_ASYNC_SPIN`` first, without a cancel scope or the event loop (each costs more than the
+        evaluation); only then does it wait on the loop, within what is left of the time limit.
+        """
+        self._tail = b""
+        started = time.monotonic()
+        answer = bytearray()
+        try:
+            view = self._write(memoryview(request), len(request))
+            if not view and (done := self._take(answer, _ASYNC_SPIN)) is not None:
+                return done
+            with anyio.fail_after(max(started + time_limit - time.monotonic(), 0)):
+                while view:
+                    await anyio.wait_writable(self._requests)
+                    view = self._write(view, len(request))
+                return await self._receive_async(answer)
+        except TimeoutError:
+            self.stop()
+            raise JqTimeout(f"jq evaluation exceeded {time_limit:g} s") from None
+        except _Gone:
+            self.stop(kill=False)
+            raise self._death(time_limit) from None
+        except _Stale:
+            self.stop(kill=False)
+            raise
+        except BaseException:  # cancelled mid-evaluation: its answer must not become the next one's
+            self.stop()
+            raise
+
+    def _write(self, view: memoryview, size: int) -> memoryview:
+        """Write what the pipe takes now; the rest. Raises _Stale (nothing of ``size`` bytes sent) or _Gone."""
+        while view:
+            try:
+                view = view[os.write(self._requests, view) :]
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                raise (_Stale("jq worker had exited") if len(view) == size else _Gone()) from None
+        return view
+
+    async def _receive_async(self, answer: bytearray | None = None) -> tuple[int, bytes]:
+        answer = bytearray() if answer is None else answer
+        while (done := self._take(answer, 0.0)) is None:
+            await anyio.wait_readable(self._answers)  # stderr is read on the way (the worker never waits on it)
+        return done
+
+    def _take(self, answer: bytearray, spin: float) -> tuple[int, bytes] | None:
+        """Read what has come, polling for up to ``spin`` seconds: the whole answer, or None. Raises _Gone."""
+        spin_until = time.monotonic() + spin if spin else 0.0
+        while True:
+            if len(answer) >= _ANSWER.size:
+                status, size = _ANSWER.unpack_from(answer)
+                if len(answer) >= _ANSWER.size + size:
+                    return status, bytes(answer[_ANSWER.size : _ANSWER.size + size])
+            ready = self._readable.poll(0)
+            if not ready:
+                if spin_until and time.monotonic() < spin_until:
+                    continue
+                return None
+            for fd, _ in ready:
+                if fd == self._errors:
+                    self._read_errors()
+                    continue
+                chunk = os.read(self._answers, 1 << 16)
+                if not chunk:
+                    raise _Gone
+                answer += chunk
 
     def _send(self, request: bytes, deadline: float) -> None:
         view = memoryview(request)
@@ -336,7 +532,29 @@ def _out_of_memory(limit: int) -> str:
     return f"jq evaluation ran out of memory (limit {limit // 2**20} MiB)"
 
 
-_evaluators: weakref.WeakSet[Evaluator] = weakref.WeakSet()
+def _request(program: str, data: Any) -> bytes:
+    try:
+        text = json.dumps(data).encode()  # what the binding's input_value would give jq
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON, circular, nested too deep
+        raise JqError(str(exc)) from exc
+    source = program.encode()
+    return b"".join((_REQUEST.pack(len(source), len(text)), source, text))
+
+
+def _answer(status: int, payload: bytes, default: Any, memory_limit: int) -> Any:
+    if status == _OUTPUT:
+        try:
+            return json.loads(payload)
+        except RecursionError as exc:
+            raise JqError("output nested too deeply") from exc
+    if status == _EMPTY:
+        return default
+    if status == _NO_MEMORY:
+        raise JqOutOfMemory(_out_of_memory(memory_limit))
+    raise JqError(payload.decode(errors="replace"))
+
+
+_evaluators: "weakref.WeakSet[Evaluator | AsyncEvaluator]" = weakref.WeakSet()
 
 
 def _close_all() -> None:
@@ -358,6 +576,14 @@ _default = Evaluator()
 def first(program: str, data: Any, default: Any = None) -> Any:
     """The first output of ``program`` over ``data`` from the shared worker, or ``default``. See Evaluator.first."""
     return _default.first(program, data, default)
+
+
+_pool = AsyncEvaluator()
+
+
+async def afirst(program: str, data: Any, default: Any = None) -> Any:
+    """``first`` from the shared pool, awaited without blocking the event loop. See AsyncEvaluator.first."""
+    return await _pool.first(program, data, default)
 
 
 # --- The worker process: ``python -P _jqsafe.py MEMORY_LIMIT CPU_SECONDS``. ---

@@ -1,8 +1,8 @@
 """What the engine tells the runner to do, and the failures it reports: plain frozen values.
 
 The runner carries out :class:`CallTool`, :class:`AskUser`, :class:`AskModel`,
-:class:`StartTimer` and :class:`Cancel`, and journals and reports :class:`Settled` and
-:class:`Finished`. They hold JSON-like data only, so a run's commands can be recorded, compared
+:class:`Evaluate`, :class:`StartTimer` and :class:`Cancel`, and journals and reports
+:class:`Settled` and :class:`Finished`. They hold JSON-like data only, so a run's commands can be recorded, compared
 and replayed.
 """
 
@@ -18,6 +18,7 @@ __all__ = [
     "CallTool",
     "Cancel",
     "Command",
+    "Evaluate",
     "Finished",
     "Leaf",
     "Settled",
@@ -95,6 +96,16 @@ class AskModel:
 
 
 @dataclass(frozen=True, slots=True)
+class Evaluate:
+    """Run the jq program ``source`` over ``data`` (its narrowed input: all it reads), bounded in time
+    and memory, off the event loop; report with ``evaluated(key, …)``. The engine never runs one itself."""
+
+    key: str
+    source: str
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class StartTimer:
     """Call ``fire(key)`` after ``seconds``."""
 
@@ -104,7 +115,7 @@ class StartTimer:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """Cancel the call or question ``key``; its outcome, if one still comes, is ignored."""
+    """Cancel the call, question or evaluation ``key``; its outcome, if one still comes, is ignored."""
 
     key: str
 
@@ -131,6 +142,6 @@ class Finished:
     compensation_errors: tuple[StepError, ...] = ()
 
 
-Command = CallTool | AskUser | AskModel | StartTimer | Cancel | Settled | Finished
+Command = CallTool | AskUser | AskModel | Evaluate | StartTimer | Cancel | Settled | Finished
 Leaf = CallTool | AskUser | AskModel
 """The commands that start a call or a question: what counts against ``max_concurrency``."""

@@ -1,11 +1,21 @@
 """The workflow engine: one run of a :class:`~gateway.workflows.plan.Plan` as a deterministic state machine.
 
 No I/O, no clock, no randomness (DESIGN §6): the runner feeds it events – :meth:`Run.start`, a
-step's outcome (:meth:`Run.done`), a timer firing (:meth:`Run.fire`), a cancellation
+step's outcome (:meth:`Run.done`, with the random number for its retry's jitter), a timer firing
+(:meth:`Run.fire`), a jq program's outcome (:meth:`Run.evaluated`), a cancellation
 (:meth:`Run.cancel`) – and carries out the commands each returns, in order: call a tool, ask the
-user or the model, start or cancel a timer, cancel a step, and the :class:`Settled` and
-:class:`Finished` notes it journals and reports. The same events in the same order give the same
-commands, which is what lets the run be replayed (resume) or driven by Temporal.
+user or the model, run a jq program, start a timer, cancel a call, question or evaluation, and the
+:class:`Settled` and :class:`Finished` notes it journals and reports. The same events in the same
+order give the same commands and the same state, which is what lets the run be rebuilt from its
+journal (:meth:`Run.restore`) or driven by Temporal.
+
+Expressions: plain paths (``.steps.order.result.id``) are resolved here, at once. Any other jq
+program is not run here: where one is needed (a step's arguments, a switch's conditions, a success
+condition, a for_each's items or output, the run's output, a compensation's arguments), the engine
+emits :class:`Evaluate` with the program and its (narrowed) input, and that place waits – the step
+is ``evaluating`` – until the outcomes come back; then it is evaluated again (what it reads is unchanged), the
+outcomes now known (:class:`~gateway.workflows.expressions.Lookup`). The programs of one place are
+asked for together, except a switch's conditions, which are asked for one at a time, in order.
 
 How steps run:
 
@@ -33,8 +43,8 @@ How steps run:
 
 import json
 from collections import ChainMap, deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from gateway.workflows.commands import (
@@ -43,6 +53,7 @@ from gateway.workflows.commands import (
     CallTool,
     Cancel,
     Command,
+    Evaluate,
     Finished,
     Leaf,
     Settled,
@@ -51,7 +62,8 @@ from gateway.workflows.commands import (
     StepError,
     retry_delay,
 )
-from gateway.workflows.expressions import ExpressionError
+from gateway.workflows.expressions import ExpressionError, Lookup, Outcome
+from gateway.workflows.journal import INPUTS, JournalEvent
 from gateway.workflows.model import AskModelStep, AskUserStep, CallStep, FailStep, ForEachStep, SetStep, SwitchStep
 from gateway.workflows.plan import Plan, StepPlan
 
@@ -84,6 +96,8 @@ class _Frame:
     """``.steps`` as expressions see it: settled steps of this frame by id."""
     owner: "_State | None" = None
     index: int = 0
+    evaluating: bool = False
+    """The iteration is over and its ``output`` waits for jq."""
 
 
 @dataclass(eq=False, slots=True)
@@ -91,12 +105,14 @@ class _State:
     plan: StepPlan
     frame: _Frame
     key: str
-    status: str = "waiting"  # waiting | queued | running | retrying | fallback | + _SETTLED
+    status: str = "waiting"  # waiting | evaluating | queued | running | retrying | fallback | + _SETTLED
     attempt: int = 0
     refusals: int = 0
     """Tries refused before they reached the tool (not counted against ``retry.attempts``)."""
     waited: float = 0.0
     """Seconds spent waiting to retry those refusals."""
+    command: Leaf | None = None
+    """The call or question handed out for the current try, while it is in flight."""
     result: Any = None
     error: StepError | None = None
     continued: bool = False
@@ -105,6 +121,34 @@ class _State:
     next_item: int = 0
     outputs: list[Any] = field(default_factory=list)
     iterations: dict[int, _Frame] = field(default_factory=dict)
+
+
+_SiteKind = Literal["step", "success", "output", "run", "compensate"]
+
+
+@dataclass(eq=False, slots=True)
+class _Site:
+    """A place waiting for jq outcomes: what it belongs to, and the outcomes known so far.
+
+    It is evaluated again over the live scope, which is safe: what it reads by name (``.steps.<id>``
+    of the steps it depends on, ``.input``, the item) cannot change while it waits, since a step that
+    could change them would have cancelled it first; the outcomes it got are by position, whatever
+    their input was. Only a program asked for later (a switch's next condition) that reads steps it
+    does not name (``.steps | keys``) may see steps that settled meanwhile."""
+
+    prefix: str
+    kind: _SiteKind
+    state: _State | None
+    attempt: int
+    frame: _Frame | None = None
+    result: Any = None
+    random: float = 0.5
+    known: list[Outcome | None] = field(default_factory=list)
+    waiting: int = 0
+
+
+_PARKED: Any = object()  # an evaluation that waits for jq outcomes
+_PLAIN = Lookup()  # for values of plain paths only, which never consult it
 
 
 class Run:
@@ -125,6 +169,10 @@ class Run:
         self._wake: deque[_State] = deque()
         self._unsettled_top = len(plan.top)
         self._out: list[Command] = []
+        self._evaluations: dict[str, tuple[_Site, int, Evaluate]] = {}
+        self._sites = 0
+        self._timers: dict[str, StartTimer] = {}
+        self._compensation: CallTool | None = None
 
     # --- Events. ---
 
@@ -150,26 +198,37 @@ class Run:
         if state is None or state.attempt != attempt:
             return []
         del self._in_flight[key]
-        state.status = "running"
-        if error is None and state.plan.success is not None:
-            error = self._check_success(state, result)
-        if error is None:
-            self._succeed(state, result)
-        else:
-            self._fail(state, StepError(error.kind, error.message, error.step or key, error.retry_after), random)
+        state.status, state.command = "running", None
+        self._tried(state, result, error, random, None)
         return self._flush()
 
     def fire(self, key: str) -> list[Command]:
         """Timer ``key`` went off."""
+        self._timers.pop(key, None)
         name, _, what = key.partition("#")
         state = self._by_key.get(name)
         if state is None or self.status != "running":
             return []
         if what == "retry" and state.status == "retrying":
             self._restart(state)
-        elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback"):
+        elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating"):
             limit = state.plan.step.timeout
+            if limit is None:  # not a timer it started
+                return []
             self._fail(state, StepError("timeout", f"did not finish within {limit:g}s", state.key))
+        return self._flush()
+
+    def evaluated(self, key: str, value: Any = None, *, error: str | None = None, empty: bool = False) -> list[Command]:
+        """The jq program of :class:`Evaluate` ``key`` ran: its first output ``value``, no output
+        (``empty``), or jq's ``error`` (a time or memory limit included). Stale outcomes are ignored."""
+        entry = self._evaluations.pop(key, None)
+        if entry is None:
+            return []
+        site, index, _ = entry
+        site.known[index] = Outcome(value, error, empty)
+        site.waiting -= 1
+        if site.waiting == 0 and self._valid(site):
+            self._resume(site)
         return self._flush()
 
     def cancel(self, message: str = "the run was cancelled") -> list[Command]:
@@ -178,7 +237,90 @@ class Run:
             self._fail_run(StepError("cancelled", message))
         return self._flush()
 
+    @classmethod
+    def restore(cls, plan: Plan, events: Iterable[JournalEvent]) -> tuple["Run", list[Command]]:
+        """Rebuild a run from its journal: its inputs replayed into a fresh run, in order.
+
+        Returns the run, in the state the recorded run had reached, and what it was waiting for
+        (:meth:`outstanding`), which a resumed run issues again. The journal's other events
+        (``step_started``, ``step_settled``, ``run_finished``: the engine's outputs) are skipped.
+        Raises ValueError when the events do not begin with ``run_started``, or when that names a
+        plan other than ``plan`` (the workflow changed since).
+        """
+        run: Run | None = None
+        for event in events:
+            data = event.data
+            if event.kind == "run_started":
+                digest = data.get("plan")
+                if digest is not None and digest != plan.digest:
+                    raise ValueError(f"the run was started with another version of workflow {plan.name!r}")
+                run = cls(plan, data["arguments"])
+                run.start()
+            elif event.kind not in INPUTS:
+                continue
+            elif run is None:
+                raise ValueError("a run's journal begins with run_started")
+            elif event.kind == "step_done":
+                error = data.get("error")  # every field of the StepError
+                step_error = StepError(**error) if error is not None else None
+                run.done(str(event.key), event.attempt, data.get("result"), step_error, random=data.get("random", 0.5))
+            elif event.kind == "timer_fired":
+                run.fire(str(event.key))
+            elif event.kind == "evaluated":
+                run.evaluated(
+                    str(event.key), data.get("value"), error=data.get("error"), empty=data.get("empty", False)
+                )
+            elif event.kind == "run_cancelled":
+                run.cancel(data["message"])
+        if run is None:
+            raise ValueError("a run's journal begins with run_started")
+        return run, run.outstanding()
+
     # --- Reading state. ---
+
+    def outstanding(self) -> list[Command]:
+        """What the run waits for: calls and questions handed out and not answered (compensation
+        included), evaluations asked for, timers started and not fired (until the run is over)."""
+        calls: list[Command] = [state.command for state in self._in_flight.values() if state.command is not None]
+        if self._compensation is not None:
+            calls.append(self._compensation)
+        calls.extend(command for _, _, command in self._evaluations.values())
+        calls.extend(self._timers.values())
+        return calls
+
+    def snapshot(self) -> dict[str, Any]:
+        """The run's state as plain data: equal for two runs in the same state, whatever brought them there."""
+        steps = {
+            key: {
+                "status": state.status,
+                "attempt": state.attempt,
+                "refusals": state.refusals,
+                "waited": state.waited,
+                "result": state.result,
+                "error": state.error.as_json() if state.error is not None else None,
+                "continued": state.continued,
+                "branch": state.branch,
+                "items": state.items,
+                "outputs": list(state.outputs),  # filled in place as iterations end
+                "next_item": state.next_item,
+                "iterations": sorted(state.iterations),
+            }
+            for key, state in sorted(self._by_key.items())
+        }
+        sites = {
+            key: [known._asdict() if known is not None else None for known in site.known]
+            for key, (site, _, _) in self._evaluations.items()
+        }
+        return {
+            "status": self.status,
+            "steps": steps,
+            "queued": [state.key for state, command in self._queue if _live(state, command)],
+            "completed": [state.key for state in self._completed],
+            "failure": self._failure.as_json() if self._failure is not None else None,
+            "compensation_errors": [error.as_json() for error in self._compensation_errors],
+            "outstanding": [{"kind": type(c).__name__, **asdict(c)} for c in self.outstanding()],
+            "evaluations": sites,
+        }
 
     def scope(self, frame: _Frame | None = None) -> dict[str, Any]:
         """What expressions see: ``{input, steps, <item>, index}``."""
@@ -201,6 +343,8 @@ class Run:
         while self._wake:
             self._start_if_ready(self._wake.popleft())
         self._pump()
+        if self._evaluations:
+            self._prune()
         out, self._out = self._out, []
         return out
 
@@ -238,49 +382,80 @@ class Run:
         state.attempt += 1
         step = state.plan.step
         if step.timeout is not None and not isinstance(step, CallStep | AskUserStep | AskModelStep):
-            self._out.append(StartTimer(f"{state.key}#timeout{state.attempt}", step.timeout))
+            self._start_timer(f"{state.key}#timeout{state.attempt}", step.timeout)
+        self._run_step(state, None)
+
+    def _run_step(self, state: _State, site: _Site | None) -> None:
+        scope = self.scope(state.frame)
         try:
-            self._run_step(state)
+            if site is None and not state.plan.starts_with_jq:  # plain paths only: nothing to wait for
+                self._step(state, scope, _PLAIN)
+                assert not _PLAIN.missing
+            else:
+                self._at(site, scope, lambda scope, lookup: self._step(state, scope, lookup), "step", state)
         except ExpressionError as exc:
             self._fail(state, StepError("error", exc.detail, state.key))
 
-    def _run_step(self, state: _State) -> None:
-        step, values = state.plan.step, state.plan.values
-        scope = self.scope(state.frame)
-        if isinstance(step, CallStep):
-            key = values["idempotency_key"].evaluate(scope) if "idempotency_key" in values else None
-            arguments = values["with"].evaluate(scope)
-            self._enqueue(
-                state,
-                CallTool(state.key, step.id, state.attempt, step.call, arguments, step.timeout, _text(key)),
-            )
-        elif isinstance(step, AskUserStep):
-            ask = step.ask_user
-            message = _text(values["message"].evaluate(scope)) or ""
-            command = AskUser(
-                state.key, step.id, state.attempt, message, ask.requested_schema, ask.default, step.timeout
-            )
-            self._enqueue(state, command)
-        elif isinstance(step, AskModelStep):
-            model = step.ask_model
-            prompt = _text(values["prompt"].evaluate(scope)) or ""
-            system = _text(values["system"].evaluate(scope)) if "system" in values else None
-            self._enqueue(
-                state,
-                AskModel(
-                    state.key, step.id, state.attempt, prompt, system, model.max_tokens, model.default, step.timeout
-                ),
-            )
-        elif isinstance(step, SetStep):
-            self._succeed(state, values["set"].evaluate(scope))
-        elif isinstance(step, FailStep):
-            message = _text(values["fail"].evaluate(scope)) or "the workflow failed"
-            self._fail(state, StepError("error", message, state.key))
+    def _step(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> None:
+        """Start ``state``, unless ``lookup`` lacks jq outcomes: nothing is done until every value is known."""
+        step = state.plan.step
+        if isinstance(step, CallStep | AskUserStep | AskModelStep):
+            command = self._leaf(state, scope, lookup)
+            if command is not None:
+                self._enqueue(state, command)
         elif isinstance(step, SwitchStep):
-            chosen = next((f"case {i}" for i, case in enumerate(state.plan.cases) if case.holds(scope)), "default")
+            chosen = "default"
+            for i, case in enumerate(state.plan.cases):  # one at a time: a case is asked for once those before fail
+                holds = case.holds(scope, lookup)
+                if lookup.missing:
+                    return
+                if holds:
+                    chosen = f"case {i}"
+                    break
             self._open(state, chosen)
+        else:
+            self._decide(state, scope, lookup)
+
+    def _leaf(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> Leaf | None:
+        """The call or question of ``state``'s try; None while ``lookup`` lacks jq outcomes."""
+        step, values = state.plan.step, state.plan.values
+        if isinstance(step, CallStep):
+            key = values["idempotency_key"].evaluate(scope, lookup) if "idempotency_key" in values else None
+            arguments = values["with"].evaluate(scope, lookup)
+            if lookup.missing:
+                return None
+            return CallTool(state.key, step.id, state.attempt, step.call, arguments, step.timeout, _text(key))
+        if isinstance(step, AskUserStep):
+            ask = step.ask_user
+            message = _text(values["message"].evaluate(scope, lookup)) or ""
+            if lookup.missing:
+                return None
+            return AskUser(state.key, step.id, state.attempt, message, ask.requested_schema, ask.default, step.timeout)
+        assert isinstance(step, AskModelStep)
+        model = step.ask_model
+        prompt = _text(values["prompt"].evaluate(scope, lookup)) or ""
+        system = _text(values["system"].evaluate(scope, lookup)) if "system" in values else None
+        if lookup.missing:
+            return None
+        return AskModel(
+            state.key, step.id, state.attempt, prompt, system, model.max_tokens, model.default, step.timeout
+        )
+
+    def _decide(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> None:
+        """A ``set``, ``fail`` or ``for_each``: what the engine decides by itself, once its values are known."""
+        step, values = state.plan.step, state.plan.values
+        if isinstance(step, SetStep):
+            value = values["set"].evaluate(scope, lookup)
+            if not lookup.missing:
+                self._succeed(state, value)
+        elif isinstance(step, FailStep):
+            message = _text(values["fail"].evaluate(scope, lookup)) or "the workflow failed"
+            if not lookup.missing:
+                self._fail(state, StepError("error", message, state.key))
         elif isinstance(step, ForEachStep):
-            items = values["items"].evaluate(scope)
+            items = values["items"].evaluate(scope, lookup)
+            if lookup.missing:
+                return
             if not isinstance(items, list):
                 kind = "null" if items is None else type(items).__name__
                 raise ExpressionError(f"for_each needs a list, got {kind}", source=str(step.for_each), where="")
@@ -338,22 +513,131 @@ class Run:
         limit = self.plan.workflow.max_concurrency
         while self._queue and len(self._in_flight) < limit and self.status == "running":
             state, command = self._queue.popleft()
-            if state.status != "queued" or state.attempt != command.attempt:
+            if not _live(state, command):
                 continue
-            state.status = "running"
+            state.status, state.command = "running", command
             self._in_flight[state.key] = state
             self._out.append(command)
 
-    def _check_success(self, state: _State, result: Any) -> StepError | None:
-        assert state.plan.success is not None
-        scope = self.scope(state.frame)
-        scope["result"] = result
+    def _tried(self, state: _State, result: Any, error: StepError | None, random: float, site: _Site | None) -> None:
+        """A try of ``state`` ended: it succeeded if its ``success`` condition holds (which may wait for jq)."""
+        condition = state.plan.success
+        if error is None and condition is not None:
+            scope = self.scope(state.frame)
+            scope["result"] = result
+            holds: Any
+            try:
+                if condition.is_path:
+                    holds = condition.holds(scope, _PLAIN)
+                else:
+                    holds = self._at(site, scope, condition.holds, "success", state, result=result, random=random)
+            except ExpressionError as exc:
+                holds = StepError("error", exc.detail, state.key)
+            if holds is _PARKED:
+                return
+            if isinstance(holds, StepError):
+                error = holds
+            elif not holds:
+                message = f"the success condition {state.plan.step.success!r} does not hold"
+                error = StepError("error", message, state.key)
+        if error is None:
+            self._succeed(state, result)
+        else:
+            self._fail(state, replace(error, step=error.step or state.key), random)  # every other field kept
+
+    # --- Evaluation sites: where jq outcomes are waited for. ---
+
+    def _at(
+        self,
+        site: _Site | None,
+        scope: Mapping[str, Any],
+        compute: Callable[[Mapping[str, Any], Lookup], Any],
+        kind: _SiteKind,
+        state: _State | None,
+        *,
+        frame: _Frame | None = None,
+        result: Any = None,
+        random: float = 0.5,
+    ) -> Any:
+        """``compute(scope, lookup)`` at an evaluation site: its value, or ``_PARKED`` when jq outcomes are
+        missing (they are asked for, and the site is resumed once all came back). Raises ExpressionError."""
+        lookup = Lookup(site.known) if site is not None else Lookup()
         try:
-            if state.plan.success.holds(scope):
-                return None
-        except ExpressionError as exc:
-            return StepError("error", exc.detail, state.key)
-        return StepError("error", f"the success condition {state.plan.step.success!r} does not hold", state.key)
+            value = compute(scope, lookup)
+        except ExpressionError:
+            if not lookup.missing:  # else a program before the failing one may fail first: its error counts
+                raise
+        if not lookup.missing:
+            return value
+        if site is None:
+            self._sites += 1
+            attempt = state.attempt if state is not None else 0
+            where = frame.path if frame is not None else state.key if state is not None else ""
+            site = _Site(f"{where}#eval{self._sites}", kind, state, attempt, frame, result, random)
+        if kind in ("step", "success") and state is not None:
+            state.status = "evaluating"
+        if frame is not None:
+            frame.evaluating = True
+        for request in lookup.missing:
+            key = f"{site.prefix}.{request.position}"
+            site.known.extend([None] * (request.position + 1 - len(site.known)))
+            site.waiting += 1
+            command = Evaluate(key, request.source, request.data)
+            self._evaluations[key] = (site, request.position, command)
+            self._out.append(command)
+        return _PARKED
+
+    def _valid(self, site: _Site) -> bool:
+        """Whether ``site`` still waits for its outcomes (the step may have failed, the run been cancelled…)."""
+        state = site.state
+        if site.kind == "compensate":
+            return self.status == "compensating" and self._compensating is state
+        if self.status != "running":
+            return False
+        if state is None:
+            return site.kind == "run"
+        if site.kind == "output":
+            frame = site.frame
+            assert frame is not None
+            return (
+                state.status == "running"
+                and state.attempt == site.attempt
+                and state.iterations.get(frame.index) is frame
+            )
+        return state.status == "evaluating" and state.attempt == site.attempt and self._by_key.get(state.key) is state
+
+    def _resume(self, site: _Site) -> None:
+        """Every outcome ``site`` waited for came back: evaluate it again."""
+        state = site.state
+        if site.kind == "run":
+            self._check_run(site)
+            return
+        assert state is not None
+        if site.kind == "step":
+            self._run_step(state, site)
+        elif site.kind == "success":
+            state.status = "running"
+            self._tried(state, site.result, None, site.random, site)
+        elif site.kind == "output":
+            assert site.frame is not None
+            self._check_iteration(site.frame, site)
+        else:
+            self._compensate_next(site)
+
+    def _prune(self) -> None:
+        """Forget the evaluations nothing waits for any more; cancel those already handed out."""
+        dropped = {key for key, (site, _, _) in self._evaluations.items() if not self._valid(site)}
+        if not dropped:
+            return
+        for key in dropped:
+            del self._evaluations[key]
+        batch = {c.key for c in self._out if isinstance(c, Evaluate)}
+        self._out = [c for c in self._out if not (isinstance(c, Evaluate) and c.key in dropped)]
+        self._out.extend(Cancel(key) for key in sorted(dropped - batch))
+
+    def _start_timer(self, key: str, seconds: float) -> None:
+        timer = self._timers[key] = StartTimer(key, seconds)
+        self._out.append(timer)
 
     def _succeed(self, state: _State, result: Any) -> None:
         state.result, state.error = result, None
@@ -370,7 +654,7 @@ class Run:
         delay = self._retry_wait(state, error, random) if state.status != "fallback" else None
         if delay is not None:
             state.status, state.error = "retrying", error
-            self._out.append(StartTimer(f"{state.key}#retry", delay))
+            self._start_timer(f"{state.key}#retry", delay)
             return
         state.error = error
         fallback = state.plan.children.get("fallback", ())
@@ -427,7 +711,7 @@ class Run:
             if other.plan.id in inside and (other.frame is state.frame or other.key.startswith(prefix)):
                 other.status = "cancelled"
         for key, other in self._by_key.items():
-            if other.status in ("waiting", "retrying") and other.plan.id in inside:
+            if other.status in ("waiting", "retrying", "evaluating") and other.plan.id in inside:
                 if other.frame is state.frame or key.startswith(prefix):
                     other.status = "cancelled"
 
@@ -505,18 +789,22 @@ class Run:
             last = children[-1].result if children else None
             self._succeed(state, last)
 
-    def _check_iteration(self, frame: _Frame) -> None:
+    def _check_iteration(self, frame: _Frame, site: _Site | None = None) -> None:
         owner = frame.owner
         assert owner is not None
-        if owner.status != "running" or owner.iterations.get(frame.index) is not frame:
-            return
-        if any(s.status not in _SETTLED for s in frame.states.values()):
-            return
+        if site is None:
+            if owner.status != "running" or owner.iterations.get(frame.index) is not frame or frame.evaluating:
+                return
+            if any(s.status not in _SETTLED for s in frame.states.values()):
+                return
         step = owner.plan.step
         assert isinstance(step, ForEachStep)
         try:
             if "output" in owner.plan.values:
-                output = owner.plan.values["output"].evaluate(self.scope(frame))
+                scope = self.scope(frame)
+                output = self._at(site, scope, owner.plan.values["output"].evaluate, "output", owner, frame=frame)
+                if output is _PARKED:
+                    return
             else:
                 body = owner.plan.children.get("body", ())
                 output = frame.states[body[-1]].result if body else None
@@ -528,13 +816,16 @@ class Run:
         frame.states = {}  # done: break the frame ↔ state cycles (compensations read entries, not states)
         self._next_iterations(owner)
 
-    def _check_run(self) -> None:
+    def _check_run(self, site: _Site | None = None) -> None:
         if self.status != "running" or self._unsettled_top:
             return
         states = [self._root.states[step_id] for step_id in self.plan.top]
         try:
             if self.plan.output is not None:
-                output = self.plan.output.evaluate(self.scope())
+                scope = self.scope()
+                output = self._at(site, scope, self.plan.output.evaluate, "run", None)
+                if output is _PARKED:
+                    return
             else:
                 output = {s.plan.id: s.result for s in states if s.status == "succeeded"}
         except ExpressionError as exc:
@@ -554,20 +845,26 @@ class Run:
         self._queue.clear()
         self._compensate_next()
 
-    def _compensate_next(self) -> None:
-        while self._completed:
-            state = self._completed.pop()
+    def _compensate_next(self, site: _Site | None = None) -> None:
+        """Start the next compensation (``site``: the one whose arguments waited for jq), or finish."""
+        while site is not None or self._completed:
+            state = site.state if site is not None else self._completed.pop()
+            assert state is not None
             spec = state.plan.step.compensate
             assert spec is not None
+            scope = self.scope(state.frame)
+            self._compensating = state
             try:
-                arguments = state.plan.values["compensate"].evaluate(self.scope(state.frame))
+                arguments = self._at(site, scope, state.plan.values["compensate"].evaluate, "compensate", state)
             except ExpressionError as exc:
                 self._compensation_errors.append(StepError("error", exc.detail, state.key))
+                site = None
                 continue
-            self._compensating = state
-            self._out.append(
-                CallTool(f"{state.key}#compensate", state.plan.id, 1, spec.call, arguments, None, None, True)
-            )
+            if arguments is _PARKED:
+                return
+            call = CallTool(f"{state.key}#compensate", state.plan.id, 1, spec.call, arguments, None, None, True)
+            self._compensation = call
+            self._out.append(call)
             return
         self._compensating = None
         self.status = "failed"
@@ -577,6 +874,7 @@ class Run:
     def _release(self) -> None:
         """The run is over: break its frame ↔ state reference cycles, so its memory goes back at once
         instead of at the next full garbage collection (which walks the whole heap)."""
+        self._timers.clear()  # the runner stops its timers when the run is over
         frames = [self._root]
         while frames:
             frame = frames.pop()
@@ -589,10 +887,16 @@ class Run:
         state = self._compensating
         if state is None or key != f"{state.key}#compensate":
             return []
+        self._compensation = None
         if error is not None:
             self._compensation_errors.append(StepError(error.kind, f"compensation failed: {error.message}", state.key))
         self._compensate_next()
         return self._flush()
+
+
+def _live(state: _State, command: Leaf) -> bool:
+    """A queued command still to be handed out (not cancelled, not superseded by a later try)."""
+    return state.status == "queued" and state.attempt == command.attempt
 
 
 def _text(value: Any) -> str | None:

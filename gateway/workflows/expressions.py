@@ -12,11 +12,21 @@ serialises its whole input to JSON on every run. So:
   (or every step) whenever it cannot be sure: ``.``, ``keys``, ``select(…)``, ``.steps[$id]``.
 
 Results share structure with the scope and the config: treat them as read-only.
+
+Three ways to run a program that is not a plain path:
+
+* ``evaluate(scope)``/``holds(scope)`` block on the worker: for config-time checks and tests;
+* ``holds_async(scope)`` and :func:`run_program` await it without blocking the event loop: the
+  access policy and the workflow runner;
+* ``evaluate(scope, lookup)``/``holds(scope, lookup)`` never run jq: a :class:`Lookup` gives the
+  results already known and collects the programs still to run (with their narrowed input).
+  That is how the workflow engine evaluates (it must not do I/O): it asks the runner for what is
+  missing, and evaluates again once the answers came back.
 """
 
 import json
 import re
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -24,7 +34,18 @@ import jq
 
 from gateway.workflows import _jqsafe
 
-__all__ = ["Condition", "ExpressionError", "Value", "compile_condition", "compile_value", "references_in"]
+__all__ = [
+    "Condition",
+    "ExpressionError",
+    "Lookup",
+    "Outcome",
+    "Request",
+    "Value",
+    "compile_condition",
+    "compile_value",
+    "references_in",
+    "run_program",
+]
 
 Scope = Mapping[str, Any]
 
@@ -319,13 +340,24 @@ class _Program:
     names: frozenset[str] | None  # top-level names read; None: the whole scope
     steps: frozenset[str] | None  # step ids read; None: every step
 
-    def first(self, scope: Scope) -> Any:
-        """The program's first output over ``scope``, or ``_NOTHING``. Raises ExpressionError."""
+    def first(self, scope: Scope, lookup: "Lookup | None" = None) -> Any:
+        """The first output over ``scope``, or ``_NOTHING``; from ``lookup`` if given. Raises ExpressionError."""
         if self.path is not None:
             return self._resolve(scope)
+        if lookup is not None:
+            return lookup.first(self, scope)
         try:  # in a worker process: libjq aborts (out of memory, a 2 GiB string), and loops holding the GIL
             return _jqsafe.first(self.source, self._narrow(scope), _NOTHING)
         except _jqsafe.JqError as exc:  # jq's errors, a scope value that is not JSON, a time or memory limit
+            raise self._error(str(exc)) from exc
+
+    async def first_async(self, scope: Scope) -> Any:
+        """``first``, awaiting the worker without blocking the event loop."""
+        if self.path is not None:
+            return self._resolve(scope)
+        try:
+            return await _jqsafe.afirst(self.source, self._narrow(scope), _NOTHING)
+        except _jqsafe.JqError as exc:
             raise self._error(str(exc)) from exc
 
     def _error(self, detail: str) -> ExpressionError:
@@ -377,6 +409,63 @@ def _compile_program(source: str, where: str) -> tuple[_Program, _Reads]:
 def references_in(program: str) -> frozenset[str]:
     """The step ids ``program`` names: ``.steps.a``, ``.steps["a"]``, ``.steps."a"``, anywhere in it."""
     return frozenset(_Reads(program).steps)
+
+
+# --- Evaluation as data: what the engine asks for and is told. ---
+
+
+class Outcome(NamedTuple):
+    """What running a jq program gave: its first output, no output (``empty``), or jq's ``error``."""
+
+    value: Any = None
+    error: str | None = None
+    empty: bool = False
+
+
+class Request(NamedTuple):
+    """A program a :class:`Lookup` had no result for: the ``position``-th met, its source and its (narrowed) input."""
+
+    position: int
+    source: str
+    data: Mapping[str, Any]
+
+
+class Lookup:
+    """The jq results one evaluation already has, in the order its programs are met; and what it lacks.
+
+    A program whose outcome is known gets it (an error raises its ExpressionError, as if jq had
+    run). One whose outcome is not known yet is added to ``missing`` and reads as no output, so the
+    evaluation goes on and collects every program it can reach in one pass; its value is then
+    meaningless. Evaluating the same thing over the same scope meets the same programs in the same
+    order, so the ``position`` of a request is where its outcome goes the next time.
+    """
+
+    __slots__ = ("_known", "_next", "missing")
+
+    def __init__(self, known: Sequence[Outcome | None] = ()) -> None:
+        self._known = known
+        self._next = 0
+        self.missing: list[Request] = []
+
+    def first(self, program: _Program, scope: Scope) -> Any:
+        index = self._next
+        self._next += 1
+        outcome = self._known[index] if index < len(self._known) else None
+        if outcome is None:
+            self.missing.append(Request(index, program.source, program._narrow(scope)))
+            return _NOTHING
+        if outcome.error is not None:
+            raise program._error(outcome.error)
+        return _NOTHING if outcome.empty else outcome.value
+
+
+async def run_program(source: str, data: Any) -> Outcome:
+    """Run ``source`` (compiled at load time) over ``data`` in the bounded worker, without blocking the event loop."""
+    try:
+        value = await _jqsafe.afirst(source, data, _NOTHING)
+    except _jqsafe.JqError as exc:  # jq's errors, input that is not JSON, a time or memory limit
+        return Outcome(error=str(exc))
+    return Outcome(empty=True) if value is _NOTHING else Outcome(value)
 
 
 # --- Templates and values. ---
@@ -432,7 +521,7 @@ class _Constant:
     value: Any
 
 
-_Node = Callable[[Scope], Any] | _Constant
+_Node = Callable[[Scope, Lookup | None], Any] | _Constant
 
 
 def _build(value: Any, where: str, programs: list[_Reads]) -> _Node:
@@ -448,26 +537,28 @@ def _build(value: Any, where: str, programs: list[_Reads]) -> _Node:
             return _Constant(literals[0])
         if literals == ["", ""]:  # exactly one `${…}`: the value keeps its JSON type
             only = compiled[0]
-            return lambda scope: None if (out := only.first(scope)) is _NOTHING else out
+            return lambda scope, lookup: None if (out := only.first(scope, lookup)) is _NOTHING else out
         pairs = list(zip(compiled, literals[1:], strict=True))
-        return lambda scope: literals[0] + "".join(_as_text(p.first(scope), p) + after for p, after in pairs)
+        return lambda scope, lookup: (
+            literals[0] + "".join(_as_text(p.first(scope, lookup), p) + after for p, after in pairs)
+        )
     if isinstance(value, Mapping):
         items = [(key, _build(item, f"{where}.{key}", programs)) for key, item in value.items()]
         constants = {key: node.value for key, node in items if isinstance(node, _Constant)}
         if len(constants) == len(items):
             return _Constant(constants)
-        return lambda scope: {key: _evaluate(node, scope) for key, node in items}
+        return lambda scope, lookup: {key: _evaluate(node, scope, lookup) for key, node in items}
     if isinstance(value, (list, tuple)):
         nodes = [_build(item, f"{where}[{i}]", programs) for i, item in enumerate(value)]
         values = [node.value for node in nodes if isinstance(node, _Constant)]
         if len(values) == len(nodes):
             return _Constant(values)
-        return lambda scope: [_evaluate(node, scope) for node in nodes]
+        return lambda scope, lookup: [_evaluate(node, scope, lookup) for node in nodes]
     return _Constant(value)
 
 
-def _evaluate(node: _Node, scope: Scope) -> Any:
-    return node.value if isinstance(node, _Constant) else node(scope)
+def _evaluate(node: _Node, scope: Scope, lookup: Lookup | None) -> Any:
+    return node.value if isinstance(node, _Constant) else node(scope, lookup)
 
 
 @dataclass(frozen=True)
@@ -483,10 +574,15 @@ class Value:
     is_constant: bool
     """No ``${…}`` inside: ``evaluate`` returns the value itself (``$${`` unescaped)."""
     _node: _Node = field(repr=False, compare=False)
+    runs_jq: bool = False
+    """Some program is not a plain path: evaluating it runs jq (or, with a ``Lookup``, asks for it)."""
 
-    def evaluate(self, scope: Scope) -> Any:
-        """The value over ``scope`` (``{input, steps: {id: {result, error}}, item, index}``). Raises ExpressionError."""
-        return _evaluate(self._node, scope)
+    def evaluate(self, scope: Scope, lookup: Lookup | None = None) -> Any:
+        """The value over ``scope`` (``{input, steps: {id: {result, error}}, item, index}``). Raises ExpressionError.
+
+        With ``lookup``, jq programs are not run: see :class:`Lookup`.
+        """
+        return _evaluate(self._node, scope, lookup)
 
 
 @dataclass(frozen=True)
@@ -498,9 +594,19 @@ class Condition:
     dynamic_references: bool
     _program: _Program = field(repr=False, compare=False)
 
-    def holds(self, scope: Scope) -> bool:
-        """Whether the condition holds over ``scope``. Raises ExpressionError."""
-        out = self._program.first(scope)
+    @property
+    def is_path(self) -> bool:
+        """The program is a plain path: ``holds`` resolves it in Python, at once."""
+        return self._program.path is not None
+
+    def holds(self, scope: Scope, lookup: Lookup | None = None) -> bool:
+        """Whether the condition holds over ``scope``. Raises ExpressionError. With ``lookup``: see :class:`Lookup`."""
+        out = self._program.first(scope, lookup)
+        return out is not _NOTHING and out is not None and out is not False
+
+    async def holds_async(self, scope: Scope) -> bool:
+        """``holds``, awaiting jq without blocking the event loop. Raises ExpressionError."""
+        out = await self._program.first_async(scope)
         return out is not _NOTHING and out is not None and out is not False
 
 
@@ -514,6 +620,7 @@ def compile_value(value: Any, *, where: str) -> Value:
         dynamic_references=any(r.all_steps for r in reads),
         is_constant=isinstance(node, _Constant),
         _node=node,
+        runs_jq=any(_plain_path(r.tokens) is None for r in reads),
     )
 
 

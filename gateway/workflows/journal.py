@@ -1,9 +1,19 @@
 """The run journal: what happened in each workflow run, as append-only events.
 
 Events are keyed by ``run_id`` and, for steps, by the step's key (``order``, ``lines[2]/stock``)
-and try; a store that keeps them (SQLite, PostgreSQL) can rebuild a run's state from them, and a
-resumed run skips the steps whose ``step_settled`` event says they succeeded. :class:`MemoryJournal`
-keeps the most recent runs in memory.
+and try. They are of two sorts:
+
+* **inputs**, everything that went into the engine, in the order it went in: ``run_started``,
+  ``step_done``, ``timer_fired``, ``evaluated``, ``run_cancelled``. The engine is deterministic
+  given them, so replaying them rebuilds the run's state exactly
+  (:meth:`gateway.workflows.engine.Run.restore`), and says what it was waiting for. The runner
+  appends each before it acts on what the engine does with it.
+* **outputs**, for people and tools that look at runs (``patchbay runs``, metrics): ``step_started``,
+  ``step_settled`` and ``run_finished``, with durations. Replay skips them.
+
+``data`` is plain JSON, values unredacted (a resumed run needs them): whatever shows it redacts.
+A store that keeps the events (SQLite, PostgreSQL) can keep ``data`` as a JSON column.
+:class:`MemoryJournal` keeps the most recent runs in memory.
 """
 
 from collections import OrderedDict
@@ -14,6 +24,7 @@ from typing import Any, Literal, Protocol
 __all__ = [
     "DEFAULT_KEPT_EVENTS",
     "DEFAULT_KEPT_RUNS",
+    "INPUTS",
     "EventKind",
     "Journal",
     "JournalEvent",
@@ -24,17 +35,32 @@ __all__ = [
 DEFAULT_KEPT_RUNS = 1000
 """Runs a :class:`MemoryJournal` keeps; older ones are forgotten first."""
 DEFAULT_KEPT_EVENTS = 100_000
-"""Events a :class:`MemoryJournal` keeps across its runs (a 1,000-step run has about 2,000): memory
+"""Events a :class:`MemoryJournal` keeps across its runs (a 1,000-step run has about 3,000, more with jq): memory
 stays bounded however large the workflows are. Runs still going are kept whole."""
 
-EventKind = Literal["run_started", "step_started", "step_settled", "run_finished"]
+EventKind = Literal[
+    "run_started",
+    "step_done",
+    "timer_fired",
+    "evaluated",
+    "run_cancelled",
+    "step_started",
+    "step_settled",
+    "run_finished",
+]
+INPUTS: frozenset[EventKind] = frozenset({"run_started", "step_done", "timer_fired", "evaluated", "run_cancelled"})
+"""The kinds of event that went into the engine: what a replay feeds it."""
 
 
 @dataclass(frozen=True, slots=True)
 class JournalEvent:
     """One thing that happened in a run.
 
-    ``data`` by kind: ``run_started`` {workflow, arguments}; ``step_started`` {step, tool,
+    ``data`` by kind. Inputs: ``run_started`` {workflow, arguments, caller: {kind, id}, plan: the
+    plan's digest}; ``step_done`` {result, error: the StepError's fields or null, random} (a try's
+    outcome, ``key`` and ``attempt`` set; a compensation's key ends ``#compensate``);
+    ``timer_fired`` {} (``key``: the timer's); ``evaluated`` {value} or {empty: true} or {error}
+    (``key``: the evaluation's); ``run_cancelled`` {message}. Outputs: ``step_started`` {step, tool,
     arguments} (or {step, kind}); ``step_settled`` {step, status, result, error, duration_ms};
     ``run_finished`` {status, output, error, duration_ms}.
     """

@@ -7,6 +7,8 @@ checks that need more than one workflow: a workflow that calls itself, directly 
 The engine runs a :class:`Plan`; nothing here does I/O.
 """
 
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -48,6 +50,8 @@ class StepPlan:
     success: Condition | None = None
     children: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """The directly nested step ids by branch: ``case 0``…, ``default``, ``body``, ``fallback``."""
+    starts_with_jq: bool = True
+    """Starting the step may run a jq program (a value or a case that is not a plain path); False: it never does."""
 
     @property
     def id(self) -> str:
@@ -76,6 +80,12 @@ class Plan:
 
     total_steps: int | None
     """How many steps a run settles (each once, run or skipped), if known before it runs: progress's total."""
+    digest: str = ""
+    """SHA-256 of the workflow's canonical JSON (its model, defaults filled in): which plan a journaled run ran."""
+
+
+_OWN_SITES = frozenset({"compensate", "output"})
+"""Values evaluated when the step has finished, not when it starts."""
 
 
 def _total_steps(steps: Mapping[str, StepPlan], descendants: Mapping[str, frozenset[str]]) -> int | None:
@@ -167,7 +177,9 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
         problems.extend(found)
         cases = tuple(condition for role, condition in conditions.items() if role.startswith("case "))
         kids = MappingProxyType({branch: tuple(ids) for branch, ids in children[step_id].items()})
-        steps[step_id] = StepPlan(node, step, MappingProxyType(values), cases, conditions.get("success"), kids)
+        at_start = [value.runs_jq for role, value in values.items() if role not in _OWN_SITES]
+        jq = any(at_start) or any(not case.is_path for case in cases)
+        steps[step_id] = StepPlan(node, step, MappingProxyType(values), cases, conditions.get("success"), kids, jq)
     output = _compile_output(name, workflow, compiled, graph, problems)
     calls = frozenset(
         tool
@@ -182,9 +194,25 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
     regions, dependents, descendants = _relations(graph)
     total = _total_steps(steps, descendants)
     plan = Plan(
-        name, workflow, graph, MappingProxyType(steps), top, output, calls, regions, dependents, descendants, total
+        name,
+        workflow,
+        graph,
+        MappingProxyType(steps),
+        top,
+        output,
+        calls,
+        regions,
+        dependents,
+        descendants,
+        total,
+        _digest(workflow),
     )
     return plan, problems
+
+
+def _digest(workflow: Workflow) -> str:
+    canonical = json.dumps(workflow.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _compile_output(

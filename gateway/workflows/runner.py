@@ -1,9 +1,12 @@
 """Runs workflows: carries out the engine's commands with real calls, timers and cancellation.
 
-The engine decides; the runner awaits. Each call or question runs in its own task of the run's
-task group, under its own cancel scope (so the engine can cancel one) and its step's timeout;
-its outcome goes back to the engine as an event, and so do timers. The runner is also where
-time and randomness come from, and where everything is journaled and reported as progress.
+The engine decides; the runner awaits. Each call, question or jq evaluation runs in its own task of
+the run's task group, under its own cancel scope (so the engine can cancel one) and its step's
+timeout; its outcome goes back to the engine as an event, and so do timers. A lone call or
+evaluation, with nothing else in flight, is awaited in the run's own task instead (a chain's steps
+cost no task). jq runs in the bounded worker pool, awaited without blocking the event loop. The
+runner is also where time and randomness come from, and where everything is journaled – each
+input to the engine before what it leads to is carried out – and reported as progress.
 Compensations run one at a time, in the run's own task, and also when the caller cancels the
 run (shielded, within :data:`COMPENSATION_LIMIT`).
 """
@@ -17,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
@@ -35,12 +38,14 @@ from gateway.workflows.commands import (
     CallTool,
     Cancel,
     Command,
+    Evaluate,
     Finished,
     Settled,
     StartTimer,
     StepError,
 )
 from gateway.workflows.engine import Run
+from gateway.workflows.expressions import Outcome, run_program
 from gateway.workflows.journal import EventKind, Journal, JournalEvent
 from gateway.workflows.plan import Plan
 
@@ -58,8 +63,11 @@ IDEMPOTENCY_META_KEY = "io.patchbay/idempotency-key"
 CallFn = Callable[[str, JSONObject, CallContext], Awaitable[Invocation]]
 """``Dispatcher.invoke``: a call through the gateway's one dispatch path, with its outcome label."""
 
-_Event = tuple[str, Any, int, Any, StepError | None]
+_Event = tuple[str, str, int, Any, StepError | None]
+"""``("done", key, attempt, result, error)``, ``("fire", key, 0, None, None)`` or
+``("evaluated", key, 0, Outcome, None)``."""
 _Leaf = CallTool | AskUser | AskModel
+_Work = CallTool | AskUser | AskModel | Evaluate
 
 
 _JSON_STARTS = frozenset('{["-0123456789tfn')
@@ -100,9 +108,11 @@ class _Execution:
     seq: int = 0
     settled: int = 0
     active: int = 0
-    """Calls, questions and timers started and not yet reported."""
-    ready: list[_Leaf] = field(default_factory=list)
-    """Steps journaled as started and not launched yet."""
+    """Calls, questions, evaluations and timers started and not yet reported."""
+    reported: int = 0
+    """Outcomes sent to the run's loop and not received yet (cheaper to count than to ask the stream)."""
+    ready: list[_Work] = field(default_factory=list)
+    """Steps journaled as started, and evaluations, not launched yet."""
 
 
 class Runner:
@@ -132,37 +142,65 @@ class Runner:
         started = self._clock()
         if self._metrics is not None:
             self._metrics.workflow_started(plan.name)
-        await self._record(run, "run_started", data={"workflow": plan.name, "arguments": arguments})
+        principal = context.principal
+        started_data = {
+            "workflow": plan.name,
+            "arguments": arguments,
+            "caller": {"kind": principal.kind, "id": principal.id},
+            "plan": plan.digest,
+        }
+        await self._record(run, "run_started", data=started_data)
         finished: Finished | None = None
         try:
             with send, receive:
                 async with anyio.create_task_group() as tg:
                     finished = await self._apply(run, run.engine.start(), tg)
                     while finished is None:
-                        idle = run.active == 0 and not receive.statistics().current_buffer_used
+                        idle = run.active == 0 and not run.reported
                         event = await self._launch(run, tg, inline=idle)
                         if event is None:
                             if idle and not run.active:
                                 # Nothing in flight, nothing to wait for: an engine bug must not hang the caller.
                                 logger.error("workflow %s run %s stalled; cancelling it", plan.name, run.run_id)
-                                stalled = run.engine.cancel("internal error: the run stalled")
+                                stalled = await self._cancel(run, "internal error: the run stalled")
                                 finished = await self._apply(run, stalled, tg)
                                 continue
                             event = await receive.receive()
-                        kind, key, attempt, result, error = event
-                        if kind == "fire":
-                            commands = run.engine.fire(key)
-                        else:
-                            commands = run.engine.done(key, attempt, result, error, random=self._rng())
-                        finished = await self._apply(run, commands, tg)
+                            run.reported -= 1
+                        finished = await self._apply(run, await self._feed(run, event), tg)
                     tg.cancel_scope.cancel()  # timers still pending
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(COMPENSATION_LIMIT):
-                finished = await self._apply(run, run.engine.cancel("the caller cancelled the run"), None)
+                cancelled = await self._cancel(run, "the caller cancelled the run")
+                finished = await self._apply(run, cancelled, None)
                 await self._finish(run, finished, started, cancelled=True)
             raise
         assert finished is not None
         return await self._finish(run, finished, started)
+
+    async def _feed(self, run: _Execution, event: _Event) -> list[Command]:
+        """Journal an outcome or a timer firing (an input of the engine), then hand it to the engine."""
+        kind, key, attempt, result, error = event
+        if kind == "fire":
+            await self._record(run, "timer_fired", key)
+            return run.engine.fire(key)
+        if kind == "evaluated":
+            outcome: Outcome = result
+            await self._record(run, "evaluated", key, data=_outcome_data(outcome))
+            return run.engine.evaluated(key, outcome.value, error=outcome.error, empty=outcome.empty)
+        return await self._done(run, key, attempt, result, error, self._rng())
+
+    async def _done(
+        self, run: _Execution, key: str, attempt: int, result: Any, error: StepError | None, draw: float
+    ) -> list[Command]:
+        # Every field of the error (not only what expressions see): the replayed run must get the same one.
+        data = {"result": result, "error": asdict(error) if error is not None else None, "random": draw}
+        await self._record(run, "step_done", key, attempt, data)
+        return run.engine.done(key, attempt, result, error, random=draw)
+
+    async def _cancel(self, run: _Execution, message: str) -> list[Command]:
+        await self._record(run, "run_cancelled", data={"message": message})
+        return run.engine.cancel(message)
 
     async def _apply(self, run: _Execution, commands: list[Command], tg: TaskGroup | None) -> Finished | None:
         """Carry out ``commands`` (and what compensations lead to); the ``Finished`` note, once there is one."""
@@ -188,7 +226,12 @@ class Runner:
                 status = "failed" if error else "succeeded"
                 settled = {"status": status, "error": error.as_json() if error else None}
                 await self._record(run, "step_settled", command.key, 1, settled)
-                pending.extend(run.engine.done(command.key, 1, result, error))
+                pending.extend(await self._done(run, command.key, 1, result, error, 0.5))
+            elif isinstance(command, Evaluate):
+                if tg is not None:
+                    run.ready.append(command)
+                else:  # compensating a cancelled run, in its own task: one thing at a time
+                    pending.extend(await self._feed(run, await self._work(run, command)))
             elif tg is not None:
                 run.started[command.key] = self._clock()
                 await self._record(run, "step_started", command.key, command.attempt, _started_data(command))
@@ -196,12 +239,13 @@ class Runner:
         return finished
 
     async def _launch(self, run: _Execution, tg: TaskGroup, *, inline: bool) -> _Event | None:
-        """Start the steps made ready; when ``inline`` (nothing else in flight or queued) and there is
-        only one, await it here instead and return its outcome: a chain step then costs no task, no
-        cancel scope and no stream hop, and nothing could cancel it but the caller anyway."""
+        """Start the steps and evaluations made ready; when ``inline`` (nothing else in flight or
+        queued) and there is only one, await it here instead and return its outcome: a chain step
+        then costs no task, no cancel scope and no stream hop, and nothing could cancel it but the
+        caller anyway."""
         ready, run.ready = run.ready, []
         if inline and len(ready) == 1:
-            return await self._leaf(run, ready[0])
+            return await self._work(run, ready[0])
         for command in ready:
             scope = run.scopes[command.key] = anyio.CancelScope()
             run.active += 1
@@ -216,16 +260,21 @@ class Runner:
             raise
         _report(run, ("fire", command.key, 0, None, None))
 
-    async def _task(self, run: _Execution, command: _Leaf, scope: anyio.CancelScope) -> None:
+    async def _task(self, run: _Execution, command: _Work, scope: anyio.CancelScope) -> None:
         """A step in its own task, under the scope the engine cancels it by; its outcome goes to the run's loop."""
         with scope:
             try:
-                event = await self._leaf(run, command)
+                event = await self._work(run, command)
             except anyio.get_cancelled_exc_class():
                 run.active -= 1
                 raise
             run.scopes.pop(command.key, None)
             _report(run, event)
+
+    async def _work(self, run: _Execution, command: _Work) -> _Event:
+        if isinstance(command, Evaluate):  # bounded by the worker's time limit; a cancelled one kills its worker
+            return ("evaluated", command.key, 0, await run_program(command.source, command.data), None)
+        return await self._leaf(run, command)
 
     async def _leaf(self, run: _Execution, command: _Leaf) -> _Event:
         limit = command.timeout
@@ -358,7 +407,14 @@ def _report(run: _Execution, event: _Event) -> None:
     """Hand an outcome to the run's loop: no checkpoint between the count and the send, so the loop
     never sees nothing active and nothing queued while an outcome is on its way."""
     run.active -= 1
+    run.reported += 1
     run.send.send_nowait(event)
+
+
+def _outcome_data(outcome: Outcome) -> dict[str, Any]:
+    if outcome.error is not None:
+        return {"error": outcome.error}
+    return {"empty": True} if outcome.empty else {"value": outcome.value}
 
 
 def _started_data(command: _Leaf) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from textwrap import dedent, indent
 
+import anyio
 import pytest
 
 from gateway.config import AccessRule, parse_config
@@ -133,3 +134,22 @@ def test_without_rules_or_client_lists_the_policy_is_not_needed() -> None:
     assert not policy("[]").active
     assert policy('[{deny: "x"}]').active
     assert policy("[]", CLIENTS).active
+
+
+async def test_a_slow_condition_does_not_hold_up_other_calls_and_fails_closed() -> None:
+    access = policy("""
+      - {deny: "files__*", if: "last(range(1e12)) > 0", reason: "r"}
+      - {allow: "*", if: ".tool | length > 0"}
+    """)  # the allow's condition runs in the pool's other worker meanwhile
+    finished: list[str] = []
+
+    async def slow() -> None:
+        finished.append(await outcome(access, LOCAL, "files__read"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow)
+        await anyio.wait_all_tasks_blocked()  # its condition runs in the jq worker; the loop is free
+        finished.append(await outcome(access, LOCAL, "crm__get"))
+
+    assert finished[0] == "called crm__get"
+    assert finished[1].startswith("refused by")  # the condition timed out: the deny applies

@@ -8,12 +8,14 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.workflows import _jqsafe
 from gateway.workflows.commands import (
     AskModel,
     AskUser,
     CallTool,
     Cancel,
     Command,
+    Evaluate,
     Finished,
     Settled,
     StartTimer,
@@ -36,12 +38,16 @@ def plan_of(text: str) -> Plan:
 class Driver:
     """Runs an engine by hand: collects what it asks for, answers when told to."""
 
-    def __init__(self, text: str, arguments: dict[str, Any] | None = None) -> None:
+    def __init__(self, text: str, arguments: dict[str, Any] | None = None, *, evaluate: bool = True) -> None:
+        """``evaluate``: run the jq programs the engine asks for at once (as the runner does), in order."""
         self.run = Run(plan_of(text), arguments or {})
         self.in_flight: dict[str, Leaf] = {}
+        self.evaluations: dict[str, Evaluate] = {}
         self.timers: dict[str, float] = {}
         self.log: list[Command] = []
         self.finished: Finished | None = None
+        self.evaluate = evaluate
+        self._evaluating = False
         self.take(self.run.start())
 
     def take(self, commands: list[Command]) -> list[Command]:
@@ -49,14 +55,36 @@ class Driver:
             self.log.append(command)
             if isinstance(command, CallTool | AskUser | AskModel):
                 self.in_flight[command.key] = command
+            elif isinstance(command, Evaluate):
+                self.evaluations[command.key] = command
             elif isinstance(command, StartTimer):
                 self.timers[command.key] = command.seconds
             elif isinstance(command, Cancel):
                 self.in_flight.pop(command.key, None)
+                self.evaluations.pop(command.key, None)
             elif isinstance(command, Finished):
                 assert self.finished is None, "finished twice"
                 self.finished = command
+        if self.evaluate and not self._evaluating:
+            self._evaluating = True
+            try:
+                while self.evaluations:
+                    self.evaluated(next(iter(self.evaluations)))
+            finally:
+                self._evaluating = False
         return commands
+
+    def evaluated(self, key: str) -> list[Command]:
+        """Run the program of evaluation ``key`` (here, in the test: the engine never does) and report it."""
+        command = self.evaluations.pop(key)
+        empty = object()
+        try:
+            value = _jqsafe.first(command.source, command.data, empty)
+        except _jqsafe.JqError as exc:
+            return self.take(self.run.evaluated(key, error=str(exc)))
+        if value is empty:
+            return self.take(self.run.evaluated(key, empty=True))
+        return self.take(self.run.evaluated(key, value))
 
     def ok(self, key: str, result: Any = None) -> list[Command]:
         command = self.in_flight.pop(key)
@@ -651,3 +679,141 @@ steps:
     assert output["seen"] == {"all": {"first": {"result": {"x": 1}, "error": None, "status": "succeeded"}}}
     assert output["each"] == [{"keys": ["index", "input", "item", "steps"]}] * 2
     json.dumps(output)  # no reference back into the engine's own state
+
+
+# --- jq programs are the runner's to run: the engine asks, and waits for the outcome. ---
+
+
+@pytest.fixture
+def no_jq_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any jq run in this process fails the test: the engine must not run one."""
+
+    def refuse(*args: object, **kwargs: object) -> Any:
+        raise AssertionError("jq ran inside the engine")
+
+    monkeypatch.setattr(_jqsafe, "first", refuse)
+    monkeypatch.setattr(_jqsafe.Evaluator, "first", refuse)
+
+
+@pytest.mark.usefixtures("no_jq_here")
+def test_a_jq_program_is_asked_for_and_nothing_happens_until_its_outcome_comes_back() -> None:
+    d = Driver(
+        """
+steps:
+  - {id: order, call: crm__order}
+  - {id: total, set: {sum: "${.steps.order.result.items | map(.price) | add}", id: "${.input.id}"}}
+  - {id: notify, call: mail__send, with: {sum: "${.steps.total.result.sum}"}}
+""",
+        {"id": "A-1", "other": "not read"},
+        evaluate=False,
+    )
+    asked = d.ok("order", {"items": [{"price": 2}, {"price": 3}]})
+    entry = {"result": {"items": [{"price": 2}, {"price": 3}]}, "error": None, "status": "succeeded"}
+    settled, evaluate = asked  # and nothing else: no call, no step settled but `order`
+    assert isinstance(settled, Settled)
+    assert settled.key == "order"
+    assert isinstance(evaluate, Evaluate)
+    assert evaluate == Evaluate(
+        evaluate.key, ".steps.order.result.items | map(.price) | add", {"steps": {"order": entry}}
+    )
+    assert d.run.snapshot()["steps"]["total"]["status"] == "evaluating"
+
+    assert d.take(d.run.fire("total#timeout1")) == []  # no timer of its: nothing moves but the outcome
+    commands = d.take(d.run.evaluated(evaluate.key, 5))
+    assert [c.key for c in commands if isinstance(c, Settled)] == ["total"]
+    assert d.in_flight["notify"].arguments == {"sum": 5}  # type: ignore[union-attr]
+
+
+@pytest.mark.usefixtures("no_jq_here")
+def test_the_programs_of_one_value_are_asked_for_together_and_a_switchs_conditions_in_turn() -> None:
+    d = Driver(
+        """
+steps:
+  - {id: a, call: t, with: {x: "${.input.n + 1}", y: "${.input.n * 2}", z: "${.input.n}"}}
+  - id: s
+    after: [a]
+    switch:
+      - {when: ".input.n > 5", steps: [{id: big, set: {}}]}
+      - {when: ".input.n > 1", steps: [{id: mid, set: {}}]}
+    default: [{id: small, set: {}}]
+""",
+        {"n": 3},
+        evaluate=False,
+    )
+    assert [(c.source, c.data) for c in d.evaluations.values()] == [
+        (".input.n + 1", {"input": {"n": 3}}),
+        (".input.n * 2", {"input": {"n": 3}}),
+    ]
+    first, second = d.evaluations
+    d.take(d.run.evaluated(second, 6))
+    assert d.in_flight == {}  # still waiting for the first
+    d.take(d.run.evaluated(first, 4))
+    assert d.in_flight["a"].arguments == {"x": 4, "y": 6, "z": 3}  # type: ignore[union-attr]
+    d.evaluations.clear()
+
+    d.ok("a")
+    [case0] = d.evaluations
+    assert d.evaluations[case0].source == ".input.n > 5"
+    d.evaluations.clear()
+    d.take(d.run.evaluated(case0, False))
+    [case1] = d.evaluations
+    assert d.evaluations[case1].source == ".input.n > 1"
+    d.evaluations.clear()
+    d.take(d.run.evaluated(case1, True))
+    assert d.finished is not None
+    assert d.run.snapshot()["steps"]["mid"]["status"] == "succeeded"
+    assert d.run.snapshot()["steps"]["big"]["status"] == "skipped"
+
+
+@pytest.mark.usefixtures("no_jq_here")
+def test_an_evaluation_error_fails_the_step_like_a_jq_error_and_no_output_is_null() -> None:
+    d = Driver(
+        """
+steps:
+  - {id: a, set: {x: "${.input.n + 1}"}, on_error: continue}
+  - {id: b, set: {x: "${.input.missing | values}"}}
+""",
+        {"n": "text"},
+        evaluate=False,
+    )
+    a, b = d.evaluations
+    d.take(d.run.evaluated(a, error="string and number cannot be added"))
+    d.take(d.run.evaluated(b, empty=True))
+    assert d.run.snapshot()["steps"]["a"]["error"] == {
+        "kind": "error",
+        "message": "jq error in '.input.n + 1': string and number cannot be added",
+        "step": "a",
+    }
+    assert d.finished == Finished("succeeded", {"b": {"x": None}})  # the default output: the steps that succeeded
+
+
+@pytest.mark.usefixtures("no_jq_here")
+def test_a_step_timing_out_while_its_program_runs_fails_and_its_evaluation_is_cancelled() -> None:
+    d = Driver(
+        """
+steps: [{id: slow, timeout: 2s, set: {x: "${[range(100000000)] | length}"}}]
+""",
+        evaluate=False,
+    )
+    [key] = d.evaluations
+    commands = d.fire("slow#timeout1")
+    assert Cancel(key) in commands
+    assert d.finished is not None
+    assert d.finished.error == StepError("timeout", "did not finish within 2s", "slow")
+    assert d.run.outstanding() == []
+    assert d.take(d.run.evaluated(key, 100000000)) == []  # a late outcome changes nothing
+
+
+def test_a_run_of_plain_paths_asks_for_no_evaluation() -> None:
+    d = Driver(
+        """
+steps:
+  - {id: a, call: t, with: {id: "${.input.id}"}, success: ".result.ok"}
+  - {id: b, set: {v: "${.steps.a.result.v}"}}
+output: {v: "${.steps.b.result.v}"}
+""",
+        {"id": 1},
+    )
+    d.ok("a", {"ok": True, "v": 7})
+    assert d.finished == Finished("succeeded", {"v": 7})
+    assert not any(isinstance(c, Evaluate) for c in d.log)

@@ -1,5 +1,6 @@
 """The jq worker: no program or input can crash or freeze the caller, and the answers are jq's own."""
 
+import contextlib
 import os
 import select
 import signal
@@ -8,11 +9,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio
 import jq
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from gateway.workflows import _jqsafe
-from gateway.workflows._jqsafe import Evaluator, JqAborted, JqError, JqOutOfMemory, JqTimeout
+from gateway.workflows._jqsafe import AsyncEvaluator, Evaluator, JqAborted, JqError, JqOutOfMemory, JqTimeout
 from gateway.workflows.expressions import ExpressionError, compile_condition, compile_value
 
 WHERE = "workflows.w.steps.s.with.x"
@@ -307,3 +310,90 @@ def test_threads_carry_on_past_a_timeout_and_a_crash(evaluator: Evaluator) -> No
         answers = [future.result(timeout=45) for future in futures]
 
     assert answers == [JqTimeout, JqAborted, 2] * 3
+
+
+# --- The async path: the same bounds, awaited on the event loop. ---
+
+
+@pytest.fixture
+def pool() -> Iterator[AsyncEvaluator]:
+    pool = AsyncEvaluator(time_limit=LIMIT, memory_limit=128 * 2**20)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("program", [".a + 1", ".a | empty", "[.a, .a] | add", ".missing.x"])
+async def test_async_answers_are_the_synchronous_ones(pool: AsyncEvaluator, evaluator: Evaluator, program: str) -> None:
+    assert await pool.first(program, {"a": 1}, MISSING) == evaluator.first(program, {"a": 1}, MISSING)
+
+
+@pytest.mark.anyio
+async def test_an_async_evaluation_past_the_limit_kills_and_reaps_its_worker_and_the_next_gets_another(
+    pool: AsyncEvaluator,
+) -> None:
+    await pool.first(".", None)
+    [late] = pool.pids
+
+    with pytest.raises(JqTimeout):
+        await pool.first("last(range(1e12))", None)
+
+    assert_reaped(late)
+    assert pool.pids == []
+    assert await pool.first(". + 1", 1) == 2
+    assert pool.pids not in ([], [late])
+
+
+@pytest.mark.anyio
+async def test_an_async_crash_is_an_error_and_the_worker_is_reaped(pool: AsyncEvaluator) -> None:
+    await pool.first(".", None)
+    [crashed] = pool.pids
+
+    with pytest.raises(JqAborted):
+        await pool.first("reduce range(.n) as $i (null; [.])", {"n": 100_000})
+
+    assert_reaped(crashed)
+    assert await pool.first(". + 1", 1) == 2
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_async_evaluation_kills_its_worker_and_the_loop_was_free_meanwhile(
+    pool: AsyncEvaluator,
+) -> None:
+    await pool.first(".", None)
+    [busy] = pool.pids
+    ran: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        async def endless() -> None:
+            await pool.first("last(range(1e12))", None)
+
+        tg.start_soon(endless)
+        await wait_all_tasks_blocked()  # it waits for its answer on the loop, not in a blocking read
+        ran.append("the loop is free")
+        tg.cancel_scope.cancel()
+
+    assert ran == ["the loop is free"]
+    assert_reaped(busy)
+    assert await pool.first(". + 1", 1) == 2
+
+
+@pytest.mark.anyio
+async def test_two_slow_programs_run_at_once_and_a_third_waits_for_a_worker(pool: AsyncEvaluator) -> None:
+    finished: list[str] = []
+
+    async def evaluate(name: str, program: str) -> None:
+        with pytest.raises(JqTimeout) if program.startswith("last") else contextlib.nullcontext():
+            await pool.first(program, None)
+        finished.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(evaluate, "slow 1", "last(range(1e12))")
+        tg.start_soon(evaluate, "slow 2", "last(range(1e12))")
+        await wait_all_tasks_blocked()
+        tg.start_soon(evaluate, "quick", "1")
+        await wait_all_tasks_blocked()
+        assert finished == []  # the third waits: both workers are busy
+
+    assert finished[0] != "quick"  # it got a worker once a slow one was stopped
+    assert sorted(finished) == ["quick", "slow 1", "slow 2"]

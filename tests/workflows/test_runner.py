@@ -10,6 +10,7 @@ import yaml
 from gateway.dispatch import Invocation
 from gateway.errors import InvalidArguments, ToolNotFound, UpstreamTimeout
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.workflows import _jqsafe
 from gateway.workflows.journal import MemoryJournal
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
@@ -93,12 +94,16 @@ async def test_a_run_reports_progress_per_settled_step_and_journals_every_event(
     assert [(e.kind, e.key) for e in events] == [
         ("run_started", None),
         ("step_started", "a"),
+        ("step_done", "a"),  # the input: journaled before what it leads to
         ("step_settled", "a"),
         ("step_settled", "b"),
         ("run_finished", None),
     ]
+    assert events[0].data["caller"] == {"kind": "client", "id": "tester"}
+    assert events[0].data["plan"] == plan.digest
     assert events[1].data["arguments"] == {"x": 1}
-    assert [e.seq for e in events] == [0, 1, 2, 3, 4]
+    assert events[2].data["result"] == {"tool": "t__a", "args": 1}
+    assert [e.seq for e in events] == [0, 1, 2, 3, 4, 5]
     [summary] = await journal.runs()
     assert (summary.run_id, summary.workflow, summary.status, summary.steps) == (run_id, "w", "succeeded", 2)
 
@@ -338,3 +343,29 @@ async def test_unanswered_questions_are_asked_again() -> None:
 )
 def test_the_progress_total_is_known_when_every_step_settles_once(steps: str, total: int | None) -> None:
     assert plan_of(f"steps: {steps}").total_steps == total
+
+
+async def test_a_runaway_jq_program_does_not_hold_up_another_run_on_the_event_loop() -> None:
+    tools, journal = Tools(), MemoryJournal()
+    runner = Runner(tools, journal)
+    runaway = plan_of("steps: [{id: big, set: {n: '${last(range(1e12))}'}}]")
+    quick = plan_of("steps: [{id: echo, call: t__echo}]", name="quick")
+    finished: list[str] = []
+
+    async def run_away() -> None:
+        result = await runner.run(runaway, {}, CALLER)
+        assert result.is_error
+        assert "jq evaluation exceeded" in result.content[0]["text"]  # it did run, for the whole time limit
+        finished.append("runaway")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_away)
+        await anyio.wait_all_tasks_blocked()  # the runaway run waits for its program's answer
+        began = anyio.current_time()
+        result = await runner.run(quick, {}, CALLER)
+        took = anyio.current_time() - began
+        finished.append("quick")
+
+    assert not result.is_error
+    assert finished == ["quick", "runaway"]
+    assert took < _jqsafe.TIME_LIMIT / 2  # in fact a few ms; before, the whole second the program ran
