@@ -244,8 +244,8 @@ async def open_gateway(
     Providers that fail to start are reported and retried in the background.
 
     Raises:
-        ConfigError: the backends or provider kinds are unknown, or the merged registry has collisions
-            (with ``strict``), so the gateway must not start.
+        ConfigError: a provider kind is unknown, or the merged registry has collisions (with ``strict``),
+            so the gateway must not start.
     """
     failure: ConfigError | None = None
     async with open_backends(config) as backends:
