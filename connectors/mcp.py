@@ -201,9 +201,9 @@ class McpUpstream:
         self._inflight: dict[int, ClientChannel] = {}
         self._ids = itertools.count()
         self._next_attempt = 0.0
+        """When the supervisor tries to connect again (``anyio.current_time()``), while it waits to."""
         self._lost = "connection closed by the server"
         """Why the current connection ended, once it has."""
-        """When the supervisor tries to connect again (``anyio.current_time()``), while it waits to."""
 
     @property
     def connect_timeout(self) -> float:
