@@ -87,6 +87,8 @@ class Upstream:
     """Set when a ``wait`` call was cancelled."""
     pinged: anyio.Event = field(default_factory=anyio.Event)
     """Set when a ``ping`` arrived (replace it to wait for the next)."""
+    answers_pings: bool = True
+    """False: a ``ping`` is never answered, as by a server that hangs."""
 
 
 def make_upstream(name: str = "kit") -> Upstream:
@@ -240,6 +242,8 @@ def _catalog(up: Upstream) -> None:
 
     async def ping(ctx: Any, params: types.RequestParams) -> types.EmptyResult:
         up.pinged.set()
+        if not up.answers_pings:
+            await anyio.sleep_forever()
         return types.EmptyResult()
 
     mcp._lowlevel_server.add_request_handler("ping", types.RequestParams, ping)

@@ -307,6 +307,15 @@ async def test_a_server_that_answers_its_pings_stays_up_and_is_not_reconnected()
         assert conn.upstream.connects == 1
 
 
+async def test_a_server_that_stops_answering_its_pings_is_reconnected(caplog: pytest.LogCaptureFixture) -> None:
+    # The server is still there and every stream stays open: only the heartbeat can tell that it hangs.
+    upstream = make_upstream()
+    async with connected_to(upstream, ", heartbeat: 50ms, timeout: 1s") as conn:
+        upstream.answers_pings = False
+        await conn.until(lambda up: up.connects == 2 and up.state is State.UP, within=NOTICED_WITHIN)
+    assert any("no answer to a ping within 1s" in r.getMessage() for r in caplog.records if r.name == "connectors.mcp")
+
+
 async def test_a_stdio_server_that_exits_is_restarted() -> None:
     async with connected(f"{{command: [{PYTHON}, {TESTKIT}]}}") as conn:
         whoami = await conn.call("whoami", {})
