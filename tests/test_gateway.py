@@ -327,6 +327,21 @@ async def test_an_upstream_that_cannot_connect_is_down_and_once_closed_stops_ret
     assert told == []  # it never came up, so nothing changed
 
 
+async def test_the_workflow_provider_once_closed_stops() -> None:
+    workflows = Gateway(config_of()).workflows
+    told: list[str] = []
+
+    async def changed(name: str) -> None:
+        told.append(name)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(workflows.run, ProviderEvents(changed))
+            assert workflows.state is ProviderState.UP
+            await workflows.close()  # run returns: the task group ends without being cancelled
+    assert told == []  # its listing never changes
+
+
 async def test_an_upstream_forwards_only_prompt_resource_and_completion_requests() -> None:
     upstream = McpUpstream("gone", HttpServer(url=unused_url()))
     with pytest.raises(UpstreamError) as caught:
