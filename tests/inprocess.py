@@ -85,6 +85,8 @@ class Upstream:
     """Set when a ``wait`` call has started."""
     cancelled: anyio.Event = field(default_factory=anyio.Event)
     """Set when a ``wait`` call was cancelled."""
+    prompt_meta: list[dict[str, Any]] = field(default_factory=list)
+    """The ``_meta`` of each ``prompts/get`` request, in the order they came."""
     pinged: anyio.Event = field(default_factory=anyio.Event)
     """Set when a ``ping`` arrived (replace it to wait for the next)."""
     answers_pings: bool = True
@@ -218,8 +220,10 @@ def _catalog(up: Upstream) -> None:
     mcp = up.server
 
     @mcp.prompt()
-    def greet(person: str) -> str:
+    def greet(person: str, ctx: Context) -> str:
         """Greet someone."""
+        meta = ctx.request_context.meta
+        up.prompt_meta.append(dict(meta) if meta else {})
         return f"Hello, {person}!"
 
     @mcp.resource("kit://static")
