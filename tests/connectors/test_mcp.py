@@ -14,7 +14,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from connectors.mcp import McpUpstream, State
 from gateway.config import parse_config
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, ToolResult
 from tests.inprocess import UPSTREAM_DEPRECATIONS, WITHIN, Upstream, make_upstream, serve_asgi, serve_upstream
 from tests.support import PYTHON, TESTKIT
 
@@ -78,10 +78,10 @@ async def connected(server: str) -> AsyncIterator[Connected]:
     async def on_change(name: str) -> None:
         send.send_nowait(name)
 
-    upstream = McpUpstream("kit", config, on_change=on_change)
+    upstream = McpUpstream("kit", config)
     async with send, receive, anyio.create_task_group() as tg:
         with anyio.fail_after(WITHIN):
-            await tg.start(upstream.run)
+            await tg.start(upstream.run, ProviderEvents(on_change))
         try:
             yield Connected(upstream, receive)
         finally:
