@@ -164,14 +164,13 @@ def _talking_tools(up: Upstream) -> None:
         await ctx.warning(f"finished {steps} steps")
         return f"{steps} steps"
 
-    @mcp.tool()
-    async def ask_model(prompt: str, ctx: Context) -> str:
-        """Ask the client's model (sampling) on this call's stream and return its answer, or why it was refused."""
+    async def sample(ctx: Context, prompt: str, **link: Any) -> str:
+        """The client's model's answer to ``prompt`` (sampling), or why it was refused."""
         try:
             result = await ctx.session.create_message(
                 messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
                 max_tokens=50,
-                related_request_id=ctx.request_id,
+                **link,
             )
         except MCPError as exc:
             return f"refused: {exc.error.message}"
@@ -179,17 +178,14 @@ def _talking_tools(up: Upstream) -> None:
         return content.text if isinstance(content, types.TextContent) else str(content)
 
     @mcp.tool()
+    async def ask_model(prompt: str, ctx: Context) -> str:
+        """Ask the client's model (sampling) on this call's stream and return its answer, or why it was refused."""
+        return await sample(ctx, prompt, related_request_id=ctx.request_id)
+
+    @mcp.tool()
     async def ask_model_aside(prompt: str, ctx: Context) -> str:
         """Ask the client's model on the session's own stream, with no link to this call (as old servers do)."""
-        try:
-            result = await ctx.session.create_message(
-                messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
-                max_tokens=50,
-            )
-        except MCPError as exc:
-            return f"refused: {exc.error.message}"
-        content = result.content
-        return content.text if isinstance(content, types.TextContent) else str(content)
+        return await sample(ctx, prompt)
 
     @mcp.tool()
     async def confirm(action: str, ctx: Context) -> str | types.InputRequiredResult:
