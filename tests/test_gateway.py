@@ -247,6 +247,19 @@ async def test_calls_pass_the_policy_chain_against_the_limit_state_the_gateway_h
         assert limits.held == 1  # the bucket the chain filled is in the state the gateway holds
 
 
+async def test_circuits_are_kept_in_the_breaker_state_the_gateway_holds() -> None:
+    config = config_of("servers:\n  crm: {command: [unused], circuit_breaker: {failures: 1}}\n")
+    kinds = {"stdio": lambda name, entry: Toolbox(name, up=False)}
+    async with gateway_with(config, kinds=kinds) as gateway:
+        _, outcome, _ = await gateway.dispatcher.invoke("crm__add", {"a": 1, "b": 2}, CALLER)
+        assert outcome == "unavailable"
+        _, outcome, _ = await gateway.dispatcher.invoke("crm__add", {"a": 1, "b": 2}, CALLER)
+        assert outcome == "circuit_open"
+        settings = config.servers["crm"].circuit_breaker
+        assert settings is not None
+        assert await gateway.backends.breakers.state("crm", settings) == "open"
+
+
 async def test_a_fallback_calls_back_into_the_whole_call_path() -> None:
     text = "servers:\n  crm: {command: [unused], fallback: {'*': box__add}}\n"
     kinds = {"stdio": lambda name, entry: Toolbox(name, up=False)}
