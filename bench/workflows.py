@@ -61,7 +61,7 @@ from gateway.config import HttpServer
 from gateway.dispatch import Dispatcher, Invocation
 from gateway.heap import freeze_startup_heap
 from gateway.registry import Entry, Registry
-from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
+from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, Tool, ToolResult
 from gateway.workflows._jqsafe import first as jq_first
 from gateway.workflows.commands import Evaluate
 from gateway.workflows.engine import CallTool, Run
@@ -322,9 +322,9 @@ async def connector(url: str) -> AsyncIterator[McpUpstream]:
     async def unchanged(name: str) -> None:
         pass
 
-    upstream = McpUpstream("echo", HttpServer(url=url), on_change=unchanged)
+    upstream = McpUpstream("echo", HttpServer(url=url))
     async with anyio.create_task_group() as tg:
-        await tg.start(upstream.run)
+        await tg.start(upstream.run, ProviderEvents(unchanged))
         yield upstream
         tg.cancel_scope.cancel()
 

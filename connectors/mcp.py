@@ -28,7 +28,7 @@ is logged once per connection and kept in ``warnings`` for the status.
 
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -101,12 +101,6 @@ _LISTS: dict[str, tuple[Any, str, str]] = {
 State = ProviderState
 """The name this module used before the state moved to ``gateway.types``."""
 
-ChangeFn = Callable[[str], Awaitable[None]]
-"""``async (server_name)``: the server's listing changed (or it came up / went down)."""
-
-UpdatedFn = Callable[[str], Awaitable[None]]
-"""``async (uri)``: the server says a subscribed resource changed."""
-
 _REQUESTS = frozenset(
     {"prompts/get", "resources/read", "resources/subscribe", "resources/unsubscribe", "completion/complete"}
 )
@@ -115,6 +109,10 @@ _REQUESTS = frozenset(
 
 async def _ignore(value: str) -> None:
     return None
+
+
+_UNTOLD = ProviderEvents(changed=_ignore)
+"""Where changes go until :meth:`McpUpstream.run` is given its events: nowhere."""
 
 
 class _WatchedStream:
@@ -178,10 +176,7 @@ class _Watched:
 class McpUpstream:
     """One upstream MCP server: a provider of tools, prompts and resources (``gateway.types.Provider``)."""
 
-    def __init__(
-        self, name: str, config: ServerConfig, *, on_change: ChangeFn = _ignore, on_updated: UpdatedFn = _ignore
-    ) -> None:
-        """``on_change`` and ``on_updated`` are told what happens when :meth:`run` is given no events."""
+    def __init__(self, name: str, config: ServerConfig) -> None:
         self.name = name
         self.config = config
         self.state = ProviderState.CONNECTING
@@ -190,8 +185,7 @@ class McpUpstream:
         self.connects = 0
         self._missing: set[str] = set()
         """List methods this connection's server answered with Method not found: not asked again."""
-        self._on_change = on_change
-        self._on_updated = on_updated
+        self._events = _UNTOLD
         self._stop = anyio.CancelScope()
         self._client: Client | None = None
         self._modern: Client | None = None
@@ -201,9 +195,9 @@ class McpUpstream:
         self._inflight: dict[int, ClientChannel] = {}
         self._ids = itertools.count()
         self._next_attempt = 0.0
+        """When the supervisor tries to connect again (``anyio.current_time()``), while it waits to."""
         self._lost = "connection closed by the server"
         """Why the current connection ended, once it has."""
-        """When the supervisor tries to connect again (``anyio.current_time()``), while it waits to."""
 
     @property
     def connect_timeout(self) -> float:
@@ -217,15 +211,11 @@ class McpUpstream:
     # -- lifetime -----------------------------------------------------------------------------
 
     async def run(
-        self,
-        events: ProviderEvents | None = None,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+        self, events: ProviderEvents, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Keep the server connected until cancelled or closed, telling ``events`` (else the constructor's
-        callbacks) of changes. ``started`` fires after the first attempt, good or bad."""
-        if events is not None:
-            self._on_change, self._on_updated = events.changed, events.resource_updated
+        """Keep the server connected until cancelled or closed, telling ``events`` of changes. ``started``
+        fires after the first attempt, good or bad."""
+        self._events = events
         announced = False
 
         def announce() -> None:
@@ -258,7 +248,7 @@ class McpUpstream:
                         await tg.start(self._session)
                     backoff = INITIAL_BACKOFF
                     announce()
-                    await self._on_change(self.name)
+                    await self._events.changed(self.name)
             # The boundary of one connection: whatever broke it (spawn failure, handshake error,
             # refused HTTP, a crash), the gateway keeps serving and tries again.
             except Exception as exc:
@@ -270,7 +260,7 @@ class McpUpstream:
             self._client = self._modern = self._caller = None  # however the connection ended
             announce()
             if was_up:
-                await self._on_change(self.name)
+                await self._events.changed(self.name)
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
@@ -410,7 +400,7 @@ class McpUpstream:
             except (MCPError, TimeoutError, ValidationError) as exc:
                 logger.warning("upstream %s: refreshing the listing failed: %s", self.name, exc)
                 continue
-            await self._on_change(self.name)
+            await self._events.changed(self.name)
 
     async def _fetch_listing(self, client: Client) -> Listing:
         caps = client.server_capabilities
@@ -599,7 +589,7 @@ class McpUpstream:
         if message.method.endswith("/list_changed"):
             self._refresh_wanted.set()
         elif isinstance(message, types.ResourceUpdatedNotification):
-            await self._on_updated(str(message.params.uri))
+            await self._events.resource_updated(str(message.params.uri))
 
     def _sole_client(self) -> ClientChannel | None:
         channels = {id(c): c for c in self._inflight.values()}

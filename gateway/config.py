@@ -14,7 +14,7 @@ alone. Mapping keys are names: they are always the text as written (``on:`` is `
 import os
 import re
 import shlex
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -122,34 +122,42 @@ def _shown(value: str) -> str:
     return f"`{scheme}://…`" if sep else repr(value)
 
 
-def _check_store(url: str) -> str:
-    # Durable runs come with the next issue; until then a store that could not be used is refused, so
-    # nobody believes runs are kept somewhere they are not. Any SQLite path is already accepted.
-    if url.startswith("sqlite:///") and url != "sqlite:///":
-        return url
-    if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError(
-            f"{_shown(url)} is not supported yet: store must be a `sqlite:///PATH` URL (PostgreSQL is planned)"
-        )
-    raise ValueError(f"{_shown(url)} is not supported: store must be a `sqlite:///PATH` URL")
+def _works_today(
+    key: str, must: str, works: Callable[[str], bool], planned: tuple[str, ...], note: str
+) -> AfterValidator:
+    """The check of a setting that accepts only what works today: ``works(value)``, else an error saying
+    what ``key`` ``must`` be; for a value whose scheme is one of ``planned``, that it is not supported *yet*
+    (``note``: what is planned)."""
+
+    def check(value: str) -> str:
+        if works(value):
+            return value
+        if value.startswith(planned):
+            raise ValueError(f"{_shown(value)} is not supported yet: {key} must be {must} ({note})")
+        raise ValueError(f"{_shown(value)} is not supported: {key} must be {must}")
+
+    return AfterValidator(check)
 
 
-def _check_engine(engine: str) -> str:
-    if engine == DEFAULT_ENGINE:
-        return engine
-    if engine.startswith("temporal://"):
-        raise ValueError(f"{_shown(engine)} is not supported yet: engine must be `local` (Temporal is planned)")
-    raise ValueError(f"{_shown(engine)} is not supported: engine must be `local`")
-
-
-def _check_shared_state(where: str) -> str:
-    if where == DEFAULT_SHARED_STATE:
-        return where
-    if where.startswith(("redis://", "rediss://")):
-        raise ValueError(
-            f"{_shown(where)} is not supported yet: shared_state must be `memory` (Redis-shared limits are planned)"
-        )
-    raise ValueError(f"{_shown(where)} is not supported: shared_state must be `memory`")
+# Durable runs come with the next issue; until then a store that could not be used is refused, so
+# nobody believes runs are kept somewhere they are not. Any SQLite path is already accepted.
+_STORE_TODAY = _works_today(
+    "store",
+    "a `sqlite:///PATH` URL",
+    lambda url: url.startswith("sqlite:///") and url != "sqlite:///",
+    ("postgresql://", "postgres://"),
+    "PostgreSQL is planned",
+)
+_ENGINE_TODAY = _works_today(
+    "engine", "`local`", lambda engine: engine == DEFAULT_ENGINE, ("temporal://",), "Temporal is planned"
+)
+_SHARED_STATE_TODAY = _works_today(
+    "shared_state",
+    "`memory`",
+    lambda where: where == DEFAULT_SHARED_STATE,
+    ("redis://", "rediss://"),
+    "Redis-shared limits are planned",
+)
 
 
 def _check_server_name(name: str) -> str:
@@ -167,11 +175,11 @@ class GatewaySettings(BaseModel):
     """The server name this gateway reports to its clients."""
     separator: str = DEFAULT_SEPARATOR
     """Joins a server's prefix and a tool name: ``crm__get_order``."""
-    store: Annotated[str, AfterValidator(_check_store)] = DEFAULT_STORE
+    store: Annotated[str, _STORE_TODAY] = DEFAULT_STORE
     """Database URL of the run journal: a ``sqlite:///PATH`` URL (nothing is kept there yet; PostgreSQL is planned)."""
-    engine: Annotated[str, AfterValidator(_check_engine)] = DEFAULT_ENGINE
+    engine: Annotated[str, _ENGINE_TODAY] = DEFAULT_ENGINE
     """Where workflows run: ``local`` (in-process), the only engine so far (Temporal is planned)."""
-    shared_state: Annotated[str, AfterValidator(_check_shared_state)] = DEFAULT_SHARED_STATE
+    shared_state: Annotated[str, _SHARED_STATE_TODAY] = DEFAULT_SHARED_STATE
     """Where rate limits and breaker state live: ``memory`` (per process), the only choice so far (Redis is planned)."""
     max_body: Size = DEFAULT_MAX_BODY
     """The largest HTTP request body accepted (``4MiB``); a larger one gets 413."""

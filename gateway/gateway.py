@@ -37,7 +37,7 @@ from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
 from policies.redaction import DEFAULT_KEYS, Redactor
 
-__all__ = ["PROVIDER_KINDS", "Gateway", "ProviderFactory", "ProviderStatus", "UpstreamStatus", "open_gateway"]
+__all__ = ["PROVIDER_KINDS", "Gateway", "ProviderFactory", "ProviderStatus", "open_gateway"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ class ProviderStatus:
     last_error: str | None
     warnings: tuple[str, ...] = ()
     """What the server lacks that is worked around, e.g. a list method it does not answer."""
-
-
-UpstreamStatus = ProviderStatus
-"""The name this status had when only upstream servers had one."""
 
 
 class Gateway:
@@ -244,8 +240,8 @@ async def open_gateway(
     Providers that fail to start are reported and retried in the background.
 
     Raises:
-        ConfigError: the backends or provider kinds are unknown, or the merged registry has collisions
-            (with ``strict``), so the gateway must not start.
+        ConfigError: a provider kind is unknown, or the merged registry has collisions (with ``strict``),
+            so the gateway must not start.
     """
     failure: ConfigError | None = None
     async with open_backends(config) as backends:

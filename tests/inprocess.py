@@ -85,8 +85,12 @@ class Upstream:
     """Set when a ``wait`` call has started."""
     cancelled: anyio.Event = field(default_factory=anyio.Event)
     """Set when a ``wait`` call was cancelled."""
+    prompt_meta: list[dict[str, Any]] = field(default_factory=list)
+    """The ``_meta`` of each ``prompts/get`` request, in the order they came."""
     pinged: anyio.Event = field(default_factory=anyio.Event)
     """Set when a ``ping`` arrived (replace it to wait for the next)."""
+    answers_pings: bool = True
+    """False: a ``ping`` is never answered, as by a server that hangs."""
 
 
 def make_upstream(name: str = "kit") -> Upstream:
@@ -160,14 +164,13 @@ def _talking_tools(up: Upstream) -> None:
         await ctx.warning(f"finished {steps} steps")
         return f"{steps} steps"
 
-    @mcp.tool()
-    async def ask_model(prompt: str, ctx: Context) -> str:
-        """Ask the client's model (sampling) on this call's stream and return its answer, or why it was refused."""
+    async def sample(ctx: Context, prompt: str, **link: Any) -> str:
+        """The client's model's answer to ``prompt`` (sampling), or why it was refused."""
         try:
             result = await ctx.session.create_message(
                 messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
                 max_tokens=50,
-                related_request_id=ctx.request_id,
+                **link,
             )
         except MCPError as exc:
             return f"refused: {exc.error.message}"
@@ -175,17 +178,14 @@ def _talking_tools(up: Upstream) -> None:
         return content.text if isinstance(content, types.TextContent) else str(content)
 
     @mcp.tool()
+    async def ask_model(prompt: str, ctx: Context) -> str:
+        """Ask the client's model (sampling) on this call's stream and return its answer, or why it was refused."""
+        return await sample(ctx, prompt, related_request_id=ctx.request_id)
+
+    @mcp.tool()
     async def ask_model_aside(prompt: str, ctx: Context) -> str:
         """Ask the client's model on the session's own stream, with no link to this call (as old servers do)."""
-        try:
-            result = await ctx.session.create_message(
-                messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=prompt))],
-                max_tokens=50,
-            )
-        except MCPError as exc:
-            return f"refused: {exc.error.message}"
-        content = result.content
-        return content.text if isinstance(content, types.TextContent) else str(content)
+        return await sample(ctx, prompt)
 
     @mcp.tool()
     async def confirm(action: str, ctx: Context) -> str | types.InputRequiredResult:
@@ -216,8 +216,10 @@ def _catalog(up: Upstream) -> None:
     mcp = up.server
 
     @mcp.prompt()
-    def greet(person: str) -> str:
+    def greet(person: str, ctx: Context) -> str:
         """Greet someone."""
+        meta = ctx.request_context.meta
+        up.prompt_meta.append(dict(meta) if meta else {})
         return f"Hello, {person}!"
 
     @mcp.resource("kit://static")
@@ -240,6 +242,8 @@ def _catalog(up: Upstream) -> None:
 
     async def ping(ctx: Any, params: types.RequestParams) -> types.EmptyResult:
         up.pinged.set()
+        if not up.answers_pings:
+            await anyio.sleep_forever()
         return types.EmptyResult()
 
     mcp._lowlevel_server.add_request_handler("ping", types.RequestParams, ping)

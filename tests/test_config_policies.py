@@ -169,15 +169,17 @@ def test_a_derived_id_ignores_position_spelling_and_reason_but_not_what_the_rule
         """)
     assert respelled == written
     assert ids_of('policies: [{deny: "files__delete_*", reason: "not today"}]') == [deny]
-    [per_tool, for_x, slower, denied] = ids_of(f"""\
+    [per_tool, for_x, slower, burstier, denied, denied_if] = ids_of(f"""\
         {clients}
         policies:
           - {{tools: ["a*", "b*"], rate_limit: 10/s, per: tool, clients: [x, y]}}
           - {{tools: ["a*", "b*"], rate_limit: 10/s, per: client, clients: [x]}}
           - {{tools: ["a*", "b*"], rate_limit: 5/s, per: client, clients: [x, y]}}
+          - {{tools: ["a*", "b*"], rate_limit: 10/s, burst: 20, per: client, clients: [x, y]}}
           - {{deny: ["a*", "b*"], clients: [x, y]}}
+          - {{deny: ["a*", "b*"], clients: [x, y], if: ".arguments.force"}}
         """)
-    assert len({written, per_tool, for_x, slower, denied}) == 5
+    assert len({written, per_tool, for_x, slower, burstier, denied, denied_if}) == 7
 
 
 def test_a_given_id_is_used_as_is() -> None:

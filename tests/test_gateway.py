@@ -6,8 +6,7 @@ gateway serves it beside what the config builds without any change to ``gateway/
 """
 
 import contextlib
-import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,7 @@ import anyio.abc
 import httpx2
 import mcp_types as types
 import pytest
-import uvicorn
 from mcp import Client
-from starlette.types import ASGIApp
 
 from connectors.mcp import McpUpstream
 from gateway.app import readiness, serving
@@ -42,6 +39,8 @@ from gateway.types import (
 from gateway.workflows.provider import WORKFLOW_PROVIDER
 from policies.fallback import META_KEY as FALLBACK_META_KEY
 from policies.state import MemoryLimitState
+from tests.inprocess import serve_asgi
+from tests.support import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -248,6 +247,19 @@ async def test_calls_pass_the_policy_chain_against_the_limit_state_the_gateway_h
         assert limits.held == 1  # the bucket the chain filled is in the state the gateway holds
 
 
+async def test_circuits_are_kept_in_the_breaker_state_the_gateway_holds() -> None:
+    config = config_of("servers:\n  crm: {command: [unused], circuit_breaker: {failures: 1}}\n")
+    kinds = {"stdio": lambda name, entry: Toolbox(name, up=False)}
+    async with gateway_with(config, kinds=kinds) as gateway:
+        _, outcome, _ = await gateway.dispatcher.invoke("crm__add", {"a": 1, "b": 2}, CALLER)
+        assert outcome == "unavailable"
+        _, outcome, _ = await gateway.dispatcher.invoke("crm__add", {"a": 1, "b": 2}, CALLER)
+        assert outcome == "circuit_open"
+        settings = config.servers["crm"].circuit_breaker
+        assert settings is not None
+        assert await gateway.backends.breakers.state("crm", settings) == "open"
+
+
 async def test_a_fallback_calls_back_into_the_whole_call_path() -> None:
     text = "servers:\n  crm: {command: [unused], fallback: {'*': box__add}}\n"
     kinds = {"stdio": lambda name, entry: Toolbox(name, up=False)}
@@ -306,9 +318,7 @@ async def test_the_call_path_is_bound_once() -> None:
 
 
 def unused_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"  # nothing listens once the socket is closed
+    return f"http://127.0.0.1:{free_port()}/mcp"  # nothing listens once the port is free again
 
 
 async def test_an_upstream_that_cannot_connect_is_down_and_once_closed_stops_retrying() -> None:
@@ -330,6 +340,21 @@ async def test_an_upstream_that_cannot_connect_is_down_and_once_closed_stops_ret
     assert told == []  # it never came up, so nothing changed
 
 
+async def test_the_workflow_provider_once_closed_stops() -> None:
+    workflows = Gateway(config_of()).workflows
+    told: list[str] = []
+
+    async def changed(name: str) -> None:
+        told.append(name)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(workflows.run, ProviderEvents(changed))
+            assert workflows.state is ProviderState.UP
+            await workflows.close()  # run returns: the task group ends without being cancelled
+    assert told == []  # its listing never changes
+
+
 async def test_an_upstream_forwards_only_prompt_resource_and_completion_requests() -> None:
     upstream = McpUpstream("gone", HttpServer(url=unused_url()))
     with pytest.raises(UpstreamError) as caught:
@@ -340,33 +365,12 @@ async def test_an_upstream_forwards_only_prompt_resource_and_completion_requests
 # -- `patchbay serve`'s code path serves it ------------------------------------------------------------
 
 
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield  # leave the test runner's signal handlers alone
-
-
-@contextlib.asynccontextmanager
-async def listening(app: ASGIApp) -> AsyncIterator[str]:
-    """``app`` under uvicorn on a pre-bound 127.0.0.1 socket (connections queue until it accepts); its base URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        server = _Uvicorn(uvicorn.Config(app, lifespan="off", log_level="critical", ws="none"))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            try:
-                yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-            finally:
-                server.should_exit = True
-
-
 @pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 async def test_a_provider_kind_only_the_test_knows_is_served_over_streamable_http(mode: str) -> None:
     box = Toolbox()
     config = config_of("policies:\n  - {deny: box__echo}\n")
     with anyio.fail_after(10):
-        async with serving(config, providers=[box]) as app, listening(app) as base:
+        async with serving(config, providers=[box]) as app, serve_asgi(app, lifespan="off") as base:
             async with Client(f"{base}/mcp", mode=mode) as client:
                 tools = {tool.name for tool in (await client.list_tools()).tools}
                 assert tools == {"box__add"}  # the access rule hides what it denies

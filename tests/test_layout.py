@@ -34,6 +34,17 @@ def test_connectors_and_policies_import_only_the_shared_gateway_modules() -> Non
     assert wrong == set()
 
 
+def test_connectors_and_policies_do_not_import_each_other() -> None:
+    wrong = {
+        (str(path.relative_to(ROOT)), module)
+        for package, other in (("connectors", "policies"), ("policies", "connectors"))
+        for path in sources(package)
+        for module in imports(path)
+        if module.split(".")[0] == other
+    }
+    assert wrong == set()
+
+
 def test_only_the_connector_and_the_server_import_the_mcp_sdk() -> None:
     importers = {
         str(path.relative_to(ROOT))

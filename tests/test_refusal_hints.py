@@ -15,7 +15,7 @@ from gateway.config import StdioServer
 from gateway.dispatch import Dispatcher
 from gateway.errors import UpstreamUnavailable
 from gateway.registry import Entry, Registry
-from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
+from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, Tool, ToolResult
 
 pytestmark = pytest.mark.anyio
 
@@ -61,10 +61,10 @@ async def test_a_server_that_is_not_connected_refuses_with_the_wait_until_its_ne
     async def ignore(name: str) -> None:
         return None
 
-    upstream = McpUpstream("dead", dead, on_change=ignore)
+    upstream = McpUpstream("dead", dead)
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
-            await tg.start(upstream.run)  # after the first attempt, which fails
+            await tg.start(upstream.run, ProviderEvents(ignore))  # after the first attempt, which fails
             assert upstream.state is State.DOWN
             with pytest.raises(UpstreamUnavailable) as caught:
                 await upstream.call_tool("anything", {}, CALLER)

@@ -208,6 +208,18 @@ async def test_prompts_are_listed_under_their_prefix_and_fetched_from_their_owne
 
 
 @pytest.mark.parametrize("mode", ERAS)
+async def test_a_prompt_request_carries_the_callers_own_meta_entries_and_nothing_of_this_hop(mode: str) -> None:
+    upstream = make_upstream()
+    async with frontend(upstream) as fe, frontend_client(fe, mode) as client:
+        meta = {"example.com/trace": "t-1", "progressToken": 7}
+        await client.get_prompt("kit__greet", {"person": "Ada"}, meta=meta)
+    [seen] = upstream.prompt_meta
+    assert seen["example.com/trace"] == "t-1"
+    assert seen.get("progress_token") != 7  # the client's token is this connection's; the upstream call has its own
+    assert [key for key in seen if key.startswith("io.modelcontextprotocol/")] == []  # a 2026 client's envelope
+
+
+@pytest.mark.parametrize("mode", ERAS)
 async def test_resources_and_templates_are_listed_and_read_from_their_owner(mode: str) -> None:
     async with frontend(make_upstream()) as fe, frontend_client(fe, mode) as client:
         assert [str(r.uri) for r in (await client.list_resources()).resources] == ["kit://static"]

@@ -14,7 +14,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from connectors.mcp import McpUpstream, State
 from gateway.config import parse_config
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, ToolResult
 from tests.inprocess import UPSTREAM_DEPRECATIONS, WITHIN, Upstream, make_upstream, serve_asgi, serve_upstream
 from tests.support import PYTHON, TESTKIT
 
@@ -78,10 +78,10 @@ async def connected(server: str) -> AsyncIterator[Connected]:
     async def on_change(name: str) -> None:
         send.send_nowait(name)
 
-    upstream = McpUpstream("kit", config, on_change=on_change)
+    upstream = McpUpstream("kit", config)
     async with send, receive, anyio.create_task_group() as tg:
         with anyio.fail_after(WITHIN):
-            await tg.start(upstream.run)
+            await tg.start(upstream.run, ProviderEvents(on_change))
         try:
             yield Connected(upstream, receive)
         finally:
@@ -305,6 +305,15 @@ async def test_a_server_that_answers_its_pings_stays_up_and_is_not_reconnected()
             upstream.pinged = anyio.Event()
         assert conn.upstream.state is State.UP
         assert conn.upstream.connects == 1
+
+
+async def test_a_server_that_stops_answering_its_pings_is_reconnected(caplog: pytest.LogCaptureFixture) -> None:
+    # The server is still there and every stream stays open: only the heartbeat can tell that it hangs.
+    upstream = make_upstream()
+    async with connected_to(upstream, ", heartbeat: 50ms, timeout: 1s") as conn:
+        upstream.answers_pings = False
+        await conn.until(lambda up: up.connects == 2 and up.state is State.UP, within=NOTICED_WITHIN)
+    assert any("no answer to a ping within 1s" in r.getMessage() for r in caplog.records if r.name == "connectors.mcp")
 
 
 async def test_a_stdio_server_that_exits_is_restarted() -> None:

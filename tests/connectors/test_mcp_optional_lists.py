@@ -12,7 +12,7 @@ from mcp import Client
 
 from connectors.mcp import McpUpstream, State
 from gateway.config import StdioServer
-from gateway.types import CallContext, Principal
+from gateway.types import CallContext, Principal, ProviderEvents
 from tests.support import PYTHON, ROOT, run_gateway, stdio_server, text
 
 pytestmark = pytest.mark.anyio
@@ -31,10 +31,10 @@ async def connected(*flags: str, until: str | None = None) -> AsyncIterator[tupl
         if any(tool.name == until for tool in upstream.listing.tools):
             listed.set()
 
-    upstream = McpUpstream("sqlish", StdioServer(command=[PYTHON, str(PARTIAL), *flags]), on_change=on_change)
+    upstream = McpUpstream("sqlish", StdioServer(command=[PYTHON, str(PARTIAL), *flags]))
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(20):
-            await tg.start(upstream.run)
+            await tg.start(upstream.run, ProviderEvents(on_change))
         yield upstream, listed
         tg.cancel_scope.cancel()
 
