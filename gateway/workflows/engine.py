@@ -172,6 +172,8 @@ class Run:
         self._evaluations: dict[str, tuple[_Site, int, Evaluate]] = {}
         self._sites = 0
         self._timers: dict[str, StartTimer] = {}
+        self._timer_owners: dict[str, tuple[_State, str]] = {}
+        """Each pending timer's step and what it is for: ``retry``, or ``timeout<attempt>``."""
         self._compensation: CallTool | None = None
 
     # --- Events. ---
@@ -205,10 +207,9 @@ class Run:
     def fire(self, key: str) -> list[Command]:
         """Timer ``key`` went off."""
         self._timers.pop(key, None)
-        name, _, what = key.partition("#")
-        state = self._by_key.get(name)
-        if state is None or self.status != "running":
-            return []
+        state, what = self._timer_owners.pop(key, (None, ""))
+        if state is None or self.status != "running" or self._by_key.get(state.key) is not state:
+            return []  # not a timer it started, or its step was replaced since (a container started over)
         if what == "retry" and state.status == "retrying":
             self._restart(state)
         elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating"):
@@ -382,7 +383,7 @@ class Run:
         state.attempt += 1
         step = state.plan.step
         if step.timeout is not None and not isinstance(step, CallStep | AskUserStep | AskModelStep):
-            self._start_timer(f"{state.key}#timeout{state.attempt}", step.timeout)
+            self._start_timer(state, f"timeout{state.attempt}", step.timeout)
         self._run_step(state, None)
 
     def _run_step(self, state: _State, site: _Site | None) -> None:
@@ -635,8 +636,18 @@ class Run:
         self._out = [c for c in self._out if not (isinstance(c, Evaluate) and c.key in dropped)]
         self._out.extend(Cancel(key) for key in sorted(dropped - batch))
 
-    def _start_timer(self, key: str, seconds: float) -> None:
+    def _start_timer(self, state: _State, what: str, seconds: float) -> None:
+        """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``), keyed ``<step key>#<what>``.
+
+        A step that a container's retry replaced keeps its key, and its timers may still be pending:
+        the new one's get another key (``~2``…), so a firing always reaches the step that started it."""
+        key = base = f"{state.key}#{what}"
+        n = 1
+        while key in self._timers:
+            n += 1
+            key = f"{base}~{n}"
         timer = self._timers[key] = StartTimer(key, seconds)
+        self._timer_owners[key] = (state, what)
         self._out.append(timer)
 
     def _succeed(self, state: _State, result: Any) -> None:
@@ -654,7 +665,7 @@ class Run:
         delay = self._retry_wait(state, error, random) if state.status != "fallback" else None
         if delay is not None:
             state.status, state.error = "retrying", error
-            self._start_timer(f"{state.key}#retry", delay)
+            self._start_timer(state, "retry", delay)
             return
         state.error = error
         fallback = state.plan.children.get("fallback", ())
@@ -875,6 +886,7 @@ class Run:
         """The run is over: break its frame ↔ state reference cycles, so its memory goes back at once
         instead of at the next full garbage collection (which walks the whole heap)."""
         self._timers.clear()  # the runner stops its timers when the run is over
+        self._timer_owners.clear()
         frames = [self._root]
         while frames:
             frame = frames.pop()

@@ -817,3 +817,36 @@ output: {v: "${.steps.b.result.v}"}
     d.ok("a", {"ok": True, "v": 7})
     assert d.finished == Finished("succeeded", {"v": 7})
     assert not any(isinstance(c, Evaluate) for c in d.log)
+
+
+def test_a_timer_of_a_step_that_a_container_retry_replaced_does_not_reach_its_replacement() -> None:
+    d = Driver(
+        """
+steps:
+  - id: outer
+    retry: {attempts: 2, "on": [error], backoff: 1s, jitter: 0}
+    switch:
+      - when: ".input.go"
+        steps:
+          - {id: inner, timeout: 10s, switch: [{when: ".input.go", steps: [{id: slow, call: t}]}]}
+          - {id: flaky, call: t, retry: {attempts: 3, backoff: 30s, max_backoff: 60s, jitter: 0}}
+          - {id: boom, call: t}
+""",
+        {"go": True},
+    )
+    d.fail("flaky")  # waits 30 s to try again
+    d.fail("boom")  # fails `outer`, which starts over after 1 s
+    old_timeout, old_retry = "inner#timeout1", "flaky#retry"
+    assert {old_timeout, old_retry} <= set(d.timers)
+    d.fire("outer#retry")
+    d.fail("flaky")
+    started = [c.key for c in d.log if isinstance(c, StartTimer)]
+    assert len(started) == len(set(started))  # a timer's key is never that of one still pending
+
+    d.take(d.run.fire(old_timeout))  # the replaced `inner`'s timer: not the new one's
+    d.take(d.run.fire(old_retry))  # the replaced `flaky`'s retry: the new one waits its own 30 s
+    steps = d.run.snapshot()["steps"]
+    assert steps["inner"]["status"] == "running"
+    assert steps["flaky"]["status"] == "retrying"
+    assert set(d.in_flight) == {"slow", "boom"}
+    assert d.finished is None
