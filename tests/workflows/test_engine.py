@@ -28,6 +28,27 @@ from gateway.workflows.plan import Plan, compile_workflow
 
 Leaf = CallTool | AskUser | AskModel
 
+_JQ = _jqsafe.Evaluator()
+"""The tests' own worker: the Driver runs the programs the engine asks for (as the runner does) through it."""
+_RUN_JQ = _jqsafe.Evaluator.first
+"""Taken before ``no_jq_here`` replaces it, so only the Driver can run jq."""
+
+
+@pytest.fixture(autouse=True)
+def no_jq_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any jq run in this process but the Driver's fails the test: the engine must not run one, in any test here."""
+
+    def refuse(*args: object, **kwargs: object) -> Any:
+        raise AssertionError("jq ran inside the engine")
+
+    for owner, name in [
+        (_jqsafe, "first"),
+        (_jqsafe, "afirst"),
+        (_jqsafe.Evaluator, "first"),
+        (_jqsafe.AsyncEvaluator, "first"),
+    ]:
+        monkeypatch.setattr(owner, name, refuse)
+
 
 def plan_of(text: str) -> Plan:
     plan, problems = compile_workflow("w", Workflow.model_validate(yaml.safe_load(text)))
@@ -79,7 +100,7 @@ class Driver:
         command = self.evaluations.pop(key)
         empty = object()
         try:
-            value = _jqsafe.first(command.source, command.data, empty)
+            value = _RUN_JQ(_JQ, command.source, command.data, empty)
         except _jqsafe.JqError as exc:
             return self.take(self.run.evaluated(key, error=str(exc)))
         if value is empty:
@@ -684,18 +705,6 @@ steps:
 # --- jq programs are the runner's to run: the engine asks, and waits for the outcome. ---
 
 
-@pytest.fixture
-def no_jq_here(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any jq run in this process fails the test: the engine must not run one."""
-
-    def refuse(*args: object, **kwargs: object) -> Any:
-        raise AssertionError("jq ran inside the engine")
-
-    monkeypatch.setattr(_jqsafe, "first", refuse)
-    monkeypatch.setattr(_jqsafe.Evaluator, "first", refuse)
-
-
-@pytest.mark.usefixtures("no_jq_here")
 def test_a_jq_program_is_asked_for_and_nothing_happens_until_its_outcome_comes_back() -> None:
     d = Driver(
         """
@@ -724,7 +733,6 @@ steps:
     assert d.in_flight["notify"].arguments == {"sum": 5}  # type: ignore[union-attr]
 
 
-@pytest.mark.usefixtures("no_jq_here")
 def test_the_programs_of_one_value_are_asked_for_together_and_a_switchs_conditions_in_turn() -> None:
     d = Driver(
         """
@@ -765,7 +773,6 @@ steps:
     assert d.run.snapshot()["steps"]["big"]["status"] == "skipped"
 
 
-@pytest.mark.usefixtures("no_jq_here")
 def test_an_evaluation_error_fails_the_step_like_a_jq_error_and_no_output_is_null() -> None:
     d = Driver(
         """
@@ -787,7 +794,6 @@ steps:
     assert d.finished == Finished("succeeded", {"b": {"x": None}})  # the default output: the steps that succeeded
 
 
-@pytest.mark.usefixtures("no_jq_here")
 def test_a_step_timing_out_while_its_program_runs_fails_and_its_evaluation_is_cancelled() -> None:
     d = Driver(
         """
