@@ -90,14 +90,14 @@ class AccessPolicy:
     async def __call__(self, call: ToolCall, call_next: CallNext) -> ToolResult:
         principal = call.context.principal
         step = call.context.workflow_run is not None
-        held: dict[str, bool] = {}
+        held: dict[int, bool] = {}  # by rule (its id() – labels may repeat where a program builds the rules)
         while True:
             try:
                 refusal = self._refusal(principal, call.name, call.arguments, step=step, held=held)
                 break
             except _Unknown as unknown:  # evaluate it (jq: awaited in the worker pool), then decide again
                 rule = unknown.rule
-                held[rule.label] = await rule.rule.applies_to(call.arguments, principal.id, call.name)
+                held[id(rule)] = await rule.rule.applies_to(call.arguments, principal.id, call.name)
         if refusal is not None:
             message, label = refusal
             raise Forbidden(message, policy=label)
@@ -110,17 +110,18 @@ class AccessPolicy:
         arguments: Mapping[str, object] | None,
         *,
         step: bool,
-        held: Mapping[str, bool],
+        held: Mapping[int, bool],
     ) -> tuple[str, str] | None:
         """Why the call is refused and by which rule; None when it is permitted. ``arguments`` None: a listing.
 
-        ``held``: the conditions evaluated so far, by rule label. Raises _Unknown for one it needs.
+        ``held``: the conditions evaluated so far, by ``id()`` of the rule. Raises _Unknown for one it needs.
         """
 
         def holds(rule: _Rule) -> bool:
-            if rule.label not in held:
+            known = held.get(id(rule))
+            if known is None:
                 raise _Unknown(rule)
-            return held[rule.label]
+            return known
 
         for rule in self._denies:
             if rule.for_caller(principal, step) and rule.tools.fullmatch(tool):

@@ -153,3 +153,14 @@ async def test_a_slow_condition_does_not_hold_up_other_calls_and_fails_closed() 
 
     assert finished[0] == "called crm__get"
     assert finished[1].startswith("refused by")  # the condition timed out: the deny applies
+
+
+async def test_each_rules_condition_is_its_own_even_where_two_rules_share_an_id() -> None:
+    """A config refuses two rules under one id; a program building the policy itself may not: no fail-open."""
+    shared = [
+        AccessRule.model_validate({"deny": "crm__*", "if": ".arguments.a", "id": "same"}),
+        AccessRule.model_validate({"deny": "crm__*", "if": ".arguments.b", "id": "same"}),
+    ]
+    access = AccessPolicy(shared, {})
+    assert (await outcome(access, LOCAL, "crm__x", b=True)).startswith("refused by same")
+    assert await outcome(access, LOCAL, "crm__x", a=False, b=False) == "called crm__x"
