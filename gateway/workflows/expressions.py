@@ -1,7 +1,8 @@
 """Workflow expressions: ``${…}`` templates and conditions, both jq (DESIGN §3).
 
 Everything is compiled once, when the config loads. A jq program that is not a plain path runs in
-a worker process with time and memory limits (:mod:`gateway.workflows._jqsafe`: libjq can abort
+a worker process with time and memory limits (:mod:`gateway.workflows._jqsafe`, awaited in
+:mod:`gateway.workflows._jqpool`: libjq can abort
 or hang the process that runs it), which costs ≈200 µs per evaluation; and the ``jq`` binding
 serialises its whole input to JSON on every run. So:
 
@@ -32,7 +33,7 @@ from typing import Any, NamedTuple
 
 import jq
 
-from gateway.workflows import _jqsafe
+from gateway.workflows import _jqpool, _jqsafe
 
 __all__ = [
     "Condition",
@@ -356,7 +357,7 @@ class _Program:
         if self.path is not None:
             return self._resolve(scope)
         try:
-            return await _jqsafe.afirst(self.source, self._narrow(scope), _NOTHING)
+            return await _jqpool.afirst(self.source, self._narrow(scope), _NOTHING)
         except _jqsafe.JqError as exc:
             raise self._error(str(exc)) from exc
 
@@ -462,7 +463,7 @@ class Lookup:
 async def run_program(source: str, data: Any) -> Outcome:
     """Run ``source`` (compiled at load time) over ``data`` in the bounded worker, without blocking the event loop."""
     try:
-        value = await _jqsafe.afirst(source, data, _NOTHING)
+        value = await _jqpool.afirst(source, data, _NOTHING)
     except _jqsafe.JqError as exc:  # jq's errors, input that is not JSON, a time or memory limit
         return Outcome(error=str(exc))
     return Outcome(empty=True) if value is _NOTHING else Outcome(value)

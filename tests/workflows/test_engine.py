@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.workflows import _jqsafe
+from gateway.workflows import _jqpool, _jqsafe
 from gateway.workflows.commands import (
     AskModel,
     AskUser,
@@ -43,9 +43,9 @@ def no_jq_here(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for owner, name in [
         (_jqsafe, "first"),
-        (_jqsafe, "afirst"),
+        (_jqpool, "afirst"),
         (_jqsafe.Evaluator, "first"),
-        (_jqsafe.AsyncEvaluator, "first"),
+        (_jqpool.AsyncEvaluator, "first"),
     ]:
         monkeypatch.setattr(owner, name, refuse)
 

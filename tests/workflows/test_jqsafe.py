@@ -15,7 +15,8 @@ import pytest
 from anyio import wait_all_tasks_blocked
 
 from gateway.workflows import _jqsafe
-from gateway.workflows._jqsafe import AsyncEvaluator, Evaluator, JqAborted, JqError, JqOutOfMemory, JqTimeout
+from gateway.workflows._jqpool import AsyncEvaluator
+from gateway.workflows._jqsafe import Evaluator, JqAborted, JqError, JqOutOfMemory, JqTimeout
 from gateway.workflows.expressions import ExpressionError, compile_condition, compile_value
 
 WHERE = "workflows.w.steps.s.with.x"
