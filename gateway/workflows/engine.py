@@ -33,7 +33,7 @@ How steps run:
   failure is one ``retry.on`` names. A call refused before it reached the tool (its error carries
   ``retry_after``: rate limited, circuit open, server not connected) is tried again after the wait
   it was told, even without ``retry:``, as long as the waits add up to no more than the step's
-  ``timeout`` (:data:`REFUSAL_BUDGET` without one); such tries do not count against
+  ``timeout`` (:data:`~gateway.workflows.retries.REFUSAL_BUDGET` without one); such tries do not count against
   ``retry.attempts``. After its last try, ``on_error`` decides: ``continue``
   settles it as failed and lets the run go on; fallback steps run in its place (their last result
   becomes its result); ``fail`` fails the step that contains it, and so on up to the run.
@@ -42,112 +42,35 @@ How steps run:
 """
 
 import json
-from collections import ChainMap, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
+from gateway.workflows._runstate import PARKED, SETTLED, Frame, Site, SiteKind, StepState, live, scope_of
+from gateway.workflows._sites import Sites
 from gateway.workflows.commands import (
     AskModel,
     AskUser,
     CallTool,
     Cancel,
     Command,
-    Evaluate,
     Finished,
     Leaf,
     Settled,
     StartTimer,
     Status,
     StepError,
-    retry_delay,
 )
 from gateway.workflows.expressions import ExpressionError, Lookup, Outcome
-from gateway.workflows.journal import INPUTS, JournalEvent
+from gateway.workflows.journal import JournalEvent
 from gateway.workflows.model import AskModelStep, AskUserStep, CallStep, FailStep, ForEachStep, SetStep, SwitchStep
-from gateway.workflows.plan import Plan, StepPlan
+from gateway.workflows.plan import Plan
+from gateway.workflows.replay import replay
+from gateway.workflows.retries import retry_wait
 
-__all__ = ["REFUSAL_BUDGET", "Run"]
+__all__ = ["Run"]
 
-REFUSAL_BUDGET = 30.0
-"""Seconds a step without a ``timeout`` may spend waiting to retry calls refused before they reached the tool."""
-_REFUSAL_FLOOR = 0.05
-"""Seconds before the first retry of a refusal that hints no wait (a concurrency limit); doubled per refusal."""
-_REFUSAL_CEILING = 2.0
-"""The longest of those floors: a refusal's own hint may be longer."""
-_REFUSAL_JITTER = 0.1
-"""Refusal waits are stretched by up to this fraction, so steps refused together do not return in lockstep."""
-
-# --- State. ---
-
-_SETTLED = frozenset({"succeeded", "failed", "skipped", "cancelled"})
-
-
-@dataclass(eq=False, slots=True)
-class _Frame:
-    """Where steps run: the run itself, or one iteration of a for_each (with its item bound)."""
-
-    path: str
-    region: str | None
-    parent: "_Frame | None"
-    bindings: dict[str, Any]
-    states: dict[str, "_State"] = field(default_factory=dict)
-    entries: dict[str, Any] = field(default_factory=dict)
-    """``.steps`` as expressions see it: settled steps of this frame by id."""
-    owner: "_State | None" = None
-    index: int = 0
-    evaluating: bool = False
-    """The iteration is over and its ``output`` waits for jq."""
-
-
-@dataclass(eq=False, slots=True)
-class _State:
-    plan: StepPlan
-    frame: _Frame
-    key: str
-    status: str = "waiting"  # waiting | evaluating | queued | running | retrying | fallback | + _SETTLED
-    attempt: int = 0
-    refusals: int = 0
-    """Tries refused before they reached the tool (not counted against ``retry.attempts``)."""
-    waited: float = 0.0
-    """Seconds spent waiting to retry those refusals."""
-    command: Leaf | None = None
-    """The call or question handed out for the current try, while it is in flight."""
-    result: Any = None
-    error: StepError | None = None
-    continued: bool = False
-    branch: str | None = None
-    items: list[Any] | None = None
-    next_item: int = 0
-    outputs: list[Any] = field(default_factory=list)
-    iterations: dict[int, _Frame] = field(default_factory=dict)
-
-
-_SiteKind = Literal["step", "success", "output", "run", "compensate"]
-
-
-@dataclass(eq=False, slots=True)
-class _Site:
-    """A place waiting for jq outcomes: what it belongs to, and the outcomes known so far.
-
-    It is evaluated again over the live scope, which is safe: what it reads by name (``.steps.<id>``
-    of the steps it depends on, ``.input``, the item) cannot change while it waits, since a step that
-    could change them would have cancelled it first; the outcomes it got are by position, whatever
-    their input was. Only a program asked for later (a switch's next condition) that reads steps it
-    does not name (``.steps | keys``) may see steps that settled meanwhile."""
-
-    prefix: str
-    kind: _SiteKind
-    state: _State | None
-    attempt: int
-    frame: _Frame | None = None
-    result: Any = None
-    random: float = 0.5
-    known: list[Outcome | None] = field(default_factory=list)
-    waiting: int = 0
-
-
-_PARKED: Any = object()  # an evaluation that waits for jq outcomes
 _PLAIN = Lookup()  # for values of plain paths only, which never consult it
 
 
@@ -158,21 +81,20 @@ class Run:
         self.plan = plan
         self.arguments = arguments
         self.status: Literal["pending", "running", "compensating", "succeeded", "failed"] = "pending"
-        self._root = _Frame("", None, None, {})
-        self._by_key: dict[str, _State] = {}
-        self._queue: deque[tuple[_State, Leaf]] = deque()
-        self._in_flight: dict[str, _State] = {}
-        self._completed: list[_State] = []
-        self._compensating: _State | None = None
+        self._root = Frame("", None, None, {})
+        self._by_key: dict[str, StepState] = {}
+        self._queue: deque[tuple[StepState, Leaf]] = deque()
+        self._in_flight: dict[str, StepState] = {}
+        self._completed: list[StepState] = []
+        self._compensating: StepState | None = None
         self._failure: StepError | None = None
         self._compensation_errors: list[StepError] = []
-        self._wake: deque[_State] = deque()
+        self._wake: deque[StepState] = deque()
         self._unsettled_top = len(plan.top)
         self._out: list[Command] = []
-        self._evaluations: dict[str, tuple[_Site, int, Evaluate]] = {}
-        self._sites = 0
+        self._sites = Sites()
         self._timers: dict[str, StartTimer] = {}
-        self._timer_owners: dict[str, tuple[_State, str]] = {}
+        self._timer_owners: dict[str, tuple[StepState, str]] = {}
         """Each pending timer's step and what it is for: ``retry``, or ``timeout<attempt>``."""
         self._compensation: CallTool | None = None
 
@@ -222,13 +144,10 @@ class Run:
     def evaluated(self, key: str, value: Any = None, *, error: str | None = None, empty: bool = False) -> list[Command]:
         """The jq program of :class:`Evaluate` ``key`` ran: its first output ``value``, no output
         (``empty``), or jq's ``error`` (a time or memory limit included). Stale outcomes are ignored."""
-        entry = self._evaluations.pop(key, None)
-        if entry is None:
+        if key not in self._sites.pending:
             return []
-        site, index, _ = entry
-        site.known[index] = Outcome(value, error, empty)
-        site.waiting -= 1
-        if site.waiting == 0 and self._valid(site):
+        site = self._sites.answer(key, Outcome(value, error, empty))
+        if site is not None and self._valid(site):
             self._resume(site)
         return self._flush()
 
@@ -248,33 +167,7 @@ class Run:
         Raises ValueError when the events do not begin with ``run_started``, or when that names a
         plan other than ``plan`` (the workflow changed since).
         """
-        run: Run | None = None
-        for event in events:
-            data = event.data
-            if event.kind == "run_started":
-                digest = data.get("plan")
-                if digest is not None and digest != plan.digest:
-                    raise ValueError(f"the run was started with another version of workflow {plan.name!r}")
-                run = cls(plan, data["arguments"])
-                run.start()
-            elif event.kind not in INPUTS:
-                continue
-            elif run is None:
-                raise ValueError("a run's journal begins with run_started")
-            elif event.kind == "step_done":
-                error = data.get("error")  # every field of the StepError
-                step_error = StepError(**error) if error is not None else None
-                run.done(str(event.key), event.attempt, data.get("result"), step_error, random=data.get("random", 0.5))
-            elif event.kind == "timer_fired":
-                run.fire(str(event.key))
-            elif event.kind == "evaluated":
-                run.evaluated(
-                    str(event.key), data.get("value"), error=data.get("error"), empty=data.get("empty", False)
-                )
-            elif event.kind == "run_cancelled":
-                run.cancel(data["message"])
-        if run is None:
-            raise ValueError("a run's journal begins with run_started")
+        run = replay(plan, events, cls)
         return run, run.outstanding()
 
     # --- Reading state. ---
@@ -285,7 +178,7 @@ class Run:
         calls: list[Command] = [state.command for state in self._in_flight.values() if state.command is not None]
         if self._compensation is not None:
             calls.append(self._compensation)
-        calls.extend(command for _, _, command in self._evaluations.values())
+        calls.extend(command for _, _, command in self._sites.pending.values())
         calls.extend(self._timers.values())
         return calls
 
@@ -310,12 +203,12 @@ class Run:
         }
         sites = {
             key: [known._asdict() if known is not None else None for known in site.known]
-            for key, (site, _, _) in self._evaluations.items()
+            for key, (site, _, _) in self._sites.pending.items()
         }
         return {
             "status": self.status,
             "steps": steps,
-            "queued": [state.key for state, command in self._queue if _live(state, command)],
+            "queued": [state.key for state, command in self._queue if live(state, command)],
             "completed": [state.key for state in self._completed],
             "failure": self._failure.as_json() if self._failure is not None else None,
             "compensation_errors": [error.as_json() for error in self._compensation_errors],
@@ -323,19 +216,9 @@ class Run:
             "evaluations": sites,
         }
 
-    def scope(self, frame: _Frame | None = None) -> dict[str, Any]:
+    def scope(self, frame: Frame | None = None) -> dict[str, Any]:
         """What expressions see: ``{input, steps, <item>, index}``."""
-        frame = frame or self._root
-        scope: dict[str, Any] = {"input": self.arguments}
-        chain = []
-        walk: _Frame | None = frame
-        while walk is not None:
-            chain.append(walk)
-            walk = walk.parent
-        for outer in reversed(chain):
-            scope.update(outer.bindings)
-        scope["steps"] = frame.entries if len(chain) == 1 else ChainMap(*(f.entries for f in chain))
-        return scope
+        return scope_of(self.arguments, frame or self._root)
 
     # --- Internals. ---
 
@@ -344,31 +227,31 @@ class Run:
         while self._wake:
             self._start_if_ready(self._wake.popleft())
         self._pump()
-        if self._evaluations:
-            self._prune()
+        if self._sites.pending:  # forget the evaluations nothing waits for any more; cancel those handed out
+            self._out = self._sites.prune(self._valid, self._out)
         out, self._out = self._out, []
         return out
 
-    def _activate(self, frame: _Frame, step_ids: Iterable[str]) -> None:
+    def _activate(self, frame: Frame, step_ids: Iterable[str]) -> None:
         """Place steps in ``frame``; each starts once ready (all are placed before any starts)."""
         for step_id in step_ids:
             self._wake.append(self._place(frame, step_id))
 
-    def _place(self, frame: _Frame, step_id: str) -> _State:
+    def _place(self, frame: Frame, step_id: str) -> StepState:
         """A new state for ``step_id`` in ``frame``, findable by its key."""
-        state = _State(self.plan.steps[step_id], frame, frame.path + step_id)
+        state = StepState(self.plan.steps[step_id], frame, frame.path + step_id)
         frame.states[step_id] = state
         self._by_key[state.key] = state
         return state
 
-    def _dep_state(self, frame: _Frame, dep: str) -> "_State | None":
+    def _dep_state(self, frame: Frame, dep: str) -> "StepState | None":
         region = self.plan.regions[dep]
-        walk: _Frame | None = frame
+        walk: Frame | None = frame
         while walk is not None and walk.region != region:
             walk = walk.parent
         return None if walk is None else walk.states.get(dep)
 
-    def _start_if_ready(self, state: _State) -> None:
+    def _start_if_ready(self, state: StepState) -> None:
         if state.status != "waiting" or self.status != "running":
             return
         deps = [self._dep_state(state.frame, dep) for dep in state.plan.node.deps]
@@ -379,14 +262,14 @@ class Run:
             return
         self._begin(state)
 
-    def _begin(self, state: _State) -> None:
+    def _begin(self, state: StepState) -> None:
         state.attempt += 1
         step = state.plan.step
         if step.timeout is not None and not isinstance(step, CallStep | AskUserStep | AskModelStep):
             self._start_timer(state, f"timeout{state.attempt}", step.timeout)
         self._run_step(state, None)
 
-    def _run_step(self, state: _State, site: _Site | None) -> None:
+    def _run_step(self, state: StepState, site: Site | None) -> None:
         scope = self.scope(state.frame)
         try:
             if site is None and not state.plan.starts_with_jq:  # plain paths only: nothing to wait for
@@ -397,7 +280,7 @@ class Run:
         except ExpressionError as exc:
             self._fail(state, StepError("error", exc.detail, state.key))
 
-    def _step(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> None:
+    def _step(self, state: StepState, scope: Mapping[str, Any], lookup: Lookup) -> None:
         """Start ``state``, unless ``lookup`` lacks jq outcomes: nothing is done until every value is known."""
         step = state.plan.step
         if isinstance(step, CallStep | AskUserStep | AskModelStep):
@@ -417,7 +300,7 @@ class Run:
         else:
             self._decide(state, scope, lookup)
 
-    def _leaf(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> Leaf | None:
+    def _leaf(self, state: StepState, scope: Mapping[str, Any], lookup: Lookup) -> Leaf | None:
         """The call or question of ``state``'s try; None while ``lookup`` lacks jq outcomes."""
         step, values = state.plan.step, state.plan.values
         if isinstance(step, CallStep):
@@ -442,7 +325,7 @@ class Run:
             state.key, step.id, state.attempt, prompt, system, model.max_tokens, model.default, step.timeout
         )
 
-    def _decide(self, state: _State, scope: Mapping[str, Any], lookup: Lookup) -> None:
+    def _decide(self, state: StepState, scope: Mapping[str, Any], lookup: Lookup) -> None:
         """A ``set``, ``fail`` or ``for_each``: what the engine decides by itself, once its values are known."""
         step, values = state.plan.step, state.plan.values
         if isinstance(step, SetStep):
@@ -464,7 +347,7 @@ class Run:
             state.iterations = {}
             self._next_iterations(state)
 
-    def _open(self, state: _State, branch: str) -> None:
+    def _open(self, state: StepState, branch: str) -> None:
         """Run the steps of ``branch`` of ``state`` (a switch) and skip the other branches."""
         state.status, state.branch = "running", branch
         chosen = state.plan.children.get(branch, ())
@@ -476,7 +359,7 @@ class Run:
         if not chosen:
             self._succeed(state, None)
 
-    def _skip_tree(self, frame: _Frame, step_id: str) -> None:
+    def _skip_tree(self, frame: Frame, step_id: str) -> None:
         state = self._place(frame, step_id)
         self._settle(state, "skipped", notify=False)
         for branch, ids in state.plan.children.items():
@@ -484,14 +367,14 @@ class Run:
                 for child in ids:
                     self._skip_tree(frame, child)
 
-    def _next_iterations(self, state: _State) -> None:
+    def _next_iterations(self, state: StepState) -> None:
         step = state.plan.step
         assert isinstance(step, ForEachStep)
         assert state.items is not None
         while len(state.iterations) < step.concurrency and state.next_item < len(state.items):
             index = state.next_item
             state.next_item += 1
-            frame = _Frame(
+            frame = Frame(
                 f"{state.key}[{index}]/",
                 step.id,
                 state.frame,
@@ -504,7 +387,7 @@ class Run:
         if not state.iterations and state.status == "running":
             self._succeed(state, state.outputs)
 
-    def _enqueue(self, state: _State, command: Leaf) -> None:
+    def _enqueue(self, state: StepState, command: Leaf) -> None:
         # Handed out by `_pump` when the batch of events is done (`_flush`), not now: something later in
         # the same batch may cancel it, and a call handed out and cancelled at once would still be made.
         state.status = "queued"
@@ -514,13 +397,13 @@ class Run:
         limit = self.plan.workflow.max_concurrency
         while self._queue and len(self._in_flight) < limit and self.status == "running":
             state, command = self._queue.popleft()
-            if not _live(state, command):
+            if not live(state, command):
                 continue
             state.status, state.command = "running", command
             self._in_flight[state.key] = state
             self._out.append(command)
 
-    def _tried(self, state: _State, result: Any, error: StepError | None, random: float, site: _Site | None) -> None:
+    def _tried(self, state: StepState, result: Any, error: StepError | None, random: float, site: Site | None) -> None:
         """A try of ``state`` ended: it succeeded if its ``success`` condition holds (which may wait for jq)."""
         condition = state.plan.success
         if error is None and condition is not None:
@@ -534,7 +417,7 @@ class Run:
                     holds = self._at(site, scope, condition.holds, "success", state, result=result, random=random)
             except ExpressionError as exc:
                 holds = StepError("error", exc.detail, state.key)
-            if holds is _PARKED:
+            if holds is PARKED:
                 return
             if isinstance(holds, StepError):
                 error = holds
@@ -550,17 +433,17 @@ class Run:
 
     def _at(
         self,
-        site: _Site | None,
+        site: Site | None,
         scope: Mapping[str, Any],
         compute: Callable[[Mapping[str, Any], Lookup], Any],
-        kind: _SiteKind,
-        state: _State | None,
+        kind: SiteKind,
+        state: StepState | None,
         *,
-        frame: _Frame | None = None,
+        frame: Frame | None = None,
         result: Any = None,
         random: float = 0.5,
     ) -> Any:
-        """``compute(scope, lookup)`` at an evaluation site: its value, or ``_PARKED`` when jq outcomes are
+        """``compute(scope, lookup)`` at an evaluation site: its value, or ``PARKED`` when jq outcomes are
         missing (they are asked for, and the site is resumed once all came back). Raises ExpressionError."""
         lookup = Lookup(site.known) if site is not None else Lookup()
         try:
@@ -570,25 +453,14 @@ class Run:
                 raise
         if not lookup.missing:
             return value
-        if site is None:
-            self._sites += 1
-            attempt = state.attempt if state is not None else 0
-            where = frame.path if frame is not None else state.key if state is not None else ""
-            site = _Site(f"{where}#eval{self._sites}", kind, state, attempt, frame, result, random)
         if kind in ("step", "success") and state is not None:
             state.status = "evaluating"
         if frame is not None:
             frame.evaluating = True
-        for request in lookup.missing:
-            key = f"{site.prefix}.{request.position}"
-            site.known.extend([None] * (request.position + 1 - len(site.known)))
-            site.waiting += 1
-            command = Evaluate(key, request.source, request.data)
-            self._evaluations[key] = (site, request.position, command)
-            self._out.append(command)
-        return _PARKED
+        self._sites.ask(site, lookup, kind, state, frame, result, random, self._out)
+        return PARKED
 
-    def _valid(self, site: _Site) -> bool:
+    def _valid(self, site: Site) -> bool:
         """Whether ``site`` still waits for its outcomes (the step may have failed, the run been cancelled…)."""
         state = site.state
         if site.kind == "compensate":
@@ -607,7 +479,7 @@ class Run:
             )
         return state.status == "evaluating" and state.attempt == site.attempt and self._by_key.get(state.key) is state
 
-    def _resume(self, site: _Site) -> None:
+    def _resume(self, site: Site) -> None:
         """Every outcome ``site`` waited for came back: evaluate it again."""
         state = site.state
         if site.kind == "run":
@@ -625,18 +497,7 @@ class Run:
         else:
             self._compensate_next(site)
 
-    def _prune(self) -> None:
-        """Forget the evaluations nothing waits for any more; cancel those already handed out."""
-        dropped = {key for key, (site, _, _) in self._evaluations.items() if not self._valid(site)}
-        if not dropped:
-            return
-        for key in dropped:
-            del self._evaluations[key]
-        batch = {c.key for c in self._out if isinstance(c, Evaluate)}
-        self._out = [c for c in self._out if not (isinstance(c, Evaluate) and c.key in dropped)]
-        self._out.extend(Cancel(key) for key in sorted(dropped - batch))
-
-    def _start_timer(self, state: _State, what: str, seconds: float) -> None:
+    def _start_timer(self, state: StepState, what: str, seconds: float) -> None:
         """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``), keyed ``<step key>#<what>``.
 
         A step that a container's retry replaced keeps its key, and its timers may still be pending:
@@ -650,19 +511,19 @@ class Run:
         self._timer_owners[key] = (state, what)
         self._out.append(timer)
 
-    def _succeed(self, state: _State, result: Any) -> None:
+    def _succeed(self, state: StepState, result: Any) -> None:
         state.result, state.error = result, None
         if state.plan.step.compensate is not None:
             self._completed.append(state)
         self._settle(state, "succeeded")
 
-    def _fail(self, state: _State, error: StepError, random: float = 0.5) -> None:
+    def _fail(self, state: StepState, error: StepError, random: float = 0.5) -> None:
         """``state`` failed; ``random`` jitters a retry (0.5: none, for failures that are not a try's outcome)."""
-        if state.status in _SETTLED:
+        if state.status in SETTLED:
             return
         self._cancel_inside(state)
         step = state.plan.step
-        delay = self._retry_wait(state, error, random) if state.status != "fallback" else None
+        delay = retry_wait(state, error, random) if state.status != "fallback" else None
         if delay is not None:
             state.status, state.error = "retrying", error
             self._start_timer(state, "retry", delay)
@@ -679,25 +540,7 @@ class Run:
         else:
             self._settle(state, "failed")
 
-    def _retry_wait(self, state: _State, error: StepError, random: float) -> float | None:
-        """Seconds to wait before trying ``state`` again after ``error``, or None: no more tries."""
-        step = state.plan.step
-        if error.retry_after is not None:  # refused before it reached the tool: nothing happened, so try again
-            floor = min(_REFUSAL_FLOOR * 2.0**state.refusals, _REFUSAL_CEILING)
-            wait = max(error.retry_after, floor) * (1 + _REFUSAL_JITTER * random)
-            budget = step.timeout if step.timeout is not None else REFUSAL_BUDGET
-            if state.waited + wait <= budget:
-                state.refusals += 1
-                state.waited += wait
-                return wait
-        retry = step.retry
-        tries = state.attempt - state.refusals
-        if retry is None or error.kind not in retry.on or tries >= retry.attempts:
-            return None
-        delay: float = retry_delay(tries, retry.backoff, retry.max_backoff, retry.jitter, random)
-        return max(delay, error.retry_after or 0.0)
-
-    def _restart(self, state: _State) -> None:
+    def _restart(self, state: StepState) -> None:
         """Try a step again after a failure: a container starts over, what it held forgotten."""
         for step_id in self.plan.descendants[state.plan.id]:
             old = state.frame.states.pop(step_id, None)
@@ -707,7 +550,7 @@ class Run:
         state.status, state.branch = "waiting", None
         self._begin(state)
 
-    def _cancel_inside(self, state: _State) -> None:
+    def _cancel_inside(self, state: StepState) -> None:
         """Cancel everything in flight or queued inside ``state`` (a container that failed)."""
         inside = self.plan.descendants[state.plan.id]
         if not inside:
@@ -726,11 +569,11 @@ class Run:
                 if other.frame is state.frame or key.startswith(prefix):
                     other.status = "cancelled"
 
-    def _settle_entry(self, state: _State, status: str) -> None:
+    def _settle_entry(self, state: StepState, status: str) -> None:
         error = state.error.as_json() if state.error is not None else None
         state.frame.entries[state.plan.id] = {"result": state.result, "error": error, "status": status}
 
-    def _settle(self, state: _State, status: Status, *, notify: bool = True) -> None:
+    def _settle(self, state: StepState, status: Status, *, notify: bool = True) -> None:
         state.status = status
         self._settle_entry(state, status)
         self._out.append(Settled(state.key, state.plan.id, status, state.attempt, state.result, state.error))
@@ -746,10 +589,10 @@ class Run:
                     self._wake.append(waiting)
         self._after_settle(state)
 
-    def _frames_seeing(self, frame: _Frame, step_id: str) -> list[_Frame]:
+    def _frames_seeing(self, frame: Frame, step_id: str) -> list[Frame]:
         """The frames, ``frame`` or iterations inside it, in which ``step_id`` may wait for a step of ``frame``."""
         region = self.plan.regions[step_id]
-        found: list[_Frame] = []
+        found: list[Frame] = []
         pending = [frame]
         while pending:
             inner = pending.pop()
@@ -759,7 +602,7 @@ class Run:
                 pending.extend(f for s in inner.states.values() for f in s.iterations.values())
         return found
 
-    def _after_settle(self, state: _State) -> None:
+    def _after_settle(self, state: StepState) -> None:
         """Tell whatever contains ``state`` that it settled."""
         node = state.plan.node
         if node.parent is not None and node.branch != "body":
@@ -772,7 +615,7 @@ class Run:
             self._unsettled_top -= 1
             self._check_run()
 
-    def _propagate_failure(self, state: _State) -> None:
+    def _propagate_failure(self, state: StepState) -> None:
         node = state.plan.node
         error = state.error or StepError("error", "failed", state.key)
         if node.parent is not None and node.branch != "body":
@@ -788,7 +631,7 @@ class Run:
         else:
             self._fail_run(error)
 
-    def _check_container(self, state: _State) -> None:
+    def _check_container(self, state: StepState) -> None:
         if state.status == "fallback":
             ids = state.plan.children.get("fallback", ())
         elif state.status == "running" and state.branch is not None:
@@ -796,17 +639,17 @@ class Run:
         else:
             return
         children = [state.frame.states[step_id] for step_id in ids]
-        if all(child.status in _SETTLED for child in children):
+        if all(child.status in SETTLED for child in children):
             last = children[-1].result if children else None
             self._succeed(state, last)
 
-    def _check_iteration(self, frame: _Frame, site: _Site | None = None) -> None:
+    def _check_iteration(self, frame: Frame, site: Site | None = None) -> None:
         owner = frame.owner
         assert owner is not None
         if site is None:
             if owner.status != "running" or owner.iterations.get(frame.index) is not frame or frame.evaluating:
                 return
-            if any(s.status not in _SETTLED for s in frame.states.values()):
+            if any(s.status not in SETTLED for s in frame.states.values()):
                 return
         step = owner.plan.step
         assert isinstance(step, ForEachStep)
@@ -814,7 +657,7 @@ class Run:
             if "output" in owner.plan.values:
                 scope = self.scope(frame)
                 output = self._at(site, scope, owner.plan.values["output"].evaluate, "output", owner, frame=frame)
-                if output is _PARKED:
+                if output is PARKED:
                     return
             else:
                 body = owner.plan.children.get("body", ())
@@ -827,7 +670,7 @@ class Run:
         frame.states = {}  # done: break the frame ↔ state cycles (compensations read entries, not states)
         self._next_iterations(owner)
 
-    def _check_run(self, site: _Site | None = None) -> None:
+    def _check_run(self, site: Site | None = None) -> None:
         if self.status != "running" or self._unsettled_top:
             return
         states = [self._root.states[step_id] for step_id in self.plan.top]
@@ -835,7 +678,7 @@ class Run:
             if self.plan.output is not None:
                 scope = self.scope()
                 output = self._at(site, scope, self.plan.output.evaluate, "run", None)
-                if output is _PARKED:
+                if output is PARKED:
                     return
             else:
                 output = {s.plan.id: s.result for s in states if s.status == "succeeded"}
@@ -856,7 +699,7 @@ class Run:
         self._queue.clear()
         self._compensate_next()
 
-    def _compensate_next(self, site: _Site | None = None) -> None:
+    def _compensate_next(self, site: Site | None = None) -> None:
         """Start the next compensation (``site``: the one whose arguments waited for jq), or finish."""
         while site is not None or self._completed:
             state = site.state if site is not None else self._completed.pop()
@@ -871,7 +714,7 @@ class Run:
                 self._compensation_errors.append(StepError("error", exc.detail, state.key))
                 site = None
                 continue
-            if arguments is _PARKED:
+            if arguments is PARKED:
                 return
             call = CallTool(f"{state.key}#compensate", state.plan.id, 1, spec.call, arguments, None, None, True)
             self._compensation = call
@@ -904,11 +747,6 @@ class Run:
             self._compensation_errors.append(StepError(error.kind, f"compensation failed: {error.message}", state.key))
         self._compensate_next()
         return self._flush()
-
-
-def _live(state: _State, command: Leaf) -> bool:
-    """A queued command still to be handed out (not cancelled, not superseded by a later try)."""
-    return state.status == "queued" and state.attempt == command.attempt
 
 
 def _text(value: Any) -> str | None:

@@ -22,9 +22,10 @@ from gateway.workflows.commands import (
     StepError,
     retry_delay,
 )
-from gateway.workflows.engine import REFUSAL_BUDGET, Run
+from gateway.workflows.engine import Run
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
+from gateway.workflows.retries import REFUSAL_BUDGET
 
 Leaf = CallTool | AskUser | AskModel
 
