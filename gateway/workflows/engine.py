@@ -93,6 +93,9 @@ class Run:
         self._unsettled_top = len(plan.top)
         self._out: list[Command] = []
         self._sites = Sites()
+        self._unwanted = False
+        """Some evaluation site may be wanted no more: a step failed or was cancelled, or the run ended.
+        (Otherwise a site is only ever left by resuming it, all its outcomes in: nothing to drop.)"""
         self._timers: dict[str, StartTimer] = {}
         self._timer_owners: dict[str, tuple[StepState, str]] = {}
         """Each pending timer's step and what it is for: ``retry``, or ``timeout<attempt>``."""
@@ -227,8 +230,10 @@ class Run:
         while self._wake:
             self._start_if_ready(self._wake.popleft())
         self._pump()
-        if self._sites.pending:  # forget the evaluations nothing waits for any more; cancel those handed out
-            self._out = self._sites.prune(self._valid, self._out)
+        if self._unwanted:  # forget the evaluations nothing waits for any more; cancel those handed out
+            self._unwanted = False
+            if self._sites.pending:  # checked only then: with many in flight, each check is O(evaluations)
+                self._out = self._sites.prune(self._valid, self._out)
         out, self._out = self._out, []
         return out
 
@@ -521,6 +526,7 @@ class Run:
         """``state`` failed; ``random`` jitters a retry (0.5: none, for failures that are not a try's outcome)."""
         if state.status in SETTLED:
             return
+        self._unwanted = True
         self._cancel_inside(state)
         step = state.plan.step
         delay = retry_wait(state, error, random) if state.status != "fallback" else None
@@ -552,6 +558,7 @@ class Run:
 
     def _cancel_inside(self, state: StepState) -> None:
         """Cancel everything in flight or queued inside ``state`` (a container that failed)."""
+        self._unwanted = True
         inside = self.plan.descendants[state.plan.id]
         if not inside:
             return
@@ -686,11 +693,13 @@ class Run:
             self._fail_run(StepError("error", f"the output: {exc.detail}"))
             return
         self.status = "succeeded"
+        self._unwanted = True
         self._out.append(Finished("succeeded", output))
         self._release()
 
     def _fail_run(self, error: StepError) -> None:
         self.status = "compensating"
+        self._unwanted = True
         self._failure = error
         for key, state in self._in_flight.items():
             state.status = "cancelled"
@@ -722,6 +731,7 @@ class Run:
             return
         self._compensating = None
         self.status = "failed"
+        self._unwanted = True
         self._out.append(Finished("failed", error=self._failure, compensation_errors=tuple(self._compensation_errors)))
         self._release()
 

@@ -857,3 +857,26 @@ steps:
     assert steps["flaky"]["status"] == "retrying"
     assert set(d.in_flight) == {"slow", "boom"}
     assert d.finished is None
+
+
+def test_an_evaluations_outcome_costs_the_same_however_many_others_are_outstanding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 200-wide fan-out of jq steps: each outcome must not look over every other evaluation (O(n²) in all)."""
+    checks = 0
+    valid = Run._valid
+
+    def counted(run: Run, site: Any) -> bool:
+        nonlocal checks
+        checks += 1
+        return valid(run, site)
+
+    monkeypatch.setattr(Run, "_valid", counted)
+    steps = ", ".join(f'{{id: f{i}, call: t, with: {{n: "${{.input.n + {i}}}"}}}}' for i in range(200))
+    d = Driver(f"steps: [{steps}]", {"n": 1}, evaluate=False)
+    assert len(d.evaluations) == 200
+    for key in list(d.evaluations):
+        d.take(d.run.evaluated(key, 1))
+    d.evaluations.clear()
+    assert len(d.in_flight) == 200
+    assert checks <= 2 * 200

@@ -52,6 +52,9 @@ class Recorded:
         self.events.append(JournalEvent("run-1", len(self.events), 0.0, kind, key, attempt, data))  # type: ignore[arg-type]
         self._take(feed())
         self.snapshots.append(self.run.snapshot())
+        # Nothing is left asked for that nothing waits for (its evaluations would be cancelled).
+        stale = [key for key, (site, _, _) in self.run._sites.pending.items() if not self.run._valid(site)]
+        assert stale == [], f"evaluations left outstanding after {kind}"
 
     def _take(self, commands: list[Command]) -> None:
         for command in commands:
