@@ -398,3 +398,36 @@ async def test_two_slow_programs_run_at_once_and_a_third_waits_for_a_worker(pool
 
     assert finished[0] != "quick"  # it got a worker once a slow one was stopped
     assert sorted(finished) == ["quick", "slow 1", "slow 2"]
+
+
+def children() -> set[int]:
+    """This process's child processes, zombies included (a worker killed and not reaped is one)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:  # it exited meanwhile
+                continue
+            if int(fields[1]) == os.getpid():
+                found.add(int(entry))
+    return found
+
+
+@pytest.mark.anyio
+async def test_an_evaluation_cancelled_while_its_worker_starts_leaves_no_process_and_frees_its_place() -> None:
+    pool = AsyncEvaluator(size=1, time_limit=LIMIT)
+    before = children()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.first, ". + 1", 1)
+            await wait_all_tasks_blocked()  # its new worker is starting: ≈50 ms
+            assert len(children() - before) == 1
+            tg.cancel_scope.cancel()
+
+        assert children() - before == set()  # killed and reaped
+        with anyio.fail_after(10):  # its place in the pool of one is free again
+            assert await pool.first(". + 1", 1) == 2
+    finally:
+        pool.close()
