@@ -113,6 +113,11 @@ async def test_conditions_look_at_the_arguments_and_fail_closed() -> None:
     assert (await outcome(access, LOCAL, "files__read", path="/home/" + "a" * 30)).startswith("refused by rule1")
     # `startswith` on a number is a jq error: the deny applies (and the allow would not)
     assert (await outcome(access, LOCAL, "files__read", path=5)).startswith("refused by rule0")
+    allowing = policy("""
+      - {allow: "files__*", if: '.arguments.path | startswith("/home")'}
+    """)
+    assert await outcome(allowing, LOCAL, "files__read", path="/home/a") == "called files__read"
+    assert (await outcome(allowing, LOCAL, "files__read", path=5)).startswith("refused by rule0")  # not allowed
 
 
 def test_listings_hide_what_is_certain_to_be_refused_and_show_what_some_arguments_may_pass() -> None:

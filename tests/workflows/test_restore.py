@@ -14,7 +14,17 @@ from hypothesis import strategies as st
 from gateway.dispatch import Invocation
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows import _jqsafe
-from gateway.workflows.commands import AskModel, AskUser, CallTool, Cancel, Command, Evaluate, StartTimer, StepError
+from gateway.workflows.commands import (
+    AskModel,
+    AskUser,
+    CallTool,
+    Cancel,
+    Command,
+    Evaluate,
+    StartTimer,
+    StepError,
+    retry_delay,
+)
 from gateway.workflows.engine import Run
 from gateway.workflows.journal import INPUTS, JournalEvent, MemoryJournal
 from gateway.workflows.model import Workflow
@@ -367,3 +377,24 @@ def drive_and_replay(plan: Plan, arguments: dict[str, Any], data: st.DataObject)
                 error = StepError(data.draw(KINDS), "it failed", retry_after=refused)
                 recorded.done(key, attempt, error=error, random=data.draw(st.floats(0, 0.99)))
     assert_every_prefix_restores(recorded)
+
+
+@pytest.mark.anyio
+async def test_the_runners_journal_holds_the_random_draw_that_jittered_a_retry() -> None:
+    journal = MemoryJournal()
+    plan = plan_of("""
+steps: [{id: a, call: t__a, retry: {attempts: 2, backoff: 1ms, jitter: 0.5}}]
+""")
+    runner = Runner(Flaky(), journal, rng=lambda: 0.9)
+    result = await runner.run(plan, {}, CallContext(principal=Principal("tester")))
+    assert result.meta is not None
+    events = await journal.events(result.meta[RUN_META_KEY])
+    failed = next(i for i, event in enumerate(events) if event.kind == "step_done")
+
+    _, outstanding = Run.restore(plan, events[: failed + 1])
+
+    retry = plan.steps["a"].step.retry
+    assert retry is not None
+    delay = retry_delay(1, retry.backoff, retry.max_backoff, retry.jitter, 0.9)
+    assert delay != retry_delay(1, retry.backoff, retry.max_backoff, retry.jitter, 0.5)
+    assert outstanding == [StartTimer("a#retry", delay)]  # the wait the live run waited
