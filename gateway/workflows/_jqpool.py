@@ -107,9 +107,12 @@ class AsyncEvaluator:
             self._waiters.append(waiter)
             try:
                 await waiter.wait()
-            finally:
-                if waiter in self._waiters:
+            except BaseException:
+                if waiter.is_set():  # woken, then cancelled before it took its turn: the next waiter's now
+                    self._wake()
+                else:
                     self._waiters.remove(waiter)
+                raise
 
     async def _start(self) -> "_AsyncWorker":
         worker = _AsyncWorker(self.time_limit, self.memory_limit, wait=False)
@@ -123,8 +126,9 @@ class AsyncEvaluator:
         self._wake()
 
     def _wake(self) -> None:
-        """Let every waiter look again (one that was cancelled meanwhile must not swallow the turn)."""
-        while self._waiters:
+        """A worker was freed (or a place to start one): let the longest waiter look again. One only:
+        waking them all would cost O(waiters) per evaluation, O(n²) for a wide fan-out of jq steps."""
+        if self._waiters:
             self._waiters.popleft().set()
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import jq
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from gateway.workflows import _jqsafe
+from gateway.workflows import _jqpool, _jqsafe
 from gateway.workflows._jqpool import AsyncEvaluator
 from gateway.workflows._jqsafe import Evaluator, JqAborted, JqError, JqOutOfMemory, JqTimeout
 from gateway.workflows.expressions import ExpressionError, compile_condition, compile_value
@@ -429,5 +429,67 @@ async def test_an_evaluation_cancelled_while_its_worker_starts_leaves_no_process
         assert children() - before == set()  # killed and reaped
         with anyio.fail_after(10):  # its place in the pool of one is free again
             assert await pool.first(". + 1", 1) == 2
+    finally:
+        pool.close()
+
+
+@pytest.mark.anyio
+async def test_evaluations_waiting_for_a_worker_are_woken_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 evaluations queued on one worker: each freed worker wakes one waiter, not all (O(n²) wake-ups)."""
+    waits = 0
+
+    class Counted(anyio.Event):
+        def __new__(cls) -> "Counted":
+            nonlocal waits
+            waits += 1
+            return super().__new__(cls)  # type: ignore[return-value]
+
+    pool = AsyncEvaluator(size=1, time_limit=LIMIT)
+    try:
+        await pool.first(".", None)
+        monkeypatch.setattr(_jqpool.anyio, "Event", Counted)
+        answers: list[int] = []
+
+        async def evaluate(n: int) -> None:
+            answers.append(await pool.first("reduce range(3000) as $i (.; . + 0) | . + 1", n))  # ≈1 ms
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for n in range(100):
+                    tg.start_soon(evaluate, n)
+        assert sorted(answers) == list(range(1, 101))
+        assert waits <= 2 * 100
+    finally:
+        pool.close()
+
+
+@pytest.mark.anyio
+async def test_a_waiter_cancelled_before_its_turn_leaves_it_to_the_next() -> None:
+    pool = AsyncEvaluator(size=1, time_limit=LIMIT)
+    try:
+        await pool.first(".", None)
+        done: list[str] = []
+
+        async def evaluate(name: str, program: str) -> None:
+            with pytest.raises(JqTimeout) if program.startswith("last") else contextlib.nullcontext():
+                await pool.first(program, None)
+            done.append(name)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(evaluate, "slow", "last(range(1e12))")  # holds the one worker until the limit
+                await wait_all_tasks_blocked()
+                doomed = anyio.CancelScope()
+
+                async def cancelled() -> None:
+                    with doomed:
+                        await evaluate("cancelled", "1")
+
+                tg.start_soon(cancelled)
+                await wait_all_tasks_blocked()
+                tg.start_soon(evaluate, "next", "2")
+                await wait_all_tasks_blocked()
+                doomed.cancel()  # before its turn came: the turn goes to the next
+        assert done == ["slow", "next"]
     finally:
         pool.close()
