@@ -1,0 +1,229 @@
+"""Durable records: workflow run journals, run history, tasks and idempotency keys (DESIGN §4, §6).
+
+One interface, :class:`Store`, and its implementations, chosen by ``gateway.store``:
+
+* ``memory`` (:class:`~gateway.store.memory.MemoryStore`): this process's memory, lost with it;
+* ``sqlite:///PATH`` (:mod:`gateway.store.sqlite`): one file, WAL mode, written from a worker thread;
+* ``postgresql://…`` (:mod:`gateway.store.postgres`): a database server that several replicas share.
+
+The journal part is what :class:`~gateway.workflows.runner.Runner` writes: :meth:`Store.record`
+buffers an event (in order), :meth:`Store.commit` makes everything recorded so far durable, and the
+commits of concurrent callers share one transaction (group commit). Each run also has a
+:class:`RunRecord`, kept up to date from its events by :func:`fold` in the same transaction, which is
+what ``patchbay runs``, tasks and resume read. A run is owned by the gateway instance that writes
+it; an instance renews its lease with :meth:`Store.heartbeat`, and a ``running`` run whose owner's
+lease lapsed reads as ``interrupted`` until another instance :meth:`Store.claim` s it.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol
+
+from gateway.workflows.journal import JournalEvent
+
+__all__ = [
+    "IdempotencyEntry",
+    "RunQuery",
+    "RunRecord",
+    "RunStatus",
+    "Store",
+    "fold",
+]
+
+RunStatus = Literal["running", "succeeded", "failed", "cancelled", "interrupted"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run at a glance: what its events say so far."""
+
+    run_id: str
+    workflow: str
+    status: RunStatus
+    """``running`` while its owner lives; ``interrupted`` when the owner's lease lapsed mid-run."""
+    started_at: float
+    """Wall-clock seconds since the epoch."""
+    caller_kind: str = ""
+    caller_id: str = ""
+    plan: str | None = None
+    """The digest of the plan it was started with."""
+    steps: int = 0
+    """Steps settled so far."""
+    failed_step: str | None = None
+    """The key of the first step that settled ``failed``."""
+    finished_at: float | None = None
+    duration_ms: float | None = None
+    error: str | None = None
+    """The run's error message, once failed or cancelled."""
+    result: Mapping[str, Any] | None = None
+    """The ``CallToolResult`` (wire form) the run returned, once finished."""
+    task: Mapping[str, Any] | None = None
+    """When the run was started as an MCP task: the task's parameters (``ttl``…), else None."""
+    idempotency_key: str | None = None
+    """The caller's ``io.patchbay/idempotency-key``, if the call carried one."""
+    owner: str | None = None
+    """The gateway instance that runs it (:attr:`Store.instance`)."""
+    note: str | None = None
+    """Why an interrupted run is not resumed (its workflow changed since), if it is not."""
+    updated_at: float = 0.0
+    """When its last event was recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunQuery:
+    """Which runs :meth:`Store.runs` returns, most recent first."""
+
+    workflow: str | None = None
+    status: RunStatus | None = None
+    since: float | None = None
+    """Runs started at or after this wall-clock time."""
+    caller: tuple[str, str] | None = None
+    """``(kind, id)`` of the caller whose runs to list."""
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyEntry:
+    """A client's idempotency key, as the store holds it."""
+
+    scope: str
+    """Whose key it is: the caller, as ``<kind>:<id>``."""
+    key: str
+    tool: str
+    """The tool the first call with this key called."""
+    created_at: float
+    expires_at: float
+    run_id: str | None = None
+    """The workflow run the first call started, if it called a workflow."""
+    result: Mapping[str, Any] | None = None
+    """The first call's ``CallToolResult`` (wire form), once it has one; None while it is under way."""
+    owner: str | None = None
+    """The instance that is making the first call."""
+
+
+def fold(record: RunRecord | None, event: JournalEvent) -> RunRecord | None:
+    """``record`` updated with ``event`` (None before a run's ``run_started``). Pure: every store keeps
+    its :class:`RunRecord` s this way, in the transaction that appends the event."""
+    data = event.data
+    if event.kind == "run_started":
+        caller = data.get("caller") or {}
+        return RunRecord(
+            run_id=event.run_id,
+            workflow=str(data.get("workflow", "")),
+            status="running",
+            started_at=event.at,
+            caller_kind=str(caller.get("kind", "")),
+            caller_id=str(caller.get("id", "")),
+            plan=data.get("plan"),
+            task=data.get("task"),
+            idempotency_key=data.get("idempotency_key"),
+            owner=data.get("owner"),
+            updated_at=event.at,
+        )
+    if record is None:
+        return None
+    if event.kind == "step_settled":
+        failed = record.failed_step
+        if failed is None and data.get("status") == "failed":
+            failed = event.key
+        return replace(record, steps=record.steps + 1, failed_step=failed, updated_at=event.at)
+    if event.kind == "run_finished":
+        status = data.get("status", "failed")
+        return replace(
+            record,
+            status=status if status in ("succeeded", "failed", "cancelled") else "failed",
+            finished_at=event.at,
+            duration_ms=data.get("duration_ms"),
+            error=data.get("error"),
+            result=data.get("result"),
+            updated_at=event.at,
+        )
+    return replace(record, updated_at=event.at)
+
+
+class Store(Protocol):
+    """Where the gateway keeps what must outlive its process. Every method is safe to call
+    concurrently; none blocks the event loop."""
+
+    instance: str
+    """This gateway process's id: the owner of the runs it starts or claims."""
+    durable: bool
+    """Whether what is committed outlives the process (False for ``memory``)."""
+
+    # --- The journal. ---
+
+    def record(self, event: JournalEvent) -> None:
+        """Buffer ``event``; events of one run must be recorded in order (``seq``). Not durable until
+        :meth:`commit`."""
+        ...
+
+    async def commit(self) -> None:
+        """Return once every event recorded before the call is durable, with the :class:`RunRecord` s
+        they update. Concurrent callers share one transaction (group commit)."""
+        ...
+
+    async def append(self, event: JournalEvent) -> None:
+        """:meth:`record` then :meth:`commit`."""
+        ...
+
+    async def events(self, run_id: str) -> Sequence[JournalEvent]:
+        """Every event of the run, in order; empty for an unknown run."""
+        ...
+
+    # --- Run history. ---
+
+    async def run(self, run_id: str) -> RunRecord | None:
+        """The run's record (``interrupted`` if its owner's lease lapsed), or None."""
+        ...
+
+    async def runs(self, query: RunQuery = RunQuery()) -> Sequence[RunRecord]:
+        """The runs ``query`` selects, most recent first."""
+        ...
+
+    async def prune(self, *, age: float | None = None, count: int | None = None) -> int:
+        """Forget finished runs (with their events) older than ``age`` seconds, and beyond the ``count``
+        most recent finished ones; and expired idempotency keys. Returns the runs forgotten."""
+        ...
+
+    # --- Ownership of runs. ---
+
+    async def heartbeat(self) -> None:
+        """Renew this instance's lease on the runs it owns."""
+        ...
+
+    async def claim(self, run_id: str) -> bool:
+        """Take over an ``interrupted`` run (atomically: one instance wins). True if it is now this
+        instance's; False if it is finished, owned by a live instance, or another claimed it first."""
+        ...
+
+    async def mark(self, run_id: str, note: str | None) -> None:
+        """Set or clear why an interrupted run is not resumed."""
+        ...
+
+    # --- Idempotency keys. ---
+
+    async def idempotency_claim(self, scope: str, key: str, tool: str, ttl: float) -> IdempotencyEntry | None:
+        """Claim ``key`` for a first call: None if this call now holds it (it must :meth:`idempotency_finish`
+        or :meth:`idempotency_release` it), else the entry of the call that holds it or finished with it.
+        An expired entry counts as absent."""
+        ...
+
+    async def idempotency_bind(self, scope: str, key: str, run_id: str) -> None:
+        """Record the workflow run that the call holding ``key`` started."""
+        ...
+
+    async def idempotency_finish(self, scope: str, key: str, result: Mapping[str, Any]) -> None:
+        """Record the result of the call that held ``key``."""
+        ...
+
+    async def idempotency_release(self, scope: str, key: str) -> None:
+        """Forget ``key``: the call that held it ended without a result to give again (it was cancelled)."""
+        ...
+
+    async def idempotency_get(self, scope: str, key: str) -> IdempotencyEntry | None:
+        """The unexpired entry of ``key``, or None."""
+        ...
+
+    async def close(self) -> None:
+        """Commit what is recorded and release the connection(s)."""
+        ...
