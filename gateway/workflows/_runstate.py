@@ -97,9 +97,9 @@ def live(state: StepState, command: Leaf) -> bool:
     return state.status == "queued" and state.attempt == command.attempt
 
 
-def scope_of(arguments: Mapping[str, Any], frame: Frame) -> dict[str, Any]:
-    """What expressions see in ``frame``: ``{input, steps, <item>, index}``."""
-    scope: dict[str, Any] = {"input": arguments}
+def scope_of(arguments: Mapping[str, Any], frame: Frame, run_id: str = "") -> dict[str, Any]:
+    """What expressions see in ``frame``: ``{input, run: {id}, steps, <item>, index}``."""
+    scope: dict[str, Any] = {"input": arguments, "run": {"id": run_id}}
     chain = []
     walk: Frame | None = frame
     while walk is not None:

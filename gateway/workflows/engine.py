@@ -77,9 +77,12 @@ _PLAIN = Lookup()  # for values of plain paths only, which never consult it
 class Run:
     """One run of a workflow. Feed it events; carry out the commands each returns."""
 
-    def __init__(self, plan: Plan, arguments: Mapping[str, Any]) -> None:
+    def __init__(self, plan: Plan, arguments: Mapping[str, Any], run_id: str = "") -> None:
+        """``run_id`` is what expressions read as ``.run.id``, and what each call's default idempotency key
+        begins with (``<run id>:<step key>``)."""
         self.plan = plan
         self.arguments = arguments
+        self.run_id = run_id
         self.status: Literal["pending", "running", "compensating", "succeeded", "failed"] = "pending"
         self._root = Frame("", None, None, {})
         self._by_key: dict[str, StepState] = {}
@@ -161,7 +164,12 @@ class Run:
         return self._flush()
 
     @classmethod
-    def restore(cls, plan: Plan, events: Iterable[JournalEvent]) -> tuple["Run", list[Command]]:
+    def restore(
+        cls,
+        plan: Plan,
+        events: Iterable[JournalEvent],
+        observe: Callable[[JournalEvent, list[Command]], None] | None = None,
+    ) -> tuple["Run", list[Command]]:
         """Rebuild a run from its journal: its inputs replayed into a fresh run, in order.
 
         Returns the run, in the state the recorded run had reached, and what it was waiting for
@@ -170,7 +178,7 @@ class Run:
         Raises ValueError when the events do not begin with ``run_started``, or when that names a
         plan other than ``plan`` (the workflow changed since).
         """
-        run = replay(plan, events, cls)
+        run = replay(plan, events, cls, observe)
         return run, run.outstanding()
 
     # --- Reading state. ---
@@ -221,7 +229,7 @@ class Run:
 
     def scope(self, frame: Frame | None = None) -> dict[str, Any]:
         """What expressions see: ``{input, steps, <item>, index}``."""
-        return scope_of(self.arguments, frame or self._root)
+        return scope_of(self.arguments, frame or self._root, self.run_id)
 
     # --- Internals. ---
 
@@ -313,7 +321,8 @@ class Run:
             arguments = values["with"].evaluate(scope, lookup)
             if lookup.missing:
                 return None
-            return CallTool(state.key, step.id, state.attempt, step.call, arguments, step.timeout, _text(key))
+            idempotency_key = _text(key) if key is not None else f"{self.run_id}:{state.key}"
+            return CallTool(state.key, step.id, state.attempt, step.call, arguments, step.timeout, idempotency_key)
         if isinstance(step, AskUserStep):
             ask = step.ask_user
             message = _text(values["message"].evaluate(scope, lookup)) or ""
@@ -725,7 +734,8 @@ class Run:
                 continue
             if arguments is PARKED:
                 return
-            call = CallTool(f"{state.key}#compensate", state.plan.id, 1, spec.call, arguments, None, None, True)
+            key = f"{state.key}#compensate"
+            call = CallTool(key, state.plan.id, 1, spec.call, arguments, None, f"{self.run_id}:{key}", True)
             self._compensation = call
             self._out.append(call)
             return

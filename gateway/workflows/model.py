@@ -76,8 +76,8 @@ ErrorKind = Literal["error", "invalid", "denied", "rate_limited", "circuit_open"
 """How a step failed: the ``outcome`` labels of DESIGN §5. A ``success`` condition that does not hold is ``error``."""
 
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-# The expression context is {input, steps, item, index}: a loop variable must not hide the others.
-_RESERVED_NAMES = frozenset({"input", "steps", "index"})
+# The expression context is {input, run, steps, item, index}: a loop variable must not hide the others.
+_RESERVED_NAMES = frozenset({"input", "run", "steps", "index"})
 _STEP_LISTS = frozenset({"steps", "default", "fallback"})
 
 

@@ -37,8 +37,16 @@ class Engine(Protocol):
 E = TypeVar("E", bound=Engine)
 
 
-def replay(plan: Plan, events: Iterable[JournalEvent], new: Callable[[Plan, Mapping[str, Any]], E]) -> E:
-    """The engine ``new(plan, arguments)`` makes, fed the inputs among ``events``, in order.
+def replay(
+    plan: Plan,
+    events: Iterable[JournalEvent],
+    new: Callable[[Plan, Mapping[str, Any], str], E],
+    observe: Callable[[JournalEvent, list[Command]], None] | None = None,
+) -> E:
+    """The engine ``new(plan, arguments, run_id)`` makes, fed the inputs among ``events``, in order.
+
+    ``observe(event, commands)``, if given, sees what the engine did with each input (a resumed run
+    learns from it when each of its pending timers was started).
 
     Raises ValueError when the events do not begin with ``run_started``, or when that names a plan
     other than ``plan`` (the workflow changed since).
@@ -50,8 +58,8 @@ def replay(plan: Plan, events: Iterable[JournalEvent], new: Callable[[Plan, Mapp
             digest = data.get("plan")
             if digest is not None and digest != plan.digest:
                 raise ValueError(f"the run was started with another version of workflow {plan.name!r}")
-            run = new(plan, data["arguments"])
-            run.start()
+            run = new(plan, data["arguments"], event.run_id)
+            commands = run.start()
         elif event.kind not in INPUTS:
             continue
         elif run is None:
@@ -59,13 +67,19 @@ def replay(plan: Plan, events: Iterable[JournalEvent], new: Callable[[Plan, Mapp
         elif event.kind == "step_done":
             error = data.get("error")  # every field of the StepError
             step_error = StepError(**error) if error is not None else None
-            run.done(str(event.key), event.attempt, data.get("result"), step_error, random=data.get("random", 0.5))
+            random = data.get("random", 0.5)
+            commands = run.done(str(event.key), event.attempt, data.get("result"), step_error, random=random)
         elif event.kind == "timer_fired":
-            run.fire(str(event.key))
+            commands = run.fire(str(event.key))
         elif event.kind == "evaluated":
-            run.evaluated(str(event.key), data.get("value"), error=data.get("error"), empty=data.get("empty", False))
+            value, error, empty = data.get("value"), data.get("error"), data.get("empty", False)
+            commands = run.evaluated(str(event.key), value, error=error, empty=empty)
         elif event.kind == "run_cancelled":
-            run.cancel(data["message"])
+            commands = run.cancel(data["message"])
+        else:
+            continue
+        if observe is not None:
+            observe(event, commands)
     if run is None:
         raise ValueError("a run's journal begins with run_started")
     return run

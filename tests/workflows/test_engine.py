@@ -699,7 +699,7 @@ steps:
     assert driver.finished.status == "succeeded", driver.finished.error
     output = driver.finished.output
     assert output["seen"] == {"all": {"first": {"result": {"x": 1}, "error": None, "status": "succeeded"}}}
-    assert output["each"] == [{"keys": ["index", "input", "item", "steps"]}] * 2
+    assert output["each"] == [{"keys": ["index", "input", "item", "run", "steps"]}] * 2
     json.dumps(output)  # no reference back into the engine's own state
 
 

@@ -47,7 +47,7 @@ class Recorded:
 
     def __init__(self, plan: Plan, arguments: dict[str, Any]) -> None:
         self.plan = plan
-        self.run = Run(plan, arguments)
+        self.run = Run(plan, arguments, "run-1")
         self.events: list[JournalEvent] = []
         self.snapshots: list[dict[str, Any]] = []
         self.calls: dict[str, CallTool | AskUser | AskModel] = {}
