@@ -66,7 +66,9 @@ _disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leave
 OUTCOMES = ("ok", "error", "invalid", "denied", "rate_limited", "circuit_open", "timeout", "unavailable", "cancelled")
 """The ``outcome`` label of ``patchbay_tool_calls_total`` (DESIGN §5; ``GatewayError.outcome``)."""
 
-WORKFLOW_OUTCOMES = ("succeeded", "failed", "cancelled")
+WORKFLOW_OUTCOMES = ("succeeded", "failed", "cancelled", "interrupted")
+"""How a run ended in this process: ``interrupted`` when the gateway stopped under it (it is resumed later).
+``resumed`` (:meth:`Metrics.workflow_resumed`) counts runs taken up again after an interruption."""
 """The ``outcome`` label of ``patchbay_workflow_runs_total``."""
 
 UNKNOWN = "<unknown>"
@@ -252,6 +254,10 @@ class Metrics:
         if open_runs > 0:
             self._open_runs[workflow] = open_runs - 1
             self._runs_in_flight.labels(workflow).dec()
+
+    def workflow_resumed(self, workflow: str) -> None:
+        """An interrupted run of ``workflow`` was taken up again (it then starts as any run does)."""
+        self._runs.labels(workflow, "resumed").inc()
 
     def workflow_step(self, workflow: str, step: str, seconds: float) -> None:
         """Step ``step`` of ``workflow`` took ``seconds``. Pass the step id, not a ``for_each`` key."""

@@ -29,6 +29,7 @@ __all__ = [
     "Journal",
     "JournalEvent",
     "MemoryJournal",
+    "RunJournal",
     "RunSummary",
 ]
 
@@ -47,6 +48,7 @@ EventKind = Literal[
     "step_started",
     "step_settled",
     "run_finished",
+    "run_resumed",
 ]
 INPUTS: frozenset[EventKind] = frozenset({"run_started", "step_done", "timer_fired", "evaluated", "run_cancelled"})
 """The kinds of event that went into the engine: what a replay feeds it."""
@@ -62,7 +64,8 @@ class JournalEvent:
     ``timer_fired`` {} (``key``: the timer's); ``evaluated`` {value} or {empty: true} or {error}
     (``key``: the evaluation's); ``run_cancelled`` {message}. Outputs: ``step_started`` {step, tool,
     arguments} (or {step, kind}); ``step_settled`` {step, status, result, error, duration_ms};
-    ``run_finished`` {status, output, error, duration_ms}.
+    ``run_finished`` {status, error, duration_ms, result: the ``CallToolResult`` returned};
+    ``run_resumed`` {outstanding: the keys of what was in flight}.
     """
 
     run_id: str
@@ -90,7 +93,19 @@ class RunSummary:
     """Steps settled so far."""
 
 
-class Journal(Protocol):
+class RunJournal(Protocol):
+    """What the runner writes to: events buffered in order, made durable by :meth:`commit`."""
+
+    def record(self, event: JournalEvent) -> None:
+        """Buffer ``event`` (not durable until :meth:`commit`)."""
+        ...
+
+    async def commit(self) -> None:
+        """Return once every event recorded before the call is durable."""
+        ...
+
+
+class Journal(RunJournal, Protocol):
     """Where runs are recorded. Appends must not be reordered within a run."""
 
     async def append(self, event: JournalEvent) -> None: ...
@@ -114,7 +129,7 @@ class MemoryJournal:
         self._runs: OrderedDict[str, list[JournalEvent]] = OrderedDict()
         self._events = 0
 
-    async def append(self, event: JournalEvent) -> None:
+    def record(self, event: JournalEvent) -> None:
         events = self._runs.get(event.run_id)
         if events is None:
             events = self._runs[event.run_id] = []
@@ -125,6 +140,12 @@ class MemoryJournal:
             if finished is None:  # runs still going are kept whole
                 break
             self._events -= len(self._runs.pop(finished))
+
+    async def commit(self) -> None:
+        return None  # nothing to make durable
+
+    async def append(self, event: JournalEvent) -> None:
+        self.record(event)
 
     async def events(self, run_id: str) -> Sequence[JournalEvent]:
         return tuple(self._runs.get(run_id, ()))

@@ -18,14 +18,14 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from gateway.dispatch import Invocation
 from gateway.errors import GatewayError, UpstreamError
@@ -45,8 +45,9 @@ from gateway.workflows.commands import (
     StepError,
 )
 from gateway.workflows.engine import Run
+from gateway.workflows.journal import RunJournal
 from gateway.workflows.expressions import Outcome, run_program
-from gateway.workflows.journal import EventKind, Journal, JournalEvent
+from gateway.workflows.journal import EventKind, JournalEvent
 from gateway.workflows.plan import Plan
 
 __all__ = ["COMPENSATION_LIMIT", "CallFn", "Runner", "result_value"]
@@ -113,6 +114,12 @@ class _Execution:
     """Outcomes sent to the run's loop and not received yet (cheaper to count than to ask the stream)."""
     ready: list[_Work] = field(default_factory=list)
     """Steps journaled as started, and evaluations, not launched yet."""
+    dirty: bool = False
+    """Events recorded and not yet committed."""
+    timers: dict[str, float] = field(default_factory=dict)
+    """A resumed run's pending timers: when each was started (wall clock), so it fires when it would have."""
+    spent: dict[str, float] = field(default_factory=dict)
+    """A resumed run's calls in flight at the crash: seconds their try had taken (of its timeout)."""
 
 
 class Runner:
@@ -121,7 +128,7 @@ class Runner:
     def __init__(
         self,
         call: CallFn,
-        journal: Journal,
+        journal: RunJournal,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -134,42 +141,127 @@ class Runner:
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng
+        self.stopping = False
+        """Set while the gateway shuts down: a run cancelled then is left as it is, to be resumed, not
+        compensated as a run its caller cancelled."""
 
-    async def run(self, plan: Plan, arguments: Mapping[str, Any], context: CallContext) -> ToolResult:
-        """Run ``plan`` with (already validated) ``arguments``; the result, or an ``isError`` naming the failed step."""
+    async def run(
+        self,
+        plan: Plan,
+        arguments: Mapping[str, Any],
+        context: CallContext,
+        *,
+        run_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        on_started: Callable[[str], None] | None = None,
+    ) -> ToolResult:
+        """Run ``plan`` with (already validated) ``arguments``; the result, or an ``isError`` naming the failed step.
+
+        ``details`` go into the ``run_started`` event beside what the runner puts there (``task``,
+        ``idempotency_key``); ``on_started(run_id)`` is called once that event is committed.
+        """
+        run_id = run_id or uuid.uuid4().hex
         send, receive = anyio.create_memory_object_stream[_Event](math.inf)
-        run = _Execution(uuid.uuid4().hex, plan, Run(plan, arguments), context, send)
-        started = self._clock()
-        if self._metrics is not None:
-            self._metrics.workflow_started(plan.name)
+        run = _Execution(run_id, plan, Run(plan, arguments, run_id), context, send)
         principal = context.principal
         started_data = {
             "workflow": plan.name,
             "arguments": arguments,
             "caller": {"kind": principal.kind, "id": principal.id},
             "plan": plan.digest,
+            **(details or {}),
         }
-        await self._record(run, "run_started", data=started_data)
+        self._record(run, "run_started", data=started_data)
+        await self._commit(run)
+        if on_started is not None:
+            on_started(run_id)
+        with send, receive:
+            return await self._drive(run, receive, run.engine.start, self._clock())
+
+    async def resume(
+        self,
+        plan: Plan,
+        events: Sequence[JournalEvent],
+        context: CallContext,
+        *,
+        on_started: Callable[[str], None] | None = None,
+    ) -> ToolResult:
+        """Go on with an interrupted run from its journal ``events``: what completed is not done again; the
+        calls, questions, evaluations and compensation in flight at the crash are made again (the calls
+        under the same idempotency keys); pending timers fire when they would have; a call's timeout
+        counts the time its try had already taken.
+
+        Raises:
+            ValueError: the events are not a run of ``plan`` (its definition changed since it started).
+        """
+        timers: dict[str, float] = {}
+        finished: list[Finished] = []
+
+        def observe(event: JournalEvent, commands: list[Command]) -> None:
+            for command in commands:
+                if isinstance(command, StartTimer):
+                    timers[command.key] = event.at
+                elif isinstance(command, Finished):
+                    finished.append(command)
+
+        engine, outstanding = Run.restore(plan, events, observe)
+        first, now = events[0], self._wall_clock()
+        send, receive = anyio.create_memory_object_stream[_Event](math.inf)
+        run = _Execution(first.run_id, plan, engine, context, send, seq=max(e.seq for e in events) + 1)
+        pending = {str(getattr(command, "key", "")) for command in outstanding}
+        run.timers = {key: at for key, at in timers.items() if key in pending}
+        for event in events:
+            if event.kind == "step_started" and event.key is not None and event.key in pending:
+                run.spent[event.key] = max(0.0, now - event.at)
+        run.settled = sum(event.kind == "step_settled" for event in events)
+        self._record(run, "run_resumed", data={"outstanding": sorted(pending)})
+        await self._commit(run)
+        if on_started is not None:
+            on_started(run.run_id)
+        started = self._clock() - max(0.0, now - first.at)  # its duration counts from its first start
+        with send, receive:
+            if finished:  # it had finished; only its last words were lost
+                return await self._finish(run, finished[-1], started)
+            return await self._drive(run, receive, lambda: outstanding, started)
+
+    async def _drive(
+        self,
+        run: _Execution,
+        receive: MemoryObjectReceiveStream[_Event],
+        begin: Callable[[], list[Command]],
+        started: float,
+    ) -> ToolResult:
+        """Carry the run through to its end: the engine's commands from ``begin``, then each outcome's."""
+        plan = run.plan
+        if self._metrics is not None:
+            self._metrics.workflow_started(plan.name)
         finished: Finished | None = None
         try:
-            with send, receive:
-                async with anyio.create_task_group() as tg:
-                    finished = await self._apply(run, run.engine.start(), tg)
-                    while finished is None:
-                        idle = run.active == 0 and not run.reported
-                        event = await self._launch(run, tg, inline=idle)
-                        if event is None:
-                            if idle and not run.active:
-                                # Nothing in flight, nothing to wait for: an engine bug must not hang the caller.
-                                logger.error("workflow %s run %s stalled; cancelling it", plan.name, run.run_id)
-                                stalled = await self._cancel(run, "internal error: the run stalled")
-                                finished = await self._apply(run, stalled, tg)
-                                continue
-                            event = await receive.receive()
-                            run.reported -= 1
+            async with anyio.create_task_group() as tg:
+                finished = await self._apply(run, begin(), tg)
+                while finished is None:
+                    idle = run.active == 0 and not run.reported
+                    event = await self._launch(run, tg, inline=idle)
+                    if event is None:
+                        if idle and not run.active:
+                            # Nothing in flight, nothing to wait for: an engine bug must not hang the caller.
+                            logger.error("workflow %s run %s stalled; cancelling it", plan.name, run.run_id)
+                            stalled = await self._cancel(run, "internal error: the run stalled")
+                            finished = await self._apply(run, stalled, tg)
+                            continue
+                        event = await receive.receive()
+                        run.reported -= 1
+                    finished = await self._apply(run, await self._feed(run, event), tg)
+                    while finished is None and run.reported:  # outcomes that came together: one commit for all
+                        event = receive.receive_nowait()
+                        run.reported -= 1
                         finished = await self._apply(run, await self._feed(run, event), tg)
-                    tg.cancel_scope.cancel()  # timers still pending
+                tg.cancel_scope.cancel()  # timers still pending
         except anyio.get_cancelled_exc_class():
+            if self.stopping:  # the gateway is going down: the run stays as it is, and is resumed later
+                if self._metrics is not None:
+                    self._metrics.workflow_run(plan.name, "interrupted")
+                raise
             with anyio.CancelScope(shield=True), anyio.move_on_after(COMPENSATION_LIMIT):
                 cancelled = await self._cancel(run, "the caller cancelled the run")
                 finished = await self._apply(run, cancelled, None)
@@ -182,11 +274,11 @@ class Runner:
         """Journal an outcome or a timer firing (an input of the engine), then hand it to the engine."""
         kind, key, attempt, result, error = event
         if kind == "fire":
-            await self._record(run, "timer_fired", key)
+            self._record(run, "timer_fired", key)
             return run.engine.fire(key)
         if kind == "evaluated":
             outcome: Outcome = result
-            await self._record(run, "evaluated", key, data=_outcome_data(outcome))
+            self._record(run, "evaluated", key, data=_outcome_data(outcome))
             return run.engine.evaluated(key, outcome.value, error=outcome.error, empty=outcome.empty)
         return await self._done(run, key, attempt, result, error, self._rng())
 
@@ -195,11 +287,11 @@ class Runner:
     ) -> list[Command]:
         # Every field of the error (not only what expressions see): the replayed run must get the same one.
         data = {"result": result, "error": asdict(error) if error is not None else None, "random": draw}
-        await self._record(run, "step_done", key, attempt, data)
+        self._record(run, "step_done", key, attempt, data)
         return run.engine.done(key, attempt, result, error, random=draw)
 
     async def _cancel(self, run: _Execution, message: str) -> list[Command]:
-        await self._record(run, "run_cancelled", data={"message": message})
+        self._record(run, "run_cancelled", data={"message": message})
         return run.engine.cancel(message)
 
     async def _apply(self, run: _Execution, commands: list[Command], tg: TaskGroup | None) -> Finished | None:
@@ -221,11 +313,13 @@ class Runner:
                     run.active += 1
                     tg.start_soon(self._timer, run, command)
             elif isinstance(command, CallTool) and command.compensation:
-                await self._record(run, "step_started", command.key, 1, {"step": command.step, "tool": command.tool})
+                started = {"step": command.step, "tool": command.tool, "arguments": command.arguments}
+                self._record(run, "step_started", command.key, 1, started)
+                await self._commit(run)  # what led to it is durable before the upstream sees the call
                 result, error = await self._perform(run, command)
                 status = "failed" if error else "succeeded"
                 settled = {"status": status, "error": error.as_json() if error else None}
-                await self._record(run, "step_settled", command.key, 1, settled)
+                self._record(run, "step_settled", command.key, 1, settled)
                 pending.extend(await self._done(run, command.key, 1, result, error, 0.5))
             elif isinstance(command, Evaluate):
                 if tg is not None:
@@ -233,8 +327,8 @@ class Runner:
                 else:  # compensating a cancelled run, in its own task: one thing at a time
                     pending.extend(await self._feed(run, await self._work(run, command)))
             elif tg is not None:
-                run.started[command.key] = self._clock()
-                await self._record(run, "step_started", command.key, command.attempt, _started_data(command))
+                run.started[command.key] = self._clock() - run.spent.get(command.key, 0.0)
+                self._record(run, "step_started", command.key, command.attempt, _started_data(command))
                 run.ready.append(command)
         return finished
 
@@ -244,6 +338,8 @@ class Runner:
         then costs no task, no cancel scope and no stream hop, and nothing could cancel it but the
         caller anyway."""
         ready, run.ready = run.ready, []
+        if ready:
+            await self._commit(run)  # every input that led to them is durable before any of them starts
         if inline and len(ready) == 1:
             return await self._work(run, ready[0])
         for command in ready:
@@ -253,8 +349,12 @@ class Runner:
         return None
 
     async def _timer(self, run: _Execution, command: StartTimer) -> None:
+        seconds = command.seconds
+        started = run.timers.pop(command.key, None)
+        if started is not None:  # a resumed run's timer: it fires when it would have
+            seconds = max(0.0, started + seconds - self._wall_clock())
         try:
-            await anyio.sleep(command.seconds)
+            await anyio.sleep(seconds)
         except anyio.get_cancelled_exc_class():
             run.active -= 1
             raise
@@ -278,6 +378,9 @@ class Runner:
 
     async def _leaf(self, run: _Execution, command: _Leaf) -> _Event:
         limit = command.timeout
+        spent = run.spent.pop(command.key, 0.0)
+        if limit is not None:  # a resumed try's timeout counts the time it took before the crash
+            limit = max(0.0, limit - spent)
         tool = command.tool if isinstance(command, CallTool) else None
         with step_span(run.plan.name, command.key, tool, run=run.run_id, attempt=command.attempt) as span:
             try:
@@ -303,7 +406,7 @@ class Runner:
             return None, StepError("error", f"internal error: {exc!r}")
 
     async def _call_tool(self, run: _Execution, command: CallTool) -> tuple[Any, StepError | None]:
-        meta = {IDEMPOTENCY_META_KEY: command.idempotency_key} if command.idempotency_key is not None else None
+        meta = {IDEMPOTENCY_META_KEY: command.idempotency_key} if command.idempotency_key else None
         context = CallContext(
             principal=run.context.principal,
             client=run.context.client,
@@ -363,7 +466,7 @@ class Runner:
             "error": error,
             "duration_ms": duration,
         }
-        await self._record(run, "step_settled", note.key, note.attempts, data)
+        self._record(run, "step_settled", note.key, note.attempts, data)
         if self._metrics is not None and duration is not None:  # the step's id: a bounded label, unlike its key
             self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)
         run.settled += 1
@@ -382,25 +485,40 @@ class Runner:
             outcome = "cancelled" if cancelled else "succeeded" if succeeded else "failed"
             self._metrics.workflow_run(run.plan.name, outcome)
         if finished is not None and succeeded:
-            await self._record(run, "run_finished", data={"status": "succeeded", "duration_ms": duration})
             output = finished.output
             text = output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False)
             structured = output if isinstance(output, Mapping) else None
-            return ToolResult(({"type": "text", "text": text},), structured_content=structured, meta=meta)
+            result = ToolResult(({"type": "text", "text": text},), structured_content=structured, meta=meta)
+            data = {"status": "succeeded", "duration_ms": duration, "result": result.wire()}
+            self._record(run, "run_finished", data=data)
+            await self._commit(run)  # durable before the caller sees it
+            return result
         error = finished.error if finished is not None else None
         message = f"workflow {run.plan.name!r} failed: {error.describe() if error else 'compensation did not finish'}"
         if finished is not None and finished.compensation_errors:
             message += "; " + "; ".join(e.describe() for e in finished.compensation_errors)
         message += f" (run {run.run_id})"
-        await self._record(run, "run_finished", data={"status": "failed", "error": message, "duration_ms": duration})
-        return ToolResult(({"type": "text", "text": message},), is_error=True, meta=meta)
+        result = ToolResult(({"type": "text", "text": message},), is_error=True, meta=meta)
+        status = "cancelled" if cancelled else "failed"
+        data = {"status": status, "error": message, "duration_ms": duration, "result": result.wire()}
+        self._record(run, "run_finished", data=data)
+        await self._commit(run)
+        return result
 
-    async def _record(
+    def _record(
         self, run: _Execution, kind: EventKind, key: str | None = None, attempt: int = 0, data: Any = None
     ) -> None:
+        """Journal an event (buffered: :meth:`_commit` makes it durable)."""
         event = JournalEvent(run.run_id, run.seq, self._wall_clock(), kind, key, attempt, data or {})
         run.seq += 1
-        await self._journal.append(event)
+        run.dirty = True
+        self._journal.record(event)
+
+    async def _commit(self, run: _Execution) -> None:
+        """Make what the run recorded durable (one commit, shared with whatever else was recorded meanwhile)."""
+        if run.dirty:
+            run.dirty = False
+            await self._journal.commit()
 
 
 def _report(run: _Execution, event: _Event) -> None:

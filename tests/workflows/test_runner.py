@@ -177,7 +177,7 @@ steps:
     assert tools.cancelled == ["slow"]
     assert tools.calls[-1] == ("undo__a", {"of": "t__a"})
     [summary] = await journal.runs()
-    assert summary.status == "failed"
+    assert summary.status == "cancelled"
 
 
 async def test_an_upstream_asking_for_input_mid_step_fails_the_step() -> None:
