@@ -176,7 +176,7 @@ class Store(Protocol):
         """The run's record (``interrupted`` if its owner's lease lapsed), or None."""
         ...
 
-    async def runs(self, query: RunQuery = RunQuery()) -> Sequence[RunRecord]:
+    async def runs(self, query: RunQuery | None = None) -> Sequence[RunRecord]:
         """The runs ``query`` selects, most recent first."""
         ...
 

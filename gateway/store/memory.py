@@ -85,7 +85,8 @@ class MemoryStore:
     async def run(self, run_id: str) -> RunRecord | None:
         return self._records.get(run_id)
 
-    async def runs(self, query: RunQuery = RunQuery()) -> Sequence[RunRecord]:
+    async def runs(self, query: RunQuery | None = None) -> Sequence[RunRecord]:
+        query = query or RunQuery()
         chosen = []
         for run_id in reversed(self._events):
             record = self._records.get(run_id)

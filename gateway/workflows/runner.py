@@ -45,9 +45,8 @@ from gateway.workflows.commands import (
     StepError,
 )
 from gateway.workflows.engine import Run
-from gateway.workflows.journal import RunJournal
 from gateway.workflows.expressions import Outcome, run_program
-from gateway.workflows.journal import EventKind, JournalEvent
+from gateway.workflows.journal import EventKind, JournalEvent, RunJournal
 from gateway.workflows.plan import Plan
 
 __all__ = ["COMPENSATION_LIMIT", "CallFn", "Runner", "result_value"]
