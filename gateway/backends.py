@@ -12,7 +12,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from gateway.config import Config
-from gateway.workflows.journal import Journal, MemoryJournal
+from gateway.store import Store
+from gateway.store.memory import MemoryStore
 from policies.state import BreakerState, LimitState, MemoryBreakerState, MemoryLimitState
 
 __all__ = ["Backends", "memory_backends", "open_backends"]
@@ -26,13 +27,13 @@ class Backends:
     """Rate-limit buckets and concurrency slots."""
     breakers: BreakerState
     """Circuit-breaker state, per server."""
-    journal: Journal
-    """The workflow run journal."""
+    store: Store
+    """Workflow run journals, tasks, idempotency keys."""
 
 
 def memory_backends() -> Backends:
     """Everything in this process's memory: what ``shared_state: memory`` gives."""
-    return Backends(limits=MemoryLimitState(), breakers=MemoryBreakerState(), journal=MemoryJournal())
+    return Backends(limits=MemoryLimitState(), breakers=MemoryBreakerState(), store=MemoryStore())
 
 
 @asynccontextmanager

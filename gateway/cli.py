@@ -134,7 +134,7 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_stdio(config: Config, providers: Sequence[Provider]) -> None:
-    async with open_gateway(config, providers=providers) as gateway:
+    async with open_gateway(config, providers=providers, resume=True) as gateway:
         freeze_startup_heap()
         await serve_stdio(McpFrontend(gateway, LOCAL_USER))
 

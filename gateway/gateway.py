@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,6 +36,7 @@ from gateway.types import Provider, ProviderEvents, ProviderState
 from gateway.workflows.plan import check_tools
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
+from gateway.workflows.runs import Runs
 from policies.redaction import DEFAULT_KEYS, Redactor
 
 __all__ = ["PROVIDER_KINDS", "Gateway", "ProviderFactory", "ProviderStatus", "open_gateway"]
@@ -91,8 +93,10 @@ class Gateway:
         calls = CallPath()
 
         # 2. The providers.
-        runner = Runner(calls.invoke, self.backends.journal, metrics=self.metrics)
-        self.workflows = WorkflowProvider(config.plans, runner)
+        runner = Runner(calls.invoke, self.backends.store, metrics=self.metrics)
+        self.runs = Runs(runner, self.backends.store, config.plans, metrics=self.metrics)
+        """The workflow runs: started, attached to, resumed, looked up (tasks, ``patchbay runs``)."""
+        self.workflows = WorkflowProvider(config.plans, runner, runs=self.runs)
         self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
         """Every provider by name: the workflows first (their names are taken before any server's), then the
         configured servers, then the extra providers."""
@@ -156,8 +160,9 @@ class Gateway:
         """Whether every provider is up."""
         return all(provider.state is ProviderState.UP for provider in self.providers.values())
 
-    async def start(self, tg: TaskGroup, *, strict: bool = True) -> None:
-        """Start the audit writer and every provider (concurrently, in ``tg``), then build the first registry.
+    async def start(self, tg: TaskGroup, *, strict: bool = True, resume: bool = False) -> None:
+        """Start the audit writer and every provider (concurrently, in ``tg``), then build the first registry,
+        then the workflow runs' background work (with ``resume``, interrupted runs are taken up).
 
         Returns once every provider has had its first try; those that failed keep retrying in ``tg``.
 
@@ -178,11 +183,13 @@ class Gateway:
         self._rebuild()
         if strict and self.problems:
             raise ConfigError(self.problems, source=self.config.source)
+        await tg.start(partial(self.runs.run, resume=resume))
         self._started = True
 
     async def close(self) -> None:
         """Close every provider (each returns at once; bounded by :data:`CLOSE_TIMEOUT` all the same)."""
         with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await self.runs.close()  # first: its runs are left to resume, not compensated as cancelled
             for provider in self.providers.values():
                 await provider.close()
 
@@ -233,9 +240,11 @@ async def open_gateway(
     strict: bool = True,
     kinds: Mapping[str, ProviderFactory] = PROVIDER_KINDS,
     providers: Iterable[Provider] = (),
+    resume: bool = False,
 ) -> AsyncIterator[Gateway]:
     """Open the state backends, start every provider concurrently (each within its timeout) and yield
-    the running gateway; ``kinds`` and ``providers`` are :class:`Gateway`'s.
+    the running gateway; ``kinds`` and ``providers`` are :class:`Gateway`'s. With ``resume`` (what
+    ``serve`` passes for ``gateway.resume: auto``), interrupted workflow runs are taken up.
 
     Providers that fail to start are reported and retried in the background.
 
@@ -249,7 +258,7 @@ async def open_gateway(
         async with anyio.create_task_group() as tg:
             try:
                 try:
-                    await gateway.start(tg, strict=strict)
+                    await gateway.start(tg, strict=strict, resume=resume)
                 except ConfigError as exc:
                     failure = exc  # raised below, as itself rather than inside the task group's exception group
                 else:

@@ -95,6 +95,19 @@ class ToolResult:
     def text(cls, text: str, *, is_error: bool = False) -> "ToolResult":
         return cls(content=({"type": "text", "text": text},), is_error=is_error)
 
+    @classmethod
+    def from_wire(cls, wire: JSONObject) -> "ToolResult":
+        """The result a ``CallToolResult`` in wire form (as :meth:`wire` gives) stands for."""
+        content = wire.get("content")
+        structured = wire.get("structuredContent")
+        meta = wire.get("_meta")
+        return cls(
+            content=tuple(content) if isinstance(content, list | tuple) else (),
+            structured_content=structured if isinstance(structured, Mapping) else None,
+            is_error=bool(wire.get("isError", False)),
+            meta=meta if isinstance(meta, Mapping) else None,
+        )
+
     def wire(self) -> dict[str, Any]:
         """The ``CallToolResult`` as it goes on the wire (not for an ``input_required`` result)."""
         wire: dict[str, Any] = {"content": list(self.content), "isError": self.is_error}

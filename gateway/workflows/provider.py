@@ -19,11 +19,13 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
 from gateway.errors import InvalidArguments, ToolNotFound, UpstreamError
+from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Listing, ProviderEvents, ProviderState, Tool, ToolResult
 from gateway.workflows.defaults import with_defaults
 from gateway.workflows.plan import Plan
 from gateway.workflows.roundtrip import STATE_PREFIX, RoundTrips, needs_round_trip
 from gateway.workflows.runner import Runner
+from gateway.workflows.runs import Runs
 from policies.validation import violations
 
 __all__ = ["WORKFLOW_PROVIDER", "WorkflowProvider"]
@@ -45,11 +47,16 @@ class WorkflowProvider:
         plans: Mapping[str, Plan],
         runner: Runner,
         background: Callable[[], TaskGroup | None] | None = None,
+        *,
+        runs: Runs | None = None,
     ) -> None:
         """``background`` gives the task group that runs wait in for a 2026-07-28 client's answers; by
-        default, the one :meth:`run` holds (none before it runs: such a run is then answered inline)."""
+        default, the one :meth:`run` holds (none before it runs: such a run is then answered inline).
+        ``runs`` starts and attaches to the runs (idempotency keys); by default, one of its own over
+        an in-memory store."""
         self.plans = plans
         self.runner = runner
+        self.runs = runs if runs is not None else Runs(runner, MemoryStore(), plans)
         self._tasks: TaskGroup | None = None
         self._round_trips = RoundTrips(background or (lambda: self._tasks))
         self.tools = tuple(_tool(plan) for plan in plans.values())
@@ -110,7 +117,7 @@ class WorkflowProvider:
         given = with_defaults(plan.workflow.input, arguments)
 
         async def run(run_context: CallContext) -> ToolResult:
-            return self._checked(name, await self.runner.run(plan, given, run_context))
+            return self._checked(name, await self.runs.call(plan, given, run_context))
 
         if needs_round_trip(context):
             return await self._round_trips.start(run, context)

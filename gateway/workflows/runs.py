@@ -1,0 +1,352 @@
+"""The runs of this gateway's workflows: started, attached to, resumed, cancelled and looked up.
+
+A call of a workflow tool runs in the caller's request, as before, unless it must outlive it:
+
+* a call carrying ``_meta["io.patchbay/idempotency-key"]`` starts its run *detached*, in this object's
+  task group: a 2026-07-28 client whose stream broke re-issues the call with the same key and gets the
+  same run (waiting while it runs, its recorded result once it has finished), not a second one; so
+  does any client within ``gateway.idempotency_ttl``. Keys are scoped to the caller.
+* a task-augmented call (an MCP task) starts its run detached and returns at once (:meth:`Runs.start`).
+
+Every run is journaled in the store (:mod:`gateway.store`). A run whose gateway died is ``interrupted``;
+:meth:`Runs.resume` takes it up again (claimed in the store, so one gateway does), and so does
+:meth:`Runs.run` with ``resume`` (``gateway.resume: auto``), at start and then every
+:data:`RESCAN` seconds. A run whose workflow changed since it started is not resumed: it is marked
+with the reason, which :meth:`Runs.resume` gives. While the gateway shuts down, its runs are left as
+they are, to be resumed, not cancelled and compensated.
+"""
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import TaskGroup
+
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.store import RunQuery, RunRecord, Store
+from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.workflows.plan import Plan
+from gateway.workflows.runner import IDEMPOTENCY_META_KEY, Runner
+
+__all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RESCAN", "RunNotResumable", "Runs", "caller_scope"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
+"""Seconds a client's idempotency key is remembered (``gateway.idempotency_ttl``)."""
+RESCAN = 5.0
+"""Seconds between looks for runs that another gateway left interrupted (``resume: auto``)."""
+POLL = 0.05
+"""Seconds between looks at the store for a run another gateway is running."""
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class RunNotResumable(GatewayError):
+    """A run cannot be resumed; the message says why."""
+
+
+def caller_scope(principal: Principal) -> str:
+    """Whose idempotency keys these are: ``<kind>:<id>``."""
+    return f"{principal.kind}:{principal.id}"
+
+
+@dataclass
+class _Live:
+    """A run this process is running detached."""
+
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+class Runs:
+    """Starts, attaches to, resumes and cancels workflow runs, journaled in ``store``."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        store: Store,
+        plans: Mapping[str, Plan],
+        *,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        keep_age: float | None = None,
+        keep_count: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.runner = runner
+        self.store = store
+        self.plans = plans
+        self._ttl = idempotency_ttl
+        self._keep_age = keep_age
+        self._keep_count = keep_count
+        self._metrics = metrics
+        self._tasks: TaskGroup | None = None
+        self._live: dict[str, _Live] = {}
+
+    # --- Lifetime. ---
+
+    async def run(
+        self, *, resume: bool = False, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the task group of detached runs until cancelled or closed; with ``resume``, take up the
+        interrupted runs now and every :data:`RESCAN` seconds. Finished runs beyond ``keep_runs`` are
+        forgotten now and then."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            task_status.started()
+            try:
+                rounds = 0
+                while True:
+                    if rounds % 720 == 0 and (self._keep_age is not None or self._keep_count is not None):
+                        await self._prune()
+                    if resume:
+                        await self.resume_interrupted()
+                    rounds += 1
+                    await anyio.sleep(RESCAN)
+            finally:
+                self._tasks = None
+
+    async def close(self) -> None:
+        """Stop: the runs in flight are left as they are (interrupted, to be resumed), not compensated."""
+        self.runner.stopping = True
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+
+    async def _prune(self) -> None:
+        try:
+            forgotten = await self.store.prune(age=self._keep_age, count=self._keep_count)
+        except Exception:  # the store's trouble must not stop the runs
+            logger.exception("could not prune the finished runs")
+            return
+        if forgotten:
+            logger.info("forgot %d finished runs (keep_runs)", forgotten)
+
+    # --- Calls. ---
+
+    async def call(self, plan: Plan, arguments: Mapping[str, Any], context: CallContext) -> ToolResult:
+        """A call of workflow ``plan``: run in the caller's request, or, with an idempotency key, the run
+        that key names (started detached by the first call that carried it)."""
+        key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
+        if not isinstance(key, str) or not key:
+            return await self.runner.run(plan, arguments, context)
+        scope = caller_scope(context.principal)
+        while True:
+            entry = await self.store.idempotency_claim(scope, key, plan.name, self._ttl)
+            if entry is None:
+                break  # the first call with this key: this one
+            if entry.tool != plan.name:
+                message = f"idempotency key {key!r} was used for {entry.tool!r}: use a new key for another tool"
+                return ToolResult.text(message, is_error=True)
+            if entry.result is not None:
+                return ToolResult.from_wire(entry.result)
+            if entry.run_id is not None:
+                return await self._result_of(entry.run_id)
+            await anyio.sleep(POLL)  # the first call is starting its run
+        run_id = uuid.uuid4().hex
+        try:
+            await self.store.idempotency_bind(scope, key, run_id)
+            await self.start(plan, arguments, context, run_id=run_id, details={"idempotency_key": key})
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.store.idempotency_release(scope, key)
+            raise
+        return await self._result_of(run_id)
+
+    async def start(
+        self,
+        plan: Plan,
+        arguments: Mapping[str, Any],
+        context: CallContext,
+        *,
+        task: JSONObject | None = None,
+        run_id: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> RunRecord:
+        """Start a run detached from the caller's request; return once its start is durable.
+
+        Raises:
+            GatewayError: the gateway is not running (no task group to run it in).
+        """
+        if self._tasks is None:
+            raise GatewayError("the gateway is not running workflows in the background")
+        run_id = run_id or uuid.uuid4().hex
+        details = {**(details or {}), **({"task": dict(task)} if task is not None else {})}
+        detached = replace(context, progress=_best_effort(context), input_responses=None, request_state=None)
+        await self._tasks.start(self._detached, plan, arguments, detached, run_id, details)
+        record = await self.store.run(run_id)
+        assert record is not None  # its start was committed
+        return record
+
+    async def _detached(
+        self,
+        plan: Plan,
+        arguments: Mapping[str, Any],
+        context: CallContext,
+        run_id: str,
+        details: Mapping[str, Any],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        live = self._live[run_id] = _Live()
+        try:
+            with live.scope:
+                result = await self.runner.run(
+                    plan, arguments, context, run_id=run_id, details=details, on_started=lambda _: task_status.started()
+                )
+                await self._finish_key(context.principal, details.get("idempotency_key"), result)
+        finally:
+            live.done.set()
+            del self._live[run_id]
+
+    async def _finish_key(self, principal: Principal, key: Any, result: ToolResult) -> None:
+        if isinstance(key, str) and key:
+            await self.store.idempotency_finish(caller_scope(principal), key, result.wire())
+
+    async def _result_of(self, run_id: str) -> ToolResult:
+        """The result of run ``run_id``, once it has one (it may be running here, or in another gateway)."""
+        live = self._live.get(run_id)
+        if live is not None:
+            await live.done.wait()
+        while True:
+            record = await self.store.run(run_id)
+            if record is not None and record.result is not None:
+                return ToolResult.from_wire(record.result)
+            if record is not None and record.status == "interrupted" and self._tasks is None:
+                message = f"run {run_id} was interrupted; resume it with `patchbay resume CONFIG {run_id}`"
+                return ToolResult.text(message, is_error=True)
+            live = self._live.get(run_id)
+            if live is not None:
+                await live.done.wait()
+            else:
+                await anyio.sleep(POLL)
+
+    # --- Looking runs up (tasks, resources). ---
+
+    async def get(self, run_id: str, principal: Principal) -> RunRecord | None:
+        """The record of run ``run_id`` if ``principal`` started it; None otherwise, as for an unknown run."""
+        record = await self.store.run(run_id)
+        if record is None or (record.caller_kind, record.caller_id) != (principal.kind, principal.id):
+            return None
+        return record
+
+    async def wait(self, run_id: str, principal: Principal) -> RunRecord | None:
+        """The record of ``principal``'s run ``run_id`` once it has finished (None: no such run of theirs)."""
+        if await self.get(run_id, principal) is None:
+            return None
+        await self._result_of(run_id)
+        return await self.store.run(run_id)
+
+    async def cancel(self, run_id: str, principal: Principal) -> RunRecord | None:
+        """Cancel ``principal``'s run ``run_id`` if it runs here (its compensations run); its record after."""
+        record = await self.get(run_id, principal)
+        if record is None:
+            return None
+        live = self._live.get(run_id)
+        if live is not None:
+            live.scope.cancel()
+            await live.done.wait()
+        return await self.store.run(run_id)
+
+    async def list(self, principal: Principal, *, tasks_only: bool = True) -> Sequence[RunRecord]:
+        """``principal``'s runs (those started as tasks, with ``tasks_only``), most recent first."""
+        records = await self.store.runs(RunQuery(caller=(principal.kind, principal.id)))
+        return [record for record in records if record.task is not None or not tasks_only]
+
+    # --- Resuming. ---
+
+    async def resume_interrupted(self) -> Sequence[str]:
+        """Take up every interrupted run that can be; the ids of those taken up."""
+        taken: list[str] = []
+        try:
+            interrupted = await self.store.runs(RunQuery(status="interrupted"))
+        except Exception:
+            logger.exception("could not look for interrupted runs")
+            return taken
+        for record in interrupted:
+            if record.note is not None:
+                continue  # refused before, for a reason that has not gone away
+            try:
+                await self._take_up(record.run_id)
+            except RunNotResumable as exc:
+                logger.warning("run %s of %s is not resumed: %s", record.run_id, record.workflow, exc)
+                continue
+            taken.append(record.run_id)
+        return taken
+
+    async def resume(self, run_id: str) -> ToolResult:
+        """Resume interrupted run ``run_id`` and return its result once it finishes.
+
+        Raises:
+            RunNotResumable: no such run, it is not interrupted, its workflow changed or is gone since it
+                started, or another gateway took it up first.
+        """
+        await self._take_up(run_id)
+        return await self._result_of(run_id)
+
+    async def _take_up(self, run_id: str) -> None:
+        if self._tasks is None:
+            raise GatewayError("the gateway is not running workflows in the background")
+        record = await self.store.run(run_id)
+        if record is None:
+            raise RunNotResumable(f"no run {run_id} is recorded")
+        if record.status == "running":
+            raise RunNotResumable(f"run {run_id} is running in a live gateway ({record.owner})")
+        if record.status != "interrupted":
+            raise RunNotResumable(f"run {run_id} has finished: {record.status}")
+        plan = self.plans.get(record.workflow)
+        note = None
+        if plan is None:
+            note = f"workflow {record.workflow!r} is no longer configured"
+        elif plan.digest != record.plan:
+            note = (
+                f"workflow {record.workflow!r} changed since the run started (definition {record.plan} then, "
+                f"{plan.digest} now): a run is resumed only with the definition it started with"
+            )
+        if note is not None or plan is None:
+            await self.store.mark(run_id, note)
+            raise RunNotResumable(note or "")
+        if not await self.store.claim(run_id):
+            raise RunNotResumable(f"run {run_id} was taken up by another gateway")
+        events = await self.store.events(run_id)
+        context = CallContext(principal=Principal(record.caller_id, record.caller_kind))
+        if self._metrics is not None:
+            self._metrics.workflow_resumed(plan.name)
+        logger.info("resuming run %s of %s", run_id, plan.name)
+        await self._tasks.start(self._resumed, plan, events, context, record)
+
+    async def _resumed(
+        self,
+        plan: Plan,
+        events: Sequence[Any],
+        context: CallContext,
+        record: RunRecord,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        live = self._live[record.run_id] = _Live()
+        try:
+            with live.scope:
+                result = await self.runner.resume(plan, events, context, on_started=lambda _: task_status.started())
+                await self._finish_key(context.principal, record.idempotency_key, result)
+        finally:
+            live.done.set()
+            del self._live[record.run_id]
+
+
+def _best_effort(context: CallContext) -> Any:
+    """The caller's progress callback, made harmless once the caller is gone (a detached run outlives it)."""
+    progress = context.progress
+    if progress is None:
+        return None
+
+    async def report(done: float, total: float | None, message: str | None) -> None:
+        try:
+            await progress(done, total, message)
+        except Exception:  # the request it reported to has ended
+            logger.debug("progress for a detached run not delivered", exc_info=True)
+
+    return report
