@@ -62,7 +62,7 @@ async def crash(runner: Runner, plan: Plan, arguments: dict[str, Any], journal: 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(runner.run, plan, arguments, CALLER)
-            while not until():
+            while not until():  # noqa: ASYNC110 - a condition on the fake upstream, polled
                 await anyio.sleep(0.001)
             tg.cancel_scope.cancel()
     [record] = await journal.runs()
@@ -95,9 +95,11 @@ async def test_a_resumed_run_does_not_repeat_completed_steps_and_repeats_the_one
     assert result.structured_content == {"c": {"tool": "t.c", "n": 1, "run": run_id}}
     assert result.meta == {RUN_META_KEY: run_id}
     record = await journal.run(run_id)
-    assert record is not None and record.status == "succeeded"
+    assert record is not None
+    assert record.status == "succeeded"
     kinds = [event.kind for event in await journal.events(run_id)]
-    assert kinds.count("run_resumed") == 1 and kinds[-1] == "run_finished"
+    assert kinds.count("run_resumed") == 1
+    assert kinds[-1] == "run_finished"
 
 
 async def test_in_a_fan_out_only_the_unfinished_branches_run_again() -> None:
@@ -123,7 +125,8 @@ output: "${[.steps.each.result[].n]}"
         (3, f"{run_id}:each[3]/x"),
         (4, f"{run_id}:each[4]/x"),
     ]
-    assert result.structured_content is None and "[\n  0,\n  1,\n  2,\n  3,\n  4\n]" in result.content[0]["text"]
+    assert result.structured_content is None
+    assert "[\n  0,\n  1,\n  2,\n  3,\n  4\n]" in result.content[0]["text"]
 
 
 async def test_an_interrupted_compensation_goes_on_where_it_stopped() -> None:
@@ -141,7 +144,8 @@ steps:
     second = Upstream()
     with anyio.fail_after(5):
         result = await Runner(second, journal).resume(plan, await journal.events(run_id), CALLER)
-    assert result.is_error and "step 'c'" in result.content[0]["text"]
+    assert result.is_error
+    assert "step 'c'" in result.content[0]["text"]
     assert second.calls == [("undo.a", {}, f"{run_id}:a#compensate")]  # undo.b is not undone twice
     assert first.called("undo.a")[0][1] == f"{run_id}:a#compensate"
 
@@ -173,7 +177,8 @@ async def test_a_resumed_try_has_only_what_was_left_of_its_timeout() -> None:
         result = await Runner(second, journal, wall_clock=lambda: later).resume(
             plan, await journal.events(run_id), CALLER
         )
-    assert result.is_error and "timeout" in result.content[0]["text"]
+    assert result.is_error
+    assert "timeout" in result.content[0]["text"]
 
 
 async def test_a_run_whose_workflow_changed_is_not_resumed_and_says_why() -> None:
@@ -228,7 +233,9 @@ async def test_runs_resume_takes_up_an_interrupted_run_once_and_refuses_a_change
             await changed.resume(run_id)
         tg.cancel_scope.cancel()
     record = await store.run(run_id)
-    assert record is not None and record.note is not None and "changed" in record.note
+    assert record is not None
+    assert record.note is not None
+    assert "changed" in record.note
     assert second.calls == []
 
     await store.mark(run_id, None)
@@ -269,7 +276,8 @@ async def test_a_call_reissued_with_its_idempotency_key_gets_the_same_run_during
             again = await runs.call(plan, {}, keyed("k1"))  # after it finished: its recorded result
             other = await runs.call(plan, {}, keyed("k1", who="someone-else"))  # keys are per caller
             tg.cancel_scope.cancel()
-    assert len(results) == 2 and results[0] == results[1] == again
+    assert len(results) == 2
+    assert results[0] == results[1] == again
     assert [name for name, _, _ in upstream.calls] == ["t.a", "t.b", "t.c"] * 2  # the first run, then other's
     assert other.meta != results[0].meta
     records = await store.runs()
