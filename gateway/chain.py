@@ -4,7 +4,8 @@ Outermost first; each refuses as early as it can, so refused calls cost little a
 what they would have used up:
 
 1. **access** (``policies:`` deny/allow, ``clients.<name>.tools``): who may call what;
-2. **validation**: the arguments against the tool's ``inputSchema``;
+2. **validation**: the arguments against the tool's ``inputSchema``; then **idempotency**: a call
+   re-issued with its ``io.patchbay/idempotency-key`` gets the first call's recorded result;
 3. **rate limits**, then 4. **concurrency limits** (``policies:`` rate_limit, max_concurrency);
 5. **fallback** (a server's ``fallback:``): answers a failed call with another tool;
 6. **circuit breaker** (a server's ``circuit_breaker:``): fails fast while a server is failing;
@@ -24,6 +25,7 @@ from policies.access import AccessPolicy
 from policies.breaker import BreakerPolicy
 from policies.concurrency import ConcurrencyLimit
 from policies.fallback import FallbackPolicy
+from policies.idempotency import IdempotencyKeys, IdempotencyPolicy
 from policies.ratelimit import RateLimit
 from policies.retry import RetryPolicy
 from policies.state import BreakerState, LimitState
@@ -49,10 +51,15 @@ def build_chain(
     breakers: BreakerState,
     call_tool: Callable[[str, JSONObject, CallContext], Awaitable[ToolResult]],
     on_circuit_change: Callable[[str, str], None] | None = None,
+    keys: IdempotencyKeys | None = None,
+    idempotency_ttl: float = 24 * 3600.0,
+    own_idempotency: frozenset[str] = frozenset(),
 ) -> Chain:
     """The chain for ``config``, its rate and concurrency limits kept in ``limits`` and its circuits in
     ``breakers``; ``call_tool`` makes a fallback's call (through the whole chain, raising gateway errors
-    rather than turning them into results)."""
+    rather than turning them into results); ``keys`` records the results of calls with an idempotency key
+    for ``idempotency_ttl`` seconds, except for the providers in ``own_idempotency`` (workflows, which
+    attach a re-issued call to its run)."""
     access = AccessPolicy([rule for rule in config.policies if isinstance(rule, AccessRule)], config.clients)
     limit_rules = [rule for rule in config.policies if isinstance(rule, LimitRule)]
     circuits = {name: b for name, server in config.servers.items() if (b := server.circuit_breaker) is not None}
@@ -64,6 +71,8 @@ def build_chain(
     if access.active:
         policies.append(access)
     policies.append(ArgumentValidation())
+    if keys is not None:
+        policies.append(IdempotencyPolicy(keys, idempotency_ttl, skip_providers=own_idempotency))
     if any(rule.rate_limit is not None for rule in limit_rules):
         policies.append(RateLimit(limit_rules, limits))
     if any(rule.max_concurrency is not None for rule in limit_rules):

@@ -117,6 +117,8 @@ class Gateway:
             breakers=self.backends.breakers,
             call_tool=calls.call_or_raise,
             on_circuit_change=lambda server, state: self.metrics.circuit_open(server, state == "open"),
+            keys=self.backends.store,
+            own_idempotency=frozenset({WORKFLOW_PROVIDER}),
         )
         self.access = chain.access
         """Which tools each caller may see (``tools/list``)."""
