@@ -61,11 +61,11 @@ from gateway.config import HttpServer
 from gateway.dispatch import Dispatcher, Invocation
 from gateway.heap import freeze_startup_heap
 from gateway.registry import Entry, Registry
+from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, Tool, ToolResult
 from gateway.workflows._jqsafe import first as jq_first
 from gateway.workflows.commands import Evaluate
 from gateway.workflows.engine import CallTool, Run
-from gateway.workflows.journal import MemoryJournal
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
 from gateway.workflows.runner import Runner
@@ -242,7 +242,7 @@ async def in_process(settings: Settings) -> list[dict[str, Any]]:
     rows = []
     for case, plan, loaded in loaded_plans:
         calls = drive_engine(plan, case.arguments)  # a warm-up; and every step is a call
-        bare_runner, dispatching_runner = Runner(noop_call, MemoryJournal()), Runner(dispatcher.invoke, MemoryJournal())
+        bare_runner, dispatching_runner = Runner(noop_call, MemoryStore()), Runner(dispatcher.invoke, MemoryStore())
         await run_once(bare_runner, plan, case.arguments)
         await run_once(dispatching_runner, plan, case.arguments)
         engine, bare, dispatched = [], [], []

@@ -91,7 +91,7 @@ class Gateway:
         calls = CallPath()
 
         # 2. The providers.
-        runner = Runner(calls.invoke, self.backends.journal, metrics=self.metrics)
+        runner = Runner(calls.invoke, self.backends.store, metrics=self.metrics)
         self.workflows = WorkflowProvider(config.plans, runner)
         self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
         """Every provider by name: the workflows first (their names are taken before any server's), then the

@@ -284,7 +284,7 @@ async def test_workflow_steps_call_through_the_dispatcher_and_runs_are_journaled
         result = await gateway.dispatcher.call("w", {}, CALLER)
         assert result.structured_content == {"total": 13}
         assert box.calls == [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 10})]
-        [run] = await gateway.backends.journal.runs()
+        [run] = await gateway.backends.store.runs()
         assert (run.workflow, run.status) == ("w", "succeeded")
 
 

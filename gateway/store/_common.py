@@ -4,7 +4,7 @@ import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import orjson
@@ -28,6 +28,8 @@ __all__ = [
 
 FINISHED = ("succeeded", "failed", "cancelled")
 """The statuses of a run that ended."""
+
+T = TypeVar("T")
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord))
 
@@ -101,8 +103,9 @@ class _Round:
     error: StoreError | None = None
 
 
-class GroupCommit:
-    """Events buffered by :meth:`record` and written by :meth:`commit` in rounds of one transaction each.
+class GroupCommit(Generic[T]):
+    """Events (of type ``T``) buffered by :meth:`record` and written by :meth:`commit` in rounds of one
+    transaction each.
 
     While a round is being written, more events are recorded; the commits waiting for it then write all
     of them in the next round, so any number of concurrent commits cost one or two transactions. A round
@@ -110,9 +113,9 @@ class GroupCommit:
     raise its :class:`~gateway.errors.StoreError`; the next commit tries them again.
     """
 
-    def __init__(self, write: Callable[[Sequence[JournalEvent]], Awaitable[None]]) -> None:
+    def __init__(self, write: Callable[[Sequence[T]], Awaitable[None]]) -> None:
         self._write = write
-        self._buffer: list[JournalEvent] = []
+        self._buffer: list[T] = []
         self._recorded = 0
         self._committed = 0
         self._round: _Round | None = None
@@ -124,7 +127,7 @@ class GroupCommit:
         """Events recorded and not committed yet."""
         return self._recorded - self._committed
 
-    def record(self, event: JournalEvent) -> None:
+    def record(self, event: T) -> None:
         self._buffer.append(event)
         self._recorded += 1
 

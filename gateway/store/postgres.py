@@ -53,6 +53,9 @@ __all__ = ["MIGRATIONS", "PostgresStore"]
 
 logger = logging.getLogger(__name__)
 
+_Pending = tuple[JournalEvent, str]
+"""An event recorded and not committed yet, and its data as JSON."""
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 1: the journal, the runs' records, idempotency keys
         """CREATE TABLE events (
@@ -108,7 +111,7 @@ class PostgresStore:
         self._settings = {"synchronous_commit": "on" if durability == "machine" else "off"}
         self._pool: Any = None
         self._lock_con: Any = None
-        self._group = GroupCommit(self._write)
+        self._group = GroupCommit[_Pending](self._write)
 
     @classmethod
     async def open(
@@ -168,30 +171,35 @@ class PostgresStore:
     # --- The journal. ---
 
     def record(self, event: JournalEvent) -> None:
-        self._group.record(event)
+        """Buffer ``event``.
+
+        Raises:
+            TypeError: its data is not JSON.
+        """
+        self._group.record((event, orjson.dumps(event.data).decode()))
 
     async def commit(self) -> None:
         await self._group.commit()
 
     async def append(self, event: JournalEvent) -> None:
-        self._group.record(event)
+        self.record(event)
         await self._group.commit()
 
-    async def _write(self, batch: Sequence[JournalEvent]) -> None:
+    async def _write(self, batch: Sequence[_Pending]) -> None:
         try:
-            rows = [(e.run_id, e.seq, e.at, e.kind, e.key, e.attempt, orjson.dumps(e.data).decode()) for e in batch]
+            rows = [(e.run_id, e.seq, e.at, e.kind, e.key, e.attempt, data) for e, data in batch]
             async with self._connection() as con, con.transaction():
                 await con.executemany("INSERT INTO events VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)", rows)
-                started = {e.run_id for e in batch if e.kind == "run_started"}
+                started = {e.run_id for e, _ in batch if e.kind == "run_started"}
                 stored = await con.fetch(
                     f"SELECT run_id, {RUN_COLUMNS} FROM runs WHERE run_id = ANY($1::text[]) FOR UPDATE",
-                    list({e.run_id for e in batch} - started),
+                    list({e.run_id for e, _ in batch} - started),
                 )
                 records: dict[str, RunRecord | None] = {row[0]: record_from_row(row[1:]) for row in stored}
-                for event in batch:
+                for event, _ in batch:
                     records[event.run_id] = fold_owned(records.get(event.run_id), event, self.instance)
                 await con.executemany(_UPSERT_RUN, [run_row(r) for r in records.values() if r is not None])
-        except (*_DB_ERRORS, TypeError) as exc:  # orjson's encode error is a TypeError
+        except _DB_ERRORS as exc:
             raise StoreError(f"cannot commit to the store {_shown(self.url)}: {exc}") from exc
 
     def _connection(self) -> Any:
@@ -217,7 +225,7 @@ class PostgresStore:
         rows = await self._fetch(
             "SELECT run_id, seq, at, kind, key, attempt, data FROM events WHERE run_id = $1 ORDER BY seq", run_id
         )
-        return [JournalEvent(r[0], r[1], r[2], r[3], r[4], r[5], orjson.loads(r[6])) for r in rows]
+        return tuple(JournalEvent(r[0], r[1], r[2], r[3], r[4], r[5], orjson.loads(r[6])) for r in rows)
 
     # --- Run history. ---
 

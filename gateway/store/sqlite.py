@@ -52,6 +52,8 @@ from gateway.workflows.journal import JournalEvent
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
 T = TypeVar("T")
+_Pending = tuple[JournalEvent, str]
+"""An event recorded and not committed yet, and its data as JSON."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 1: the journal, the runs' records, idempotency keys
@@ -99,7 +101,7 @@ class SqliteStore:
         self._con: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._instances = Path(f"{self.path}.instances")
-        self._group = GroupCommit(self._write)
+        self._group = GroupCommit[_Pending](self._write)
 
     @classmethod
     async def open(
@@ -185,26 +187,31 @@ class SqliteStore:
     # --- The journal. ---
 
     def record(self, event: JournalEvent) -> None:
-        self._group.record(event)
+        """Buffer ``event``.
+
+        Raises:
+            TypeError: its data is not JSON.
+        """
+        self._group.record((event, orjson.dumps(event.data).decode()))
 
     async def commit(self) -> None:
         await self._group.commit()
 
     async def append(self, event: JournalEvent) -> None:
-        self._group.record(event)
+        self.record(event)
         await self._group.commit()
 
-    async def _write(self, batch: Sequence[JournalEvent]) -> None:
+    async def _write(self, batch: Sequence[_Pending]) -> None:
         await self._run(self._write_batch, batch)
 
-    def _write_batch(self, batch: Sequence[JournalEvent]) -> None:
+    def _write_batch(self, batch: Sequence[_Pending]) -> None:
         con = self._db
         try:
-            rows = [(e.run_id, e.seq, e.at, e.kind, e.key, e.attempt, orjson.dumps(e.data).decode()) for e in batch]
+            rows = [(e.run_id, e.seq, e.at, e.kind, e.key, e.attempt, data) for e, data in batch]
             with _transaction(con):
                 con.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 records: dict[str, RunRecord | None] = {}
-                for event in batch:
+                for event, _ in batch:
                     if event.run_id in records:
                         record = records[event.run_id]
                     else:
@@ -214,7 +221,7 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [run_row(record) for record in records.values() if record is not None],
                 )
-        except (sqlite3.Error, TypeError) as exc:  # orjson's encode error is a TypeError
+        except sqlite3.Error as exc:
             raise StoreError(f"cannot commit to the store {self.path}: {exc}") from exc
 
     def _load(self, run_id: str) -> RunRecord | None:
@@ -224,11 +231,11 @@ class SqliteStore:
     async def events(self, run_id: str) -> Sequence[JournalEvent]:
         return await self._run(self._events, run_id)
 
-    def _events(self, run_id: str) -> list[JournalEvent]:
+    def _events(self, run_id: str) -> tuple[JournalEvent, ...]:
         rows = self._db.execute(
             "SELECT run_id, seq, at, kind, key, attempt, data FROM events WHERE run_id = ? ORDER BY seq", (run_id,)
         ).fetchall()
-        return [JournalEvent(r[0], r[1], r[2], r[3], r[4], r[5], orjson.loads(r[6])) for r in rows]
+        return tuple(JournalEvent(r[0], r[1], r[2], r[3], r[4], r[5], orjson.loads(r[6])) for r in rows)
 
     # --- Run history. ---
 

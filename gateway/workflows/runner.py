@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from gateway.dispatch import Invocation
 from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import Metrics
+from gateway.store import Store
 from gateway.tracing import step_span
 from gateway.types import CallContext, JSONObject, ToolResult
 from gateway.workflows.commands import (
@@ -46,7 +47,7 @@ from gateway.workflows.commands import (
 )
 from gateway.workflows.engine import Run
 from gateway.workflows.expressions import Outcome, run_program
-from gateway.workflows.journal import EventKind, Journal, JournalEvent
+from gateway.workflows.journal import EventKind, JournalEvent
 from gateway.workflows.plan import Plan
 
 __all__ = ["COMPENSATION_LIMIT", "CallFn", "Runner", "result_value"]
@@ -121,7 +122,7 @@ class Runner:
     def __init__(
         self,
         call: CallFn,
-        journal: Journal,
+        journal: Store,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
