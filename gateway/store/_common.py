@@ -2,11 +2,15 @@
 
 import dataclasses
 import hashlib
+import queue
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import orjson
 
 from gateway.errors import StoreError
@@ -16,7 +20,9 @@ from gateway.workflows.journal import JournalEvent
 __all__ = [
     "FINISHED",
     "RUN_COLUMNS",
+    "UPSERT_RUN",
     "GroupCommit",
+    "Worker",
     "check_version",
     "fold_owned",
     "instance_key",
@@ -30,6 +36,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 """The statuses of a run that ended."""
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(RunRecord))
 
@@ -82,6 +89,14 @@ def run_row(record: RunRecord) -> tuple[Any, ...]:
         record_json(record).decode(),
     )
 
+
+UPSERT_RUN = (
+    "INSERT INTO runs VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (run_id) DO UPDATE SET "
+    "workflow = excluded.workflow, status = excluded.status, started_at = excluded.started_at, "
+    "caller_kind = excluded.caller_kind, caller_id = excluded.caller_id, finished_at = excluded.finished_at, "
+    "record = excluded.record"
+)
+"""Insert or update a :func:`run_row`; the owner and the note are set on insert only (claim and mark change them)."""
 
 RUN_COLUMNS = "record, owner, status, note"
 """What :func:`record_from_row` reads."""
@@ -165,3 +180,53 @@ class GroupCommit(Generic[T]):
         finally:
             self._round = None
             current.done.set()
+
+
+class Worker:
+    """One thread that runs a store's blocking calls, one at a time, in the order they come.
+
+    Cheaper than ``anyio.to_thread.run_sync`` with a limiter of one (measured: ≈40 against ≈50–75 µs a
+    call here), and every call runs on the same thread, as a SQLite connection prefers.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], _Call] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[..., R], *args: Any) -> R:
+        """``fn(*args)`` on the thread. A caller cancelled meanwhile still waits for it to finish, as
+        ``anyio.to_thread.run_sync`` does, so nothing it started is left half done behind its back."""
+        call = _Call(anyio.Event(), anyio.lowlevel.current_token())
+        self._calls.put((lambda: fn(*args), call))
+        with anyio.CancelScope(shield=True):
+            await call.done.wait()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if call.error is not None:
+            raise call.error
+        result: R = call.result
+        return result
+
+    def stop(self) -> None:
+        """End the thread once the calls queued before have run."""
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, call = item
+            try:
+                call.result = fn()
+            except BaseException as exc:  # handed to the caller, on the event loop
+                call.error = exc
+            try:
+                anyio.from_thread.run_sync(call.done.set, token=call.token)
+            except RuntimeError:  # the event loop is gone: nobody waits any more
+                pass
+
+
+@dataclass(eq=False)
+class _Call:
+    done: anyio.Event
+    token: Any
+    result: Any = None
+    error: BaseException | None = None

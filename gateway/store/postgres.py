@@ -40,6 +40,7 @@ from gateway.store import Durability, IdempotencyEntry, RunQuery, RunRecord
 from gateway.store._common import (
     FINISHED,
     RUN_COLUMNS,
+    UPSERT_RUN,
     GroupCommit,
     check_version,
     fold_owned,
@@ -83,12 +84,7 @@ POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
 
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
-_UPSERT_RUN = (
-    "INSERT INTO runs VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb) ON CONFLICT (run_id) DO UPDATE SET "
-    "workflow = EXCLUDED.workflow, status = EXCLUDED.status, started_at = EXCLUDED.started_at, "
-    "caller_kind = EXCLUDED.caller_kind, caller_id = EXCLUDED.caller_id, owner = EXCLUDED.owner, "
-    "finished_at = EXCLUDED.finished_at, note = EXCLUDED.note, record = EXCLUDED.record"
-)
+UPSERT_RUN_JSONB = UPSERT_RUN.replace("$10)", "$10::jsonb)")
 
 
 class PostgresStore:
@@ -198,7 +194,7 @@ class PostgresStore:
                 records: dict[str, RunRecord | None] = {row[0]: record_from_row(row[1:]) for row in stored}
                 for event, _ in batch:
                     records[event.run_id] = fold_owned(records.get(event.run_id), event, self.instance)
-                await con.executemany(_UPSERT_RUN, [run_row(r) for r in records.values() if r is not None])
+                await con.executemany(UPSERT_RUN_JSONB, [run_row(r) for r in records.values() if r is not None])
         except _DB_ERRORS as exc:
             raise StoreError(f"cannot commit to the store {_shown(self.url)}: {exc}") from exc
 

@@ -1,8 +1,8 @@
 """The store in one SQLite file (``gateway.store: sqlite:///PATH``): nothing to install, one machine.
 
 The file is created with mode 0600 (its WAL and shared-memory files take the same mode) and runs in
-WAL mode. Every statement runs on one worker thread at a time (a capacity limiter of one), never on
-the event loop. Events are group-committed (:class:`~gateway.store._common.GroupCommit`): each commit
+WAL mode. Every statement runs on one thread of its own (:class:`~gateway.store._common.Worker`),
+never on the event loop. Events are group-committed (:class:`~gateway.store._common.GroupCommit`): each commit
 round is one transaction holding every event recorded meanwhile and the :class:`RunRecord` s they
 update.
 
@@ -24,6 +24,7 @@ nothing to do. (A process that forks without exec shares the lock with its child
 
 import fcntl
 import os
+import re
 import sqlite3
 import time
 import uuid
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import anyio.to_thread
 import orjson
 
 from gateway.errors import StoreError
@@ -41,7 +41,9 @@ from gateway.store import Durability, IdempotencyEntry, RunQuery, RunRecord
 from gateway.store._common import (
     FINISHED,
     RUN_COLUMNS,
+    UPSERT_RUN,
     GroupCommit,
+    Worker,
     check_version,
     fold_owned,
     record_from_row,
@@ -52,6 +54,10 @@ from gateway.workflows.journal import JournalEvent
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
 T = TypeVar("T")
+_UPSERT_RUN = re.sub(r"\$\d+", "?", UPSERT_RUN)
+
+KEPT_RECORDS = 10_000
+"""Records of unfinished runs an instance keeps in memory to fold events into."""
 _Pending = tuple[JournalEvent, str]
 """An event recorded and not committed yet, and its data as JSON."""
 
@@ -97,11 +103,15 @@ class SqliteStore:
         self.durability = durability
         self.instance = instance or uuid.uuid4().hex
         self._clock = wall_clock
-        self._limiter = anyio.CapacityLimiter(1)
+        self._worker: Worker | None = None
         self._con: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._instances = Path(f"{self.path}.instances")
         self._group = GroupCommit[_Pending](self._write)
+        self._records: dict[str, RunRecord] = {}
+        """The records of the runs this instance writes, as last committed (only the worker thread touches it):
+        folding an event needs no read. Their ``owner`` and ``note`` may be stale: those columns are not
+        written from here."""
 
     @classmethod
     async def open(
@@ -118,7 +128,11 @@ class SqliteStore:
             StoreError: the file cannot be opened, or its schema is newer than this Patchbay knows.
         """
         store = cls(path, durability=durability, instance=instance, wall_clock=wall_clock)
-        await store._run(store._open)
+        try:
+            await store._run(store._open)
+        except BaseException:
+            store._stop_worker()
+            raise
         return store
 
     @property
@@ -127,7 +141,9 @@ class SqliteStore:
         return self._group.transactions
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        if self._worker is None:
+            self._worker = Worker(f"patchbay-store-{self.path.name}")
+        return await self._worker.run(fn, *args)
 
     # --- Opening and closing (on the worker thread). ---
 
@@ -177,6 +193,12 @@ class SqliteStore:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._run(self._close)
+            self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -214,15 +236,21 @@ class SqliteStore:
                 for event, _ in batch:
                     if event.run_id in records:
                         record = records[event.run_id]
+                    elif event.kind == "run_started":
+                        record = None
                     else:
-                        record = None if event.kind == "run_started" else self._load(event.run_id)
+                        record = self._records.get(event.run_id) or self._load(event.run_id)
                     records[event.run_id] = fold_owned(record, event, self.instance)
-                con.executemany(
-                    "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [run_row(record) for record in records.values() if record is not None],
-                )
+                con.executemany(_UPSERT_RUN, [run_row(record) for record in records.values() if record is not None])
         except sqlite3.Error as exc:
             raise StoreError(f"cannot commit to the store {self.path}: {exc}") from exc
+        for run_id, record in records.items():
+            if record is None or record.status in FINISHED:
+                self._records.pop(run_id, None)
+            else:
+                self._records[run_id] = record
+        while len(self._records) > KEPT_RECORDS:  # runs that never finish here (the process is closing)
+            del self._records[next(iter(self._records))]
 
     def _load(self, run_id: str) -> RunRecord | None:
         row = self._db.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
