@@ -14,7 +14,7 @@ import uvicorn
 
 from gateway.app import serving
 from gateway.config import Config, load_config
-from gateway.errors import ConfigError, ConfigProblem, ToolNotFound
+from gateway.errors import ConfigError, ConfigProblem, StoreError, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
 from gateway.server import McpFrontend, serve_stdio
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None, *, providers: Sequence[Provider] = (
     try:
         config = load_config(args.config, os.environ) if args.config is not None else None
         status: int = args.run(config, args)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:  # a store that cannot be used: say why, no traceback
         print(exc, file=sys.stderr)
         status = 1
     except BaseExceptionGroup as group:  # a ConfigError raised inside the gateway's task group

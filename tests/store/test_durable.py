@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import closing
 from pathlib import Path
 
 import anyio
@@ -178,7 +179,7 @@ async def test_two_gateways_opening_a_fresh_store_at_once_both_open_it(durable_u
 
 async def set_schema_version(url: str, version: int) -> None:
     if url.startswith("sqlite:///"):
-        with sqlite3.connect(url.removeprefix("sqlite:///")) as con:
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as con, con:
             con.execute("UPDATE schema_version SET version = ?", (version,))
         return
     con = await asyncpg.connect(url)
