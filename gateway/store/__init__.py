@@ -54,7 +54,7 @@ class RunRecord:
     run_id: str
     workflow: str
     status: RunStatus
-    """``running`` while its owner lives; ``interrupted`` when the owner's lease lapsed mid-run."""
+    """``running`` while its owner lives; ``interrupted`` when the owner is gone mid-run (read, never stored)."""
     started_at: float
     """Wall-clock seconds since the epoch."""
     caller_kind: str = ""
@@ -187,7 +187,7 @@ class Store(Protocol):
     # --- Run history. ---
 
     async def run(self, run_id: str) -> RunRecord | None:
-        """The run's record (``interrupted`` if its owner's lease lapsed), or None."""
+        """The run's record (``interrupted`` if its owner is gone), or None. Reads what is committed."""
         ...
 
     async def runs(self, query: RunQuery = RunQuery()) -> Sequence[RunRecord]:
@@ -202,7 +202,8 @@ class Store(Protocol):
     # --- Ownership of runs. ---
 
     async def heartbeat(self) -> None:
-        """Renew this instance's lease on the runs it owns."""
+        """Renew whatever tells other instances this one is alive (nothing to do where that is a lock
+        the process holds while it lives; PostgreSQL checks the lock's connection)."""
         ...
 
     async def claim(self, run_id: str) -> bool:
