@@ -7,13 +7,16 @@ costs inside the gateway). Loading (validating the model, compiling every expres
 
 Through ``patchbay serve``, in front of ``bench/echo_server.py``: a 200-step chain of ``echo__echo``
 against the upstream's own echo latency, and a workflow fanning out 50 ``echo__sleep(100 ms)`` calls
-against the same 50 calls sent concurrently from one client straight to the upstream. All of it is
-measured in interleaved rounds, so machine noise hits each side alike::
+against the same 50 calls sent concurrently from one client straight to the upstream. And the store's
+journal cost per step in-process: a 200-step chain on the runner (no-op calls) journaled in memory
+against the same chain journaled in SQLite (``durability: process``). All of it is measured in
+interleaved rounds, so machine noise hits each side alike::
 
     .venv/bin/python bench/workflows.py              # full run (about 70 s on 2 cores)
     .venv/bin/python bench/workflows.py --quick      # smoke run (200 steps, a few rounds)
     .venv/bin/python bench/workflows.py --markdown   # also print the Markdown for bench/RESULTS.md
     .venv/bin/python bench/workflows.py --profile 5  # also py-spy the gateway for 5 s of chain runs
+    .venv/bin/python bench/workflows.py --journal    # only the journal's cost per step (a few seconds)
 
 Results go to ``bench/out/workflows.json``; subprocess logs to ``bench/out/logs/``.
 """
@@ -25,7 +28,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -61,11 +66,14 @@ from gateway.config import HttpServer
 from gateway.dispatch import Dispatcher, Invocation
 from gateway.heap import freeze_startup_heap
 from gateway.registry import Entry, Registry
+from gateway.store import Store, open_store
+from gateway.store.memory import MemoryStore
+from gateway.store.sqlite import SqliteStore
 from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, Tool, ToolResult
 from gateway.workflows._jqsafe import first as jq_first
 from gateway.workflows.commands import Evaluate
 from gateway.workflows.engine import CallTool, Run
-from gateway.workflows.journal import MemoryJournal
+from gateway.workflows.journal import JournalEvent
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
 from gateway.workflows.runner import Runner
@@ -89,6 +97,10 @@ SETTLE = 0.3
 """Seconds of quiet before each fan-out, so neither starts while the upstream still finishes the other."""
 LOOP = {"use_uvloop": True}
 """The gateway's own event loop (``gateway/cli.py``)."""
+JOURNAL_STEPS = 200
+JOURNAL_BUDGET_MS = 0.2
+"""Target: what journaling a chain step in SQLite adds to journaling it in memory, in-process."""
+JOURNAL_REPEATS = 21
 NOOP_RESULT = ToolResult.text("ok")
 CONTEXT = CallContext(principal=Principal("bench"))
 
@@ -242,7 +254,7 @@ async def in_process(settings: Settings) -> list[dict[str, Any]]:
     rows = []
     for case, plan, loaded in loaded_plans:
         calls = drive_engine(plan, case.arguments)  # a warm-up; and every step is a call
-        bare_runner, dispatching_runner = Runner(noop_call, MemoryJournal()), Runner(dispatcher.invoke, MemoryJournal())
+        bare_runner, dispatching_runner = Runner(noop_call, MemoryStore()), Runner(dispatcher.invoke, MemoryStore())
         await run_once(bare_runner, plan, case.arguments)
         await run_once(dispatching_runner, plan, case.arguments)
         engine, bare, dispatched = [], [], []
@@ -265,6 +277,68 @@ async def in_process(settings: Settings) -> list[dict[str, Any]]:
             flush=True,
         )
     return rows
+
+
+async def journal_cost(repeats: int) -> dict[str, Any]:
+    """A ``JOURNAL_STEPS``-step chain of no-op calls on the runner, journaled in memory and in SQLite, interleaved."""
+    plan = load("journal", chain(JOURNAL_STEPS, "noop"))
+    arguments = {"text": PAYLOAD}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with open_store(f"sqlite:///{tmp}/bench.db", durability="process") as store:
+            assert isinstance(store, SqliteStore)
+            runners = {"memory": Runner(noop_call, MemoryStore()), "sqlite": Runner(noop_call, store)}
+            for runner in runners.values():  # warm-up
+                await run_once(runner, plan, arguments)
+            times: dict[str, list[float]] = {name: [] for name in runners}
+            before = store.transactions
+            for index in range(repeats):
+                order = list(runners) if index % 2 == 0 else list(reversed(runners))  # neither always goes first
+                for name in order:
+                    times[name].append(await run_once(runners[name], plan, arguments))
+            transactions = (store.transactions - before) / repeats
+            grouped = {
+                name: statistics.median([await grouped_once(target) for _ in range(repeats)])
+                for name, target in (("memory", MemoryStore()), ("sqlite", store))
+            }
+    memory, sqlite = (statistics.median(times[name]) * 1000 / JOURNAL_STEPS for name in ("memory", "sqlite"))
+    row = {
+        "steps": JOURNAL_STEPS,
+        "repeats": repeats,
+        "durability": "process",
+        "memory_ms_per_step": round(memory, 4),
+        "sqlite_ms_per_step": round(sqlite, 4),
+        "added_ms_per_step": round(sqlite - memory, 4),
+        "sqlite_transactions_per_step": round(transactions / JOURNAL_STEPS, 2),
+        "one_commit_per_step_ms": {name: round(v * 1000 / JOURNAL_STEPS, 4) for name, v in grouped.items()},
+    }
+    print(
+        f"  {JOURNAL_STEPS}-step chain, median of {repeats}: memory {memory:.3f} ms/step, SQLite {sqlite:.3f} ms/step, "
+        f"added {sqlite - memory:.3f} ms/step ({row['sqlite_transactions_per_step']} transactions/step)",
+        flush=True,
+    )
+    one = row["one_commit_per_step_ms"]
+    print(
+        f"  the store alone, 3 events and one commit a step: memory {one['memory']:.3f} ms/step, "
+        f"SQLite {one['sqlite']:.3f} ms/step",
+        flush=True,
+    )
+    return row
+
+
+async def grouped_once(store: Store) -> float:
+    """A chain's journal as a runner that commits once a step writes it: three events, then one commit, per step."""
+    run_id = uuid.uuid4().hex
+    began = time.perf_counter()
+    store.record(JournalEvent(run_id, 0, 0.0, "run_started", data={"workflow": "journal"}))
+    for step in range(JOURNAL_STEPS):
+        key, seq = f"s{step}", 3 * step + 1
+        store.record(JournalEvent(run_id, seq, 0.0, "step_started", key, 1, {"step": key, "tool": "noop"}))
+        store.record(JournalEvent(run_id, seq + 1, 0.0, "step_done", key, 1, {"result": PAYLOAD, "error": None}))
+        store.record(JournalEvent(run_id, seq + 2, 0.0, "step_settled", key, 1, {"step": key, "status": "succeeded"}))
+        await store.commit()
+    store.record(JournalEvent(run_id, 3 * JOURNAL_STEPS + 1, 0.0, "run_finished", data={"status": "succeeded"}))
+    await store.commit()
+    return time.perf_counter() - began
 
 
 # -- through patchbay serve ---------------------------------------------------------------------------------
@@ -551,6 +625,16 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         for row in results["in_process"]
     ]
+    journal = results["journal"]
+    checks.append(
+        check(
+            f"journal per step in-process, {journal['steps']}-step chain: SQLite ({journal['durability']}) − memory",
+            f"<= {JOURNAL_BUDGET_MS} ms",
+            f"{journal['added_ms_per_step']:.3f} ms ({journal['sqlite_ms_per_step']:.3f} − "
+            f"{journal['memory_ms_per_step']:.3f})",
+            journal["added_ms_per_step"] <= JOURNAL_BUDGET_MS,
+        )
+    )
     serve = results["serve"]
     ratio = serve["fan_gateway_ms"] / serve["fan_direct_ms"]
     checks += [
@@ -662,6 +746,8 @@ async def benchmark(settings: Settings, procs: Procs) -> dict[str, Any]:
     print(f"in-process, {settings.steps} steps, median of {settings.repeats} runs:", flush=True)
     busy, cpu = system_busy(), time.process_time()
     results["in_process"] = await in_process(settings)
+    print(f"journal cost per step in-process (SQLite, durability process), {JOURNAL_REPEATS} runs:", flush=True)
+    results["journal"] = await journal_cost(JOURNAL_REPEATS)
     results["machine"]["other_in_process_pct"] = other_cpu_pct(busy, time.process_time() - cpu, began)
     print(f"through patchbay serve, {settings.rounds} rounds:", flush=True)
     serve = results["serve"] = await through_serve(procs, settings)
@@ -679,7 +765,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS}-step workflows, fewer rounds")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     parser.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy on the gateway (default 0: off)")
+    parser.add_argument("--journal", action="store_true", help="only the journal's cost per step, in-process")
     args = parser.parse_args(argv)
+    if args.journal:
+        anyio.run(journal_cost, JOURNAL_REPEATS, backend_options=LOOP)
+        return 0
     settings = make_settings(args)
     OUT.mkdir(parents=True, exist_ok=True)
     procs = Procs()

@@ -59,7 +59,7 @@ async def serving(
     Raises:
         ConfigError: the merged registry is unusable (before anything is served).
     """
-    async with open_gateway(config, providers=providers, resume=True) as gateway:
+    async with open_gateway(config, providers=providers, resume=config.gateway.resume == "auto") as gateway:
         endpoint, run = http_endpoint(McpFrontend(gateway, ANONYMOUS), host)
 
         async def healthz(request: Request) -> PlainTextResponse:

@@ -1,10 +1,10 @@
 """The state the gateway keeps beside its providers, chosen from the ``gateway:`` section (DESIGN §6).
 
 Rate-limit buckets and concurrency slots (``shared_state``), circuit-breaker state (``shared_state``
-too) and the workflow run journal (``store``) are objects the gateway holds and hands to what uses
-them: the composition root opens them first, in one place, and everything built after it is built
-against their protocols. One process keeps them in memory; the implementations that let replicas
-share them (Redis, SQLite, PostgreSQL) come in behind the same protocols, chosen here.
+too) and the store of workflow runs and idempotency keys (``store``) are objects the gateway holds and
+hands to what uses them: the composition root opens them first, in one place, and everything built
+after it is built against their protocols. One process keeps limits in memory; the implementations
+that let replicas share them (Redis) come in behind the same protocols, chosen here.
 """
 
 from collections.abc import AsyncIterator
@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from gateway.config import Config
-from gateway.store import Store
+from gateway.store import Store, open_store
 from gateway.store.memory import MemoryStore
 from policies.state import BreakerState, LimitState, MemoryBreakerState, MemoryLimitState
 
@@ -28,20 +28,24 @@ class Backends:
     breakers: BreakerState
     """Circuit-breaker state, per server."""
     store: Store
-    """Workflow run journals, tasks, idempotency keys."""
+    """Workflow runs (their journals and records) and idempotency keys."""
 
 
 def memory_backends() -> Backends:
-    """Everything in this process's memory: what ``shared_state: memory`` gives."""
+    """Everything in this process's memory: what ``shared_state: memory`` and ``store: memory`` give."""
     return Backends(limits=MemoryLimitState(), breakers=MemoryBreakerState(), store=MemoryStore())
 
 
 @asynccontextmanager
 async def open_backends(config: Config) -> AsyncIterator[Backends]:
-    """Open the backends ``config.gateway`` names, and close them on exit.
+    """Open the backends ``config.gateway`` names, and close them on exit (the store commits what it holds).
 
-    The config accepts only what works today (``shared_state: memory``, a ``sqlite:///PATH`` store:
-    :class:`~gateway.config.GatewaySettings`), so this is memory for now: runs are journaled in memory
-    until the durable store lands (the next issue), and ``store`` is not yet used.
+    Limits and breakers are in memory (the only ``shared_state`` so far); the store is the one
+    ``gateway.store`` names, created and migrated as it opens.
+
+    Raises:
+        StoreError: the store cannot be opened, or its schema is newer than this Patchbay knows.
     """
-    yield memory_backends()
+    settings = config.gateway
+    async with open_store(settings.store, durability=settings.durability) as store:
+        yield Backends(limits=MemoryLimitState(), breakers=MemoryBreakerState(), store=store)

@@ -14,7 +14,7 @@ import uvicorn
 
 from gateway.app import serving
 from gateway.config import Config, load_config
-from gateway.errors import ConfigError, ConfigProblem, ToolNotFound
+from gateway.errors import ConfigError, ConfigProblem, StoreError, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
 from gateway.server import McpFrontend, serve_stdio
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None, *, providers: Sequence[Provider] = (
     try:
         config = load_config(args.config, os.environ) if args.config is not None else None
         status: int = args.run(config, args)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:  # a store that cannot be used: say why, no traceback
         print(exc, file=sys.stderr)
         status = 1
     except BaseExceptionGroup as group:  # a ConfigError raised inside the gateway's task group
@@ -134,7 +134,7 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_stdio(config: Config, providers: Sequence[Provider]) -> None:
-    async with open_gateway(config, providers=providers, resume=True) as gateway:
+    async with open_gateway(config, providers=providers, resume=config.gateway.resume == "auto") as gateway:
         freeze_startup_heap()
         await serve_stdio(McpFrontend(gateway, LOCAL_USER))
 

@@ -58,6 +58,7 @@ __all__ = [
     "Config",
     "GatewaySettings",
     "HttpServer",
+    "KeepRuns",
     "LimitRule",
     "Per",
     "PolicyRule",
@@ -73,7 +74,16 @@ __all__ = [
 
 DEFAULT_NAME = "patchbay"
 DEFAULT_SEPARATOR = "__"
-DEFAULT_STORE = "sqlite:///patchbay.db"
+DEFAULT_STORE = "memory"
+"""The store of a config built without a file (tests, code); a config file's is :data:`DEFAULT_STORE_FILE`."""
+DEFAULT_STORE_FILE = "patchbay.db"
+"""The SQLite file, next to the config file, that a config loaded from a file keeps its runs in by default."""
+DEFAULT_KEEP_AGE = 30 * 86400.0
+"""Seconds a finished run is kept."""
+DEFAULT_KEEP_COUNT = 100_000
+"""Finished runs kept, the most recent ones."""
+DEFAULT_IDEMPOTENCY_TTL = 86400.0
+"""Seconds a client's idempotency key is remembered."""
 DEFAULT_ENGINE = "local"
 DEFAULT_SHARED_STATE = "memory"
 DEFAULT_TIMEOUT = 30.0
@@ -139,15 +149,14 @@ def _works_today(
     return AfterValidator(check)
 
 
-# Durable runs come with the next issue; until then a store that could not be used is refused, so
-# nobody believes runs are kept somewhere they are not. Any SQLite path is already accepted.
-_STORE_TODAY = _works_today(
-    "store",
-    "a `sqlite:///PATH` URL",
-    lambda url: url.startswith("sqlite:///") and url != "sqlite:///",
-    ("postgresql://", "postgres://"),
-    "PostgreSQL is planned",
-)
+def _check_store(url: str) -> str:
+    if url == "memory" or url.startswith(("postgresql://", "postgres://")):
+        return url
+    if url.startswith("sqlite:///") and url not in ("sqlite:///", "sqlite:///:memory:"):
+        return url
+    raise ValueError(f"{_shown(url)} is not supported: store must be `memory`, `sqlite:///PATH` or `postgresql://…`")
+
+
 _ENGINE_TODAY = _works_today(
     "engine", "`local`", lambda engine: engine == DEFAULT_ENGINE, ("temporal://",), "Temporal is planned"
 )
@@ -166,6 +175,17 @@ def _check_server_name(name: str) -> str:
     return name
 
 
+class KeepRuns(BaseModel):
+    """Which finished runs the store keeps: those younger than ``age`` and among the ``count`` most recent."""
+
+    model_config = _MODEL_CONFIG
+
+    age: Duration | None = DEFAULT_KEEP_AGE
+    """Finished runs older than this are pruned (``30d``); ``null``: kept whatever their age."""
+    count: int | None = Field(DEFAULT_KEEP_COUNT, ge=0)
+    """Finished runs beyond this many, the most recent kept, are pruned; ``null``: no limit."""
+
+
 class GatewaySettings(BaseModel):
     """The ``gateway:`` section: how this gateway names its tools and where it keeps state."""
 
@@ -175,8 +195,18 @@ class GatewaySettings(BaseModel):
     """The server name this gateway reports to its clients."""
     separator: str = DEFAULT_SEPARATOR
     """Joins a server's prefix and a tool name: ``crm__get_order``."""
-    store: Annotated[str, _STORE_TODAY] = DEFAULT_STORE
-    """Database URL of the run journal: a ``sqlite:///PATH`` URL (nothing is kept there yet; PostgreSQL is planned)."""
+    store: Annotated[str, AfterValidator(_check_store)] = DEFAULT_STORE
+    """Where workflow runs, their history and idempotency keys are kept: ``sqlite:///PATH`` (relative to the config
+    file; by default ``patchbay.db`` next to it), ``postgresql://USER@HOST:PORT/DB``, or ``memory`` (lost on exit)."""
+    durability: Literal["process", "machine"] = "process"
+    """Which crash a committed run event survives: ``process`` (the gateway killed) or ``machine`` (an OS crash or a
+    power loss too, at an fsync per commit in SQLite); ``gateway.store``'s modules say exactly what each costs."""
+    resume: Literal["auto", "manual"] = "auto"
+    """Interrupted runs resume when ``serve`` starts (``auto``), or wait for ``patchbay resume`` (``manual``)."""
+    keep_runs: KeepRuns = KeepRuns()
+    """Which finished runs are kept; older ones are pruned."""
+    idempotency_ttl: Duration = DEFAULT_IDEMPOTENCY_TTL
+    """How long a client's ``io.patchbay/idempotency-key`` is remembered with the call's result (``24h``)."""
     engine: Annotated[str, _ENGINE_TODAY] = DEFAULT_ENGINE
     """Where workflows run: ``local`` (in-process), the only engine so far (Temporal is planned)."""
     shared_state: Annotated[str, _SHARED_STATE_TODAY] = DEFAULT_SHARED_STATE
@@ -321,7 +351,8 @@ class Config(BaseModel):
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read and check the config file at ``path``; relative ``cwd`` paths are resolved against its directory.
+    """Read and check the config file at ``path``; relative paths (``cwd``, the audit log, the store) are resolved
+    against its directory, and the store is ``patchbay.db`` there unless the file names one.
 
     Raises:
         ConfigError: the file cannot be read, or lists every problem found in it.
@@ -339,7 +370,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 def parse_config(
     text: str, *, source: str = "config", environ: Mapping[str, str], base_dir: Path | None = None
 ) -> Config:
-    """Check config ``text``; ``source`` names it in errors, ``base_dir`` anchors relative ``cwd`` paths.
+    """Check config ``text``; ``source`` names it in errors, ``base_dir`` (the config file's directory) anchors
+    relative paths and puts the default store there (without it, the store defaults to ``memory``).
 
     Raises:
         ConfigError: lists every problem found.
@@ -375,7 +407,7 @@ def parse_config(
     if problems:
         raise ConfigError(in_file_order(problems), source=source)
     if base_dir is not None:
-        config = _resolve_cwds(config, base_dir)
+        config = _resolve_paths(config, base_dir)
     config._source = source
     config._lines = tree.lines
     config._plans = plans
@@ -482,7 +514,9 @@ def _duplicate_ids(config: Config, tree: Tree) -> Iterator[ConfigProblem]:
         yield ConfigProblem(dotted(loc), message, tree.line(loc))
 
 
-def _resolve_cwds(config: Config, base_dir: Path) -> Config:
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    """``config`` with its relative paths (``cwd``, the audit log, the SQLite store) anchored at ``base_dir``, and
+    the store, when it is not set, the SQLite file :data:`DEFAULT_STORE_FILE` there."""
     servers: dict[str, StdioServer | HttpServer] = {
         name: server.model_copy(update={"cwd": str(base_dir / server.cwd)})
         if isinstance(server, StdioServer) and server.cwd is not None
@@ -490,6 +524,12 @@ def _resolve_cwds(config: Config, base_dir: Path) -> Config:
         for name, server in config.servers.items()
     }
     update: dict[str, Any] = {"servers": servers}
+    store = config.gateway.store
+    if "store" not in config.gateway.model_fields_set:
+        store = f"sqlite:///{base_dir / DEFAULT_STORE_FILE}"
+    elif store.startswith("sqlite:///"):
+        store = f"sqlite:///{base_dir / store.removeprefix('sqlite:///')}"  # an absolute path stays as it is
+    update["gateway"] = config.gateway.model_copy(update={"store": store})
     if config.audit.path is not None:
         update["audit"] = config.audit.model_copy(update={"path": str(base_dir / config.audit.path)})
     return config.model_copy(update=update)

@@ -15,7 +15,8 @@
      ├── UpstreamError               the provider failed to answer                       → isError result
      │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
      │    └── UpstreamTimeout        no answer within the server's timeout
-     └── WorkflowError               a workflow run failed                               → isError result
+     ├── WorkflowError               a workflow run failed                               → isError result
+     └── StoreError                  the store cannot be opened, migrated or written     → CLI exit 1 / isError result
 
 ``ToolNotFound`` is a protocol error (the client asked for something that does
 not exist); everything that happens while executing a call is a tool result
@@ -156,3 +157,8 @@ class UpstreamTimeout(UpstreamError):
 
 class WorkflowError(GatewayError):
     """A workflow run failed; the message names the failed step and its error."""
+
+
+class StoreError(GatewayError):
+    """The store (``gateway.store``) cannot be opened, migrated or written: a bad URL, a schema newer than
+    this Patchbay knows, a database that fails. What was being recorded is not durable."""

@@ -94,7 +94,16 @@ class Gateway:
 
         # 2. The providers.
         runner = Runner(calls.invoke, self.backends.store, metrics=self.metrics)
-        self.runs = Runs(runner, self.backends.store, config.plans, metrics=self.metrics)
+        settings = config.gateway
+        self.runs = Runs(
+            runner,
+            self.backends.store,
+            config.plans,
+            idempotency_ttl=settings.idempotency_ttl,
+            keep_age=settings.keep_runs.age,
+            keep_count=settings.keep_runs.count,
+            metrics=self.metrics,
+        )
         """The workflow runs: started, attached to, resumed, looked up (tasks, ``patchbay runs``)."""
         self.workflows = WorkflowProvider(config.plans, runner, runs=self.runs)
         self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
@@ -118,6 +127,7 @@ class Gateway:
             call_tool=calls.call_or_raise,
             on_circuit_change=lambda server, state: self.metrics.circuit_open(server, state == "open"),
             keys=self.backends.store,
+            idempotency_ttl=settings.idempotency_ttl,
             own_idempotency=frozenset({WORKFLOW_PROVIDER}),
         )
         self.access = chain.access

@@ -1,4 +1,4 @@
-"""Durations (``20s``, ``200ms``, ``1.5s``, ``2m``, or seconds) and sizes (``4MiB``) as users write them in
+"""Durations (``20s``, ``200ms``, ``1.5s``, ``2m``, ``30d``, or seconds) and sizes (``4MiB``) as users write them in
 the config, and the retry schedule configured durations imply.
 
 Its own module because :mod:`gateway.config`, :mod:`gateway.workflows` and (through the config)
@@ -12,8 +12,8 @@ from pydantic import BeforeValidator, Field
 
 __all__ = ["Duration", "Size", "retry_delay"]
 
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def _parse_duration(value: Any) -> Any:
@@ -28,7 +28,7 @@ def _parse_duration(value: Any) -> Any:
 
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0, allow_inf_nan=False)]
-"""Seconds, written as a number or as ``20s``, ``200ms``, ``1.5s``, ``2m``."""
+"""Seconds, written as a number or as ``20s``, ``200ms``, ``1.5s``, ``2m``, ``24h``, ``30d``."""
 
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?", re.IGNORECASE)

@@ -1,6 +1,41 @@
+import os
+import uuid
+from collections.abc import Iterator
+
+import anyio
+import asyncpg
 import pytest
+
+POSTGRES = os.environ.get("PATCHBAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+"""The PostgreSQL database the tests use: each test gets a schema of its own in it."""
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+async def _postgres(sql: str) -> None:
+    con = await asyncpg.connect(POSTGRES, timeout=5)
+    try:
+        await con.execute(sql)
+    finally:
+        await con.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A ``postgresql://`` URL whose ``search_path`` is a fresh schema, dropped after the test.
+
+    Without a PostgreSQL to reach the test is skipped, but under ``CI=true`` it fails: CI must test both stores.
+    """
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    try:
+        anyio.run(_postgres, f"CREATE SCHEMA {schema}")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        message = f"PostgreSQL at {POSTGRES} cannot be used: {exc!r}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield f"{POSTGRES}?search_path={schema}"
+    anyio.run(_postgres, f"DROP SCHEMA {schema} CASCADE")

@@ -1,6 +1,8 @@
 """The ``patchbay`` command as a user runs it: real processes, exit codes, what it prints."""
 
+import sqlite3
 import subprocess
+from contextlib import closing
 from pathlib import Path
 
 from tests.support import PYTHON, ROOT, TESTKIT, free_port, stdio_server
@@ -45,6 +47,22 @@ def test_check_refuses_settings_that_are_not_implemented_yet(tmp_path: Path) -> 
     assert "2 problems" in done.stderr
     assert "gateway.shared_state (line 2): `redis://…` is not supported yet" in done.stderr
     assert "gateway.engine (line 3): `temporal://…` is not supported yet" in done.stderr
+
+
+def test_a_config_file_keeps_runs_in_patchbay_db_next_to_it_and_a_newer_schema_there_is_refused(
+    tmp_path: Path,
+) -> None:
+    config = write(tmp_path, f"servers:\n  kit: {KIT}\n")
+    assert patchbay("check", config).returncode == 0
+    database = tmp_path / "patchbay.db"
+    with closing(sqlite3.connect(database)) as con, con:
+        con.execute("UPDATE schema_version SET version = 99")
+
+    done = patchbay("check", config)
+
+    assert done.returncode == 1
+    assert "schema version 99" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_check_reports_an_upstream_that_cannot_be_reached(tmp_path: Path) -> None:

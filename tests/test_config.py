@@ -334,9 +334,10 @@ NOT_YET = {
     "misspelt shared state": ("shared_state", "memroy", ["'memroy'", "`memory`"]),
     "Temporal engine": ("engine", "temporal://127.0.0.1:7233", ["`temporal://…`", "`local`", "planned"]),
     "unknown engine": ("engine", "celery", ["'celery'", "`local`"]),
-    "PostgreSQL store": ("store", "postgresql://u:pw@db/patchbay", ["`postgresql://…`", "sqlite:///", "planned"]),
+    "MySQL store": ("store", "mysql://u:pw@db/patchbay", ["`mysql://…`", "sqlite:///", "postgresql://", "memory"]),
     "a path, not a URL": ("store", "patchbay.db", ["'patchbay.db'", "sqlite:///"]),
     "SQLite without a path": ("store", "sqlite:///", ["sqlite:///"]),
+    "SQLite in memory": ("store", "sqlite:///:memory:", ["sqlite:///", "`memory`"]),
 }
 
 
@@ -354,9 +355,85 @@ def test_a_setting_that_would_do_nothing_is_an_error_saying_what_is_supported(
 
 
 @pytest.mark.parametrize(
-    "store", ["sqlite:///patchbay.db", "sqlite:////var/lib/patchbay/runs.db", "sqlite:///:memory:"]
+    "store",
+    [
+        "sqlite:///patchbay.db",
+        "sqlite:////var/lib/patchbay/runs.db",
+        "memory",
+        "postgresql://patchbay@db:5432/patchbay",
+        "postgres://db/patchbay",
+    ],
 )
-def test_any_sqlite_store_and_the_working_engine_and_shared_state_are_accepted(store: str) -> None:
+def test_every_store_and_the_working_engine_and_shared_state_are_accepted(store: str) -> None:
     settings = parse(f"gateway: {{store: '{store}', engine: local, shared_state: memory}}").gateway
 
     assert (settings.store, settings.engine, settings.shared_state) == (store, "local", "memory")
+
+
+def test_the_store_settings_default_to_memory_without_a_config_file() -> None:
+    settings = parse("gateway: {name: x}").gateway
+
+    assert settings.store == "memory"
+    assert (settings.durability, settings.resume, settings.idempotency_ttl) == ("process", "auto", 86400.0)
+    assert (settings.keep_runs.age, settings.keep_runs.count) == (30 * 86400.0, 100_000)
+
+
+def test_a_config_file_keeps_its_runs_in_patchbay_db_next_to_it(tmp_path: Path) -> None:
+    file = tmp_path / "patchbay.yaml"
+    file.write_text("gateway: {name: x}\n")
+
+    assert load_config(file, environ={}).gateway.store == f"sqlite:///{tmp_path / 'patchbay.db'}"
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("sqlite:///runs/p.db", "sqlite:///{dir}/runs/p.db"),
+        ("sqlite:////var/lib/p.db", "sqlite:////var/lib/p.db"),
+        ("memory", "memory"),
+        ("postgresql://db/p", "postgresql://db/p"),
+    ],
+)
+def test_a_relative_sqlite_store_is_relative_to_the_config_file(tmp_path: Path, written: str, expected: str) -> None:
+    file = tmp_path / "patchbay.yaml"
+    file.write_text(f"gateway: {{store: '{written}'}}\n")
+
+    assert load_config(file, environ={}).gateway.store == expected.format(dir=tmp_path)
+
+
+def test_the_store_settings_as_written() -> None:
+    settings = parse(
+        """\
+        gateway:
+          durability: machine
+          resume: manual
+          keep_runs: {age: 7d, count: 50}
+          idempotency_ttl: 2h
+        """
+    ).gateway
+
+    assert (settings.durability, settings.resume, settings.idempotency_ttl) == ("machine", "manual", 7200.0)
+    assert (settings.keep_runs.age, settings.keep_runs.count) == (7 * 86400.0, 50)
+    only_count = parse("gateway: {keep_runs: {count: 10}}").gateway.keep_runs
+    assert (only_count.age, only_count.count) == (30 * 86400.0, 10)
+    unbounded = parse("gateway: {keep_runs: {age: null, count: null}}").gateway.keep_runs
+    assert (unbounded.age, unbounded.count) == (None, None)
+
+
+def test_bad_store_settings_are_each_a_problem_at_its_key() -> None:
+    assert problems_of(
+        """\
+        gateway:
+          durability: disk
+          resume: sometimes
+          keep_runs: {age: forever, count: -1, size: 3}
+          idempotency_ttl: 0s
+        """
+    ) == [
+        ("gateway.durability", 2),
+        ("gateway.resume", 3),
+        ("gateway.keep_runs.age", 4),
+        ("gateway.keep_runs.count", 4),
+        ("gateway.keep_runs.size", 4),
+        ("gateway.idempotency_ttl", 5),
+    ]

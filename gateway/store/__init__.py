@@ -11,24 +11,38 @@ buffers an event (in order), :meth:`Store.commit` makes everything recorded so f
 commits of concurrent callers share one transaction (group commit). Each run also has a
 :class:`RunRecord`, kept up to date from its events by :func:`fold` in the same transaction, which is
 what ``patchbay runs``, tasks and resume read. A run is owned by the gateway instance that writes
-it; an instance renews its lease with :meth:`Store.heartbeat`, and a ``running`` run whose owner's
-lease lapsed reads as ``interrupted`` until another instance :meth:`Store.claim` s it.
+it (that recorded its ``run_started``, or claimed it since); a ``running`` run whose owner is gone
+reads as ``interrupted`` until another instance :meth:`Store.claim` s it. How an owner is known to
+be gone is each store's (a lock the process holds while it lives, in SQLite and PostgreSQL), and
+:meth:`Store.heartbeat` renews whatever a store needs renewed.
+
+:func:`open_store` opens the store a URL names, creating and migrating its schema.
 """
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
+from gateway.errors import StoreError
 from gateway.workflows.journal import JournalEvent
 
 __all__ = [
+    "Durability",
     "IdempotencyEntry",
     "RunQuery",
     "RunRecord",
     "RunStatus",
     "Store",
+    "StoreError",
     "fold",
+    "open_store",
 ]
+
+Durability = Literal["process", "machine"]
+"""Which crash a commit survives: the gateway process being killed, or the machine being lost (an OS
+crash, a power loss). Each SQL store's module says what each costs there."""
 
 RunStatus = Literal["running", "succeeded", "failed", "cancelled", "interrupted"]
 
@@ -40,7 +54,7 @@ class RunRecord:
     run_id: str
     workflow: str
     status: RunStatus
-    """``running`` while its owner lives; ``interrupted`` when the owner's lease lapsed mid-run."""
+    """``running`` while its owner lives; ``interrupted`` when the owner is gone mid-run (read, never stored)."""
     started_at: float
     """Wall-clock seconds since the epoch."""
     caller_kind: str = ""
@@ -173,7 +187,7 @@ class Store(Protocol):
     # --- Run history. ---
 
     async def run(self, run_id: str) -> RunRecord | None:
-        """The run's record (``interrupted`` if its owner's lease lapsed), or None."""
+        """The run's record (``interrupted`` if its owner is gone), or None. Reads what is committed."""
         ...
 
     async def runs(self, query: RunQuery | None = None) -> Sequence[RunRecord]:
@@ -188,7 +202,8 @@ class Store(Protocol):
     # --- Ownership of runs. ---
 
     async def heartbeat(self) -> None:
-        """Renew this instance's lease on the runs it owns."""
+        """Renew whatever tells other instances this one is alive (nothing to do where that is a lock
+        the process holds while it lives; PostgreSQL checks the lock's connection)."""
         ...
 
     async def claim(self, run_id: str) -> bool:
@@ -227,3 +242,48 @@ class Store(Protocol):
     async def close(self) -> None:
         """Commit what is recorded and release the connection(s)."""
         ...
+
+
+@asynccontextmanager
+async def open_store(
+    url: str,
+    *,
+    durability: Durability = "process",
+    instance: str | None = None,
+    wall_clock: Callable[[], float] | None = None,
+) -> AsyncIterator[Store]:
+    """Open the store ``url`` names (``memory``, ``sqlite:///PATH``, ``postgresql://…`` or ``postgres://…``),
+    creating and migrating its schema; close it (committing what is recorded) on exit.
+
+    ``sqlite:///relative/path`` is relative to the working directory, ``sqlite:////abs/path`` absolute.
+
+    Raises:
+        StoreError: the URL names no store, or the store cannot be opened, or its schema is newer than
+            this Patchbay knows.
+    """
+    clock = wall_clock or time.time
+    store: Store
+    # Imported here: each implementation imports this module's types, and PostgreSQL needs asyncpg.
+    if url == "memory":
+        from gateway.store.memory import MemoryStore
+
+        store = MemoryStore(wall_clock=clock)
+    elif url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not path or path == ":memory:" or "?" in path:
+            raise StoreError(f"{url!r} names no SQLite file: write `sqlite:///PATH` (or `memory` for no file)")
+        from gateway.store.sqlite import SqliteStore
+
+        store = await SqliteStore.open(path, durability=durability, instance=instance, wall_clock=clock)
+    elif url.startswith(("postgresql://", "postgres://")):
+        from gateway.store.postgres import PostgresStore
+
+        store = await PostgresStore.open(url, durability=durability, instance=instance, wall_clock=clock)
+    else:
+        scheme, sep, _ = url.partition("://")
+        shown = f"`{scheme}://…`" if sep else repr(url)  # the rest of a URL may hold a password
+        raise StoreError(f"{shown} is not a store: use `memory`, `sqlite:///PATH` or `postgresql://…`")
+    try:
+        yield store
+    finally:
+        await store.close()

@@ -12,32 +12,14 @@ and try. They are of two sorts:
   ``step_settled`` and ``run_finished``, with durations. Replay skips them.
 
 ``data`` is plain JSON, values unredacted (a resumed run needs them): whatever shows it redacts.
-A store that keeps the events (SQLite, PostgreSQL) can keep ``data`` as a JSON column.
-:class:`MemoryJournal` keeps the most recent runs in memory.
+Where events are kept is a :class:`~gateway.store.Store` (memory, SQLite, PostgreSQL), ``data`` as JSON.
 """
 
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-__all__ = [
-    "DEFAULT_KEPT_EVENTS",
-    "DEFAULT_KEPT_RUNS",
-    "INPUTS",
-    "EventKind",
-    "Journal",
-    "JournalEvent",
-    "MemoryJournal",
-    "RunJournal",
-    "RunSummary",
-]
-
-DEFAULT_KEPT_RUNS = 1000
-"""Runs a :class:`MemoryJournal` keeps; older ones are forgotten first."""
-DEFAULT_KEPT_EVENTS = 100_000
-"""Events a :class:`MemoryJournal` keeps across its runs (a 1,000-step run has about 3,000, more with jq): memory
-stays bounded however large the workflows are. Runs still going are kept whole."""
+__all__ = ["INPUTS", "EventKind", "JournalEvent"]
 
 EventKind = Literal[
     "run_started",
@@ -78,84 +60,3 @@ class JournalEvent:
     """The step's key, for step events."""
     attempt: int = 0
     data: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class RunSummary:
-    """A run at a glance."""
-
-    run_id: str
-    workflow: str
-    status: str
-    """``running``, ``succeeded`` or ``failed``."""
-    started_at: float
-    steps: int
-    """Steps settled so far."""
-
-
-class RunJournal(Protocol):
-    """What the runner writes to: events buffered in order, made durable by :meth:`commit`."""
-
-    def record(self, event: JournalEvent) -> None:
-        """Buffer ``event`` (not durable until :meth:`commit`)."""
-        ...
-
-    async def commit(self) -> None:
-        """Return once every event recorded before the call is durable."""
-        ...
-
-
-class Journal(RunJournal, Protocol):
-    """Where runs are recorded. Appends must not be reordered within a run."""
-
-    async def append(self, event: JournalEvent) -> None: ...
-
-    async def events(self, run_id: str) -> Sequence[JournalEvent]:
-        """Every event of the run, in order; empty for an unknown run."""
-        ...
-
-    async def runs(self) -> Sequence[RunSummary]:
-        """The runs recorded, most recent first."""
-        ...
-
-
-class MemoryJournal:
-    """A journal in memory: the most recent runs, at most ``kept_runs`` of them and ``kept_events``
-    events in all: whole finished runs are forgotten, oldest first, and runs still going are kept."""
-
-    def __init__(self, kept_runs: int = DEFAULT_KEPT_RUNS, kept_events: int = DEFAULT_KEPT_EVENTS) -> None:
-        self._kept_runs = kept_runs
-        self._kept_events = kept_events
-        self._runs: OrderedDict[str, list[JournalEvent]] = OrderedDict()
-        self._events = 0
-
-    def record(self, event: JournalEvent) -> None:
-        events = self._runs.get(event.run_id)
-        if events is None:
-            events = self._runs[event.run_id] = []
-        events.append(event)
-        self._events += 1
-        while len(self._runs) > self._kept_runs or self._events > self._kept_events:
-            finished = next((run for run, kept in self._runs.items() if kept[-1].kind == "run_finished"), None)
-            if finished is None:  # runs still going are kept whole
-                break
-            self._events -= len(self._runs.pop(finished))
-
-    async def commit(self) -> None:
-        return None  # nothing to make durable
-
-    async def append(self, event: JournalEvent) -> None:
-        self.record(event)
-
-    async def events(self, run_id: str) -> Sequence[JournalEvent]:
-        return tuple(self._runs.get(run_id, ()))
-
-    async def runs(self) -> Sequence[RunSummary]:
-        return [_summary(events) for events in reversed(self._runs.values())]
-
-
-def _summary(events: Sequence[JournalEvent]) -> RunSummary:
-    first, last = events[0], events[-1]
-    status = str(last.data.get("status")) if last.kind == "run_finished" else "running"
-    settled = sum(event.kind == "step_settled" for event in events)
-    return RunSummary(first.run_id, str(first.data.get("workflow", "")), status, first.at, settled)

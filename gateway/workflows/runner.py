@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from gateway.dispatch import Invocation
 from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import Metrics
+from gateway.store import Store
 from gateway.tracing import step_span
 from gateway.types import CallContext, JSONObject, ToolResult
 from gateway.workflows.commands import (
@@ -46,7 +47,7 @@ from gateway.workflows.commands import (
 )
 from gateway.workflows.engine import Run
 from gateway.workflows.expressions import Outcome, run_program
-from gateway.workflows.journal import EventKind, JournalEvent, RunJournal
+from gateway.workflows.journal import EventKind, JournalEvent
 from gateway.workflows.plan import Plan
 
 __all__ = ["COMPENSATION_LIMIT", "CallFn", "Runner", "result_value"]
@@ -127,7 +128,7 @@ class Runner:
     def __init__(
         self,
         call: CallFn,
-        journal: RunJournal,
+        journal: Store,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -255,6 +256,7 @@ class Runner:
                         event = receive.receive_nowait()
                         run.reported -= 1
                         finished = await self._apply(run, await self._feed(run, event), tg)
+                    await self._commit(run)  # a finished step is durable now, whatever starts next
                 tg.cancel_scope.cancel()  # timers still pending
         except anyio.get_cancelled_exc_class():
             if self.stopping:  # the gateway is going down: the run stays as it is, and is resumed later

@@ -85,6 +85,8 @@ class Runs:
         self._keep_count = keep_count
         self._metrics = metrics
         self._tasks: TaskGroup | None = None
+        self._resuming = False
+        """Whether interrupted runs are taken up (``resume: auto``), so waiting for one is worth it."""
         self._live: dict[str, _Live] = {}
 
     # --- Lifetime. ---
@@ -96,7 +98,7 @@ class Runs:
         interrupted runs now and every :data:`RESCAN` seconds. Finished runs beyond ``keep_runs`` are
         forgotten now and then."""
         async with anyio.create_task_group() as tasks:
-            self._tasks = tasks
+            self._tasks, self._resuming = tasks, resume
             task_status.started()
             try:
                 rounds = 0
@@ -215,9 +217,9 @@ class Runs:
             record = await self.store.run(run_id)
             if record is not None and record.result is not None:
                 return ToolResult.from_wire(record.result)
-            if record is not None and record.status == "interrupted" and self._tasks is None:
-                message = f"run {run_id} was interrupted; resume it with `patchbay resume CONFIG {run_id}`"
-                return ToolResult.text(message, is_error=True)
+            if record is not None and record.status == "interrupted" and (record.note or not self._resuming):
+                why = record.note or f"resume it with `patchbay resume CONFIG {run_id}`"
+                return ToolResult.text(f"run {run_id} was interrupted and is not resumed: {why}", is_error=True)
             live = self._live.get(run_id)
             if live is not None:
                 await live.done.wait()

@@ -63,6 +63,22 @@ async def record(label: str, seconds: float = 0.0, fail: bool = False) -> dict[s
     return {"label": label, "count": len(EVENTS)}
 
 
+@mcp.tool()
+async def step(label: str, ctx: Context, seconds: float = 0.0, fail: bool = False) -> dict[str, object]:
+    """Record ``<label> started <key>`` and, after sleeping, ``<label> done <key>`` (``<key>``: the call's
+    ``io.patchbay/idempotency-key``); fail after sleeping if asked."""
+    meta = ctx.request_context.meta
+    fields = meta if isinstance(meta, dict) else meta.model_dump(by_alias=True) if meta is not None else {}
+    key = fields.get("io.patchbay/idempotency-key")
+    EVENTS.append(f"{label} started {key}")
+    await anyio.sleep(seconds)
+    if fail:
+        EVENTS.append(f"{label} failed {key}")
+        raise ToolError(f"{label} failed as asked")
+    EVENTS.append(f"{label} done {key}")
+    return {"label": label}
+
+
 ATTEMPTS: dict[str, int] = {}
 
 

@@ -12,9 +12,9 @@ import yaml
 from gateway.config import parse_config
 from gateway.dispatch import Invocation
 from gateway.errors import ConfigError
+from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.defaults import check_defaults, with_defaults
-from gateway.workflows.journal import MemoryJournal
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import compile_workflow
 from gateway.workflows.provider import WorkflowProvider
@@ -137,7 +137,7 @@ async def test_an_omitted_argument_reaches_the_steps_call_with_its_default() -> 
     plan, problems = compile_workflow("w", Workflow.model_validate(yaml.safe_load(WORKFLOW)))
     assert problems == []
     tools = Recorder()
-    provider = WorkflowProvider({"w": plan}, Runner(tools, MemoryJournal()))
+    provider = WorkflowProvider({"w": plan}, Runner(tools, MemoryStore()))
     arguments = {"query": "refund"}
 
     result = await provider.call_tool("w", arguments, CallContext(principal=Principal("tester")))

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.dispatch import Invocation
+from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows import _jqsafe
 from gateway.workflows.commands import (
@@ -26,7 +27,7 @@ from gateway.workflows.commands import (
     retry_delay,
 )
 from gateway.workflows.engine import Run
-from gateway.workflows.journal import INPUTS, JournalEvent, MemoryJournal
+from gateway.workflows.journal import INPUTS, JournalEvent
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
 from gateway.workflows.runner import RUN_META_KEY, Runner
@@ -217,7 +218,7 @@ class Flaky:
 
 @pytest.mark.anyio
 async def test_the_runners_journal_restores_the_finished_run() -> None:
-    journal = MemoryJournal()
+    journal = MemoryStore()
     plan = plan_of("""
 steps:
   - {id: a, call: t__a, with: {n: "${.input.n + 1}"}, retry: {attempts: 2, backoff: 1ms, jitter: 0}}
@@ -381,7 +382,7 @@ def drive_and_replay(plan: Plan, arguments: dict[str, Any], data: st.DataObject)
 
 @pytest.mark.anyio
 async def test_the_runners_journal_holds_the_random_draw_that_jittered_a_retry() -> None:
-    journal = MemoryJournal()
+    journal = MemoryStore()
     plan = plan_of("""
 steps: [{id: a, call: t__a, retry: {attempts: 2, backoff: 1ms, jitter: 0.5}}]
 """)

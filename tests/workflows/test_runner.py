@@ -9,9 +9,9 @@ import yaml
 
 from gateway.dispatch import Invocation
 from gateway.errors import InvalidArguments, ToolNotFound, UpstreamTimeout
+from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows import _jqsafe
-from gateway.workflows.journal import MemoryJournal
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
 from gateway.workflows.provider import WorkflowProvider
@@ -72,7 +72,7 @@ def test_a_result_is_its_structured_content_else_its_text_as_json_else_the_text(
 
 
 async def test_a_run_reports_progress_per_settled_step_and_journals_every_event() -> None:
-    tools, journal = Tools(), MemoryJournal()
+    tools, journal = Tools(), MemoryStore()
     seen: list[tuple[float, str | None]] = []
     totals: set[float | None] = set()
 
@@ -112,7 +112,7 @@ async def test_a_step_past_its_timeout_fails_with_kind_timeout() -> None:
     tools = Tools()
     plan = plan_of("steps: [{id: a, call: slow, timeout: 50ms}]")
     with anyio.fail_after(5):
-        result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+        result = await Runner(tools, MemoryStore()).run(plan, {}, CALLER)
     assert result.is_error
     assert "step 'a' failed (timeout)" in result.content[0]["text"]
     assert tools.cancelled == ["slow"]
@@ -121,7 +121,7 @@ async def test_a_step_past_its_timeout_fails_with_kind_timeout() -> None:
 async def test_the_outcome_of_a_refused_call_is_the_steps_kind_of_failure_and_can_be_retried() -> None:
     tools = Tools()
     plan = plan_of("steps: [{id: a, call: late, retry: {attempts: 2, backoff: 1ms}}]")
-    result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+    result = await Runner(tools, MemoryStore()).run(plan, {}, CALLER)
     assert result.is_error
     assert "(timeout)" in result.content[0]["text"]
     assert [tool for tool, _ in tools.calls] == ["late", "late"]
@@ -131,7 +131,7 @@ async def test_a_call_refused_before_it_reached_the_tool_is_made_again_after_the
     tools = Tools()
     plan = plan_of("steps: [{id: a, call: limited}]")
     with anyio.fail_after(5):
-        result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+        result = await Runner(tools, MemoryStore()).run(plan, {}, CALLER)
     assert not result.is_error, result.content
     assert [tool for tool, _ in tools.calls] == ["limited", "limited"]
 
@@ -145,7 +145,7 @@ steps:
   - {id: fails, call: boom, after: [a]}
 """)
     with anyio.fail_after(5):
-        result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+        result = await Runner(tools, MemoryStore()).run(plan, {}, CALLER)
     assert result.is_error
     assert "step 'fails' failed (error): it broke" in result.content[0]["text"]
     assert tools.cancelled == ["slow"]
@@ -156,7 +156,7 @@ async def test_a_chain_runs_its_steps_one_after_another_in_order() -> None:
     tools = Tools()
     steps = [{"id": f"s{i}", "call": f"t__{i}", "after": [f"s{i - 1}"] if i else []} for i in range(20)]
     plan = plan_of(yaml.safe_dump({"steps": steps, "output": "${.steps.s19.result.tool}"}))
-    result = await Runner(tools, MemoryJournal()).run(plan, {}, CALLER)
+    result = await Runner(tools, MemoryStore()).run(plan, {}, CALLER)
     assert result.content[0]["text"] == "t__19"
     assert [tool for tool, _ in tools.calls] == [f"t__{i}" for i in range(20)]
 
@@ -168,7 +168,7 @@ steps:
   - {id: a, call: t__a, compensate: {call: undo__a, with: {of: "${.steps.a.result.tool}"}}}
   - {id: b, call: slow, after: [a]}
 """)
-    journal = MemoryJournal()
+    journal = MemoryStore()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(Runner(tools, journal).run, plan, {}, CALLER)
@@ -181,7 +181,7 @@ steps:
 
 
 async def test_an_upstream_asking_for_input_mid_step_fails_the_step() -> None:
-    result = await Runner(Tools(), MemoryJournal()).run(plan_of("steps: [{id: a, call: asks}]"), {}, CALLER)
+    result = await Runner(Tools(), MemoryStore()).run(plan_of("steps: [{id: a, call: asks}]"), {}, CALLER)
     assert result.is_error
     assert "asked for input" in result.content[0]["text"]
 
@@ -192,7 +192,7 @@ steps:
   - {id: ok, ask_user: {message: "Go?", default: {ok: true}}}
   - {id: text, ask_model: {prompt: "Write"}}
 """)
-    result = await Runner(Tools(), MemoryJournal()).run(plan, {}, CALLER)
+    result = await Runner(Tools(), MemoryStore()).run(plan, {}, CALLER)
     assert result.is_error
     assert "step 'text' failed (unavailable)" in result.content[0]["text"]
 
@@ -223,7 +223,7 @@ async def test_a_declined_question_fails_the_step_unless_it_has_a_default() -> N
     client = _Client({"action": "decline"})
     context = CallContext(principal=Principal("tester"), client=client)
     plan = plan_of("steps: [{id: ok, ask_user: {message: 'Refund ${.input.id}?'}}]")
-    result = await Runner(Tools(), MemoryJournal()).run(plan, {"id": "A-1"}, context)
+    result = await Runner(Tools(), MemoryStore()).run(plan, {"id": "A-1"}, context)
     assert result.is_error
     assert "failed (denied)" in result.content[0]["text"]
     method, params = client.asked[0]
@@ -231,7 +231,7 @@ async def test_a_declined_question_fails_the_step_unless_it_has_a_default() -> N
     assert params["message"] == "Refund A-1?"
     assert params["requestedSchema"]["required"] == ["ok"]
     with_default = plan_of("steps: [{id: ok, ask_user: {message: 'Refund?', default: {ok: true}}}]")
-    result = await Runner(Tools(), MemoryJournal()).run(with_default, {}, context)
+    result = await Runner(Tools(), MemoryStore()).run(with_default, {}, context)
     assert result.structured_content == {"ok": {"ok": True}}
 
 
@@ -239,7 +239,7 @@ async def test_the_models_answer_is_the_text_of_its_content() -> None:
     client = _Client({"role": "assistant", "content": {"type": "text", "text": "Dear Ada"}, "model": "m"})
     context = CallContext(principal=Principal("tester"), client=client)
     plan = plan_of("steps: [{id: d, ask_model: {prompt: p, system: s, max_tokens: 9}}]")
-    result = await Runner(Tools(), MemoryJournal()).run(plan, {}, context)
+    result = await Runner(Tools(), MemoryStore()).run(plan, {}, context)
     assert result.structured_content == {"d": "Dear Ada"}
     assert client.asked[0][1]["systemPrompt"] == "s"
     assert client.asked[0][1]["maxTokens"] == 9
@@ -248,7 +248,7 @@ async def test_the_models_answer_is_the_text_of_its_content() -> None:
 async def test_the_provider_validates_arguments_before_anything_runs() -> None:
     tools = Tools()
     plan = plan_of("input: {type: object, properties: {n: {type: integer}}, required: [n]}\nsteps: [{id: a, call: t}]")
-    provider = WorkflowProvider({"w": plan}, Runner(tools, MemoryJournal()))
+    provider = WorkflowProvider({"w": plan}, Runner(tools, MemoryStore()))
     with pytest.raises(InvalidArguments, match=r"\$\.n: 'x' is not of type 'integer'"):
         await provider.call_tool("w", {"n": "x"}, CALLER)
     with pytest.raises(ToolNotFound):
@@ -264,7 +264,7 @@ output_schema: {type: object, properties: {n: {type: integer}}, required: [n]}
 steps: [{id: a, set: {v: 1}}]
 output: {n: "${.steps.a.result.v | tostring}"}
 """)
-    provider = WorkflowProvider({"w": plan}, Runner(Tools(), MemoryJournal()))
+    provider = WorkflowProvider({"w": plan}, Runner(Tools(), MemoryStore()))
     [tool] = await provider.list_tools()
     assert tool.output_schema == plan.workflow.output_schema
     result = await provider.call_tool("w", {}, CALLER)
@@ -288,7 +288,7 @@ async def test_a_2026_client_is_asked_through_the_input_required_round_trip() ->
     context = CallContext(principal=Principal("tester"), client=client)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as background:
-            provider = WorkflowProvider({"w": plan_of(ASKING)}, Runner(tools, MemoryJournal()), lambda: background)
+            provider = WorkflowProvider({"w": plan_of(ASKING)}, Runner(tools, MemoryStore()), lambda: background)
             first = await provider.call_tool("w", {}, context)
             assert first.input_required is not None
             state = first.input_required["requestState"]
@@ -317,7 +317,7 @@ async def test_unanswered_questions_are_asked_again() -> None:
     context = CallContext(principal=Principal("tester"), client=client)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as background:
-            provider = WorkflowProvider({"w": plan_of(ASKING)}, Runner(Tools(), MemoryJournal()), lambda: background)
+            provider = WorkflowProvider({"w": plan_of(ASKING)}, Runner(Tools(), MemoryStore()), lambda: background)
             first = await provider.call_tool("w", {}, context)
             assert first.input_required is not None
             state = first.input_required["requestState"]
@@ -346,7 +346,7 @@ def test_the_progress_total_is_known_when_every_step_settles_once(steps: str, to
 
 
 async def test_a_runaway_jq_program_does_not_hold_up_another_run_on_the_event_loop() -> None:
-    tools, journal = Tools(), MemoryJournal()
+    tools, journal = Tools(), MemoryStore()
     runner = Runner(tools, journal)
     runaway = plan_of("steps: [{id: big, set: {n: '${last(range(1e12))}'}}]")
     quick = plan_of("steps: [{id: echo, call: t__echo}]", name="quick")
