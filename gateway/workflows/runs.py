@@ -26,10 +26,10 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskGroup
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.store import RunQuery, RunRecord, Store
-from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ToolResult
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, Runner
 
@@ -55,10 +55,63 @@ def caller_scope(principal: Principal) -> str:
     return f"{principal.kind}:{principal.id}"
 
 
+class _Attached:
+    """The client of a detached run: whichever caller attached to it last (the call that started it, a
+    re-issue with its idempotency key). A question asked while none is attached, or after the one
+    attached went away, waits for the next (a resumed run asks again whoever re-issues the call)."""
+
+    def __init__(self, client: ClientChannel | None) -> None:
+        self._client = client
+        self._arrived = anyio.Event()
+
+    def attach(self, client: ClientChannel | None) -> None:
+        if client is not None:
+            self._client = client
+            self._arrived.set()
+            self._arrived = anyio.Event()
+
+    @property
+    def capabilities(self) -> JSONObject:
+        if self._client is None:  # the client to come is asked; one that cannot answer says so then
+            return {"elicitation": {}, "sampling": {}}
+        return self._client.capabilities
+
+    @property
+    def protocol_version(self) -> str:
+        return self._client.protocol_version if self._client is not None else ""
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        while True:
+            client = self._client
+            if client is None:
+                await self._arrived.wait()
+                continue
+            wanted = "elicitation" if method.startswith("elicitation/") else "sampling"
+            if wanted not in client.capabilities:
+                raise UpstreamError(f"the client attached to the run cannot answer {method} (no {wanted} capability)")
+            try:
+                return await client.request(method, params)
+            except UpstreamError:
+                raise  # the client's answer: it declined, or failed it
+            except Exception:  # its request is over (the stream broke): wait for the next caller
+                logger.debug("the client attached to a run went away mid-question", exc_info=True)
+                if self._client is client:
+                    self._client = None
+
+    async def log(self, params: JSONObject) -> None:
+        client = self._client
+        if client is not None:
+            try:
+                await client.log(params)
+            except Exception:
+                logger.debug("a log message for a detached run not delivered", exc_info=True)
+
+
 @dataclass
 class _Live:
     """A run this process is running detached."""
 
+    client: _Attached
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -146,7 +199,7 @@ class Runs:
             if entry.result is not None:
                 return ToolResult.from_wire(entry.result)
             if entry.run_id is not None:
-                return await self._result_of(entry.run_id)
+                return await self._result_of(entry.run_id, context.client)
             await anyio.sleep(POLL)  # the first call is starting its run
         run_id = uuid.uuid4().hex
         try:
@@ -156,7 +209,7 @@ class Runs:
             with anyio.CancelScope(shield=True):
                 await self.store.idempotency_release(scope, key)
             raise
-        return await self._result_of(run_id)
+        return await self._result_of(run_id, context.client)
 
     async def start(
         self,
@@ -177,8 +230,11 @@ class Runs:
             raise GatewayError("the gateway is not running workflows in the background")
         run_id = run_id or uuid.uuid4().hex
         details = {**(details or {}), **({"task": dict(task)} if task is not None else {})}
-        detached = replace(context, progress=_best_effort(context), input_responses=None, request_state=None)
-        await self._tasks.start(self._detached, plan, arguments, detached, run_id, details)
+        client = _Attached(context.client)
+        detached = replace(
+            context, progress=_best_effort(context), client=client, input_responses=None, request_state=None
+        )
+        await self._tasks.start(self._detached, plan, arguments, detached, run_id, details, client)
         record = await self.store.run(run_id)
         assert record is not None  # its start was committed
         return record
@@ -190,10 +246,11 @@ class Runs:
         context: CallContext,
         run_id: str,
         details: Mapping[str, Any],
+        client: _Attached,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        live = self._live[run_id] = _Live()
+        live = self._live[run_id] = _Live(client)
         try:
             with live.scope:
                 result = await self.runner.run(
@@ -208,11 +265,9 @@ class Runs:
         if isinstance(key, str) and key:
             await self.store.idempotency_finish(caller_scope(principal), key, result.wire())
 
-    async def _result_of(self, run_id: str) -> ToolResult:
-        """The result of run ``run_id``, once it has one (it may be running here, or in another gateway)."""
-        live = self._live.get(run_id)
-        if live is not None:
-            await live.done.wait()
+    async def _result_of(self, run_id: str, client: ClientChannel | None = None) -> ToolResult:
+        """The result of run ``run_id``, once it has one (it may be running here, or in another gateway);
+        while it runs here, its questions go to ``client`` (the caller waiting for it)."""
         while True:
             record = await self.store.run(run_id)
             if record is not None and record.result is not None:
@@ -220,8 +275,12 @@ class Runs:
             if record is not None and record.status == "interrupted" and (record.note or not self._resuming):
                 why = record.note or f"resume it with `patchbay resume CONFIG {run_id}`"
                 return ToolResult.text(f"run {run_id} was interrupted and is not resumed: {why}", is_error=True)
+            if self.runner.stopping:
+                message = f"the gateway is stopping; run {run_id} goes on after its restart: re-issue the call then"
+                return ToolResult.text(message, is_error=True)
             live = self._live.get(run_id)
             if live is not None:
+                live.client.attach(client)
                 await live.done.wait()
             else:
                 await anyio.sleep(POLL)
@@ -314,7 +373,8 @@ class Runs:
         if not await self.store.claim(run_id):
             raise RunNotResumable(f"run {run_id} was taken up by another gateway")
         events = await self.store.events(run_id)
-        context = CallContext(principal=Principal(record.caller_id, record.caller_kind))
+        client = _Attached(None)  # its questions wait for its caller to re-issue the call
+        context = CallContext(principal=Principal(record.caller_id, record.caller_kind), client=client)
         if self._metrics is not None:
             self._metrics.workflow_resumed(plan.name)
         logger.info("resuming run %s of %s", run_id, plan.name)
@@ -329,7 +389,8 @@ class Runs:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        live = self._live[record.run_id] = _Live()
+        assert isinstance(context.client, _Attached)
+        live = self._live[record.run_id] = _Live(context.client)
         try:
             with live.scope:
                 result = await self.runner.resume(plan, events, context, on_started=lambda _: task_status.started())

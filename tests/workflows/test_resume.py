@@ -3,6 +3,8 @@ from its recorded events; what completed is not done again, what was in flight i
 the same idempotency key. And idempotent workflow calls: one run per key and caller."""
 
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import anyio
@@ -10,6 +12,7 @@ import pytest
 import yaml
 
 from gateway.dispatch import Invocation
+from gateway.store import RunQuery, RunRecord
 from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.journal import JournalEvent
@@ -201,6 +204,11 @@ class Orphaned(MemoryStore):
             return replace(record, status="interrupted")
         return record
 
+    async def runs(self, query: RunQuery | None = None) -> Sequence[RunRecord]:
+        records = [await self.run(record.run_id) for record in await super().runs()]
+        wanted = query.status if query is not None else None
+        return [r for r in records if r is not None and (wanted is None or r.status == wanted)]
+
     async def claim(self, run_id: str) -> bool:
         record = self._records.get(run_id)
         if record is None or record.owner != "dead":
@@ -300,3 +308,61 @@ async def test_a_keyed_run_goes_on_when_its_caller_goes_away_and_the_reissue_get
             tg.cancel_scope.cancel()
     assert not result.is_error
     assert [name for name, _, _ in upstream.calls] == ["t.a", "t.b", "t.c"]  # one run, not compensated
+
+
+class Asker:
+    """A client that answers elicitation with ``answer``, or never (None)."""
+
+    capabilities: JSONObject = {"elicitation": {}}
+    protocol_version = "2025-11-25"
+
+    def __init__(self, answer: JSONObject | None = None) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        self.asked.append(str(params.get("message")))
+        if self.answer is None:
+            await anyio.sleep_forever()
+        assert self.answer is not None
+        return self.answer
+
+    async def log(self, params: JSONObject) -> None:
+        return None
+
+
+async def test_a_resumed_run_waiting_on_its_user_asks_again_whoever_reissues_the_call() -> None:
+    plan = plan_of("""
+steps:
+  - {id: ok, ask_user: {message: "Go ahead?"}}
+  - {id: a, call: t.a, with: {ok: "${.steps.ok.result.ok}"}, after: [ok]}
+output: "${.steps.a.result}"
+""")
+    journal, first = MemoryStore(), Upstream()
+    runs = Runs(Runner(first, journal), journal, {"w": plan})
+    asker = Asker()
+    async with anyio.create_task_group() as tg:
+        await tg.start(runs.run)
+        tg.start_soon(runs.call, plan, {}, replace(keyed("k9"), client=asker))
+        with anyio.fail_after(5):
+            while not asker.asked:  # noqa: ASYNC110 - the fake client's record, polled
+                await anyio.sleep(0.001)
+        await runs.close()  # the gateway goes down while the user is being asked
+        tg.cancel_scope.cancel()
+    [record] = await journal.runs()
+    assert record.status == "running"
+
+    store, second = Orphaned(), Upstream()
+    await orphan(store, await journal.events(record.run_id))
+    assert await store.idempotency_claim("client:tester", "k9", "w", 60) is None
+    await store.idempotency_bind("client:tester", "k9", record.run_id)
+    resumed = Runs(Runner(second, store), store, {"w": plan})
+    answering = Asker({"action": "accept", "content": {"ok": True}})
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(resumed.run, resume=True))
+            result = await resumed.call(plan, {}, replace(keyed("k9"), client=answering))
+            tg.cancel_scope.cancel()
+    assert answering.asked == ["Go ahead?"]
+    assert result.structured_content == {"tool": "t.a", "ok": True}
+    assert [name for name, _, _ in second.calls] == ["t.a"]
