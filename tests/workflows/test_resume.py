@@ -10,8 +10,10 @@ from typing import Any
 import anyio
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.dispatch import Invocation
+from gateway.metrics import Metrics
 from gateway.store import RunQuery, RunRecord
 from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
@@ -366,3 +368,37 @@ output: "${.steps.a.result}"
     assert answering.asked == ["Go ahead?"]
     assert result.structured_content == {"tool": "t.a", "ok": True}
     assert [name for name, _, _ in second.calls] == ["t.a"]
+
+
+async def test_interrupted_and_resumed_runs_are_counted() -> None:
+    plan = plan_of(CHAIN)
+    journal, first = MemoryStore(), Upstream(hold=["t.b"])
+    stopped = Metrics(known_tools=lambda name: True)
+    runs = Runs(Runner(first, journal, metrics=stopped), journal, {"w": plan}, metrics=stopped)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runs.run)
+        tg.start_soon(runs.call, plan, {}, keyed("k10"))
+        await first.holding.wait()
+        await runs.close()
+        tg.cancel_scope.cancel()
+    [record] = await journal.runs()
+    store, resumed_metrics = Orphaned(), Metrics(known_tools=lambda name: True)
+    await orphan(store, await journal.events(record.run_id))
+    resumed = Runs(Runner(Upstream(), store, metrics=resumed_metrics), store, {"w": plan}, metrics=resumed_metrics)
+    async with anyio.create_task_group() as tg:
+        await tg.start(resumed.run)
+        with anyio.fail_after(5):
+            await resumed.resume(record.run_id)
+        tg.cancel_scope.cancel()
+
+    def count(metrics: Metrics, name: str, **labels: str) -> float:
+        families = text_string_to_metric_families(metrics.render()[0].decode())
+        found = [s.value for f in families for s in f.samples if s.name == name and s.labels == labels]
+        return found[0] if found else 0.0
+
+    runs_total = "patchbay_workflow_runs_total"
+    assert count(stopped, runs_total, workflow="w", outcome="interrupted") == 1
+    assert count(stopped, "patchbay_workflow_runs_in_flight", workflow="w") == 0
+    assert count(resumed_metrics, runs_total, workflow="w", outcome="resumed") == 1
+    assert count(resumed_metrics, runs_total, workflow="w", outcome="succeeded") == 1
+    assert count(resumed_metrics, "patchbay_workflow_runs_in_flight", workflow="w") == 0
