@@ -1,0 +1,215 @@
+"""Run history: timelines built from the journals of real runs (the in-process runner, a memory store)."""
+
+import json
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+
+from gateway.dispatch import Invocation
+from gateway.store import RunRecord
+from gateway.store.memory import MemoryStore
+from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.workflows.history import duration_text, render_rows, render_timeline, summary_rows, timeline
+from gateway.workflows.model import Workflow
+from gateway.workflows.plan import Plan, compile_workflow
+from gateway.workflows.runner import RUN_META_KEY, Runner
+from policies.redaction import REDACTED, Redactor
+
+pytestmark = pytest.mark.anyio
+
+CALLER = CallContext(principal=Principal("ada"))
+REDACT = Redactor().redact
+SECRET = "hunter2-very-secret"
+
+
+def plan_of(text: str, name: str = "w") -> Plan:
+    plan, problems = compile_workflow(name, Workflow.model_validate(yaml.safe_load(text)))
+    assert problems == []
+    return plan
+
+
+class Tools:
+    """Fake tools: ``flaky`` is unavailable on its first two calls, ``boom`` fails, the rest echo."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> Invocation:
+        self.calls.append(tool)
+        if tool == "flaky" and self.calls.count("flaky") <= 2:
+            return Invocation(ToolResult.text("not connected", is_error=True), "unavailable")
+        if tool == "boom":
+            return Invocation(ToolResult.text(f"it broke (password={SECRET})", is_error=True), "error")
+        return Invocation(ToolResult((), structured_content={"tool": tool, **arguments}), "ok")
+
+
+async def run(text: str, arguments: dict[str, Any] | None = None) -> tuple[MemoryStore, RunRecord, dict[str, Any]]:
+    """Run the workflow ``text``; its store, its record and its timeline."""
+    store = MemoryStore()
+    with anyio.fail_after(5):
+        result = await Runner(Tools(), store).run(plan_of(text), arguments or {}, CALLER)  # type: ignore[arg-type]
+    assert result.meta is not None
+    record = await store.run(result.meta[RUN_META_KEY])
+    assert record is not None
+    return store, record, timeline(record, await store.events(record.run_id), REDACT)
+
+
+async def test_a_retried_step_shows_each_attempt_with_its_outcome() -> None:
+    _, record, view = await run("steps: [{id: fetch, call: flaky, with: {n: 1}, retry: {attempts: 3, backoff: 1ms}}]")
+
+    assert (view["run"], view["workflow"], view["status"], view["caller"]) == (
+        record.run_id,
+        "w",
+        "succeeded",
+        "client:ada",
+    )
+    [step] = view["steps"]
+    assert (step["key"], step["step"], step["tool"], step["status"]) == ("fetch", "fetch", "flaky", "succeeded")
+    assert [a["attempt"] for a in step["attempts"]] == [1, 2, 3]
+    assert [a["status"] for a in step["attempts"]] == ["failed", "failed", "succeeded"]
+    assert [a["error"]["kind"] if a["error"] else None for a in step["attempts"]] == [
+        "unavailable",
+        "unavailable",
+        None,
+    ]
+    assert step["attempts"][0]["error"]["message"] == "not connected"
+    assert all(a["arguments"] == {"n": 1} for a in step["attempts"])
+    assert step["attempts"][2]["result"] == step["result"] == {"tool": "flaky", "n": 1}
+    for tried in step["attempts"]:
+        assert datetime.fromisoformat(tried["started"]) <= datetime.fromisoformat(tried["finished"])
+        assert tried["duration_ms"] >= 0
+    assert step["started"] == step["attempts"][0]["started"]
+    assert view["compensations"] == []
+    assert view["failed_step"] is None
+    assert view["error"] is None
+
+
+async def test_a_failed_run_shows_the_failed_step_its_error_and_the_compensation_of_what_completed() -> None:
+    _, record, view = await run(
+        """
+steps:
+  - {id: reserve, call: stock, with: {sku: A1}, compensate: {call: release, with: {sku: A1}}}
+  - {id: charge, call: boom, after: [reserve]}
+"""
+    )
+
+    assert view["status"] == "failed"
+    assert view["failed_step"] == record.failed_step == "charge"
+    assert [(s["key"], s["status"]) for s in view["steps"]] == [("reserve", "succeeded"), ("charge", "failed")]
+    charge = view["steps"][1]
+    assert charge["error"]["kind"] == "error"
+    assert [a["status"] for a in charge["attempts"]] == ["failed"]
+    [undo] = view["compensations"]
+    assert (undo["key"], undo["step"], undo["tool"], undo["status"]) == (
+        "reserve#compensate",
+        "reserve",
+        "release",
+        "succeeded",
+    )
+    assert undo["result"] == {"tool": "release", "sku": "A1"}
+    assert undo["started"] is not None
+    assert undo["finished"] is not None
+    assert "step 'charge' failed" in view["error"]
+    assert view["output"] is None
+
+
+async def test_secrets_in_arguments_results_and_errors_are_redacted() -> None:
+    _, _, view = await run(
+        """
+input: {type: object, properties: {password: {type: string}}}
+steps:
+  - {id: login, call: auth, with: {user: ada, password: "${.input.password}"}}
+  - {id: fail, call: boom, after: [login]}
+""",
+        {"password": SECRET},
+    )
+
+    assert SECRET not in json.dumps(view)
+    assert view["arguments"] == {"password": REDACTED}
+    login = view["steps"][0]
+    assert login["attempts"][0]["arguments"] == {"user": "ada", "password": REDACTED}
+    assert login["result"] == {"tool": "auth", "user": "ada", "password": REDACTED}
+    assert REDACTED in view["steps"][1]["error"]["message"]
+    assert SECRET not in render_timeline(view)
+
+
+async def test_an_interrupted_run_shows_the_try_that_was_in_flight() -> None:
+    store, record, _ = await run("steps: [{id: a, call: t}, {id: b, call: t, after: [a]}]")
+    events = await store.events(record.run_id)
+    # The journal as a crash would leave it: b started, nothing after.
+    cut = next(i for i, e in enumerate(events) if e.kind == "step_started" and e.key == "b") + 1
+    interrupted = replace(record, status="interrupted", finished_at=None, duration_ms=None, result=None)
+
+    view = timeline(interrupted, events[:cut], REDACT)
+
+    assert [(s["key"], s["status"]) for s in view["steps"]] == [("a", "succeeded"), ("b", "interrupted")]
+    assert view["steps"][1]["attempts"][0]["status"] == "interrupted"
+    assert view["steps"][1]["attempts"][0]["finished"] is None
+    assert (view["output"], view["error"], view["finished"]) == (None, None, None)
+
+
+async def test_the_output_is_the_recorded_results_structured_content_else_its_text() -> None:
+    _, record, _ = await run("steps: [{id: a, call: t}]")
+    structured = replace(record, result={"content": [], "structuredContent": {"token": SECRET, "n": 1}})
+    text = replace(record, result={"content": [{"type": "text", "text": '{"n": 2}'}]})
+
+    assert timeline(structured, [], REDACT)["output"] == {"token": REDACTED, "n": 1}
+    assert timeline(text, [], REDACT)["output"] == {"n": 2}
+
+
+async def test_the_list_has_a_row_per_run_and_aligned_columns() -> None:
+    store = MemoryStore()
+    runner = Runner(Tools(), store)  # type: ignore[arg-type]
+    await runner.run(plan_of("steps: [{id: a, call: t}]", "quick"), {}, CALLER)
+    await runner.run(plan_of("steps: [{id: x, call: boom}]", "broken"), {}, CALLER)
+
+    rows = summary_rows(await store.runs())
+
+    assert [(r["workflow"], r["status"], r["failed_step"], r["caller"]) for r in rows] == [
+        ("broken", "failed", "x", "client:ada"),
+        ("quick", "succeeded", None, "client:ada"),
+    ]
+    assert all(isinstance(r["duration_ms"], float) for r in rows)
+    lines = render_rows(rows).splitlines()
+    assert lines[0].split()[:3] == ["RUN", "WORKFLOW", "STATUS"]
+    assert lines[1].index("broken") == lines[2].index("quick") == lines[0].index("WORKFLOW")
+    assert lines[1].index("failed") == lines[2].index("succeeded") == lines[0].index("STATUS")
+    assert lines[1].split()[:3] == [rows[0]["run"], "broken", "failed"]
+    assert lines[1].rstrip().endswith("x")
+    assert render_rows([]) == "no runs\n"
+
+
+async def test_the_text_timeline_lists_steps_attempts_compensations_and_the_error() -> None:
+    _, _, view = await run(
+        """
+steps:
+  - {id: reserve, call: flaky, retry: {attempts: 3, backoff: 1ms}, compensate: {call: release}}
+  - {id: charge, call: boom, after: [reserve]}
+"""
+    )
+
+    text = render_timeline(view)
+
+    assert "failed step: charge" in text
+    assert "3 attempts" in text
+    assert "attempt 1" in text
+    assert "unavailable: not connected" in text
+    assert "compensations:" in text
+    assert "reserve#compensate" in text
+    assert text.rstrip().splitlines()[-1].startswith("error: workflow 'w' failed")
+
+
+def test_durations_read_as_people_write_them() -> None:
+    assert [duration_text(ms) for ms in (None, 4.24, 340.4, 1234, 59_900, 125_000, 3_720_000)] == [
+        "-",
+        "4.2 ms",
+        "340 ms",
+        "1.2 s",
+        "59.9 s",
+        "2 min 5 s",
+        "1 h 2 min",
+    ]
