@@ -5,6 +5,7 @@
     GatewayError
      ├── ConfigError                 the config cannot be used (lists every problem)      → CLI exit 1
      ├── ToolNotFound                no such tool in the registry                        → JSON-RPC invalid params
+     ├── ResourceNotFound            no such resource (or not this client's to read)     → JSON-RPC invalid params
      ├── InvalidArguments            arguments do not satisfy the tool's inputSchema     → isError result
      ├── PolicyDenied                a policy refused the call                           → isError result
      │    ├── Unauthenticated
@@ -18,7 +19,7 @@
      ├── WorkflowError               a workflow run failed                               → isError result
      └── StoreError                  the store cannot be opened, migrated or written     → CLI exit 1 / isError result
 
-``ToolNotFound`` is a protocol error (the client asked for something that does
+``ToolNotFound`` and ``ResourceNotFound`` are protocol errors (the client asked for something that does
 not exist); everything that happens while executing a call is a tool result
 with ``isError: true`` so the model sees it and can act on it (DESIGN §4).
 Each class carries the metrics ``outcome`` label it is counted under.
@@ -77,6 +78,17 @@ class ToolNotFound(GatewayError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"Unknown tool: {name!r}. Call tools/list to see the tools this gateway serves.")
+
+
+class ResourceNotFound(GatewayError):
+    """No resource at that URI, or none this client may read: a client cannot tell the two apart."""
+
+    outcome = "invalid"
+    as_tool_result = False
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        super().__init__(f"Unknown resource: {uri}")
 
 
 class InvalidArguments(GatewayError):

@@ -2,7 +2,7 @@
 
 Handlers translate between the SDK's types and the gateway's wire-form values;
 everything that decides anything lives behind ``Gateway``. Errors are mapped in
-one place: ``ToolNotFound`` becomes a JSON-RPC invalid-params error, every other
+one place: ``ToolNotFound`` and ``ResourceNotFound`` become JSON-RPC invalid-params errors, every other
 ``GatewayError`` has already become an ``isError`` result in the dispatcher.
 """
 
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Scope
 
-from gateway.errors import ToolNotFound, UpstreamError
+from gateway.errors import ResourceNotFound, ToolNotFound, UpstreamError
 from gateway.fastpath import FastPath, FastSession
 from gateway.gateway import Gateway
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
@@ -309,7 +309,7 @@ class McpFrontend:
     def _owner(self, uri: str) -> str:
         owner = self.gateway.registry.route_resource(uri)
         if owner is None:
-            raise MCPError(types.INVALID_PARAMS, f"Unknown resource: {uri}")
+            raise MCPError(types.INVALID_PARAMS, str(ResourceNotFound(uri)))
         return owner
 
     async def _forward(
@@ -318,6 +318,8 @@ class McpFrontend:
         """Send a non-tool request to its provider; failures become JSON-RPC errors (no isError here)."""
         try:
             return await self.gateway.providers[provider].request(method, params, self._context(ctx))
+        except ResourceNotFound as exc:  # one a provider owns the URI of, yet has not (or not for this client)
+            raise MCPError(types.INVALID_PARAMS, str(exc)) from None
         except UpstreamError as exc:
             raise MCPError(types.INTERNAL_ERROR, str(exc)) from None
 

@@ -4,11 +4,13 @@ A workflow's tool has the workflow's ``input`` as its ``inputSchema`` (and ``out
 ``outputSchema``); its arguments are validated before anything runs, every violation listed with
 its JSON path, and the schema's ``default`` values fill in what the caller omitted.
 
-It is a provider like any other (``gateway.types.Provider``): always up, listing the workflow tools
-and no prompts or resources; while it runs, it owns the task group where the runs of 2026-07-28
-clients wait for their answers.
+It is a provider like any other (``gateway.types.Provider``): always up, listing the workflow tools,
+no prompts, and one resource template, ``patchbay://runs/{run_id}``: the timeline of a run, which
+only the client that started it can read (for any other it does not exist); while it runs, it owns
+the task group where the runs of 2026-07-28 clients wait for their answers.
 """
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,20 +20,34 @@ from anyio.abc import TaskGroup
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from gateway.errors import InvalidArguments, ToolNotFound, UpstreamError
+from gateway.errors import InvalidArguments, ResourceNotFound, ToolNotFound, UpstreamError
 from gateway.store.memory import MemoryStore
-from gateway.types import CallContext, JSONObject, Listing, ProviderEvents, ProviderState, Tool, ToolResult
+from gateway.types import (
+    CallContext,
+    JSONObject,
+    Listing,
+    ProviderEvents,
+    ProviderState,
+    Resource,
+    Tool,
+    ToolResult,
+)
 from gateway.workflows.defaults import with_defaults
+from gateway.workflows.history import Redact, timeline
 from gateway.workflows.plan import Plan
 from gateway.workflows.roundtrip import STATE_PREFIX, RoundTrips, needs_round_trip
 from gateway.workflows.runner import Runner
 from gateway.workflows.runs import Runs
+from policies.redaction import Redactor
 from policies.validation import violations
 
-__all__ = ["WORKFLOW_PROVIDER", "WorkflowProvider"]
+__all__ = ["RUNS_TEMPLATE", "WORKFLOW_PROVIDER", "WorkflowProvider"]
 
 WORKFLOW_PROVIDER = "@workflows"
 """The provider name of workflow tools (no server can have it)."""
+RUNS_TEMPLATE = "patchbay://runs/{run_id}"
+"""The URI template of a run's timeline (the run id is in a workflow result's ``_meta["io.patchbay/run"]``)."""
+_RUNS_PREFIX = RUNS_TEMPLATE.removesuffix("{run_id}")
 
 
 class WorkflowProvider:
@@ -49,19 +65,22 @@ class WorkflowProvider:
         background: Callable[[], TaskGroup | None] | None = None,
         *,
         runs: Runs | None = None,
+        redact: Redact | None = None,
     ) -> None:
         """``background`` gives the task group that runs wait in for a 2026-07-28 client's answers; by
         default, the one :meth:`run` holds (none before it runs: such a run is then answered inline).
         ``runs`` starts and attaches to the runs (idempotency keys); by default, one of its own over
-        an in-memory store."""
+        an in-memory store. ``redact`` redacts what a run's resource shows (by default, with the built-in
+        rules of the audit trail)."""
         self.plans = plans
         self.runner = runner
         self.runs = runs if runs is not None else Runs(runner, MemoryStore(), plans)
+        self._redact = redact or Redactor().redact
         self._tasks: TaskGroup | None = None
         self._round_trips = RoundTrips(background or (lambda: self._tasks))
         self.tools = tuple(_tool(plan) for plan in plans.values())
         """The workflows as tools, in the order the config lists them."""
-        self.listing = Listing(tools=self.tools)
+        self.listing = Listing(tools=self.tools, resources=(_RUNS_RESOURCE,))
         self._validators: dict[str, Validator] = {}
         self._output_validators: dict[str, Validator] = {}
         for name, plan in plans.items():
@@ -91,12 +110,22 @@ class WorkflowProvider:
         return self.tools
 
     async def request(self, method: str, params: JSONObject, context: CallContext) -> JSONObject:
-        """Workflows offer no prompts or resources.
+        """Read a run's timeline (``resources/read`` of ``patchbay://runs/<id>``); workflows offer nothing else.
 
         Raises:
-            UpstreamError: always.
+            ResourceNotFound: no such run, or not one the caller started (the same answer for both).
+            UpstreamError: any other request.
         """
-        raise UpstreamError(f"workflows offer no prompts or resources ({method})", server=self.name)
+        if method == "resources/read":
+            uri = str(params.get("uri", ""))
+            run_id = uri.removeprefix(_RUNS_PREFIX) if uri.startswith(_RUNS_PREFIX) else ""
+            record = await self.runs.get(run_id, context.principal) if run_id and "/" not in run_id else None
+            if record is None:
+                raise ResourceNotFound(uri)
+            view = timeline(record, await self.runs.store.events(run_id), self._redact)
+            text = json.dumps(view, indent=2, ensure_ascii=False)
+            return {"contents": [{"uri": uri, "mimeType": "application/json", "text": text}]}
+        raise UpstreamError(f"workflows offer no prompts and no other resources ({method})", server=self.name)
 
     async def call_tool(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
         """Run workflow ``name``.
@@ -134,6 +163,23 @@ class WorkflowProvider:
             message = f"workflow {name!r} produced an output that does not match its output_schema: {detail}"
             return ToolResult.text(message, is_error=True)
         return result
+
+
+_RUNS_RESOURCE = Resource(
+    RUNS_TEMPLATE,
+    {
+        "uriTemplate": RUNS_TEMPLATE,
+        "name": "workflow-run",
+        "title": "Workflow run",
+        "description": (
+            "The timeline of a workflow run you started: each step's start, end, duration, attempts, outcome,"
+            " arguments and result (secrets redacted), the compensations, and the run's output or error."
+            ' The run id is in the workflow result\'s _meta["io.patchbay/run"].'
+        ),
+        "mimeType": "application/json",
+    },
+    template=True,
+)
 
 
 def _tool(plan: Plan) -> Tool:
