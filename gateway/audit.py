@@ -27,10 +27,11 @@ import anyio
 import orjson
 from anyio.abc import TaskStatus
 
+from gateway.policy_config import AuditConfig
 from gateway.types import CallContext, ToolResult
-from policies.redaction import Redactor
+from policies.redaction import DEFAULT_KEYS, Redactor
 
-__all__ = ["AuditRecord", "AuditSink", "JsonlAuditSink", "NullAuditSink", "build_record"]
+__all__ = ["AuditRecord", "AuditSink", "JsonlAuditSink", "NullAuditSink", "audit_redactor", "build_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ DEFAULT_BUFFER = 10_000
 DEFAULT_DRAIN_TIMEOUT = 5.0  # seconds a shutdown waits for buffered records to reach the disk
 MAX_TEXT = 65_536  # text results and error messages are cut here: redaction scans all of it, on the call path
 _MAX_BATCH = 1_000
+
+
+def audit_redactor(config: AuditConfig) -> Redactor:
+    """The redactor of the audit trail: the built-in keys and patterns and the configured ones. What shows
+    recorded arguments and results elsewhere (``patchbay runs``, a run's resource) redacts with it too."""
+    return Redactor((*DEFAULT_KEYS, *config.redact_keys), config.redact_patterns)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from connectors.mcp import McpUpstream
-from gateway.audit import JsonlAuditSink
+from gateway.audit import JsonlAuditSink, audit_redactor
 from gateway.backends import Backends, memory_backends, open_backends
 from gateway.chain import build_chain
 from gateway.config import Config, HttpServer, StdioServer
@@ -37,7 +37,6 @@ from gateway.workflows.plan import check_tools
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
 from gateway.workflows.runs import Runs
-from policies.redaction import DEFAULT_KEYS, Redactor
 
 __all__ = ["PROVIDER_KINDS", "Gateway", "ProviderFactory", "ProviderStatus", "open_gateway"]
 
@@ -291,8 +290,7 @@ def _audit(config: Config, metrics: Metrics) -> tuple[JsonlAuditSink | None, Aud
     if config.audit.path is None:
         return None, None
     sink = JsonlAuditSink(config.audit.path, buffer=config.audit.buffer, on_drop=metrics.audit_dropped)
-    redactor = Redactor((*DEFAULT_KEYS, *config.audit.redact_keys), config.audit.redact_patterns)
-    return sink, Audit(sink, redactor)
+    return sink, Audit(sink, audit_redactor(config.audit))
 
 
 def _providers(
