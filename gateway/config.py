@@ -350,9 +350,12 @@ class Config(BaseModel):
         return None
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *, sections: Iterable[str] | None = None
+) -> Config:
     """Read and check the config file at ``path``; relative paths (``cwd``, the audit log, the store) are resolved
-    against its directory, and the store is ``patchbay.db`` there unless the file names one.
+    against its directory, and the store is ``patchbay.db`` there unless the file names one. ``sections``: see
+    :func:`parse_config`.
 
     Raises:
         ConfigError: the file cannot be read, or lists every problem found in it.
@@ -364,14 +367,21 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise ConfigError([ConfigProblem("<file>", f"cannot read {file}: {reason}")], source=str(file)) from exc
     env = os.environ if environ is None else environ
-    return parse_config(text, source=str(file), environ=env, base_dir=file.absolute().parent)
+    return parse_config(text, source=str(file), environ=env, base_dir=file.absolute().parent, sections=sections)
 
 
 def parse_config(
-    text: str, *, source: str = "config", environ: Mapping[str, str], base_dir: Path | None = None
+    text: str,
+    *,
+    source: str = "config",
+    environ: Mapping[str, str],
+    base_dir: Path | None = None,
+    sections: Iterable[str] | None = None,
 ) -> Config:
     """Check config ``text``; ``source`` names it in errors, ``base_dir`` (the config file's directory) anchors
-    relative paths and puts the default store there (without it, the store defaults to ``memory``).
+    relative paths and puts the default store there (without it, the store defaults to ``memory``). With
+    ``sections`` (top-level keys), only those are read and checked; the rest take their defaults, so a command
+    that needs only the store (``patchbay runs``) does not need the servers' environment variables.
 
     Raises:
         ConfigError: lists every problem found.
@@ -387,6 +397,9 @@ def parse_config(
     if not isinstance(data, dict):
         problems.append(ConfigProblem("<document>", "the config must be a mapping of keys to values", tree.line(())))
         raise ConfigError(problems, source=source)
+    if sections is not None:
+        wanted = set(sections)
+        data = {key: value for key, value in data.items() if key in wanted}
     data = {
         key: value if key in _NOT_INTERPOLATED else interpolate(value, (key,), environ, tree)
         for key, value in data.items()

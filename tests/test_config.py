@@ -437,3 +437,23 @@ def test_bad_store_settings_are_each_a_problem_at_its_key() -> None:
         ("gateway.keep_runs.size", 4),
         ("gateway.idempotency_ttl", 5),
     ]
+
+
+def test_reading_only_some_sections_skips_the_others_and_their_environment_variables() -> None:
+    text = dedent("""\
+        gateway: {name: "${NAME:-acme}"}
+        servers:
+          crm: {url: "${CRM_URL}", headers: {Authorization: "Bearer ${CRM_TOKEN}"}}
+        audit: {redact_keys: [ssn]}
+        workflows: {w: {steps: [{id: a, call: nowhere}]}}
+        """)
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, environ={})
+    assert "CRM_URL" in str(raised.value)
+
+    config = parse_config(text, environ={}, sections=("gateway", "audit"))
+
+    assert config.gateway.name == "acme"
+    assert config.audit.redact_keys == ("ssn",)
+    assert config.servers == {}
+    assert config.workflows == {}
