@@ -9,7 +9,8 @@ goes through ``redact`` first.
 A step's story in the journal: ``step_started`` for each try (its tool and arguments), ``step_done``
 when the try ended (its result or error), ``step_settled`` once the step reached its final state.
 A container or ``set`` step has no tries: only its ``step_settled``. Compensations are the steps whose
-key ends ``#compensate``.
+key ends ``#compensate``. A try in flight when the gateway stopped shows as ``interrupted`` once the run
+resumed (``run_resumed``), and is followed by the try made again under the same number.
 """
 
 import json
@@ -86,11 +87,17 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
     compensations: dict[str, dict[str, Any]] = {}
     arguments: Any = None
     cancelled: str | None = None
+    resumed: list[str | None] = []
     for event in events:
         if event.kind == "run_started":
             arguments = redact(event.data.get("arguments"))
         elif event.kind == "run_cancelled":
             cancelled = redact(event.data.get("message"))
+        elif event.kind == "run_resumed":
+            resumed.append(local_time(event.at))
+            for known in [*steps.values(), *compensations.values()]:
+                for tried in known["attempts"]:
+                    tried["status"] = tried["status"] or "interrupted"
         elif event.key is not None and event.kind in ("step_started", "step_done", "step_settled"):
             into = compensations if event.key.endswith(COMPENSATE) else steps
             entry = into.get(event.key)
@@ -111,6 +118,7 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
         "failed_step": record.failed_step,
         "note": record.note,
         "cancelled": cancelled,
+        "resumed": resumed,
         "arguments": arguments,
         "steps": list(steps.values()),
         "compensations": [_compensation(entry) for entry in compensations.values()],
@@ -280,6 +288,7 @@ def render_timeline(view: Mapping[str, Any]) -> str:
         lines.append(f"note: {view['note']}")
     if view.get("cancelled"):
         lines.append(f"cancelled: {view['cancelled']}")
+    lines.extend(f"resumed {_short_time(at)}" for at in view.get("resumed") or ())
     if view.get("arguments") is not None:
         lines.append(f"arguments: {_shown(view['arguments'])}")
     lines.append("")

@@ -51,7 +51,7 @@ async def run(text: str, arguments: dict[str, Any] | None = None) -> tuple[Memor
     """Run the workflow ``text``; its store, its record and its timeline."""
     store = MemoryStore()
     with anyio.fail_after(5):
-        result = await Runner(Tools(), store).run(plan_of(text), arguments or {}, CALLER)  # type: ignore[arg-type]
+        result = await Runner(Tools(), store).run(plan_of(text), arguments or {}, CALLER)
     assert result.meta is not None
     record = await store.run(result.meta[RUN_META_KEY])
     assert record is not None
@@ -152,8 +152,33 @@ async def test_an_interrupted_run_shows_the_try_that_was_in_flight() -> None:
     assert (view["output"], view["error"], view["finished"]) == (None, None, None)
 
 
+async def test_a_resumed_run_shows_the_interrupted_try_and_the_one_made_again() -> None:
+    text = "steps: [{id: a, call: t}, {id: b, call: t, with: {n: 2}, after: [a]}]"
+    store, record, _ = await run(text)
+    events = await store.events(record.run_id)
+    cut = next(i for i, e in enumerate(events) if e.kind == "step_started" and e.key == "b") + 1
+    after_crash = MemoryStore()
+    for event in events[:cut]:
+        after_crash.record(event)
+
+    with anyio.fail_after(5):
+        await Runner(Tools(), after_crash).resume(plan_of(text), events[:cut], CALLER)
+    resumed = await after_crash.run(record.run_id)
+    assert resumed is not None
+    view = timeline(resumed, await after_crash.events(record.run_id), REDACT)
+
+    assert view["status"] == "succeeded"
+    assert len(view["resumed"]) == 1
+    b = view["steps"][1]
+    assert [(a["attempt"], a["status"]) for a in b["attempts"]] == [(1, "interrupted"), (1, "succeeded")]
+    assert b["attempts"][1]["result"] == {"tool": "t", "n": 2}
+    assert view["steps"][0]["attempts"][0]["status"] == "succeeded"  # done before the crash, not again
+    assert "resumed " in render_timeline(view)
+
+
 async def test_the_output_is_the_recorded_results_structured_content_else_its_text() -> None:
-    _, record, _ = await run("steps: [{id: a, call: t}]")
+    _, record, view = await run("steps: [{id: a, call: t, with: {token: x}}]", {})
+    assert view["output"] == {"a": {"tool": "t", "token": REDACTED}}
     structured = replace(record, result={"content": [], "structuredContent": {"token": SECRET, "n": 1}})
     text = replace(record, result={"content": [{"type": "text", "text": '{"n": 2}'}]})
 
@@ -163,7 +188,7 @@ async def test_the_output_is_the_recorded_results_structured_content_else_its_te
 
 async def test_the_list_has_a_row_per_run_and_aligned_columns() -> None:
     store = MemoryStore()
-    runner = Runner(Tools(), store)  # type: ignore[arg-type]
+    runner = Runner(Tools(), store)
     await runner.run(plan_of("steps: [{id: a, call: t}]", "quick"), {}, CALLER)
     await runner.run(plan_of("steps: [{id: x, call: boom}]", "broken"), {}, CALLER)
 
