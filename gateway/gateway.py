@@ -104,7 +104,8 @@ class Gateway:
             metrics=self.metrics,
         )
         """The workflow runs: started, attached to, resumed, looked up (tasks, ``patchbay runs``)."""
-        self.workflows = WorkflowProvider(config.plans, runner, runs=self.runs)
+        redact = audit_redactor(config.audit).redact  # what a run's resource shows, redacted as the audit trail
+        self.workflows = WorkflowProvider(config.plans, runner, runs=self.runs, redact=redact)
         self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
         """Every provider by name: the workflows first (their names are taken before any server's), then the
         configured servers, then the extra providers."""

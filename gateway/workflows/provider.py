@@ -5,9 +5,9 @@ A workflow's tool has the workflow's ``input`` as its ``inputSchema`` (and ``out
 its JSON path, and the schema's ``default`` values fill in what the caller omitted.
 
 It is a provider like any other (``gateway.types.Provider``): always up, listing the workflow tools,
-no prompts, and one resource template, ``patchbay://runs/{run_id}``: the timeline of a run, which
-only the client that started it can read (for any other it does not exist); while it runs, it owns
-the task group where the runs of 2026-07-28 clients wait for their answers.
+no prompts, and (when there are workflows) one resource template, ``patchbay://runs/{run_id}``: the
+timeline of a run, which only the client that started it can read (for any other it does not exist);
+while it runs, it owns the task group where the runs of 2026-07-28 clients wait for their answers.
 """
 
 import json
@@ -80,7 +80,8 @@ class WorkflowProvider:
         self._round_trips = RoundTrips(background or (lambda: self._tasks))
         self.tools = tuple(_tool(plan) for plan in plans.values())
         """The workflows as tools, in the order the config lists them."""
-        self.listing = Listing(tools=self.tools, resources=(_RUNS_RESOURCE,))
+        self.listing = Listing(tools=self.tools, resources=(_RUNS_RESOURCE,) if plans else ())
+        """The workflow tools, and (when there are workflows) the template of their runs' resources."""
         self._validators: dict[str, Validator] = {}
         self._output_validators: dict[str, Validator] = {}
         for name, plan in plans.items():
