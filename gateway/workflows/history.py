@@ -107,6 +107,7 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
     for entry in [*steps.values(), *compensations.values()]:
         _close(entry, record)
     output, error = _ending(record, redact)
+    ordered = _containers_first(list(steps.values()))
     return {
         "run": record.run_id,
         "workflow": record.workflow,
@@ -120,11 +121,25 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
         "cancelled": cancelled,
         "resumed": resumed,
         "arguments": arguments,
-        "steps": list(steps.values()),
+        "steps": ordered,
         "compensations": [_compensation(entry) for entry in compensations.values()],
         "output": output,
         "error": error,
     }
+
+
+def _containers_first(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``entries`` (in the order they first appeared) with each container (``for_each``, ``switch``: a key
+    that prefixes others, ``each`` of ``each[0]/up``) moved before what it holds, and started when it did."""
+    position: dict[str, float] = {entry["key"]: index for index, entry in enumerate(entries)}
+    for entry in entries:
+        inside = [other for other in entries if other["key"].startswith((entry["key"] + "[", entry["key"] + "/"))]
+        if inside:
+            position[entry["key"]] = min(position[other["key"]] for other in inside) - 0.5
+            starts = [other["started"] for other in inside if other["started"] is not None]
+            if starts and not entry["attempts"]:
+                entry["started"] = min(starts)  # ISO times of one zone sort as they read
+    return sorted(entries, key=lambda entry: (position[entry["key"]], entry["key"].count("/")))
 
 
 def _step(event: JournalEvent) -> dict[str, Any]:
@@ -293,12 +308,13 @@ def render_timeline(view: Mapping[str, Any]) -> str:
         lines.append(f"arguments: {_shown(view['arguments'])}")
     lines.append("")
     lines.append("steps:" if view["steps"] else "steps: none")
+    widths = _head_widths([*view["steps"], *view["compensations"]])
     for step in view["steps"]:
-        lines.extend(_step_lines(step))
+        lines.extend(_step_lines(step, widths))
     if view["compensations"]:
         lines.append("compensations:")
         for compensation in view["compensations"]:
-            lines.extend(_step_lines(compensation))
+            lines.extend(_step_lines(compensation, widths))
     lines.append("")
     if view.get("error") is not None:
         lines.append(f"error: {_shown(view['error'])}")
@@ -307,19 +323,28 @@ def render_timeline(view: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _step_lines(step: Mapping[str, Any]) -> list[str]:
-    what = step.get("tool") or step.get("kind") or ""
+def _head(step: Mapping[str, Any]) -> list[str]:
+    """A step's line as columns: key, tool (or kind), status, start → end, duration, tries if several."""
     tries = step.get("attempts") or []
-    count = f"{len(tries)} attempts" if len(tries) > 1 else ""
-    head = [
-        f"  {step['key']}",
-        what,
+    return [
+        str(step["key"]),
+        str(step.get("tool") or step.get("kind") or ""),
         str(step["status"]),
         f"{_clock(step['started'])} → {_clock(step['finished'])}",
         duration_text(step["duration_ms"]),
-        count,
+        f"{len(tries)} attempts" if len(tries) > 1 else "",
     ]
-    lines = ["  ".join(part for part in head if part)]
+
+
+def _head_widths(steps: Sequence[Mapping[str, Any]]) -> list[int]:
+    heads = [_head(step) for step in steps]
+    return [max((len(head[i]) for head in heads), default=0) for i in range(6)]
+
+
+def _step_lines(step: Mapping[str, Any], widths: Sequence[int]) -> list[str]:
+    tries = step.get("attempts") or []
+    head = "  ".join(cell.ljust(width) for cell, width in zip(_head(step), widths, strict=True) if width)
+    lines = ["  " + head.rstrip()]
     if len(tries) > 1:
         for tried in tries:
             why = f"  {_error_text(tried['error'])}" if tried.get("error") else ""

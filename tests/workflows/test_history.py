@@ -238,3 +238,17 @@ def test_durations_read_as_people_write_them() -> None:
         "2 min 5 s",
         "1 h 2 min",
     ]
+
+
+async def test_a_container_comes_before_the_steps_it_holds_and_started_with_the_first() -> None:
+    _, _, view = await run(
+        """
+steps:
+  - {id: each, for_each: "${[1, 2]}", steps: [{id: up, call: t, with: {n: "${.item}"}}]}
+  - {id: after, call: t, after: [each]}
+"""
+    )
+
+    assert [s["key"] for s in view["steps"]] == ["each", "each[0]/up", "each[1]/up", "after"]
+    assert view["steps"][0]["started"] == min(s["started"] for s in view["steps"][1:3])
+    assert view["steps"][0]["result"] == [{"tool": "t", "n": 1}, {"tool": "t", "n": 2}]
