@@ -7,19 +7,25 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import anyio
 import uvicorn
+from pydantic import TypeAdapter, ValidationError
 
 from gateway.app import serving
+from gateway.audit import audit_redactor
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, ConfigProblem, StoreError, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
 from gateway.server import McpFrontend, serve_stdio
-from gateway.types import CallContext, Principal, Provider
+from gateway.store import RunQuery, RunStatus, open_store
+from gateway.types import CallContext, Principal, Provider, ToolResult
+from gateway.units import Duration
 from gateway.workflows.graph import mermaid
+from gateway.workflows.history import render_rows, render_timeline, summary_rows, timeline
+from gateway.workflows.runs import RunNotResumable
 from policies.auth import check_bind, new_token
 
 logger = logging.getLogger("patchbay")
@@ -29,6 +35,9 @@ DEFAULT_PORT = 8765
 LOCAL_USER = Principal("local", kind="stdio")
 _LOOP = {"use_uvloop": True}
 """uvloop for serving: a faster event loop under the same asyncio semantics (anyio falls back without it)."""
+_STORE_SECTIONS = ("gateway", "audit")
+"""What ``patchbay runs`` reads of the config: where the store is, and what to redact. Not the servers, so the
+environment variables only they use need not be set."""
 
 
 def main(argv: Sequence[str] | None = None, *, providers: Sequence[Provider] = ()) -> None:
@@ -46,7 +55,8 @@ def main(argv: Sequence[str] | None = None, *, providers: Sequence[Provider] = (
     )
     logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))  # one line per request
     try:
-        config = load_config(args.config, os.environ) if args.config is not None else None
+        sections = getattr(args, "sections", None)
+        config = load_config(args.config, os.environ, sections=sections) if args.config is not None else None
         status: int = args.run(config, args)
     except (ConfigError, StoreError) as exc:  # a store that cannot be used: say why, no traceback
         print(exc, file=sys.stderr)
@@ -108,6 +118,29 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("config", metavar="CONFIG")
     graph.add_argument("workflow", metavar="WORKFLOW")
     graph.set_defaults(run=_graph)
+
+    runs = commands.add_parser(
+        "runs",
+        help="list the journaled workflow runs, or show one run's timeline",
+        description="Without RUN_ID: the runs in the store, most recent first (id, workflow, status, caller, start,"
+        " duration, failed step). With RUN_ID: that run's timeline: each step's tries with their start, end,"
+        " duration, outcome, arguments and result, the compensations, and the output or error. Arguments,"
+        " results and errors are redacted as the audit trail is (audit.redact_keys, audit.redact_patterns).",
+    )
+    runs.add_argument("config", metavar="CONFIG")
+    runs.add_argument("run_id", metavar="RUN_ID", nargs="?", help="the run to show (its id is in the result's _meta)")
+    runs.add_argument("--workflow", metavar="W", help="only runs of workflow W")
+    runs.add_argument("--status", metavar="S", choices=get_args(RunStatus), help="only runs in status S (%(choices)s)")
+    runs.add_argument("--since", metavar="DURATION", help="only runs started within DURATION (30m, 2h, 90s)")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of text")
+    runs.set_defaults(run=_runs, sections=_STORE_SECTIONS)
+
+    resume = commands.add_parser(
+        "resume", help="resume an interrupted workflow run from its journal and print its result"
+    )
+    resume.add_argument("config", metavar="CONFIG")
+    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.set_defaults(run=_resume)
     return parser
 
 
@@ -212,15 +245,20 @@ def _call(config: Config, args: argparse.Namespace) -> int:
             except ToolNotFound as exc:
                 print(exc, file=sys.stderr)
                 return 2
-            for item in result.content:
-                print(item.get("text") if item.get("type") == "text" else json.dumps(item, indent=2), flush=True)
-            if result.structured_content is not None and not result.content:
-                print(json.dumps(result.structured_content, indent=2))
-            elapsed = (time.perf_counter() - started) * 1000
-            print(f"{'error' if result.is_error else 'ok'} in {elapsed:.1f} ms", file=sys.stderr)
-            return 1 if result.is_error else 0
+            return _print_result(result, started)
 
     return anyio.run(run)
+
+
+def _print_result(result: ToolResult, started: float) -> int:
+    """Print a call's result as a workflow step sees it, and how long it took on stderr; the exit status."""
+    for item in result.content:
+        print(item.get("text") if item.get("type") == "text" else json.dumps(item, indent=2), flush=True)
+    if result.structured_content is not None and not result.content:
+        print(json.dumps(result.structured_content, indent=2))
+    elapsed = (time.perf_counter() - started) * 1000
+    print(f"{'error' if result.is_error else 'ok'} in {elapsed:.1f} ms", file=sys.stderr)
+    return 1 if result.is_error else 0
 
 
 async def _show_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -237,6 +275,59 @@ def _graph(config: Config, args: argparse.Namespace) -> int:
         return 2
     print(mermaid(plan.graph), end="")
     return 0
+
+
+def _runs(config: Config, args: argparse.Namespace) -> int:
+    if args.run_id is not None and (args.workflow or args.status or args.since):
+        print("--workflow, --status and --since choose runs to list; they do not apply to one RUN_ID", file=sys.stderr)
+        return 2
+    since: float | None = None
+    if args.since is not None:
+        try:
+            since = time.time() - TypeAdapter(Duration).validate_python(args.since)
+        except ValidationError:
+            print(f"--since: expected a duration like 30m, 2h or 90s, got {args.since!r}", file=sys.stderr)
+            return 2
+    redact = audit_redactor(config.audit).redact
+
+    async def run() -> int:
+        async with open_store(config.gateway.store, durability=config.gateway.durability) as store:
+            if args.run_id is None:
+                query = RunQuery(workflow=args.workflow, status=args.status, since=since)
+                rows = summary_rows(await store.runs(query))
+                print(_json(rows) if args.json else render_rows(rows), end="")
+                return 0
+            record = await store.run(args.run_id)
+            if record is None:
+                print(
+                    f"no run {args.run_id!r} in the store (`patchbay runs {args.config}` lists them)", file=sys.stderr
+                )
+                return 1
+            view = timeline(record, await store.events(record.run_id), redact)
+            print(_json(view) if args.json else render_timeline(view), end="")
+            return 0
+
+    return anyio.run(run)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def _resume(config: Config, args: argparse.Namespace) -> int:
+    _connect_note(config, args.providers)
+
+    async def run() -> int:
+        async with open_gateway(config, strict=False, providers=args.providers) as gateway:
+            started = time.perf_counter()
+            try:
+                result = await gateway.runs.resume(args.run_id)
+            except RunNotResumable as exc:
+                print(exc, file=sys.stderr)
+                return 1
+            return _print_result(result, started)
+
+    return anyio.run(run)
 
 
 def _print_upstreams(gateway: Gateway) -> None:

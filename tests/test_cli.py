@@ -1,10 +1,22 @@
 """The ``patchbay`` command as a user runs it: real processes, exit codes, what it prints."""
 
+import json
 import sqlite3
 import subprocess
+import time
 from contextlib import closing
 from pathlib import Path
 
+import anyio
+import pytest
+
+from gateway.cli import main
+from gateway.config import load_config
+from gateway.gateway import open_gateway
+from gateway.store import open_store
+from gateway.types import CallContext, Principal
+from gateway.workflows.journal import JournalEvent
+from gateway.workflows.runner import RUN_META_KEY
 from tests.support import PYTHON, ROOT, TESTKIT, free_port, stdio_server
 
 KIT = stdio_server(TESTKIT)
@@ -121,3 +133,170 @@ def test_serve_refuses_to_start_when_names_collide(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "servers.two (line 3)" in done.stderr
     assert "collides" in done.stderr
+
+
+# --- Run history and resume, through cli.main in this process, over a SQLite store a gateway filled. ---
+
+WORKFLOWS = """\
+audit: {redact_keys: [ssn]}
+workflows:
+  greet:
+    input: {type: object, properties: {name: {type: string}, ssn: {type: string}}}
+    steps: [{id: hello, set: {text: "hello ${.input.name}", ssn: "${.input.ssn}"}}]
+    output: {text: "${.steps.hello.result.text}"}
+  broken:
+    steps: [{id: refuse, fail: "no, never"}]
+"""
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``patchbay ARGS`` in this process: its exit status, stdout and stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out, err = capsys.readouterr()
+    code = exited.value.code
+    return code if isinstance(code, int) else 1, out, err
+
+
+def fill(path: str) -> dict[str, str]:
+    """Run each workflow once through a gateway on the config at ``path``; their run ids by workflow."""
+
+    async def calls() -> dict[str, str]:
+        context = CallContext(principal=Principal("ada"))
+        async with open_gateway(load_config(path, environ={})) as gateway:
+            runs = {}
+            for name, arguments in (("greet", {"name": "Ada", "ssn": "078-05-1120"}), ("broken", {})):
+                result = await gateway.dispatcher.call(name, arguments, context)
+                assert result.meta is not None
+                runs[name] = result.meta[RUN_META_KEY]
+            return runs
+
+    return anyio.run(calls)
+
+
+def test_runs_lists_the_runs_of_the_store_next_to_the_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, WORKFLOWS)
+    runs = fill(path)
+
+    code, out, _ = run_cli(capsys, "runs", path)
+
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split()[:4] == ["RUN", "WORKFLOW", "STATUS", "CALLER"]
+    assert [row.split()[:4] for row in rows] == [
+        [runs["broken"], "broken", "failed", "client:ada"],
+        [runs["greet"], "greet", "succeeded", "client:ada"],
+    ]
+    assert rows[0].rstrip().endswith("refuse")  # the failed step
+
+
+def test_runs_filters_by_workflow_status_and_age(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, WORKFLOWS)
+    runs = fill(path)
+
+    async def an_old_run() -> None:  # started two hours ago, as the journal of a run then would say
+        then = time.time() - 7200
+        async with open_store(f"sqlite:///{tmp_path / 'patchbay.db'}") as store:
+            await store.append(JournalEvent("old", 0, then, "run_started", data={"workflow": "greet"}))
+            await store.append(JournalEvent("old", 1, then + 1, "run_finished", data={"status": "succeeded"}))
+
+    anyio.run(an_old_run)
+
+    def listed(*options: str) -> list[str]:
+        code, out, err = run_cli(capsys, "runs", path, "--json", *options)
+        assert code == 0, err
+        return [row["run"] for row in json.loads(out)]
+
+    assert listed() == [runs["broken"], runs["greet"], "old"]
+    assert listed("--workflow", "greet") == [runs["greet"], "old"]
+    assert listed("--status", "failed") == [runs["broken"]]
+    assert listed("--since", "1h") == [runs["broken"], runs["greet"]]
+    assert listed("--workflow", "greet", "--since", "1h") == [runs["greet"]]
+    code, _, err = run_cli(capsys, "runs", path, "--since", "lately")
+    assert code == 2
+    assert "--since" in err
+
+
+def test_runs_shows_one_runs_timeline_redacted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, WORKFLOWS)
+    runs = fill(path)
+
+    code, out, _ = run_cli(capsys, "runs", path, runs["greet"])
+    assert code == 0
+    assert f"run {runs['greet']}  workflow greet  succeeded" in out
+    assert "  hello  succeeded" in out
+    assert "078-05-1120" not in out  # audit.redact_keys applies
+
+    code, out, _ = run_cli(capsys, "runs", path, runs["broken"], "--json")
+    assert code == 0
+    view = json.loads(out)
+    assert (view["status"], view["failed_step"]) == ("failed", "refuse")
+    assert [(step["key"], step["status"]) for step in view["steps"]] == [("refuse", "failed")]
+    assert "no, never" in view["error"]
+
+
+def test_runs_says_so_and_exits_1_for_an_unknown_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, WORKFLOWS)
+    fill(path)
+    code, out, err = run_cli(capsys, "runs", path, "nosuchrun")
+    assert code == 1
+    assert out == ""
+    assert "no run 'nosuchrun'" in err
+
+
+def test_runs_needs_only_the_store_not_the_servers_or_their_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = fill(write(tmp_path, WORKFLOWS))
+    other = tmp_path / "serving.yaml"  # the same directory, so the same patchbay.db
+    other.write_text('servers:\n  crm: {url: "${PATCHBAY_TEST_UNSET_URL}"}\n')
+
+    code, out, err = run_cli(capsys, "runs", str(other), "--status", "succeeded", "--json")
+
+    assert code == 0, err
+    assert [row["run"] for row in json.loads(out)] == [runs["greet"]]
+
+
+def test_resume_refuses_a_run_that_cannot_be_resumed_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, WORKFLOWS)
+    runs = fill(path)
+
+    finished = run_cli(capsys, "resume", path, runs["greet"])
+    unknown = run_cli(capsys, "resume", path, "nosuchrun")
+
+    assert finished[0] == unknown[0] == 1
+    assert runs["greet"] in finished[2]
+    assert "nosuchrun" in unknown[2]
+
+
+def test_resume_takes_up_an_interrupted_run_and_prints_its_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, WORKFLOWS)
+    plan = load_config(path, environ={}).plans["greet"]
+
+    async def crash_after_start() -> None:  # a gateway that journaled the run's start, then died
+        async with open_store(f"sqlite:///{tmp_path / 'patchbay.db'}") as store:
+            started = {
+                "workflow": "greet",
+                "arguments": {"name": "Grace", "ssn": "219-09-9999"},
+                "caller": {"kind": "client", "id": "ada"},
+                "plan": plan.digest,
+            }
+            await store.append(JournalEvent("cut", 0, time.time(), "run_started", data=started))
+
+    anyio.run(crash_after_start)
+    assert run_cli(capsys, "runs", path, "--status", "interrupted", "--json")[1].count('"run": "cut"') == 1
+
+    code, out, err = run_cli(capsys, "resume", path, "cut")
+
+    assert code == 0, err
+    assert json.loads(out) == {"text": "hello Grace"}
+    code, out, _ = run_cli(capsys, "runs", path, "cut", "--json")
+    view = json.loads(out)
+    assert (view["status"], view["output"], len(view["resumed"])) == ("succeeded", {"text": "hello Grace"}, 1)
+    assert run_cli(capsys, "resume", path, "cut")[0] == 1  # finished now
