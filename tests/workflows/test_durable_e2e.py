@@ -6,6 +6,7 @@ kill is called again under the same key, and the run's output equals an uninterr
 re-issuing its call with the same idempotency key gets that run's result, not a second run.
 """
 
+import json
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from tests.support import ROOT, free_port, run_gateway, run_http_upstream
+from tests.support import ROOT, free_port, patchbay, run_gateway, run_http_upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -226,7 +227,7 @@ async def test_a_run_whose_workflow_changed_is_not_resumed_and_the_reissue_says_
     assert not any(e.startswith(("s3", "s4", "s5")) for e in seen)
 
 
-async def test_with_resume_manual_an_interrupted_run_waits(tmp_path: Path, store: str) -> None:
+async def test_with_resume_manual_an_interrupted_run_waits_for_patchbay_resume(tmp_path: Path, store: str) -> None:
     async with upstream(tmp_path) as (port, kit):
         text = config(port, store, CHAIN).replace("resume: auto", "resume: manual")
         await call_and_crash(tmp_path, text, "five", "K6", kit, lambda seen: any("s2 started" in e for e in seen))
@@ -234,6 +235,17 @@ async def test_with_resume_manual_an_interrupted_run_waits(tmp_path: Path, store
             result = await client.call_tool("five", {}, meta={KEY: "K6"})
             await anyio.sleep(0.5)
             seen = await events(kit)
-    assert result.is_error
-    assert "patchbay resume" in str(result.content)
-    assert [e.split()[0] for e in seen] == ["s1", "s1", "s2"]  # s1 done, s2 in flight: nothing since
+        assert result.is_error
+        assert "patchbay resume" in str(result.content)
+        assert [e.split()[0] for e in seen] == ["s1", "s1", "s2"]  # s1 done, s2 in flight: nothing since
+
+        listed = await anyio.to_thread.run_sync(patchbay, "runs", str(tmp_path / "gateway.yaml"), "--json")
+        [run] = json.loads(listed.stdout)
+        assert (run["workflow"], run["status"]) == ("five", "interrupted")
+        resumed = await anyio.to_thread.run_sync(patchbay, "resume", str(tmp_path / "gateway.yaml"), run["run"])
+        assert resumed.returncode == 0, resumed.stderr
+        assert '"s5"' in resumed.stdout
+        after = await events(kit)
+    assert [e.split()[0] for e in after if " started " in e] == ["s1", "s2", "s2", "s3", "s4", "s5"]
+    listed = await anyio.to_thread.run_sync(patchbay, "runs", str(tmp_path / "gateway.yaml"), "--json")
+    assert [r["status"] for r in json.loads(listed.stdout)] == ["succeeded"]
