@@ -10,6 +10,7 @@ task is seen ``working`` without racing the clock.
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -24,7 +25,7 @@ from pydantic import TypeAdapter
 
 from gateway.app import serving
 from gateway.config import parse_config
-from gateway.gateway import Gateway
+from gateway.gateway import Gateway, open_gateway
 from gateway.server import McpFrontend
 from gateway.tasks import RELATED_TASK_META_KEY, TASKS_EXTENSION
 from gateway.types import Principal
@@ -376,6 +377,50 @@ async def test_over_http_a_task_is_its_creators_and_is_not_taken_by_the_lean_pat
                     await anyio.sleep(0.01)  # polling is how a client learns a task ended
             result = result["result"]
         assert result["structuredContent"] == {"held": "x released"}
+
+
+# --- Across a restart -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_a_task_created_before_a_restart_is_fetched_after_it_from_a_new_session(
+    mode: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("gateway.store.sqlite", reason="the durable store is not on this branch yet")
+    up = noting_upstream()
+    with anyio.fail_after(WITHIN):
+        async with serve_upstream(up) as url:
+            config = parse_config(
+                f'gateway: {{store: "sqlite:///{tmp_path / "runs.db"}", resume: auto}}\n'
+                f'servers:\n  kit: {{url: "{url}"}}\n{WORKFLOWS}',
+                environ={},
+            )
+            async with open_gateway(config, resume=True) as before, client(McpFrontend(before, ALICE), mode) as alice:
+                task = await start_task(alice, "held", {"label": "x"})
+                await until_waiting(up)
+            # That gateway stopped with the run in its last step: the next one takes the run up again.
+            up.waiting = anyio.Event()
+            async with (
+                open_gateway(config, resume=True) as after,
+                client(McpFrontend(after, ALICE), mode) as alice,
+                client(McpFrontend(after, BOB), mode) as bob,
+            ):
+                polled = await rpc(alice, "tasks/get", taskId=task["taskId"])
+                assert polled["status"] == "working"
+                assert polled["createdAt"] == task["createdAt"]
+                with pytest.raises(Exception) as raised:  # noqa: PT011 - MCPError, maybe in an ExceptionGroup
+                    await rpc(bob, "tasks/get", taskId=task["taskId"])
+                assert rpc_error(raised).code == types.INVALID_PARAMS
+                await up.waiting.wait()  # the step in flight at the stop runs again
+                up.release.set()
+                if mode == "legacy":
+                    result = await rpc(alice, "tasks/result", taskId=task["taskId"])
+                else:
+                    while (result := await rpc(alice, "tasks/get", taskId=task["taskId"]))["status"] == "working":  # noqa: ASYNC110
+                        await anyio.sleep(0.01)  # polling is how a client learns a task ended
+                    result = result["result"]
+                assert result["structuredContent"] == {"held": "x released"}
+                assert up.events.count("did x") == 1  # the completed step was not done again
 
 
 # --- Advertising -----------------------------------------------------------------------------------
