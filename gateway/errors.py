@@ -17,7 +17,8 @@
      │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
      │    └── UpstreamTimeout        no answer within the server's timeout
      ├── WorkflowError               a workflow run failed                               → isError result
-     └── StoreError                  the store cannot be opened, migrated or written     → CLI exit 1 / isError result
+     ├── StoreError                  the store cannot be opened, migrated or written     → CLI exit 1 / isError result
+     └── TaskError                   a ``tasks/*`` request cannot be served              → JSON-RPC error (its ``code``)
 
 ``ToolNotFound`` and ``ResourceNotFound`` are protocol errors (the client asked for something that does
 not exist); everything that happens while executing a call is a tool result
@@ -174,3 +175,16 @@ class WorkflowError(GatewayError):
 class StoreError(GatewayError):
     """The store (``gateway.store``) cannot be opened, migrated or written: a bad URL, a schema newer than
     this Patchbay knows, a database that fails. What was being recorded is not durable."""
+
+
+class TaskError(GatewayError):
+    """A ``tasks/*`` request cannot be served: no such task of the caller's (the one answer for an unknown task
+    and for another client's), or not in that state. ``code`` is the JSON-RPC error code the spec gives."""
+
+    outcome = "invalid"
+    as_tool_result = False
+
+    def __init__(self, message: str, *, code: int = -32602, data: object = None) -> None:
+        self.code = code
+        self.data = data
+        super().__init__(message)

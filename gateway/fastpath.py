@@ -101,7 +101,9 @@ class FastPath:
         if refusal is not None:
             return await refusal(scope, receive, send)
         method = message.get("method")
-        if method == "tools/call" and "id" in message and isinstance(message.get("params"), dict):
+        params = message.get("params")
+        # A task-augmented call (params.task) is the SDK side's: it answers with a task, not a CallToolResult.
+        if method == "tools/call" and "id" in message and isinstance(params, dict) and "task" not in params:
             with self._host.activity(session_id):
                 return await self._call(session, session_id, message, send, principal_of(scope) or self._principal)
         if method is None and message.get("id") in session.pending:  # the client's answer to our request

@@ -4,14 +4,18 @@ Handlers translate between the SDK's types and the gateway's wire-form values;
 everything that decides anything lives behind ``Gateway``. Errors are mapped in
 one place: ``ToolNotFound`` and ``ResourceNotFound`` become JSON-RPC invalid-params errors, every other
 ``GatewayError`` has already become an ``isError`` result in the dispatcher.
+
+Workflow tools also run as MCP tasks (``gateway.tasks``), in both eras: a task-augmented
+``tools/call`` takes the one dispatch path like any call, with ``CallContext.task`` set, and
+answers with the task its run became; ``tasks/*`` read and cancel the runs of the client asking.
 """
 
 import logging
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +23,7 @@ import anyio
 import mcp_types as types
 from mcp.server import NotificationOptions, Server, ServerRequestContext
 from mcp.server.connection import Connection
+from mcp.server.context import CallNext, HandlerResult
 from mcp.server.models import InitializationOptions
 from mcp.server.stdio import stdio_server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
@@ -32,10 +37,13 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Scope
 
-from gateway.errors import ResourceNotFound, ToolNotFound, UpstreamError
+from gateway.errors import ResourceNotFound, TaskError, ToolNotFound, UpstreamError
 from gateway.fastpath import FastPath, FastSession
 from gateway.gateway import Gateway
+from gateway.registry import Entry
+from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
+from gateway.workflows.provider import WORKFLOW_PROVIDER
 from policies.auth import principal_of
 
 logger = logging.getLogger(__name__)
@@ -87,7 +95,10 @@ class _Channel:
 
 
 class _Server(Server[Any]):
-    """The SDK server with list_changed advertised on every transport (the HTTP manager passes no options)."""
+    """The SDK server with list_changed advertised on every transport (the HTTP manager passes no options),
+    and tasks when it serves them (the SDK derives no ``tasks`` capability)."""
+
+    serves_tasks = False
 
     def create_initialization_options(
         self,
@@ -97,6 +108,40 @@ class _Server(Server[Any]):
     ) -> InitializationOptions:
         options = notification_options or NotificationOptions(True, True, True)
         return super().create_initialization_options(options, experimental_capabilities, extensions)
+
+    def get_capabilities(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+        *,
+        protocol_version: str | None = None,
+    ) -> types.ServerCapabilities:
+        capabilities = super().get_capabilities(
+            notification_options, experimental_capabilities, extensions, protocol_version=protocol_version
+        )
+        if not self.serves_tasks:
+            return capabilities
+        # 2025-11-25 only (the 2026-07-28 result drops it; there the extension in ``extensions`` says it).
+        tasks = types.ServerTasksCapability(
+            list=types.TasksListCapability(),
+            cancel=types.TasksCancelCapability(),
+            requests=types.ServerTasksRequestsCapability(
+                tools=types.TasksToolsCapability(call=types.TasksCallCapability())
+            ),
+        )
+        return capabilities.model_copy(update={"tasks": tasks})
+
+
+@asynccontextmanager
+async def _lifespan(server: Server[Any]) -> AsyncIterator[dict[str, Any]]:
+    """Entered once per serving (the HTTP manager's run, a stdio or in-memory connection): holds the task
+    group of what outlives a request, such as a task's wait for its run to end."""
+    async with anyio.create_task_group() as background:
+        try:
+            yield {"background": background}
+        finally:
+            background.cancel_scope.cancel()
 
 
 class McpFrontend:
@@ -119,6 +164,7 @@ class McpFrontend:
             self.server = _Server(
                 gateway.config.gateway.name,
                 version=VERSION,
+                lifespan=_lifespan,
                 on_list_tools=self._list_tools,
                 on_call_tool=self._call_tool,
                 on_list_prompts=self._list_prompts,
@@ -135,6 +181,8 @@ class McpFrontend:
         # The SDK wraps every message in a tracing span even with no tracer installed (~8% of the gateway's
         # CPU per call, measured by py-spy); spans belong to the call path, where they see the policy outcome.
         self.server.middleware = []
+        if gateway.config.plans:  # workflows run as tasks
+            self._serve_tasks()
         gateway.on_change(self._registry_changed)
         gateway.on_resource_updated(self._resource_updated)
 
@@ -176,10 +224,7 @@ class McpFrontend:
         visible = self._visible.get(principal)
         if visible is None:  # converted once per registry snapshot, filtered once per caller
             if self._tools is None:
-                self._tools = [
-                    (name, types.Tool.model_validate(e.tool.definition))
-                    for name, e in self.gateway.registry.tools.items()
-                ]
+                self._tools = [(name, _listed(e)) for name, e in self.gateway.registry.tools.items()]
             access = self.gateway.access
             visible = [tool for name, tool in self._tools if access.visible(principal, name)]
             if len(self._visible) > 1024:  # one entry per configured client, in practice: bounded anyway
@@ -202,10 +247,15 @@ class McpFrontend:
                 for k, v in (params.input_responses or {}).items()
             }
             context = replace(context, input_responses=responses, request_state=params.request_state)
+        task = self._task_asked(ctx, params)
+        if task is not None:
+            context = replace(context, task=task)
         try:
             result = await self.gateway.dispatcher.call(params.name, params.arguments or {}, context)
         except ToolNotFound as exc:
             raise MCPError(types.INVALID_PARAMS, str(exc)) from None
+        if result.task is not None:
+            return self._task_created(ctx, result.task, context.principal)
         if result.input_required is not None:
             return types.InputRequiredResult.model_validate(result.input_required)
         return types.CallToolResult.model_validate(result.wire())
@@ -219,6 +269,111 @@ class McpFrontend:
             meta=_forwardable_meta(ctx.meta),
             log_level=_log_level(ctx.meta),
         )
+
+    # -- tasks ----------------------------------------------------------------------------------------
+
+    def _serve_tasks(self) -> None:
+        self.task_methods = TaskMethods(self.gateway.runs)
+        self.server.serves_tasks = True
+        self.server.extensions = {TASKS_EXTENSION: {}}  # 2026-07-28 (a handshake-era result drops it)
+        self.server.middleware = [_route_task_calls]
+        add = self.server.add_request_handler
+        add("tasks/get", types.GetTaskRequestParams, self._get_task)
+        add("tasks/result", types.GetTaskPayloadRequestParams, self._task_result)
+        add("tasks/list", types.PaginatedRequestParams, self._list_tasks)
+        add("tasks/cancel", types.CancelTaskRequestParams, self._cancel_task)
+        add("tasks/update", _UpdateTaskParams, self._update_task)  # 2026-07-28
+        add(_TASK_CALL, types.CallToolRequestParams, self._call_tool)  # 2025-11-25, see _route_task_calls
+
+    def _task_asked(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> JSONObject | None:
+        """The task parameters to run this call with, or None to run it as a plain call.
+
+        2025-11-25: the client asks with ``params.task``; a tool that cannot run as a task is then a -32601
+        error (the spec's answer). 2026-07-28: the server decides, and only for a client that declares the
+        extension on the request; a workflow tool's call then runs as a task.
+
+        Raises:
+            MCPError: a task asked of a tool that cannot run as one.
+        """
+        if not self.server.serves_tasks:
+            return None  # no tasks capability: params.task is ignored, as the spec says
+        entry = self.gateway.registry.tools.get(params.name)
+        runs_as_task = entry is not None and entry.provider == WORKFLOW_PROVIDER
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            if not (runs_as_task and _declares_tasks(ctx)):
+                return None
+        elif params.task is None:
+            return None
+        elif entry is not None and not runs_as_task:
+            raise MCPError(types.METHOD_NOT_FOUND, f"Tool {params.name!r} does not support task-augmented calls")
+        return params.task.model_dump(by_alias=True, mode="json", exclude_none=True) if params.task else {}
+
+    def _task_created(self, ctx: ServerRequestContext[Any], task: JSONObject, principal: Principal) -> HandlerResult:
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return {"resultType": "task", **extension_task(task)}
+        self._notify_when_finished(ctx, str(task["taskId"]), principal)
+        return {"task": dict(task)}  # CreateTaskResult
+
+    def _notify_when_finished(self, ctx: ServerRequestContext[Any], task_id: str, principal: Principal) -> None:
+        """Send ``notifications/tasks/status`` to this session when the run ends, if it is still connected
+        (best effort: the spec makes it optional and clients poll anyway)."""
+        background = ctx.lifespan_context.get("background") if isinstance(ctx.lifespan_context, dict) else None
+        if background is None:
+            return
+        connection = weakref.ref(ctx.session._connection)
+
+        async def notify() -> None:
+            try:
+                record = await self.gateway.runs.wait(task_id, principal)
+            except Exception:  # a background job's boundary: a failure here must not end the serving
+                logger.exception("waiting for task %s to notify its status failed", task_id)
+                return
+            live = connection()
+            if record is not None and live is not None:
+                await live.notify("notifications/tasks/status", task_of(record))  # never raises
+
+        background.start_soon(notify)
+
+    async def _get_task(self, ctx: ServerRequestContext[Any], params: types.GetTaskRequestParams) -> HandlerResult:
+        modern = self._tasks_era(ctx)
+        return await _answer(self.task_methods.get(params.task_id, self._principal(ctx), modern=modern))
+
+    async def _task_result(
+        self, ctx: ServerRequestContext[Any], params: types.GetTaskPayloadRequestParams
+    ) -> HandlerResult:
+        self._tasks_era(ctx, modern=False)
+        return await _answer(self.task_methods.result(params.task_id, self._principal(ctx)))
+
+    async def _list_tasks(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> HandlerResult:
+        self._tasks_era(ctx, modern=False)
+        return await _answer(self.task_methods.list(self._principal(ctx), params.cursor if params else None))
+
+    async def _cancel_task(
+        self, ctx: ServerRequestContext[Any], params: types.CancelTaskRequestParams
+    ) -> HandlerResult:
+        modern = self._tasks_era(ctx)
+        return await _answer(self.task_methods.cancel(params.task_id, self._principal(ctx), modern=modern))
+
+    async def _update_task(self, ctx: ServerRequestContext[Any], params: "_UpdateTaskParams") -> HandlerResult:
+        self._tasks_era(ctx, modern=True)
+        return await _answer(self.task_methods.update(params.task_id, self._principal(ctx)))
+
+    def _tasks_era(self, ctx: ServerRequestContext[Any], *, modern: bool | None = None) -> bool:
+        """Whether the request is of the 2026-07-28 era, checked against the era its method exists in.
+
+        Raises:
+            MCPError: the method is not of this era (-32601), or a 2026-07-28 client does not declare the
+                extension (-32021).
+        """
+        is_modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        if modern is not None and modern != is_modern:
+            raise MCPError(types.METHOD_NOT_FOUND, "Method not found", data=ctx.method)
+        if is_modern and not _declares_tasks(ctx):
+            required: JSONObject = {"requiredCapabilities": {"extensions": {TASKS_EXTENSION: {}}}}
+            raise MCPError(types.MISSING_REQUIRED_CLIENT_CAPABILITY, "Missing required client capability", required)
+        return is_modern
 
     # -- prompts and resources ----------------------------------------------------------------------
 
@@ -322,6 +477,54 @@ class McpFrontend:
             raise MCPError(types.INVALID_PARAMS, str(exc)) from None
         except UpstreamError as exc:
             raise MCPError(types.INTERNAL_ERROR, str(exc)) from None
+
+
+_TASK_CALL = "patchbay/tools/call-as-task"
+"""Where a handshake-era task-augmented ``tools/call`` is routed: the SDK checks a ``tools/call`` result
+against ``CallToolResult``, which a ``CreateTaskResult`` is not (it knows tasks as types only)."""
+
+
+async def _route_task_calls(ctx: ServerRequestContext[Any], call_next: CallNext) -> HandlerResult:
+    """Server middleware: a handshake-era ``tools/call`` with ``params.task`` goes to :data:`_TASK_CALL`,
+    which is not a method clients may call themselves."""
+    if ctx.method == "tools/call":
+        params = ctx.params
+        if isinstance(params, Mapping) and params.get("task") is not None:
+            if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+                return await call_next(replace(ctx, method=_TASK_CALL))
+    elif ctx.method == _TASK_CALL:
+        raise MCPError(types.METHOD_NOT_FOUND, "Method not found", data=_TASK_CALL)
+    return await call_next(ctx)
+
+
+class _UpdateTaskParams(types.RequestParams):
+    """``tasks/update`` (2026-07-28 tasks extension): answers to a task's input requests."""
+
+    task_id: str
+    input_responses: dict[str, Any] | None = None
+
+
+def _declares_tasks(ctx: ServerRequestContext[Any]) -> bool:
+    """Whether the client declared the tasks extension (2026-07-28: on this very request)."""
+    capabilities = ctx.session.client_capabilities
+    return capabilities is not None and TASKS_EXTENSION in (capabilities.extensions or {})
+
+
+async def _answer(answer: Awaitable[dict[str, Any]]) -> HandlerResult:
+    """A ``tasks/*`` answer, its ``TaskError`` as the JSON-RPC error it stands for."""
+    try:
+        return await answer
+    except TaskError as exc:
+        raise MCPError(exc.code, str(exc), exc.data) from None
+
+
+def _listed(entry: Entry) -> types.Tool:
+    """A registry tool as ``tools/list`` shows it. Only workflows run as tasks here, so an upstream tool's own
+    ``execution.taskSupport`` does not cross the gateway (its calls are never task-augmented upstream)."""
+    definition = entry.tool.definition
+    if entry.provider != WORKFLOW_PROVIDER and "execution" in definition:
+        definition = {key: value for key, value in definition.items() if key != "execution"}
+    return types.Tool.model_validate(definition)
 
 
 def _wire(params: Any, **update: Any) -> dict[str, Any]:

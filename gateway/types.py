@@ -90,6 +90,9 @@ class ToolResult:
     meta: JSONObject | None = None
     input_required: JSONObject | None = None
     """A 2026-07-28 ``InputRequiredResult`` (wire form) for the client to answer and retry; no content then."""
+    task: JSONObject | None = None
+    """The MCP task a task-augmented call created (``gateway.tasks.task_of``: the 2025-11-25 ``Task`` wire form),
+    for the client to poll; no content then."""
 
     @classmethod
     def text(cls, text: str, *, is_error: bool = False) -> "ToolResult":
@@ -109,7 +112,7 @@ class ToolResult:
         )
 
     def wire(self) -> dict[str, Any]:
-        """The ``CallToolResult`` as it goes on the wire (not for an ``input_required`` result)."""
+        """The ``CallToolResult`` as it goes on the wire (not for an ``input_required`` or ``task`` result)."""
         wire: dict[str, Any] = {"content": list(self.content), "isError": self.is_error}
         if self.structured_content is not None:
             wire["structuredContent"] = self.structured_content
@@ -178,6 +181,9 @@ class CallContext:
     """The id of the workflow run whose step makes this call, if one does."""
     workflow_step: str | None = None
     """The key of that step (``lines[2]/stock``)."""
+    task: JSONObject | None = None
+    """The client asked for the call to run as an MCP task: its task parameters (wire form, e.g. ``{"ttl": 60000}``;
+    empty when it gave none). A provider that can, starts the work detached and returns a ``ToolResult.task``."""
 
 
 @dataclass(frozen=True, slots=True)

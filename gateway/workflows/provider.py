@@ -22,6 +22,7 @@ from jsonschema.validators import validator_for
 
 from gateway.errors import InvalidArguments, ResourceNotFound, ToolNotFound, UpstreamError
 from gateway.store.memory import MemoryStore
+from gateway.tasks import task_of
 from gateway.types import (
     CallContext,
     JSONObject,
@@ -145,6 +146,9 @@ class WorkflowProvider:
         if problems:
             raise InvalidArguments(f"invalid arguments for workflow {name!r}: {'; '.join(problems)}")
         given = with_defaults(plan.workflow.input, arguments)
+        if context.task is not None:  # the client polls for the result: the run goes on after this call returns
+            record = await self.runs.start(plan, given, context, task=context.task)
+            return ToolResult(content=(), task=task_of(record))
 
         async def run(run_context: CallContext) -> ToolResult:
             return self._checked(name, await self.runs.call(plan, given, run_context))
@@ -189,6 +193,7 @@ def _tool(plan: Plan) -> Tool:
         "name": plan.name,
         "description": workflow.description or f"Workflow {plan.name}.",
         "inputSchema": workflow.input,
+        "execution": {"taskSupport": "optional"},  # a client may run it as an MCP task (gateway.tasks)
     }
     if workflow.output_schema is not None:
         definition["outputSchema"] = workflow.output_schema
