@@ -185,11 +185,13 @@ class Runner:
         context: CallContext,
         *,
         on_started: Callable[[str], None] | None = None,
+        cancel: str | None = None,
     ) -> ToolResult:
         """Go on with an interrupted run from its journal ``events``: what completed is not done again; the
         calls, questions, evaluations and compensation in flight at the crash are made again (the calls
         under the same idempotency keys); pending timers fire when they would have; a call's timeout
-        counts the time its try had already taken.
+        counts the time its try had already taken. With ``cancel`` (a message), the run is cancelled
+        instead of going on: nothing in flight is made again, its compensations run.
 
         Raises:
             ValueError: the events are not a run of ``plan`` (its definition changed since it started).
@@ -222,6 +224,9 @@ class Runner:
         with send, receive:
             if finished:  # it had finished; only its last words were lost
                 return await self._finish(run, finished[-1], started)
+            if cancel is not None:
+                cancelled = await self._cancel(run, cancel)
+                return await self._drive(run, receive, lambda: cancelled, started, cancelled=True)
             return await self._drive(run, receive, lambda: outstanding, started)
 
     async def _drive(
@@ -230,6 +235,8 @@ class Runner:
         receive: MemoryObjectReceiveStream[_Event],
         begin: Callable[[], list[Command]],
         started: float,
+        *,
+        cancelled: bool = False,
     ) -> ToolResult:
         """Carry the run through to its end: the engine's commands from ``begin``, then each outcome's."""
         plan = run.plan
@@ -264,12 +271,12 @@ class Runner:
                     self._metrics.workflow_run(plan.name, "interrupted")
                 raise
             with anyio.CancelScope(shield=True), anyio.move_on_after(COMPENSATION_LIMIT):
-                cancelled = await self._cancel(run, "the caller cancelled the run")
-                finished = await self._apply(run, cancelled, None)
+                commands = await self._cancel(run, "the caller cancelled the run")
+                finished = await self._apply(run, commands, None)
                 await self._finish(run, finished, started, cancelled=True)
             raise
         assert finished is not None
-        return await self._finish(run, finished, started)
+        return await self._finish(run, finished, started, cancelled=cancelled)
 
     async def _feed(self, run: _Execution, event: _Event) -> list[Command]:
         """Journal an outcome or a timer firing (an input of the engine), then hand it to the engine."""

@@ -302,10 +302,17 @@ class Runs:
         return await self.store.run(run_id)
 
     async def cancel(self, run_id: str, principal: Principal) -> RunRecord | None:
-        """Cancel ``principal``'s run ``run_id`` if it runs here (its compensations run); its record after."""
+        """Cancel ``principal``'s run ``run_id`` if it runs here, or if it is interrupted (it is taken up to be
+        cancelled: its compensations run); its record after. A run another live gateway runs is left to it.
+        """
         record = await self.get(run_id, principal)
         if record is None:
             return None
+        if record.status == "interrupted" and run_id not in self._live:
+            try:
+                await self._take_up(run_id, cancel="the caller cancelled the run")
+            except RunNotResumable as exc:
+                logger.warning("run %s cannot be taken up to be cancelled: %s", run_id, exc)
         live = self._live.get(run_id)
         if live is not None:
             live.scope.cancel()
@@ -348,7 +355,9 @@ class Runs:
         await self._take_up(run_id)
         return await self._result_of(run_id)
 
-    async def _take_up(self, run_id: str) -> None:
+    async def _take_up(self, run_id: str, *, cancel: str | None = None) -> None:
+        """Claim interrupted run ``run_id`` and go on with it in the background (with ``cancel``: cancel it,
+        so that only its compensations run)."""
         if self._tasks is None:
             raise GatewayError("the gateway is not running workflows in the background")
         record = await self.store.run(run_id)
@@ -378,7 +387,7 @@ class Runs:
         if self._metrics is not None:
             self._metrics.workflow_resumed(plan.name)
         logger.info("resuming run %s of %s", run_id, plan.name)
-        await self._tasks.start(self._resumed, plan, events, context, record)
+        await self._tasks.start(self._resumed, plan, events, context, record, cancel)
 
     async def _resumed(
         self,
@@ -386,6 +395,7 @@ class Runs:
         events: Sequence[Any],
         context: CallContext,
         record: RunRecord,
+        cancel: str | None,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -393,7 +403,8 @@ class Runs:
         live = self._live[record.run_id] = _Live(context.client)
         try:
             with live.scope:
-                result = await self.runner.resume(plan, events, context, on_started=lambda _: task_status.started())
+                started = task_status.started
+                result = await self.runner.resume(plan, events, context, on_started=lambda _: started(), cancel=cancel)
                 await self._finish_key(context.principal, record.idempotency_key, result)
         finally:
             live.done.set()

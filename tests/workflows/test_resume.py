@@ -402,3 +402,24 @@ async def test_interrupted_and_resumed_runs_are_counted() -> None:
     assert count(resumed_metrics, runs_total, workflow="w", outcome="resumed") == 1
     assert count(resumed_metrics, runs_total, workflow="w", outcome="succeeded") == 1
     assert count(resumed_metrics, "patchbay_workflow_runs_in_flight", workflow="w") == 0
+
+
+async def test_cancelling_an_interrupted_run_runs_its_compensations_and_nothing_else() -> None:
+    plan = plan_of("""
+steps:
+  - {id: a, call: t.a, compensate: {call: undo.a}}
+  - {id: b, call: t.b, after: [a]}
+""")
+    journal, first = MemoryStore(), Upstream(hold=["t.b"])
+    run_id = await crash(Runner(first, journal), plan, {}, journal, lambda: first.held)
+    store, second = Orphaned(), Upstream()
+    await orphan(store, await journal.events(run_id))
+    runs = Runs(Runner(second, store), store, {"w": plan})
+    async with anyio.create_task_group() as tg:
+        await tg.start(runs.run)
+        with anyio.fail_after(5):
+            record = await runs.cancel(run_id, CALLER.principal)
+        tg.cancel_scope.cancel()
+    assert record is not None
+    assert record.status == "cancelled"
+    assert second.calls == [("undo.a", {}, f"{run_id}:a#compensate")]  # t.b is not called again
