@@ -429,14 +429,7 @@ async def test_a_task_created_before_a_restart_is_fetched_after_it_from_a_new_se
                 assert rpc_error(raised).code == types.INVALID_PARAMS
 
 
-LEAKS_AT_STOP = pytest.mark.xfail(
-    raises=(pytest.PytestUnraisableExceptionWarning, ExceptionGroup),
-    reason="a gateway stopped while a detached run's call is in flight on the handshake-era upstream session leaves "
-    "that HTTP connection unclosed (ResourceWarning); seen without tasks too (a run started with an idempotency key)",
-)
-
-
-@pytest.mark.parametrize("mode", [pytest.param("legacy", marks=LEAKS_AT_STOP), "2026-07-28"])
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 async def test_a_task_whose_run_a_restart_interrupts_goes_on_and_ends_after_it(mode: str, tmp_path: Path) -> None:
     up = noting_upstream()
     with anyio.fail_after(WITHIN):

@@ -141,6 +141,7 @@ class Runs:
         self._resuming = False
         """Whether interrupted runs are taken up (``resume: auto``), so waiting for one is worth it."""
         self._live: dict[str, _Live] = {}
+        self._stopped = anyio.Event()
 
     # --- Lifetime. ---
 
@@ -164,12 +165,15 @@ class Runs:
                     await anyio.sleep(RESCAN)
             finally:
                 self._tasks = None
+        self._stopped.set()
 
     async def close(self) -> None:
-        """Stop: the runs in flight are left as they are (interrupted, to be resumed), not compensated."""
+        """Stop: the runs in flight are left as they are (interrupted, to be resumed), not compensated.
+        Returns once they have stopped (their calls unwound before the connections they use close)."""
         self.runner.stopping = True
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
+            await self._stopped.wait()
 
     async def _prune(self) -> None:
         try:
