@@ -383,9 +383,17 @@ async def test_over_http_a_task_is_its_creators_and_is_not_taken_by_the_lean_pat
 # --- Across a restart -------------------------------------------------------------------------------
 
 
-def durable(url: str, tmp_path: Path) -> Config:
-    """The workflows over ``url``, their runs kept in a SQLite file that outlives each gateway."""
-    store = f"sqlite:///{tmp_path / 'runs.db'}"
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store that outlives each gateway: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path / 'runs.db'}"
+
+
+def durable(url: str, store: str) -> Config:
+    """The workflows over ``url``, their runs kept in ``store``."""
     return parse_config(f'gateway: {{store: "{store}"}}\nservers:\n  kit: {{url: "{url}"}}\n{WORKFLOWS}', environ={})
 
 
@@ -398,21 +406,19 @@ async def until_ended(client: Client, task_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", ERAS)
-async def test_a_task_created_before_a_restart_is_fetched_after_it_from_a_new_session(
-    mode: str, tmp_path: Path
-) -> None:
+async def test_a_task_created_before_a_restart_is_fetched_after_it_from_a_new_session(mode: str, store: str) -> None:
     up = noting_upstream()
     up.release.set()
     with anyio.fail_after(WITHIN):
         async with serve_upstream(up) as url:
             async with (
-                open_gateway(durable(url, tmp_path)) as before,
+                open_gateway(durable(url, store)) as before,
                 client(McpFrontend(before, ALICE), mode) as alice,
             ):
                 task = await start_task(alice, "held", {"label": "x"})
                 await until_ended(alice, task["taskId"])
             async with (
-                open_gateway(durable(url, tmp_path)) as after,
+                open_gateway(durable(url, store)) as after,
                 client(McpFrontend(after, ALICE), mode) as alice,
                 client(McpFrontend(after, BOB), mode) as bob,
             ):
@@ -430,12 +436,12 @@ async def test_a_task_created_before_a_restart_is_fetched_after_it_from_a_new_se
 
 
 @pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
-async def test_a_task_whose_run_a_restart_interrupts_goes_on_and_ends_after_it(mode: str, tmp_path: Path) -> None:
+async def test_a_task_whose_run_a_restart_interrupts_goes_on_and_ends_after_it(mode: str, store: str) -> None:
     up = noting_upstream()
     with anyio.fail_after(WITHIN):
         async with serve_upstream(up) as url:
             async with (
-                open_gateway(durable(url, tmp_path)) as before,
+                open_gateway(durable(url, store)) as before,
                 client(McpFrontend(before, ALICE), mode) as alice,
             ):
                 task = await start_task(alice, "held", {"label": "x"})
@@ -443,7 +449,7 @@ async def test_a_task_whose_run_a_restart_interrupts_goes_on_and_ends_after_it(m
             # That gateway stopped with the run in its last step: the next one takes the run up again.
             up.waiting = anyio.Event()
             async with (
-                open_gateway(durable(url, tmp_path), resume=True) as after,
+                open_gateway(durable(url, store), resume=True) as after,
                 client(McpFrontend(after, ALICE), mode) as alice,
             ):
                 polled = await rpc(alice, "tasks/get", taskId=task["taskId"])
