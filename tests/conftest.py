@@ -1,6 +1,7 @@
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -39,3 +40,12 @@ def postgres_url() -> Iterator[str]:
         pytest.skip(message)
     yield f"{POSTGRES}?search_path={schema}"
     anyio.run(_postgres, f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store that outlives the process: a SQLite file in the test's folder, a PostgreSQL schema."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite:///{tmp_path / 'patchbay.db'}"

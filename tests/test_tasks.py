@@ -11,7 +11,6 @@ import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -383,13 +382,10 @@ async def test_over_http_a_task_is_its_creators_and_is_not_taken_by_the_lean_pat
 # --- Across a restart -------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store that outlives each gateway: a SQLite file, or a PostgreSQL schema."""
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return f"sqlite:///{tmp_path / 'runs.db'}"
+@pytest.fixture
+def store(durable_url: str) -> str:
+    """Where the runs are kept: each store that outlives a gateway."""
+    return durable_url
 
 
 def durable(url: str, store: str) -> Config:

@@ -182,6 +182,31 @@ class GroupCommit(Generic[T]):
             current.done.set()
 
 
+Pending = tuple[JournalEvent, str]
+"""An event recorded and not yet committed, with its data as JSON text."""
+
+
+class Journaled:
+    """The journal part of a store whose commits are :class:`GroupCommit` rounds of :data:`Pending` events."""
+
+    _group: "GroupCommit[Pending]"
+
+    def record(self, event: JournalEvent) -> None:
+        """Buffer ``event``.
+
+        Raises:
+            TypeError: its data is not JSON.
+        """
+        self._group.record((event, orjson.dumps(event.data).decode()))
+
+    async def commit(self) -> None:
+        await self._group.commit()
+
+    async def append(self, event: JournalEvent) -> None:
+        self.record(event)
+        await self._group.commit()
+
+
 class Worker:
     """One thread that runs a store's blocking calls, one at a time, in the order they come.
 

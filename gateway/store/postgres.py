@@ -42,6 +42,8 @@ from gateway.store._common import (
     RUN_COLUMNS,
     UPSERT_RUN,
     GroupCommit,
+    Journaled,
+    Pending,
     check_version,
     fold_owned,
     instance_key,
@@ -54,7 +56,6 @@ __all__ = ["MIGRATIONS", "PostgresStore"]
 
 logger = logging.getLogger(__name__)
 
-_Pending = tuple[JournalEvent, str]
 """An event recorded and not committed yet, and its data as JSON."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -87,7 +88,7 @@ _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 UPSERT_RUN_JSONB = UPSERT_RUN.replace("$10)", "$10::jsonb)")
 
 
-class PostgresStore:
+class PostgresStore(Journaled):
     """A :class:`~gateway.store.Store` on PostgreSQL; open it with :meth:`open`."""
 
     durable = True
@@ -107,7 +108,7 @@ class PostgresStore:
         self._settings = {"synchronous_commit": "on" if durability == "machine" else "off"}
         self._pool: Any = None
         self._lock_con: Any = None
-        self._group = GroupCommit[_Pending](self._write)
+        self._group = GroupCommit[Pending](self._write)
 
     @classmethod
     async def open(
@@ -166,22 +167,7 @@ class PostgresStore:
 
     # --- The journal. ---
 
-    def record(self, event: JournalEvent) -> None:
-        """Buffer ``event``.
-
-        Raises:
-            TypeError: its data is not JSON.
-        """
-        self._group.record((event, orjson.dumps(event.data).decode()))
-
-    async def commit(self) -> None:
-        await self._group.commit()
-
-    async def append(self, event: JournalEvent) -> None:
-        self.record(event)
-        await self._group.commit()
-
-    async def _write(self, batch: Sequence[_Pending]) -> None:
+    async def _write(self, batch: Sequence[Pending]) -> None:
         try:
             rows = [(e.run_id, e.seq, e.at, e.kind, e.key, e.attempt, data) for e, data in batch]
             async with self._connection() as con, con.transaction():

@@ -43,6 +43,8 @@ from gateway.store._common import (
     RUN_COLUMNS,
     UPSERT_RUN,
     GroupCommit,
+    Journaled,
+    Pending,
     Worker,
     check_version,
     fold_owned,
@@ -58,7 +60,6 @@ _UPSERT_RUN = re.sub(r"\$\d+", "?", UPSERT_RUN)
 
 KEPT_RECORDS = 10_000
 """Records of unfinished runs an instance keeps in memory to fold events into."""
-_Pending = tuple[JournalEvent, str]
 """An event recorded and not committed yet, and its data as JSON."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -86,7 +87,7 @@ BUSY_TIMEOUT_MS = 30_000
 """How long a statement waits for another connection's write lock (another gateway, ``patchbay resume``)."""
 
 
-class SqliteStore:
+class SqliteStore(Journaled):
     """A :class:`~gateway.store.Store` in a SQLite file; open it with :meth:`open`."""
 
     durable = True
@@ -107,7 +108,7 @@ class SqliteStore:
         self._con: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._instances = Path(f"{self.path}.instances")
-        self._group = GroupCommit[_Pending](self._write)
+        self._group = GroupCommit[Pending](self._write)
         self._records: dict[str, RunRecord] = {}
         """The records of the runs this instance writes, as last committed (only the worker thread touches it):
         folding an event needs no read. Their ``owner`` and ``note`` may be stale: those columns are not
@@ -208,25 +209,10 @@ class SqliteStore:
 
     # --- The journal. ---
 
-    def record(self, event: JournalEvent) -> None:
-        """Buffer ``event``.
-
-        Raises:
-            TypeError: its data is not JSON.
-        """
-        self._group.record((event, orjson.dumps(event.data).decode()))
-
-    async def commit(self) -> None:
-        await self._group.commit()
-
-    async def append(self, event: JournalEvent) -> None:
-        self.record(event)
-        await self._group.commit()
-
-    async def _write(self, batch: Sequence[_Pending]) -> None:
+    async def _write(self, batch: Sequence[Pending]) -> None:
         await self._run(self._write_batch, batch)
 
-    def _write_batch(self, batch: Sequence[_Pending]) -> None:
+    def _write_batch(self, batch: Sequence[Pending]) -> None:
         con = self._db
         try:
             rows = [(e.run_id, e.seq, e.at, e.kind, e.key, e.attempt, data) for e, data in batch]

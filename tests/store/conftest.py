@@ -26,12 +26,6 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return _url(request.param, request, tmp_path)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The stores that outlive the process."""
-    return _url(request.param, request, tmp_path)
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()

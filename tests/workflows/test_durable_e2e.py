@@ -132,12 +132,10 @@ async def reissue(url: str, tool: str, key: str) -> Any:
     return result.structured_content
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return f"sqlite:///{tmp_path / 'runs.db'}"
+@pytest.fixture
+def store(durable_url: str) -> str:
+    """Where the runs are kept: each store that outlives a gateway."""
+    return durable_url
 
 
 async def test_a_run_killed_mid_chain_resumes_after_a_restart_without_repeating_completed_steps(
