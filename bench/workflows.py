@@ -400,8 +400,8 @@ def fresh_db() -> Path:
 
 def gateway_env() -> dict[str, str]:
     """The gateways import this tree's code, not whatever the venv's editable install points at."""
-    inherited = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": os.pathsep.join([str(ROOT), *([inherited] if inherited else [])])}
+    inherited = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path and path != str(ROOT)]
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), *inherited])}
 
 
 async def start_serving(procs: Procs) -> Serving:
