@@ -736,7 +736,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     def ratio_check(target: str, threshold: float, over: float, under: float, names: str) -> dict[str, Any]:
         ratio = over / under
-        measured = f"{ratio:.2f}x ({over:.1f} vs {under:.1f} ms, {names})"
+        measured = f"{ratio:.3f}x ({over:.1f} vs {under:.1f} ms, {names})"
         return check(target, f"<= {threshold}x", measured, ratio <= threshold)
 
     checks += [
