@@ -5,17 +5,20 @@ each timed three ways – the engine alone (its commands answered synchronously)
 bare no-op ``call`` (orchestration only) and the runner through ``Dispatcher.invoke`` (what a step
 costs inside the gateway). Loading (validating the model, compiling every expression) is timed apart.
 
-Through ``patchbay serve``, in front of ``bench/echo_server.py``: a 200-step chain of ``echo__echo``
-against the upstream's own echo latency, and a workflow fanning out 50 ``echo__sleep(100 ms)`` calls
-against the same 50 calls sent concurrently from one client straight to the upstream. And the store's
-journal cost per step in-process: a 200-step chain on the runner (no-op calls) journaled in memory
-against the same chain journaled in SQLite (``durability: process``). All of it is measured in
-interleaved rounds, so machine noise hits each side alike::
+Through ``patchbay serve``, two gateways in front of one ``bench/echo_server.py``, the same but for their
+store (``gateway.store: memory``, and ``sqlite:///bench/out/workflows-gateway.db`` with ``durability:
+process``, a fresh file each run): on each, a 200-step chain of ``echo__echo`` (against the upstream's own
+echo latency) and a workflow fanning out 50 ``echo__sleep(100 ms)`` calls (against each other, and against
+the same 50 calls sent concurrently from one client straight to the upstream). And the store's journal
+cost per step in-process: a 200-step chain on the runner (no-op calls) journaled in memory against the
+same chain journaled in SQLite (``durability: process``). All of it is measured in interleaved rounds
+(each round changes which goes first), so machine noise hits each side alike::
 
-    .venv/bin/python bench/workflows.py              # full run (about 70 s on 2 cores)
+    .venv/bin/python bench/workflows.py              # full run (about 2 minutes on 2 cores)
     .venv/bin/python bench/workflows.py --quick      # smoke run (200 steps, a few rounds)
     .venv/bin/python bench/workflows.py --markdown   # also print the Markdown for bench/RESULTS.md
-    .venv/bin/python bench/workflows.py --profile 5  # also py-spy the gateway for 5 s of chain runs
+    .venv/bin/python bench/workflows.py --profile 5  # also py-spy the SQLite gateway for 5 s of chain runs
+    .venv/bin/python bench/workflows.py --profile 5 --profile-store memory  # ... or the other gateway
     .venv/bin/python bench/workflows.py --journal    # only the journal's cost per step (a few seconds)
 
 Results go to ``bench/out/workflows.json``; subprocess logs to ``bench/out/logs/``.
@@ -34,7 +37,10 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import permutations
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -48,7 +54,9 @@ from run import (  # bench/run.py: this script's folder is sys.path[0]
     PAYLOAD,
     PYSPY_RATE,
     READY_TIMEOUT,
+    ROOT,
     CpuMeter,
+    Proc,
     Procs,
     _gateway_argv,
     free_port,
@@ -92,6 +100,16 @@ SERVE_STEP_BUDGET_MS = 0.5
 """Target: what a chain step costs through ``patchbay serve`` beyond the upstream call."""
 FAN_RATIO = 1.15
 """Target: the fan-out workflow against the same calls sent concurrently straight to the upstream."""
+STORE_RATIO = 1.2
+"""Target: the chain and the fan-out through a gateway journaling in SQLite, against one journaling in memory."""
+STORES = ("memory", "sqlite")
+"""The two gateways through ``patchbay serve``, by ``gateway.store``."""
+FANS = (*STORES, "direct")
+FAN_ORDERS = tuple(permutations(FANS))
+SQLITE_DB = OUT / "workflows-gateway.db"
+"""The SQLite gateway's store: deleted before each run, so every run starts from an empty file."""
+DURABILITY = "process"
+"""The SQLite gateway's ``gateway.durability`` (the default): ``synchronous=NORMAL``, no fsync per commit."""
 CALL_TIMEOUT = 60.0
 SETTLE = 0.3
 """Seconds of quiet before each fan-out, so neither starts while the upstream still finishes the other."""
@@ -112,16 +130,19 @@ class Settings:
     repeats: int
     """Timed runs per in-process case and way; the median is reported."""
     rounds: int
-    """Interleaved rounds through ``patchbay serve``: one chain, one fan-out, one direct fan-out each."""
+    """Interleaved rounds through ``patchbay serve``: a chain on each gateway, a fan-out on each and one direct."""
     echo_calls: int
     """Sequential echo calls per round and baseline."""
     profile_seconds: float
+    profile_store: str
+    """The gateway py-spy samples: the one with this store."""
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
     if args.quick:
-        return Settings(QUICK_STEPS, 2, 3, 20, args.profile)
-    return Settings(STEPS, 15, 11, 40, args.profile)
+        return Settings(QUICK_STEPS, 2, 3, 20, args.profile, args.profile_store)
+    # 18 rounds: each of the six orders of the three fan-outs three times.
+    return Settings(STEPS, 15, 3 * len(FAN_ORDERS), 40, args.profile, args.profile_store)
 
 
 # -- workflows ----------------------------------------------------------------------------------------
@@ -347,14 +368,15 @@ async def grouped_once(store: Store) -> float:
 @dataclass
 class Serving:
     upstream_url: str
-    gateway_url: str
+    gateway_urls: dict[str, str]
+    """Each gateway's MCP endpoint, by store: ``memory`` and ``sqlite``."""
     pids: dict[str, int]
-    startup_s: float
-    """From starting ``patchbay serve`` to ``/readyz`` answering 200 (loads and compiles the workflows)."""
+    """The upstream's and each gateway's process id (``upstream``, ``memory``, ``sqlite``)."""
+    startup_s: dict[str, float]
+    """From starting each ``patchbay serve`` to ``/readyz`` answering 200 (loads and compiles the workflows)."""
 
 
-async def wait_readyz(procs: Procs, url: str) -> None:
-    proc = procs.procs[-1]
+async def wait_readyz(proc: Proc, url: str) -> None:
     async with httpx2.AsyncClient(timeout=5) as http:
         with anyio.fail_after(READY_TIMEOUT):
             while True:
@@ -368,25 +390,45 @@ async def wait_readyz(procs: Procs, url: str) -> None:
                 await anyio.sleep(0.1)
 
 
+def fresh_db() -> Path:
+    """``SQLITE_DB`` with no trace of an earlier run: the file, its WAL and shared memory, its instances' locks."""
+    for leftover in (SQLITE_DB, *(Path(f"{SQLITE_DB}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+        leftover.unlink(missing_ok=True)
+    shutil.rmtree(f"{SQLITE_DB}.instances", ignore_errors=True)
+    return SQLITE_DB
+
+
+def gateway_env() -> dict[str, str]:
+    """The gateways import this tree's code, not whatever the venv's editable install points at."""
+    inherited = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path and path != str(ROOT)]
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), *inherited])}
+
+
 async def start_serving(procs: Procs) -> Serving:
-    up_port, gw_port = free_port(), free_port()
+    """The echo upstream, then two gateways in front of it, the same but for the store their runs are journaled in."""
+    up_port = free_port()
     up_url = f"http://{HOST}:{up_port}/mcp"
     upstream = procs.start("wf-upstream", [str(BIN / "python"), str(BENCH / "echo_server.py"), "--port", str(up_port)])
     await wait_ready(upstream, up_url, "echo")
-    config = {
-        "gateway": {"name": "bench-workflows"},
-        "servers": {"echo": {"url": up_url}},
-        "workflows": {
-            # The echo tool's structured result is {"result": text}.
-            CHAIN: chain(CHAIN_STEPS, "echo__echo", "${{.steps.{prev}.result.result}}"),
-            FAN: fan_out(FAN_WIDTH, "echo__sleep", {"ms": FAN_MS}, FAN_WIDTH),
-        },
+    workflows = {
+        # The echo tool's structured result is {"result": text}.
+        CHAIN: chain(CHAIN_STEPS, "echo__echo", "${{.steps.{prev}.result.result}}"),
+        FAN: fan_out(FAN_WIDTH, "echo__sleep", {"ms": FAN_MS}, FAN_WIDTH),
     }
-    started = time.monotonic()
-    gateway = procs.start("wf-gateway", _gateway_argv(config, "workflows-gateway", gw_port))
-    await wait_readyz(procs, f"http://{HOST}:{gw_port}/readyz")
-    startup = time.monotonic() - started
-    return Serving(up_url, f"http://{HOST}:{gw_port}/mcp", {"upstream": upstream.pid, "gateway": gateway.pid}, startup)
+    # Set on each gateway: a config file's default store would be patchbay.db next to the file.
+    stores = {"memory": "memory", "sqlite": f"sqlite:///{fresh_db()}"}
+    urls, pids, startup = {}, {"upstream": upstream.pid}, {}
+    for store, url in stores.items():
+        port = free_port()
+        gateway_config = {"name": f"bench-workflows-{store}", "store": url, "durability": DURABILITY}
+        config = {"gateway": gateway_config, "servers": {"echo": {"url": up_url}}, "workflows": workflows}
+        started = time.monotonic()
+        argv = _gateway_argv(config, f"workflows-gateway-{store}", port)
+        gateway = procs.start(f"wf-gateway-{store}", argv, gateway_env())
+        await wait_readyz(gateway, f"http://{HOST}:{port}/readyz")
+        startup[store] = time.monotonic() - started
+        urls[store], pids[store] = f"http://{HOST}:{port}/mcp", gateway.pid
+    return Serving(up_url, urls, pids, startup)
 
 
 @asynccontextmanager
@@ -403,17 +445,26 @@ async def connector(url: str) -> AsyncIterator[McpUpstream]:
         tg.cancel_scope.cancel()
 
 
+def by_name(names: Sequence[str]) -> dict[str, list[float]]:
+    return {name: [] for name in names}
+
+
+def cpu_by_name(names: Sequence[str]) -> dict[str, defaultdict[str, float]]:
+    return {name: defaultdict(float) for name in names}
+
+
 @dataclass
 class Samples:
-    echo_client: list[float]
-    echo_connector: list[float]
-    echo_gateway: list[float]
-    chain: list[float]
-    fan_gateway: list[float]
-    fan_direct: list[float]
-    chain_cpu: defaultdict[str, float]
-    fan_cpu: dict[str, defaultdict[str, float]]
-    """CPU seconds of each process during the fan-outs, through the gateway and direct."""
+    echo_client: list[float] = field(default_factory=list)
+    echo_connector: list[float] = field(default_factory=list)
+    echo_gateway: list[float] = field(default_factory=list)
+    chain: dict[str, list[float]] = field(default_factory=lambda: by_name(STORES))
+    """Each gateway's chains, by store."""
+    fan: dict[str, list[float]] = field(default_factory=lambda: by_name(FANS))
+    """The fan-outs: through each gateway, by store, and ``direct``."""
+    chain_cpu: dict[str, defaultdict[str, float]] = field(default_factory=lambda: cpu_by_name(STORES))
+    fan_cpu: dict[str, defaultdict[str, float]] = field(default_factory=lambda: cpu_by_name(FANS))
+    """CPU seconds of each process during the chains and the fan-outs, by store (or ``direct``)."""
     connector_cpu: float = 0.0
     """CPU seconds this process spent in the ``echo_connector`` calls."""
 
@@ -427,10 +478,11 @@ async def expect_text(call: Awaitable[Any], text: str) -> None:
 
 @dataclass
 class Calls:
-    """The measured calls: straight to the upstream (two ways) and through the gateway."""
+    """The measured calls: straight to the upstream (two ways) and through each gateway."""
 
     direct: Client
-    gateway: Client
+    gateways: dict[str, Client]
+    """A session with each gateway, by store."""
     connector: McpUpstream
 
     async def echo_client(self) -> None:
@@ -442,16 +494,18 @@ class Calls:
             raise RuntimeError(f"unexpected answer: {result!r}")
 
     async def echo_gateway(self) -> None:
-        await expect_text(self.gateway.call_tool("echo__echo", {"text": PAYLOAD}), PAYLOAD)
+        """A plain tool call through the gateway (the one with the store in memory: no run, nothing journaled)."""
+        await expect_text(self.gateways["memory"].call_tool("echo__echo", {"text": PAYLOAD}), PAYLOAD)
 
-    async def chain(self) -> None:
-        await expect_text(self.gateway.call_tool(CHAIN, {"text": PAYLOAD}), PAYLOAD)
+    async def chain(self, store: str) -> None:
+        await expect_text(self.gateways[store].call_tool(CHAIN, {"text": PAYLOAD}), PAYLOAD)
 
-    async def fan_gateway(self) -> None:
-        await expect_text(self.gateway.call_tool(FAN, {}), "done")
-
-    async def fan_direct(self) -> None:
-        """The floor: the fan-out's calls, sent concurrently from one client straight to the upstream."""
+    async def fan(self, kind: str) -> None:
+        """The fan-out workflow through the gateway with store ``kind``, or its calls sent ``direct``."""
+        if kind != "direct":
+            await expect_text(self.gateways[kind].call_tool(FAN, {}), "done")
+            return
+        # The floor: the fan-out's calls, sent concurrently from one client straight to the upstream.
         with anyio.fail_after(CALL_TIMEOUT):
             async with anyio.create_task_group() as tg:
                 for _ in range(FAN_WIDTH):
@@ -470,12 +524,18 @@ async def warm_up(calls: Calls) -> None:
         await calls.echo_connector()
         await calls.echo_gateway()
     for _ in range(2):
-        await calls.chain()
-        await calls.fan_gateway()
-        await calls.fan_direct()
+        for store in STORES:
+            await calls.chain(store)
+        for kind in FANS:
+            await calls.fan(kind)
 
 
-async def serve_rounds(calls: Calls, settings: Settings, samples: Samples, meter: CpuMeter) -> None:
+def fan_order(index: int) -> tuple[str, ...]:
+    """Round ``index``'s order of the fan-outs: every order in turn, so each comes first, and before another, alike."""
+    return FAN_ORDERS[index % len(FAN_ORDERS)]
+
+
+async def serve_rounds(calls: Calls, settings: Settings, samples: Samples, meters: dict[str, CpuMeter]) -> None:
     for index in range(settings.rounds):
         started = time.monotonic()
         for _ in range(settings.echo_calls):
@@ -484,16 +544,17 @@ async def serve_rounds(calls: Calls, settings: Settings, samples: Samples, meter
             samples.echo_connector.append(await timed(calls.echo_connector))
             samples.connector_cpu += time.process_time() - cpu
             samples.echo_gateway.append(await timed(calls.echo_gateway))
-        with meter.measure(samples.chain_cpu):
-            samples.chain.append(await timed(calls.chain))
-        fans = [("gateway", samples.fan_gateway, calls.fan_gateway), ("direct", samples.fan_direct, calls.fan_direct)]
-        for kind, into, fan in fans if index % 2 == 0 else reversed(fans):  # neither always goes first
+        for store in STORES if index % 2 == 0 else reversed(STORES):  # neither always goes first
+            with meters[store].measure(samples.chain_cpu[store]):
+                samples.chain[store].append(await timed(partial(calls.chain, store)))
+        for kind in fan_order(index):
             await anyio.sleep(SETTLE)
-            with meter.measure(samples.fan_cpu[kind]):
-                into.append(await timed(fan))
+            with meters[kind].measure(samples.fan_cpu[kind]):
+                samples.fan[kind].append(await timed(partial(calls.fan, kind)))
+        chains = ", ".join(f"{store} {samples.chain[store][-1] * 1000:.0f}" for store in STORES)
+        fans = ", ".join(f"{kind} {samples.fan[kind][-1] * 1000:.0f}" for kind in FANS)
         print(
-            f"  round {index + 1}/{settings.rounds}: chain {samples.chain[-1] * 1000:.0f} ms, "
-            f"fan-out {samples.fan_gateway[-1] * 1000:.0f} ms (direct {samples.fan_direct[-1] * 1000:.0f} ms), "
+            f"  round {index + 1}/{settings.rounds}: chain {chains} ms; fan-out {fans} ms; "
             f"{time.monotonic() - started:.1f} s",
             flush=True,
         )
@@ -502,8 +563,10 @@ async def serve_rounds(calls: Calls, settings: Settings, samples: Samples, meter
 PROFILE_PARTS = (
     # py-spy's reading of a coroutine stack can be torn: the HTTP client's own frames count here too.
     ("the upstream call (connectors/, httpx2)", ("connectors/", "httpx2/", "httpcore2/", "h11/")),
+    # The store's own thread (its SQL) and the event loop's calls into it (recording, awaiting a commit).
+    ("the store (gateway/store/, its thread included)", ("gateway/store/",)),
     ("workflow engine and expressions", ("gateway/workflows/engine.py", "gateway/workflows/expressions.py")),
-    ("workflow runner and journal", ("gateway/workflows/",)),
+    ("workflow runner", ("gateway/workflows/",)),
     ("dispatcher", ("gateway/dispatch.py",)),
     ("the downstream request", ("gateway/server.py", "gateway/fastpath.py", "uvicorn/", "starlette/")),
 )
@@ -524,20 +587,21 @@ def profile_parts(raw: str) -> dict[str, float]:
     return {name: round(100 * n / max(total, 1), 1) for name, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
-async def profile_chains(procs: Procs, gateway_pid: int, seconds: float, calls: Calls) -> dict[str, Any]:
-    """py-spy samples the gateway while chains run back to back for ``seconds``."""
+async def profile_chains(procs: Procs, serving: Serving, store: str, seconds: float, calls: Calls) -> dict[str, Any]:
+    """py-spy samples the gateway with store ``store`` while chains run on it back to back for ``seconds``."""
     pyspy = shutil.which("py-spy", path=str(BIN)) or shutil.which("py-spy")
     if pyspy is None:
         return {"error": "py-spy is not installed (.venv/bin/pip install py-spy)"}
-    out = OUT / "workflows-gateway-profile.txt"
+    out = OUT / f"workflows-gateway-{store}-profile.txt"
     out.unlink(missing_ok=True)
-    argv = [pyspy, "record", "--pid", str(gateway_pid), "--duration", str(max(1, round(seconds)))]
+    argv = [pyspy, "record", "--pid", str(serving.pids[store]), "--duration", str(max(1, round(seconds)))]
     argv += ["--rate", str(PYSPY_RATE), "--format", "raw", "--function", "--nonblocking", "--output", str(out)]
     spy = procs.start("wf-py-spy", argv)
     await anyio.sleep(0.5)
-    deadline = time.monotonic() + seconds + 1.0
+    deadline, chains = time.monotonic() + seconds + 1.0, 0
     while time.monotonic() < deadline:
-        await calls.chain()
+        await calls.chain(store)
+        chains += 1
     try:
         await anyio.to_thread.run_sync(spy.popen.wait, 30)
     except subprocess.TimeoutExpired:
@@ -545,58 +609,87 @@ async def profile_chains(procs: Procs, gateway_pid: int, seconds: float, calls: 
     if not out.exists():
         return {"error": f"py-spy wrote no profile (status {spy.popen.poll()}); see {spy.log}"}
     raw = out.read_text()
-    return {**summarize_profile(raw, top=20), "parts": profile_parts(raw), "file": f"{OUT.name}/{out.name}"}
+    summary = summarize_profile(raw, top=20)
+    return {**summary, "store": store, "chains": chains, "parts": profile_parts(raw), "file": f"{OUT.name}/{out.name}"}
+
+
+def chain_result(times: list[float], cpu: dict[str, float], echo: dict[str, float]) -> dict[str, Any]:
+    """A gateway's chains: the median, per step, beyond each echo baseline, CPU per step."""
+    chain_ms = statistics.median(times) * 1000
+    return {
+        "ms": round(chain_ms, 1),
+        "runs_ms": [round(t * 1000, 1) for t in times],
+        "step_ms": round(chain_ms / CHAIN_STEPS, 3),
+        "beyond_client_ms": round((chain_ms - CHAIN_STEPS * echo["client"]) / CHAIN_STEPS, 3),
+        "beyond_connector_ms": round((chain_ms - CHAIN_STEPS * echo["connector"]) / CHAIN_STEPS, 3),
+        "cpu_ms_per_step": {
+            name: round(seconds * 1000 / (len(times) * CHAIN_STEPS), 3) for name, seconds in sorted(cpu.items())
+        },
+    }
+
+
+def fan_result(times: list[float], cpu: dict[str, float]) -> dict[str, Any]:
+    return {
+        "ms": round(statistics.median(times) * 1000, 1),
+        "runs_ms": [round(t * 1000, 1) for t in times],
+        "cpu_ms_per_run": {name: round(seconds * 1000 / len(times), 1) for name, seconds in sorted(cpu.items())},
+    }
+
+
+def paired_ratio(over: list[float], under: list[float]) -> float:
+    """The median of the rounds' own ratios: a check on the ratio of medians, less moved by a slow stretch."""
+    return round(statistics.median(a / b for a, b in zip(over, under, strict=True)), 3)
 
 
 async def through_serve(procs: Procs, settings: Settings) -> dict[str, Any]:
     serving = await start_serving(procs)
-    print(f"  started the upstream and the gateway (/readyz in {serving.startup_s:.1f} s)", flush=True)
-    samples = Samples([], [], [], [], [], [], defaultdict(float), defaultdict(lambda: defaultdict(float)))
-    meter = CpuMeter(serving.pids)
+    ready = ", ".join(f"{store} {seconds:.1f} s" for store, seconds in serving.startup_s.items())
+    print(f"  started the upstream and the gateways (/readyz: {ready})", flush=True)
+    samples = Samples()
+    # The fan-out sent direct is metered with the memory gateway, idle meanwhile, in its "gateway" column.
+    gateway_of = {"memory": "memory", "sqlite": "sqlite", "direct": "memory"}
+    meters = {
+        kind: CpuMeter({"upstream": serving.pids["upstream"], "gateway": serving.pids[gateway_of[kind]]})
+        for kind in FANS
+    }
     ours: defaultdict[str, float] = defaultdict(float)
+    everything = CpuMeter(serving.pids)
     profile: dict[str, Any] = {}
     async with (
         open_client(serving.upstream_url) as direct,
-        open_client(serving.gateway_url) as gateway,
+        open_client(serving.gateway_urls["memory"]) as memory,
+        open_client(serving.gateway_urls["sqlite"]) as sqlite,
         connector(serving.upstream_url) as conn,
     ):
-        calls = Calls(direct, gateway, conn)
+        calls = Calls(direct, {"memory": memory, "sqlite": sqlite}, conn)
         started = time.monotonic()
         await warm_up(calls)
         print(f"  warm-up: {time.monotonic() - started:.1f} s", flush=True)
         started, busy = time.monotonic(), system_busy()
-        with meter.measure(ours):  # the harness, the gateway and the upstream
-            await serve_rounds(calls, settings, samples, meter)
+        with everything.measure(ours):  # the harness, the gateways and the upstream
+            await serve_rounds(calls, settings, samples, meters)
         others = other_cpu_pct(busy, sum(ours.values()), started)
         if settings.profile_seconds > 0:
-            profile = await profile_chains(procs, serving.pids["gateway"], settings.profile_seconds, calls)
-    chain_ms = statistics.median(samples.chain) * 1000
+            profile = await profile_chains(procs, serving, settings.profile_store, settings.profile_seconds, calls)
     echo = {name: statistics.median(getattr(samples, f"echo_{name}")) * 1000 for name in ("client", "connector")}
-    runs = len(samples.chain)
     return {
         "other_processes_pct": others,
         "profile": profile,
-        "gateway_startup_s": round(serving.startup_s, 2),
+        "stores": {"memory": "memory", "sqlite": f"sqlite:///{SQLITE_DB.relative_to(ROOT)}"},
+        "durability": DURABILITY,
+        "gateway_startup_s": {store: round(seconds, 2) for store, seconds in serving.startup_s.items()},
         "echo_client_ms": round(echo["client"], 3),
         "echo_connector_ms": round(echo["connector"], 3),
         "echo_gateway_ms": round(statistics.median(samples.echo_gateway) * 1000, 3),
-        "chain_ms": round(chain_ms, 1),
-        "chain_runs_ms": [round(t * 1000, 1) for t in samples.chain],
-        "chain_step_ms": round(chain_ms / CHAIN_STEPS, 3),
-        "beyond_client_ms": round((chain_ms - CHAIN_STEPS * echo["client"]) / CHAIN_STEPS, 3),
-        "beyond_connector_ms": round((chain_ms - CHAIN_STEPS * echo["connector"]) / CHAIN_STEPS, 3),
-        "chain_cpu_ms_per_step": {
-            name: round(cpu * 1000 / (runs * CHAIN_STEPS), 3) for name, cpu in sorted(samples.chain_cpu.items())
-        },
-        "fan_cpu_ms_per_run": {
-            kind: {name: round(cpu * 1000 / runs, 1) for name, cpu in sorted(by_process.items())}
-            for kind, by_process in samples.fan_cpu.items()
-        },
         "connector_cpu_ms_per_call": round(samples.connector_cpu * 1000 / len(samples.echo_connector), 3),
-        "fan_gateway_ms": round(statistics.median(samples.fan_gateway) * 1000, 1),
-        "fan_direct_ms": round(statistics.median(samples.fan_direct) * 1000, 1),
-        "fan_gateway_runs_ms": [round(t * 1000, 1) for t in samples.fan_gateway],
-        "fan_direct_runs_ms": [round(t * 1000, 1) for t in samples.fan_direct],
+        "chain": {store: chain_result(samples.chain[store], samples.chain_cpu[store], echo) for store in STORES},
+        "fan": {kind: fan_result(samples.fan[kind], samples.fan_cpu[kind]) for kind in FANS},
+        "paired_ratios": {
+            "chain_sqlite_memory": paired_ratio(samples.chain["sqlite"], samples.chain["memory"]),
+            "fan_sqlite_memory": paired_ratio(samples.fan["sqlite"], samples.fan["memory"]),
+            "fan_sqlite_direct": paired_ratio(samples.fan["sqlite"], samples.fan["direct"]),
+            "fan_memory_direct": paired_ratio(samples.fan["memory"], samples.fan["direct"]),
+        },
     }
 
 
@@ -636,28 +729,65 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     serve = results["serve"]
-    ratio = serve["fan_gateway_ms"] / serve["fan_direct_ms"]
+    echo_client, echo_connector = serve["echo_client_ms"], serve["echo_connector_ms"]
+    memory_chain, sqlite_chain = (serve["chain"][store] for store in STORES)
+    fan = {kind: serve["fan"][kind]["ms"] for kind in FANS}
+    sqlite = f"SQLite ({serve['durability']})"
+
+    def ratio_check(target: str, threshold: float, over: float, under: float, names: str) -> dict[str, Any]:
+        ratio = over / under
+        measured = f"{ratio:.3f}x ({over:.1f} vs {under:.1f} ms, {names})"
+        return check(target, f"<= {threshold}x", measured, ratio <= threshold)
+
     checks += [
+        # Issue 3's targets, on the gateway journaling in memory (as when they were set).
         check(
-            f"{CHAIN_STEPS}-step chain through serve: per step beyond the upstream's echo",
+            f"{CHAIN_STEPS}-step chain through serve (store: memory): per step beyond the upstream's echo",
             f"<= {SERVE_STEP_BUDGET_MS} ms",
-            f"{serve['beyond_client_ms']:.3f} ms ({serve['chain_step_ms']:.3f} − {serve['echo_client_ms']:.3f})",
-            serve["beyond_client_ms"] <= SERVE_STEP_BUDGET_MS,
+            f"{memory_chain['beyond_client_ms']:.3f} ms ({memory_chain['step_ms']:.3f} − {echo_client:.3f})",
+            memory_chain["beyond_client_ms"] <= SERVE_STEP_BUDGET_MS,
         ),
         check(
             "the same, stricter: beyond the upstream call as the gateway makes it (its connector, in-process)",
             f"<= {SERVE_STEP_BUDGET_MS} ms",
-            f"{serve['beyond_connector_ms']:.3f} ms ({serve['chain_step_ms']:.3f} − {serve['echo_connector_ms']:.3f})",
-            serve["beyond_connector_ms"] <= SERVE_STEP_BUDGET_MS,
+            f"{memory_chain['beyond_connector_ms']:.3f} ms ({memory_chain['step_ms']:.3f} − {echo_connector:.3f})",
+            memory_chain["beyond_connector_ms"] <= SERVE_STEP_BUDGET_MS,
         ),
-        check(
-            f"fan-out of {FAN_WIDTH} × {FAN_MS} ms calls vs the same calls sent concurrently, direct",
-            f"<= {FAN_RATIO}x",
-            f"{ratio:.2f}x ({serve['fan_gateway_ms']:.1f} vs {serve['fan_direct_ms']:.1f} ms)",
-            ratio <= FAN_RATIO,
+        ratio_check(
+            f"fan-out of {FAN_WIDTH} × {FAN_MS} ms calls (store: memory) vs the same calls sent concurrently, direct",
+            FAN_RATIO,
+            fan["memory"],
+            fan["direct"],
+            "memory vs direct",
+        ),
+        # Issue 10's: the same runs through the gateway journaling in SQLite.
+        ratio_check(
+            f"{CHAIN_STEPS}-step chain through serve: {sqlite} vs memory",
+            STORE_RATIO,
+            sqlite_chain["ms"],
+            memory_chain["ms"],
+            "SQLite vs memory",
+        ),
+        ratio_check(
+            f"fan-out of {FAN_WIDTH} × {FAN_MS} ms calls through serve: {sqlite} vs memory",
+            STORE_RATIO,
+            fan["sqlite"],
+            fan["memory"],
+            "SQLite vs memory",
+        ),
+        ratio_check(
+            f"fan-out of {FAN_WIDTH} × {FAN_MS} ms calls through serve, {sqlite}, vs the same calls direct",
+            FAN_RATIO,
+            fan["sqlite"],
+            fan["direct"],
+            "SQLite vs direct",
         ),
     ]
     return checks
+
+
+def ratio(over: float, under: float) -> str:
+    return f"{over / under:.2f}x"
 
 
 def report_tables(results: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
@@ -674,31 +804,66 @@ def report_tables(results: dict[str, Any]) -> list[tuple[list[str], list[list[st
         + [spread(r["runner_us"]), spread(r["dispatch_us"])]
         for r in results["in_process"]
     ]
+    j = results["journal"]
+    journal_rows = [
+        [
+            f"{j['steps']}-step chain on the runner, no-op calls: median of {j['repeats']} (ms/step)",
+            f"{j['memory_ms_per_step']:.3f}",
+            f"{j['sqlite_ms_per_step']:.3f}",
+            f"{j['added_ms_per_step']:+.3f}",
+        ],
+        ["  SQLite transactions per step", "", f"{j['sqlite_transactions_per_step']}", ""],
+        [
+            "the store alone, 3 events and a commit per step (ms/step)",
+            f"{j['one_commit_per_step_ms']['memory']:.3f}",
+            f"{j['one_commit_per_step_ms']['sqlite']:.3f}",
+            f"{j['one_commit_per_step_ms']['sqlite'] - j['one_commit_per_step_ms']['memory']:+.3f}",
+        ],
+    ]
     s = results["serve"]
-    cpu = s["chain_cpu_ms_per_step"]
+    direct = s["fan"]["direct"]["ms"]
     serve_rows = [
         ["echo, straight to the upstream, mcp Client: p50 (ms)", f"{s['echo_client_ms']:.2f}"],
         ["echo, straight to the upstream, the gateway's connector: p50 (ms)", f"{s['echo_connector_ms']:.2f}"],
-        ["echo__echo through the gateway: p50 (ms)", f"{s['echo_gateway_ms']:.2f}"],
-        [f"{CHAIN_STEPS}-step chain through the gateway: median (ms)", f"{s['chain_ms']:.1f}"],
-        ["  per step (ms)", f"{s['chain_step_ms']:.3f}"],
-        ["  per step beyond the echo via mcp Client (ms)", f"{s['beyond_client_ms']:.3f}"],
-        ["  per step beyond the echo via the gateway's connector (ms)", f"{s['beyond_connector_ms']:.3f}"],
-        ["  gateway CPU per step (ms)", f"{cpu.get('gateway', 0.0):.3f}"],
-        ["  upstream CPU per step (ms)", f"{cpu.get('upstream', 0.0):.3f}"],
         ["the connector's CPU per echo call, in this process (ms)", f"{s['connector_cpu_ms_per_call']:.3f}"],
-        [f"fan-out workflow, {FAN_WIDTH} × sleep({FAN_MS} ms): median (ms)", f"{s['fan_gateway_ms']:.1f}"],
-        ["  CPU per run: gateway / upstream / harness (ms)", fan_cpu(s["fan_cpu_ms_per_run"]["gateway"])],
-        [f"the same {FAN_WIDTH} calls concurrently, direct, one client: median (ms)", f"{s['fan_direct_ms']:.1f}"],
-        ["  CPU per run: gateway / upstream / harness (ms)", fan_cpu(s["fan_cpu_ms_per_run"]["direct"])],
-        ["gateway start to /readyz 200 (s)", f"{s['gateway_startup_s']:.2f}"],
+        ["echo__echo through the gateway (store: memory): p50 (ms)", f"{s['echo_gateway_ms']:.2f}"],
+        [f"{FAN_WIDTH} × sleep({FAN_MS} ms) concurrently, direct, one client: median (ms)", f"{direct:.1f}"],
+        ["  CPU per run: idle gateway / upstream / harness (ms)", fan_cpu(s["fan"]["direct"]["cpu_ms_per_run"])],
+    ]
+    chains, fans = s["chain"], s["fan"]
+    memory, sqlite = chains["memory"], chains["sqlite"]
+
+    def pair(label: str, cell: Callable[[str], str], both: str = "") -> list[str]:
+        return [label, *(cell(store) for store in STORES), both]
+
+    store_rows = [
+        pair(
+            f"{CHAIN_STEPS}-step chain: median (ms)",
+            lambda k: f"{chains[k]['ms']:.1f}",
+            ratio(sqlite["ms"], memory["ms"]),
+        ),
+        pair("  per step (ms)", lambda k: f"{chains[k]['step_ms']:.3f}"),
+        pair("  per step beyond the echo via mcp Client (ms)", lambda k: f"{chains[k]['beyond_client_ms']:.3f}"),
+        pair("  per step beyond the echo via the connector (ms)", lambda k: f"{chains[k]['beyond_connector_ms']:.3f}"),
+        pair("  gateway CPU per step (ms)", lambda k: f"{chains[k]['cpu_ms_per_step'].get('gateway', 0.0):.3f}"),
+        pair("  upstream CPU per step (ms)", lambda k: f"{chains[k]['cpu_ms_per_step'].get('upstream', 0.0):.3f}"),
+        pair(
+            f"fan-out workflow, {FAN_WIDTH} × sleep({FAN_MS} ms): median (ms)",
+            lambda k: f"{fans[k]['ms']:.1f}",
+            ratio(fans["sqlite"]["ms"], fans["memory"]["ms"]),
+        ),
+        pair("  vs the same calls direct", lambda k: ratio(fans[k]["ms"], direct)),
+        pair("  CPU per run: gateway / upstream / harness (ms)", lambda k: fan_cpu(fans[k]["cpu_ms_per_run"])),
+        pair("gateway start to /readyz 200 (s)", lambda k: f"{s['gateway_startup_s'][k]:.2f}"),
     ]
     check_rows = [
         [c["target"], c["threshold"], c["measured"], "PASS" if c["pass"] else "FAIL"] for c in results["checks"]
     ]
     return [
         (header, rows),
-        (["through patchbay serve", "value"], serve_rows),
+        (["journal in-process", "memory", f"SQLite ({j['durability']})", "SQLite − memory"], journal_rows),
+        (["through patchbay serve: baselines", "value"], serve_rows),
+        (["through patchbay serve, by store", "memory", f"SQLite ({s['durability']})", "SQLite / memory"], store_rows),
         (["target", "threshold", "measured", "result"], check_rows),
     ]
 
@@ -716,7 +881,10 @@ def print_report(results: dict[str, Any], markdown: bool) -> None:
     )
     profile = results.get("profile")
     if profile and "self" in profile:
-        print(f"\nGateway profile during chain runs ({profile['samples']} samples, {profile['file']}):")
+        print(
+            f"\nThe gateway with store {profile['store']} during {profile['chains']} chain runs "
+            f"({profile['samples']} samples, {profile['file']}):"
+        )
         print("  by part: " + ", ".join(f"{name} {pct}%" for name, pct in profile["parts"].items()))
         print("  self time by package: " + ", ".join(f"{p['frame']} {p['pct']}%" for p in profile["self_by_package"]))
         for item in profile["self"][:12]:
@@ -765,6 +933,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS}-step workflows, fewer rounds")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
     parser.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy on the gateway (default 0: off)")
+    parser.add_argument(
+        "--profile-store", choices=STORES, default="sqlite", help="the gateway to profile, by store (default sqlite)"
+    )
     parser.add_argument("--journal", action="store_true", help="only the journal's cost per step, in-process")
     args = parser.parse_args(argv)
     if args.journal:
