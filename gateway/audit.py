@@ -28,7 +28,7 @@ import orjson
 from anyio.abc import TaskStatus
 
 from gateway.policy_config import AuditConfig
-from gateway.types import CallContext, ToolResult
+from gateway.types import RUN_META_KEY, CallContext, ToolResult
 from policies.redaction import DEFAULT_KEYS, Redactor
 
 __all__ = ["AuditRecord", "AuditSink", "JsonlAuditSink", "NullAuditSink", "audit_redactor", "build_record"]
@@ -284,11 +284,17 @@ def build_record(
         outcome=outcome,
         duration_ms=duration_s * 1000,
         decisions=tuple(decisions),
-        workflow_run=context.workflow_run,
+        workflow_run=context.workflow_run or _run_of(result),
         workflow_step=context.workflow_step,
         arguments=redactor.redact(arguments),
         result=redactor.redact(_result_value(result, error_text)),
     )
+
+
+def _run_of(result: ToolResult | None) -> str | None:
+    """The run a workflow call's result names (the call of a workflow tool is audited with its run's id)."""
+    run = result.meta.get(RUN_META_KEY) if result is not None and result.meta else None
+    return run if isinstance(run, str) else None
 
 
 def _result_value(result: ToolResult | None, error_text: str | None) -> Any:

@@ -16,6 +16,9 @@ import anyio.abc
 JSONObject = Mapping[str, Any]
 """A JSON object in wire form (camelCase keys, JSON-compatible values)."""
 
+RUN_META_KEY = "io.patchbay/run"
+"""The ``_meta`` key of a workflow result that holds the run's id."""
+
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 """MCP log levels, least severe first."""
 

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from gateway.audit import MAX_TEXT, AuditRecord, JsonlAuditSink, NullAuditSink, build_record
-from gateway.types import CallContext, Principal, ToolResult
+from gateway.types import RUN_META_KEY, CallContext, Principal, ToolResult
 from policies.redaction import Redactor
 
 pytestmark = pytest.mark.anyio
@@ -106,6 +106,15 @@ async def test_build_record_fills_every_field_from_the_call() -> None:
     assert (rec.workflow_run, rec.workflow_step) == ("run-1", "lines[2]/stock")
     assert (rec.arguments, rec.result) == ({"id": "7"}, {"status": "shipped"})
     assert before - 2.0 <= rec.time <= time.time() - 2.0  # the call's start, on the wall clock
+
+
+async def test_the_call_of_a_workflow_tool_is_audited_with_its_run_id() -> None:
+    caller = CallContext(principal=Principal("support-bot"))
+    result = ToolResult.text("done")
+    ran = ToolResult((), structured_content={"ok": True}, meta={RUN_META_KEY: "run-9"})
+    plain = build_record("w", "@workflows", caller, "ok", 0.1, (), {}, result, None, REDACTOR)
+    workflow = build_record("w", "@workflows", caller, "ok", 0.1, (), {}, ran, None, REDACTOR)
+    assert (plain.workflow_run, workflow.workflow_run, workflow.workflow_step) == (None, "run-9", None)
 
 
 async def test_an_unresolved_call_has_an_empty_upstream() -> None:

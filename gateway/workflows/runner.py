@@ -32,7 +32,7 @@ from gateway.errors import GatewayError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.store import Store
 from gateway.tracing import step_span
-from gateway.types import CallContext, JSONObject, ToolResult
+from gateway.types import RUN_META_KEY, CallContext, JSONObject, ToolResult
 from gateway.workflows.commands import (
     AskModel,
     AskUser,
@@ -56,8 +56,6 @@ logger = logging.getLogger(__name__)
 
 COMPENSATION_LIMIT = 30.0
 """Seconds the compensations of a cancelled run may take in all."""
-RUN_META_KEY = "io.patchbay/run"
-"""The ``_meta`` key of a workflow result that holds the run's id."""
 IDEMPOTENCY_META_KEY = "io.patchbay/idempotency-key"
 """The ``_meta`` key a step's ``idempotency_key`` is sent under."""
 
