@@ -147,7 +147,7 @@ class WorkflowProvider:
             raise InvalidArguments(f"invalid arguments for workflow {name!r}: {'; '.join(problems)}")
         given = with_defaults(plan.workflow.input, arguments)
         if context.task is not None:  # the client polls for the result: the run goes on after this call returns
-            record = await self.runs.start(plan, given, context, task=context.task)
+            record = await self.runs.start_task(plan, given, context, context.task)
             return ToolResult(content=(), task=task_of(record))
 
         async def run(run_context: CallContext) -> ToolResult:

@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskGroup
 
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, InvalidArguments, UpstreamError
 from gateway.metrics import Metrics
 from gateway.store import RunQuery, RunRecord, Store
 from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ToolResult
@@ -214,6 +214,37 @@ class Runs:
                 await self.store.idempotency_release(scope, key)
             raise
         return await self._result_of(run_id, context.client)
+
+    async def start_task(
+        self, plan: Plan, arguments: Mapping[str, Any], context: CallContext, task: JSONObject
+    ) -> RunRecord:
+        """Start a run as an MCP task (detached; the client polls for its result). A task-augmented call
+        with an idempotency key this caller already used gets the run that key started, not a new one.
+
+        Raises:
+            InvalidArguments: the key was used for another tool.
+        """
+        key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
+        if not isinstance(key, str) or not key:
+            return await self.start(plan, arguments, context, task=task)
+        scope = caller_scope(context.principal)
+        while (entry := await self.store.idempotency_claim(scope, key, plan.name, self._ttl)) is not None:
+            if entry.tool != plan.name:
+                raise InvalidArguments(f"idempotency key {key!r} was used for {entry.tool!r}: use a new key")
+            record = await self.store.run(entry.run_id) if entry.run_id is not None else None
+            if record is not None:
+                return record
+            await anyio.sleep(POLL)  # the first call is starting its run
+        run_id = uuid.uuid4().hex
+        try:
+            await self.store.idempotency_bind(scope, key, run_id)
+            return await self.start(
+                plan, arguments, context, task=task, run_id=run_id, details={"idempotency_key": key}
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.store.idempotency_release(scope, key)
+            raise
 
     async def start(
         self,

@@ -423,3 +423,23 @@ steps:
     assert record is not None
     assert record.status == "cancelled"
     assert second.calls == [("undo.a", {}, f"{run_id}:a#compensate")]  # t.b is not called again
+
+
+async def test_a_task_reissued_with_its_idempotency_key_is_the_same_task() -> None:
+    plan = plan_of(CHAIN)
+    store, upstream = MemoryStore(), Upstream(hold=["t.b"])
+    runs = Runs(Runner(upstream, store), store, {"w": plan})
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(runs.run)
+            first = await runs.start_task(plan, {}, keyed("k11"), {"ttl": 60000})
+            again = await runs.start_task(plan, {}, keyed("k11"), {"ttl": 60000})
+            other = await runs.start_task(plan, {}, keyed("k12"), {"ttl": 60000})
+            upstream.release.set()
+            finished = await runs.wait(first.run_id, Principal("tester"))
+            tg.cancel_scope.cancel()
+    assert again.run_id == first.run_id
+    assert other.run_id != first.run_id
+    assert finished is not None
+    assert finished.status == "succeeded"
+    assert [name for name, _, _ in upstream.calls].count("t.a") == 2  # two runs, not three
