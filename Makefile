@@ -21,9 +21,10 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
+# Two pytest-xdist workers: most of the suite's time is end-to-end tests waiting on subprocesses.
 unit: $(VENV)/.installed
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage run -m pytest -n 2
 	$(BIN)/coverage combine --quiet || true
 	$(BIN)/coverage report
 

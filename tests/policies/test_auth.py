@@ -140,7 +140,11 @@ async def test_request_without_token_gets_401_with_bearer_challenge() -> None:
     assert response.json()["error_description"]
 
 
-@pytest.mark.parametrize("authorization", [f"Bearer {TOKEN}x", "Bearer", "Bearer pb_not-a-token"])
+@pytest.mark.parametrize(
+    "authorization",
+    [f"Bearer {TOKEN}x", "Bearer", "Bearer pb_not-a-token"],
+    ids=["a-token-with-one-more-character", "no-token", "not-a-token"],  # the same ids in every process
+)
 async def test_wrong_token_gets_401_with_invalid_token_error(authorization: str) -> None:
     async with serve(BearerAuth(INNER, CLIENTS)) as http:
         response = await http.post("/mcp", content=b"{}", headers={"Authorization": authorization})
