@@ -4,12 +4,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 import anyio
+import anyio.abc
 import uvicorn
 from pydantic import TypeAdapter, ValidationError
 
@@ -157,19 +159,45 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
         print(f"patchbay: {refusal}", file=sys.stderr)
         return 1
     _connect_note(config, args.providers)
-    async with serving(config, host=args.host, providers=args.providers) as app:
-        settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
-        server = uvicorn.Server(settings)
-        freeze_startup_heap()
-        print(f"patchbay serving MCP on http://{args.host}:{args.port}/mcp", file=sys.stderr)
-        await server.serve()
-        return 0 if server.started else 1
+    server: uvicorn.Server | None = None
+    terminated = False
+
+    def stop() -> None:
+        nonlocal terminated
+        terminated = True
+        if server is not None:
+            server.should_exit = True  # uvicorn stops gracefully; the upstreams close after it
+        else:
+            starting.cancel()
+
+    async with anyio.create_task_group() as watch:
+        await watch.start(_on_sigterm, stop)
+        with anyio.CancelScope() as starting:
+            async with serving(config, host=args.host, providers=args.providers) as app:
+                settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+                server = uvicorn.Server(settings)
+                freeze_startup_heap()
+                print(f"patchbay serving MCP on http://{args.host}:{args.port}/mcp", file=sys.stderr)
+                await server.serve()
+        watch.cancel_scope.cancel()
+    return 0 if terminated or (server is not None and server.started) else 1
 
 
 async def _serve_stdio(config: Config, providers: Sequence[Provider]) -> None:
     async with open_gateway(config, providers=providers, resume=config.gateway.resume == "auto") as gateway:
         freeze_startup_heap()
         await serve_stdio(McpFrontend(gateway, LOCAL_USER))
+
+
+async def _on_sigterm(stop: Callable[[], None], *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    """Call ``stop`` on SIGTERM, for ``serve`` to wind down rather than die: the process must not exit before its
+    stdio upstreams have closed (stdin EOF, then SIGTERM, then SIGKILL, each bounded; the SDK's transport does
+    that) and been reaped, or they would live on reparented to init. While this runs, SIGTERM cannot kill the
+    process (uvicorn, which sees the signal too, raises it again once it has stopped)."""
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            stop()
 
 
 def _token(config: Config | None, args: argparse.Namespace) -> int:

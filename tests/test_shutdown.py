@@ -1,0 +1,54 @@
+"""``patchbay serve`` stopped by SIGTERM: its stdio upstreams are stopped and reaped before it exits.
+
+A stdio upstream gets stdin EOF, then SIGTERM, then SIGKILL, each after a bounded wait (the SDK's stdio
+transport); a gateway that exited first would leave them running, or as zombies, reparented to init.
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import Process
+from mcp import Client
+
+from tests.support import ROOT, TESTKIT, run_gateway, stdio_server
+
+pytestmark = pytest.mark.anyio
+
+STUBBORN = ROOT / "tests" / "servers" / "stubborn.py"
+SHUTDOWN_BOUND = 15.0
+"""Seconds the gateway may take to exit: the SDK waits 2 s after stdin EOF, 2 s after SIGTERM, 2 s after SIGKILL."""
+
+
+def gone(pid: int) -> bool:
+    """Whether no process, not even a zombie, has this id."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def upstream_pid(url: str) -> int:
+    async with Client(url, mode="legacy", cache=None) as client:
+        result = await client.call_tool("kit__whoami", {})
+    assert result.structured_content is not None
+    return int(result.structured_content["pid"])
+
+
+async def terminate(process: Process) -> int:
+    process.send_signal(signal.SIGTERM)
+    with anyio.fail_after(SHUTDOWN_BOUND):
+        return await process.wait()
+
+
+@pytest.mark.parametrize("server", [TESTKIT, STUBBORN], ids=["exits-on-eof", "ignores-eof-and-sigterm"])
+async def test_sigterm_reaps_stdio_upstreams_before_the_gateway_exits(tmp_path: Path, server: Path) -> None:
+    async with run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(server)}\n") as gw:
+        pid = await upstream_pid(gw.url)
+        assert not gone(pid)
+        status = await terminate(gw.process.process)
+        assert status == 0, gw.process.output()
+        assert gone(pid)
