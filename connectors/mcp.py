@@ -27,6 +27,7 @@ is logged once per connection and kept in ``warnings`` for the status.
 """
 
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -38,6 +39,7 @@ import anyio
 import anyio.abc
 import httpx2
 import mcp_types as types
+import orjson
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext, IncomingMessage
 from mcp.client.sse import sse_client
@@ -51,7 +53,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from connectors._http_call import CallFailed, CallRefused, HttpCaller, SessionGone, SessionInfo
 from gateway.config import HttpServer, ServerConfig, StdioServer
-from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import InvalidArguments, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import (
     CallContext,
     ClientChannel,
@@ -445,6 +447,15 @@ class McpUpstream:
         return self.listing.tools
 
     async def call_tool(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
+        """Call ``name`` on the server.
+
+        Raises:
+            InvalidArguments: the arguments cannot be sent (a string holding a lone surrogate is not UTF-8):
+                this call's error, checked before it reaches the shared connection, which a failed
+                encoding would take down for every call on it.
+            UpstreamError: see :meth:`_send`.
+        """
+        _check_encodable(name, arguments)
         params: dict[str, Any] = {"name": name, "arguments": dict(arguments)}
         meta = dict(context.meta or {})
         modern = self._modern_for(context)
@@ -634,6 +645,23 @@ class McpUpstream:
     ) -> types.ElicitResult | types.ErrorData:
         result = await self._forward("elicitation/create", params)
         return result if isinstance(result, types.ErrorData) else types.ElicitResult.model_validate(result)
+
+
+def _check_encodable(name: str, arguments: JSONObject) -> None:
+    """Raise :class:`InvalidArguments` when ``arguments`` cannot be written as UTF-8 JSON.
+
+    orjson refuses lone surrogates, and is fast enough to ask on every call; what else it refuses (integers
+    beyond 64 bits) the transports write, so only a failure to encode as UTF-8 is this call's error."""
+    try:
+        orjson.dumps(arguments)
+    except orjson.JSONEncodeError:
+        try:
+            json.dumps(arguments, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidArguments(
+                f"The arguments of {name!r} cannot be sent: a string in them is not valid Unicode (a lone surrogate"
+                " such as \\ud800); send valid UTF-8 text."
+            ) from None
 
 
 def _lacking(method: str) -> str:
