@@ -7,6 +7,15 @@ disk never delays a call: a full queue drops and counts (``on_drop``, for a
 metric), and a failed write is logged once per distinct error, its records
 counted as dropped. The gateway keeps serving either way.
 
+Two bounds keep the file's size in hand. A record whose line would pass
+``max_record`` bytes has its largest parts cut to fit (``cut_line``): each cut
+field (``arguments``, ``result``) becomes a string, the start of its JSON text
+followed by ``…[cut: <kept> of <size> bytes]``, and the record gains
+``"cut": {"<field>": <size>}``, the full size of each field cut. And once the
+file reaches ``rotate_size`` bytes, the writer thread renames it ``<path>.1``
+(shifting ``.1`` to ``.2`` and so on, the one past ``keep`` deleted) and opens a
+new one, between two records: a record is never split or lost by rotation.
+
 The queue is a deque woken by an ``anyio.Event``, not a memory object stream:
 a stream hands an item straight to a waiting receiver and loses it if that
 receiver is cancelled before it resumes (a shutdown right after a call).
@@ -27,11 +36,19 @@ import anyio
 import orjson
 from anyio.abc import TaskStatus
 
-from gateway.policy_config import AuditConfig
+from gateway.policy_config import DEFAULT_AUDIT_KEEP, DEFAULT_AUDIT_MAX_RECORD, AuditConfig
 from gateway.types import RUN_META_KEY, CallContext, ToolResult
 from policies.redaction import DEFAULT_KEYS, Redactor
 
-__all__ = ["AuditRecord", "AuditSink", "JsonlAuditSink", "NullAuditSink", "audit_redactor", "build_record"]
+__all__ = [
+    "AuditRecord",
+    "AuditSink",
+    "JsonlAuditSink",
+    "NullAuditSink",
+    "audit_redactor",
+    "build_record",
+    "cut_line",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +90,73 @@ class AuditRecord:
 
     def json(self) -> str:
         """The record as one line of JSON (newlines inside strings are escaped)."""
-        values = {name: getattr(self, name) for name in _FIELDS}
-        # orjson: a record per call, and the stdlib takes ~5 µs for a typical one (mostly float repr), orjson ~0.5.
-        try:
-            return orjson.dumps(values, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-        except TypeError:  # what orjson refuses and the stdlib writes: integers beyond 64 bits
-            return json.dumps(values, ensure_ascii=False, separators=(",", ":"), default=str)
+        return _dumps({name: getattr(self, name) for name in _FIELDS})
 
 
 _FIELDS = tuple(f.name for f in fields(AuditRecord))
+_CUTTABLE = ("arguments", "result")
+
+
+def _dumps(value: Any) -> str:
+    # orjson: a record per call, and the stdlib takes ~5 µs for a typical one (mostly float repr), orjson ~0.5.
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # what orjson refuses and the stdlib writes: integers beyond 64 bits
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _size(text: str) -> int:
+    """Bytes ``text`` takes in the file (as the writer encodes it)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", errors="backslashreplace"))
+
+
+def cut_line(record: AuditRecord, limit: int) -> str:
+    """The record's JSON line, its arguments and result cut so that it takes at most ``limit`` bytes.
+
+    A record within the limit is serialized once and written as it is. Otherwise the larger field is cut first
+    (the smaller one kept whole when it fits in half the room left), each cut field replaced by the start of its
+    JSON text and the marker ``…[cut: <kept> of <size> bytes]``, and ``"cut"`` names each cut field's full size.
+    The other fields are never cut: a record whose metadata alone passes the limit is written whole.
+    """
+    line = record.json()
+    total = _size(line)
+    if total <= limit:
+        return line
+    texts = {name: _dumps(getattr(record, name)) for name in _CUTTABLE}
+    sizes = {name: _size(text) for name, text in texts.items()}
+    room = max(0, limit - (total - sum(sizes.values())) - _CUT_OVERHEAD)
+    small, large = sorted(_CUTTABLE, key=sizes.__getitem__)
+    # Characters of JSON text kept per field, None: kept whole. Bytes ≥ characters, so this is an upper bound.
+    keep: dict[str, int | None] = {small: None, large: room - sizes[small]}
+    if sizes[small] > room // 2:
+        keep = {small: room // 2, large: room - room // 2}
+    keep = {name: None if kept is None else min(kept, len(texts[name])) for name, kept in keep.items()}
+    values: dict[str, Any] = {name: getattr(record, name) for name in _FIELDS}
+    for _ in range(8):  # each pass removes at least the excess (a character is at least a byte, escaped or not)
+        cut: dict[str, int] = {}
+        for name in _CUTTABLE:
+            kept = keep[name]
+            if kept is None:
+                values[name] = getattr(record, name)
+                continue
+            start = texts[name][: max(0, kept)]
+            values[name] = f"{start}…[cut: {_size(start)} of {sizes[name]} bytes]"
+            cut[name] = sizes[name]
+        values["cut"] = cut
+        line = _dumps(values)
+        excess = _size(line) - limit
+        if excess <= 0:
+            break
+        # Take the excess from the field with the most text kept (a field kept whole is cut from now on).
+        name = max(_CUTTABLE, key=lambda n: sizes[n] if keep[n] is None else keep[n] or 0)
+        current = keep[name]
+        keep[name] = max(0, min(len(texts[name]), len(texts[name]) if current is None else current) - excess)
+        if all(keep[n] == 0 for n in _CUTTABLE):
+            break
+    return line
+
+
+_CUT_OVERHEAD = 128  # bytes for the markers and the "cut" field, so that the first try usually fits
 
 
 class AuditSink(Protocol):
@@ -103,7 +178,10 @@ class JsonlAuditSink:
     """Appends records to a JSON-lines file from a writer task (``await tg.start(sink.run)``).
 
     ``write``, when given, replaces the file: it is called in a worker thread
-    with a batch of complete lines (tests inject a slow or failing one).
+    with a batch of complete lines (tests inject a slow or failing one); there is
+    no rotation then. ``max_record`` (bytes, None: no cap) bounds each line,
+    ``rotate_size`` (bytes, None: never) the file before it is rotated, keeping
+    ``keep`` rotated files.
     """
 
     def __init__(
@@ -114,9 +192,14 @@ class JsonlAuditSink:
         on_drop: Callable[[int], None] | None = None,
         write: Callable[[str], None] | None = None,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        max_record: int | None = DEFAULT_AUDIT_MAX_RECORD,
+        rotate_size: int | None = None,
+        keep: int = DEFAULT_AUDIT_KEEP,
     ) -> None:
         if buffer < 1:
             raise ValueError("the audit buffer must hold at least one record")
+        if keep < 1:
+            raise ValueError("rotation must keep at least one file")
         self.path = os.fspath(path)
         self.dropped = 0
         """Records lost so far: queue full, write failed, or sent after shutdown."""
@@ -131,6 +214,10 @@ class JsonlAuditSink:
         self._inflight: _Batch | None = None
         self._closed = False
         self._reported: set[str] = set()
+        self._max_record = max_record
+        self._rotate_size = rotate_size
+        self._keep = keep
+        self._size = 0  # bytes in the open file (its size at opening, plus what was written since)
 
     def record(self, record: AuditRecord) -> None:
         """Queue the record for the writer; when the queue is full or the sink closed, drop and count it."""
@@ -201,7 +288,12 @@ class JsonlAuditSink:
         if not batch.claim():  # the drain took the batch back before this thread started
             return
         try:
-            self._write("".join(record.json() + "\n" for record in batch.records))
+            limit = self._max_record
+            lines = [(record.json() if limit is None else cut_line(record, limit)) + "\n" for record in batch.records]
+            if self._own_file:
+                self._write_lines(lines)
+            else:
+                self._write("".join(lines))
         # OSError: disk full, permissions. TypeError, ValueError: a hand-built record json cannot hold (a cycle).
         except (OSError, TypeError, ValueError) as exc:
             batch.error = exc
@@ -221,13 +313,57 @@ class JsonlAuditSink:
         # Owner-only: audit records hold sensitive data. Appending: earlier records are kept.
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(self.path, flags, 0o600)
+        self._size = os.fstat(self._fd).st_size
 
-    def _write_file(self, text: str) -> None:
+    def _write_lines(self, lines: list[str]) -> None:
+        """Write whole lines to the file, rotating it between two lines whenever it reaches ``rotate_size``."""
+        data = "".join(lines).encode("utf-8", errors="backslashreplace")
+        if self._rotate_size is None or self._size + len(data) < self._rotate_size:
+            self._write_file(data)
+            return
+        chunk: list[bytes] = []
+        for line in lines:
+            chunk.append(line.encode("utf-8", errors="backslashreplace"))
+            if self._size + sum(map(len, chunk)) >= self._rotate_size:
+                self._write_file(b"".join(chunk))
+                chunk.clear()
+                self._rotate()
+        if chunk:
+            self._write_file(b"".join(chunk))
+
+    def _write_file(self, data: bytes | str) -> None:
         # Straight to the descriptor: no user-space buffer, so each batch is flushed as it is written.
         assert self._fd is not None, "run() opens the file before any write"
-        data = memoryview(text.encode("utf-8", errors="backslashreplace"))
-        while data:
-            data = data[os.write(self._fd, data) :]
+        view = memoryview(data.encode("utf-8", errors="backslashreplace") if isinstance(data, str) else data)
+        while view:
+            written = os.write(self._fd, view)
+            self._size += written
+            view = view[written:]
+
+    def _rotate(self) -> None:
+        """``path`` → ``path.1`` → … → ``path.<keep>`` (the one there before is deleted), then a new ``path``.
+
+        A failure is logged and the current file written on: the records matter more than the file's size.
+        The new file is opened before the old descriptor is closed, so a failed open leaves one to write to.
+        """
+        try:
+            for n in range(self._keep - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+            old = self._fd
+            self._open()
+        except OSError as exc:
+            self._size = 0  # try again only after another ``rotate_size`` bytes, not on every record
+            logger.error(
+                "audit log %s: cannot rotate (%s: %s); writing on to the current file",
+                self.path,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        if old is not None:
+            os.close(old)
 
     def _report(self, exc: Exception, count: int) -> None:
         key = f"{type(exc).__name__}: {exc}"

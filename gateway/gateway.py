@@ -288,10 +288,18 @@ async def _start(tg: TaskGroup, provider: Provider, events: ProviderEvents) -> N
 
 def _audit(config: Config, metrics: Metrics) -> tuple[JsonlAuditSink | None, Audit | None]:
     """The audit writer the config asks for (not yet running), and the dispatcher's view of it."""
-    if config.audit.path is None:
+    audit = config.audit
+    if audit.path is None:
         return None, None
-    sink = JsonlAuditSink(config.audit.path, buffer=config.audit.buffer, on_drop=metrics.audit_dropped)
-    return sink, Audit(sink, audit_redactor(config.audit))
+    sink = JsonlAuditSink(
+        audit.path,
+        buffer=audit.buffer,
+        on_drop=metrics.audit_dropped,
+        max_record=audit.max_record,
+        rotate_size=audit.rotate_size,
+        keep=audit.keep,
+    )
+    return sink, Audit(sink, audit_redactor(audit))
 
 
 def _providers(

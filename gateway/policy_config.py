@@ -43,7 +43,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.units import Duration, retry_delay
+from gateway.units import Duration, Size, retry_delay
 from gateway.workflows.expressions import Condition, ExpressionError, compile_condition
 
 __all__ = [
@@ -72,6 +72,10 @@ DEFAULT_BREAKER_WINDOW = 60.0
 DEFAULT_BREAKER_MIN_CALLS = 10
 DEFAULT_BREAKER_RESET = 30.0
 DEFAULT_AUDIT_BUFFER = 10_000
+DEFAULT_AUDIT_MAX_RECORD = 64 * 2**10
+DEFAULT_AUDIT_ROTATE_SIZE = 100 * 2**20
+DEFAULT_AUDIT_KEEP = 5
+MIN_AUDIT_MAX_RECORD = 2**10
 
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|sec|second|m|min|minute|h|hour)")
@@ -354,6 +358,15 @@ class AuditConfig(BaseModel):
     """Regular expressions: matching text anywhere in arguments and results is replaced by ``[REDACTED]``."""
     buffer: int = Field(DEFAULT_AUDIT_BUFFER, ge=1)
     """Records held for a slow disk; beyond it, records are dropped and counted, never waited for."""
+    max_record: Annotated[Size, Field(ge=MIN_AUDIT_MAX_RECORD)] = DEFAULT_AUDIT_MAX_RECORD
+    """Bytes one record's line may take (``64KiB``): larger arguments or results are cut to fit, the cut
+    marked (the field becomes the start of its JSON text ending ``…[cut: …]``, and ``cut`` gives its full size)."""
+    rotate_size: Size | None = DEFAULT_AUDIT_ROTATE_SIZE
+    """Once the file reaches this size (``100MiB``) it becomes ``<path>.1`` (older ones shift to ``.2``…) and a new
+    one is started; None: never rotated by the gateway (which keeps the file open: rotate it with copy-and-truncate).
+    Rotation assumes one gateway process writes the file."""
+    keep: int = Field(DEFAULT_AUDIT_KEEP, ge=1)
+    """Rotated files kept (``<path>.1`` … ``<path>.<keep>``); the oldest beyond them is deleted."""
 
     @field_validator("redact_patterns")
     @classmethod

@@ -20,7 +20,14 @@ that ordinary text is left alone:
 * the password of a URL (``postgresql://user:[REDACTED]@host``);
 * ``key=value`` and ``key: value`` text for the configured keys (query strings,
   environment dumps, JSON or Python reprs held in a string), where the value is
-  a quoted string, an auth scheme and its credentials, or one word.
+  a quoted string, an auth scheme and its credentials, or one word;
+* well-known credential shapes, whatever surrounds them: OpenAI and Anthropic
+  keys (``sk-…``, ``sk-proj-…``, ``sk-ant-…``; with a digit, 20 characters or
+  more after ``sk-``), Stripe keys (``sk_live_…``, ``rk_test_…``), GitHub
+  tokens (``ghp_``, ``gho_``, ``ghu_``, ``ghs_``, ``ghr_``, ``github_pat_``),
+  Slack tokens (``xoxb-…`` and the other ``xox?-``), AWS access key ids
+  (``AKIA…``, ``ASIA…``), Google API keys (``AIza…``) and PEM private key
+  blocks (``-----BEGIN … PRIVATE KEY-----`` to its end line).
 
 Values that are not JSON come out as JSON anyway (the record must serialize):
 tuples and sets become lists, bytes a length marker, other objects their
@@ -49,13 +56,28 @@ DEFAULT_KEYS = (
 )
 """Keys whose values are always secret (matched as substrings, ignoring case, ``-`` and ``_``)."""
 
+_CREDENTIALS = "|".join(  # the shapes of well-known credentials, as one expression: one scan finds them all
+    (
+        r"\bsk-(?=[A-Za-z0-9_-]*[0-9])[A-Za-z0-9][A-Za-z0-9_-]{19,}",  # OpenAI sk-…/sk-proj-…, Anthropic sk-ant-…
+        r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe secret and restricted keys
+        r"\bgh[pousr]_[A-Za-z0-9]{30,}",  # GitHub tokens: personal, OAuth, user-to-server, server, refresh
+        r"\bgithub_pat_[A-Za-z0-9_]{22,}",  # GitHub fine-grained personal access tokens
+        r"\bxox[abposr]-[A-Za-z0-9-]{10,}",  # Slack tokens
+        r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b",  # AWS access key ids
+        r"\bAIza[A-Za-z0-9_-]{35}",  # Google API keys
+        # PEM private keys (RSA, EC, OPENSSH, ENCRYPTED…), to the end of the text when it was cut before the end line
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|[\s\S]*)",
+    )
+)
 _BUILTINS = (  # (a lowercase literal every match contains, the pattern)
     ("bearer", r"(?i)\bbearer\s+(?P<secret>[A-Za-z0-9\-._~+/]+=*)"),
     ("eyj", r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
     ("://", r"://[^\s/:@]+:(?P<secret>[^\s/@]+)@"),
 )
-DEFAULT_PATTERNS = tuple(pattern for _, pattern in _BUILTINS)
-"""Built-in patterns: bearer credentials, JSON Web Tokens, passwords in URLs."""
+DEFAULT_PATTERNS = (*(pattern for _, pattern in _BUILTINS), _CREDENTIALS)
+"""Built-in patterns: bearer credentials, JSON Web Tokens, passwords in URLs, well-known credential shapes."""
+
+_CREDENTIALS_PATTERN = re.compile(_CREDENTIALS)
 
 REDACTED = "[REDACTED]"
 TOO_DEEP = "[REDACTED: nested too deep]"
@@ -91,6 +113,7 @@ class Redactor:
         self._builtins = (
             tuple((hint, _substitution(_compile(source))) for hint, source in _BUILTINS) if builtins else ()
         )
+        self._credentials = _substitution(_CREDENTIALS_PATTERN)
         self._assignment = _substitution(_compile(_assignment_pattern(self._keys))) if builtins and self._keys else None
         self._subs = tuple(_substitution(_compile(source, user=True)) for source in patterns)
 
@@ -107,6 +130,8 @@ class Redactor:
             for hint, sub in self._builtins:
                 if hint in lowered:
                     text = sub(text)
+            if _may_hold_credential(text):
+                text = self._credentials(text)
             if self._assignment is not None and ("=" in text or ":" in text):
                 flat = lowered.replace("-", "").replace("_", "")
                 if any(key in flat for key in self._keys):
@@ -182,6 +207,17 @@ class Redactor:
             else:
                 copy[key] = walk(v, depth + 1, path)
         return copy
+
+
+def _may_hold_credential(text: str) -> bool:
+    """Whether ``text`` holds a literal that every match of ``_CREDENTIALS`` holds: a few ``in`` tests cost far
+    less than the expression scanning text that holds none (nearly all text). One-character tests come first, so
+    that most text is scanned only a few times."""
+    return (
+        ("-" in text and ("sk-" in text or "xox" in text or "PRIVATE KEY" in text))
+        or ("_" in text and ("gh" in text or "github_pat_" in text or "_live_" in text or "_test_" in text))
+        or ("A" in text and ("AKIA" in text or "ASIA" in text or "AIza" in text))
+    )
 
 
 def _normalize(key: str) -> str:

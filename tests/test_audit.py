@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
-from gateway.audit import MAX_TEXT, AuditRecord, JsonlAuditSink, NullAuditSink, build_record
+from gateway.audit import MAX_TEXT, AuditRecord, JsonlAuditSink, NullAuditSink, audit_redactor, build_record, cut_line
+from gateway.policy_config import AuditConfig
 from gateway.types import RUN_META_KEY, CallContext, Principal, ToolResult
 from policies.redaction import Redactor
 
@@ -296,3 +297,105 @@ def test_a_record_with_an_integer_beyond_64_bits_is_still_written_whole() -> Non
         "t", "s", CallContext(principal=Principal("p")), "ok", 0.0, (), {"n": 2**70}, None, None, Redactor()
     )
     assert json.loads(record.json())["arguments"] == {"n": 2**70}
+
+
+async def write(sink: JsonlAuditSink, records: list[AuditRecord]) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(sink.run)
+        for rec in records:
+            sink.record(rec)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_two_megabyte_argument_is_cut_to_the_record_cap_and_the_cut_marked(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    blob = "é" + "x" * (2 * 2**20)
+    await write(JsonlAuditSink(path, max_record=64 * 2**10), [record(arguments={"blob": blob}, result={"ok": True})])
+    raw = path.read_bytes()
+    assert len(raw) <= 64 * 2**10 + 1  # the line and its newline
+    (line,) = lines_of(path)
+    full = len(json.dumps({"blob": blob}, ensure_ascii=False, separators=(",", ":")).encode())
+    assert line["cut"] == {"arguments": full}
+    assert line["arguments"].startswith('{"blob":"éxxx')
+    assert line["arguments"].endswith(f" of {full} bytes]")
+    assert "…[cut: " in line["arguments"]
+    assert line["result"] == {"ok": True}  # the small field is kept whole
+    assert line["tool"] == "tool0"
+
+
+async def test_both_fields_are_cut_when_both_are_large() -> None:
+    rec = record(arguments=["a" * 100_000], result={"rows": ["b" * 10] * 20_000})
+    line = cut_line(rec, 4096)
+    assert len(line.encode()) <= 4096
+    values = json.loads(line)
+    assert set(values["cut"]) == {"arguments", "result"}
+    assert values["arguments"].startswith('["aaa')
+    assert values["result"].startswith('{"rows":["bbbbbbbbbb"')
+
+
+async def test_a_record_within_the_cap_is_written_unchanged() -> None:
+    rec = record(arguments={"q": "x" * 1000})
+    assert cut_line(rec, 2048) == rec.json()
+
+
+async def test_the_file_is_rotated_by_size_keeping_the_configured_number_of_files(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    records = [record(n) for n in range(100, 160)]  # numbers of one length: every line the same size
+    size = len(records[0].json()) + 1
+    sink = JsonlAuditSink(path, rotate_size=10 * size, keep=3)
+    await write(sink, records)
+    rotated = sorted(os.listdir(tmp_path))
+    assert rotated == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.3"]
+    # Each rotated file holds whole records, exactly rotate_size bytes; the newest records are in the live file.
+    assert [line["tool"] for line in lines_of(path)] == []  # the last rotation happened right after record 159
+    assert [line["tool"] for line in lines_of(tmp_path / "audit.jsonl.1")] == [f"tool{n}" for n in range(150, 160)]
+    assert [line["tool"] for line in lines_of(tmp_path / "audit.jsonl.3")] == [f"tool{n}" for n in range(130, 140)]
+    for name in rotated:
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+    assert sink.dropped == 0
+
+
+async def test_rotation_counts_what_the_file_held_before_it_was_opened(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    size = len(record(100).json()) + 1
+    await write(JsonlAuditSink(path, rotate_size=4 * size), [record(n) for n in range(100, 103)])
+    assert not (tmp_path / "audit.jsonl.1").exists()
+    await write(JsonlAuditSink(path, rotate_size=4 * size), [record(n) for n in range(103, 106)])
+    assert [line["tool"] for line in lines_of(tmp_path / "audit.jsonl.1")] == [f"tool{n}" for n in range(100, 104)]
+    assert [line["tool"] for line in lines_of(path)] == ["tool104", "tool105"]
+
+
+async def test_the_audit_config_caps_and_rotates_by_default() -> None:
+    config = AuditConfig.model_validate({"path": "a.jsonl"})
+    assert (config.max_record, config.rotate_size, config.keep) == (64 * 2**10, 100 * 2**20, 5)
+    config = AuditConfig.model_validate({"max_record": "8KiB", "rotate_size": "1MB", "keep": 2})
+    assert (config.max_record, config.rotate_size, config.keep) == (8192, 1_000_000, 2)
+    assert AuditConfig.model_validate({"rotate_size": None}).rotate_size is None
+
+
+@pytest.mark.parametrize("settings", [{"max_record": "100B"}, {"keep": 0}, {"rotate_size": "0"}])
+async def test_audit_bounds_that_cannot_work_are_refused(settings: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="audit|max_record|keep|rotate_size|greater"):
+        AuditConfig.model_validate(settings)
+
+
+CREDENTIALS = {
+    "openai": "sk-proj-" + "a1B2c3D4e5" * 5,
+    "anthropic": "sk-ant-api03-" + "a1B2c3D4e5_-" * 8,
+    "github": "ghp_" + "a1B2c3D4e5F6" * 3,
+    "slack": "xoxb-" + "1234567890-" + "a1B2c3D4e5F6" * 2,
+    "aws": "AKIA" + "IOSFODNN7EXAMPLE",
+    "pem": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg" + "kqhkiG9w0B" * 8 + "\n-----END PRIVATE KEY-----",
+}
+
+
+@pytest.mark.parametrize("credential", CREDENTIALS.values(), ids=CREDENTIALS.keys())
+async def test_credential_shapes_are_redacted_from_records_whatever_the_config(credential: str) -> None:
+    # The audit redactor is also what ``patchbay runs`` and a run's resource show recorded values through.
+    redactor = audit_redactor(AuditConfig(redact_keys=("ssn",), redact_patterns=(r"CANARY-\d+",)))
+    arguments = {"deploy": {"steps": [{"env": f"KEY {credential}"}]}, "id": "ord-7f3a9"}
+    result = ToolResult((), structured_content={"out": [{"log": f"using {credential}"}], "id": "ord-7f3a9"})
+    rec = build_record("t", "up", CONTEXT, "ok", 0.1, (), arguments, result, None, redactor)
+    assert credential not in rec.json()
+    assert rec.arguments == {"deploy": {"steps": [{"env": "KEY [REDACTED]"}]}, "id": "ord-7f3a9"}
+    assert rec.result == {"out": [{"log": "using [REDACTED]"}], "id": "ord-7f3a9"}

@@ -86,6 +86,67 @@ def test_ordinary_text_is_left_alone() -> None:
     assert Redactor().redact_text(text) == text
 
 
+# Fake credentials of each well-known shape, assembled here so no scanner takes the source for a leak.
+PEM = "\n".join(
+    ["-----BEGIN RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEA" + "q8Zx" * 16, "Zx9=", "-----END RSA PRIVATE KEY-----"]
+)
+CREDENTIALS = {
+    "openai": "sk-" + "T3BlbkFJ" + "a1B2c3D4" * 4,
+    "openai-project": "sk-proj-" + "a1B2c3D4e5" * 5,
+    "anthropic": "sk-ant-api03-" + "a1B2c3D4e5_-" * 8 + "AA",
+    "stripe": "sk_live_" + "51Hx" * 6,
+    "github-classic": "ghp_" + "a1B2c3D4e5F6" * 3,
+    "github-oauth": "gho_" + "a1B2c3D4e5F6" * 3,
+    "github-server": "ghs_" + "a1B2c3D4e5F6" * 3,
+    "github-fine-grained": "github_pat_" + "11ABCDEFG0" + "a1B2c3D4e5_" * 6,
+    "slack-bot": "xoxb-" + "1234567890-1234567890123-" + "a1B2c3D4e5F6" * 2,
+    "slack-user": "xoxp-" + "1234567890-" + "a1B2c3D4e5F6" * 2,
+    "aws-access-key": "AKIA" + "IOSFODNN7EXAMPLE",
+    "aws-session-key": "ASIA" + "Y34FZKBOKMUTVV7A",
+    "google-api-key": "AIza" + "SyA-" + "a1B2c3D4e5F6" * 2 + "a1B2c3D",
+    "pem-private-key": PEM,
+    "pem-openssh-key": PEM.replace("RSA", "OPENSSH"),
+}
+
+
+@pytest.mark.parametrize("credential", CREDENTIALS.values(), ids=CREDENTIALS.keys())
+def test_well_known_credential_shapes_are_redacted_by_default_wherever_they_sit(credential: str) -> None:
+    arguments = {
+        "query": f"deploy with {credential} please",
+        "env": [{"name": "CONFIG", "value": credential}],
+        "lines": ["first", f"key:{credential},next"],
+    }
+    redacted = Redactor(keys=["ssn"], patterns=[r"CANARY-\d+"]).redact(arguments)
+    assert credential not in dumped(redacted)
+    assert redacted["query"] == f"deploy with {REDACTED} please"
+    assert redacted["env"] == [{"name": "CONFIG", "value": REDACTED}]
+    assert redacted["lines"] == ["first", f"key:{REDACTED},next"]
+
+
+def test_a_private_key_cut_before_its_end_line_is_redacted_to_the_end() -> None:
+    cut = PEM[:60]
+    assert Redactor().redact_text(f"key: {cut}") == f"key: {REDACTED}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pip install scikit-learn sk-learn; the task-force risk-assessment-2024-v2 is due",
+        "sk-12 and sk-short-name and sk-this-is-a-long-kebab-case-identifier-without-digits",
+        "ghost_protocol high_priority_queue ghp_short gh_pages github_pages night_shift",
+        "the customer_test_account and is_live_stream flags; sk_live_ alone; rk_test_123",
+        "xoxo, hugs; xox-1 and xoxz-1234567890",
+        "Asia/Tokyo, ASIAN markets, AKIA alone, AKIAL, AIza alone; THE AKIANAMEISNOTAKEYATALL",
+        "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END PUBLIC KEY-----",
+        "-----BEGIN CERTIFICATE----- and private keys are discussed here in prose",
+        "order 7f9c2ba4-e88f-4b6a-9d1e-0c1f2a3b4c5d",
+        "sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855, SESSION_ID_ABC123",
+    ],
+)
+def test_ordinary_words_and_ids_are_not_taken_for_credentials(text: str) -> None:
+    assert Redactor().redact_text(text) == text
+
+
 def test_builtin_patterns_can_be_turned_off() -> None:
     text = f"Authorization: Bearer {CANARY}"
     assert Redactor(builtins=False).redact_text(text) == text
