@@ -31,6 +31,12 @@ def echo(text: str) -> str:
 
 
 @mcp.tool()
+def big(size: int) -> list[TextContent]:
+    """``size`` bytes of text, as one text content item (no structured copy)."""
+    return [TextContent(type="text", text="x" * size)]
+
+
+@mcp.tool()
 def whoami() -> dict[str, int | str]:
     """This process's id and name (to tell a restarted server from the old one)."""
     return {"pid": os.getpid(), "name": os.environ.get("TESTKIT_NAME", "testkit")}
