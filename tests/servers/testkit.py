@@ -31,9 +31,9 @@ def echo(text: str) -> str:
 
 
 @mcp.tool()
-def big(size: int) -> list[TextContent]:
-    """``size`` bytes of text, as one text content item (no structured copy)."""
-    return [TextContent(type="text", text="x" * size)]
+def big(size: int) -> str:
+    """``size`` bytes of text (the reply carries them twice: as text content and as structured content)."""
+    return "x" * size
 
 
 @mcp.tool()
