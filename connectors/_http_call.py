@@ -20,6 +20,9 @@ from typing import Any
 import anyio
 import httpx2
 
+from connectors._result_limit import event_limit
+from gateway.config import DEFAULT_MAX_RESULT
+
 logger = logging.getLogger(__name__)
 
 _DRAIN_SECONDS = 1.0
@@ -39,6 +42,15 @@ class CallFailed(Exception):
     """The server answered the request with a JSON-RPC error, or with something that is not JSON-RPC."""
 
 
+class ReplyTooLarge(Exception):
+    """The reply is larger than the caller's ``max_result``; it was not read to the end (the session is fine)."""
+
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        """The reply's size when the server announced it (``content-length``), else None."""
+        super().__init__(f"the reply is larger than {size} bytes" if size is not None else "the reply is too large")
+
+
 class CallRefused(Exception):
     """Raised by a ``RequestFn`` to answer a server→client request with an error."""
 
@@ -56,10 +68,13 @@ class SessionInfo:
 
 
 class HttpCaller:
-    def __init__(self, http: httpx2.AsyncClient, url: str, session: SessionInfo) -> None:
+    def __init__(
+        self, http: httpx2.AsyncClient, url: str, session: SessionInfo, *, max_result: int = DEFAULT_MAX_RESULT
+    ) -> None:
         self._http = http
         self._url = url
         self._session = session
+        self._max_result = max_result
         self._ids = itertools.count(1)
 
     def _headers(self) -> dict[str, str]:
@@ -84,6 +99,7 @@ class HttpCaller:
         Raises:
             SessionGone: the session or connection is gone.
             CallFailed: a JSON-RPC error (its message) or an unusable response.
+            ReplyTooLarge: the reply is larger than ``max_result`` bytes.
         """
         request_id = f"patchbay-{next(self._ids)}"
         body_params = dict(params)
@@ -112,26 +128,58 @@ class HttpCaller:
                 if r.status_code != 200:
                     await r.aread()
                     raise CallFailed(f"HTTP {r.status_code}: {r.text[:200]}")
-                if r.headers.get("content-type", "").startswith("application/json"):
-                    return _reply(json.loads(await r.aread()), request_id)
-                reply: dict[str, Any] | None = None
-                events = aiter(httpx2.EventSource(r))
-                async for event in events:
-                    if not event.data:
-                        continue
-                    message = json.loads(event.data)
-                    if message.get("id") == request_id and "method" not in message:
-                        reply = message
-                        break
-                    await self._handle(message, on_progress, on_log, on_request)
-                if reply is None:
-                    raise SessionGone("the response stream ended without a reply")
-                with anyio.move_on_after(_DRAIN_SECONDS):  # let the server end the stream: keeps the connection
-                    async for _ in events:
-                        pass
-                return _reply(reply, request_id)
+                content_type = r.headers.get("content-type", "")
+                if content_type.startswith("application/json"):
+                    return _reply(json.loads(await self._read_capped(r)), request_id)
+                if not content_type.startswith("text/event-stream"):
+                    raise SessionGone(f"the server answered with content type {content_type!r}")
+                return await self._read_events(r, request_id, on_progress, on_log, on_request)
+        except httpx2.SSEError as exc:  # the content type was checked: only an event over the limit is left
+            raise ReplyTooLarge(None) from exc
         except (httpx2.TransportError, json.JSONDecodeError) as exc:
             raise SessionGone(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _read_events(
+        self,
+        response: httpx2.Response,
+        request_id: str,
+        on_progress: ProgressFn | None,
+        on_log: LogFn | None,
+        on_request: RequestFn | None,
+    ) -> dict[str, Any]:
+        """The reply from a response's event stream, handling what comes before it."""
+        reply: dict[str, Any] | None = None
+        # Past the limit the response is dropped (httpx2.SSEError): its connection closes, the session stays.
+        events = aiter(httpx2.EventSource(response, max_event_size=event_limit(self._max_result)))
+        async for event in events:
+            if not event.data:
+                continue
+            message = json.loads(event.data)
+            if message.get("id") == request_id and "method" not in message:
+                reply = message
+                break
+            await self._handle(message, on_progress, on_log, on_request)
+        if reply is None:
+            raise SessionGone("the response stream ended without a reply")
+        with anyio.move_on_after(_DRAIN_SECONDS):  # let the server end the stream: keeps the connection
+            try:
+                async for _ in events:
+                    pass
+            except httpx2.TransportError:  # the reply is in hand; only this connection is not reused
+                logger.debug("the stream broke after the reply", exc_info=True)
+        return _reply(reply, request_id)
+
+    async def _read_capped(self, response: httpx2.Response) -> bytes:
+        """A JSON body, read no further than ``max_result`` bytes."""
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_result:
+            raise ReplyTooLarge(int(declared))
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > self._max_result:
+                raise ReplyTooLarge(None)
+        return bytes(body)
 
     async def _handle(
         self,

@@ -51,9 +51,10 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
-from connectors._http_call import CallFailed, CallRefused, HttpCaller, SessionGone, SessionInfo
-from gateway.config import HttpServer, ServerConfig, StdioServer
-from gateway.errors import InvalidArguments, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from connectors._http_call import CallFailed, CallRefused, HttpCaller, ReplyTooLarge, SessionGone, SessionInfo
+from connectors._result_limit import event_limit, is_oversize, reply_size
+from gateway.config import DEFAULT_MAX_RESULT, HttpServer, ServerConfig, StdioServer
+from gateway.errors import InvalidArguments, ResultTooLarge, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from gateway.types import (
     CallContext,
     ClientChannel,
@@ -178,9 +179,11 @@ class _Watched:
 class McpUpstream:
     """One upstream MCP server: a provider of tools, prompts and resources (``gateway.types.Provider``)."""
 
-    def __init__(self, name: str, config: ServerConfig) -> None:
+    def __init__(self, name: str, config: ServerConfig, *, max_result: int = DEFAULT_MAX_RESULT) -> None:
         self.name = name
         self.config = config
+        self.max_result = max_result
+        """Bytes a reply may have (``gateway.max_result``); a larger one is that request's error."""
         self.state = ProviderState.CONNECTING
         self.last_error: str | None = None
         self.listing = Listing()
@@ -286,7 +289,7 @@ class McpUpstream:
             self._modern = await self._open_modern(stack)
             if http is not None and session.session_id and isinstance(self.config, HttpServer):
                 session.protocol_version = client.protocol_version
-                self._caller = HttpCaller(http, self.config.url, session)
+                self._caller = HttpCaller(http, self.config.url, session, max_result=self.max_result)
             self._client = client
             self.state = ProviderState.UP
             self.last_error = None
@@ -347,7 +350,10 @@ class McpUpstream:
             timeout=httpx2.Timeout(config.timeout, read=None),
             event_hooks={"response": [remember_session]},
         )
-        return _closing(http, streamable_http_client(config.url, http_client=http)), http
+        transport = streamable_http_client(
+            config.url, http_client=http, max_sse_event_size=event_limit(self.max_result)
+        )
+        return _closing(http, transport), http
 
     async def _listen(self, modern: Client) -> None:
         """Refresh the listing when a 2026-07-28 server announces a change: such a server announces changes
@@ -506,6 +512,8 @@ class McpUpstream:
                     on_request=on_request,
                 )
             raise self._timeout()  # reached only when the deadline cancelled the call
+        except ReplyTooLarge as exc:
+            raise ResultTooLarge(server=self.name, limit=self.max_result, size=exc.size) from None
         except SessionGone as exc:
             closed.set()
             raise UpstreamUnavailable(
@@ -550,6 +558,7 @@ class McpUpstream:
         Raises:
             UpstreamUnavailable: not connected, or the connection died during the call.
             UpstreamTimeout: no answer in time (the upstream request is cancelled).
+            ResultTooLarge: the reply is larger than ``max_result`` (the session stays up).
             UpstreamError: the server answered with a JSON-RPC error.
         """
         client = self._modern if modern else self._client
@@ -567,12 +576,12 @@ class McpUpstream:
         token = self._track(context)
         try:
             with anyio.fail_after(self.config.timeout):
-                return cast(
-                    dict[str, Any], await client.session.send_request(request, _RAW, progress_callback=progress)
-                )
+                raw = cast(dict[str, Any], await client.session.send_request(request, _RAW, progress_callback=progress))
         except TimeoutError:
             raise self._timeout() from None
         except MCPError as exc:
+            if exc.error.code == types.CONNECTION_CLOSED and is_oversize(exc.error.message):  # the session is fine
+                raise ResultTooLarge(server=self.name, limit=self.max_result) from None
             if exc.error.code == types.CONNECTION_CLOSED:
                 closed.set()
                 raise UpstreamUnavailable(
@@ -583,6 +592,10 @@ class McpUpstream:
             raise UpstreamError(message, server=self.name) from exc
         finally:
             self._inflight.pop(token, None)
+        # Over stdio, or as one JSON body, the SDK read the whole reply: it is measured now.
+        if (size := reply_size(raw, self.max_result)) is not None:
+            raise ResultTooLarge(server=self.name, limit=self.max_result, size=size)
+        return raw
 
     def _track(self, context: CallContext) -> int:
         """Note the call's client as in flight, for server→client requests that arrive with no link to a call."""

@@ -92,6 +92,8 @@ DEFAULT_HEARTBEAT = 15.0
 """Seconds between pings to an HTTP upstream, to notice one that went away while idle."""
 DEFAULT_MAX_BODY = 4 * 2**20
 """Bytes an HTTP request body to the gateway may have."""
+DEFAULT_MAX_RESULT = 16 * 2**20
+"""Bytes an upstream's reply to one request may have."""
 
 
 # Numbers are coerced to strings so `env: {PORT: 8080}` and `command: [serve, 8080]` just work.
@@ -213,6 +215,9 @@ class GatewaySettings(BaseModel):
     """Where rate limits and breaker state live: ``memory`` (per process), the only choice so far (Redis is planned)."""
     max_body: Size = DEFAULT_MAX_BODY
     """The largest HTTP request body accepted (``4MiB``); a larger one gets 413."""
+    max_result: Size = DEFAULT_MAX_RESULT
+    """The largest reply an upstream may send to one request (``16MiB``), measured as its JSON-RPC message; a
+    larger one is that call's ``isError`` result naming the limit, and the upstream's session stays up."""
     rate_limit: Rate | None = None
     """Requests the whole gateway accepts on average (``200/s``); beyond it, HTTP 429 with Retry-After."""
     burst: float | None = Field(None, ge=1)

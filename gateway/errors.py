@@ -15,7 +15,8 @@
      │    └── CircuitOpen
      ├── UpstreamError               the provider failed to answer                       → isError result
      │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
-     │    └── UpstreamTimeout        no answer within the server's timeout
+     │    ├── UpstreamTimeout        no answer within the server's timeout
+     │    └── ResultTooLarge         the reply is larger than ``gateway.max_result``
      ├── WorkflowError               a workflow run failed                               → isError result
      ├── StoreError                  the store cannot be opened, migrated or written     → CLI exit 1 / isError result
      └── TaskError                   a ``tasks/*`` request cannot be served              → JSON-RPC error (its ``code``)
@@ -166,6 +167,23 @@ class UpstreamTimeout(UpstreamError):
     """The provider did not answer within its timeout; the upstream request was cancelled."""
 
     outcome = "timeout"
+
+
+class ResultTooLarge(UpstreamError):
+    """The provider's reply is larger than ``gateway.max_result``: dropped, the provider's session kept."""
+
+    outcome = "error"
+
+    def __init__(self, *, server: str, limit: int, size: int | None = None) -> None:
+        self.limit = limit
+        self.size = size
+        """The reply's size in bytes; None when it was cut off at the limit."""
+        got = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        super().__init__(
+            f"Server {server!r} returned a result of {got}, larger than gateway.max_result "
+            f"({limit / 2**20:.4g} MiB); the result was dropped.",
+            server=server,
+        )
 
 
 class WorkflowError(GatewayError):

@@ -51,6 +51,14 @@ ProviderFactory = Callable[[str, StdioServer | HttpServer], Provider]
 PROVIDER_KINDS: Mapping[str, ProviderFactory] = {"stdio": McpUpstream, "http": McpUpstream}
 """The provider factory of each kind of ``servers:`` entry (its ``kind``)."""
 
+
+def _mcp_kinds(max_result: int) -> Mapping[str, ProviderFactory]:
+    def factory(name: str, entry: StdioServer | HttpServer) -> Provider:
+        return McpUpstream(name, entry, max_result=max_result)
+
+    return dict.fromkeys(PROVIDER_KINDS, factory)
+
+
 CLOSE_TIMEOUT = 5.0
 """Seconds the providers may take, all together, to close when the gateway stops."""
 
@@ -84,6 +92,8 @@ class Gateway:
             ConfigError: a server's kind has no factory in ``kinds``, or two providers share a name.
         """
         self.config = config
+        if kinds is PROVIDER_KINDS:  # the built-in upstreams are held to the gateway's result limit
+            kinds = _mcp_kinds(config.gateway.max_result)
         # 1. The state backends.
         self.backends = backends if backends is not None else memory_backends()
         # What everything below reports to, and the call path for calls made from inside calls.

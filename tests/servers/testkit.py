@@ -31,6 +31,12 @@ def echo(text: str) -> str:
 
 
 @mcp.tool()
+def big(size: int) -> str:
+    """``size`` bytes of text (the reply carries them twice: as text content and as structured content)."""
+    return "x" * size
+
+
+@mcp.tool()
 def whoami() -> dict[str, int | str]:
     """This process's id and name (to tell a restarted server from the old one)."""
     return {"pid": os.getpid(), "name": os.environ.get("TESTKIT_NAME", "testkit")}
