@@ -19,6 +19,7 @@ from gateway.config import Config, load_config
 from gateway.errors import ConfigError, ConfigProblem, StoreError, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
+from gateway.http_server import receive_bounded
 from gateway.server import McpFrontend, serve_stdio
 from gateway.store import RunQuery, RunStatus, open_store
 from gateway.types import CallContext, Principal, Provider, ToolResult
@@ -158,7 +159,10 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
         return 1
     _connect_note(config, args.providers)
     async with serving(config, host=args.host, providers=args.providers) as app:
-        settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+        protocol = receive_bounded(config.gateway.receive_timeout)
+        settings = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off", http=protocol
+        )
         server = uvicorn.Server(settings)
         freeze_startup_heap()
         print(f"patchbay serving MCP on http://{args.host}:{args.port}/mcp", file=sys.stderr)
