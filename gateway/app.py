@@ -1,5 +1,9 @@
 """The HTTP surface of ``patchbay serve``: ``/mcp``, ``/metrics``, ``/healthz``, ``/readyz``.
 
+``/metrics`` and ``/readyz`` name upstreams, their states and errors, so they refuse a request naming
+a foreign Host or Origin exactly as ``/mcp`` does (DNS rebinding); ``/healthz`` says only "ok" and
+answers whatever the Host, as liveness probes that address the machine directly expect.
+
 Requests to ``/mcp`` pass, outermost first: bearer-token authentication (or, with no ``clients:``,
 loopback only), the gateway-wide request limit (429), and the body size limit (413). An
 unauthenticated request is refused before it uses up anyone's budget; a session opened by one
@@ -19,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.config import Config
 from gateway.gateway import Gateway, open_gateway
 from gateway.policy_config import bucket_size
-from gateway.server import McpFrontend, http_endpoint
+from gateway.server import McpFrontend, http_endpoint, rebinding_check
 from gateway.types import Principal, Provider
 from policies.auth import BearerAuth
 from policies.http_limits import BodyLimit, GlobalRateLimit
@@ -61,15 +65,20 @@ async def serving(
     """
     async with open_gateway(config, providers=providers, resume=config.gateway.resume == "auto") as gateway:
         endpoint, run = http_endpoint(McpFrontend(gateway, ANONYMOUS), host)
+        refusal = rebinding_check(host)
 
         async def healthz(request: Request) -> PlainTextResponse:
             return PlainTextResponse("ok")
 
-        async def readyz(request: Request) -> JSONResponse:
+        async def readyz(request: Request) -> Response:
+            if (refused := await refusal(request)) is not None:
+                return refused
             body, status = readiness(gateway)
             return JSONResponse(body, status_code=status)
 
         async def metrics(request: Request) -> Response:
+            if (refused := await refusal(request)) is not None:
+                return refused
             body, content_type = gateway.metrics.render(request.headers.get("accept"))
             return Response(body, headers={"Content-Type": content_type})
 

@@ -21,6 +21,7 @@ from gateway.config import Config, load_config
 from gateway.errors import ConfigError, ConfigProblem, StoreError, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
+from gateway.http_server import receive_bounded
 from gateway.server import McpFrontend, serve_stdio
 from gateway.store import RunQuery, RunStatus, open_store
 from gateway.types import CallContext, Principal, Provider, ToolResult
@@ -153,6 +154,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     return anyio.run(_serve_http, config, args, backend_options=_LOOP)
 
 
+GRACEFUL_SHUTDOWN = 10
+"""Seconds ``serve`` waits on SIGTERM for requests in flight (an open event stream would hold it forever)."""
+
+
 async def _serve_http(config: Config, args: argparse.Namespace) -> int:
     refusal = check_bind(args.host, config.clients)
     if refusal is not None:
@@ -174,7 +179,16 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
         await watch.start(_on_sigterm, stop)
         with anyio.CancelScope() as starting:
             async with serving(config, host=args.host, providers=args.providers) as app:
-                settings = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+                protocol = receive_bounded(config.gateway.receive_timeout)
+                settings = uvicorn.Config(
+                    app,
+                    host=args.host,
+                    port=args.port,
+                    log_level=args.log_level,
+                    lifespan="off",
+                    http=protocol,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+                )
                 server = uvicorn.Server(settings)
                 freeze_startup_heap()
                 print(f"patchbay serving MCP on http://{args.host}:{args.port}/mcp", file=sys.stderr)

@@ -94,6 +94,8 @@ DEFAULT_MAX_BODY = 4 * 2**20
 """Bytes an HTTP request body to the gateway may have."""
 DEFAULT_MAX_RESULT = 16 * 2**20
 """Bytes an upstream's reply to one request may have."""
+DEFAULT_RECEIVE_TIMEOUT = 30.0
+"""Seconds an HTTP client may take to send a whole request, headers and body."""
 
 
 # Numbers are coerced to strings so `env: {PORT: 8080}` and `command: [serve, 8080]` just work.
@@ -222,6 +224,9 @@ class GatewaySettings(BaseModel):
     """Requests the whole gateway accepts on average (``200/s``); beyond it, HTTP 429 with Retry-After."""
     burst: float | None = Field(None, ge=1)
     """Requests accepted at once above ``rate_limit``; default: one second's worth."""
+    receive_timeout: Duration = DEFAULT_RECEIVE_TIMEOUT
+    """How long an HTTP client may take to send a whole request, headers and body (``30s``), counted from the
+    connection opening or the previous response ending; a connection that is slower, silent or idle is closed."""
 
 
 class ToolFilter(BaseModel):

@@ -35,6 +35,7 @@ from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, R
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Scope
 
 from gateway.errors import ResourceNotFound, TaskError, ToolNotFound, UpstreamError
@@ -567,6 +568,17 @@ def _security(host: str) -> TransportSecuritySettings:
         hosts.append(f"{host}:*")
     origins = [f"http://{h}" for h in hosts] + [f"https://{h}" for h in hosts]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def rebinding_check(host: str) -> Callable[[Request], Awaitable[Response | None]]:
+    """``/mcp``'s DNS-rebinding check for the gateway's other endpoints: the same allowed Host and
+    Origin values, the same refusals (421 for a foreign Host, 403 for a foreign Origin), or None."""
+    security = TransportSecurityMiddleware(_security(host))
+
+    async def refusal(request: Request) -> Response | None:
+        return await security.validate_request(request)
+
+    return refusal
 
 
 class _SdkSessions:

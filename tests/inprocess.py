@@ -53,14 +53,17 @@ def _listening(port: int) -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serve_asgi(app: ASGIApp, *, port: int = 0, lifespan: str = "on") -> AsyncIterator[str]:
-    """Serve ``app`` (its lifespan too, unless ``lifespan="off"``) on 127.0.0.1 and yield ``http://127.0.0.1:PORT``.
+async def serve_asgi(app: ASGIApp, *, port: int = 0, lifespan: str = "on", **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` (its lifespan too, unless ``lifespan="off"``) on 127.0.0.1 and yield ``http://127.0.0.1:PORT``;
+    ``options`` are more of ``uvicorn.Config``'s.
 
     The socket is bound and listening before uvicorn starts, so connections queue until it
     accepts: no waiting for readiness. On exit, streams still open are cut after a second.
     """
     sock = _listening(port)
-    config = uvicorn.Config(app, lifespan=lifespan, log_level="critical", ws="none", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        app, lifespan=lifespan, log_level="critical", ws="none", timeout_graceful_shutdown=1, **options
+    )
     server = _Uvicorn(config)
     try:
         async with anyio.create_task_group() as tg:

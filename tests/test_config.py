@@ -439,6 +439,13 @@ def test_bad_store_settings_are_each_a_problem_at_its_key() -> None:
     ]
 
 
+def test_the_time_a_client_may_take_to_send_a_request_is_a_duration() -> None:
+    assert parse("gateway: {name: x}").gateway.receive_timeout == 30.0
+    assert parse("gateway: {receive_timeout: 1500ms}").gateway.receive_timeout == 1.5
+    assert problems_of("gateway: {receive_timeout: 0s}") == [("gateway.receive_timeout", 1)]
+    assert problems_of("gateway: {receive_timeout: forever}") == [("gateway.receive_timeout", 1)]
+
+
 def test_reading_only_some_sections_skips_the_others_and_their_environment_variables() -> None:
     text = dedent("""\
         gateway: {name: "${NAME:-acme}"}
