@@ -92,6 +92,11 @@ DEFAULT_HEARTBEAT = 15.0
 """Seconds between pings to an HTTP upstream, to notice one that went away while idle."""
 DEFAULT_MAX_BODY = 4 * 2**20
 """Bytes an HTTP request body to the gateway may have."""
+DEFAULT_MAX_DEPTH = 64
+"""Levels a request may nest (its own object is 1, a tool's ``arguments`` 3): tool arguments are shallow JSON,
+and upstreams' parsers stop near 200 (pydantic-core, the MCP SDK's) or 255 (orjson, writing)."""
+MAX_MAX_DEPTH = 128
+"""The highest ``gateway.max_depth`` allowed: deeper requests would fail at upstreams built on the MCP SDK."""
 
 
 # Numbers are coerced to strings so `env: {PORT: 8080}` and `command: [serve, 8080]` just work.
@@ -213,6 +218,9 @@ class GatewaySettings(BaseModel):
     """Where rate limits and breaker state live: ``memory`` (per process), the only choice so far (Redis is planned)."""
     max_body: Size = DEFAULT_MAX_BODY
     """The largest HTTP request body accepted (``4MiB``); a larger one gets 413."""
+    max_depth: int = Field(DEFAULT_MAX_DEPTH, ge=16, le=MAX_MAX_DEPTH)
+    """The deepest nesting of a request's JSON (the request object is level 1, a tool's arguments object level 3);
+    a deeper request is answered at once with a JSON-RPC error naming this limit, on every path."""
     rate_limit: Rate | None = None
     """Requests the whole gateway accepts on average (``200/s``); beyond it, HTTP 429 with Retry-After."""
     burst: float | None = Field(None, ge=1)
