@@ -130,24 +130,29 @@ class NestingLimit:
 
     A request with an id gets HTTP 200 and the error (as any request the server refuses); anything
     else (a notification, a batch, no JSON) gets HTTP 400 with it. The body is read here once and
-    handed on unchanged; its size is bounded by ``BodyLimit`` outside.
+    handed on unchanged; one over ``max_body`` is handed on unread, for the app to refuse.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, *, max_body: int) -> None:
         self.app = app
         self.limit = limit
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away: let the app see it
                 return await self.app(scope, _replay(b"".join(chunks), message, receive), send)
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
             if not message.get("more_body"):
                 break
+            if size > self.max_body:  # the app refuses it unread (413)
+                return await self.app(scope, _replay(b"".join(chunks), None, receive, more=True), send)
         body = b"".join(chunks)
         error = nesting_error(body, self.limit)
         if error is None:
@@ -162,9 +167,10 @@ class NestingLimit:
         await send({"type": "http.response.body", "body": answer})
 
 
-def _replay(body: bytes, then: Message | None, receive: Receive) -> Receive:
-    """A ``receive`` giving the body already read as one message, then ``then`` (if any), then the real stream."""
-    queued: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+def _replay(body: bytes, then: Message | None, receive: Receive, *, more: bool = False) -> Receive:
+    """A ``receive`` giving the body already read as one message (``more``: the rest still to come), then
+    ``then`` (if any), then the real stream."""
+    queued: list[Message] = [{"type": "http.request", "body": body, "more_body": more}]
     if then is not None:
         queued = [{"type": "http.request", "body": body, "more_body": True}, then]
 

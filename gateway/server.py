@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Scope
 
 from gateway.errors import ResourceNotFound, TaskError, ToolNotFound, UpstreamError
-from gateway.fastpath import FastPath, FastSession
+from gateway.fastpath import MAX_BODY, FastPath, FastSession
 from gateway.gateway import Gateway
 from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
@@ -633,7 +633,7 @@ def http_endpoint(frontend: McpFrontend, host: str) -> tuple[ASGIApp, Any]:
     manager = StreamableHTTPSessionManager(app=frontend.server, security_settings=security)
     sessions = _SdkSessions(manager, frontend, security)
     app = FastPath(StreamableHTTPASGIApp(manager), sessions, frontend.gateway.dispatcher, frontend.principal)
-    return NestingLimit(app, frontend.gateway.config.gateway.max_depth), manager.run
+    return NestingLimit(app, frontend.gateway.config.gateway.max_depth, max_body=MAX_BODY), manager.run
 
 
 class _UnownedText(io.TextIOWrapper):

@@ -131,7 +131,8 @@ async def test_serve_stdio_answers_a_too_deep_request_at_once_and_passes_one_at_
     path.write_text(CONFIG)
     argv = [PYTHON, "-m", "gateway", "serve", str(path), "--stdio"]
     async with await anyio.open_process(argv, cwd=ROOT, stderr=None) as process:
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout is not None
         lines = _Lines(process.stdout)
 
         async def send(raw: bytes) -> None:
@@ -150,7 +151,8 @@ async def test_serve_stdio_answers_a_too_deep_request_at_once_and_passes_one_at_
         with anyio.fail_after(30):
             await send(call(9, LIMIT))
             answer = await lines.next()
-        assert answer["id"] == 9 and answer["result"]["content"][0]["text"] == f"at {LIMIT}"
+        assert answer["id"] == 9
+        assert answer["result"]["content"][0]["text"] == f"at {LIMIT}"
         await process.stdin.aclose()
         with anyio.fail_after(30):
             await process.wait()
@@ -176,10 +178,12 @@ def test_the_message_is_answered_with_its_id_wherever_the_id_stands_and_invalid_
     assert nesting_error(after, LIMIT) == {**refused(0), "id": "late"}
     outside = f'{{"jsonrpc": "2.0", "id": 3, "method": "ping", "params": {{}}, "x": {deep}}}'
     error = nesting_error(outside.encode(), LIMIT)
-    assert error is not None and (error["id"], error["error"]["code"]) == (3, -32600)
+    assert error is not None
+    assert (error["id"], error["error"]["code"]) == (3, -32600)
     notification = f'{{"jsonrpc": "2.0", "method": "notifications/x", "params": {{"a": {deep}}}}}'
     error = nesting_error(notification, LIMIT)
-    assert error is not None and error["id"] is None
+    assert error is not None
+    assert error["id"] is None
     assert nesting_error('{"s": "' + "[" * 1000 + '"}', LIMIT) is None  # brackets in strings are text
 
 
