@@ -96,6 +96,11 @@ DEFAULT_MAX_RESULT = 16 * 2**20
 """Bytes an upstream's reply to one request may have."""
 DEFAULT_RECEIVE_TIMEOUT = 30.0
 """Seconds an HTTP client may take to send a whole request, headers and body."""
+DEFAULT_MAX_DEPTH = 64
+"""Levels a request may nest (its own object is 1, a tool's ``arguments`` 3): tool arguments are shallow JSON,
+and upstreams' parsers stop near 200 (pydantic-core, the MCP SDK's) or 255 (orjson, writing)."""
+MAX_MAX_DEPTH = 128
+"""The highest ``gateway.max_depth`` allowed: deeper requests would fail at upstreams built on the MCP SDK."""
 
 
 # Numbers are coerced to strings so `env: {PORT: 8080}` and `command: [serve, 8080]` just work.
@@ -220,6 +225,9 @@ class GatewaySettings(BaseModel):
     max_result: Size = DEFAULT_MAX_RESULT
     """The largest reply an upstream may send to one request (``16MiB``), measured as its JSON-RPC message; a
     larger one is that call's ``isError`` result naming the limit, and the upstream's session stays up."""
+    max_depth: int = Field(DEFAULT_MAX_DEPTH, ge=16, le=MAX_MAX_DEPTH)
+    """The deepest nesting of a request's JSON (the request object is level 1, a tool's arguments object level 3);
+    a deeper request is answered at once with a JSON-RPC error naming this limit, on every path."""
     rate_limit: Rate | None = None
     """Requests the whole gateway accepts on average (``200/s``); beyond it, HTTP 429 with Retry-After."""
     burst: float | None = Field(None, ge=1)

@@ -10,12 +10,14 @@ Workflow tools also run as MCP tasks (``gateway.tasks``), in both eras: a task-a
 answers with the task its run became; ``tasks/*`` read and cancel the runs of the client asking.
 """
 
+import io
 import logging
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +32,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, Streamable
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
-from mcp.shared.message import ServerMessageMetadata
+from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
@@ -39,8 +41,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Scope
 
 from gateway.errors import ResourceNotFound, TaskError, ToolNotFound, UpstreamError
-from gateway.fastpath import FastPath, FastSession
+from gateway.fastpath import MAX_BODY, FastPath, FastSession
 from gateway.gateway import Gateway
+from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
@@ -642,11 +645,46 @@ def http_endpoint(frontend: McpFrontend, host: str) -> tuple[ASGIApp, Any]:
     manager = StreamableHTTPSessionManager(app=frontend.server, security_settings=security)
     sessions = _SdkSessions(manager, frontend, security)
     app = FastPath(StreamableHTTPASGIApp(manager), sessions, frontend.gateway.dispatcher, frontend.principal)
-    return app, manager.run
+    return NestingLimit(app, frontend.gateway.config.gateway.max_depth, max_body=MAX_BODY), manager.run
+
+
+class _UnownedText(io.TextIOWrapper):
+    """A text layer over stdin's buffer that never closes it (the buffer is the process's)."""
+
+    def close(self) -> None:
+        with suppress(ValueError):
+            self.detach()
+
+
+class _CheckedStdin(anyio.AsyncFile[str]):
+    """This process's stdin, line by line, with each line that nests deeper than ``gateway.max_depth`` answered
+    with its JSON-RPC error on ``write`` instead of being handed to the SDK (which would drop one it cannot
+    parse, leaving its caller waiting). Read in place, as the SDK reads stdin given no stream."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(_UnownedText(sys.stdin.buffer, encoding="utf-8", errors="replace"))
+        self._limit = limit
+        self._write: Any = None
+        self._ready = anyio.Event()
+
+    def answer_on(self, write: Any) -> None:
+        self._write = write
+        self._ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        await self._ready.wait()
+        async for line in super().__aiter__():
+            error = nesting_error(line, self._limit)
+            if error is None:
+                yield line
+            else:
+                await self._write.send(SessionMessage(types.JSONRPCError.model_validate(error)))
 
 
 async def serve_stdio(frontend: McpFrontend) -> None:
     """Serve one client over this process's stdin/stdout until it disconnects."""
     server = frontend.server
-    async with stdio_server() as (read, write):
+    stdin = _CheckedStdin(frontend.gateway.config.gateway.max_depth)
+    async with stdio_server(stdin=stdin) as (read, write):
+        stdin.answer_on(write)
         await server.run(read, write, server.create_initialization_options())
