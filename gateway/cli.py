@@ -198,9 +198,16 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_stdio(config: Config, providers: Sequence[Provider]) -> None:
-    async with open_gateway(config, providers=providers, resume=config.gateway.resume == "auto") as gateway:
-        freeze_startup_heap()
-        await serve_stdio(McpFrontend(gateway, LOCAL_USER))
+    """Serve until the client closes stdin, or until SIGTERM (stdin may still be open: the wait for it is
+    cancellable); either way the upstreams close before this returns."""
+    stopping = anyio.CancelScope()
+    async with anyio.create_task_group() as watch:
+        await watch.start(_on_sigterm, stopping.cancel)
+        with stopping:
+            async with open_gateway(config, providers=providers, resume=config.gateway.resume == "auto") as gateway:
+                freeze_startup_heap()
+                await serve_stdio(McpFrontend(gateway, LOCAL_USER))
+        watch.cancel_scope.cancel()
 
 
 async def _on_sigterm(stop: Callable[[], None], *, task_status: anyio.abc.TaskStatus[None]) -> None:

@@ -10,16 +10,14 @@ Workflow tools also run as MCP tasks (``gateway.tasks``), in both eras: a task-a
 answers with the task its run became; ``tasks/*`` read and cancel the runs of the client asking.
 """
 
-import io
 import logging
 import math
-import sys
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import mcp_types as types
@@ -45,6 +43,7 @@ from gateway.fastpath import MAX_BODY, FastPath, FastSession
 from gateway.gateway import Gateway
 from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
+from gateway.stdin import read_lines
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
 from gateway.workflows.provider import WORKFLOW_PROVIDER
@@ -648,21 +647,13 @@ def http_endpoint(frontend: McpFrontend, host: str) -> tuple[ASGIApp, Any]:
     return NestingLimit(app, frontend.gateway.config.gateway.max_depth, max_body=MAX_BODY), manager.run
 
 
-class _UnownedText(io.TextIOWrapper):
-    """A text layer over stdin's buffer that never closes it (the buffer is the process's)."""
-
-    def close(self) -> None:
-        with suppress(ValueError):
-            self.detach()
-
-
-class _CheckedStdin(anyio.AsyncFile[str]):
+class _CheckedStdin:
     """This process's stdin, line by line, with each line that nests deeper than ``gateway.max_depth`` answered
     with its JSON-RPC error on ``write`` instead of being handed to the SDK (which would drop one it cannot
-    parse, leaving its caller waiting). Read in place, as the SDK reads stdin given no stream."""
+    parse, leaving its caller waiting). Read without a blocking thread (``gateway.stdin``), so SIGTERM can stop
+    ``serve --stdio`` while the client keeps stdin open; the SDK only iterates it."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(_UnownedText(sys.stdin.buffer, encoding="utf-8", errors="replace"))
         self._limit = limit
         self._write: Any = None
         self._ready = anyio.Event()
@@ -673,7 +664,8 @@ class _CheckedStdin(anyio.AsyncFile[str]):
 
     async def __aiter__(self) -> AsyncIterator[str]:
         await self._ready.wait()
-        async for line in super().__aiter__():
+        async for raw in read_lines(0):
+            line = raw.decode("utf-8", errors="replace")  # as the SDK decodes stdin
             error = nesting_error(line, self._limit)
             if error is None:
                 yield line
@@ -685,6 +677,6 @@ async def serve_stdio(frontend: McpFrontend) -> None:
     """Serve one client over this process's stdin/stdout until it disconnects."""
     server = frontend.server
     stdin = _CheckedStdin(frontend.gateway.config.gateway.max_depth)
-    async with stdio_server(stdin=stdin) as (read, write):
+    async with stdio_server(stdin=cast("anyio.AsyncFile[str]", stdin)) as (read, write):
         stdin.answer_on(write)
         await server.run(read, write, server.create_initialization_options())

@@ -4,16 +4,18 @@ A stdio upstream gets stdin EOF, then SIGTERM, then SIGKILL, each after a bounde
 transport); a gateway that exited first would leave them running, or as zombies, reparented to init.
 """
 
+import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 from anyio.abc import Process
 from mcp import Client
 
-from tests.support import ROOT, TESTKIT, run_gateway, stdio_server
+from tests.support import PYTHON, ROOT, TESTKIT, run_gateway, stdio_server
 
 pytestmark = pytest.mark.anyio
 
@@ -52,3 +54,45 @@ async def test_sigterm_reaps_stdio_upstreams_before_the_gateway_exits(tmp_path: 
         status = await terminate(gw.process.process)
         assert status == 0, gw.process.output()
         assert gone(pid)
+
+
+@pytest.mark.parametrize("server", [TESTKIT, STUBBORN], ids=["exits-on-eof", "ignores-eof-and-sigterm"])
+async def test_sigterm_stops_serve_stdio_while_its_client_holds_stdin_open(tmp_path: Path, server: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"servers:\n  kit: {stdio_server(server)}\n")
+    argv = [PYTHON, "-m", "gateway", "serve", str(path), "--stdio"]
+    async with await anyio.open_process(argv, cwd=ROOT, stderr=None) as process:
+        assert process.stdin is not None  # held open until the gateway has exited
+        assert process.stdout is not None
+        lines = _Lines(process.stdout)
+
+        async def send(message: dict[str, Any]) -> None:
+            assert process.stdin is not None
+            await process.stdin.send(json.dumps({"jsonrpc": "2.0", **message}).encode() + b"\n")
+
+        with anyio.fail_after(30):
+            init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+            await send({"id": 0, "method": "initialize", "params": init})
+            assert (await lines.next())["id"] == 0
+            await send({"method": "notifications/initialized"})
+            await send({"id": 1, "method": "tools/call", "params": {"name": "kit__whoami", "arguments": {}}})
+            answer = await lines.next()
+        assert answer["id"] == 1, answer
+        pid = int(answer["result"]["structuredContent"]["pid"])
+        assert not gone(pid)
+        assert await terminate(process) == 0
+        assert gone(pid)
+
+
+class _Lines:
+    """JSON lines read from a byte stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> Any:
+        while b"\n" not in self._buffer:
+            self._buffer += await self._stream.receive()
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
