@@ -8,6 +8,7 @@ measures the three targets in round-robin rounds so machine noise hits them alik
     .venv/bin/python bench/run.py --quick      # smoke run (under 30 s)
     .venv/bin/python bench/run.py --markdown   # also print Markdown tables
     .venv/bin/python bench/run.py --calls 2000 --profile 10
+    .venv/bin/python bench/run.py --paths      # issue 11: every client/upstream path (bench/paths.py)
 
 Results go to ``bench/out/results.json``; subprocess logs to ``bench/out/logs/``.
 """
@@ -942,7 +943,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=float, default=None, help="seconds of py-spy on the gateway under load (default 5; 0 = off)"
     )
+    parser.add_argument("--paths", action="store_true", help="issue 11's client/upstream paths instead (paths.py)")
     args = parser.parse_args(argv)
+    if args.paths:
+        from paths import main as paths_main  # bench/ is this script's directory
+
+        return paths_main(argv)
     plan = make_plan(args)
     OUT.mkdir(parents=True, exist_ok=True)
     procs = Procs()
