@@ -29,6 +29,7 @@ from pydantic import (
     Discriminator,
     Field,
     PrivateAttr,
+    SecretStr,
     Tag,
     ValidationError,
 )
@@ -96,6 +97,8 @@ DEFAULT_MAX_RESULT = 16 * 2**20
 """Bytes an upstream's reply to one request may have."""
 DEFAULT_RECEIVE_TIMEOUT = 30.0
 """Seconds an HTTP client may take to send a whole request, headers and body."""
+MIN_STATE_KEY = 16
+"""The fewest characters ``gateway.state_key`` may have."""
 DEFAULT_MAX_DEPTH = 64
 """Levels a request may nest (its own object is 1, a tool's ``arguments`` 3): tool arguments are shallow JSON,
 and upstreams' parsers stop near 200 (pydantic-core, the MCP SDK's) or 255 (orjson, writing)."""
@@ -235,6 +238,10 @@ class GatewaySettings(BaseModel):
     receive_timeout: Duration = DEFAULT_RECEIVE_TIMEOUT
     """How long an HTTP client may take to send a whole request, headers and body (``30s``), counted from the
     connection opening or the previous response ending; a connection that is slower, silent or idle is closed."""
+    state_key: SecretStr | None = Field(None, min_length=MIN_STATE_KEY)
+    """The secret that signs the ``requestState`` the gateway gives 2026-07-28 clients it asks something mid-call
+    (at least 16 characters; ``${ENV}`` keeps it out of the file); unset: a random key made at start, so replicas
+    behind one address, or a restart, do not accept each other's states."""
 
 
 class ToolFilter(BaseModel):

@@ -7,6 +7,7 @@
      ├── ToolNotFound                no such tool in the registry                        → JSON-RPC invalid params
      ├── ResourceNotFound            no such resource (or not this client's to read)     → JSON-RPC invalid params
      ├── InvalidArguments            arguments do not satisfy the tool's inputSchema     → isError result
+     ├── InvalidRequestState         a ``requestState`` the gateway refuses (its ``reason``) → JSON-RPC invalid params
      ├── PolicyDenied                a policy refused the call                           → isError result
      │    ├── Unauthenticated
      │    ├── Forbidden
@@ -97,6 +98,18 @@ class InvalidArguments(GatewayError):
     """The arguments do not satisfy the tool's input schema."""
 
     outcome = "invalid"
+
+
+class InvalidRequestState(GatewayError):
+    """A retry's ``requestState`` that the gateway minted cannot be used: ``reason`` is ``forged`` (not this
+    gateway's, or altered), ``expired``, ``used`` (each state is good once), ``other_client`` or ``other_request``."""
+
+    outcome = "invalid"
+    as_tool_result = False
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
 
 
 class PolicyDenied(GatewayError):

@@ -32,6 +32,7 @@ from gateway.dispatch import Audit, CallPath, Dispatcher
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.metrics import Metrics
 from gateway.registry import Naming, Registry, build_registry
+from gateway.requeststate import StateSigner
 from gateway.types import Provider, ProviderEvents, ProviderState
 from gateway.workflows.plan import check_tools
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
@@ -115,7 +116,10 @@ class Gateway:
         )
         """The workflow runs: started, attached to, resumed, looked up (tasks, ``patchbay runs``)."""
         redact = audit_redactor(config.audit).redact  # what a run's resource shows, redacted as the audit trail
-        self.workflows = WorkflowProvider(config.plans, runner, runs=self.runs, redact=redact)
+        key = settings.state_key
+        self.state_signer = StateSigner(key.get_secret_value().encode() if key is not None else None)
+        """Mints and checks the ``requestState`` of calls held for a 2026-07-28 client's answers."""
+        self.workflows = WorkflowProvider(config.plans, runner, runs=self.runs, redact=redact, signer=self.state_signer)
         self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
         """Every provider by name: the workflows first (their names are taken before any server's), then the
         configured servers, then the extra providers."""

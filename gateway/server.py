@@ -8,6 +8,12 @@ one place: ``ToolNotFound`` and ``ResourceNotFound`` become JSON-RPC invalid-par
 Workflow tools also run as MCP tasks (``gateway.tasks``), in both eras: a task-augmented
 ``tools/call`` takes the one dispatch path like any call, with ``CallContext.task`` set, and
 answers with the task its run became; ``tasks/*`` read and cancel the runs of the client asking.
+
+A 2026-07-28 client has no channel for server→client requests. Its call of an upstream tool, when it
+declares sampling or elicitation, is held (``gateway.roundtrip``): what the upstream asks mid-call
+comes back as an ``InputRequiredResult`` with a ``requestState`` the gateway signs, and the client's
+retry with ``inputResponses`` delivers the answers to the held upstream request. An upstream's own
+``requestState`` (a 2026-07-28 upstream asking the same way) passes through unchanged.
 """
 
 import logging
@@ -38,14 +44,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Scope
 
-from gateway.errors import ResourceNotFound, TaskError, ToolNotFound, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestState, ResourceNotFound, TaskError, ToolNotFound, UpstreamError
 from gateway.fastpath import MAX_BODY, FastPath, FastSession
 from gateway.gateway import Gateway
 from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
+from gateway.requeststate import STATE_PREFIX, request_digest
+from gateway.roundtrip import ANSWER_TIMEOUT, RoundTrips
 from gateway.stdin import read_lines
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
-from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
+from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.provider import WORKFLOW_PROVIDER
 from policies.auth import principal_of
 
@@ -78,6 +86,13 @@ class _Channel:
 
     async def request(self, method: str, params: JSONObject) -> JSONObject:
         request_type, result_type = _CLIENT_REQUESTS[method]
+        if self._ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            # Only a held tools/call can ask a 2026-07-28 client (gateway.roundtrip); this request is not one.
+            raise UpstreamError(
+                f"{method} cannot reach a {self._ctx.protocol_version} client during {self._ctx.method}: that "
+                "revision has no server→client requests, and patchbay asks them only within a tools/call "
+                "(as an input-required result)"
+            )
         try:
             result = await self._ctx.session.send_request(
                 request_type.model_validate({"method": method, "params": params}),
@@ -159,6 +174,8 @@ class McpFrontend:
         self._visible: dict[Principal, list[types.Tool]] = {}
         self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._subscribers: dict[str, weakref.WeakSet[Connection]] = {}
+        self._held = RoundTrips(lambda: None, signer=gateway.state_signer)
+        """Upstream tool calls of 2026-07-28 clients, held while the client answers what the upstream asked."""
         self.register_http_session: Callable[[str, Callable[[], FastSession]], None] | None = None
         """Set when served over HTTP: records handshake-era sessions for the lean ``tools/call`` path."""
         with warnings.catch_warnings():
@@ -254,14 +271,62 @@ class McpFrontend:
         if task is not None:
             context = replace(context, task=task)
         try:
-            result = await self.gateway.dispatcher.call(params.name, params.arguments or {}, context)
+            entry = self.gateway.registry.tools.get(params.name)
+            if entry is not None and task is None and self._holds(ctx, entry, params):
+                result = await self._held_call(ctx, entry, params, context)
+            else:
+                result = await self.gateway.dispatcher.call(params.name, params.arguments or {}, context)
         except ToolNotFound as exc:
             raise MCPError(types.INVALID_PARAMS, str(exc)) from None
+        except InvalidRequestState as exc:
+            raise MCPError(types.INVALID_PARAMS, str(exc), {"reason": exc.reason}) from None
         if result.task is not None:
             return self._task_created(ctx, result.task, context.principal)
         if result.input_required is not None:
             return types.InputRequiredResult.model_validate(result.input_required)
         return types.CallToolResult.model_validate(result.wire())
+
+    def _holds(self, ctx: ServerRequestContext[Any], entry: Entry, params: types.CallToolRequestParams) -> bool:
+        """Whether this call is one to hold for the client's answers (or the retry of one): an upstream tool's,
+        by a 2026-07-28 client that can be asked something. Workflow runs hold themselves (their round trip)."""
+        if entry.provider == WORKFLOW_PROVIDER:
+            return False
+        if params.request_state is not None and params.request_state.startswith(STATE_PREFIX):
+            return True
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            return False
+        capabilities = ctx.session.client_capabilities
+        return capabilities is not None and (capabilities.sampling is not None or capabilities.elicitation is not None)
+
+    async def _held_call(
+        self, ctx: ServerRequestContext[Any], entry: Entry, params: types.CallToolRequestParams, context: CallContext
+    ) -> ToolResult:
+        """Call the tool held in the background, or deliver the answers of its retry.
+
+        Raises:
+            InvalidRequestState: the retry's ``requestState`` cannot be used.
+        """
+        arguments = params.arguments or {}
+        request = request_digest(params.name, arguments)
+        if params.request_state is not None and params.request_state.startswith(STATE_PREFIX):
+            return await self._held.resume(context, request=request)
+        dispatcher = self.gateway.dispatcher
+
+        async def run(held: CallContext) -> ToolResult:
+            try:
+                return await dispatcher.call(params.name, arguments, held)
+            except GatewayError as exc:  # ToolNotFound: the registry changed since; the background must not fail
+                return ToolResult.text(str(exc), is_error=True)
+
+        server = self.gateway.config.servers.get(entry.provider)
+        background = ctx.lifespan_context.get("background") if isinstance(ctx.lifespan_context, dict) else None
+        return await self._held.start(
+            run,
+            context,
+            request=request,
+            group=background,
+            answer_timeout=server.timeout if server is not None else ANSWER_TIMEOUT,  # the upstream call's bound
+        )
 
     def _context(self, ctx: ServerRequestContext[Any]) -> CallContext:
         level = self._log_levels.get(ctx.session._connection, "debug")
