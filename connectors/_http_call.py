@@ -35,7 +35,14 @@ RequestFn = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class SessionGone(Exception):
-    """The server no longer knows the session (404) or the connection broke: reconnect."""
+    """The server no longer knows the session (404) or the connection broke: reconnect.
+
+    ``unsent``: the request provably never reached the server (a 404 for the session id, or no connection
+    could be made), so it may be sent again on a new session."""
+
+    def __init__(self, message: str, *, unsent: bool = False) -> None:
+        self.unsent = unsent
+        super().__init__(message)
 
 
 class CallFailed(Exception):
@@ -124,7 +131,7 @@ class HttpCaller:
         try:
             async with self._http.stream("POST", self._url, content=json.dumps(body), headers=self._headers()) as r:
                 if r.status_code == 404:
-                    raise SessionGone("the server no longer knows this session")
+                    raise SessionGone("the server no longer knows this session", unsent=True)
                 if r.status_code != 200:
                     await r.aread()
                     raise CallFailed(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -136,6 +143,8 @@ class HttpCaller:
                 return await self._read_events(r, request_id, on_progress, on_log, on_request)
         except httpx2.SSEError as exc:  # the content type was checked: only an event over the limit is left
             raise ReplyTooLarge(None) from exc
+        except httpx2.ConnectError as exc:  # no connection, so no request: safe to send again
+            raise SessionGone(f"{type(exc).__name__}: {exc}", unsent=True) from exc
         except (httpx2.TransportError, json.JSONDecodeError) as exc:
             raise SessionGone(f"{type(exc).__name__}: {exc}") from exc
 

@@ -29,7 +29,8 @@ is logged once per connection and kept in ``warnings`` for the status.
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -88,6 +89,14 @@ _RAW: Any = TypeAdapter(dict[str, Any])
 _GONE = frozenset({types.CONNECTION_CLOSED, types.INVALID_REQUEST, types.INTERNAL_ERROR})
 """Errors a ping meets when the connection or the session is gone (the SDK's HTTP transport reports a lost
 connection, a session the server no longer knows and an HTTP error status with these codes)."""
+
+_SESSION_TERMINATED = "Session terminated"
+"""How the SDK's HTTP transport reports a 404 for the session id (with ``INVALID_REQUEST``)."""
+
+
+class _Unsent(Exception):
+    """The session was gone before the request reached the server: it may be sent again on a new one."""
+
 
 _CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation"}
 """The client capability each server→client request needs."""
@@ -203,6 +212,14 @@ class McpUpstream:
         """When the supervisor tries to connect again (``anyio.current_time()``), while it waits to."""
         self._lost = "connection closed by the server"
         """Why the current connection ended, once it has."""
+        self._wake = anyio.Event()
+        """Set by a call that found the server down: the supervisor tries again now instead of after the backoff."""
+        self._attempted = anyio.Event()
+        """Set (and replaced) when a connection attempt ends, connected or not: what such a call waits for."""
+        self._failed_at = -math.inf
+        """When the last connection attempt failed (``anyio.current_time()``)."""
+        self._probe = anyio.Event()
+        """Set when something hints that the server went away (its listen stream ended): ping it now."""
 
     @property
     def connect_timeout(self) -> float:
@@ -235,6 +252,7 @@ class McpUpstream:
         finally:
             self.state = ProviderState.DOWN
             self._client = self._modern = self._caller = None
+            self._attempted.set()  # no attempt will come: nobody waits for one
         self.last_error = "closed"
         announce()  # closed before the first attempt was over
 
@@ -252,6 +270,7 @@ class McpUpstream:
                     with anyio.fail_after(self.connect_timeout):
                         await tg.start(self._session)
                     backoff = INITIAL_BACKOFF
+                    self._attempt_over()
                     announce()
                     await self._events.changed(self.name)
             # The boundary of one connection: whatever broke it (spawn failure, handshake error,
@@ -263,11 +282,22 @@ class McpUpstream:
             self.state = ProviderState.DOWN
             self._next_attempt = anyio.current_time() + backoff
             self._client = self._modern = self._caller = None  # however the connection ended
+            if not was_up:
+                self._failed_at = anyio.current_time()
+                self._attempt_over()
             announce()
             if was_up:
                 await self._events.changed(self.name)
-            await anyio.sleep(backoff)
+            with anyio.move_on_after(backoff):
+                await self._wake.wait()
+                # Woken by a call: still no more than two attempts a second at a server that is really gone.
+                await anyio.sleep_until(self._failed_at + INITIAL_BACKOFF)
+            self._wake = anyio.Event()
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def _attempt_over(self) -> None:
+        self._attempted.set()
+        self._attempted = anyio.Event()
 
     async def _session(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """One connection: handshake, listing, then serve refreshes until the transport ends."""
@@ -300,7 +330,7 @@ class McpUpstream:
                 tg.start_soon(self._refresher, client)
                 if self._modern is not None:
                     tg.start_soon(self._listen, self._modern)
-                if isinstance(self.config, HttpServer) and self.config.heartbeat is not None:
+                if isinstance(self.config, HttpServer):
                     tg.start_soon(self._heartbeat, client, self.config.heartbeat)
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
@@ -372,16 +402,21 @@ class McpUpstream:
                 return
             except (SubscriptionLost, MCPError, httpx2.HTTPError, TimeoutError, OSError) as exc:
                 logger.info("upstream %s: its listen stream ended (%s); again in %.1fs", self.name, exc, backoff)
+                self._probe.set()  # the server may be gone: the heartbeat asks now, not at its next beat
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             self._refresh_wanted.set()
 
-    async def _heartbeat(self, client: Client, every: float) -> None:
-        """Ping the server every ``every`` seconds: an HTTP server that went away while idle ends no stream
-        the SDK watches, so without this only the next call would notice. No answer (in the call timeout),
-        a lost connection or an ended session closes this connection, and the supervisor reconnects."""
+    async def _heartbeat(self, client: Client, every: float | None) -> None:
+        """Ping the server every ``every`` seconds, and at once when its listen stream ends: an HTTP server
+        that went away while idle ends no stream the SDK watches (its GET stream reconnects on its own), so
+        without this only the next call would notice. No answer (in the call timeout), a lost connection or
+        an ended session (a restarted server answers 404) closes this connection, and the supervisor
+        reconnects. ``every`` None: pings only when the listen stream ends."""
         while True:
-            await anyio.sleep(every)
+            with anyio.move_on_after(math.inf if every is None else every):
+                await self._probe.wait()
+            self._probe = anyio.Event()
             try:
                 with anyio.fail_after(self.config.timeout):
                     await client.session.send_ping()
@@ -462,6 +497,7 @@ class McpUpstream:
             UpstreamError: see :meth:`_send`.
         """
         _check_encodable(name, arguments)
+        await self._connected()
         params: dict[str, Any] = {"name": name, "arguments": dict(arguments)}
         meta = dict(context.meta or {})
         modern = self._modern_for(context)
@@ -475,11 +511,14 @@ class McpUpstream:
                 params["requestState"] = context.request_state
         if meta:
             params["_meta"] = meta
-        if not modern and self._caller is not None and self._client is not None:
-            raw = await self._lean_call(self._caller, params, context)
-        else:
+
+        async def send() -> dict[str, Any]:  # on the connection there is now
+            if not modern and self._caller is not None and self._client is not None:
+                return await self._lean_call(self._caller, params, context)
             request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
-            raw = await self._send(request, context, modern=modern)
+            return await self._send(request, context, modern=modern and self._modern is not None)
+
+        raw = await self._on_a_session(send)
         if raw.get("resultType") == "input_required":
             return ToolResult(content=(), input_required=raw)
         return ToolResult(
@@ -516,6 +555,8 @@ class McpUpstream:
             raise ResultTooLarge(server=self.name, limit=self.max_result, size=exc.size) from None
         except SessionGone as exc:
             closed.set()
+            if exc.unsent:
+                raise _Unsent(str(exc)) from None
             raise UpstreamUnavailable(
                 f"The connection to server {self.name!r} was lost during the call ({exc}); it is being reconnected.",
                 server=self.name,
@@ -550,7 +591,59 @@ class McpUpstream:
             request = types.client_request_adapter.validate_python({"method": method, "params": dict(params)})
         except ValidationError as exc:
             raise UpstreamError(f"invalid {method} request for server {self.name!r}: {exc}", server=self.name) from None
-        return await self._send(request, context)
+        await self._connected()
+        return await self._on_a_session(lambda: self._send(request, context))
+
+    async def _connected(self) -> None:
+        """Before a request: when the server is down, try to connect now rather than after the backoff, and
+        wait for that one attempt (a restarted server serves this request instead of failing it). Attempts
+        start at least :data:`INITIAL_BACKOFF` apart, so a server that is really gone costs a busy gateway two
+        a second at most, and a request to it fails within that and one attempt (bounded by its timeout)."""
+        if self.state is not ProviderState.UP:
+            await self._connection_after(self.connects)
+
+    async def _on_a_session(self, send: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """``send()``, and once more on a new session when the server no longer knew the one it was sent on.
+
+        A 404 for the session id (a server restarted while idle, before a heartbeat noticed) means the
+        request never reached the server, so sending it again cannot run it twice.
+
+        Raises:
+            UpstreamUnavailable: no new session within the call timeout, or that one was lost too.
+            UpstreamError: as ``send`` raises.
+        """
+        seen = self.connects
+        try:
+            return await send()
+        except _Unsent as exc:
+            logger.info("upstream %s: %s; sending the request again on a new session", self.name, exc)
+            gone = exc
+        if not await self._connection_after(seen):
+            raise UpstreamUnavailable(
+                f"Server {self.name!r} no longer knew the session ({gone}) and could not be reconnected"
+                f"{f' ({self.last_error})' if self.last_error else ''}; try again shortly.",
+                server=self.name,
+                retry_after=max(0.0, self._next_attempt - anyio.current_time()),
+            )
+        try:
+            return await send()
+        except _Unsent as exc:
+            raise UpstreamUnavailable(
+                f"Server {self.name!r} lost a new session at once ({exc}); it is being reconnected.", server=self.name
+            ) from None
+
+    async def _connection_after(self, seen: int) -> bool:
+        """Whether a connection newer than the ``seen``-th is up, asking the supervisor to try now and waiting
+        (at most the call timeout) for its attempt."""
+        with anyio.move_on_after(self.config.timeout):
+            while not (self.state is ProviderState.UP and self.connects > seen):
+                attempted = self._attempted
+                self._wake.set()
+                await attempted.wait()
+                if self.state is not ProviderState.UP:
+                    return False
+            return True
+        return False
 
     async def _send(self, request: Any, context: CallContext, *, modern: bool = False) -> dict[str, Any]:
         """Send one request on the shared session, within the server's timeout; the raw result.
@@ -582,6 +675,9 @@ class McpUpstream:
         except MCPError as exc:
             if exc.error.code == types.CONNECTION_CLOSED and is_oversize(exc.error.message):  # the session is fine
                 raise ResultTooLarge(server=self.name, limit=self.max_result) from None
+            if exc.error.code == types.INVALID_REQUEST and exc.error.message == _SESSION_TERMINATED:
+                closed.set()
+                raise _Unsent(f"the server no longer knows this session: {exc.error.message}") from None
             if exc.error.code == types.CONNECTION_CLOSED:
                 closed.set()
                 raise UpstreamUnavailable(

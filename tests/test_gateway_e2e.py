@@ -526,3 +526,34 @@ async def test_a_call_past_the_servers_timeout_is_an_error_and_is_cancelled_upst
             return "slow cancelled" in events.structured_content["result"]
 
         await until(cancelled_upstream)
+
+
+async def test_an_http_upstream_stopped_while_idle_is_seen_down_and_serves_the_next_calls_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = f"servers:\n  kit: {{url: 'http://127.0.0.1:{port}/mcp', heartbeat: 1s}}\n"
+
+    async def kit_state() -> str:
+        async with httpx2.AsyncClient() as http:
+            return str((await http.get(f"{gw.base}/readyz")).json()["upstreams"]["kit"]["state"])
+
+    async with run_http_upstream(tmp_path, TESTKIT, port, name="first") as first, run_gateway(tmp_path, config) as gw:
+
+        async def up() -> bool:
+            return await kit_state() == "up"
+
+        async def down() -> bool:
+            return await kit_state() != "up"
+
+        await until(up)
+        first.process.kill()  # no call in flight
+        await first.process.wait()
+        await until(down, within=5.0)
+        async with run_http_upstream(tmp_path, TESTKIT, port, name="second"):
+            for mode in ERAS:  # the lean handshake-era path, then a 2026-07-28 client
+                async with Client(gw.url, mode=mode, cache=None) as client:
+                    for n in range(3):
+                        result = await client.call_tool("kit__echo", {"text": f"{mode} {n}"})
+                        assert not result.is_error, result.content
+                        assert result.structured_content == {"result": f"{mode} {n}"}
