@@ -88,9 +88,11 @@ async def test_a_result_over_max_result_is_that_calls_error_and_nobody_elses(
         assert after.structured_content == before.structured_content  # the same upstream process
 
 
-async def upstream_events(c: Client) -> str:
-    """What the upstream recorded so far."""
-    return only_text(await c.call_tool("kit__events", {}))
+async def upstream_events(c: Client) -> list[str]:
+    """What the upstream recorded so far (its structured result: the text content is empty while nothing is)."""
+    result = await c.call_tool("kit__events", {})
+    assert result.structured_content is not None
+    return list(result.structured_content["result"])
 
 
 async def test_a_burst_of_calls_around_the_limit_gets_no_500(tmp_path: Path) -> None:
