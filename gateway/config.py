@@ -89,7 +89,7 @@ DEFAULT_ENGINE = "local"
 DEFAULT_SHARED_STATE = "memory"
 DEFAULT_TIMEOUT = 30.0
 """Seconds an upstream call may take."""
-DEFAULT_HEARTBEAT = 15.0
+DEFAULT_HEARTBEAT = 5.0
 """Seconds between pings to an HTTP upstream, to notice one that went away while idle."""
 DEFAULT_MAX_BODY = 4 * 2**20
 """Bytes an HTTP request body to the gateway may have."""
