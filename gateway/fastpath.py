@@ -31,7 +31,6 @@ MAX_BODY = 4 * 1024 * 1024
 """Larger bodies are left to the SDK (which refuses them with 413)."""
 
 _INVALID_PARAMS = -32602
-_REQUEST_CANCELLED = -32800
 
 
 @dataclass
@@ -135,7 +134,7 @@ class FastPath:
             client=_Channel(session, responder, self._ids),
             meta=session.forwardable_meta(meta),
         )
-        reply: dict[str, Any] = _error(message["id"], _REQUEST_CANCELLED, "Request cancelled")
+        reply: dict[str, Any] | None = None
         with anyio.CancelScope() as scope:
             session.calls[message["id"]] = scope
             try:
@@ -145,7 +144,10 @@ class FastPath:
                 reply = _error(message["id"], _INVALID_PARAMS, str(exc))
             finally:
                 session.calls.pop(message["id"], None)
-        await responder.finish(reply)
+        if reply is None:  # the client cancelled it: no response follows (the spec's SHOULD NOT), only the POST's end
+            await responder.abandon()
+        else:
+            await responder.finish(reply)
 
 
 class _Responder:
@@ -163,6 +165,16 @@ class _Responder:
                 await self._start(b"text/event-stream", None)
                 self._streaming = True
             await self._send({"type": "http.response.body", "body": _sse(message), "more_body": True})
+
+    async def abandon(self) -> None:
+        """End the response without a JSON-RPC message: the stream if one was started, else 202 Accepted."""
+        async with self._lock:
+            if self._streaming:
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            headers = [(b"content-length", b"0"), (b"mcp-session-id", self._session_id)]
+            await self._send({"type": "http.response.start", "status": 202, "headers": headers})
+            await self._send({"type": "http.response.body", "body": b""})
 
     async def finish(self, message: JSONObject) -> None:
         async with self._lock:

@@ -290,7 +290,7 @@ async def test_a_client_refusing_a_sampling_request_is_answered_upstream_with_it
         assert "the user said no" in reply["result"]["content"][0]["text"]
 
 
-async def test_cancelling_a_lean_call_cancels_it_upstream() -> None:
+async def test_cancelling_a_lean_call_cancels_it_upstream_and_answers_nothing() -> None:
     async with gateway() as gw:
         session = await gw.seen_session()
         replies: list[Any] = []
@@ -304,7 +304,9 @@ async def test_cancelling_a_lean_call_cancels_it_upstream() -> None:
             cancel = rpc("notifications/cancelled", {"requestId": 15, "reason": "changed my mind"})
             assert (await gw.post(cancel, session)).status_code == 202
             await gw.upstream.cancelled.wait()
-        assert replies[0].json()["error"]["code"] == -32800
+        # No response follows a cancelled request (the spec: SHOULD NOT); the POST ends with 202 and no body, which
+        # a client whose session is already closing takes calmly (a late JSON-RPC error broke its teardown).
+        assert (replies[0].status_code, replies[0].content) == (202, b"")
 
 
 async def test_a_2026_client_over_http_is_served_by_the_sdk_side() -> None:
