@@ -1,5 +1,6 @@
 """Real processes on 127.0.0.1 for end-to-end tests: start them, wait until they answer, always reap them."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -132,3 +134,17 @@ def patchbay(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
+
+
+class JsonLines:
+    """JSON-RPC messages read line by line from a byte stream (a process's stdout)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._buffer = b""
+
+    async def next(self) -> Any:
+        while b"\n" not in self._buffer:
+            self._buffer += await self._stream.receive()
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)

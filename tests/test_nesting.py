@@ -17,7 +17,7 @@ import pytest
 from gateway.config import MAX_MAX_DEPTH, parse_config
 from gateway.errors import ConfigError
 from gateway.nesting import nesting_error
-from tests.support import PYTHON, ROOT, TESTKIT, run_gateway, stdio_server
+from tests.support import PYTHON, ROOT, TESTKIT, JsonLines, run_gateway, stdio_server
 
 pytestmark = pytest.mark.anyio
 
@@ -133,7 +133,7 @@ async def test_serve_stdio_answers_a_too_deep_request_at_once_and_passes_one_at_
     async with await anyio.open_process(argv, cwd=ROOT, stderr=None) as process:
         assert process.stdin is not None
         assert process.stdout is not None
-        lines = _Lines(process.stdout)
+        lines = JsonLines(process.stdout)
 
         async def send(raw: bytes) -> None:
             assert process.stdin is not None
@@ -156,20 +156,6 @@ async def test_serve_stdio_answers_a_too_deep_request_at_once_and_passes_one_at_
         await process.stdin.aclose()
         with anyio.fail_after(30):
             await process.wait()
-
-
-class _Lines:
-    """JSON lines read from a byte stream."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._buffer = b""
-
-    async def next(self) -> Any:
-        while b"\n" not in self._buffer:
-            self._buffer += await self._stream.receive()
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
 
 
 def test_the_message_is_answered_with_its_id_wherever_the_id_stands_and_invalid_request_outside_params() -> None:

@@ -15,7 +15,7 @@ import pytest
 from anyio.abc import Process
 from mcp import Client
 
-from tests.support import PYTHON, ROOT, TESTKIT, run_gateway, stdio_server
+from tests.support import PYTHON, ROOT, TESTKIT, JsonLines, run_gateway, stdio_server
 
 pytestmark = pytest.mark.anyio
 
@@ -64,7 +64,7 @@ async def test_sigterm_stops_serve_stdio_while_its_client_holds_stdin_open(tmp_p
     async with await anyio.open_process(argv, cwd=ROOT, stderr=None) as process:
         assert process.stdin is not None  # held open until the gateway has exited
         assert process.stdout is not None
-        lines = _Lines(process.stdout)
+        lines = JsonLines(process.stdout)
 
         async def send(message: dict[str, Any]) -> None:
             assert process.stdin is not None
@@ -82,17 +82,3 @@ async def test_sigterm_stops_serve_stdio_while_its_client_holds_stdin_open(tmp_p
         assert not gone(pid)
         assert await terminate(process) == 0
         assert gone(pid)
-
-
-class _Lines:
-    """JSON lines read from a byte stream."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._buffer = b""
-
-    async def next(self) -> Any:
-        while b"\n" not in self._buffer:
-            self._buffer += await self._stream.receive()
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)

@@ -159,6 +159,7 @@ class Runs:
                 while True:
                     if rounds % 720 == 0 and (self._keep_age is not None or self._keep_count is not None):
                         await self._prune()
+                    await self._heartbeat()
                     if resume:
                         await self.resume_interrupted()
                     rounds += 1
@@ -174,6 +175,14 @@ class Runs:
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
             await self._stopped.wait()
+
+    async def _heartbeat(self) -> None:
+        """Keep this instance's claim on its runs alive (PostgreSQL takes its liveness lock again if the
+        connection holding it was lost); the store's trouble must not stop the runs."""
+        try:
+            await self.store.heartbeat()
+        except Exception:
+            logger.exception("could not renew this gateway's hold on its runs")
 
     async def _prune(self) -> None:
         try:
