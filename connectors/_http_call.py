@@ -75,13 +75,23 @@ class SessionInfo:
 
 
 class HttpCaller:
+    """Requests on one upstream session; or, with ``modern``, 2026-07-28 requests (no session: each carries its
+    own envelope, which the caller puts in the params, and its routing headers, given per call)."""
+
     def __init__(
-        self, http: httpx2.AsyncClient, url: str, session: SessionInfo, *, max_result: int = DEFAULT_MAX_RESULT
+        self,
+        http: httpx2.AsyncClient,
+        url: str,
+        session: SessionInfo,
+        *,
+        max_result: int = DEFAULT_MAX_RESULT,
+        modern: bool = False,
     ) -> None:
         self._http = http
         self._url = url
         self._session = session
         self._max_result = max_result
+        self._modern = modern
         self._ids = itertools.count(1)
 
     def _headers(self) -> dict[str, str]:
@@ -100,8 +110,9 @@ class HttpCaller:
         on_progress: ProgressFn | None = None,
         on_log: LogFn | None = None,
         on_request: RequestFn | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Send one request and return its raw result.
+        """Send one request and return its raw result; ``headers`` are added to the session's.
 
         Raises:
             SessionGone: the session or connection is gone.
@@ -113,28 +124,33 @@ class HttpCaller:
         if on_progress is not None:
             body_params["_meta"] = {**(body_params.get("_meta") or {}), "progressToken": request_id}
         body = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": body_params}
+        sent = self._headers()
+        if headers:
+            sent.update(headers)
         try:
-            return await self._exchange(body, request_id, on_progress, on_log, on_request)
+            return await self._exchange(body, request_id, sent, on_progress, on_log, on_request)
         except anyio.get_cancelled_exc_class():  # the caller gave up (or timed out): tell the server
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await self._notify_cancelled(request_id)
+            if not self._modern:  # 2026-07-28: closing the response, done by now, is the cancellation
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await self._notify_cancelled(request_id)
             raise
 
     async def _exchange(
         self,
         body: dict[str, Any],
         request_id: str,
+        headers: dict[str, str],
         on_progress: ProgressFn | None,
         on_log: LogFn | None,
         on_request: RequestFn | None,
     ) -> dict[str, Any]:
         try:
-            async with self._http.stream("POST", self._url, content=json.dumps(body), headers=self._headers()) as r:
-                if r.status_code == 404:
+            async with self._http.stream("POST", self._url, content=json.dumps(body), headers=headers) as r:
+                if r.status_code == 404 and not self._modern:  # 2026-07-28 has no session: a 404 is an error reply
                     raise SessionGone("the server no longer knows this session", unsent=True)
                 if r.status_code != 200:
                     await r.aread()
-                    raise CallFailed(f"HTTP {r.status_code}: {r.text[:200]}")
+                    raise CallFailed(_refusal(r))
                 content_type = r.headers.get("content-type", "")
                 if content_type.startswith("application/json"):
                     return _reply(json.loads(await self._read_capped(r)), request_id)
@@ -231,6 +247,18 @@ class HttpCaller:
             await self._http.post(self._url, content=json.dumps(notice), headers=self._headers())
         except httpx2.TransportError as exc:
             logger.debug("could not tell the server about a cancellation: %s", exc)
+
+
+def _refusal(response: httpx2.Response) -> str:
+    """What an HTTP error response says: its status and JSON-RPC error message (2026-07-28 answers errors so), else
+    its text."""
+    try:
+        error = json.loads(response.content).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return f"HTTP {response.status_code}: {error['message']}"
+    return f"HTTP {response.status_code}: {response.text[:200]}"
 
 
 def _reply(message: Any, request_id: str) -> dict[str, Any]:

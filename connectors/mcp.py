@@ -49,6 +49,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import MCP_METHOD_HEADER, MCP_NAME_HEADER, X_MCP_HEADER_KEY, encode_header_value
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
@@ -79,6 +80,7 @@ MIN_CONNECT_TIMEOUT = 10.0
 process and the handshake routinely take a second or more, and a tight call timeout must not fail
 every start."""
 _CLIENT_INFO = types.Implementation(name="patchbay", version="0.1.0")
+_CLIENT_INFO_WIRE = _CLIENT_INFO.model_dump(by_alias=True, mode="json", exclude_none=True)
 _PAGE_CAP = 100
 """A paginator that never ends cannot hang a refresh."""
 
@@ -204,6 +206,10 @@ class McpUpstream:
         self._client: Client | None = None
         self._modern: Client | None = None
         self._caller: HttpCaller | None = None
+        self._modern_caller: HttpCaller | None = None
+        """2026-07-28 calls without the SDK client, when the server speaks that era (``self._modern``)."""
+        self._param_headers: dict[str, bool] = {}
+        """By tool: whether its input schema maps arguments to ``Mcp-Param-*`` headers (then the SDK sends them)."""
         self._closed = anyio.Event()
         self._refresh_wanted = anyio.Event()
         self._inflight: dict[int, ClientChannel] = {}
@@ -251,7 +257,7 @@ class McpUpstream:
                 await self._supervise(announce)
         finally:
             self.state = ProviderState.DOWN
-            self._client = self._modern = self._caller = None
+            self._client = self._modern = self._caller = self._modern_caller = None
             self._attempted.set()  # no attempt will come: nobody waits for one
         self.last_error = "closed"
         announce()  # closed before the first attempt was over
@@ -281,7 +287,7 @@ class McpUpstream:
             was_up = self.state is ProviderState.UP
             self.state = ProviderState.DOWN
             self._next_attempt = anyio.current_time() + backoff
-            self._client = self._modern = self._caller = None  # however the connection ended
+            self._client = self._modern = self._caller = self._modern_caller = None  # however the connection ended
             if not was_up:
                 self._failed_at = anyio.current_time()
                 self._attempt_over()
@@ -316,10 +322,15 @@ class McpUpstream:
         async with client, AsyncExitStack() as stack:
             self._missing = set()
             self.listing = await self._fetch_listing(client)
+            self._param_headers = {}
             self._modern = await self._open_modern(stack)
             if http is not None and session.session_id and isinstance(self.config, HttpServer):
                 session.protocol_version = client.protocol_version
                 self._caller = HttpCaller(http, self.config.url, session, max_result=self.max_result)
+                if self._modern is not None:
+                    era = SessionInfo(protocol_version=self._modern.protocol_version)  # no session: the era's header
+                    url, limit = self.config.url, self.max_result
+                    self._modern_caller = HttpCaller(http, url, era, max_result=limit, modern=True)
             self._client = client
             self.state = ProviderState.UP
             self.last_error = None
@@ -440,6 +451,7 @@ class McpUpstream:
             try:
                 with anyio.fail_after(self.config.timeout):
                     self.listing = await self._fetch_listing(client)
+                    self._param_headers = {}
             except (MCPError, TimeoutError, ValidationError) as exc:
                 logger.warning("upstream %s: refreshing the listing failed: %s", self.name, exc)
                 continue
@@ -515,6 +527,8 @@ class McpUpstream:
         async def send() -> dict[str, Any]:  # on the connection there is now
             if not modern and self._caller is not None and self._client is not None:
                 return await self._lean_call(self._caller, params, context)
+            if modern and self._modern_caller is not None and not self._maps_param_headers(name):
+                return await self._lean_modern_call(self._modern_caller, params, context)
             request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
             return await self._send(request, context, modern=modern and self._modern is not None)
 
@@ -528,7 +542,9 @@ class McpUpstream:
             meta=raw.get("_meta"),
         )
 
-    async def _lean_call(self, caller: HttpCaller, params: dict[str, Any], context: CallContext) -> dict[str, Any]:
+    async def _lean_call(
+        self, caller: HttpCaller, params: dict[str, Any], context: CallContext, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """A call over the lean HTTP path; what the upstream asks mid-call goes to this call's client."""
         channel = context.client
         closed = self._closed  # this connection's: a later one must not be closed by this call's failure
@@ -549,6 +565,7 @@ class McpUpstream:
                     on_progress=context.progress,
                     on_log=channel.log if channel is not None else None,
                     on_request=on_request,
+                    headers=headers,
                 )
             raise self._timeout()  # reached only when the deadline cancelled the call
         except ReplyTooLarge as exc:
@@ -565,6 +582,27 @@ class McpUpstream:
             raise UpstreamError(f"Server {self.name!r} answered with an error: {exc}", server=self.name) from None
         finally:
             self._inflight.pop(token, None)
+
+    async def _lean_modern_call(
+        self, caller: HttpCaller, params: dict[str, Any], context: CallContext
+    ) -> dict[str, Any]:
+        """A 2026-07-28 call over the lean HTTP path: the envelope and routing headers the SDK client would stamp
+        (``_make_modern_stamp``), with the calling client's capabilities, already in ``params``."""
+        modern = self._modern
+        assert modern is not None
+        meta = params["_meta"] = dict(params.get("_meta") or {})
+        meta[types.PROTOCOL_VERSION_META_KEY] = modern.protocol_version
+        meta[types.CLIENT_INFO_META_KEY] = _CLIENT_INFO_WIRE
+        headers = {MCP_METHOD_HEADER: "tools/call", MCP_NAME_HEADER: encode_header_value(params["name"])}
+        return await self._lean_call(caller, params, context, headers)
+
+    def _maps_param_headers(self, name: str) -> bool:
+        found = self._param_headers.get(name)
+        if found is None:
+            tool = next((tool for tool in self.listing.tools if tool.name == name), None)
+            schema = tool.definition.get("inputSchema") if tool is not None else None
+            found = self._param_headers[name] = X_MCP_HEADER_KEY in json.dumps(schema)
+        return found
 
     def _timeout(self) -> UpstreamTimeout:
         return UpstreamTimeout(

@@ -1,4 +1,9 @@
-"""The hot request, served lean: ``tools/call`` on an established streamable-HTTP session.
+"""The hot request, served lean: ``tools/call`` over streamable HTTP.
+
+Two eras take this path: a handshake-era ``tools/call`` on a session the SDK has already
+established, and a 2026-07-28 ``tools/call`` (no session; each request carries its own envelope),
+once the SDK side has checked that envelope (``SessionHost.modern``) and found nothing this path
+does not do: no task, no input round trip, no ``Mcp-Param-*`` headers to validate.
 
 The SDK's server spends about 3 ms of CPU on each message (memory streams,
 several tasks, an SSE response machine); a bare ASGI answer costs about
@@ -7,7 +12,9 @@ established, with the session's own semantics: a plain JSON response when
 nothing has to stream, switching to SSE as soon as progress, a log message or a
 server→client request must reach the client during the call; the client's
 answers to those requests and its ``notifications/cancelled`` are taken here
-too. Everything else – the handshake, listings, other methods, sessions the SDK
+too. A 2026-07-28 call has no back channel: its log messages (the levels it opted
+into) and progress ride its response, and closing the response cancels the call.
+Everything else – the handshake, listings, other methods, sessions the SDK
 has not shown us yet, any request this path is unsure of – goes to the SDK app
 untouched, so behaviour is the SDK's wherever this path steps aside.
 """
@@ -24,13 +31,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.dispatch import Dispatcher
 from gateway.errors import ToolNotFound, UpstreamError
-from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
+from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult
 from policies.auth import principal_of
 
 MAX_BODY = 4 * 1024 * 1024
 """Larger bodies are left to the SDK (which refuses them with 413)."""
 
+PING_INTERVAL = 15.0
+"""Seconds of silence after which a 2026-07-28 call's response turns to SSE and sends a comment line, as the
+SDK's does, so that a proxy's idle-read timeout does not close it."""
+
 _INVALID_PARAMS = -32602
+_ROUND_TRIP_KEYS = frozenset(("task", "inputResponses", "requestState"))
+"""``tools/call`` params that make a 2026-07-28 call the SDK side's: a task, or the retry of an input round trip."""
 
 
 @dataclass
@@ -45,8 +58,24 @@ class FastSession:
     calls: dict[Any, anyio.CancelScope] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ModernCall:
+    """A 2026-07-28 ``tools/call`` whose envelope the SDK side accepted for this path."""
+
+    capabilities: JSONObject
+    protocol_version: str
+    meta: JSONObject | None
+    """The request's ``_meta`` to forward upstream (``CallContext.meta``)."""
+    log_level: str | None
+    """The levels of log messages the client opted into on this request (that one and above); None: none."""
+    progress_token: Any = None
+
+
 class SessionHost(Protocol):
     """The SDK side, as this path needs it."""
+
+    modern_versions: frozenset[str]
+    """The 2026-07-28-era protocol versions (requests that carry their own envelope)."""
 
     def lookup(self, session_id: str) -> FastSession | None:
         """The live session, or None (unknown to this path, ended, or expiring)."""
@@ -58,6 +87,19 @@ class SessionHost(Protocol):
 
     async def refusal(self, scope: Scope) -> ASGIApp | None:
         """The SDK's own answer if the request's Host, Origin or Content-Type is not acceptable."""
+        ...
+
+    def modern(self, scope: Scope, message: dict[str, Any]) -> ModernCall | None:
+        """The call if this path may answer it: its envelope is valid and it asks for nothing only the SDK side
+        does (a task, an input round trip, ``Mcp-Param-*`` validation); else None."""
+        ...
+
+    def modern_result(self, result: ToolResult) -> JSONObject:
+        """A call's outcome as the 2026-07-28 result the SDK side would send (``resultType``, ``serverInfo``)."""
+        ...
+
+    def error_status(self, code: int) -> int:
+        """The HTTP status of a 2026-07-28 JSON-RPC error response with this code."""
         ...
 
 
@@ -85,12 +127,13 @@ class FastPath:
         session = self._host.lookup(session_id) if session_id else None
         version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
         accept = headers.get(b"accept", b"")
-        if (
-            session is None
-            or (version and version != session.protocol_version)
-            or b"application/json" not in accept
-            or b"text/event-stream" not in accept
-        ):
+        if b"application/json" not in accept or b"text/event-stream" not in accept:
+            return await self._sdk(scope, receive, send)
+        if session is None:
+            if not session_id and version in self._host.modern_versions:
+                return await self._modern(scope, receive, send)
+            return await self._sdk(scope, receive, send)
+        if version and version != session.protocol_version:
             return await self._sdk(scope, receive, send)
         body, complete = await _read_body(receive)
         message = _parse(body) if complete else None
@@ -116,6 +159,57 @@ class FastPath:
                 session.calls[request_id].cancel()
                 return await _accepted(send)
         return await self._sdk(scope, _replay(body, complete, receive), send)
+
+    async def _modern(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request without a session, of the 2026-07-28 era: a plain ``tools/call`` is answered here."""
+        body, complete = await _read_body(receive)
+        message = _parse(body) if complete else None
+        params = message.get("params") if message is not None else None
+        call = None
+        if (
+            message is not None
+            and message.get("method") == "tools/call"
+            and "id" in message
+            and isinstance(params, dict)
+            and not _ROUND_TRIP_KEYS.intersection(params)
+        ):
+            call = self._host.modern(scope, message)
+        if message is None or call is None:
+            return await self._sdk(scope, _replay(body, complete, receive), send)
+        refusal = await self._host.refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, _replay(body, complete, receive), send)
+        principal = principal_of(scope) or self._principal
+        responder = _Responder(send, None)
+        request_id = message["id"]
+        params = message["params"]
+        name, arguments = params.get("name"), params.get("arguments") or {}
+        if not isinstance(name, str) or not isinstance(arguments, dict):
+            return await responder.finish(
+                _error(request_id, _INVALID_PARAMS, "bad params"), self._host.error_status(_INVALID_PARAMS)
+            )
+        token = call.progress_token
+        context = CallContext(
+            principal=principal,
+            progress=_progress(responder, token) if token is not None else None,
+            client=_ModernChannel(call, responder),
+            meta=call.meta,
+            log_level=call.log_level,
+        )
+        reply: dict[str, Any] | None = None
+        status = 200
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch, receive, responder, tg.cancel_scope)
+            try:
+                result = await self._dispatcher.call(name, arguments, context)
+                reply = {"jsonrpc": "2.0", "id": request_id, "result": self._host.modern_result(result)}
+            except ToolNotFound as exc:
+                reply = _error(request_id, _INVALID_PARAMS, str(exc))
+                status = self._host.error_status(_INVALID_PARAMS)
+            tg.cancel_scope.cancel()
+        if reply is None:  # the client closed the response: it cancelled the call
+            return
+        await responder.finish(reply, status)
 
     async def _call(
         self, session: FastSession, session_id: str, message: dict[str, Any], send: Send, principal: Principal
@@ -153,9 +247,9 @@ class FastPath:
 class _Responder:
     """One HTTP response: JSON if the call ends before anything had to stream, else SSE."""
 
-    def __init__(self, send: Send, session_id: str) -> None:
+    def __init__(self, send: Send, session_id: str | None) -> None:
         self._send = send
-        self._session_id = session_id.encode("latin-1")
+        self._session = [(b"mcp-session-id", session_id.encode("latin-1"))] if session_id is not None else []
         self._streaming = False
         self._lock = anyio.Lock()
 
@@ -172,26 +266,35 @@ class _Responder:
             if self._streaming:
                 await self._send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            headers = [(b"content-length", b"0"), (b"mcp-session-id", self._session_id)]
+            headers = [(b"content-length", b"0"), *self._session]
             await self._send({"type": "http.response.start", "status": 202, "headers": headers})
             await self._send({"type": "http.response.body", "body": b""})
 
-    async def finish(self, message: JSONObject) -> None:
+    async def ping(self) -> None:
+        """Send an SSE comment line, turning the response to SSE if it is not yet."""
+        async with self._lock:
+            if not self._streaming:
+                await self._start(b"text/event-stream", None)
+                self._streaming = True
+            await self._send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+
+    async def finish(self, message: JSONObject, status: int = 200) -> None:
+        """Send the last message: as an SSE event if streaming, else as JSON with ``status``."""
         async with self._lock:
             if self._streaming:
                 await self._send({"type": "http.response.body", "body": _sse(message), "more_body": False})
                 return
             body = json.dumps(message).encode()
-            await self._start(b"application/json", len(body))
+            await self._start(b"application/json", len(body), status)
             await self._send({"type": "http.response.body", "body": body})
 
-    async def _start(self, content_type: bytes, length: int | None) -> None:
-        headers = [(b"content-type", content_type), (b"mcp-session-id", self._session_id)]
+    async def _start(self, content_type: bytes, length: int | None, status: int = 200) -> None:
+        headers = [(b"content-type", content_type), *self._session]
         if length is None:
             headers.append((b"cache-control", b"no-cache, no-transform"))
         else:
             headers.append((b"content-length", str(length).encode()))
-        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
 
 class _Channel:
@@ -229,6 +332,53 @@ class _Channel:
         if LOG_LEVELS.index(params.get("level", "info")) < LOG_LEVELS.index(self._session.log_level()):
             return
         await self._responder.event({"jsonrpc": "2.0", "method": "notifications/message", "params": dict(params)})
+
+
+class _ModernChannel:
+    """The client of a 2026-07-28 fast-path call: no requests (that era has none mid-call except by an input
+    round trip, which is the SDK side's); log messages of the levels it opted into ride its response."""
+
+    def __init__(self, call: ModernCall, responder: _Responder) -> None:
+        self._call = call
+        self._responder = responder
+        self._floor = LOG_LEVELS.index(call.log_level) if call.log_level in LOG_LEVELS else len(LOG_LEVELS)
+
+    @property
+    def capabilities(self) -> JSONObject:
+        return self._call.capabilities
+
+    @property
+    def protocol_version(self) -> str:
+        return self._call.protocol_version
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        raise UpstreamError(no_back_channel(method, self._call.protocol_version, "tools/call"))
+
+    async def log(self, params: JSONObject) -> None:
+        level = params.get("level", "info")
+        if level not in LOG_LEVELS or LOG_LEVELS.index(level) < self._floor:
+            return  # 2026-07-28: only the levels the request opted into, none if it did not
+        await self._responder.event({"jsonrpc": "2.0", "method": "notifications/message", "params": dict(params)})
+
+
+def no_back_channel(method: str, version: str, during: str) -> str:
+    """Why ``method`` cannot reach a client of ``version`` during its ``during`` request."""
+    return (
+        f"{method} cannot reach a {version} client during {during}: that revision has no server→client "
+        "requests, and patchbay asks them only within a tools/call (as an input-required result) of a client "
+        "that declares it can answer them"
+    )
+
+
+async def _watch(receive: Receive, responder: _Responder, scope: anyio.CancelScope) -> None:
+    """Cancel the call when the client closes its response; ping it after each ``PING_INTERVAL`` of silence."""
+    while True:
+        with anyio.move_on_after(PING_INTERVAL):
+            if (await receive())["type"] == "http.disconnect":
+                scope.cancel()
+                return
+            continue
+        await responder.ping()
 
 
 def _progress(responder: _Responder, token: Any) -> Callable[[float, float | None, str | None], Any]:

@@ -16,6 +16,7 @@ retry with ``inputResponses`` delivers the answers to the held upstream request.
 ``requestState`` (a 2026-07-28 upstream asking the same way) passes through unchanged.
 """
 
+import json
 import logging
 import math
 import warnings
@@ -36,6 +37,14 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, Streamable
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    MCP_PARAM_HEADER_PREFIX,
+    X_MCP_HEADER_KEY,
+    InboundModernRoute,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+)
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -45,7 +54,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Scope
 
 from gateway.errors import GatewayError, InvalidRequestState, ResourceNotFound, TaskError, ToolNotFound, UpstreamError
-from gateway.fastpath import MAX_BODY, FastPath, FastSession
+from gateway.fastpath import MAX_BODY, FastPath, FastSession, ModernCall, no_back_channel
 from gateway.gateway import Gateway
 from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
@@ -71,9 +80,9 @@ _CLIENT_REQUESTS: Mapping[str, tuple[Any, Any]] = {
 class _Channel:
     """The downstream client of one request, as providers see it (``gateway.types.ClientChannel``)."""
 
-    def __init__(self, ctx: ServerRequestContext[Any], log_level: str = "debug") -> None:
+    def __init__(self, ctx: ServerRequestContext[Any], log_level: str | None = "debug") -> None:
         self._ctx = ctx
-        self._min_log_level = LOG_LEVELS.index(log_level)
+        self._min_log_level = LOG_LEVELS.index(log_level) if log_level in LOG_LEVELS else len(LOG_LEVELS)
 
     @property
     def capabilities(self) -> JSONObject:
@@ -88,11 +97,7 @@ class _Channel:
         request_type, result_type = _CLIENT_REQUESTS[method]
         if self._ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             # Only a held tools/call can ask a 2026-07-28 client (gateway.roundtrip); this request is not one.
-            raise UpstreamError(
-                f"{method} cannot reach a {self._ctx.protocol_version} client during {self._ctx.method}: that "
-                "revision has no server→client requests, and patchbay asks them only within a tools/call "
-                "(as an input-required result)"
-            )
+            raise UpstreamError(no_back_channel(method, self._ctx.protocol_version, self._ctx.method))
         try:
             result = await self._ctx.session.send_request(
                 request_type.model_validate({"method": method, "params": params}),
@@ -107,7 +112,7 @@ class _Channel:
 
     async def log(self, params: JSONObject) -> None:
         if LOG_LEVELS.index(params.get("level", "info")) < self._min_log_level:
-            return  # below what this client asked for with logging/setLevel
+            return  # below what this client asked for (logging/setLevel; 2026-07-28: the request's opt-in)
         notification = types.LoggingMessageNotification(params=types.LoggingMessageNotificationParams(**params))
         await self._ctx.session.send_notification(notification, related_request_id=self._ctx.request_id)
 
@@ -172,6 +177,7 @@ class McpFrontend:
         self._bus = InMemorySubscriptionBus()
         self._tools: list[tuple[str, types.Tool]] | None = None
         self._visible: dict[Principal, list[types.Tool]] = {}
+        self._param_headers: dict[str, bool] = {}
         self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._subscribers: dict[str, weakref.WeakSet[Connection]] = {}
         self._held = RoundTrips(lambda: None, signer=gateway.state_signer)
@@ -224,9 +230,19 @@ class McpFrontend:
                 ),
             )
 
+    def param_headers(self, entry: Entry) -> bool:
+        """Whether the tool's input schema maps arguments to ``Mcp-Param-*`` headers (``x-mcp-header``), which the
+        SDK side checks on a 2026-07-28 call."""
+        name = entry.tool.name
+        found = self._param_headers.get(name)
+        if found is None:
+            found = self._param_headers[name] = X_MCP_HEADER_KEY in json.dumps(entry.tool.definition.get("inputSchema"))
+        return found
+
     async def _registry_changed(self) -> None:
         self._tools = None
         self._visible = {}
+        self._param_headers = {}
         for connection in list(self._connections):
             await connection.send_tool_list_changed()
             await connection.send_prompt_list_changed()
@@ -329,13 +345,17 @@ class McpFrontend:
         )
 
     def _context(self, ctx: ServerRequestContext[Any]) -> CallContext:
-        level = self._log_levels.get(ctx.session._connection, "debug")
+        opted = _log_level(ctx.meta)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            level = opted  # 2026-07-28: the request's own opt-in; no log messages without one
+        else:
+            level = self._log_levels.get(ctx.session._connection, "debug")
         return CallContext(
             principal=self._principal(ctx),
             progress=ctx.session.report_progress,
             client=_Channel(ctx, level),
             meta=_forwardable_meta(ctx.meta),
-            log_level=_log_level(ctx.meta),
+            log_level=opted,
         )
 
     # -- tasks ----------------------------------------------------------------------------------------
@@ -608,6 +628,7 @@ def _wire(params: Any, **update: Any) -> dict[str, Any]:
 
 
 _ENVELOPE_PREFIX = "io.modelcontextprotocol/"
+_MCP_PARAM = MCP_PARAM_HEADER_PREFIX.lower()
 
 
 def _log_level(meta: Mapping[str, Any] | None) -> str | None:
@@ -656,10 +677,15 @@ class _SdkSessions:
     that depends on those internals, covered by every end-to-end test that calls a tool over HTTP.
     """
 
+    modern_versions = frozenset(MODERN_PROTOCOL_VERSIONS)
+
     def __init__(self, manager: StreamableHTTPSessionManager, frontend: McpFrontend, security: Any) -> None:
         self._manager = manager
+        self._frontend = frontend
         self._sessions: dict[str, FastSession] = {}
         self._security = TransportSecurityMiddleware(security)
+        self._stamp = frontend.server.server_info_stamp
+        """The ``serverInfo`` stamped on 2026-07-28 results (shared: responses are serialised, never changed)."""
         frontend.register_http_session = self.register
 
     def register(self, session_id: str, make: Callable[[], FastSession]) -> None:
@@ -701,6 +727,51 @@ class _SdkSessions:
     async def refusal(self, scope: Scope) -> ASGIApp | None:
         response = await self._security.validate_request(Request(scope), is_post=True)
         return response
+
+    def modern(self, scope: Scope, message: dict[str, Any]) -> ModernCall | None:
+        """The SDK's envelope checks (``handle_modern_request``'s ladder), then what only the SDK side does:
+        ``Mcp-Param-*`` headers to validate, a client that can be asked something (its call is held), one
+        that declares tasks (a workflow's call may run as one), a workflow tool (it may answer input-required)."""
+        raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
+        if find_duplicated_routing_header(raw) is not None:
+            return None
+        headers = dict(raw)
+        if any(name.startswith(_MCP_PARAM) for name in headers):
+            return None
+        verdict = classify_inbound_request(message, headers=headers)
+        if not isinstance(verdict, InboundModernRoute):
+            return None
+        capabilities = verdict.client_capabilities
+        if not isinstance(capabilities, dict) or "sampling" in capabilities or "elicitation" in capabilities:
+            return None
+        if self._frontend.server.serves_tasks and TASKS_EXTENSION in (capabilities.get("extensions") or {}):
+            return None
+        params = message["params"]
+        entry = self._frontend.gateway.registry.tools.get(params.get("name"))
+        if entry is not None and (entry.provider == WORKFLOW_PROVIDER or self._frontend.param_headers(entry)):
+            return None
+        meta = params["_meta"]
+        level = _log_level(meta)
+        if level is not None and level not in LOG_LEVELS:
+            return None  # the SDK refuses it
+        return ModernCall(
+            capabilities=capabilities,
+            protocol_version=verdict.protocol_version,
+            meta=_forwardable_meta(meta),
+            log_level=level,
+            progress_token=meta.get("progressToken"),
+        )
+
+    def modern_result(self, result: ToolResult) -> JSONObject:
+        wire = result.wire()
+        wire["resultType"] = "complete"
+        meta = wire.get("_meta")
+        if not isinstance(meta, dict) or meta.get(types.SERVER_INFO_META_KEY) is None:
+            wire["_meta"] = {**(meta or {}), types.SERVER_INFO_META_KEY: self._stamp}
+        return wire
+
+    def error_status(self, code: int) -> int:
+        return ERROR_CODE_HTTP_STATUS.get(code, 200)
 
 
 def http_endpoint(frontend: McpFrontend, host: str) -> tuple[ASGIApp, Any]:

@@ -8,7 +8,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import mcp_types as types
@@ -18,6 +18,7 @@ from mcp import Client
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
+from pydantic import Field
 from starlette.types import ASGIApp
 
 from gateway.config import parse_config
@@ -112,6 +113,11 @@ def _plain_tools(up: Upstream) -> None:
     def echo(text: str) -> str:
         """Return the text unchanged."""
         return text
+
+    @mcp.tool()
+    def in_region(region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})]) -> str:
+        """Name ``region``, which a 2026-07-28 client also sends as the ``Mcp-Param-Region`` header."""
+        return f"in {region}"
 
     @mcp.tool()
     def fail(message: str) -> str:

@@ -309,7 +309,111 @@ async def test_cancelling_a_lean_call_cancels_it_upstream_and_answers_nothing() 
         assert (replies[0].status_code, replies[0].content) == (202, b"")
 
 
-async def test_a_2026_client_over_http_is_served_by_the_sdk_side() -> None:
+# -- 2026-07-28: no session, each request carries its envelope ----------------------------------------
+
+MODERN = "2026-07-28"
+
+
+def modern_call(name: str, arguments: dict[str, Any], request_id: Any, capabilities: Any = None, **meta: Any) -> Any:
+    """A 2026-07-28 ``tools/call`` with its envelope; the headers to send it with."""
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": MODERN,
+        "io.modelcontextprotocol/clientCapabilities": capabilities or {},
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+    }
+    message = call(name, arguments, request_id, **envelope, **meta)
+    return message, {"mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": name}
+
+
+SDK_SIDE = {"mcp-param-unused": "x"}
+"""A header only the SDK side looks at (no tool maps it): the lean path leaves such a request to the SDK, so a test
+can compare the two answers to one request."""
+
+
+async def test_a_2026_client_over_http_is_served() -> None:
     async with gateway() as gw, Client(gw.url, mode="2026-07-28", cache=None) as client:
         assert "kit__echo" in tool_names(await client.list_tools())
         assert text(await client.call_tool("kit__echo", {"text": "modern"})) == "modern"
+
+
+async def test_a_2026_call_takes_the_lean_path_and_answers_as_the_sdk_side_does() -> None:
+    async with gateway() as gw:
+        message, headers = modern_call("kit__echo", {"text": "x"}, 21)
+        lean = await gw.post(message, **headers)
+        sdk = await gw.post(message, **headers, **SDK_SIDE)
+        assert (lean.status_code, sdk.status_code) == (200, 200)
+        assert is_json(lean)
+        assert "mcp-session-id" not in lean.headers
+        assert lean.json() == sdk.json()
+        result = lean.json()["result"]
+        assert result["resultType"] == "complete"
+        assert result["content"] == [{"type": "text", "text": "x"}]
+        assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "kit"  # the upstream's, kept
+        assert lean.content != sdk.content  # the same message, but not the same bytes: two writers
+
+
+async def test_an_unknown_tool_on_the_2026_lean_path_is_answered_as_the_sdk_side_does() -> None:
+    async with gateway() as gw:
+        message, headers = modern_call("kit__nope", {}, 22)
+        lean = await gw.post(message, **headers)
+        sdk = await gw.post(message, **headers, **SDK_SIDE)
+        assert lean.status_code == sdk.status_code == 400
+        assert lean.json() == sdk.json()
+        assert lean.json()["error"]["code"] == types.INVALID_PARAMS
+        assert "kit__nope" in lean.json()["error"]["message"]
+
+
+async def test_a_2026_lean_call_streams_progress_and_only_the_log_levels_it_opted_into() -> None:
+    async with gateway() as gw:
+        message, headers = modern_call("kit__progress", {"steps": 2}, 23, progressToken="p2")
+        streamed = await gw.post(message, **headers)
+        assert is_sse(streamed)
+        messages = events(streamed)
+        progress = [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"]
+        assert progress == [1, 2]
+        assert not [m for m in messages if m.get("method") == "notifications/message"]  # it did not opt in
+        assert messages[-1]["result"]["content"][0]["text"] == "2 steps"
+        meta = {"io.modelcontextprotocol/logLevel": "warning"}
+        message, headers = modern_call("kit__progress", {"steps": 1}, 24, **meta)
+        logs = [m["params"] for m in events(await gw.post(message, **headers)) if m.get("method")]
+        assert [(log["level"], log["data"]) for log in logs] == [("warning", "finished 1 steps")]
+
+
+async def test_closing_a_2026_lean_calls_response_cancels_it_and_a_silent_one_is_pinged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gateway.fastpath.PING_INTERVAL", 0.2)
+    async with gateway() as gw:
+        message, headers = modern_call("kit__wait", {"label": "m"}, 25)
+        async with gw.http.stream("POST", gw.url, json=message, headers=headers) as response:
+            assert is_sse(response)  # the first ping turned the silent response into a stream
+            lines = aiter(response.aiter_lines())
+            assert await anext(lines) == ": ping"
+            assert gw.upstream.waiting.is_set()
+        await gw.upstream.cancelled.wait()  # closing the response cancelled the call, upstream too
+        assert gw.upstream.events[-1] == "m cancelled"
+
+
+async def test_2026_calls_the_lean_path_does_not_serve_are_the_sdk_sides() -> None:
+    async with gateway() as gw:
+        # A tool mapping an argument to an Mcp-Param-* header: the SDK side checks the header against the body.
+        message, headers = modern_call("kit__in_region", {"region": "eu"}, 26)
+        unchecked = await gw.post(message, **headers)
+        assert unchecked.status_code == 400
+        assert unchecked.json()["error"]["code"] == types.HEADER_MISMATCH
+        checked = await gw.post(message, **headers, **{"mcp-param-region": "eu"})
+        assert checked.json()["result"]["content"][0]["text"] == "in eu"
+        # (A client that can be asked something has its call held by the SDK side: tests/test_held_calls.py.)
+        # An envelope the SDK refuses.
+        message, headers = modern_call("kit__echo", {"text": "x"}, 28)
+        mismatched = await gw.post(message, **{**headers, "mcp-name": "kit__other"})
+        assert mismatched.status_code == 400
+        assert mismatched.json()["error"]["code"] == types.HEADER_MISMATCH
+
+
+async def test_dns_rebinding_protection_applies_to_2026_lean_calls() -> None:
+    async with gateway() as gw:
+        message, headers = modern_call("kit__echo", {"text": "x"}, 29)
+        assert (await gw.post(message, **headers, host="evil.example:80")).status_code == 421
+        assert (await gw.post(message, **headers, origin="http://evil.example")).status_code == 403
+        assert (await gw.post(message, **headers)).status_code == 200

@@ -135,6 +135,24 @@ async def test_a_2026_callers_own_capabilities_are_what_the_server_sees() -> Non
         assert "sampling" in shared.structured_content  # the handshake session is the gateway's own
 
 
+async def test_a_2026_call_carries_the_envelope_and_routing_headers_the_sdk_client_would_send() -> None:
+    upstream = make_upstream()
+    async with connected_to(upstream) as conn:
+        caller = Channel("new", {"elicitation": {}}, protocol_version=MODERN)
+        seen = (await conn.call("request_meta", {}, context(caller, log_level="info"))).structured_content
+        assert seen is not None
+        assert seen["io.modelcontextprotocol/protocolVersion"] == MODERN
+        assert seen["io.modelcontextprotocol/clientInfo"]["name"] == "patchbay"
+        assert seen["io.modelcontextprotocol/clientCapabilities"] == {"elicitation": {}}
+        assert seen["io.modelcontextprotocol/logLevel"] == "info"
+        # Routing headers: the server checks Mcp-Name against the body, and refuses a call missing an Mcp-Param-*
+        # header of a tool that maps one (such a call goes through the SDK client, which sends it).
+        assert first_text(await conn.call("in_region", {"region": "eu"}, context(caller))) == "in eu"
+        unknown = await conn.call("nope", {}, context(caller))
+        assert unknown.is_error
+        assert "nope" in first_text(unknown)
+
+
 @pytest.mark.parametrize("era", [HANDSHAKE, MODERN])
 async def test_progress_and_log_messages_of_a_call_reach_its_client(era: str) -> None:
     progress: list[float] = []
