@@ -23,7 +23,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.dispatch import Dispatcher
-from gateway.errors import ToolNotFound, UpstreamError
+from gateway.errors import ClientRefused, ToolNotFound
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal
 from policies.auth import principal_of
 
@@ -31,6 +31,7 @@ MAX_BODY = 4 * 1024 * 1024
 """Larger bodies are left to the SDK (which refuses them with 413)."""
 
 _INVALID_PARAMS = -32602
+_INTERNAL_ERROR = -32603
 
 
 @dataclass
@@ -219,9 +220,14 @@ class _Channel:
         finally:
             self._session.pending.pop(request_id, None)
         if "error" in pending.reply:
-            error = pending.reply["error"]
-            reason = error.get("message", "") if isinstance(error, dict) else str(error)
-            raise UpstreamError(f"the client refused {method}: {reason}")
+            error = pending.reply["error"] if isinstance(pending.reply["error"], dict) else {}
+            code = error.get("code")
+            raise ClientRefused(
+                method,
+                code=code if isinstance(code, int) else _INTERNAL_ERROR,
+                reason=str(error.get("message", "")),
+                data=error.get("data"),
+            )
         result = pending.reply.get("result")
         return result if isinstance(result, dict) else {}
 

@@ -251,3 +251,29 @@ async def test_progress_of_a_long_running_operation_reaches_the_client(
             result = await client.call_tool(everything.tool(PROGRESS[0]), PROGRESS[1], progress_callback=on_progress)
     assert reported == direct[upstream].progress == [(1.0, 3.0, None), (2.0, 3.0, None), (3.0, 3.0, None)]
     assert seen(result) == direct[upstream].results["progress"]
+
+
+@paths
+async def test_a_handshake_clients_refusal_reaches_the_server_as_the_client_gave_it(
+    everything: Everything, upstream: str
+) -> None:
+    """The client's JSON-RPC error (code, message) goes to the upstream unchanged. (A 2026-07-28 client cannot
+    refuse: its answers have no error form, so the SDK raises at home and leaves the call held.)"""
+
+    async def refuse(context: ClientRequestContext, params: types.CreateMessageRequestParams) -> types.ErrorData:
+        return types.ErrorData(code=-1, message="the user said no")
+
+    results = []
+    with anyio.fail_after(WITHIN):
+        for target, name, era in (
+            (everything.direct(upstream), SAMPLING[0], HANDSHAKE_ERA),
+            (everything.url(upstream), everything.tool(SAMPLING[0]), ERAS["legacy"]),
+        ):
+            async with Client(target, mode="legacy", cache=None, sampling_callback=refuse) as client:
+                assert client.protocol_version == era
+                # Twice: the gateway serves a session's first call and later ones on different paths.
+                results += [seen(await client.call_tool(name, SAMPLING[1])) for _ in range(2)]
+    direct = results[0]
+    assert direct["is_error"]
+    assert direct["content"][0]["text"] == "MCP error -1: the user said no"
+    assert results == [direct] * 4
