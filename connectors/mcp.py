@@ -56,7 +56,14 @@ from pydantic import TypeAdapter, ValidationError
 from connectors._http_call import CallFailed, CallRefused, HttpCaller, ReplyTooLarge, SessionGone, SessionInfo
 from connectors._result_limit import event_limit, is_oversize, reply_size
 from gateway.config import DEFAULT_MAX_RESULT, HttpServer, ServerConfig, StdioServer
-from gateway.errors import InvalidArguments, ResultTooLarge, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    ClientRefused,
+    InvalidArguments,
+    ResultTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.types import (
     CallContext,
     ClientChannel,
@@ -778,6 +785,8 @@ class McpUpstream:
             )
         try:
             return await channel.request(method, params)
+        except ClientRefused as exc:  # the upstream gets the client's own error
+            return types.ErrorData(code=exc.code, message=exc.reason, data=exc.data)
         except UpstreamError as exc:
             return types.ErrorData(code=types.INTERNAL_ERROR, message=str(exc))
 

@@ -17,7 +17,8 @@
      ├── UpstreamError               the provider failed to answer                       → isError result
      │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
      │    ├── UpstreamTimeout        no answer within the server's timeout
-     │    └── ResultTooLarge         the reply is larger than ``gateway.max_result``
+     │    ├── ResultTooLarge         the reply is larger than ``gateway.max_result``
+     │    └── ClientRefused          the client answered a server→client request with an error (its ``code``)
      ├── WorkflowError               a workflow run failed                               → isError result
      ├── StoreError                  the store cannot be opened, migrated or written     → CLI exit 1 / isError result
      └── TaskError                   a ``tasks/*`` request cannot be served              → JSON-RPC error (its ``code``)
@@ -197,6 +198,19 @@ class ResultTooLarge(UpstreamError):
             f"({limit / 2**20:.4g} MiB); the result was dropped.",
             server=server,
         )
+
+
+class ClientRefused(UpstreamError):
+    """The client answered a server→client request (sampling, elicitation) with a JSON-RPC error.
+
+    ``code``, ``reason`` and ``data`` are the client's own, so an upstream that asked gets the error just as
+    the client gave it; the message says which request was refused, for a workflow step's error."""
+
+    def __init__(self, method: str, *, code: int, reason: str, data: object = None) -> None:
+        self.code = code
+        self.reason = reason
+        self.data = data
+        super().__init__(f"the client refused {method}: {reason}")
 
 
 class WorkflowError(GatewayError):

@@ -30,7 +30,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.dispatch import Dispatcher
-from gateway.errors import ToolNotFound, UpstreamError
+from gateway.errors import ClientRefused, ToolNotFound, UpstreamError
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult
 from policies.auth import principal_of
 
@@ -44,6 +44,7 @@ SDK's does, so that a proxy's idle-read timeout does not close it."""
 _INVALID_PARAMS = -32602
 _ROUND_TRIP_KEYS = frozenset(("task", "inputResponses", "requestState"))
 """``tools/call`` params that make a 2026-07-28 call the SDK side's: a task, or the retry of an input round trip."""
+_INTERNAL_ERROR = -32603
 
 
 @dataclass
@@ -322,9 +323,14 @@ class _Channel:
         finally:
             self._session.pending.pop(request_id, None)
         if "error" in pending.reply:
-            error = pending.reply["error"]
-            reason = error.get("message", "") if isinstance(error, dict) else str(error)
-            raise UpstreamError(f"the client refused {method}: {reason}")
+            error = pending.reply["error"] if isinstance(pending.reply["error"], dict) else {}
+            code = error.get("code")
+            raise ClientRefused(
+                method,
+                code=code if isinstance(code, int) else _INTERNAL_ERROR,
+                reason=str(error.get("message", "")),
+                data=error.get("data"),
+            )
         result = pending.reply.get("result")
         return result if isinstance(result, dict) else {}
 

@@ -36,7 +36,7 @@ from mcp.server.stdio import stdio_server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
-from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError, NoBackChannelError
 from mcp.shared.inbound import (
     ERROR_CODE_HTTP_STATUS,
     MCP_PARAM_HEADER_PREFIX,
@@ -53,7 +53,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Scope
 
-from gateway.errors import GatewayError, InvalidRequestState, ResourceNotFound, TaskError, ToolNotFound, UpstreamError
+from gateway.errors import (
+    ClientRefused,
+    GatewayError,
+    InvalidRequestState,
+    ResourceNotFound,
+    TaskError,
+    ToolNotFound,
+    UpstreamError,
+)
 from gateway.fastpath import MAX_BODY, FastPath, FastSession, ModernCall, no_back_channel
 from gateway.gateway import Gateway
 from gateway.nesting import NestingLimit, nesting_error
@@ -104,8 +112,12 @@ class _Channel:
                 result_type,
                 metadata=ServerMessageMetadata(related_request_id=self._ctx.request_id),
             )
-        except (MCPError, ValidationError) as exc:
-            # MCPError includes NoBackChannelError: a stateless or 2026-era request has no back channel.
+        except NoBackChannelError as exc:  # a stateless or 2026-era request has no back channel
+            raise UpstreamError(f"the client could not answer {method}: {exc}") from exc
+        except MCPError as exc:  # the client's error response (or the connection to it closed)
+            error = exc.error
+            raise ClientRefused(method, code=error.code, reason=error.message, data=error.data) from exc
+        except ValidationError as exc:
             raise UpstreamError(f"the client could not answer {method}: {exc}") from exc
         dumped: JSONObject = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         return dumped

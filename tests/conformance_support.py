@@ -1,8 +1,7 @@
 """Install and run the official MCP conformance suite (npm `@modelcontextprotocol/conformance`).
 
-The suite needs Node >= 22 (on Node 20 it crashes on a missing `fs.globSync`). The npm
-registry serves Node itself as the package `node@22`, so both go into one npm prefix,
-a cache directory, and the suite runs on the Node binary from there:
+The suite needs Node >= 22 (on Node 20 it crashes on a missing `fs.globSync`); both are
+installed into a cache directory by `tests.npm_support`, and the suite runs from there:
 
     argv = ensure_conformance_suite(cache_dir)
     report = run_conformance(argv, "http://127.0.0.1:9102/mcp", tmp_path / "results")
@@ -12,24 +11,19 @@ Each scenario writes `<out_dir>/server-<scenario>-<timestamp>/checks.json`: a li
 checks whose `status` is SUCCESS, FAILURE, WARNING or INFO. The report counts those,
 as the suite's own `Total: N passed, M failed` line does.
 
-Errors: `ConformanceError` (the suite could not be installed or run; the message holds
-its output) and its subclass `ConformanceUnavailable` (npm is missing: skip, don't fail).
+Errors: `ConformanceError` (the suite could not be run; the message holds its output), and
+`tests.npm_support.NpmError` when it could not be installed (both fail the test).
 """
 
 import json
 import re
-import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFORMANCE_VERSION = "0.1.16"
-PACKAGES = ("node@22", f"@modelcontextprotocol/conformance@{CONFORMANCE_VERSION}")
-NODE_BIN = Path("node_modules/node/bin/node")  # the `node` package's binary (node_modules/.bin/node links to it)
-SUITE_JS = Path("node_modules/@modelcontextprotocol/conformance/dist/index.js")
-SUITE_PACKAGE_JSON = Path("node_modules/@modelcontextprotocol/conformance/package.json")
-INSTALL_TIMEOUT = 600.0
+from tests.npm_support import NpmError, NpmPackage, ensure_npm_packages, run
+
+SUITE = NpmPackage("@modelcontextprotocol/conformance", "0.1.16")
 RUN_TIMEOUT = 300.0
 # `server-<scenario>-2026-01-31T12-00-00-000Z`: the directory the suite writes per scenario.
 _RESULT_DIR = re.compile(r"^server-(?P<scenario>.+)-\d{4}-\d{2}-\d{2}T[\d-]+Z$")
@@ -37,11 +31,7 @@ _SCENARIO_LINE = re.compile(r"^[✓✗] (?P<scenario>\S+): (?P<passed>\d+) passe
 
 
 class ConformanceError(RuntimeError):
-    """The conformance suite could not be installed or run; the message carries its output."""
-
-
-class ConformanceUnavailable(ConformanceError):
-    """npm is not installed, so the suite cannot be fetched (a reason to skip, not to fail)."""
+    """The conformance suite could not be run; the message carries its output."""
 
 
 @dataclass(frozen=True)
@@ -65,49 +55,17 @@ class ConformanceReport:
         return "\n".join(lines)
 
 
-def _run(argv: Sequence[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `argv` to completion; on timeout the child is killed and reaped, and this raises."""
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
-    except subprocess.TimeoutExpired as exc:
-        partial = [
-            out.decode(errors="replace") if isinstance(out, bytes) else out or "" for out in (exc.stdout, exc.stderr)
-        ]
-        raise ConformanceError(f"{argv[0]} timed out after {timeout:g}s\n{''.join(partial)}") from exc
-
-
-def _is_installed(cache_dir: Path) -> bool:
-    package_json = cache_dir / SUITE_PACKAGE_JSON
-    if not (cache_dir / NODE_BIN).is_file() or not (cache_dir / SUITE_JS).is_file() or not package_json.is_file():
-        return False
-    version: object = json.loads(package_json.read_text()).get("version")
-    return version == CONFORMANCE_VERSION
-
-
 def ensure_conformance_suite(cache_dir: Path) -> list[str]:
     """Install Node 22 and the suite into the npm prefix `cache_dir` unless already there.
 
     Returns the argv prefix that runs the suite: `[<node 22>, <suite dist/index.js>]`.
 
     Raises:
-        ConformanceUnavailable: npm is not on PATH.
-        ConformanceError: `npm install` failed or timed out, or the installed Node is not 22+.
+        NpmUnavailable: npm is not on PATH.
+        NpmError: `npm install` failed or timed out, or the installed Node is not 22+.
     """
-    cache_dir = cache_dir.resolve()
-    if not _is_installed(cache_dir):
-        npm = shutil.which("npm")
-        if npm is None:
-            raise ConformanceUnavailable("npm is not installed; it is needed to fetch the conformance suite")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        argv = [npm, "install", "--prefix", str(cache_dir), "--no-audit", "--no-fund", *PACKAGES]
-        result = _run(argv, INSTALL_TIMEOUT)
-        if result.returncode != 0 or not _is_installed(cache_dir):
-            raise ConformanceError(f"npm install failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-    node = cache_dir / NODE_BIN
-    version = _run([str(node), "--version"], 30.0).stdout.strip()
-    if not re.fullmatch(r"v(2[2-9]|[3-9]\d)\.\d+\.\d+", version):
-        raise ConformanceError(f"{node} reports {version!r}; the conformance suite needs Node >= 22")
-    return [str(node), str(cache_dir / SUITE_JS)]
+    node = ensure_npm_packages(cache_dir, [SUITE])
+    return [str(node), str(SUITE.path(cache_dir) / "dist" / "index.js")]
 
 
 def run_conformance(
@@ -129,7 +87,10 @@ def run_conformance(
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = set(out_dir.glob("*/checks.json"))
     argv = [*argv_prefix, "server", "--url", url, "--suite", "all", "-o", str(out_dir), *extra_args]
-    result = _run(argv, timeout)
+    try:
+        result = run(argv, timeout)
+    except NpmError as exc:
+        raise ConformanceError(str(exc)) from exc
     output = result.stdout + result.stderr
     files = sorted(set(out_dir.glob("*/checks.json")) - earlier)
     if result.returncode not in (0, 1) or not files:

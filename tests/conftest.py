@@ -1,11 +1,13 @@
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
+
+from tests.everything_support import Everything, run_everything
 
 POSTGRES = os.environ.get("PATCHBAY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 """The PostgreSQL database the tests use: each test gets a schema of its own in it."""
@@ -47,3 +49,15 @@ def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url: str = request.getfixturevalue("postgres_url")
         return url
     return f"sqlite:///{tmp_path / 'patchbay.db'}"
+
+
+@pytest.fixture(scope="module")
+async def everything(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Everything]:
+    """server-everything over HTTP and stdio behind one ``patchbay serve``, shared by a module's tests.
+
+    A module that uses it declares a module-scoped ``anyio_backend`` fixture (an async fixture cannot
+    outlive its event loop). Its tests share the gateway, so none may leave a call held there: a
+    2026-07-28 round trip the client abandons holds the stdio upstream's call until it times out.
+    """
+    async with run_everything(tmp_path_factory.mktemp("everything")) as stack:
+        yield stack

@@ -306,7 +306,7 @@ async def test_resource_subscriptions_are_shared_upstream_and_updates_reach_each
     assert updated == {"ada": ["kit://static"], "bob": ["kit://static"]}
 
 
-async def test_a_client_that_fails_a_sampling_request_makes_the_upstream_hear_why() -> None:
+async def test_a_client_that_fails_a_sampling_request_makes_the_upstream_hear_why_in_its_own_words() -> None:
     async def sampling(context: ClientRequestContext, params: types.CreateMessageRequestParams) -> types.ErrorData:
         return types.ErrorData(code=types.INVALID_REQUEST, message="the user said no")
 
@@ -315,8 +315,7 @@ async def test_a_client_that_fails_a_sampling_request_makes_the_upstream_hear_wh
         frontend_client(fe, "legacy", sampling_callback=sampling) as client,
     ):
         result = await client.call_tool("kit__ask_model", {"prompt": "hello?"})
-        assert text(result).startswith("refused: the client could not answer sampling/createMessage")
-        assert "the user said no" in text(result)
+        assert text(result) == "refused: the user said no"
 
 
 async def test_a_2026_client_answers_an_upstreams_input_request_through_the_gateway() -> None:
