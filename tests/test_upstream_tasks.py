@@ -207,14 +207,20 @@ async def test_tasks_list_merges_the_clients_workflow_and_upstream_tasks_and_no_
         assert len((await rpc(bob, "tasks/list"))["tasks"]) == 1
 
 
-async def test_a_task_call_takes_the_dispatch_path_where_a_policy_refuses_it() -> None:
-    rule = 'policies:\n  - {id: no-research, deny: "kit__research", reason: "no research today"}\n'
+async def test_a_task_call_takes_the_dispatch_path_where_policies_and_metrics_see_it() -> None:
+    rule = 'policies:\n  - {id: no-summaries, deny: "kit__summarise", reason: "no summaries today"}\n'
     async with served(rule) as s, client(s.alice, "legacy") as alice:
-        params = {"name": "kit__research", "arguments": {"topic": "x"}, "task": {}}
-        result = await alice.session._dispatcher.send_raw_request("tools/call", params, {})
-        assert result["isError"] is True
-        assert "no research today" in result["content"][0]["text"]
+        params = {"name": "kit__summarise", "arguments": {"text": "x"}, "task": {}}
+        refused = await alice.session._dispatcher.send_raw_request("tools/call", params, {})
+        assert refused["isError"] is True
+        assert "no summaries today" in refused["content"][0]["text"]
         assert s.upstream.tasks == {}  # it never reached the upstream
+        await start_task(alice, "kit__research", {"topic": "x", "hold": True})
+        assert set(s.upstream.tasks) == {"up-1"}
+        metrics = s.gateway.metrics
+        assert metrics is not None
+        calls = {"tool": "kit__research", "server": "kit", "outcome": "ok"}
+        assert metrics.registry.get_sample_value("patchbay_tool_calls_total", calls) == 1  # the creating call
 
 
 async def test_a_task_asked_of_an_upstream_tool_without_task_support_is_method_not_found() -> None:
