@@ -61,6 +61,7 @@ from gateway.errors import (
     InvalidArguments,
     ResultTooLarge,
     UpstreamError,
+    UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -126,6 +127,16 @@ _REQUESTS = frozenset(
     {"prompts/get", "resources/read", "resources/subscribe", "resources/unsubscribe", "completion/complete"}
 )
 """The requests besides ``tools/call`` that :meth:`McpUpstream.request` forwards."""
+
+_TASK_REQUESTS = frozenset({"tasks/get", "tasks/result", "tasks/list", "tasks/cancel"})
+"""The 2025-11-25 ``tasks/*`` requests :meth:`McpUpstream.request` forwards on the handshake session (where the
+server's tasks live), unchecked: the SDK knows them as types only."""
+_TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
+"""The 2026-07-28 tasks extension: not declared upstream for a client, whose tasks cross on the handshake session."""
+_TASK_ENDED = frozenset({"completed", "failed", "cancelled", "input_required"})
+"""Task statuses after which ``tasks/result`` answers (or asks the client what the task needs) at once."""
+_POLL_BOUNDS = (0.01, 5.0)
+"""The least and the most seconds between two ``tasks/get`` of a task the gateway waits for."""
 
 
 async def _ignore(value: str) -> None:
@@ -206,6 +217,8 @@ class McpUpstream:
         self.last_error: str | None = None
         self.listing = Listing()
         self.connects = 0
+        self._task_required: frozenset[str] = frozenset()
+        """The tools whose ``execution.taskSupport`` is ``required``: a plain call of one runs as a task."""
         self._missing: set[str] = set()
         """List methods this connection's server answered with Method not found: not asked again."""
         self._events = _UNTOLD
@@ -477,6 +490,7 @@ class McpUpstream:
             resources.extend(Resource(r["uri"], r) for r in await self._list(client, "resources/list"))
             templates = await self._list(client, "resources/templates/list")
             resources.extend(Resource(t["uriTemplate"], t, template=True) for t in templates)
+        self._task_required = frozenset(t.name for t in tools if _task_support(t.definition) == "required")
         return Listing(tuple(tools), tuple(prompts), tuple(resources))
 
     async def _list(self, client: Client, method: str) -> list[dict[str, Any]]:
@@ -519,9 +533,13 @@ class McpUpstream:
         await self._connected()
         params: dict[str, Any] = {"name": name, "arguments": dict(arguments)}
         meta = dict(context.meta or {})
+        if context.task is not None or name in self._task_required:
+            if meta:
+                params["_meta"] = meta
+            return await self._task_call(params, context)
         modern = self._modern_for(context)
         if modern and context.client is not None:
-            meta[types.CLIENT_CAPABILITIES_META_KEY] = dict(context.client.capabilities)
+            meta[types.CLIENT_CAPABILITIES_META_KEY] = _without_tasks(context.client.capabilities)
             if context.log_level is not None:
                 meta[types.LOG_LEVEL_META_KEY] = context.log_level
             if context.input_responses is not None:
@@ -542,12 +560,43 @@ class McpUpstream:
         raw = await self._on_a_session(send)
         if raw.get("resultType") == "input_required":
             return ToolResult(content=(), input_required=raw)
-        return ToolResult(
-            content=raw.get("content") or (),
-            structured_content=raw.get("structuredContent"),
-            is_error=bool(raw.get("isError", False)),
-            meta=raw.get("_meta"),
-        )
+        return _result(raw)
+
+    async def _task_call(self, params: dict[str, Any], context: CallContext) -> ToolResult:
+        """A call as a task of the server (2025-11-25, on the handshake session, where its tasks live).
+
+        The client asked for a task (``context.task``): the result is the server's task, which the gateway
+        gives the client under an id of its own (``gateway.upstream_tasks``). The client did not, and the
+        tool requires one: the gateway runs it as a task and waits for its result, so that a client that
+        knows nothing of tasks can use the tool too (the spec has the server refuse such a call with -32601;
+        a gateway that can bridge it serves the client better). That wait has no bound of its own, as the
+        work of a task is long by nature: each request in it has the server's timeout, and cancelling the
+        call cancels the task.
+
+        Raises:
+            UpstreamError: see :meth:`_send`; the task failed with a JSON-RPC error (``UpstreamRefused``).
+        """
+        params["task"] = dict(context.task or {})
+        request = types.Request[Any, Any].model_validate({"method": "tools/call", "params": params})
+        raw = await self._on_a_session(lambda: self._send(request, context, unchecked=True))
+        task = raw.get("task")
+        if not isinstance(task, dict) or not isinstance(task.get("taskId"), str):
+            return _result(raw)  # a server that ignored params.task ran the call as a plain one
+        if context.task is not None:
+            return ToolResult(content=(), task=task)
+        task_id = task["taskId"]
+        try:
+            while task.get("status") not in _TASK_ENDED:
+                await anyio.sleep(_poll_seconds(task))
+                task = await self.request("tasks/get", {"taskId": task_id}, context)
+            return _result(await self.request("tasks/result", {"taskId": task_id}, context))
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.timeout):
+                try:
+                    await self.request("tasks/cancel", {"taskId": task_id}, context)
+                except UpstreamError as exc:  # it ended meanwhile, or the server is gone: nothing to cancel
+                    logger.debug("upstream %s: cancelling task %s: %s", self.name, task_id, exc)
+            raise
 
     async def _lean_call(
         self, caller: HttpCaller, params: dict[str, Any], context: CallContext, headers: dict[str, str] | None = None
@@ -630,6 +679,10 @@ class McpUpstream:
             UpstreamTimeout: no answer in time (the upstream request is cancelled).
             UpstreamError: the server answered with a JSON-RPC error, or ``method`` is not one forwarded.
         """
+        if method in _TASK_REQUESTS:
+            task_request = types.Request[Any, Any].model_validate({"method": method, "params": dict(params)})
+            await self._connected()
+            return await self._on_a_session(lambda: self._send(task_request, context, unchecked=True))
         if method not in _REQUESTS:
             raise UpstreamError(f"patchbay does not forward {method} to server {self.name!r}", server=self.name)
         try:
@@ -690,14 +743,17 @@ class McpUpstream:
             return True
         return False
 
-    async def _send(self, request: Any, context: CallContext, *, modern: bool = False) -> dict[str, Any]:
-        """Send one request on the shared session, within the server's timeout; the raw result.
+    async def _send(
+        self, request: Any, context: CallContext, *, modern: bool = False, unchecked: bool = False
+    ) -> dict[str, Any]:
+        """Send one request on the shared session, within the server's timeout; the raw result (``unchecked``:
+        not checked against the method's result type, which a task-augmented call's result is not).
 
         Raises:
             UpstreamUnavailable: not connected, or the connection died during the call.
             UpstreamTimeout: no answer in time (the upstream request is cancelled).
             ResultTooLarge: the reply is larger than ``max_result`` (the session stays up).
-            UpstreamError: the server answered with a JSON-RPC error.
+            UpstreamRefused: the server answered with a JSON-RPC error.
         """
         client = self._modern if modern else self._client
         closed = self._closed  # this connection's: a later one must not be closed by this call's failure
@@ -714,7 +770,12 @@ class McpUpstream:
         token = self._track(context)
         try:
             with anyio.fail_after(self.config.timeout):
-                raw = cast(dict[str, Any], await client.session.send_request(request, _RAW, progress_callback=progress))
+                if unchecked:
+                    raw = await _send_unchecked(client, request, progress)
+                else:
+                    raw = cast(
+                        dict[str, Any], await client.session.send_request(request, _RAW, progress_callback=progress)
+                    )
         except TimeoutError:
             raise self._timeout() from None
         except MCPError as exc:
@@ -730,7 +791,7 @@ class McpUpstream:
                     server=self.name,
                 ) from None
             message = f"Server {self.name!r} answered with an error: {exc.error.message}"
-            raise UpstreamError(message, server=self.name) from exc
+            raise UpstreamRefused(message, server=self.name, code=exc.error.code, data=exc.error.data) from exc
         finally:
             self._inflight.pop(token, None)
         # Over stdio, or as one JSON body, the SDK read the whole reply: it is measured now.
@@ -818,6 +879,52 @@ def _check_encodable(name: str, arguments: JSONObject) -> None:
                 f"The arguments of {name!r} cannot be sent: a string in them is not valid Unicode (a lone surrogate"
                 " such as \\ud800); send valid UTF-8 text."
             ) from None
+
+
+def _result(raw: dict[str, Any]) -> ToolResult:
+    return ToolResult(
+        content=raw.get("content") or (),
+        structured_content=raw.get("structuredContent"),
+        is_error=bool(raw.get("isError", False)),
+        meta=raw.get("_meta"),
+    )
+
+
+def _task_support(definition: JSONObject) -> str | None:
+    execution = definition.get("execution")
+    support = execution.get("taskSupport") if isinstance(execution, dict) else None
+    return support if isinstance(support, str) else None
+
+
+def _poll_seconds(task: JSONObject) -> float:
+    """How long to wait before asking about ``task`` again: its ``pollInterval``, within :data:`_POLL_BOUNDS`."""
+    interval = task.get("pollInterval")
+    seconds = interval / 1000 if isinstance(interval, int | float) and not isinstance(interval, bool) else 1.0
+    return min(max(seconds, _POLL_BOUNDS[0]), _POLL_BOUNDS[1])
+
+
+def _without_tasks(capabilities: JSONObject) -> dict[str, Any]:
+    """A client's capabilities without the tasks extension: a server must not answer it with a task on the
+    2026-07-28 session, as the gateway passes tasks through on the handshake one (where the tools that
+    require tasks are called as tasks)."""
+    extensions = capabilities.get("extensions")
+    if not isinstance(extensions, dict) or _TASKS_EXTENSION not in extensions:
+        return dict(capabilities)
+    return {**capabilities, "extensions": {k: v for k, v in extensions.items() if k != _TASKS_EXTENSION}}
+
+
+async def _send_unchecked(client: Client, request: Any, progress: ProgressFnT | None) -> dict[str, Any]:
+    """``send_request`` without checking the result against the method's result type: the SDK knows tasks as
+    types only, and checks a ``tools/call`` result against ``CallToolResult``, which a ``CreateTaskResult`` is not.
+    The session's stamp (protocol version header) is applied as ``send_request`` does."""
+    session: Any = client.session
+    data = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+    opts: dict[str, Any] = {}
+    session._stamp(data, opts)
+    if progress is not None:
+        opts["on_progress"] = progress
+    raw: dict[str, Any] = await session._dispatcher.send_raw_request(data["method"], data.get("params"), opts)
+    return raw
 
 
 def _lacking(method: str) -> str:

@@ -17,6 +17,7 @@
      ├── UpstreamError               the provider failed to answer                       → isError result
      │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
      │    ├── UpstreamTimeout        no answer within the server's timeout
+     │    ├── UpstreamRefused        the server answered with a JSON-RPC error (its ``code``)
      │    ├── ResultTooLarge         the reply is larger than ``gateway.max_result``
      │    └── ClientRefused          the client answered a server→client request with an error (its ``code``)
      ├── WorkflowError               a workflow run failed                               → isError result
@@ -181,6 +182,16 @@ class UpstreamTimeout(UpstreamError):
     """The provider did not answer within its timeout; the upstream request was cancelled."""
 
     outcome = "timeout"
+
+
+class UpstreamRefused(UpstreamError):
+    """The provider answered the request with a JSON-RPC error: ``code`` and ``data`` are the upstream's (a
+    ``tasks/*`` request passed through answers with them)."""
+
+    def __init__(self, message: str, *, server: str = "", code: int, data: object = None) -> None:
+        self.code = code
+        self.data = data
+        super().__init__(message, server=server)
 
 
 class ResultTooLarge(UpstreamError):

@@ -89,6 +89,25 @@ class StateSigner:
             )
         return Claim(held=str(payload["h"]), nonce=str(payload["n"]))
 
+    def seal(self, prefix: str, payload: JSONObject) -> str:
+        """``payload`` as a token that starts with ``prefix`` and that only this key can have made (the MAC covers
+        the prefix too, so a token of one kind is never taken for one of another): readable, not secret."""
+        body = _b64(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        return f"{prefix}{body}.{_b64(self._mac(prefix + body))}"
+
+    def unseal(self, token: str, prefix: str) -> dict[str, object] | None:
+        """The payload :meth:`seal` put in ``token`` with ``prefix``; None if it was not sealed so with this key."""
+        if not token.startswith(prefix):
+            return None
+        body, _, mac = token.removeprefix(prefix).partition(".")
+        try:
+            if not hmac.compare_digest(self._mac(prefix + body), base64.urlsafe_b64decode(mac + "=" * (-len(mac) % 4))):
+                return None
+            payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        except (binascii.Error, ValueError):
+            return None
+        return payload if isinstance(payload, dict) else None
+
     def _mac(self, body: str) -> bytes:
         return hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest()
 

@@ -8,6 +8,10 @@ one place: ``ToolNotFound`` and ``ResourceNotFound`` become JSON-RPC invalid-par
 Workflow tools also run as MCP tasks (``gateway.tasks``), in both eras: a task-augmented
 ``tools/call`` takes the one dispatch path like any call, with ``CallContext.task`` set, and
 answers with the task its run became; ``tasks/*`` read and cancel the runs of the client asking.
+An upstream tool that runs as a task (its ``execution.taskSupport``, listed as the upstream gives it)
+does so upstream: its task reaches the client under a gateway id, which routes ``tasks/*`` back to the
+upstream (``gateway.upstream_tasks``). The gateway declares tasks (the 2025-11-25 capability, the
+2026-07-28 extension) while it has a workflow or such a tool.
 
 A 2026-07-28 client has no channel for server→client requests. Its call of an upstream tool, when it
 declares sampling or elicitation, is held (``gateway.roundtrip``): what the upstream asks mid-call
@@ -71,6 +75,7 @@ from gateway.roundtrip import ANSWER_TIMEOUT, RoundTrips
 from gateway.stdin import read_lines
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult
+from gateway.upstream_tasks import UpstreamTasks
 from gateway.workflows.provider import WORKFLOW_PROVIDER
 from policies.auth import principal_of
 
@@ -133,7 +138,8 @@ class _Server(Server[Any]):
     """The SDK server with list_changed advertised on every transport (the HTTP manager passes no options),
     and tasks when it serves them (the SDK derives no ``tasks`` capability)."""
 
-    serves_tasks = False
+    serves_tasks: Callable[[], bool] = staticmethod(lambda: False)
+    """Whether tasks are declared now (the registry has a tool that runs as one)."""
 
     def create_initialization_options(
         self,
@@ -152,10 +158,13 @@ class _Server(Server[Any]):
         *,
         protocol_version: str | None = None,
     ) -> types.ServerCapabilities:
+        serves_tasks = self.serves_tasks()
+        if serves_tasks:  # 2026-07-28 (a handshake-era result drops it)
+            extensions = {**(extensions if extensions is not None else self.extensions), TASKS_EXTENSION: {}}
         capabilities = super().get_capabilities(
             notification_options, experimental_capabilities, extensions, protocol_version=protocol_version
         )
-        if not self.serves_tasks:
+        if not serves_tasks:
             return capabilities
         # 2025-11-25 only (the 2026-07-28 result drops it; there the extension in ``extensions`` says it).
         tasks = types.ServerTasksCapability(
@@ -188,6 +197,8 @@ class McpFrontend:
         self._connections: weakref.WeakSet[Connection] = weakref.WeakSet()
         self._bus = InMemorySubscriptionBus()
         self._tools: list[tuple[str, types.Tool]] | None = None
+        self._task_tools: bool | None = None
+        """Whether the registry has a tool that runs as a task (None: not known for this snapshot yet)."""
         self._visible: dict[Principal, list[types.Tool]] = {}
         self._param_headers: dict[str, bool] = {}
         self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
@@ -219,8 +230,7 @@ class McpFrontend:
         # The SDK wraps every message in a tracing span even with no tracer installed (~8% of the gateway's
         # CPU per call, measured by py-spy); spans belong to the call path, where they see the policy outcome.
         self.server.middleware = []
-        if gateway.config.plans:  # workflows run as tasks
-            self._serve_tasks()
+        self._serve_tasks()
         gateway.on_change(self._registry_changed)
         gateway.on_resource_updated(self._resource_updated)
 
@@ -253,6 +263,7 @@ class McpFrontend:
 
     async def _registry_changed(self) -> None:
         self._tools = None
+        self._task_tools = None
         self._visible = {}
         self._param_headers = {}
         for connection in list(self._connections):
@@ -309,6 +320,9 @@ class McpFrontend:
         except InvalidRequestState as exc:
             raise MCPError(types.INVALID_PARAMS, str(exc), {"reason": exc.reason}) from None
         if result.task is not None:
+            if entry is not None and entry.provider != WORKFLOW_PROVIDER:
+                created = self.upstream_tasks.created(entry.provider, params.name, result.task, context.principal)
+                return self._task_created(ctx, created, context.principal, notify=False)
             return self._task_created(ctx, result.task, context.principal)
         if result.input_required is not None:
             return types.InputRequiredResult.model_validate(result.input_required)
@@ -374,8 +388,8 @@ class McpFrontend:
 
     def _serve_tasks(self) -> None:
         self.task_methods = TaskMethods(self.gateway.runs)
-        self.server.serves_tasks = True
-        self.server.extensions = {TASKS_EXTENSION: {}}  # 2026-07-28 (a handshake-era result drops it)
+        self.upstream_tasks = UpstreamTasks(lambda: self.gateway.providers, self.gateway.state_signer)
+        self.server.serves_tasks = self._has_task_tools
         self.server.middleware = [_route_task_calls]
         add = self.server.add_request_handler
         add("tasks/get", types.GetTaskRequestParams, self._get_task)
@@ -385,33 +399,47 @@ class McpFrontend:
         add("tasks/update", _UpdateTaskParams, self._update_task)  # 2026-07-28
         add(_TASK_CALL, types.CallToolRequestParams, self._call_tool)  # 2025-11-25, see _route_task_calls
 
+    def _has_task_tools(self) -> bool:
+        if self._task_tools is None:
+            self._task_tools = any(_task_support(e) is not None for e in self.gateway.registry.tools.values())
+        return self._task_tools
+
     def _task_asked(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> JSONObject | None:
         """The task parameters to run this call with, or None to run it as a plain call.
 
         2025-11-25: the client asks with ``params.task``; a tool that cannot run as a task is then a -32601
         error (the spec's answer). 2026-07-28: the server decides, and only for a client that declares the
-        extension on the request; a workflow tool's call then runs as a task.
+        extension on the request: a workflow tool's call runs as a task, and so does an upstream tool's that
+        requires one (an optional one stays a plain call: no polling where none is needed).
+
+        A client that does not ask (or cannot: no extension) for a tool that requires a task still gets its
+        result: the upstream connector runs that call as a task and waits for it (``connectors.mcp``).
 
         Raises:
             MCPError: a task asked of a tool that cannot run as one.
         """
-        if not self.server.serves_tasks:
+        if not self._has_task_tools():
             return None  # no tasks capability: params.task is ignored, as the spec says
         entry = self.gateway.registry.tools.get(params.name)
-        runs_as_task = entry is not None and entry.provider == WORKFLOW_PROVIDER
+        support = _task_support(entry) if entry is not None else None
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-            if not (runs_as_task and _declares_tasks(ctx)):
+            if support not in ("required", "workflow") or not _declares_tasks(ctx):
                 return None
         elif params.task is None:
             return None
-        elif entry is not None and not runs_as_task:
+        elif entry is not None and support is None:
             raise MCPError(types.METHOD_NOT_FOUND, f"Tool {params.name!r} does not support task-augmented calls")
         return params.task.model_dump(by_alias=True, mode="json", exclude_none=True) if params.task else {}
 
-    def _task_created(self, ctx: ServerRequestContext[Any], task: JSONObject, principal: Principal) -> HandlerResult:
+    def _task_created(
+        self, ctx: ServerRequestContext[Any], task: JSONObject, principal: Principal, *, notify: bool = True
+    ) -> HandlerResult:
+        """The answer to a call that created ``task``; ``notify``: tell a handshake-era session when it ends
+        (a workflow run's; an upstream's own status notifications are not forwarded: clients poll)."""
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             return {"resultType": "task", **extension_task(task)}
-        self._notify_when_finished(ctx, str(task["taskId"]), principal)
+        if notify:
+            self._notify_when_finished(ctx, str(task["taskId"]), principal)
         return {"task": dict(task)}  # CreateTaskResult
 
     def _notify_when_finished(self, ctx: ServerRequestContext[Any], task_id: str, principal: Principal) -> None:
@@ -434,30 +462,43 @@ class McpFrontend:
 
         background.start_soon(notify)
 
+    # Each tasks/* request goes to the upstream whose task it names (a gateway id of gateway.upstream_tasks),
+    # else to the workflow runs.
+
     async def _get_task(self, ctx: ServerRequestContext[Any], params: types.GetTaskRequestParams) -> HandlerResult:
         modern = self._tasks_era(ctx)
+        if UpstreamTasks.owns(params.task_id):
+            return await _answer(self.upstream_tasks.get(params.task_id, self._context(ctx), modern=modern))
         return await _answer(self.task_methods.get(params.task_id, self._principal(ctx), modern=modern))
 
     async def _task_result(
         self, ctx: ServerRequestContext[Any], params: types.GetTaskPayloadRequestParams
     ) -> HandlerResult:
         self._tasks_era(ctx, modern=False)
+        if UpstreamTasks.owns(params.task_id):
+            return await _answer(self.upstream_tasks.result(params.task_id, self._context(ctx)))
         return await _answer(self.task_methods.result(params.task_id, self._principal(ctx)))
 
     async def _list_tasks(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> HandlerResult:
         self._tasks_era(ctx, modern=False)
-        return await _answer(self.task_methods.list(self._principal(ctx), params.cursor if params else None))
+        upstream = await self.upstream_tasks.listed(self._context(ctx))
+        cursor = params.cursor if params else None
+        return await _answer(self.task_methods.list(self._principal(ctx), cursor, also=upstream))
 
     async def _cancel_task(
         self, ctx: ServerRequestContext[Any], params: types.CancelTaskRequestParams
     ) -> HandlerResult:
         modern = self._tasks_era(ctx)
+        if UpstreamTasks.owns(params.task_id):
+            return await _answer(self.upstream_tasks.cancel(params.task_id, self._context(ctx), modern=modern))
         return await _answer(self.task_methods.cancel(params.task_id, self._principal(ctx), modern=modern))
 
     async def _update_task(self, ctx: ServerRequestContext[Any], params: "_UpdateTaskParams") -> HandlerResult:
         self._tasks_era(ctx, modern=True)
+        if UpstreamTasks.owns(params.task_id):
+            return await _answer(self.upstream_tasks.update(params.task_id, self._context(ctx)))
         return await _answer(self.task_methods.update(params.task_id, self._principal(ctx)))
 
     def _tasks_era(self, ctx: ServerRequestContext[Any], *, modern: bool | None = None) -> bool:
@@ -619,12 +660,19 @@ async def _answer(answer: Awaitable[dict[str, Any]]) -> HandlerResult:
 
 
 def _listed(entry: Entry) -> types.Tool:
-    """A registry tool as ``tools/list`` shows it. Only workflows run as tasks here, so an upstream tool's own
-    ``execution.taskSupport`` does not cross the gateway (its calls are never task-augmented upstream)."""
-    definition = entry.tool.definition
-    if entry.provider != WORKFLOW_PROVIDER and "execution" in definition:
-        definition = {key: value for key, value in definition.items() if key != "execution"}
-    return types.Tool.model_validate(definition)
+    """A registry tool as ``tools/list`` shows it: an upstream tool's ``execution`` included, as its calls (and
+    tasks) pass through to it."""
+    return types.Tool.model_validate(entry.tool.definition)
+
+
+def _task_support(entry: Entry) -> str | None:
+    """How a tool runs as a task: ``workflow`` (a run is a task), an upstream's ``optional`` or ``required``,
+    or None (it does not)."""
+    if entry.provider == WORKFLOW_PROVIDER:
+        return "workflow"
+    execution = entry.tool.definition.get("execution")
+    support = execution.get("taskSupport") if isinstance(execution, Mapping) else None
+    return support if support in ("optional", "required") else None
 
 
 def _wire(params: Any, **update: Any) -> dict[str, Any]:
@@ -756,7 +804,7 @@ class _SdkSessions:
         capabilities = verdict.client_capabilities
         if not isinstance(capabilities, dict) or "sampling" in capabilities or "elicitation" in capabilities:
             return None
-        if self._frontend.server.serves_tasks and TASKS_EXTENSION in (capabilities.get("extensions") or {}):
+        if self._frontend.server.serves_tasks() and TASKS_EXTENSION in (capabilities.get("extensions") or {}):
             return None
         params = message["params"]
         entry = self._frontend.gateway.registry.tools.get(params.get("name"))

@@ -16,9 +16,9 @@ The two eras shape a task differently:
   result included) or the JSON-RPC ``error`` once ``failed`` (for protocol errors only).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gateway.errors import TaskError
 from gateway.store import RunRecord
@@ -26,6 +26,7 @@ from gateway.types import JSONObject, Principal
 
 __all__ = [
     "PAGE_SIZE",
+    "NOT_FOUND",
     "POLL_INTERVAL_MS",
     "RELATED_TASK_META_KEY",
     "TASKS_EXTENSION",
@@ -48,9 +49,12 @@ POLL_INTERVAL_MS = 1000
 PAGE_SIZE = 100
 """Tasks per ``tasks/list`` page."""
 
+NOT_FOUND = "Failed to retrieve task: Task not found"
+"""The one answer for an unknown task and for another client's."""
+
 _FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 _INTERNAL_ERROR = -32603
-_NOT_FOUND = "Failed to retrieve task: Task not found"
+_T = TypeVar("_T")
 
 
 class TaskRuns(Protocol):
@@ -96,17 +100,21 @@ class TaskMethods:
             raise TaskError(message, code=_INTERNAL_ERROR)
         return result
 
-    async def list(self, principal: Principal, cursor: str | None) -> dict[str, Any]:
-        """2025-11-25 ``tasks/list``: the client's tasks, most recent first, a page at a time.
+    async def list(self, principal: Principal, cursor: str | None, also: Sequence[JSONObject] = ()) -> dict[str, Any]:
+        """2025-11-25 ``tasks/list``: the client's tasks, most recent first, a page at a time; ``also``: more of
+        its tasks (``Task`` wire form: its upstream tasks), merged in by creation time.
 
         Raises:
             TaskError: ``cursor`` is not one this method gave.
         """
+        tasks: list[JSONObject] = [task_of(record) for record in await self.runs.list(principal)]
+        if also:
+            tasks = sorted([*tasks, *also], key=lambda task: _instant(task.get("createdAt")), reverse=True)
         try:
-            chosen, following = page(await self.runs.list(principal), cursor, PAGE_SIZE)
+            chosen, following = page(tasks, cursor, PAGE_SIZE, key=lambda task: str(task["taskId"]))
         except ValueError as exc:
             raise TaskError(str(exc)) from None
-        listed: dict[str, Any] = {"tasks": [task_of(record) for record in chosen]}
+        listed: dict[str, Any] = {"tasks": [dict(task) for task in chosen]}
         if following is not None:
             listed["nextCursor"] = following
         return listed
@@ -140,7 +148,7 @@ class TaskMethods:
 
 def _found(record: RunRecord | None) -> RunRecord:
     if record is None:
-        raise TaskError(_NOT_FOUND)
+        raise TaskError(NOT_FOUND)
     return record
 
 
@@ -195,22 +203,29 @@ def detailed_task(record: RunRecord) -> dict[str, Any]:
     return {**extension_task(_task(record, "failed")), "error": error}
 
 
-def page(records: Sequence[RunRecord], cursor: str | None, size: int) -> tuple[Sequence[RunRecord], str | None]:
+def page(
+    records: Sequence[_T],
+    cursor: str | None,
+    size: int,
+    *,
+    key: Callable[[_T], str] = lambda r: str(r.run_id),  # type: ignore[attr-defined]
+) -> tuple[Sequence[_T], str | None]:
     """One page of ``records`` (most recent first) and the cursor of the next, if there is more.
 
-    A cursor is the id of the last task of the page before, so tasks created meanwhile do not shift pages.
+    A cursor is the id (``key``) of the last task of the page before, so tasks created meanwhile do not shift
+    pages.
 
     Raises:
         ValueError: ``cursor`` names no task in ``records``.
     """
     start = 0
     if cursor is not None:
-        start = next((i + 1 for i, record in enumerate(records) if record.run_id == cursor), -1)
+        start = next((i + 1 for i, record in enumerate(records) if key(record) == cursor), -1)
         if start < 0:
             raise ValueError(f"unknown cursor: {cursor!r}")
     chosen = records[start : start + size]
     more = start + size < len(records)
-    return chosen, (chosen[-1].run_id if more and chosen else None)
+    return chosen, (key(chosen[-1]) if more and chosen else None)
 
 
 def _task(record: RunRecord, status: str) -> dict[str, Any]:
@@ -246,6 +261,14 @@ def _status_message(record: RunRecord) -> str | None:
 
 def _is_error(record: RunRecord) -> bool:
     return bool(record.result is not None and record.result.get("isError"))
+
+
+def _instant(iso: object) -> float:
+    """An ISO 8601 time as seconds (0 for none or one that cannot be read), to order tasks of any origin."""
+    try:
+        return datetime.fromisoformat(str(iso)).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _iso(seconds: float) -> str:
