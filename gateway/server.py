@@ -72,7 +72,7 @@ from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
 from gateway.requeststate import STATE_PREFIX, request_digest
 from gateway.roundtrip import ANSWER_TIMEOUT, RoundTrips
-from gateway.stdin import read_lines
+from gateway.stdin import MessageOut, read_lines
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult
 from gateway.upstream_tasks import UpstreamTasks
@@ -873,6 +873,8 @@ async def serve_stdio(frontend: McpFrontend) -> None:
     """Serve one client over this process's stdin/stdout until it disconnects."""
     server = frontend.server
     stdin = _CheckedStdin(frontend.gateway.config.gateway.max_depth)
-    async with stdio_server(stdin=cast("anyio.AsyncFile[str]", stdin)) as (read, write):
-        stdin.answer_on(write)
-        await server.run(read, write, server.create_initialization_options())
+    with MessageOut() as out:
+        streams = stdio_server(stdin=cast("anyio.AsyncFile[str]", stdin), stdout=cast("anyio.AsyncFile[str]", out))
+        async with streams as (read, write):
+            stdin.answer_on(write)
+            await server.run(read, write, server.create_initialization_options())

@@ -1,4 +1,5 @@
-"""``gateway.stdin.read_lines``: stdin as lines, waiting in a way cancellation reaches (SIGTERM, ``serve --stdio``)."""
+"""``gateway.stdin``: stdin as lines, waiting in a way cancellation reaches (SIGTERM, ``serve --stdio``); stdout
+for messages, written from the event loop."""
 
 import os
 from collections.abc import Iterator
@@ -7,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from gateway.stdin import CHUNK, read_lines
+from gateway.stdin import CHUNK, MessageOut, read_lines
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +89,52 @@ async def test_a_regular_file_on_stdin_is_read_though_the_event_loop_cannot_watc
             assert [line async for line in read_lines(fd)] == [b'{"id": 1}\n', b'{"id": 2}\n']
     finally:
         os.close(fd)
+
+
+def drain(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def test_messages_go_to_the_stream_and_stray_output_does_not_until_it_is_restored(pipe: Pipe) -> None:
+    out_fd = os.dup(pipe.write_end)  # stands for descriptor 1
+    try:
+        with MessageOut(out_fd) as out:
+            await out.write('{"id": 1, "text": "né"}\n')
+            await out.flush()
+            assert os.fstat(out_fd).st_ino == os.fstat(2).st_ino  # "descriptor 1" points at stderr meanwhile
+        assert drain(pipe.read_end) == '{"id": 1, "text": "né"}\n'.encode()
+        assert os.fstat(out_fd).st_ino == os.fstat(pipe.write_end).st_ino  # restored
+        assert os.get_blocking(out_fd)  # as it was
+    finally:
+        os.close(out_fd)
+
+
+async def test_a_write_to_a_full_pipe_waits_without_blocking_the_loop_and_completes_once_read(pipe: Pipe) -> None:
+    big = "x" * (4 * 2**20)  # far more than a pipe holds
+    out_fd = os.dup(pipe.write_end)
+    received = bytearray()
+    try:
+        with MessageOut(out_fd) as out:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(out.write, big + "\n")
+                await anyio.sleep(0.1)  # the writer is waiting on the full pipe, and this task still runs
+                os.set_blocking(pipe.read_end, False)
+                with anyio.fail_after(10):
+                    while len(received) < len(big) + 1:
+                        await anyio.wait_readable(pipe.read_end)
+                        received += os.read(pipe.read_end, CHUNK)
+            with anyio.move_on_after(0.2) as waited:  # and a waiting write can be cancelled
+                await out.write(big)
+            assert waited.cancelled_caught
+    finally:
+        os.close(out_fd)
+    assert bytes(received) == (big + "\n").encode()
