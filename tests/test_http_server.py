@@ -115,6 +115,15 @@ async def test_after_a_response_the_next_request_has_the_same_bound(then_sending
     assert received == b""  # uvicorn's keep-alive bound alone ends at the first byte of the next request
 
 
+async def test_pipelined_requests_are_all_answered_and_only_then_does_the_bound_run_again() -> None:
+    streamed = b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    async with server() as port, await anyio.connect_tcp("127.0.0.1", port) as sock:
+        await sock.send(streamed + streamed)  # the second is in before the first's answer (2 bounds) ends
+        waited, received = await closed_in(sock)
+    assert received.count(b"tick") == 8  # both answered: the second was not cut off while it waited its turn
+    assert waited >= BOUND * 4 + BOUND * 0.8
+
+
 async def test_a_request_that_arrived_in_time_is_answered_however_long_the_answer_takes() -> None:
     async with server() as port, await anyio.connect_tcp("127.0.0.1", port) as sock:
         await sock.send(b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
