@@ -55,6 +55,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from connectors._http_call import CallFailed, CallRefused, HttpCaller, ReplyTooLarge, SessionGone, SessionInfo
 from connectors._result_limit import event_limit, is_oversize, reply_size
+from connectors._stream_call import StreamCaller, StreamCallFailed, StreamLost
 from gateway.config import DEFAULT_MAX_RESULT, HttpServer, ServerConfig, StdioServer
 from gateway.errors import (
     ClientRefused,
@@ -148,20 +149,27 @@ _UNTOLD = ProviderEvents(changed=_ignore)
 
 
 class _WatchedStream:
-    """A transport read stream that sets ``closed`` when it ends, so the supervisor sees a dead connection."""
+    """A transport read stream that sets ``closed`` when it ends, so the supervisor sees a dead connection; and
+    that hands the responses to a ``StreamCaller``'s requests to it instead of to the session."""
 
-    def __init__(self, inner: Any, closed: anyio.Event) -> None:
+    def __init__(self, inner: Any, closed: anyio.Event, caller: StreamCaller | None = None) -> None:
         self._inner = inner
         self._closed = closed
+        self._caller = caller
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)  # `last_context` and friends
 
     async def receive(self) -> Any:
         try:
-            return await self._inner.receive()
+            while True:
+                message = await self._inner.receive()
+                if self._caller is None or not self._caller.take(message):
+                    return message
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             self._closed.set()
+            if self._caller is not None:
+                self._caller.lose("the connection to the server closed")
             raise
 
     def __aiter__(self) -> Self:
@@ -188,14 +196,19 @@ class _WatchedStream:
 
 @dataclass
 class _Watched:
-    """A ``Transport`` wrapping another one with a ``_WatchedStream``."""
+    """A ``Transport`` wrapping another one with a ``_WatchedStream``; with ``lean``, one whose ``caller`` makes
+    requests on the transport's streams beside the session."""
 
     inner: Any
     closed: anyio.Event
+    lean: bool = False
+    caller: StreamCaller | None = None
 
     async def __aenter__(self) -> tuple[Any, Any]:
         read, write = await self.inner.__aenter__()
-        return _WatchedStream(read, self.closed), write
+        if self.lean:
+            self.caller = StreamCaller(write)
+        return _WatchedStream(read, self.closed, self.caller), write
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -227,6 +240,8 @@ class McpUpstream:
         self._modern: Client | None = None
         self._caller: HttpCaller | None = None
         self._modern_caller: HttpCaller | None = None
+        self._stream_caller: StreamCaller | None = None
+        """Calls over stdio without the SDK session's per-request machinery (``connectors._stream_call``)."""
         """2026-07-28 calls without the SDK client, when the server speaks that era (``self._modern``)."""
         self._param_headers: dict[str, bool] = {}
         """By tool: whether its input schema maps arguments to ``Mcp-Param-*`` headers (then the SDK sends them)."""
@@ -277,7 +292,7 @@ class McpUpstream:
                 await self._supervise(announce)
         finally:
             self.state = ProviderState.DOWN
-            self._client = self._modern = self._caller = self._modern_caller = None
+            self._client = self._modern = self._caller = self._modern_caller = self._stream_caller = None
             self._attempted.set()  # no attempt will come: nobody waits for one
         self.last_error = "closed"
         announce()  # closed before the first attempt was over
@@ -307,7 +322,8 @@ class McpUpstream:
             was_up = self.state is ProviderState.UP
             self.state = ProviderState.DOWN
             self._next_attempt = anyio.current_time() + backoff
-            self._client = self._modern = self._caller = self._modern_caller = None  # however the connection ended
+            # however the connection ended
+            self._client = self._modern = self._caller = self._modern_caller = self._stream_caller = None
             if not was_up:
                 self._failed_at = anyio.current_time()
                 self._attempt_over()
@@ -329,8 +345,9 @@ class McpUpstream:
         """One connection: handshake, listing, then serve refreshes until the transport ends."""
         session = SessionInfo()
         transport, http = self._transport(session)
+        watched = _Watched(transport, self._closed, lean=isinstance(self.config, StdioServer))
         client = Client(
-            _Watched(transport, self._closed),
+            watched,
             mode="legacy",
             cache=None,
             message_handler=self._on_message,
@@ -351,6 +368,7 @@ class McpUpstream:
                     era = SessionInfo(protocol_version=self._modern.protocol_version)  # no session: the era's header
                     url, limit = self.config.url, self.max_result
                     self._modern_caller = HttpCaller(http, url, era, max_result=limit, modern=True)
+            self._stream_caller = watched.caller
             self._client = client
             self.state = ProviderState.UP
             self.last_error = None
@@ -549,18 +567,23 @@ class McpUpstream:
         if meta:
             params["_meta"] = meta
 
-        async def send() -> dict[str, Any]:  # on the connection there is now
-            if not modern and self._caller is not None and self._client is not None:
-                return await self._lean_call(self._caller, params, context)
-            if modern and self._modern_caller is not None and not self._maps_param_headers(name):
-                return await self._lean_modern_call(self._modern_caller, params, context)
-            request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
-            return await self._send(request, context, modern=modern and self._modern is not None)
-
-        raw = await self._on_a_session(send)
+        raw = await self._on_a_session(lambda: self._call_on_the_session(params, context, modern=modern))
         if raw.get("resultType") == "input_required":
             return ToolResult(content=(), input_required=raw)
         return _result(raw)
+
+    async def _call_on_the_session(
+        self, params: dict[str, Any], context: CallContext, *, modern: bool
+    ) -> dict[str, Any]:
+        """``tools/call`` on the connection there is now, by the leanest way it offers; the raw result."""
+        if not modern and self._caller is not None and self._client is not None:
+            return await self._lean_call(self._caller, params, context)
+        if modern and self._modern_caller is not None and not self._maps_param_headers(params["name"]):
+            return await self._lean_modern_call(self._modern_caller, params, context)
+        if self._stream_caller is not None and self._client is not None:
+            return await self._stream_call(self._stream_caller, params, context)
+        request = types.CallToolRequest(params=types.CallToolRequestParams.model_validate(params))
+        return await self._send(request, context, modern=modern and self._modern is not None)
 
     async def _task_call(self, params: dict[str, Any], context: CallContext) -> ToolResult:
         """A call as a task of the server (2025-11-25, on the handshake session, where its tasks live).
@@ -651,6 +674,30 @@ class McpUpstream:
         meta[types.CLIENT_INFO_META_KEY] = _CLIENT_INFO_WIRE
         headers = {MCP_METHOD_HEADER: "tools/call", MCP_NAME_HEADER: encode_header_value(params["name"])}
         return await self._lean_call(caller, params, context, headers)
+
+    async def _stream_call(self, caller: StreamCaller, params: dict[str, Any], context: CallContext) -> dict[str, Any]:
+        """A call over stdio beside the SDK session; what the server asks or logs meanwhile reaches the session's
+        handlers, which route it to the calls in flight."""
+        closed = self._closed  # this connection's: a later one must not be closed by this call's failure
+        token = self._track(context)
+        try:
+            with anyio.CancelScope(deadline=anyio.current_time() + self.config.timeout):
+                raw = await caller.call("tools/call", params, on_progress=context.progress)
+                if (size := reply_size(raw, self.max_result)) is not None:
+                    raise ResultTooLarge(server=self.name, limit=self.max_result, size=size)
+                return raw
+            raise self._timeout()  # reached only when the deadline cancelled the call
+        except StreamLost:
+            closed.set()
+            raise UpstreamUnavailable(
+                f"The connection to server {self.name!r} closed during the call; it is being reconnected.",
+                server=self.name,
+            ) from None
+        except StreamCallFailed as exc:
+            message = f"Server {self.name!r} answered with an error: {exc}"
+            raise UpstreamRefused(message, server=self.name, code=exc.code, data=exc.data) from None
+        finally:
+            self._inflight.pop(token, None)
 
     def _maps_param_headers(self, name: str) -> bool:
         found = self._param_headers.get(name)

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = {"gateway.types", "gateway.errors", "gateway.config"}
 """What ``connectors`` and ``policies`` may import of ``gateway``."""
-SDK_MODULES = {"connectors/mcp.py", "gateway/server.py"}
+SDK_MODULES = {"connectors/mcp.py", "connectors/_stream_call.py", "gateway/server.py"}
 """The only modules that import the MCP SDK."""
 
 
