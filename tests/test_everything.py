@@ -5,10 +5,13 @@ and a handshake-era one (``mode="legacy"``), over server-everything as an HTTP u
 stdio upstream, and holds what the client sees against the same client connected straight to the
 same server (which speaks only the handshake era, 2025-11-25). server-everything's server→client
 requests reach a 2026-07-28 client through the gateway's input-required round trip, which the SDK
-client drives with its callbacks.
+client drives with its callbacks. Its ``simulate-research-query`` requires tasks (2025-11-25): run as a task by
+clients of both eras (the 2026-07-28 one through the tasks extension), and called plainly by clients that know
+no tasks, which the gateway serves by running the task for them.
 """
 
 import base64
+import json
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,13 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
-from tests.everything_support import UPSTREAMS, Everything
-from tests.support import text
+from gateway.upstream_tasks import TASK_PREFIX
+from policies.auth import new_token
+from tests.everything_support import SERVER, UPSTREAMS, Everything, check_ready, stdio_upstream
+from tests.support import run_gateway, text
+from tests.taskclient import TasksExtension, rpc, start_task
 
 pytestmark = pytest.mark.anyio
 
@@ -277,3 +286,202 @@ async def test_a_handshake_clients_refusal_reaches_the_server_as_the_client_gave
     assert direct["is_error"]
     assert direct["content"][0]["text"] == "MCP error -1: the user said no"
     assert results == [direct] * 4
+
+
+# simulate-research-query: a tool that requires tasks (2025-11-25 tasks on server-everything's side).
+
+RESEARCH: tuple[str, dict[str, Any]] = ("simulate-research-query", {"topic": "tides"})
+"""Four stages of a second each: every run takes about 4 s, so :func:`research` runs them all at once."""
+RESEARCH_TOKENS = {name: new_token() for name in ("alice", "bob")}
+"""Two clients of a gateway with ``clients:``: a task is its creator's alone (the shared gateways are anonymous)."""
+
+
+async def until_ended(client: Client, task_id: str) -> dict[str, Any]:
+    """``tasks/get`` until the task has left ``working``: its last answer."""
+    while (task := await rpc(client, "tasks/get", taskId=task_id))["status"] == "working":  # noqa: ASYNC110
+        await anyio.sleep(0.1)  # polling is how a client learns a task ended
+    return task
+
+
+@asynccontextmanager
+async def task_client(target: Any, mode: str, *, tasks: bool = True, token: str | None = None) -> AsyncIterator[Client]:
+    """A client of ``target`` (a URL: with a bearer ``token``, if given); in 2026-07-28, declaring the tasks
+    extension unless told not to."""
+    extensions = [TasksExtension()] if tasks and mode != "legacy" else None
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with httpx2.AsyncClient(headers=headers) as http:
+        transport = streamable_http_client(target, http_client=http) if isinstance(target, str) else target
+        async with Client(transport, mode=mode, cache=None, extensions=extensions) as client:
+            assert client.protocol_version == ERAS[mode]
+            yield client
+
+
+async def _handshake_task(target: Any, name: str) -> dict[str, Any]:
+    """A handshake-era client runs the tool as a task: how the tool is listed, the task, and its result."""
+    async with task_client(target, "legacy") as client:
+        listed = {tool.name: tool for tool in (await client.list_tools()).tools}[name]
+        created = await start_task(client, name, RESEARCH[1])
+        ended = await until_ended(client, created["taskId"])
+        result = await rpc(client, "tasks/result", taskId=created["taskId"])
+    return {
+        "listed": listed.model_dump(mode="json", by_alias=True),
+        "created": created,
+        "ended": ended,
+        "result": result,
+    }
+
+
+async def _modern_task(url: str, name: str) -> dict[str, Any]:
+    """A 2026-07-28 client declaring the tasks extension runs the tool as a task."""
+    async with task_client(url, "auto") as client:
+        created = await start_task(client, name, RESEARCH[1])
+        return {"created": created, "ended": await until_ended(client, created["taskId"])}
+
+
+async def _plain_call(url: str, name: str, mode: str) -> types.CallToolResult:
+    """A client that knows nothing of tasks calls the tool."""
+    async with task_client(url, mode, tasks=False) as client:
+        await client.list_tools()  # a handshake-era session is established: the lean path would take the call
+        return await client.call_tool(name, RESEARCH[1])
+
+
+async def _cancelled(target: Any, name: str, mode: str, intruder: Any = None) -> dict[str, Any]:
+    """A client starts two tasks and cancels the first; ``intruder`` (a client of the same gateway, if given)
+    tries to see and cancel it first. The first is looked at again once the second has completed."""
+    async with task_client(target, mode, token=RESEARCH_TOKENS["alice"][0] if intruder else None) as client:
+        first, second = [await start_task(client, name, RESEARCH[1]) for _ in range(2)]
+        refusals = []
+        if intruder is not None:
+            async with task_client(intruder, mode, token=RESEARCH_TOKENS["bob"][0]) as bob:
+                for method in ("tasks/get", "tasks/cancel"):
+                    try:
+                        await rpc(bob, method, taskId=first["taskId"])
+                    except MCPError as exc:
+                        refusals.append(exc.error.code)
+        answer = await rpc(client, "tasks/cancel", taskId=first["taskId"])
+        now = await rpc(client, "tasks/get", taskId=first["taskId"])
+        other = await until_ended(client, second["taskId"])
+        later = await rpc(client, "tasks/get", taskId=first["taskId"])
+    return {"refusals": refusals, "answer": answer, "now": now, "other": other, "later": later}
+
+
+@pytest.fixture(scope="module")
+async def research(everything: Everything, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Any]:
+    """What each kind of client saw of simulate-research-query, by (upstream, kind): run all at once, each
+    outcome kept (an exception too, raised by the test that looks at it)."""
+    outcomes: dict[tuple[str, str], Any] = {}
+    tmp_path = tmp_path_factory.mktemp("research")
+    clients = "".join(f'  {name}: {{token_sha256: "{sha}"}}\n' for name, (_, sha) in RESEARCH_TOKENS.items())
+
+    async def keep(key: tuple[str, str], run: Any, *args: Any) -> None:
+        try:
+            outcomes[key] = await run(*args)
+        except Exception as exc:  # kept for the test that looks at it
+            outcomes[key] = exc
+
+    async def owned(upstream: str) -> None:
+        server = json.dumps({"url": everything.http_url}) if upstream == "http" else stdio_upstream(everything.argv)
+        config = f"servers:\n  {SERVER}: {server}\nclients:\n{clients}"
+        async with run_gateway(tmp_path, config, name=f"gateway-{upstream}-clients") as gateway:
+            await check_ready(gateway)
+            async with anyio.create_task_group() as tg:
+                for mode in ERAS:
+                    tg.start_soon(keep, (upstream, f"owned {mode}"), _cancelled, gateway.url, name, mode, gateway.url)
+
+    name = everything.tool(RESEARCH[0])
+    with anyio.fail_after(WITHIN):
+        async with anyio.create_task_group() as tg:
+            for upstream in UPSTREAMS:
+                tg.start_soon(keep, (upstream, "direct"), _handshake_task, everything.direct(upstream), RESEARCH[0])
+                tg.start_soon(keep, (upstream, "handshake"), _handshake_task, everything.url(upstream), name)
+                tg.start_soon(keep, (upstream, "modern"), _modern_task, everything.url(upstream), name)
+                for mode in ERAS:
+                    tg.start_soon(keep, (upstream, f"plain {mode}"), _plain_call, everything.url(upstream), name, mode)
+                tg.start_soon(
+                    keep, (upstream, "direct cancelled"), _cancelled, everything.direct(upstream), RESEARCH[0], "legacy"
+                )
+                tg.start_soon(owned, upstream)
+    return outcomes
+
+
+def outcome(research: dict[tuple[str, str], Any], upstream: str, kind: str) -> Any:
+    found = research[(upstream, kind)]
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def without_id(task: dict[str, Any]) -> dict[str, Any]:
+    """A task less what differs between two runs: its id and times."""
+    return {key: value for key, value in task.items() if key not in ("taskId", "createdAt", "lastUpdatedAt")}
+
+
+@paths
+async def test_a_task_required_tool_is_listed_as_such_to_a_handshake_client(
+    research: dict[tuple[str, str], Any], upstream: str
+) -> None:
+    listed = outcome(research, upstream, "handshake")["listed"]
+    direct = outcome(research, upstream, "direct")["listed"]
+    assert listed["execution"] == direct["execution"] == {"taskSupport": "required"}
+    assert listed["inputSchema"] == direct["inputSchema"]
+
+
+@paths
+async def test_a_handshake_clients_task_runs_upstream_and_gives_the_research_result(
+    research: dict[tuple[str, str], Any], upstream: str
+) -> None:
+    through = outcome(research, upstream, "handshake")
+    direct = outcome(research, upstream, "direct")
+    task_id = through["created"]["taskId"]
+    assert task_id.startswith(TASK_PREFIX)
+    assert through["ended"]["taskId"] == task_id
+    assert without_id(through["created"]) == without_id(direct["created"])
+    assert without_id(through["ended"]) == without_id(direct["ended"])
+    assert through["ended"]["status"] == "completed"
+    result = through["result"]
+    assert result["content"][0]["text"].startswith("# Research Report: tides\n")
+    assert result == {**direct["result"], "_meta": {"io.modelcontextprotocol/related-task": {"taskId": task_id}}}
+
+
+@paths
+async def test_a_2026_client_with_the_tasks_extension_gets_a_task_whose_result_tasks_get_inlines(
+    research: dict[tuple[str, str], Any], upstream: str
+) -> None:
+    through = outcome(research, upstream, "modern")
+    direct = outcome(research, upstream, "direct")
+    created, ended = through["created"], through["ended"]
+    assert created["resultType"] == "task"
+    assert created["taskId"].startswith(TASK_PREFIX)
+    assert (created["status"], created["ttlMs"], created["pollIntervalMs"]) == ("working", 300000, 1000)
+    assert (ended["taskId"], ended["status"]) == (created["taskId"], "completed")
+    assert ended["result"] == {key: value for key, value in direct["result"].items() if key != "_meta"}
+
+
+@paths
+@eras
+async def test_a_client_that_knows_no_tasks_gets_the_research_result_of_a_plain_call(
+    research: dict[tuple[str, str], Any], upstream: str, mode: str
+) -> None:
+    result: types.CallToolResult = outcome(research, upstream, f"plain {mode}")
+    direct = outcome(research, upstream, "direct")["result"]
+    assert not result.is_error
+    assert result.model_dump(mode="json", by_alias=True, exclude_none=True)["content"] == direct["content"]
+
+
+@paths
+@eras
+async def test_a_cancelled_task_ends_cancelled_upstream_and_is_its_creators_alone(
+    research: dict[tuple[str, str], Any], upstream: str, mode: str
+) -> None:
+    through = outcome(research, upstream, f"owned {mode}")
+    direct = outcome(research, upstream, "direct cancelled")
+    assert through["refusals"] == [types.INVALID_PARAMS] * 2  # "task not found", as for an id that never was
+    assert direct["now"]["status"] == direct["later"]["status"] == "cancelled"
+    assert through["now"]["status"] == "cancelled"
+    assert through["now"]["statusMessage"] == direct["now"]["statusMessage"] == "Client cancelled task execution."
+    assert through["other"]["status"] == direct["other"]["status"] == "completed"
+    assert through["later"]["status"] == "cancelled"  # the upstream did not finish it after all
+    if mode == "legacy":
+        assert without_id(through["answer"]) == without_id(direct["answer"])
+    else:
+        assert {key: value for key, value in through["answer"].items() if key != "_meta"} == {"resultType": "complete"}
