@@ -134,6 +134,8 @@ _TASK_REQUESTS = frozenset({"tasks/get", "tasks/result", "tasks/list", "tasks/ca
 server's tasks live), unchecked: the SDK knows them as types only."""
 _TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
 """The 2026-07-28 tasks extension: not declared upstream for a client, whose tasks cross on the handshake session."""
+_RELATED_TASK = "io.modelcontextprotocol/related-task"
+"""The ``_meta`` key by which a server ties a task's result to the task (2025-11-25)."""
 _TASK_ENDED = frozenset({"completed", "failed", "cancelled", "input_required"})
 """Task statuses after which ``tasks/result`` answers (or asks the client what the task needs) at once."""
 _POLL_BOUNDS = (0.01, 5.0)
@@ -612,7 +614,7 @@ class McpUpstream:
             while task.get("status") not in _TASK_ENDED:
                 await anyio.sleep(_poll_seconds(task))
                 task = await self.request("tasks/get", {"taskId": task_id}, context)
-            return _result(await self.request("tasks/result", {"taskId": task_id}, context))
+            return _result(_untied(await self.request("tasks/result", {"taskId": task_id}, context)))
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.timeout):
                 try:
@@ -935,6 +937,18 @@ def _result(raw: dict[str, Any]) -> ToolResult:
         is_error=bool(raw.get("isError", False)),
         meta=raw.get("_meta"),
     )
+
+
+def _untied(raw: dict[str, Any]) -> dict[str, Any]:
+    """The result of a task the gateway ran for a client that asked for none, less the server's tie to that task
+    in ``_meta`` (the client knows no such task, and a server's task ids are never shown)."""
+    meta = raw.get("_meta")
+    if not isinstance(meta, dict) or _RELATED_TASK not in meta:
+        return raw
+    untied = {key: value for key, value in raw.items() if key != "_meta"}
+    if len(meta) > 1:
+        untied["_meta"] = {key: value for key, value in meta.items() if key != _RELATED_TASK}
+    return untied
 
 
 def _task_support(definition: JSONObject) -> str | None:

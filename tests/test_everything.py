@@ -27,6 +27,7 @@ from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from gateway.tasks import RELATED_TASK_META_KEY
 from gateway.upstream_tasks import TASK_PREFIX
 from policies.auth import new_token
 from tests.everything_support import SERVER, UPSTREAMS, Everything, check_ready, stdio_upstream
@@ -466,6 +467,7 @@ async def test_a_client_that_knows_no_tasks_gets_the_research_result_of_a_plain_
     direct = outcome(research, upstream, "direct")["result"]
     assert not result.is_error
     assert result.model_dump(mode="json", by_alias=True, exclude_none=True)["content"] == direct["content"]
+    assert RELATED_TASK_META_KEY not in (result.meta or {})  # the task the gateway ran is no task of the client's
 
 
 @paths

@@ -13,6 +13,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from gateway.tasks import RELATED_TASK_META_KEY
 from gateway.upstream_tasks import TASK_PREFIX
 from policies.auth import new_token
 from tests.support import ROOT, free_port, run_gateway, run_http_upstream, stdio_server, upstream_events
@@ -95,6 +96,8 @@ async def test_a_client_that_knows_no_tasks_gets_the_result_of_a_task_required_t
         result = await client.call_tool("kit__research", {"topic": "x", "seconds": 0.1})
         assert not result.is_error
         assert result.structured_content == {"topic": "x"}
+        # The task the gateway ran for it is the gateway's business: its upstream id is not shown.
+        assert RELATED_TASK_META_KEY not in (result.meta or {})
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
