@@ -8,7 +8,7 @@ import anyio
 import mcp_types as types
 import pytest
 from mcp.client.session import ClientRequestContext
-from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning
 
 from gateway.server import McpFrontend
 from gateway.types import Principal
@@ -24,6 +24,7 @@ from tests.inprocess import (
     tool_names,
 )
 from tests.support import text
+from tests.taskclient import rpc_error
 
 pytestmark = [pytest.mark.anyio, *UPSTREAM_DEPRECATIONS]
 
@@ -36,15 +37,6 @@ async def frontend(upstream: Upstream, extra: str = "", principal: Principal = L
     with anyio.fail_after(WITHIN):
         async with serve_upstream(upstream) as url, gateway_over(url, extra) as gateway:
             yield McpFrontend(gateway, principal)
-
-
-def rpc_error(raised: pytest.ExceptionInfo[BaseException]) -> types.ErrorData:
-    """The JSON-RPC error inside what the SDK client raised (sometimes wrapped in an exception group)."""
-    error = raised.value
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    assert isinstance(error, MCPError), repr(error)
-    return error.error
 
 
 @pytest.mark.parametrize("mode", ERAS)

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 import anyio
 import mcp_types as types
 import pytest
-from mcp.shared.exceptions import MCPError
 
 from gateway.config import parse_config
 from gateway.gateway import Gateway, open_gateway
@@ -16,6 +15,7 @@ from gateway.types import Principal
 from gateway.workflows.runner import RUN_META_KEY
 from policies.redaction import REDACTED
 from tests.inprocess import WITHIN, frontend_client
+from tests.taskclient import rpc_error
 
 pytestmark = pytest.mark.anyio
 
@@ -35,14 +35,6 @@ async def gateway() -> AsyncIterator[Gateway]:
     with anyio.fail_after(WITHIN):
         async with open_gateway(parse_config(CONFIG, environ={})) as gw:
             yield gw
-
-
-def rpc_error(raised: pytest.ExceptionInfo[BaseException]) -> types.ErrorData:
-    error = raised.value
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    assert isinstance(error, MCPError), repr(error)
-    return error.error
 
 
 async def read_error(client: object, uri: str) -> types.ErrorData:
