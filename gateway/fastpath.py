@@ -70,6 +70,9 @@ class ModernCall:
     log_level: str | None
     """The levels of log messages the client opted into on this request (that one and above); None: none."""
     progress_token: Any = None
+    held: bool = False
+    """The client can be asked something (sampling, elicitation): the call is held for its answers
+    (``SessionHost.hold``), and what the upstream asks comes back as an input-required result."""
 
 
 class SessionHost(Protocol):
@@ -95,8 +98,17 @@ class SessionHost(Protocol):
         does (a task, an input round trip, ``Mcp-Param-*`` validation); else None."""
         ...
 
-    def modern_result(self, result: ToolResult) -> JSONObject:
-        """A call's outcome as the 2026-07-28 result the SDK side would send (``resultType``, ``serverInfo``)."""
+    async def hold(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
+        """The call, held for its 2026-07-28 client's answers: its result, or the questions asked meanwhile.
+
+        Raises:
+            ToolNotFound: no such tool (for this client).
+        """
+        ...
+
+    def modern_result(self, result: ToolResult, version: str) -> JSONObject:
+        """A call's outcome as the result of that version the SDK side would send (``resultType``, ``serverInfo``;
+        an input-required result shaped for the version)."""
         ...
 
     def error_status(self, code: int) -> int:
@@ -202,8 +214,12 @@ class FastPath:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch, receive, responder, tg.cancel_scope)
             try:
-                result = await self._dispatcher.call(name, arguments, context)
-                reply = {"jsonrpc": "2.0", "id": request_id, "result": self._host.modern_result(result)}
+                if call.held:
+                    result = await self._host.hold(name, arguments, context)
+                else:
+                    result = await self._dispatcher.call(name, arguments, context)
+                answer = self._host.modern_result(result, call.protocol_version)
+                reply = {"jsonrpc": "2.0", "id": request_id, "result": answer}
             except ToolNotFound as exc:
                 reply = _error(request_id, _INVALID_PARAMS, str(exc))
                 status = self._host.error_status(_INVALID_PARAMS)

@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import anyio
 import mcp_types as types
+from anyio.abc import TaskGroup
 from mcp.server import NotificationOptions, Server, ServerRequestContext
 from mcp.server.connection import Connection
 from mcp.server.context import CallNext, HandlerResult
@@ -51,6 +52,7 @@ from mcp.shared.inbound import (
 )
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
+from mcp_types.methods import serialize_server_result
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -140,6 +142,8 @@ class _Server(Server[Any]):
 
     serves_tasks: Callable[[], bool] = staticmethod(lambda: False)
     """Whether tasks are declared now (the registry has a tool that runs as one)."""
+    background: TaskGroup | None = None
+    """The task group of the serving now (``_lifespan``; over HTTP there is one), for the lean path's held calls."""
 
     def create_initialization_options(
         self,
@@ -182,10 +186,14 @@ async def _lifespan(server: Server[Any]) -> AsyncIterator[dict[str, Any]]:
     """Entered once per serving (the HTTP manager's run, a stdio or in-memory connection): holds the task
     group of what outlives a request, such as a task's wait for its run to end."""
     async with anyio.create_task_group() as background:
+        if isinstance(server, _Server):
+            server.background = background
         try:
             yield {"background": background}
         finally:
             background.cancel_scope.cancel()
+            if isinstance(server, _Server) and server.background is background:
+                server.background = None
 
 
 class McpFrontend:
@@ -349,23 +357,29 @@ class McpFrontend:
             InvalidRequestState: the retry's ``requestState`` cannot be used.
         """
         arguments = params.arguments or {}
-        request = request_digest(params.name, arguments)
         if params.request_state is not None and params.request_state.startswith(STATE_PREFIX):
-            return await self._held.resume(context, request=request)
+            return await self._held.resume(context, request=request_digest(params.name, arguments))
+        background = ctx.lifespan_context.get("background") if isinstance(ctx.lifespan_context, dict) else None
+        return await self.hold(entry, params.name, arguments, context, background)
+
+    async def hold(
+        self, entry: Entry, name: str, arguments: JSONObject, context: CallContext, background: TaskGroup | None
+    ) -> ToolResult:
+        """Call an upstream tool held in ``background`` for its 2026-07-28 client's answers (``gateway.roundtrip``):
+        its result, or the questions the upstream asked meanwhile as an input-required result."""
         dispatcher = self.gateway.dispatcher
 
         async def run(held: CallContext) -> ToolResult:
             try:
-                return await dispatcher.call(params.name, arguments, held)
+                return await dispatcher.call(name, arguments, held)
             except GatewayError as exc:  # ToolNotFound: the registry changed since; the background must not fail
                 return ToolResult.text(str(exc), is_error=True)
 
         server = self.gateway.config.servers.get(entry.provider)
-        background = ctx.lifespan_context.get("background") if isinstance(ctx.lifespan_context, dict) else None
         return await self._held.start(
             run,
             context,
-            request=request,
+            request=request_digest(name, arguments),
             group=background,
             answer_timeout=server.timeout if server is not None else ANSWER_TIMEOUT,  # the upstream call's bound
         )
@@ -802,13 +816,16 @@ class _SdkSessions:
         if not isinstance(verdict, InboundModernRoute):
             return None
         capabilities = verdict.client_capabilities
-        if not isinstance(capabilities, dict) or "sampling" in capabilities or "elicitation" in capabilities:
+        if not isinstance(capabilities, dict):
             return None
         if self._frontend.server.serves_tasks() and TASKS_EXTENSION in (capabilities.get("extensions") or {}):
             return None
         params = message["params"]
         entry = self._frontend.gateway.registry.tools.get(params.get("name"))
         if entry is not None and (entry.provider == WORKFLOW_PROVIDER or self._frontend.param_headers(entry)):
+            return None
+        asks = "sampling" in capabilities or "elicitation" in capabilities  # the call is held (McpFrontend.hold)
+        if asks and (entry is None or self._frontend.server.background is None):
             return None
         meta = params["_meta"]
         level = _log_level(meta)
@@ -820,11 +837,21 @@ class _SdkSessions:
             meta=_forwardable_meta(meta),
             log_level=level,
             progress_token=meta.get("progressToken"),
+            held=asks,
         )
 
-    def modern_result(self, result: ToolResult) -> JSONObject:
-        wire = result.wire()
-        wire["resultType"] = "complete"
+    async def hold(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
+        entry = self._frontend.gateway.registry.tools.get(name)
+        if entry is None:
+            raise ToolNotFound(name)
+        return await self._frontend.hold(entry, name, arguments, context, self._frontend.server.background)
+
+    def modern_result(self, result: ToolResult, version: str) -> JSONObject:
+        if result.input_required is not None:  # the gateway's own questions, shaped for the era as the SDK does
+            wire = serialize_server_result("tools/call", version, result.input_required)
+        else:
+            wire = result.wire()
+            wire["resultType"] = "complete"
         meta = wire.get("_meta")
         if not isinstance(meta, dict) or meta.get(types.SERVER_INFO_META_KEY) is None:
             wire["_meta"] = {**(meta or {}), types.SERVER_INFO_META_KEY: self._stamp}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client
@@ -188,3 +189,48 @@ async def test_a_state_signed_with_the_configured_key_is_accepted_by_another_gat
         with pytest.raises(MCPError) as raised:
             await ask(other_key, input_responses=ANSWER, request_state=asked.request_state)
         assert refusal(raised) == "forged"
+
+
+# -- the lean path (gateway.fastpath) holds a 2026-07-28 call as the SDK side does --------------------------------
+
+
+async def test_the_lean_path_asks_a_held_calls_questions_as_the_sdk_side_does(tmp_path: Path) -> None:
+    envelope = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}},
+    }
+    message = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "kit__ask_user", "arguments": {"question": "colour?"}, "_meta": envelope},
+    }
+    headers = {
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2026-07-28",
+        "mcp-method": "tools/call",
+        "mcp-name": "kit__ask_user",
+    }
+    sdk_side = {"mcp-param-unused": "x"}  # a header only the SDK side reads: the lean path leaves the call to it
+    async with run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw:
+        async with httpx2.AsyncClient(timeout=WITHIN) as http:
+            # One at a time: the stdio upstream's questions carry no link to their call, so the gateway routes one
+            # only while a single call is in flight there.
+            lean = await http.post(gw.url, json=message, headers=headers)
+            asked = lean.json()["result"]
+            assert asked["resultType"] == "input_required"
+            (key,) = asked["inputRequests"]
+            assert asked["inputRequests"][key]["method"] == "elicitation/create"
+            # The retry (the SDK side's) delivers the answer to the call the lean path holds.
+            answer = {key: {"action": "accept", "content": {"answer": "green"}}}
+            retry = {**message, "id": 2, "params": {**message["params"], "inputResponses": answer}}
+            retry["params"]["requestState"] = asked.pop("requestState")
+            done = await http.post(gw.url, json=retry, headers=headers)
+            assert done.json()["result"]["content"][0]["text"] == "accept: green"
+            sdk = await http.post(gw.url, json=message, headers={**headers, **sdk_side})
+            assert lean.content != sdk.content  # two writers (the states differ, and so does the JSON's spacing)
+            asked_too = sdk.json()["result"]
+            retry["params"]["requestState"] = asked_too.pop("requestState")
+            assert asked == asked_too
+            done = await http.post(gw.url, json=retry, headers=headers)
+            assert done.json()["result"]["content"][0]["text"] == "accept: green"
