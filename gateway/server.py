@@ -804,8 +804,8 @@ class _SdkSessions:
 
     def modern(self, scope: Scope, message: dict[str, Any]) -> ModernCall | None:
         """The SDK's envelope checks (``handle_modern_request``'s ladder), then what only the SDK side does:
-        ``Mcp-Param-*`` headers to validate, a client that can be asked something (its call is held), one
-        that declares tasks (a workflow's call may run as one), a workflow tool (it may answer input-required)."""
+        ``Mcp-Param-*`` headers to validate, a workflow tool (it may run as a task or answer input-required), a
+        tool that requires a task called by a client that declares the tasks extension (it runs as one)."""
         raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
         if find_duplicated_routing_header(raw) is not None:
             return None
@@ -818,12 +818,16 @@ class _SdkSessions:
         capabilities = verdict.client_capabilities
         if not isinstance(capabilities, dict):
             return None
-        if self._frontend.server.serves_tasks() and TASKS_EXTENSION in (capabilities.get("extensions") or {}):
-            return None
         params = message["params"]
         entry = self._frontend.gateway.registry.tools.get(params.get("name"))
         if entry is not None and (entry.provider == WORKFLOW_PROVIDER or self._frontend.param_headers(entry)):
             return None
+        if (
+            entry is not None
+            and _task_support(entry) == "required"
+            and TASKS_EXTENSION in (capabilities.get("extensions") or {})
+        ):
+            return None  # the call runs as a task (McpFrontend._task_asked)
         asks = "sampling" in capabilities or "elicitation" in capabilities  # the call is held (McpFrontend.hold)
         if asks and (entry is None or self._frontend.server.background is None):
             return None

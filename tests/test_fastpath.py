@@ -352,6 +352,17 @@ async def test_a_2026_call_takes_the_lean_path_and_answers_as_the_sdk_side_does(
         assert lean.content != sdk.content  # the same message, but not the same bytes: two writers
 
 
+async def test_a_2026_client_declaring_tasks_takes_the_lean_path_for_a_tool_that_needs_none() -> None:
+    async with gateway() as gw:
+        tasks = {"extensions": {"io.modelcontextprotocol/tasks": {}}}
+        message, headers = modern_call("kit__echo", {"text": "x"}, 31, tasks)
+        lean = await gw.post(message, **headers)
+        sdk = await gw.post(message, **headers, **SDK_SIDE)
+        assert lean.json() == sdk.json()
+        assert lean.json()["result"]["resultType"] == "complete"
+        assert lean.content != sdk.content
+
+
 async def test_an_unknown_tool_on_the_2026_lean_path_is_answered_as_the_sdk_side_does() -> None:
     async with gateway() as gw:
         message, headers = modern_call("kit__nope", {}, 22)
