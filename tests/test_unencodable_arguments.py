@@ -67,3 +67,39 @@ async def test_lone_surrogate_fails_its_own_call_and_not_the_shared_stdio_upstre
         assert await whoami(other) == pid  # not restarted
         ready = (await http.get(f"{gw.base}/readyz")).json()
         assert ready["upstreams"]["kit"]["state"] == "up"
+
+
+LONE_SURROGATE_PROMPT = json.dumps(
+    {"jsonrpc": "2.0", "id": 10, "method": "prompts/get", "params": {"name": "kit__greet", "arguments": {"name": "?"}}}
+).replace('"?"', '"\\ud800"')
+
+
+async def test_a_lone_surrogate_in_a_prompt_request_fails_that_request_and_not_the_shared_stdio_upstream(
+    tmp_path: Path,
+) -> None:
+    async with (
+        run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
+        Client(gw.url, mode="legacy", cache=None) as other,
+        httpx2.AsyncClient(timeout=10) as http,
+    ):
+        pid = await whoami(other)
+        headers = await open_session(http, gw.url)
+        slow: dict[str, Any] = {}
+
+        async def slow_call() -> None:
+            slow["result"] = await other.call_tool("kit__slow", {"seconds": 1.0})
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow_call)
+                reply = await http.post(gw.url, headers=headers, content=LONE_SURROGATE_PROMPT)
+        # The SDK side's parser refuses the escape outright (-32700, no id: the request was never read), so the
+        # request cannot reach the upstream; the lean path, which parses more leniently, takes only tools/call.
+        answer = json.loads(reply.text)
+        assert reply.status_code == 400
+        assert answer["error"]["code"] == -32700
+        assert not slow["result"].is_error
+        assert text(slow["result"]) == "done"
+        assert await whoami(other) == pid  # not restarted
+        ready = (await http.get(f"{gw.base}/readyz")).json()
+        assert ready["upstreams"]["kit"]["state"] == "up"
