@@ -9,6 +9,8 @@ The paths, each a gateway target and the direct target it is judged against:
 
 - ``lean``: a handshake-era client over HTTP → gateway → HTTP upstream; direct: that client to the upstream.
 - ``modern``: a 2026-07-28 client over HTTP → gateway → HTTP upstream; direct: that client to the upstream.
+- ``modern-asks``: as ``modern``, with a client that can be asked something (it declares sampling, as clients
+  with a model do): the gateway holds each of its calls for the input-required round trip.
 - ``stdio-up``: a handshake-era client over HTTP → gateway → stdio upstream; direct: the client on its own
   stdio connection to the same server (``bench/echo_server.py --stdio``).
 - ``stdio-both``: the client on stdio → ``patchbay serve --stdio`` → stdio upstream (one gateway and one
@@ -42,6 +44,7 @@ CALL_TIMEOUT = 30.0
 PATHS = {
     "lean": ("handshake client → HTTP upstream", "http-legacy-gw", "http-legacy-direct"),
     "modern": ("2026-07-28 client → HTTP upstream", "http-modern-gw", "http-modern-direct"),
+    "modern-asks": ("2026-07-28 client declaring sampling → HTTP upstream", "http-asks-gw", "http-asks-direct"),
     "stdio-up": ("stdio upstream, client over HTTP", "stdio-up-gw", "stdio-direct"),
     "stdio-both": ("client and upstream both over stdio", "stdio-both-gw", "stdio-direct"),
 }
@@ -95,8 +98,14 @@ class measure:
             self.into[name] += value - self.before[name]
 
 
-def http_client(url: str, mode: str) -> Callable[[], Client]:
-    return lambda: Client(url, mode=mode, cache=None, read_timeout_seconds=CALL_TIMEOUT)
+def http_client(url: str, mode: str, *, asks: bool = False) -> Callable[[], Client]:
+    """``asks``: the client declares sampling (the echo server never asks it anything)."""
+    sampling = _never_sampled if asks else None
+    return lambda: Client(url, mode=mode, cache=None, read_timeout_seconds=CALL_TIMEOUT, sampling_callback=sampling)
+
+
+async def _never_sampled(context: Any, params: Any) -> Any:
+    raise RuntimeError("the echo server asks nothing")
 
 
 def stdio_client(command: str, args: list[str]) -> Callable[[], Client]:
@@ -139,6 +148,16 @@ async def start(procs: Procs) -> list[PathTarget]:
             "http-modern-gw",
             "echo__echo",
             http_client(http_gw_url, "2026-07-28"),
+            gateway_pids=[http_gw.pid],
+            upstream_pids=[upstream.pid],
+        ),
+        PathTarget(
+            "http-asks-direct", "echo", http_client(up_url, "2026-07-28", asks=True), upstream_pids=[upstream.pid]
+        ),
+        PathTarget(
+            "http-asks-gw",
+            "echo__echo",
+            http_client(http_gw_url, "2026-07-28", asks=True),
             gateway_pids=[http_gw.pid],
             upstream_pids=[upstream.pid],
         ),
