@@ -67,6 +67,8 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.types import (
+    TASK_ANSWERS_NOW,
+    TASKS_EXTENSION,
     CallContext,
     ClientChannel,
     JSONObject,
@@ -77,6 +79,9 @@ from gateway.types import (
     Resource,
     Tool,
     ToolResult,
+    task_poll_seconds,
+    task_support,
+    tied_to_task,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,14 +137,6 @@ _REQUESTS = frozenset(
 _TASK_REQUESTS = frozenset({"tasks/get", "tasks/result", "tasks/list", "tasks/cancel"})
 """The 2025-11-25 ``tasks/*`` requests :meth:`McpUpstream.request` forwards on the handshake session (where the
 server's tasks live), unchecked: the SDK knows them as types only."""
-_TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
-"""The 2026-07-28 tasks extension: not declared upstream for a client, whose tasks cross on the handshake session."""
-_RELATED_TASK = "io.modelcontextprotocol/related-task"
-"""The ``_meta`` key by which a server ties a task's result to the task (2025-11-25)."""
-_TASK_ENDED = frozenset({"completed", "failed", "cancelled", "input_required"})
-"""Task statuses after which ``tasks/result`` answers (or asks the client what the task needs) at once."""
-_POLL_BOUNDS = (0.01, 5.0)
-"""The least and the most seconds between two ``tasks/get`` of a task the gateway waits for."""
 
 
 async def _ignore(value: str) -> None:
@@ -242,9 +239,9 @@ class McpUpstream:
         self._modern: Client | None = None
         self._caller: HttpCaller | None = None
         self._modern_caller: HttpCaller | None = None
+        """2026-07-28 calls without the SDK client, when the server speaks that era (``self._modern``)."""
         self._stream_caller: StreamCaller | None = None
         """Calls over stdio without the SDK session's per-request machinery (``connectors._stream_call``)."""
-        """2026-07-28 calls without the SDK client, when the server speaks that era (``self._modern``)."""
         self._param_headers: dict[str, bool] = {}
         """By tool: whether its input schema maps arguments to ``Mcp-Param-*`` headers (then the SDK sends them)."""
         self._closed = anyio.Event()
@@ -510,7 +507,7 @@ class McpUpstream:
             resources.extend(Resource(r["uri"], r) for r in await self._list(client, "resources/list"))
             templates = await self._list(client, "resources/templates/list")
             resources.extend(Resource(t["uriTemplate"], t, template=True) for t in templates)
-        self._task_required = frozenset(t.name for t in tools if _task_support(t.definition) == "required")
+        self._task_required = frozenset(t.name for t in tools if task_support(t.definition) == "required")
         return Listing(tuple(tools), tuple(prompts), tuple(resources))
 
     async def _list(self, client: Client, method: str) -> list[dict[str, Any]]:
@@ -611,10 +608,11 @@ class McpUpstream:
             return ToolResult(content=(), task=task)
         task_id = task["taskId"]
         try:
-            while task.get("status") not in _TASK_ENDED:
-                await anyio.sleep(_poll_seconds(task))
+            while task.get("status") not in TASK_ANSWERS_NOW:
+                await anyio.sleep(task_poll_seconds(task))
                 task = await self.request("tasks/get", {"taskId": task_id}, context)
-            return _result(_untied(await self.request("tasks/result", {"taskId": task_id}, context)))
+            # Less the server's tie to a task the client knows nothing of (a server's task ids are never shown).
+            return _result(tied_to_task(await self.request("tasks/result", {"taskId": task_id}, context), None))
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.timeout):
                 try:
@@ -939,39 +937,14 @@ def _result(raw: dict[str, Any]) -> ToolResult:
     )
 
 
-def _untied(raw: dict[str, Any]) -> dict[str, Any]:
-    """The result of a task the gateway ran for a client that asked for none, less the server's tie to that task
-    in ``_meta`` (the client knows no such task, and a server's task ids are never shown)."""
-    meta = raw.get("_meta")
-    if not isinstance(meta, dict) or _RELATED_TASK not in meta:
-        return raw
-    untied = {key: value for key, value in raw.items() if key != "_meta"}
-    if len(meta) > 1:
-        untied["_meta"] = {key: value for key, value in meta.items() if key != _RELATED_TASK}
-    return untied
-
-
-def _task_support(definition: JSONObject) -> str | None:
-    execution = definition.get("execution")
-    support = execution.get("taskSupport") if isinstance(execution, dict) else None
-    return support if isinstance(support, str) else None
-
-
-def _poll_seconds(task: JSONObject) -> float:
-    """How long to wait before asking about ``task`` again: its ``pollInterval``, within :data:`_POLL_BOUNDS`."""
-    interval = task.get("pollInterval")
-    seconds = interval / 1000 if isinstance(interval, int | float) and not isinstance(interval, bool) else 1.0
-    return min(max(seconds, _POLL_BOUNDS[0]), _POLL_BOUNDS[1])
-
-
 def _without_tasks(capabilities: JSONObject) -> dict[str, Any]:
     """A client's capabilities without the tasks extension: a server must not answer it with a task on the
     2026-07-28 session, as the gateway passes tasks through on the handshake one (where the tools that
     require tasks are called as tasks)."""
     extensions = capabilities.get("extensions")
-    if not isinstance(extensions, dict) or _TASKS_EXTENSION not in extensions:
+    if not isinstance(extensions, dict) or TASKS_EXTENSION not in extensions:
         return dict(capabilities)
-    return {**capabilities, "extensions": {k: v for k, v in extensions.items() if k != _TASKS_EXTENSION}}
+    return {**capabilities, "extensions": {k: v for k, v in extensions.items() if k != TASKS_EXTENSION}}
 
 
 async def _send_unchecked(client: Client, request: Any, progress: ProgressFnT | None) -> dict[str, Any]:

@@ -76,7 +76,7 @@ from gateway.requeststate import STATE_PREFIX, request_digest
 from gateway.roundtrip import ANSWER_TIMEOUT, RoundTrips
 from gateway.stdin import MessageOut, read_lines
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
-from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult
+from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult, task_support
 from gateway.upstream_tasks import UpstreamTasks
 from gateway.workflows.provider import WORKFLOW_PROVIDER
 from policies.auth import principal_of
@@ -682,11 +682,7 @@ def _listed(entry: Entry) -> types.Tool:
 def _task_support(entry: Entry) -> str | None:
     """How a tool runs as a task: ``workflow`` (a run is a task), an upstream's ``optional`` or ``required``,
     or None (it does not)."""
-    if entry.provider == WORKFLOW_PROVIDER:
-        return "workflow"
-    execution = entry.tool.definition.get("execution")
-    support = execution.get("taskSupport") if isinstance(execution, Mapping) else None
-    return support if support in ("optional", "required") else None
+    return "workflow" if entry.provider == WORKFLOW_PROVIDER else task_support(entry.tool.definition)
 
 
 def _wire(params: Any, **update: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 from gateway.errors import TaskError
 from gateway.store import RunRecord
-from gateway.types import JSONObject, Principal
+from gateway.types import RELATED_TASK_META_KEY, TASKS_EXTENSION, JSONObject, Principal
 
 __all__ = [
     "PAGE_SIZE",
@@ -40,10 +40,6 @@ __all__ = [
     "task_result",
 ]
 
-TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
-"""The 2026-07-28 tasks extension's identifier (in ``capabilities.extensions``)."""
-RELATED_TASK_META_KEY = "io.modelcontextprotocol/related-task"
-"""The ``_meta`` key that ties a 2025-11-25 message to its task."""
 POLL_INTERVAL_MS = 1000
 """How often a client is asked to poll a task, in milliseconds."""
 PAGE_SIZE = 100

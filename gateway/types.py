@@ -22,6 +22,45 @@ RUN_META_KEY = "io.patchbay/run"
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 """MCP log levels, least severe first."""
 
+# MCP tasks, as the workflow tasks (``gateway.tasks``), the upstream tasks (``gateway.upstream_tasks``) and the
+# connector that runs a task for a client that asked for none (``connectors.mcp``) all speak them.
+
+TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
+"""The 2026-07-28 tasks extension's identifier (in ``capabilities.extensions``)."""
+RELATED_TASK_META_KEY = "io.modelcontextprotocol/related-task"
+"""The ``_meta`` key that ties a 2025-11-25 message to its task."""
+TASK_ANSWERS_NOW = frozenset({"completed", "failed", "cancelled", "input_required"})
+"""2025-11-25 task statuses in which ``tasks/result`` answers at once (or asks for the input the task needs)."""
+TASK_POLL_BOUNDS = (0.01, 5.0)
+"""The least and the most seconds between two ``tasks/get`` of a task waited for."""
+
+
+def task_support(definition: JSONObject) -> str | None:
+    """A tool's ``execution.taskSupport`` when it runs as a task (``optional``, ``required``), else None."""
+    execution = definition.get("execution")
+    support = execution.get("taskSupport") if isinstance(execution, Mapping) else None
+    return support if support in ("optional", "required") else None
+
+
+def task_poll_seconds(task: JSONObject) -> float:
+    """How long to wait before asking about ``task`` again: its ``pollInterval``, within :data:`TASK_POLL_BOUNDS`."""
+    interval = task.get("pollInterval")
+    seconds = interval / 1000 if isinstance(interval, int | float) and not isinstance(interval, bool) else 1.0
+    return min(max(seconds, TASK_POLL_BOUNDS[0]), TASK_POLL_BOUNDS[1])
+
+
+def tied_to_task(result: JSONObject, task_id: str | None) -> dict[str, Any]:
+    """A task's result with its related-task ``_meta`` naming ``task_id``, or with none (``task_id`` None)."""
+    meta = dict(result.get("_meta") or {})
+    if task_id is not None:
+        meta[RELATED_TASK_META_KEY] = {"taskId": task_id}
+    else:
+        meta.pop(RELATED_TASK_META_KEY, None)
+    tied = {key: value for key, value in result.items() if key != "_meta"}
+    if meta:
+        tied["_meta"] = meta
+    return tied
+
 
 @dataclass(frozen=True, slots=True)
 class Tool:

@@ -37,8 +37,16 @@ import anyio
 
 from gateway.errors import TaskError, UpstreamError, UpstreamRefused
 from gateway.requeststate import StateSigner
-from gateway.tasks import NOT_FOUND, RELATED_TASK_META_KEY, extension_task
-from gateway.types import CallContext, JSONObject, Principal, Provider
+from gateway.tasks import NOT_FOUND, extension_task
+from gateway.types import (
+    TASK_ANSWERS_NOW,
+    CallContext,
+    JSONObject,
+    Principal,
+    Provider,
+    task_poll_seconds,
+    tied_to_task,
+)
 
 __all__ = ["LISTED_PER_CLIENT", "TASK_PREFIX", "UpstreamTasks"]
 
@@ -48,11 +56,7 @@ LISTED_PER_CLIENT = 100
 """How many of a client's most recent upstream tasks ``tasks/list`` shows."""
 
 _ENDED = frozenset({"completed", "failed", "cancelled"})
-_ANSWERS_NOW = _ENDED | {"input_required"}
-"""Statuses in which the upstream's ``tasks/result`` answers (or asks for the input it needs) without waiting."""
 _INTERNAL_ERROR = -32603
-_POLL_BOUNDS = (0.01, 5.0)
-"""The least and the most seconds between two ``tasks/get`` while ``tasks/result`` waits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +108,10 @@ class UpstreamTasks:
         """
         ref = self._ref(task_id, context.principal)
         task = await self._ask(ref, "tasks/get", context)
-        while task.get("status") not in _ANSWERS_NOW:
-            await anyio.sleep(_poll_seconds(task))
+        while task.get("status") not in TASK_ANSWERS_NOW:
+            await anyio.sleep(task_poll_seconds(task))
             task = await self._ask(ref, "tasks/get", context)
-        return _tied(await self._ask(ref, "tasks/result", context), task_id)
+        return tied_to_task(await self._ask(ref, "tasks/result", context), task_id)
 
     async def cancel(self, task_id: str, context: CallContext, *, modern: bool) -> dict[str, Any]:
         """``tasks/cancel``, passed to the upstream. 2025-11-25 answers with the task (or the upstream's
@@ -188,27 +192,8 @@ class UpstreamTasks:
         except TaskError as exc:  # the task left an error, not a result
             error = {"code": exc.code, "message": str(exc)}
             return {**extension_task({**task, "status": "failed"}), "error": error}
-        return {**extension_task({**task, "status": "completed"}), "result": _tied(result, None)}
+        return {**extension_task({**task, "status": "completed"}), "result": tied_to_task(result, None)}
 
 
 def _key(principal: Principal) -> str:
     return f"{principal.kind}:{principal.id}"
-
-
-def _tied(result: dict[str, Any], task_id: str | None) -> dict[str, Any]:
-    """The upstream's result with its related-task ``_meta`` naming the client's id (or none, for 2026-07-28)."""
-    meta = dict(result.get("_meta") or {})
-    if task_id is not None:
-        meta[RELATED_TASK_META_KEY] = {"taskId": task_id}
-    else:
-        meta.pop(RELATED_TASK_META_KEY, None)
-    tied = {key: value for key, value in result.items() if key != "_meta"}
-    if meta:
-        tied["_meta"] = meta
-    return tied
-
-
-def _poll_seconds(task: JSONObject) -> float:
-    interval = task.get("pollInterval")
-    seconds = interval / 1000 if isinstance(interval, int | float) and not isinstance(interval, bool) else 1.0
-    return min(max(seconds, _POLL_BOUNDS[0]), _POLL_BOUNDS[1])

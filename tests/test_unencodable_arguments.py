@@ -42,7 +42,9 @@ async def whoami(client: Client) -> Any:
     return result.structured_content["pid"]
 
 
-async def test_lone_surrogate_fails_its_own_call_and_not_the_shared_stdio_upstream(tmp_path: Path) -> None:
+async def sent_beside_another_call(tmp_path: Path, content: str) -> httpx2.Response:
+    """``content`` posted on a session of its own while another client's call is in flight on the shared stdio
+    upstream; that call, the upstream process and its state are checked unaffected. The reply to ``content``."""
     async with (
         run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
         Client(gw.url, mode="legacy", cache=None) as other,
@@ -58,15 +60,20 @@ async def test_lone_surrogate_fails_its_own_call_and_not_the_shared_stdio_upstre
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(slow_call)
-                reply = await http.post(gw.url, headers=headers, content=LONE_SURROGATE_CALL)
-        answer = json.loads(reply.text)
-        assert answer["id"] == 9
-        assert answer["result"]["isError"] is True
+                reply = await http.post(gw.url, headers=headers, content=content)
         assert not slow["result"].is_error
         assert text(slow["result"]) == "done"
         assert await whoami(other) == pid  # not restarted
         ready = (await http.get(f"{gw.base}/readyz")).json()
         assert ready["upstreams"]["kit"]["state"] == "up"
+    return reply
+
+
+async def test_lone_surrogate_fails_its_own_call_and_not_the_shared_stdio_upstream(tmp_path: Path) -> None:
+    reply = await sent_beside_another_call(tmp_path, LONE_SURROGATE_CALL)
+    answer = json.loads(reply.text)
+    assert answer["id"] == 9
+    assert answer["result"]["isError"] is True
 
 
 LONE_SURROGATE_PROMPT = json.dumps(
@@ -77,29 +84,8 @@ LONE_SURROGATE_PROMPT = json.dumps(
 async def test_a_lone_surrogate_in_a_prompt_request_fails_that_request_and_not_the_shared_stdio_upstream(
     tmp_path: Path,
 ) -> None:
-    async with (
-        run_gateway(tmp_path, f"servers:\n  kit: {stdio_server(TESTKIT)}\n") as gw,
-        Client(gw.url, mode="legacy", cache=None) as other,
-        httpx2.AsyncClient(timeout=10) as http,
-    ):
-        pid = await whoami(other)
-        headers = await open_session(http, gw.url)
-        slow: dict[str, Any] = {}
-
-        async def slow_call() -> None:
-            slow["result"] = await other.call_tool("kit__slow", {"seconds": 1.0})
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(slow_call)
-                reply = await http.post(gw.url, headers=headers, content=LONE_SURROGATE_PROMPT)
-        # The SDK side's parser refuses the escape outright (-32700, no id: the request was never read), so the
-        # request cannot reach the upstream; the lean path, which parses more leniently, takes only tools/call.
-        answer = json.loads(reply.text)
-        assert reply.status_code == 400
-        assert answer["error"]["code"] == -32700
-        assert not slow["result"].is_error
-        assert text(slow["result"]) == "done"
-        assert await whoami(other) == pid  # not restarted
-        ready = (await http.get(f"{gw.base}/readyz")).json()
-        assert ready["upstreams"]["kit"]["state"] == "up"
+    reply = await sent_beside_another_call(tmp_path, LONE_SURROGATE_PROMPT)
+    # The SDK side's parser refuses the escape outright (-32700, no id: the request was never read), so the
+    # request cannot reach the upstream; the lean path, which parses more leniently, takes only tools/call.
+    assert reply.status_code == 400
+    assert json.loads(reply.text)["error"]["code"] == -32700
