@@ -33,8 +33,8 @@ __all__ = ["SpecError", "SpecProblem", "check_spec", "operations_of", "parse_spe
 MAX_DEPTH = 100
 """How deep the document's mappings and lists may nest."""
 MAX_NODES = 2_000_000
-"""How many mappings and lists the document may hold (YAML aliases count each time they are used)."""
-INLINE_BUDGET = 10_000
+"""How many values the document may hold (what a YAML alias names counts each time it is used)."""
+INLINE_BUDGET = 2_000
 """Schema nodes one tool schema may hold before a schema used again goes to ``$defs`` instead of being inlined."""
 INLINE_DEPTH = 24
 """Schema nesting past which a referenced schema goes to ``$defs`` instead of being inlined."""
@@ -176,14 +176,14 @@ class _Plain:
         self.open: set[int] = set()
 
     def copy(self, value: Any, at: list[str]) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _Fail(SpecProblem("", f"the document is too large (over {MAX_NODES} values)"))
         if value is None or isinstance(value, bool | int | float | str):
             return value
         is_map = isinstance(value, Mapping)
         if not is_map and not isinstance(value, list | tuple):
             return str(value)  # dates, timestamps, binary: as text
-        self.nodes += 1
-        if self.nodes > MAX_NODES:
-            raise _Fail(SpecProblem("", f"the document is too large (over {MAX_NODES} mappings and lists)"))
         if len(at) >= MAX_DEPTH:
             raise _Fail(SpecProblem(_pointer(at), f"the document nests more than {MAX_DEPTH} levels deep here"))
         if id(value) in self.open:
@@ -559,17 +559,15 @@ class _Schemas:
         except _Fail as fail:
             self.problems.append(fail.problem)
             return {}
-        if ref in self.memo:
-            value, size = self.memo[ref]
-            if self.size + size > INLINE_BUDGET:
-                self.defs[self._name(ref)] = value
-                return self._siblings(self._to_def(ref), node, at, depth)
-            self.size += size
-            return self._siblings(copy.deepcopy(value), node, at, depth)
-        if depth >= INLINE_DEPTH:
+        size = self.memo[ref][1] if ref in self.memo else 0
+        if depth >= INLINE_DEPTH or self.size + size > INLINE_BUDGET:
+            # converted again at the top, where (the budget spent) every reference in it goes to $defs too
             self._name(ref)
             self.pending.append((ref, contents, target_at))
             return self._siblings(self._to_def(ref), node, at, depth)
+        if ref in self.memo:
+            self.size += size
+            return self._siblings(copy.deepcopy(self.memo[ref][0]), node, at, depth)
         before = self.size
         self.stack.append(ref)
         try:
@@ -618,15 +616,15 @@ def _from_30(node: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     if node.get("nullable") is not True:
         return out
     kind = out.get("type")
+    if isinstance(out.get("enum"), list) and None not in out["enum"]:
+        out["enum"] = [*out["enum"], None]
     if isinstance(kind, str):
         out["type"] = [kind, "null"]
     elif isinstance(kind, list):
         out["type"] = kind if "null" in kind else [*kind, "null"]
-    elif out:
+    elif out and "enum" not in out:
         notes: dict[str, Any] = {k: out.pop(k) for k in ("title", "description") if k in out}
-        out = {"anyOf": [out, {"type": "null"}], **notes}
-    if isinstance(out.get("enum"), list) and None not in out["enum"]:
-        out["enum"] = [*out["enum"], None]
+        out = {"anyOf": [out, {"type": "null"}], **notes} if out else {**notes}
     return out
 
 
@@ -772,7 +770,7 @@ class _OperationBuilder:
         self.inputs = _Schemas(refs, version, "in", budget, self.problems)
         self.outputs = _Schemas(refs, version, "out", budget, self.problems)
         operation_id = self.op.get("operationId")
-        self.name = safe_name(operation_id if isinstance(operation_id, str) else f"{method}_{path}")
+        self.name = safe_name(operation_id if isinstance(operation_id, str) else f"{method} {path}")
         if not isinstance(raw, dict):
             self.problems.append(SpecProblem(at, "an operation must be a mapping"))
 
