@@ -59,6 +59,7 @@ from connectors._stream_call import StreamCaller, StreamCallFailed, StreamLost
 from gateway.config import DEFAULT_MAX_RESULT, HttpServer, ServerConfig, StdioServer
 from gateway.errors import (
     ClientRefused,
+    ConfigProblem,
     InvalidArguments,
     ResultTooLarge,
     UpstreamError,
@@ -264,6 +265,9 @@ class McpUpstream:
     @property
     def connect_timeout(self) -> float:
         return max(self.config.timeout, MIN_CONNECT_TIMEOUT)
+
+    problems: tuple[ConfigProblem, ...] = ()
+    """Nothing of a server's is left out for being wrong: what it lacks is in :attr:`warnings`."""
 
     @property
     def warnings(self) -> tuple[str, ...]:

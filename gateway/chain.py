@@ -62,11 +62,12 @@ def build_chain(
     attach a re-issued call to its run)."""
     access = AccessPolicy([rule for rule in config.policies if isinstance(rule, AccessRule)], config.clients)
     limit_rules = [rule for rule in config.policies if isinstance(rule, LimitRule)]
-    circuits = {name: b for name, server in config.servers.items() if (b := server.circuit_breaker) is not None}
+    upstreams = config.upstreams
+    circuits = {name: b for name, server in upstreams.items() if (b := server.circuit_breaker) is not None}
     breaker = BreakerPolicy(circuits, breakers, on_change=on_circuit_change)
-    retries = {name: r for name, server in config.servers.items() if (r := server.retry) is not None}
-    idempotent = {name: server.tools.idempotent for name, server in config.servers.items()}
-    fallbacks = {name: server.fallback for name, server in config.servers.items() if server.fallback}
+    retries = {name: r for name, server in upstreams.items() if (r := server.retry) is not None}
+    idempotent = {name: server.tools.idempotent for name, server in upstreams.items()}
+    fallbacks = {name: server.fallback for name, server in upstreams.items() if server.fallback}
     policies: list[Policy] = []
     if access.active:
         policies.append(access)

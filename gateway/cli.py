@@ -231,7 +231,7 @@ def _token(config: Config | None, args: argparse.Namespace) -> int:
 
 
 def _connect_note(config: Config, providers: Sequence[Provider]) -> None:
-    names = [*config.servers, *(provider.name for provider in providers)]
+    names = [*config.upstreams, *(provider.name for provider in providers)]
     count = len(names)
     print(f"connecting to {count} server{'s' if count != 1 else ''}: {', '.join(names)} …", file=sys.stderr)
 
@@ -241,13 +241,15 @@ def _check(config: Config, args: argparse.Namespace) -> int:
 
     async def run() -> list[ConfigProblem]:
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
-            _print_upstreams(gateway)
+            _print_upstreams(gateway, problems=False)
             problems = [*gateway.problems, *gateway.pending_problems]
             for status in gateway.status():
+                section = config.section_of(status.name)
+                problems.extend(ConfigProblem(p.path, p.message, config.line_at(p.path)) for p in status.problems)
                 if status.state != "up":
-                    line = config.line_of("servers", status.name)
+                    line = config.line_of(section, status.name)
                     problems.append(
-                        ConfigProblem(f"servers.{status.name}", f"could not connect: {status.last_error}", line)
+                        ConfigProblem(f"{section}.{status.name}", f"could not connect: {status.last_error}", line)
                     )
             return problems
 
@@ -379,12 +381,18 @@ def _resume(config: Config, args: argparse.Namespace) -> int:
     return anyio.run(run)
 
 
-def _print_upstreams(gateway: Gateway) -> None:
+def _print_upstreams(gateway: Gateway, *, problems: bool = True) -> None:
+    """The providers' states, and what they lack or left out as warnings (``problems``: those of their config
+    too, which ``check`` lists as errors instead)."""
     rows = [(s.name, s.state, str(s.tools), s.last_error or "") for s in gateway.status()]
     _print_table(("SERVER", "STATE", "TOOLS", "LAST ERROR"), rows)
     for status in gateway.status():
+        for problem in status.problems if problems else ():
+            where = ConfigProblem(problem.path, problem.message, gateway.config.line_at(problem.path))
+            print(f"warning: {where}", file=sys.stderr)
         for warning in status.warnings:
-            where = ConfigProblem(f"servers.{status.name}", warning, gateway.config.line_of("servers", status.name))
+            section = gateway.config.section_of(status.name)
+            where = ConfigProblem(f"{section}.{status.name}", warning, gateway.config.line_of(section, status.name))
             print(f"warning: {where}", file=sys.stderr)
 
 

@@ -32,6 +32,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    model_validator,
 )
 
 from gateway._yamlfile import Loc, Tree, dotted, in_file_order, interpolate, syntax_problem
@@ -55,8 +56,14 @@ __all__ = [
     "AccessRule",
     "AuditConfig",
     "CircuitBreakerConfig",
+    "ApiKeyAuth",
+    "BasicAuth",
     "ClientConfig",
     "Config",
+    "ConnectorAuth",
+    "ConnectorConfig",
+    "DeclaredOperation",
+    "OAuth2ClientCredentials",
     "GatewaySettings",
     "HttpServer",
     "KeepRuns",
@@ -68,6 +75,7 @@ __all__ = [
     "ServerRetry",
     "StdioServer",
     "ToolFilter",
+    "UpstreamConfig",
     "load_config",
     "parse_config",
     "retry_delay",
@@ -95,6 +103,8 @@ DEFAULT_MAX_BODY = 4 * 2**20
 """Bytes an HTTP request body to the gateway may have."""
 DEFAULT_MAX_RESULT = 16 * 2**20
 """Bytes an upstream's reply to one request may have."""
+DEFAULT_HEALTH_INTERVAL = 10.0
+"""Seconds between two checks of a connector's ``health`` path."""
 DEFAULT_RECEIVE_TIMEOUT = 30.0
 """Seconds an HTTP client may take to send a whole request, headers and body."""
 MIN_STATE_KEY = 16
@@ -187,6 +197,18 @@ def _check_server_name(name: str) -> str:
     return name
 
 
+def _check_operation_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ValueError(f"an operation's name is 1 to 64 of A-Z a-z 0-9 _ . - : {name!r}")
+    return name
+
+
+def _check_operation_path(path: str) -> str:
+    if not path.startswith("/") or any(c.isspace() for c in path) or "?" in path or "#" in path:
+        raise ValueError(f"an operation's path starts with / and has no spaces, query or fragment: {path!r}")
+    return path
+
+
 class KeepRuns(BaseModel):
     """Which finished runs the store keeps: those younger than ``age`` and among the ``count`` most recent."""
 
@@ -250,7 +272,8 @@ class ToolFilter(BaseModel):
     model_config = _MODEL_CONFIG
 
     include: list[str] = ["*"]
-    """Glob patterns (fnmatch) of upstream tool names to serve."""
+    """Glob patterns (fnmatch) of upstream tool names to serve; for a connector also ``tag:<glob>``, matching the
+    OpenAPI tags of its operations."""
     exclude: list[str] = []
     """Glob patterns of tool names to hide, even when included."""
     rename: dict[str, str] = {}
@@ -328,6 +351,125 @@ ServerConfig = Annotated[
 """One upstream server; its kind follows from whether it has ``command`` or ``url``."""
 
 
+def _check_base_url(url: str) -> str:
+    url = _check_url(url)
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(f"a base URL has no query, fragment or user info: {_shown(url)}")
+    return url.rstrip("/")
+
+
+class BasicAuth(BaseModel):
+    """HTTP basic authentication."""
+
+    model_config = _MODEL_CONFIG
+
+    username: str
+    password: SecretStr
+
+
+class ApiKeyAuth(BaseModel):
+    """An API key sent in a header or in the query, on every request."""
+
+    model_config = _MODEL_CONFIG
+
+    header: str | None = None
+    """The header that carries it (``X-Api-Key``)."""
+    query: str | None = None
+    """Or the query parameter that carries it (``key``)."""
+    value: SecretStr
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "ApiKeyAuth":
+        if (self.header is None) == (self.query is None):
+            raise ValueError("an API key goes in exactly one place: set `header` or `query`")
+        return self
+
+
+class OAuth2ClientCredentials(BaseModel):
+    """OAuth 2 client credentials (RFC 6749 §4.4): a token fetched from ``token_url``, cached until it expires."""
+
+    model_config = _MODEL_CONFIG
+
+    token_url: Annotated[str, AfterValidator(_check_url)]
+    client_id: str
+    client_secret: SecretStr
+    scope: str | None = None
+    """Space-separated scopes to ask for; unset: the server's default."""
+
+
+class ConnectorAuth(BaseModel):
+    """How a connector authenticates to its system: exactly one of these."""
+
+    model_config = _MODEL_CONFIG
+
+    bearer: SecretStr | None = None
+    """A static bearer token (``Authorization: Bearer …``)."""
+    basic: BasicAuth | None = None
+    api_key: ApiKeyAuth | None = None
+    oauth2_client_credentials: OAuth2ClientCredentials | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ConnectorAuth":
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            names = ", ".join(f"`{name}`" for name in type(self).model_fields)
+            raise ValueError(f"set exactly one of {names} (got {len(given)})")
+        return self
+
+
+class DeclaredOperation(BaseModel):
+    """A REST operation declared by hand, for a system without an OpenAPI document."""
+
+    model_config = _MODEL_CONFIG
+
+    name: Annotated[str, AfterValidator(_check_operation_name)]
+    """The tool's name (before the connector's prefix)."""
+    method: Literal["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    path: Annotated[str, AfterValidator(_check_operation_path)]
+    """The path below ``base_url``; ``{name}`` placeholders are filled by the arguments of those names."""
+    input: dict[str, Any] = {"type": "object"}
+    """JSON Schema of the arguments (an object)."""
+    description: str = ""
+
+
+class ConnectorConfig(_ServerBase):
+    """A company system reached over REST: an OpenAPI document's operations, or operations declared by hand."""
+
+    kind: Literal["rest"] = "rest"
+    openapi: str | None = None
+    """The OpenAPI 3.0/3.1 document (YAML or JSON): a file (relative to the config file) or an http(s) URL."""
+    operations: list[DeclaredOperation] | None = None
+    """Operations declared by hand, instead of ``openapi``."""
+    base_url: Annotated[str, AfterValidator(_check_base_url)] | None = None
+    """Where the system is (``http://127.0.0.1:9002/api``); every request goes there and nowhere else. Unset: the
+    OpenAPI document's first ``servers`` URL, when it is absolute."""
+    headers: dict[str, str] = {}
+    """Sent with every request (``${VAR}`` keeps a secret out of the file)."""
+    auth: ConnectorAuth | None = None
+    health: str | None = None
+    """A path below ``base_url`` that answers 2xx while the system is up (``/healthz``), checked at start and every
+    ``health_interval``; unset: the connector is up once its operations are known."""
+    health_interval: Duration = DEFAULT_HEALTH_INTERVAL
+    allow_link_local: bool = False
+    """True: requests may go to link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254),
+    which are refused by default."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ConnectorConfig":
+        if (self.openapi is None) == (self.operations is None):
+            raise ValueError("a connector needs either `openapi` (a document) or `operations` (declared by hand)")
+        if self.operations is not None and self.base_url is None:
+            raise ValueError("a connector with declared `operations` needs `base_url`")
+        if self.health is not None and not self.health.startswith("/"):
+            raise ValueError(f"`health` is a path below base_url, starting with /: {self.health!r}")
+        return self
+
+
+UpstreamConfig = StdioServer | HttpServer | ConnectorConfig
+"""A ``servers:`` or ``connectors:`` entry: anything whose tools are served under its name."""
+
+
 class Config(BaseModel):
     """The whole config file."""
 
@@ -337,6 +479,8 @@ class Config(BaseModel):
     """Settings of the gateway itself."""
     servers: dict[Annotated[str, AfterValidator(_check_server_name)], ServerConfig] = {}
     """Upstream MCP servers by name; the name is the default tool-name prefix."""
+    connectors: dict[Annotated[str, AfterValidator(_check_server_name)], ConnectorConfig] = {}
+    """Company systems reached over REST, by name; named like servers (one namespace with them)."""
     workflows: Workflows = {}
     """Workflow tools by name (DESIGN §3)."""
     clients: dict[str, ClientConfig] = {}
@@ -356,6 +500,15 @@ class Config(BaseModel):
         if len(self._plans) != len(self.workflows):  # a config built in code, not by parse_config
             self._plans = {name: compile_workflow(name, wf)[0] for name, wf in self.workflows.items()}
         return self._plans
+
+    @property
+    def upstreams(self) -> dict[str, UpstreamConfig]:
+        """The servers and the connectors by name (one namespace: a name is never both)."""
+        return {**self.servers, **self.connectors}
+
+    def section_of(self, name: str) -> str:
+        """``connectors`` for a connector's name, else ``servers`` (where problems about it are reported)."""
+        return "connectors" if name in self.connectors else "servers"
 
     @property
     def source(self) -> str:
@@ -441,6 +594,7 @@ def parse_config(
         problems.extend(_located(found, tree, config.workflows))
     problems.extend(_located(check_calls(plans), tree, config.workflows))
     problems.extend(_unknown_clients(config, tree))
+    problems.extend(_names_taken_twice(config, tree))
     problems.extend(_duplicate_ids(config, tree))
     if problems:
         raise ConfigError(in_file_order(problems), source=source)
@@ -532,6 +686,14 @@ def _unknown_clients(config: Config, tree: Tree) -> Iterator[ConfigProblem]:
                 yield ConfigProblem(f"policies[{index}].clients", message, tree.line(("policies", index, "clients")))
 
 
+def _names_taken_twice(config: Config, tree: Tree) -> Iterator[ConfigProblem]:
+    """Servers and connectors share one namespace: their names are their tools' prefixes and their metric labels."""
+    for name in config.connectors:
+        if name in config.servers:
+            message = f"the name {name!r} is taken by the server on line {tree.line(('servers', name))}; rename one"
+            yield ConfigProblem(f"connectors.{name}", message, tree.line(("connectors", name)))
+
+
 def _duplicate_ids(config: Config, tree: Tree) -> Iterator[ConfigProblem]:
     """Two rules under one id would share their limits' state and be told apart nowhere."""
     first: dict[str, int] = {}
@@ -561,7 +723,13 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         else server
         for name, server in config.servers.items()
     }
-    update: dict[str, Any] = {"servers": servers}
+    connectors = {
+        name: connector.model_copy(update={"openapi": str(base_dir / connector.openapi)})
+        if connector.openapi is not None and not connector.openapi.startswith(("http://", "https://"))
+        else connector
+        for name, connector in config.connectors.items()
+    }
+    update: dict[str, Any] = {"servers": servers, "connectors": connectors}
     store = config.gateway.store
     if "store" not in config.gateway.model_fields_set:
         store = f"sqlite:///{base_dir / DEFAULT_STORE_FILE}"

@@ -3,7 +3,7 @@
 The only module that knows every package. It builds, in this order and each against its protocol:
 
 1. the **state backends** (limit counters, breaker state, run journal: ``gateway.backends``);
-2. the **providers**: one per ``servers:`` entry, from the factory of the entry's kind
+2. the **providers**: one per ``servers:`` and ``connectors:`` entry, from the factory of the entry's kind
    (:data:`PROVIDER_KINDS`), any extra ones it is given, and the workflow provider with its runner;
 3. the **registry**, rebuilt from the providers' listings whenever one changes;
 4. the **policy chain** (``gateway.chain``), against the backends;
@@ -24,10 +24,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from connectors.mcp import McpUpstream
+from connectors.rest import RestConnector
 from gateway.audit import JsonlAuditSink, audit_redactor
 from gateway.backends import Backends, memory_backends, open_backends
 from gateway.chain import build_chain
-from gateway.config import Config, HttpServer, StdioServer
+from gateway.config import DEFAULT_MAX_RESULT, Config, ConnectorConfig, UpstreamConfig
 from gateway.dispatch import Audit, CallPath, Dispatcher
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.metrics import Metrics
@@ -46,18 +47,22 @@ logger = logging.getLogger(__name__)
 ChangeListener = Callable[[], Awaitable[None]]
 UpdateListener = Callable[[str], Awaitable[None]]
 
-ProviderFactory = Callable[[str, StdioServer | HttpServer], Provider]
-"""Builds the provider of one ``servers:`` entry: ``(name, entry) -> Provider``."""
-
-PROVIDER_KINDS: Mapping[str, ProviderFactory] = {"stdio": McpUpstream, "http": McpUpstream}
-"""The provider factory of each kind of ``servers:`` entry (its ``kind``)."""
+ProviderFactory = Callable[[str, UpstreamConfig], Provider]
+"""Builds the provider of one ``servers:`` or ``connectors:`` entry: ``(name, entry) -> Provider``."""
 
 
-def _mcp_kinds(max_result: int) -> Mapping[str, ProviderFactory]:
-    def factory(name: str, entry: StdioServer | HttpServer) -> Provider:
-        return McpUpstream(name, entry, max_result=max_result)
+def _built_in(name: str, entry: UpstreamConfig, *, max_result: int = DEFAULT_MAX_RESULT) -> Provider:
+    if isinstance(entry, ConnectorConfig):
+        return RestConnector(name, entry, max_result=max_result)
+    return McpUpstream(name, entry, max_result=max_result)
 
-    return dict.fromkeys(PROVIDER_KINDS, factory)
+
+PROVIDER_KINDS: Mapping[str, ProviderFactory] = dict.fromkeys(("stdio", "http", "rest"), _built_in)
+"""The provider factory of each kind of entry (its ``kind``): MCP servers and REST connectors."""
+
+
+def _built_in_kinds(max_result: int) -> Mapping[str, ProviderFactory]:
+    return dict.fromkeys(PROVIDER_KINDS, partial(_built_in, max_result=max_result))
 
 
 CLOSE_TIMEOUT = 5.0
@@ -72,6 +77,8 @@ class ProviderStatus:
     last_error: str | None
     warnings: tuple[str, ...] = ()
     """What the server lacks that is worked around, e.g. a list method it does not answer."""
+    problems: tuple[ConfigProblem, ...] = ()
+    """What is wrong in what it was configured with and left out (``Provider.problems``)."""
 
 
 class Gateway:
@@ -94,7 +101,7 @@ class Gateway:
         """
         self.config = config
         if kinds is PROVIDER_KINDS:  # the built-in upstreams are held to the gateway's result limit
-            kinds = _mcp_kinds(config.gateway.max_result)
+            kinds = _built_in_kinds(config.gateway.max_result)
         # 1. The state backends.
         self.backends = backends if backends is not None else memory_backends()
         # What everything below reports to, and the call path for calls made from inside calls.
@@ -177,7 +184,14 @@ class Gateway:
         for entry in self.registry.tools.values():
             counts[entry.provider] = counts.get(entry.provider, 0) + 1
         return [
-            ProviderStatus(name, provider.state.value, counts.get(name, 0), provider.last_error, provider.warnings)
+            ProviderStatus(
+                name,
+                provider.state.value,
+                counts.get(name, 0),
+                provider.last_error,
+                provider.warnings,
+                provider.problems,
+            )
             for name, provider in self.providers.items()
         ]
 
@@ -238,8 +252,11 @@ class Gateway:
     def _unknown_fallbacks(self) -> list[ConfigProblem]:
         """Fallback routes to tools that are not served (checked like a workflow's calls)."""
         return [
-            ConfigProblem(f"servers.{server}.fallback.{glob}", f"no tool {target!r} is served to fall back to")
-            for server, settings in self.config.servers.items()
+            ConfigProblem(
+                f"{self.config.section_of(server)}.{server}.fallback.{glob}",
+                f"no tool {target!r} is served to fall back to",
+            )
+            for server, settings in self.config.upstreams.items()
             for glob, target in settings.fallback.items()
             if target not in self.registry.tools
         ]
@@ -319,18 +336,20 @@ def _audit(config: Config, metrics: Metrics) -> tuple[JsonlAuditSink | None, Aud
 def _providers(
     config: Config, kinds: Mapping[str, ProviderFactory], extra: Iterable[Provider], workflows: Provider
 ) -> dict[str, Provider]:
-    """Every provider by name: the workflows, one per ``servers:`` entry (built by its kind's factory), the extra ones.
+    """Every provider by name: the workflows, one per ``servers:`` and ``connectors:`` entry (built by its kind's
+    factory), the extra ones.
 
     Raises:
         ConfigError: an entry's kind has no factory, or a name is taken twice.
     """
     providers: dict[str, Provider] = {workflows.name: workflows}
     problems: list[ConfigProblem] = []
-    for name, entry in config.servers.items():
+    for name, entry in config.upstreams.items():
         factory = kinds.get(entry.kind)
         if factory is None:
-            message = f"no provider for servers of kind {entry.kind!r} (known: {', '.join(sorted(kinds))})"
-            problems.append(ConfigProblem(f"servers.{name}", message, config.line_of("servers", name)))
+            section = config.section_of(name)
+            message = f"no provider for {section} of kind {entry.kind!r} (known: {', '.join(sorted(kinds))})"
+            problems.append(ConfigProblem(f"{section}.{name}", message, config.line_of(section, name)))
             continue
         providers[name] = factory(name, entry)
     for provider in extra:
@@ -351,7 +370,7 @@ def _naming(config: Config, providers: Iterable[str]) -> dict[str, Naming]:
     separator = config.gateway.separator
     naming: dict[str, Naming] = {}
     for name in providers:
-        server = config.servers.get(name)
+        server = config.upstreams.get(name)
         if name == WORKFLOW_PROVIDER:
             naming[name] = Naming(prefix="", separator=separator, owner="a workflow")
         elif server is None:
@@ -360,8 +379,9 @@ def _naming(config: Config, providers: Iterable[str]) -> dict[str, Naming]:
             naming[name] = Naming(
                 prefix=name if server.prefix is None else server.prefix,
                 separator=separator,
-                include=tuple(server.tools.include),
-                exclude=tuple(server.tools.exclude),
+                # A connector applies its own filter, which may name tags (``tag:billing``).
+                include=("*",) if isinstance(server, ConnectorConfig) else tuple(server.tools.include),
+                exclude=() if isinstance(server, ConnectorConfig) else tuple(server.tools.exclude),
                 rename=server.tools.rename,
                 descriptions=server.tools.descriptions,
             )

@@ -375,7 +375,7 @@ class McpFrontend:
             except GatewayError as exc:  # ToolNotFound: the registry changed since; the background must not fail
                 return ToolResult.text(str(exc), is_error=True)
 
-        server = self.gateway.config.servers.get(entry.provider)
+        server = self.gateway.config.upstreams.get(entry.provider)
         return await self._held.start(
             run,
             context,

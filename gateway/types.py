@@ -9,9 +9,12 @@ passes through the gateway unchanged.
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio.abc
+
+if TYPE_CHECKING:
+    from gateway.errors import ConfigProblem
 
 JSONObject = Mapping[str, Any]
 """A JSON object in wire form (camelCase keys, JSON-compatible values)."""
@@ -287,6 +290,12 @@ class Provider(Protocol):
     @property
     def warnings(self) -> tuple[str, ...]:
         """What it lacks that is worked around (a list method an upstream does not answer), for the status."""
+        ...
+
+    @property
+    def problems(self) -> tuple["ConfigProblem", ...]:
+        """What is wrong in what it was configured with and is left out (an operation of an OpenAPI document it
+        cannot serve), each at its config path: errors for ``patchbay check``, warnings for ``serve``."""
         ...
 
     @property

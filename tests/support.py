@@ -129,10 +129,10 @@ async def upstream_events(client: Client, tool: str = "kit__events") -> list[str
     return list(result.structured_content["result"])
 
 
-def patchbay(*args: str) -> subprocess.CompletedProcess[str]:
-    """``patchbay ARGS`` as a process, its output captured."""
+def patchbay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``patchbay ARGS`` as a process (in ``env``, else this one's environment), its output captured."""
     return subprocess.run(
-        [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False, env=env
     )
 
 

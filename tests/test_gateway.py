@@ -20,9 +20,9 @@ from mcp import Client
 from connectors.mcp import McpUpstream
 from gateway.app import readiness, serving
 from gateway.cli import main
-from gateway.config import Config, HttpServer, StdioServer, parse_config
+from gateway.config import Config, HttpServer, UpstreamConfig, parse_config
 from gateway.dispatch import CallPath
-from gateway.errors import ConfigError, UpstreamError, UpstreamUnavailable
+from gateway.errors import ConfigError, ConfigProblem, UpstreamError, UpstreamUnavailable
 from gateway.gateway import PROVIDER_KINDS, Gateway, open_gateway
 from gateway.types import (
     CallContext,
@@ -57,6 +57,7 @@ class Toolbox:
         self.state = ProviderState.UP if up else ProviderState.DOWN
         self.last_error: str | None = None if up else "switched off"
         self.warnings: tuple[str, ...] = ()
+        self.problems: tuple[ConfigProblem, ...] = ()
         self.listing = Listing(
             tools=(
                 Tool("add", {"name": "add", "description": "Add two numbers.", "inputSchema": NUMBERS}),
@@ -159,7 +160,8 @@ async def test_a_provider_going_down_and_up_changes_readiness_and_the_registry()
         upstreams: Any = body["upstreams"]
         assert status == 503
         assert body["ready"] is False
-        assert upstreams["box"] == {"state": "down", "tools": 2, "last_error": "the disk is full", "warnings": ()}
+        down = {"state": "down", "tools": 2, "last_error": "the disk is full", "warnings": (), "problems": ()}
+        assert upstreams["box"] == down
         assert "box__add" in gateway.registry.tools  # the last known listing stays while it is down
 
         await box.come_up(Tool("mul", {"name": "mul", "inputSchema": NUMBERS}))
@@ -205,18 +207,31 @@ async def test_a_server_colliding_with_a_workflow_is_reported_against_the_workfl
 # -- the composition: kinds, names, backends, the call path ----------------------------------------------
 
 
-async def test_servers_are_built_by_the_factory_of_their_kind() -> None:
-    text = "servers:\n  crm: {command: [unused]}\n  kb: {url: 'http://127.0.0.1:9/mcp'}\n"
+async def test_servers_and_connectors_are_built_by_the_factory_of_their_kind() -> None:
+    text = (
+        "servers:\n  crm: {command: [unused]}\n  kb: {url: 'http://127.0.0.1:9/mcp'}\n"
+        "connectors:\n  billing: {base_url: 'http://127.0.0.1:9', operations: []}\n"
+    )
     built: list[tuple[str, str]] = []
 
-    def factory(name: str, entry: StdioServer | HttpServer) -> Provider:
+    def factory(name: str, entry: UpstreamConfig) -> Provider:
         built.append((name, entry.kind))
         return Toolbox(name)
 
-    async with gateway_with(config_of(text), kinds={"stdio": factory, "http": factory}) as gateway:
-        assert built == [("crm", "stdio"), ("kb", "http")]
-        assert {"crm__add", "kb__add"} <= set(gateway.registry.tools)
-    assert set(PROVIDER_KINDS) == {"stdio", "http"}
+    async with gateway_with(config_of(text), kinds=dict.fromkeys(("stdio", "http", "rest"), factory)) as gateway:
+        assert built == [("crm", "stdio"), ("kb", "http"), ("billing", "rest")]
+        assert {"crm__add", "kb__add", "billing__add"} <= set(gateway.registry.tools)
+    assert set(PROVIDER_KINDS) == {"stdio", "http", "rest"}
+
+
+async def test_a_connector_and_a_server_of_one_name_are_a_config_error() -> None:
+    text = (
+        "servers:\n  crm: {command: [unused]}\nconnectors:\n  crm: {base_url: 'http://127.0.0.1:9', operations: []}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config_of(text)
+    assert [(p.path, p.line) for p in caught.value.problems] == [("connectors.crm", 4)]
+    assert "the name 'crm' is taken by the server on line 2" in str(caught.value)
 
 
 async def test_a_server_kind_without_a_factory_is_a_config_error() -> None:
@@ -385,7 +400,8 @@ async def test_a_provider_kind_only_the_test_knows_is_served_over_streamable_htt
             async with httpx2.AsyncClient() as http:
                 ready = await http.get(f"{base}/readyz")
     assert ready.status_code == 200
-    assert ready.json()["upstreams"]["box"] == {"state": "up", "tools": 2, "last_error": None, "warnings": []}
+    up = {"state": "up", "tools": 2, "last_error": None, "warnings": [], "problems": []}
+    assert ready.json()["upstreams"]["box"] == up
     assert box.calls == [("add", {"a": 20, "b": 22})]
     assert box.closed
 

@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from gateway.errors import InvalidArguments, ResourceNotFound, ToolNotFound, UpstreamError
+from gateway.errors import ConfigProblem, InvalidArguments, ResourceNotFound, ToolNotFound, UpstreamError
 from gateway.requeststate import STATE_PREFIX, StateSigner, request_digest
 from gateway.roundtrip import RoundTrips, needs_round_trip
 from gateway.store.memory import MemoryStore
@@ -59,6 +59,7 @@ class WorkflowProvider:
     state = ProviderState.UP
     last_error: str | None = None
     warnings: tuple[str, ...] = ()
+    problems: tuple[ConfigProblem, ...] = ()
 
     def __init__(
         self,
