@@ -1,9 +1,10 @@
-"""Patchbay demo: one MCP gateway in front of two example servers, seen through an MCP client.
+"""Patchbay demo: one MCP gateway in front of two example servers and a REST service, seen through an MCP client.
 
-Starts the knowledge base (examples/servers/kb.py, streamable HTTP) and
+Starts the knowledge base (examples/servers/kb.py, streamable HTTP), the billing service
+(examples/servers/billing.py, REST with an OpenAPI document) and
 `patchbay serve examples/quickstart.yaml` (which runs examples/servers/orders.py over stdio),
 then talks to the gateway the way an assistant would: it lists the merged tools, calls a few,
-watches progress arrive, runs the `support_reply` workflow and shows an error result. Both
+watches progress arrive, runs the `support_reply` workflow and shows an error result. All three
 subprocesses are stopped at the end.
 
     .venv/bin/python examples/demo.py        # or: make demo
@@ -192,8 +193,8 @@ async def show_workflow(client: Client) -> None:
     args = {"order_id": "A-1003", "question": "how long does a refund take?"}
     done = await call(client, "support_reply", args, progress_callback=on_step)
     print(f"result: {to_json(done, levels=1)}")
-    print("(order and docs ran in parallel; the failed order was refunded; no sampling here, so the")
-    print(" draft step fell back to the template reply)")
+    print("(order and docs ran in parallel; the failed order was refunded through the billing REST API;")
+    print(" no sampling here, so the draft step fell back to the template reply)")
 
 
 async def show_error(client: Client) -> None:
@@ -260,15 +261,20 @@ def run_session(base: str, gateway: Service) -> None:
 
 
 def start_services(log_dir: Path, services: list[Service]) -> str:
-    """Start kb and the gateway (appending each to `services`); return the gateway's base URL."""
-    kb_port, gateway_port = free_port(), free_port()
+    """Start kb, billing and the gateway (appending each to `services`); return the gateway's base URL."""
+    kb_port, billing_port, gateway_port = free_port(), free_port(), free_port()
     step("starting knowledge base…", f"examples/servers/kb.py on http://{HOST}:{kb_port}/mcp")
     kb = Service("kb", [sys.executable, "examples/servers/kb.py", "--port", str(kb_port)], dict(os.environ), log_dir)
     services.append(kb)
+    step("starting billing…", f"examples/servers/billing.py (REST) on http://{HOST}:{billing_port}")
+    billing_argv = [sys.executable, "examples/servers/billing.py", "--port", str(billing_port)]
+    billing = Service("billing", billing_argv, dict(os.environ), log_dir)
+    services.append(billing)
     wait_until(kb, lambda: port_open(kb_port), "the knowledge base")
+    wait_until(billing, lambda: port_open(billing_port), "the billing service")
 
     step("starting patchbay…", f"patchbay serve {CONFIG} --port {gateway_port}  (orders over stdio)")
-    env = dict(os.environ, KB_PORT=str(kb_port), PYTHON=sys.executable)
+    env = dict(os.environ, KB_PORT=str(kb_port), BILLING_PORT=str(billing_port), PYTHON=sys.executable)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     patchbay = [str(BIN / "patchbay")] if (BIN / "patchbay").exists() else [sys.executable, "-m", "gateway"]
     gateway = Service("patchbay", [*patchbay, "serve", CONFIG, "--port", str(gateway_port)], env, log_dir)
@@ -299,9 +305,10 @@ def show_connect() -> None:
     }
     print("Claude Desktop (claude_desktop_config.json), gateway over stdio:")
     print(textwrap.indent(to_json(desktop, levels=3), "  "))
-    print("  The gateway connects to kb over HTTP, so start kb first and keep it running:")
+    print("  The gateway connects to kb and billing over HTTP, so start them first and keep them running:")
     print(f"    {BIN / 'python'} {ROOT / 'examples/servers/kb.py'}")
-    print("Streamable HTTP (any client): with the venv active and kb running,")
+    print(f"    {BIN / 'python'} {ROOT / 'examples/servers/billing.py'}")
+    print("Streamable HTTP (any client): with the venv active and kb and billing running,")
     print(f"  patchbay serve {CONFIG}       # then connect to http://{HOST}:8765/mcp")
     print("MCP Inspector (Node 22+), against that HTTP gateway:")
     print(f"  npx @modelcontextprotocol/inspector --cli http://{HOST}:8765/mcp --method tools/list")
@@ -309,7 +316,7 @@ def show_connect() -> None:
 
 
 def main() -> int:
-    print("Patchbay demo: one MCP gateway, two upstream servers (orders over stdio, kb over HTTP)\n")
+    print("Patchbay demo: one MCP gateway, two MCP servers (orders over stdio, kb over HTTP) and a REST service\n")
     services: list[Service] = []
     try:
         with tempfile.TemporaryDirectory(prefix="patchbay-demo-") as logs:
@@ -328,7 +335,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ndemo interrupted", file=sys.stderr)
         return 130
-    print("\nDemo finished: both servers stopped.")
+    print("\nDemo finished: the gateway and the example services stopped.")
     return 0
 
 
