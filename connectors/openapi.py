@@ -5,6 +5,10 @@ wrong with it, and :func:`operations_of` turns each operation of ``paths`` into 
 :class:`~connectors.operations.Operation` whose tool schemas are self-contained JSON Schema (2020-12): local
 ``$ref`` are inlined, cyclic ones kept once under ``$defs``. Every problem carries the JSON pointer of its place.
 
+The validator's keyword checks (path parameters, operationIds, schemas, defaults) report no place of their own;
+the subclasses below (``_SchemaAt`` … ``_Validator31``) add it, which ties this module to openapi-spec-validator's
+0.9 line (pinned in ``pyproject.toml``; ``tests/connectors/test_openapi.py`` checks the places).
+
 Hostile documents stay bounded: the document is copied once into plain data with a depth and a size limit
 (YAML alias cycles refused), ``$ref`` chains and cycles are cut, and a schema reused past a size budget, or nested
 past a depth, goes to ``$defs`` instead of being inlined again.

@@ -129,7 +129,7 @@ def _body(operation: Operation, arguments: JSONObject, claimed: set[str]) -> tup
         if value is None:
             return None, media_type
         if _is_json(media_type):
-            return json.dumps(value, ensure_ascii=False).encode(), media_type
+            return _json_bytes(value), media_type
         if media_type == "application/x-www-form-urlencoded" and isinstance(value, Mapping):
             return urlencode({k: _text(v) for k, v in value.items()}).encode(), media_type
         return _text(value).encode(), media_type
@@ -138,7 +138,13 @@ def _body(operation: Operation, arguments: JSONObject, claimed: set[str]) -> tup
         return None, media_type
     if media_type == "application/x-www-form-urlencoded":
         return urlencode({k: _text(v) for k, v in fields.items()}, doseq=True).encode(), media_type
-    return json.dumps(fields, ensure_ascii=False).encode(), media_type if _is_json(media_type) else "application/json"
+    return _json_bytes(fields), media_type if _is_json(media_type) else "application/json"
+
+
+def _json_bytes(value: Any) -> bytes:
+    text = json.dumps(value, ensure_ascii=False)
+    _check_unicode(text)
+    return text.encode()
 
 
 def _segment(value: Any) -> str:
@@ -150,18 +156,30 @@ def _segment(value: Any) -> str:
 
 
 def _text(value: Any) -> str:
+    """An argument's value as text for a path, query, header or form (JSON for arrays and objects).
+
+    Raises:
+        InvalidArguments: it holds text that is not valid Unicode (a lone surrogate), which nothing can send.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    _check_unicode(text)
+    return text
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidArguments("an argument holds text that is not valid Unicode (a lone surrogate)") from None
 
 
 def _header_value(argument: str, value: str) -> str:
     if any(c in value for c in "\r\n\0"):
         raise InvalidArguments(f"{argument!r} goes in a header, which cannot hold a line break or a NUL")
+    if not value.isascii():
+        raise InvalidArguments(f"{argument!r} goes in a header, which holds ASCII text only")
     return value
 
 

@@ -19,6 +19,7 @@ from gateway.gateway import Gateway, open_gateway
 from gateway.types import CallContext, Principal, ToolResult
 from tests.inprocess import serve_asgi
 from tests.servers.rest_service import API_KEY, BASIC, BEARER, CLIENT, PNG, Seen, rest_service
+from tests.support import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -424,3 +425,100 @@ def test_build_request_refuses_what_cannot_be_sent() -> None:
         build_request(op, {}, "http://h:1")
     with pytest.raises(InvalidArguments, match="cannot hold a line break"):
         build_request(op, {"id": "1", "h": "a\r\nX-Evil: 1"}, "http://h:1")
+    with pytest.raises(InvalidArguments, match="ASCII text only"):
+        build_request(op, {"id": "1", "h": "café"}, "http://h:1")
+    for arguments in ({"id": "\ud800"}, {"id": "1", "h": ["\udfff"]}):
+        with pytest.raises(InvalidArguments, match="lone surrogate"):
+            build_request(op, arguments, "http://h:1")
+    body = Operation(name="op", method="POST", path="/x", definition={}, body=Body("application/json"))
+    with pytest.raises(InvalidArguments, match="lone surrogate"):
+        build_request(body, {"text": "a\ud800"}, "http://h:1")
+
+
+SHOP = """\
+openapi: 3.1.0
+info: {title: shop, version: "1"}
+paths:
+  /echo/{name}:
+    parameters:
+      - {name: name, in: path, required: true, schema: {type: string}}
+    put:
+      operationId: put_thing
+      parameters:
+        - {name: tags, in: query, schema: {type: array, items: {type: string}}}
+        - {name: X-Trace, in: header, schema: {type: string}}
+        - {name: session, in: cookie, schema: {type: string}}
+        - {name: name, in: query, schema: {type: string}}
+      requestBody:
+        required: true
+        content:
+          application/json:
+            schema: {$ref: "#/components/schemas/Thing"}
+      responses:
+        "200": {description: ok, content: {application/json: {schema: {type: object}}}}
+components:
+  schemas:
+    Thing:
+      type: object
+      properties:
+        name: {type: string}
+        size: {type: integer}
+        parent: {$ref: "#/components/schemas/Thing"}
+      required: [size]
+"""
+
+
+async def test_an_openapi_operation_sends_every_parameter_location_and_its_body(tmp_path: Path) -> None:
+    (tmp_path / "shop.yaml").write_text(SHOP)
+    async with service() as (url, seen):
+        text = f"connectors:\n  shop: {{openapi: {tmp_path}/shop.yaml, base_url: {url}}}\n"
+        async with gateway_for(text) as gateway:
+            tool = gateway.registry.tools["shop__put_thing"].tool.definition
+            assert set(tool["inputSchema"]["properties"]) == {
+                "name",
+                "tags",
+                "X-Trace",
+                "session",
+                "query_name",
+                "body_name",
+                "size",
+                "parent",
+            }
+            arguments = {
+                "name": "n/1",
+                "query_name": "q",
+                "tags": ["a", "b"],
+                "X-Trace": "t-9",
+                "session": "s1",
+                "body_name": "in body",
+                "size": 2,
+                "parent": {"size": 1},
+            }
+            result = await gateway.dispatcher.call("shop__put_thing", arguments, CALLER)
+            assert not result.is_error, text_of(result)
+    (sent,) = seen.requests
+    assert (sent["method"], sent["path"]) == ("PUT", "/echo/n%2F1")
+    assert sent["query"] == [("tags", "a"), ("tags", "b"), ("name", "q")]
+    assert (sent["headers"]["x-trace"], sent["cookies"]) == ("t-9", {"session": "s1"})
+    assert json.loads(sent["body"]) == {"name": "in body", "size": 2, "parent": {"size": 1}}
+
+
+async def test_metrics_retries_a_circuit_breaker_and_a_fallback_apply_to_a_connector() -> None:
+    gone = f"http://127.0.0.1:{free_port()}"
+    text = (
+        f"connectors:\n  svc:\n    base_url: {gone}\n"
+        "    circuit_breaker: {failures: 2, reset_after: 30s}\n"
+        "    fallback: {text: backup__text}\n"
+        f"    operations:{OPERATIONS}"
+    )
+    async with service() as (url, _):
+        text += f"  backup:\n    base_url: {url}\n    operations:\n      - {{name: text, method: GET, path: /text}}\n"
+        async with gateway_for(text) as gateway:
+            for _ in range(3):  # the first two fail over to the backup; then the circuit is open, and that too
+                result = await gateway.dispatcher.call("svc__text", {}, CALLER)
+                assert text_of(result) == "plain words"
+            refused = await gateway.dispatcher.invoke("svc__get_echo", {"name": "x"}, CALLER)
+            assert refused.outcome == "circuit_open"
+            metrics = gateway.metrics.render()[0].decode()
+    assert 'patchbay_tool_calls_total{outcome="ok",server="backup",tool="backup__text"} 3.0' in metrics
+    assert 'patchbay_circuit_open{server="svc"} 1.0' in metrics
