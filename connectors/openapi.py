@@ -173,13 +173,15 @@ def _key(key: object) -> str:
 
 
 class _Plain:
-    """Copies loaded YAML (or any mapping) into plain JSON-like data, within :data:`MAX_DEPTH`/:data:`MAX_NODES`."""
+    """Copies loaded YAML (or any mapping) into plain JSON-like data, within :data:`MAX_DEPTH`/:data:`MAX_NODES`.
+
+    Where a value is (``at``) is a chain of ``(parent, key)`` pairs, turned into a pointer only for a problem."""
 
     def __init__(self) -> None:
         self.nodes = 0
         self.open: set[int] = set()
 
-    def copy(self, value: Any, at: list[str]) -> Any:
+    def copy(self, value: Any, at: tuple[Any, str] | None = None, depth: int = 0) -> Any:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise _Fail(SpecProblem("", f"the document is too large (over {MAX_NODES} values)"))
@@ -188,17 +190,25 @@ class _Plain:
         is_map = isinstance(value, Mapping)
         if not is_map and not isinstance(value, list | tuple):
             return str(value)  # dates, timestamps, binary: as text
-        if len(at) >= MAX_DEPTH:
-            raise _Fail(SpecProblem(_pointer(at), f"the document nests more than {MAX_DEPTH} levels deep here"))
+        if depth >= MAX_DEPTH:
+            raise _Fail(SpecProblem(_pointer(_parts(at)), f"the document nests more than {MAX_DEPTH} levels deep here"))
         if id(value) in self.open:
-            raise _Fail(SpecProblem(_pointer(at), "a YAML alias refers to a node that contains it"))
+            raise _Fail(SpecProblem(_pointer(_parts(at)), "a YAML alias refers to a node that contains it"))
         self.open.add(id(value))
         try:
             if is_map:
-                return {_key(k): self.copy(v, [*at, _key(k)]) for k, v in value.items()}
-            return [self.copy(v, [*at, str(i)]) for i, v in enumerate(value)]
+                return {_key(k): self.copy(v, (at, _key(k)), depth + 1) for k, v in value.items()}
+            return [self.copy(v, (at, str(i)), depth + 1) for i, v in enumerate(value)]
         finally:
             self.open.discard(id(value))
+
+
+def _parts(at: tuple[Any, str] | None) -> list[str]:
+    parts: list[str] = []
+    while at is not None:
+        at, key = at
+        parts.append(key)
+    return parts[::-1]
 
 
 def _document(loaded: Any) -> dict[str, Any]:
@@ -208,7 +218,7 @@ def _document(loaded: Any) -> dict[str, Any]:
         kind = "a list" if isinstance(loaded, list | tuple) else f"a {type(loaded).__name__}"
         raise SpecError([SpecProblem("", f"the document must be a mapping (an OpenAPI object), not {kind}")])
     try:
-        document: dict[str, Any] = _Plain().copy(loaded, [])
+        document: dict[str, Any] = _Plain().copy(loaded)
     except _Fail as fail:
         raise SpecError([fail.problem]) from None
     return document

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from connectors import openapi
 from connectors.openapi import SpecError, SpecProblem, check_spec, operations_of, parse_spec
 from connectors.operations import Body, Operation, Parameter
 
@@ -603,7 +604,7 @@ def chain(count: int, fan: int) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize(("count", "fan"), [(1, 1), (2, 2), (40, 2), (3000, 1), (500, 3)])
+@pytest.mark.parametrize(("count", "fan"), [(1, 1), (2, 2), (40, 2), (1000, 1), (500, 3)])
 def test_huge_cycles_and_exponential_reuse_stay_bounded(count: int, fan: int) -> None:
     started = time.monotonic()
     (op,), problems = operations_of(chain(count, fan))
@@ -660,10 +661,12 @@ def test_any_nesting_and_any_references_terminate(depth: int, refs: list[int], e
     json.dumps([op.definition for op in operations])
 
 
-def test_a_yaml_alias_bomb_is_refused() -> None:
+def test_a_yaml_alias_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bomb holds 387 million values, past any limit: a lower one is found sooner.
+    monkeypatch.setattr(openapi, "MAX_NODES", 100_000)
     lines = ["openapi: 3.0.3", 'a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
-    with pytest.raises(SpecError, match="too large"):
+    with pytest.raises(SpecError, match="too large \\(over 100000 values\\)"):
         parse_spec("\n".join(lines))
 
 
