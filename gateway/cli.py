@@ -8,11 +8,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import anyio
 import anyio.abc
 import uvicorn
+import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from gateway.app import serving
@@ -22,12 +24,15 @@ from gateway.errors import ConfigError, ConfigProblem, StoreError, ToolNotFound
 from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
 from gateway.http_server import receive_bounded
+from gateway.needs import for_tool
 from gateway.server import McpFrontend, serve_stdio
 from gateway.store import RunQuery, RunStatus, open_store
+from gateway.terminal import TerminalChannel
 from gateway.types import CallContext, Principal, Provider, ToolResult
 from gateway.units import Duration
 from gateway.workflows.graph import mermaid
 from gateway.workflows.history import render_rows, render_timeline, summary_rows, timeline
+from gateway.workflows.runner import result_value
 from gateway.workflows.runs import RunNotResumable
 from policies.auth import check_bind, new_token
 
@@ -38,6 +43,8 @@ DEFAULT_PORT = 8765
 LOCAL_USER = Principal("local", kind="stdio")
 _LOOP = {"use_uvloop": True}
 """uvloop for serving: a faster event loop under the same asyncio semantics (anyio falls back without it)."""
+_WORKFLOW_SECTIONS = ("gateway", "workflows")
+"""What ``patchbay graph`` reads of the config: no upstream, so none of their environment variables."""
 _STORE_SECTIONS = ("gateway", "audit")
 """What ``patchbay runs`` reads of the config: where the store is, and what to redact. Not the servers, so the
 environment variables only they use need not be set."""
@@ -104,14 +111,34 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", metavar="CONFIG")
     check.set_defaults(run=_check)
 
-    tools = commands.add_parser("tools", help="print the merged tool registry and each upstream's state")
+    tools = commands.add_parser(
+        "tools",
+        help="print the merged tool registry and each upstream's state, or one tool",
+        description="Without TOOL: every tool (name, server, description) and each upstream's state. With TOOL: that"
+        " tool's description, annotations, input and output schema (only its own upstream is started).",
+    )
     tools.add_argument("config", metavar="CONFIG")
+    tools.add_argument("tool", metavar="TOOL", nargs="?", help="show this tool only")
     tools.set_defaults(run=_tools)
 
-    call = commands.add_parser("call", help="call one tool through the full call path and print the result")
+    call = commands.add_parser(
+        "call",
+        help="call one tool through the full call path and print the result",
+        description="Prints the result as a workflow step sees it (`.steps.<id>.result`): the structured content"
+        " when there is one, else the text (parsed as JSON when it is JSON); --json prints the whole result. Only the"
+        " upstreams the tool needs are started (for a workflow: those its steps call, and their fallbacks). What the"
+        " call asks (ask_user, ask_model, an upstream's elicitation or sampling) is asked on the terminal, or"
+        " answered from --answers.",
+    )
     call.add_argument("config", metavar="CONFIG")
     call.add_argument("tool", metavar="TOOL")
     call.add_argument("--args", default="{}", help="the arguments as a JSON object")
+    call.add_argument("--json", action="store_true", help="print the whole result (content, structuredContent, …)")
+    call.add_argument(
+        "--answers",
+        metavar="FILE",
+        help="answers to what the call asks, by step id (YAML or JSON: {confirm: {ok: true}, draft: 'text'})",
+    )
     call.set_defaults(run=_call)
 
     token = commands.add_parser("token", help="print a fresh client token and the SHA-256 the config stores")
@@ -120,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     graph = commands.add_parser("graph", help="print a workflow's steps and their dependencies as Mermaid")
     graph.add_argument("config", metavar="CONFIG")
     graph.add_argument("workflow", metavar="WORKFLOW")
-    graph.set_defaults(run=_graph)
+    graph.set_defaults(run=_graph, sections=_WORKFLOW_SECTIONS)
 
     runs = commands.add_parser(
         "runs",
@@ -262,6 +289,8 @@ def _check(config: Config, args: argparse.Namespace) -> int:
 
 
 def _tools(config: Config, args: argparse.Namespace) -> int:
+    if args.tool is not None:
+        return _tool(config, args)
     _connect_note(config, args.providers)
 
     async def run() -> None:
@@ -277,6 +306,32 @@ def _tools(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _tool(config: Config, args: argparse.Namespace) -> int:
+    """``tools CONFIG TOOL``: one tool, in full; exit 2 when there is no such tool."""
+    config = for_tool(config, args.tool)
+    _connect_note(config, args.providers)
+
+    async def run() -> int:
+        async with open_gateway(config, strict=False, providers=args.providers) as gateway:
+            entry = gateway.registry.tools.get(args.tool)
+            if entry is None:
+                print(ToolNotFound(args.tool), file=sys.stderr)
+                _say_who_is_down(gateway)
+                return 2
+            definition = entry.tool.definition
+            print(f"{args.tool}  (server {entry.provider}, its name there: {entry.target})")
+            if definition.get("title"):
+                print(f"title: {definition['title']}")
+            print(f"\n{entry.tool.description or '(no description)'}\n")
+            for label, key in (("annotations", "annotations"), ("input schema", "inputSchema")):
+                print(f"{label}: {json.dumps(definition.get(key) or {}, indent=2)}")
+            output = definition.get("outputSchema")
+            print(f"output schema: {json.dumps(output, indent=2) if output else '(none: results are text)'}")
+            return 0
+
+    return anyio.run(run)
+
+
 def _call(config: Config, args: argparse.Namespace) -> int:
     try:
         arguments = json.loads(args.args)
@@ -287,26 +342,65 @@ def _call(config: Config, args: argparse.Namespace) -> int:
         print("--args must be a JSON object", file=sys.stderr)
         return 2
 
+    try:
+        answers = _answers(args.answers)
+    except ValueError as exc:
+        print(f"--answers: {exc}", file=sys.stderr)
+        return 2
+    config = for_tool(config, args.tool)
+    _connect_note(config, args.providers)
+    channel = TerminalChannel(answers, interactive=sys.stdin.isatty() and sys.stdout.isatty(), out=sys.stderr)
+
     async def run() -> int:
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             started = time.perf_counter()
-            context = CallContext(principal=LOCAL_USER, progress=_show_progress)
+            context = CallContext(principal=LOCAL_USER, progress=_show_progress, client=channel)
             try:
                 result = await gateway.dispatcher.call(args.tool, arguments, context)
             except ToolNotFound as exc:
                 print(exc, file=sys.stderr)
+                _say_who_is_down(gateway)
                 return 2
-            return _print_result(result, started)
+            return _print_result(result, started, whole=args.json)
 
     return anyio.run(run)
 
 
-def _print_result(result: ToolResult, started: float) -> int:
-    """Print a call's result as a workflow step sees it, and how long it took on stderr; the exit status."""
-    for item in result.content:
-        print(item.get("text") if item.get("type") == "text" else json.dumps(item, indent=2), flush=True)
-    if result.structured_content is not None and not result.content:
-        print(json.dumps(result.structured_content, indent=2))
+def _say_who_is_down(gateway: Gateway) -> None:
+    """After an unknown tool: the upstreams that are not up, whose tools are unknown for that reason."""
+    for status in gateway.status():
+        if status.state != "up":
+            print(f"  {status.name} is {status.state}: {status.last_error}", file=sys.stderr)
+
+
+def _answers(path: str | None) -> dict[str, Any]:
+    """The answers file (YAML or JSON): a mapping of step ids to answers.
+
+    Raises:
+        ValueError: it cannot be read, or is not such a mapping.
+    """
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must map step ids to answers ({{confirm: {{ok: true}}, draft: text}})")
+    return {str(key): value for key, value in loaded.items()}
+
+
+def _print_result(result: ToolResult, started: float, *, whole: bool = False) -> int:
+    """Print a call's result as a workflow step sees it (``whole``: the whole result, as JSON), and how long it
+    took on stderr; the exit status."""
+    if whole:
+        print(json.dumps(result.wire(), indent=2, ensure_ascii=False))
+    elif result.is_error:
+        for item in result.content:
+            print(item.get("text") if item.get("type") == "text" else json.dumps(item, indent=2), flush=True)
+    else:
+        value = result_value(result)
+        print(value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False), flush=True)
     elapsed = (time.perf_counter() - started) * 1000
     print(f"{'error' if result.is_error else 'ok'} in {elapsed:.1f} ms", file=sys.stderr)
     return 1 if result.is_error else 0

@@ -108,10 +108,10 @@ def test_tools_prints_the_merged_registry_and_upstream_states(tmp_path: Path) ->
     assert any(line.split()[:2] == ["kit", "up"] for line in done.stdout.splitlines())
 
 
-def test_call_prints_the_result(tmp_path: Path) -> None:
+def test_call_prints_the_result_as_a_workflow_step_sees_it(tmp_path: Path) -> None:
     done = patchbay("call", write(tmp_path, f"servers:\n  kit: {KIT}\n"), "kit__echo", "--args", '{"text": "hello"}')
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "hello"
+    assert json.loads(done.stdout) == {"result": "hello"}  # its structured content: what `.steps.x.result` holds
 
 
 def test_call_exits_1_on_an_error_result_and_2_on_an_unknown_tool(tmp_path: Path) -> None:

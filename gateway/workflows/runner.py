@@ -69,6 +69,14 @@ _Leaf = CallTool | AskUser | AskModel
 _Work = CallTool | AskUser | AskModel | Evaluate
 
 
+STEP_META_KEY = "io.patchbay/step"
+"""The ``_meta`` key of a workflow's question (elicitation, sampling) that names the step asking it."""
+
+
+def _asked_by(command: AskUser | AskModel) -> dict[str, str]:
+    return {STEP_META_KEY: command.key}
+
+
 _JSON_STARTS = frozenset('{["-0123456789tfn')
 
 
@@ -432,7 +440,7 @@ class Runner:
         client = context.client
         if client is None or "elicitation" not in client.capabilities:
             return _default(command.default, "the client cannot ask its user (it has no elicitation capability)")
-        params = {"message": command.message, "requestedSchema": dict(command.schema)}
+        params = {"message": command.message, "requestedSchema": dict(command.schema), "_meta": _asked_by(command)}
         try:
             answer = await client.request("elicitation/create", params)
         except UpstreamError as exc:
@@ -448,6 +456,7 @@ class Runner:
         params: dict[str, Any] = {
             "messages": [{"role": "user", "content": {"type": "text", "text": command.prompt}}],
             "maxTokens": command.max_tokens,
+            "_meta": _asked_by(command),
         }
         if command.system is not None:
             params["systemPrompt"] = command.system
