@@ -1,5 +1,6 @@
 """Access rules in isolation: deny wins, client lists, allow rules, conditions, listings, workflow steps."""
 
+from pathlib import Path
 from textwrap import dedent, indent
 
 import anyio
@@ -169,3 +170,29 @@ async def test_each_rules_condition_is_its_own_even_where_two_rules_share_an_id(
     access = AccessPolicy(shared, {})
     assert (await outcome(access, LOCAL, "crm__x", b=True)).startswith("refused by same")
     assert await outcome(access, LOCAL, "crm__x", a=False, b=False) == "called crm__x"
+
+
+def test_the_readmes_path_rule_normalises_the_path_before_it_judges_it() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index('  - deny: "files__read"')
+    rule = readme[start : readme.index('reason: "system files are off limits"', start)] + 'reason: "off limits"'
+    access = policy("\n" + dedent(rule))
+
+    async def judged(path: str) -> str:
+        return await outcome(access, LOCAL, "files__read", path=path)
+
+    async def main() -> None:
+        for path in (
+            "/etc/passwd",
+            "/srv/../etc/passwd",
+            "//etc//passwd",
+            "/srv/./../etc",
+            "/../etc/x",
+            "etc/x",
+            "/etc",
+        ):
+            assert (await judged(path)).startswith("refused by rule0"), path
+        for path in ("/srv/data/etc", "/etcetera/x", "/srv/data/../files/x", "/home/a"):
+            assert await judged(path) == "called files__read", path
+
+    anyio.run(main)
