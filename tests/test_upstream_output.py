@@ -2,10 +2,13 @@
 never on stdout; its crash with its last lines; connects, calls and workflow steps at the levels asked for. And
 the stderr pipes cost no descriptor or thread once the gateway is closed."""
 
+import contextlib
+import json
 import os
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.gateway import open_gateway
 from gateway.types import CallContext, Principal
-from tests.support import PYTHON, TESTKIT, patchbay
+from tests.support import PYTHON, ROOT, TESTKIT, patchbay
 
 CRASHING = {"TESTKIT_STDERR": "Traceback (most recent call last):|KeyError: 'DATABASE_URL'", "TESTKIT_CRASH": "2"}
 
@@ -122,3 +125,41 @@ async def test_opening_and_closing_a_gateway_with_stdio_upstreams_leaks_no_descr
     for _ in range(3):
         await open_and_close()
     assert usage() == before
+
+
+@pytest.mark.anyio
+async def test_serve_stdio_keeps_stdout_to_mcp_messages_and_logs_the_servers_stderr_to_stderr(tmp_path: Path) -> None:
+    path = config(tmp_path, {"TESTKIT_STDERR": "starting up, noisily"})
+    argv = [PYTHON, "-m", "gateway", "--log-level", "info", "serve", path, "--stdio"]
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        process = await anyio.open_process(argv, cwd=ROOT, stderr=err)
+    async with process:
+        assert process.stdin is not None
+        assert process.stdout is not None
+
+        async def send(message: dict[str, Any]) -> None:
+            assert process.stdin is not None
+            await process.stdin.send(json.dumps({"jsonrpc": "2.0", **message}).encode() + b"\n")
+
+        with anyio.fail_after(60):
+            init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+            await send({"id": 0, "method": "initialize", "params": init})
+            await send({"method": "notifications/initialized"})
+            say = {"name": "kit__say", "arguments": {"text": "said to stderr"}}
+            await send({"id": 1, "method": "tools/call", "params": say})
+            out = b""
+            while b'"id":1' not in out.replace(b" ", b""):
+                out += await process.stdout.receive()
+            await process.stdin.aclose()  # the client goes: the gateway ends
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:  # to its end: all the gateway wrote on stdout
+                    out += await process.stdout.receive()
+            await process.wait()
+    messages = [json.loads(line) for line in out.decode().splitlines()]  # nothing but JSON-RPC on stdout
+    answers = {m["id"]: m for m in messages if "id" in m}
+    assert sorted(answers) == [0, 1]
+    assert answers[1]["result"]["structuredContent"] == {"result": "said"}
+    stderr = log.read_text()
+    assert "kit | starting up, noisily" in stderr
+    assert "kit | said to stderr" in stderr
