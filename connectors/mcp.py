@@ -55,6 +55,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from connectors._http_call import CallFailed, CallRefused, HttpCaller, ReplyTooLarge, SessionGone, SessionInfo
 from connectors._result_limit import event_limit, is_oversize, reply_size
+from connectors._stderr import ServerStderr, server_stderr
 from connectors._stream_call import StreamCaller, StreamCallFailed, StreamLost
 from gateway.config import DEFAULT_MAX_RESULT, HttpServer, ServerConfig, StdioServer
 from gateway.errors import (
@@ -261,6 +262,8 @@ class McpUpstream:
         """When the last connection attempt failed (``anyio.current_time()``)."""
         self._probe = anyio.Event()
         """Set when something hints that the server went away (its listen stream ended): ping it now."""
+        self._stderr: ServerStderr | None = None
+        """A stdio server's stderr on the last connection (attempted): its last lines tell why it ended."""
 
     @property
     def connect_timeout(self) -> float:
@@ -321,8 +324,14 @@ class McpUpstream:
             # refused HTTP, a crash), the gateway keeps serving and tries again.
             except Exception as exc:
                 self.last_error = _describe(exc, self.connect_timeout)
-                logger.warning("upstream %s: %s; retrying in %.1fs", self.name, self.last_error, backoff)
             was_up = self.state is ProviderState.UP
+            again = "restarting it" if isinstance(self.config, StdioServer) else "reconnecting"
+            if was_up:
+                logger.warning("upstream %s: lost (%s); %s in %.1fs", self.name, self.last_error, again, backoff)
+            else:
+                logger.warning("upstream %s: %s; retrying in %.1fs", self.name, self.last_error, backoff)
+            if self._stderr is not None:
+                self._stderr.report_tail()  # why it ended, in its own words
             self.state = ProviderState.DOWN
             self._next_attempt = anyio.current_time() + backoff
             # however the connection ended
@@ -345,9 +354,19 @@ class McpUpstream:
         self._attempted = anyio.Event()
 
     async def _session(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """One connection: handshake, listing, then serve refreshes until the transport ends."""
+        """One connection: handshake, listing, then serve refreshes until the transport ends. A stdio server's
+        stderr is read and logged meanwhile (``connectors._stderr``), to its last line."""
+        self._stderr = None
+        if not isinstance(self.config, StdioServer):
+            await self._connection(None, task_status=task_status)
+            return
+        async with server_stderr(self.name) as stderr:
+            self._stderr = stderr
+            await self._connection(stderr, task_status=task_status)
+
+    async def _connection(self, stderr: ServerStderr | None, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         session = SessionInfo()
-        transport, http = self._transport(session)
+        transport, http = self._transport(session, stderr)
         watched = _Watched(transport, self._closed, lean=isinstance(self.config, StdioServer))
         client = Client(
             watched,
@@ -376,6 +395,7 @@ class McpUpstream:
             self.state = ProviderState.UP
             self.last_error = None
             self.connects += 1
+            self._log_connected(client)
             task_status.started()
             self._lost = "connection closed by the server"
             async with anyio.create_task_group() as tg:
@@ -387,6 +407,24 @@ class McpUpstream:
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
         self.last_error = self._lost
+
+    def _log_connected(self, client: Client) -> None:
+        config = self.config
+        if isinstance(config, StdioServer):
+            how, again = "stdio", "restarted"
+        else:
+            how, again = "SSE" if config.sse else "streamable HTTP", "reconnected"
+        what = "connected" if self.connects == 1 else f"{again} (connection {self.connects})"
+        era = f", and {self._modern.protocol_version} for its clients" if self._modern is not None else ""
+        logger.info(
+            "upstream %s: %s over %s, protocol %s%s; %s",
+            self.name,
+            what,
+            how,
+            client.protocol_version,
+            era,
+            _counts(self.listing),
+        )
 
     async def _open_modern(self, stack: AsyncExitStack) -> Client | None:
         """A 2026-07-28 session beside the handshake one, for HTTP upstreams that speak that era."""
@@ -410,15 +448,20 @@ class McpUpstream:
         stack.push_async_exit(inner)
         return modern
 
-    def _transport(self, session: SessionInfo | None = None) -> tuple[Any, httpx2.AsyncClient | None]:
+    def _transport(
+        self, session: SessionInfo | None = None, stderr: ServerStderr | None = None
+    ) -> tuple[Any, httpx2.AsyncClient | None]:
         """The SDK transport for this server, and for streamable HTTP its HTTP client (which records
-        the session id into ``session``, for the lean call path to share the session)."""
+        the session id into ``session``, for the lean call path to share the session). A stdio server's
+        process writes its stderr to ``stderr``."""
         config = self.config
         if isinstance(config, StdioServer):
             params = StdioServerParameters(
                 command=config.command[0], args=list(config.command[1:]), env=dict(config.env) or None, cwd=config.cwd
             )
-            return stdio_client(params), None
+            if stderr is None:
+                return stdio_client(params), None
+            return _spawning(stdio_client(params, errlog=stderr.writer), stderr), None
         assert isinstance(config, HttpServer)
         if config.sse:
             return sse_client(config.url, headers=dict(config.headers), timeout=config.timeout), None
@@ -480,8 +523,7 @@ class McpUpstream:
                 reason = f"a ping failed: {exc.error.message}"
             else:
                 continue
-            logger.warning("upstream %s: %s; reconnecting", self.name, reason)
-            self._lost = reason
+            self._lost = reason  # the supervisor says it was lost, and why
             self._closed.set()
             return
 
@@ -489,6 +531,7 @@ class McpUpstream:
         while True:
             await self._refresh_wanted.wait()
             self._refresh_wanted = anyio.Event()
+            before = self.listing
             try:
                 with anyio.fail_after(self.config.timeout):
                     self.listing = await self._fetch_listing(client)
@@ -496,6 +539,8 @@ class McpUpstream:
             except (MCPError, TimeoutError, ValidationError) as exc:
                 logger.warning("upstream %s: refreshing the listing failed: %s", self.name, exc)
                 continue
+            if self.listing != before:
+                logger.info("upstream %s: its listing changed: %s", self.name, _counts(self.listing))
             await self._events.changed(self.name)
 
     async def _fetch_listing(self, client: Client) -> Listing:
@@ -1000,6 +1045,21 @@ def _forward_client_capabilities(client: Client) -> None:
             data["params"]["_meta"][types.CLIENT_CAPABILITIES_META_KEY] = wanted
 
     session._stamp = stamp_keeping_callers
+
+
+@asynccontextmanager
+async def _spawning(transport: Any, stderr: ServerStderr) -> AsyncIterator[tuple[Any, Any]]:
+    """A stdio transport whose process writes to ``stderr``'s pipe; the gateway's copy of its write end is
+    closed as soon as the process has its own, so the pipe ends when the process does."""
+    async with transport as streams:
+        stderr.spawned()
+        yield streams
+
+
+def _counts(listing: Listing) -> str:
+    """``3 tools, 1 prompt, 0 resources``."""
+    kinds = (("tool", listing.tools), ("prompt", listing.prompts), ("resource", listing.resources))
+    return ", ".join(f"{len(items)} {kind}{'' if len(items) == 1 else 's'}" for kind, items in kinds)
 
 
 @asynccontextmanager

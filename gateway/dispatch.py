@@ -112,6 +112,7 @@ class Dispatcher:
         try:
             entry = self._registry().resolve(name)
         except ToolNotFound as exc:
+            logger.debug("call %s: no such tool", name)
             if self._metrics is not None:
                 self._metrics.refused(name, "", "invalid")
             self._record(name, "", context, "invalid", 0.0, arguments, None, exc)
@@ -143,6 +144,10 @@ class Dispatcher:
             finally:
                 seconds = time.perf_counter() - started
                 span.set_outcome(outcome)
+                if logger.isEnabledFor(logging.DEBUG):  # every call, refused, failed and cancelled ones too
+                    logger.debug(
+                        "call %s → %s/%s: %s in %.1fms", name, call.provider, call.target, outcome, seconds * 1000
+                    )
                 if metrics is not None:
                     metrics.call_finished(name, call.provider, outcome, seconds)
                     if isinstance(error, PolicyDenied):
@@ -153,8 +158,6 @@ class Dispatcher:
                     self._record(name, call.provider, context, outcome, seconds, arguments, None, None)
         self._record(name, call.provider, context, outcome, seconds, arguments, result, error)
         assert result is not None
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s → %s/%s: %s in %.1fms", name, call.provider, call.target, outcome, seconds * 1000)
         return result, outcome, error
 
     def _record(

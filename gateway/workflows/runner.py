@@ -396,13 +396,25 @@ class Runner:
         if limit is not None:  # a resumed try's timeout counts the time it took before the crash
             limit = max(0.0, limit - spent)
         tool = command.tool if isinstance(command, CallTool) else None
+        started = time.perf_counter()
         with step_span(run.plan.name, command.key, tool, run=run.run_id, attempt=command.attempt) as span:
             try:
                 with anyio.fail_after(limit) if limit is not None else nullcontext():
                     result, error = await self._perform(run, command)
             except TimeoutError:
                 result, error = None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
-            span.set_outcome("ok" if error is None else error.kind)
+            outcome = "ok" if error is None else error.kind
+            span.set_outcome(outcome)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "workflow %s run %s: step %s attempt %d: %s in %.1fms",
+                run.plan.name,
+                run.run_id,
+                command.key,
+                command.attempt,
+                outcome,
+                (time.perf_counter() - started) * 1000,
+            )
         return ("done", command.key, command.attempt, result, error)
 
     async def _perform(self, run: _Execution, command: _Leaf) -> tuple[Any, StepError | None]:

@@ -2,10 +2,14 @@
 
 Run over stdio (default) or ``--http --port N``. It remembers what happened to it
 (``events``) so a test can ask, through the gateway, whether a cancellation arrived.
+What it prints to stderr is the tests' to choose: ``TESTKIT_STDERR`` is printed there at start (one line per
+``|``-separated part), ``TESTKIT_CRASH`` makes it exit at start with that status (after printing), and the
+``say`` tool prints its text.
 """
 
 import argparse
 import os
+import sys
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -113,6 +117,14 @@ def events() -> list[str]:
 
 
 @mcp.tool()
+def say(text: str) -> str:
+    """Print ``text`` to stderr (and answer ``said``)."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+    return "said"
+
+
+@mcp.tool()
 def crash() -> str:
     """Exit the process at once, as a crashing server would."""
     os._exit(3)
@@ -210,6 +222,12 @@ def main() -> None:
     parser.add_argument("--sse", action="store_true", help="the legacy HTTP+SSE transport (GET /sse)")
     parser.add_argument("--port", type=int, default=9301)
     args = parser.parse_args()
+    for line in os.environ.get("TESTKIT_STDERR", "").split("|"):
+        if line:
+            sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+    if crash := os.environ.get("TESTKIT_CRASH"):
+        sys.exit(int(crash))
     if args.sse:
         mcp.run("sse", host="127.0.0.1", port=args.port)
     elif args.http:
