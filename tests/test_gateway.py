@@ -183,6 +183,16 @@ async def test_a_workflow_calling_what_no_provider_serves_is_pending_until_every
         assert gateway.pending_problems == []
 
 
+async def test_a_call_to_a_tool_of_a_down_provider_is_pending_as_a_consequence_of_it() -> None:
+    text = "workflows:\n  w:\n    steps:\n      - {id: s, call: box__missing}\n      - {id: t, call: other__x}\n"
+    async with gateway_with(config_of(text), Toolbox(up=False)) as gateway:
+        assert [(p.path, p.cause) for p in gateway.pending_problems] == [
+            ("workflows.w.steps[0].call", "servers.box"),
+            ("workflows.w.steps[1].call", None),
+        ]
+        assert gateway.pending_problems[0].message.endswith("(because servers.box could not connect)")
+
+
 async def test_a_workflow_calling_what_no_provider_serves_stops_the_gateway_from_starting() -> None:
     text = "workflows:\n  w:\n    steps:\n      - {id: s, call: box__missing}\n"
     with pytest.raises(ConfigError) as caught:
