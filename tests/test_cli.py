@@ -112,6 +112,22 @@ def test_check_lists_an_upstream_that_cannot_start_first_and_the_calls_to_its_to
     ]
 
 
+def test_check_names_both_tools_and_the_rename_that_made_them_collide(tmp_path: Path) -> None:
+    config = (
+        "servers:\n"
+        f"  one: {{command: [{PYTHON}, {TESTKIT}], prefix: x}}\n"
+        f"  two:\n    command: [{PYTHON}, {TESTKIT}]\n    prefix: x\n    tools:\n      rename: {{echo: fail}}\n"
+    )
+    done = patchbay("check", write(tmp_path, config))
+
+    assert done.returncode == 1
+    assert (
+        "servers.two.tools.rename.echo (line 7): tool 'echo' of server 'two' (renamed to 'fail' by `tools.rename`)"
+        " collides: the name 'x__fail' is already taken by tool 'fail' of server 'one'; the rename made them collide"
+        in done.stderr
+    )
+
+
 def test_check_passes_an_upstream_lacking_an_optional_list_method_and_says_what_it_lacks(tmp_path: Path) -> None:
     # As mcp-server-sqlite does: it declares resources but answers resources/templates/list with -32601.
     done = patchbay("check", write(tmp_path, f"servers:\n  sqlish: {PARTIAL}\n"))
