@@ -56,12 +56,15 @@ class ConfigProblem:
     path: str
     message: str
     line: int | None = None
+    column: int | None = None
+    """The 1-based column, for a problem that has one (a YAML syntax error)."""
     cause: str | None = None
     """The path of the problem this one follows from (``servers.crm``, which could not connect), to be listed
     after it; None: a problem of its own."""
 
     def __str__(self) -> str:
-        where = f"{self.path} (line {self.line})" if self.line is not None else self.path
+        column = f", column {self.column}" if self.column is not None else ""
+        where = f"{self.path} (line {self.line}{column})" if self.line is not None else self.path
         return f"{where}: {self.message}"
 
 

@@ -532,3 +532,75 @@ def test_an_unknown_step_in_after_or_an_expression_suggests_the_closest_id() -> 
         "workflows.w.steps[1].after[0] (line 5): step 'b' refers to unknown step 'ordr'; did you mean 'order'?",
         "workflows.w.steps[2] (line 6): step 'c' refers to unknown step 'oder'; did you mean 'order'?",
     ]
+
+
+SYNTAX = {
+    "indented less than its mapping": (
+        "servers:\n  a:\n    command: [x]\n   url: y\n",
+        (4, 4),
+        "bad indentation: a key in column 4, but the mapping it belongs to (line 2) has its keys in column 3"
+        ": indent it like the lines it belongs with, with spaces",
+    ),
+    "indented more than its mapping": (
+        "servers:\n  a:\n    command: [x]\n      url: y\n",
+        (4, 7),
+        "bad indentation: a key in column 7, but the mapping it belongs to (line 3) has its keys in column 5"
+        ": indent it like the lines it belongs with, with spaces",
+    ),
+    "an unclosed double quote": (
+        'gateway:\n  name: "acme\nservers: {}\n',
+        (2, 9),
+        'a quoted value is never closed: the " here has no closing "',
+    ),
+    "an unclosed single quote": (
+        "gateway:\n  name: 'acme\nservers: {}\n",
+        (2, 9),
+        "a quoted value is never closed: the ' here has no closing '",
+    ),
+    "an unclosed bracket": (
+        "servers:\n  a:\n    command: [x, y\n  b: {url: z}\n",
+        (4, 4),
+        "the list opened with '[' on line 3, column 14 is not closed: expected ',' or ']' here, found ':'",
+    ),
+    "an unclosed brace at the end": (
+        "servers:\n  a: {command: x\n",
+        (3, 1),
+        "the mapping opened with '{' on line 2, column 6 is not closed: expected ',' or '}' here, found the end of "
+        "the file",
+    ),
+    "a tab indenting": (
+        "servers:\n  a:\n  \tcommand: x\n",
+        (3, 3),
+        "a tab indents this line: YAML indents with spaces only",
+    ),
+    "': ' in a plain value": (
+        "gateway:\n  name: a: b\n",
+        (2, 10),
+        "a second ': ' on this line: a value holding ': ' must be quoted",
+    ),
+    "a key among list items": (
+        "servers:\n  - a\n  b: 1\n",
+        (3, 3),
+        "a key among the items of the list on line 2: a list holds `- ` items only",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "where", "message"), SYNTAX.values(), ids=SYNTAX.keys())
+def test_a_yaml_syntax_error_says_where_and_what_was_expected_in_plain_words(
+    text: str, where: tuple[int, int], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+
+    (problem,) = caught.value.problems
+    assert (problem.path, problem.line, problem.column) == ("<document>", *where)
+    assert problem.message == message
+    assert str(problem) == f"<document> (line {where[0]}, column {where[1]}): {message}"
+    assert "<block" not in str(caught.value)
+
+
+def test_a_duplicate_key_is_still_reported_as_one() -> None:
+    assert messages_of("servers:\n  a: {command: x}\n  a: {command: y}\n") == [
+        "servers.a (line 3): duplicate key 'a' (first on line 2)"
+    ]
