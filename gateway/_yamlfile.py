@@ -6,6 +6,7 @@ can name its line) and reports what YAML itself gets wrong, every problem at onc
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -129,13 +130,135 @@ def in_file_order(problems: list[ConfigProblem]) -> list[ConfigProblem]:
 
 
 def syntax_problem(exc: yaml.YAMLError, text: str) -> ConfigProblem:
-    if isinstance(exc, yaml.MarkedYAMLError):
-        mark = exc.problem_mark or exc.context_mark
-        return ConfigProblem("<document>", exc.problem or str(exc), mark.line + 1 if mark else None)
+    """What YAML could not read, in plain words, where it is (the line and column of what to fix)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        return _marked(exc, exc.problem_mark, text)
     if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
         line = text.count("\n", 0, exc.position) + 1
-        return ConfigProblem("<document>", f"{exc.reason} (#x{exc.character:04x})", line)
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        return ConfigProblem("<document>", f"{exc.reason} (#x{exc.character:04x})", line, column)
     return ConfigProblem("<document>", str(exc))
+
+
+_TOKENS = {
+    "<stream end>": "the end of the file",
+    "<block end>": "the end of an indented block",
+    "<block mapping start>": "a key",
+    "<block sequence start>": "a list item",
+    "?": "a key",
+    "-": "a list item",
+    "<scalar>": "a value",
+}
+_FLOW_EXPECTED = re.compile(r"expected ',' or '([\]}])', but got '(.*)'")
+_CANNOT_START = re.compile(r"found character '(.*)' that cannot start any token")
+
+
+@dataclass(frozen=True, slots=True)
+class _Error:
+    """A PyYAML error's parts: its ``problem`` at ``at``, and its ``context``, what it was reading since ``start``."""
+
+    problem: str
+    context: str
+    at: yaml.Mark
+    start: yaml.Mark | None
+    text: str
+
+    def here(self, message: str) -> ConfigProblem:
+        return ConfigProblem("<document>", message, self.at.line + 1, self.at.column + 1)
+
+    def line_before(self) -> str:
+        """The text of the problem's line before it."""
+        return self.text[self.text.rfind("\n", 0, self.at.index) + 1 : self.at.index]
+
+
+def _marked(exc: yaml.MarkedYAMLError, at: yaml.Mark, text: str) -> ConfigProblem:
+    """PyYAML's ``problem`` (at ``at``) and ``context`` (where what it was reading began) as plain words."""
+    error = _Error(exc.problem or "", exc.context or "", at, exc.context_mark, text)
+    for plain in (_indentation, _unclosed_quote, _unclosed_flow, _bad_character, _colon, _message):
+        found = plain(error)
+        if found is not None:
+            return found
+    if error.start is not None and error.context:
+        where = f"line {error.start.line + 1}, column {error.start.column + 1}"
+        return error.here(f"{error.problem} ({error.context} on {where})")
+    return error.here(error.problem)
+
+
+def _indentation(error: _Error) -> ConfigProblem | None:
+    start = error.start
+    if not error.problem.startswith("expected <block end>, but found") or start is None:
+        return None
+    found = _TOKENS.get(error.problem.rpartition("found ")[2].strip("'"), "something")
+    what = "list" if "collection" in error.context or "sequence" in error.context else "mapping"
+    if what == "mapping" and found == "a list item":
+        return error.here(
+            f"a list item among the keys of the mapping on line {start.line + 1}: a mapping holds keys only"
+        )
+    if what == "list" and found == "a key":
+        return error.here(f"a key among the items of the list on line {start.line + 1}: a list holds `- ` items only")
+    return error.here(
+        f"bad indentation: {found} in column {error.at.column + 1}, but the {what} it belongs to (line "
+        f"{start.line + 1}) has its {'keys' if what == 'mapping' else 'items'} in column {start.column + 1}: "
+        "indent it like the lines it belongs with, with spaces"
+    )
+
+
+def _unclosed_quote(error: _Error) -> ConfigProblem | None:
+    start = error.start
+    if "quoted scalar" not in error.context or "end of stream" not in error.problem or start is None:
+        return None
+    quote = error.text[start.index] if start.index < len(error.text) else '"'
+    message = f"a quoted value is never closed: the {quote} here has no closing {quote}"
+    return ConfigProblem("<document>", message, start.line + 1, start.column + 1)
+
+
+def _unclosed_flow(error: _Error) -> ConfigProblem | None:
+    flow = _FLOW_EXPECTED.fullmatch(error.problem)
+    if flow is None or error.start is None:
+        return None
+    closer, got = flow[1], flow[2]
+    opener, kind = ("[", "list") if closer == "]" else ("{", "mapping")
+    return error.here(
+        f"the {kind} opened with {opener!r} on line {error.start.line + 1}, column {error.start.column + 1} is not "
+        f"closed: expected ',' or {closer!r} here, found {_TOKENS.get(got, repr(got))}"
+    )
+
+
+def _bad_character(error: _Error) -> ConfigProblem | None:
+    bad = _CANNOT_START.fullmatch(error.problem)
+    if bad is None:
+        return None
+    if bad[1] != "\\t":
+        return error.here(f"a value cannot start with {bad[1]!r}: quote it")
+    if not error.line_before().strip(" "):
+        return error.here("a tab indents this line: YAML indents with spaces only")
+    return error.here("a tab here: YAML separates with spaces only")
+
+
+def _colon(error: _Error) -> ConfigProblem | None:
+    if error.problem != "mapping values are not allowed here":
+        return None
+    if ": " in error.line_before():
+        return error.here("a second ': ' on this line: a value holding ': ' must be quoted")
+    return error.here("unexpected ':': the line before may lack its ':' (every line of a mapping is `key: value`)")
+
+
+def _message(error: _Error) -> ConfigProblem | None:
+    """The problems that need only their own words changed."""
+    problem = error.problem
+    last = problem.rpartition(" ")[2].strip("'")
+    if problem.startswith("found unknown escape character"):
+        return error.here(
+            f"an unknown escape \\{last} in a double-quoted value: single-quote the value, or write \\\\ for a "
+            "backslash"
+        )
+    if problem == "but found another document":
+        return error.here("a second document (after `---`): the config is one document")
+    if problem.startswith("expected the node content, but found"):
+        return error.here(f"a value was expected here, found {_TOKENS.get(last, repr(last))}")
+    if problem.startswith("found undefined alias"):
+        return error.here(f"the alias *{last} refers to no anchor &{last} defined before it")
+    return None
 
 
 def dotted(loc: Loc) -> str:

@@ -270,15 +270,16 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             _print_upstreams(gateway, problems=False)
             problems = [*gateway.problems, *gateway.pending_problems]
+            roots: list[ConfigProblem] = []
             for status in gateway.status():
                 section = config.section_of(status.name)
                 problems.extend(ConfigProblem(p.path, p.message, config.line_at(p.path)) for p in status.problems)
                 if status.state != "up":
                     line = config.line_of(section, status.name)
-                    problems.append(
+                    roots.append(
                         ConfigProblem(f"{section}.{status.name}", f"could not connect: {status.last_error}", line)
                     )
-            return problems
+            return _causes_first(roots, problems)
 
     problems = anyio.run(run)
     if problems:
@@ -286,6 +287,16 @@ def _check(config: Config, args: argparse.Namespace) -> int:
         return 1
     print(f"{config.source}: ok")
     return 0
+
+
+def _causes_first(roots: Sequence[ConfigProblem], problems: Sequence[ConfigProblem]) -> list[ConfigProblem]:
+    """The upstreams that could not connect first, each followed by what follows from it (a workflow calling its
+    tools), then every other problem: a user fixes the cause, not its consequences."""
+    ordered: list[ConfigProblem] = []
+    for root in roots:
+        ordered += [root, *(p for p in problems if p.cause == root.path)]
+    causes = {root.path for root in roots}
+    return ordered + [p for p in problems if p.cause not in causes]
 
 
 def _tools(config: Config, args: argparse.Namespace) -> int:

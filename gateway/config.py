@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from gateway._yamlfile import Loc, Tree, dotted, in_file_order, interpolate, syntax_problem
-from gateway.errors import ConfigError, ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem, did_you_mean
 from gateway.policy_config import (
     AccessRule,
     AuditConfig,
@@ -49,7 +49,7 @@ from gateway.policy_config import (
     ServerRetry,
 )
 from gateway.units import Duration, Size, retry_delay
-from gateway.workflows.model import Workflows, strip_tags
+from gateway.workflows.model import Step, Workflows, strip_tags
 from gateway.workflows.plan import Plan, check_calls, compile_workflow
 
 __all__ = [
@@ -628,11 +628,30 @@ def _validation_problems(exc: ValidationError, tree: Tree) -> Iterator[ConfigPro
         raw: Loc = tuple(error["loc"])
         loc = _strip_tags(raw)
         if error["type"] == "extra_forbidden":
-            allowed = ", ".join(_allowed_keys(raw[:-1]))
-            message = f"unknown key {raw[-1]!r} (allowed: {allowed})"
+            keys = _allowed_keys(raw[:-1])
+            message = f"unknown key {raw[-1]!r} (allowed: {', '.join(keys)}){did_you_mean(str(raw[-1]), keys)}"
         else:
             message = error["msg"].removeprefix("Value error, ")
         yield ConfigProblem(dotted(loc), message, tree.line(loc))
+        union = _KIND_UNIONS.get(error["type"])
+        if union is not None and isinstance(error["input"], Mapping):
+            yield from _unknown_keys(error["input"], union, loc, tree)
+
+
+_KIND_UNIONS: dict[str, Any] = {"server_kind": ServerConfig, "step_kind": Step}
+"""The tagged unions by the error type of an entry whose kind cannot be told. Pydantic checks an entry's keys only
+once it knows its kind, so the key that would have told it (``comand:``) would go unnamed: it is checked here
+against the keys of every member."""
+
+
+def _unknown_keys(entry: Mapping[Any, Any], union: Any, loc: Loc, tree: Tree) -> Iterator[ConfigProblem]:
+    members = [_unwrap(member) for member in get_args(_unwrap(union))]
+    keys = sorted({f.alias or name for m in members for name, f in m.model_fields.items() if name != "kind"})
+    for key in entry:
+        if key not in keys:
+            where = (*loc, key)
+            message = f"unknown key {key!r} (allowed: {', '.join(keys)}){did_you_mean(str(key), keys)}"
+            yield ConfigProblem(dotted(where), message, tree.line(where))
 
 
 def _strip_tags(loc: Loc) -> Loc:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from gateway.audit import AuditSink, build_record
-from gateway.errors import GatewayError, PolicyDenied, RateLimited, ToolNotFound
+from gateway.errors import GatewayError, PolicyDenied, RateLimited, ToolNotFound, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.tracing import call_span
@@ -136,6 +136,7 @@ class Dispatcher:
                 if not exc.as_tool_result:
                     outcome = exc.outcome
                     raise
+                self._with_last_error(exc, call.provider)
                 result = ToolResult.text(str(exc), is_error=True)
                 outcome, error = exc.outcome, exc
             except BaseException as exc:
@@ -159,6 +160,16 @@ class Dispatcher:
         self._record(name, call.provider, context, outcome, seconds, arguments, result, error)
         assert result is not None
         return result, outcome, error
+
+    def _with_last_error(self, exc: GatewayError, provider_name: str) -> None:
+        """Give an ``UpstreamUnavailable`` its provider's last error, unless it says it already: the reason a call
+        gets is then the one ``/readyz`` and ``patchbay tools`` show for the same provider."""
+        if not isinstance(exc, UpstreamUnavailable):
+            return
+        # All the dispatcher otherwise needs of a provider is call_tool: one without a last_error still works.
+        last_error = getattr(self._providers.get(exc.server or provider_name), "last_error", None)
+        if last_error and last_error not in str(exc):
+            exc.args = (f"{exc} (last error: {last_error})",)  # same error, type and attributes: only the words
 
     def _record(
         self,

@@ -30,7 +30,8 @@ with ``isError: true`` so the model sees it and can act on it (DESIGN §4).
 Each class carries the metrics ``outcome`` label it is counted under.
 """
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -55,10 +56,27 @@ class ConfigProblem:
     path: str
     message: str
     line: int | None = None
+    column: int | None = None
+    """The 1-based column, for a problem that has one (a YAML syntax error)."""
+    cause: str | None = None
+    """The path of the problem this one follows from (``servers.crm``, which could not connect), to be listed
+    after it; None: a problem of its own."""
 
     def __str__(self) -> str:
-        where = f"{self.path} (line {self.line})" if self.line is not None else self.path
+        column = f", column {self.column}" if self.column is not None else ""
+        where = f"{self.path} (line {self.line}{column})" if self.line is not None else self.path
         return f"{where}: {self.message}"
+
+
+SIMILAR = 0.75
+"""How alike (difflib's ratio, 0 to 1) a known name must be to an unknown one to be suggested for it: `comand` is
+0.92 like `command`, `wiht` 0.75 like `with`; a shared prefix alone (`crm__gone`, `crm__order`: 0.74) is not enough."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` naming the ``known`` name closest to ``name``, when one is close; else ``""``."""
+    close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=SIMILAR)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class ConfigError(GatewayError):

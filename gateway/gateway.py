@@ -17,7 +17,7 @@ place the knot is tied). Metrics and audit come first of all: everything reports
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import anyio
@@ -32,10 +32,10 @@ from gateway.config import DEFAULT_MAX_RESULT, Config, ConnectorConfig, Upstream
 from gateway.dispatch import Audit, CallPath, Dispatcher
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.metrics import Metrics
-from gateway.registry import Naming, Registry, build_registry
+from gateway.registry import Naming, Registry, build_registry, exposed_name
 from gateway.requeststate import StateSigner
 from gateway.types import Provider, ProviderEvents, ProviderState
-from gateway.workflows.plan import check_tools
+from gateway.workflows.plan import check_tools, unserved
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
 from gateway.workflows.runs import Runs
@@ -239,7 +239,7 @@ class Gateway:
         listings = {name: provider.listing for name, provider in self.providers.items()}
         self.registry, problems = build_registry(listings, self._naming)
         schemas = {name: entry.tool.input_schema for name, entry in self.registry.tools.items()}
-        calls = check_tools(self.config.plans, schemas) + self._unknown_fallbacks()
+        calls = check_tools(self.config.plans, schemas, self._unreachable) + self._unknown_fallbacks()
         if self.ready:
             problems += calls
             self.pending_problems = []
@@ -252,17 +252,37 @@ class Gateway:
     def _unknown_fallbacks(self) -> list[ConfigProblem]:
         """Fallback routes to tools that are not served (checked like a workflow's calls)."""
         return [
-            ConfigProblem(
+            unserved(
                 f"{self.config.section_of(server)}.{server}.fallback.{glob}",
                 f"no tool {target!r} is served to fall back to",
+                target,
+                self.registry.tools,
+                self._unreachable,
             )
             for server, settings in self.config.upstreams.items()
             for glob, target in settings.fallback.items()
             if target not in self.registry.tools
         ]
 
+    def _unreachable(self, tool: str) -> str | None:
+        """Where the provider that would serve ``tool`` is configured (``servers.crm``), when it is not up: the
+        one whose prefix the name starts with (the longest), else one without a prefix; None when it is up."""
+        owner, longest = None, 0
+        unprefixed: list[str] = []
+        for name, naming in self._naming.items():
+            head = exposed_name(naming.prefix, naming.separator, "") if naming.prefix else ""
+            if not head:
+                unprefixed.append(name)
+            elif tool.startswith(head) and len(head) > longest:
+                owner, longest = name, len(head)
+        candidates = [owner] if owner is not None else unprefixed
+        for name in candidates:
+            if self.providers[name].state is not ProviderState.UP:
+                return f"{self.config.section_of(name)}.{name}"
+        return None
+
     def _located(self, problem: ConfigProblem) -> ConfigProblem:
-        return ConfigProblem(problem.path, problem.message, self.config.line_at(problem.path))
+        return replace(problem, line=self.config.line_at(problem.path))
 
     async def _provider_changed(self, name: str) -> None:
         if not self._started:

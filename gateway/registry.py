@@ -132,7 +132,7 @@ def build_registry(
     """
     problems: list[ConfigProblem] = []
     tools: dict[str, Entry] = {}
-    owners: dict[str, str] = dict.fromkeys(reserved, "a workflow")
+    owners: dict[str, _Owner] = {name: _Owner("a workflow", name, None, whole=True) for name in reserved}
     prompts: dict[str, PromptEntry] = {}
     resources: dict[str, str] = {}
     resource_list: list[Resource] = []
@@ -145,11 +145,13 @@ def build_registry(
         for tool in listing.tools:
             if not rules.admits(tool.name):
                 continue
-            name = exposed_name(rules.prefix, rules.separator, rules.rename.get(tool.name, tool.name))
+            renamed = rules.rename.get(tool.name)
+            name = exposed_name(rules.prefix, rules.separator, tool.name if renamed is None else renamed)
             if name in owners:
-                problems.append(_collision(provider, "tools", tool.name, name, owners[name]))
+                mine = _Owner(f"server {provider!r}", tool.name, renamed)
+                problems.append(_tool_collision(provider, mine, name, owners[name]))
                 continue
-            owners[name] = rules.owner or f"server {provider!r}"
+            owners[name] = _Owner(rules.owner or f"server {provider!r}", tool.name, renamed, rules.owner is not None)
             definition = dict(tool.definition, name=name)
             if tool.name in rules.descriptions:
                 definition["description"] = rules.descriptions[tool.name]
@@ -177,6 +179,36 @@ def build_registry(
                 resource_list.append(resource)
     registry = Registry(tools, prompts, resources, tuple(resource_list), tuple(template_list), tuple(templates))
     return registry, problems
+
+
+@dataclass(frozen=True, slots=True)
+class _Owner:
+    """Who has taken a tool name: ``label`` (``server 'crm'``, ``a workflow``), the tool's own name there,
+    what ``tools.rename`` renamed it to (None: not renamed)."""
+
+    label: str
+    original: str
+    renamed: str | None
+    whole: bool = False
+    """The label names the tool itself (``a workflow``), not the provider it is one of."""
+
+    def __str__(self) -> str:
+        what = self.label if self.whole else f"tool {self.original!r} of {self.label}"
+        return what if self.renamed is None else f"{what} (renamed to {self.renamed!r} by `tools.rename`)"
+
+
+def _tool_collision(provider: str, mine: _Owner, name: str, theirs: _Owner) -> ConfigProblem:
+    """Both tools by their own names; when a rename made the names meet, the path is that rename's and the
+    message says so."""
+    path = f"servers.{provider}"
+    if mine.renamed is not None:
+        path = f"{path}.tools.rename.{mine.original}"
+    if mine.renamed is None and theirs.renamed is None:
+        fix = "set a different `prefix:` or `tools.rename` for one of them"
+    else:
+        fix = "the rename made them collide: rename to another name, or set a different `prefix:`"
+    message = f"{mine} collides: the name {name!r} is already taken by {theirs}; {fix}"
+    return ConfigProblem(path=path, message=message)
 
 
 def _collision(provider: str, kind: str, original: str, name: str, owner: str) -> ConfigProblem:

@@ -53,7 +53,7 @@ from mcp.shared.inbound import (
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp.shared.subscriptions import PromptsListChanged, ResourcesListChanged, ResourceUpdated, ToolsListChanged
 from mcp_types.methods import serialize_server_result
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -74,6 +74,7 @@ from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
 from gateway.requeststate import STATE_PREFIX, request_digest
 from gateway.roundtrip import ANSWER_TIMEOUT, RoundTrips
+from gateway.sessionless import SessionRequired
 from gateway.stdin import MessageOut, read_lines
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
 from gateway.types import LOG_LEVELS, CallContext, JSONObject, Principal, ToolResult, task_support
@@ -866,7 +867,8 @@ def http_endpoint(frontend: McpFrontend, host: str) -> tuple[ASGIApp, Any]:
     security = _security(host)
     manager = StreamableHTTPSessionManager(app=frontend.server, security_settings=security)
     sessions = _SdkSessions(manager, frontend, security)
-    app = FastPath(StreamableHTTPASGIApp(manager), sessions, frontend.gateway.dispatcher, frontend.principal)
+    sdk = SessionRequired(StreamableHTTPASGIApp(manager), HANDSHAKE_PROTOCOL_VERSIONS)
+    app = FastPath(sdk, sessions, frontend.gateway.dispatcher, frontend.principal)
     return NestingLimit(app, frontend.gateway.config.gateway.max_depth, max_body=MAX_BODY), manager.run
 
 

@@ -50,3 +50,41 @@ async def test_endpoints_accept_the_host_the_gateway_is_served_as_and_healthz_an
         health = await http.get(f"{base}/healthz", headers={"Host": "10.0.0.7:8765"})
     assert (named.status_code, rebound.status_code) == (200, 421)
     assert (health.status_code, health.text) == (200, "ok")  # says nothing; probes address the machine directly
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "probe", "version": "1"}},
+}
+BOTH = {"Accept": "application/json, text/event-stream"}
+
+
+async def test_a_get_of_mcp_without_a_session_is_refused_and_makes_no_session() -> None:
+    async with endpoints() as (http, base):
+        answers = [await http.get(f"{base}/mcp", headers={"Accept": "text/event-stream"}) for _ in range(2)]
+        ended = await http.delete(f"{base}/mcp")
+
+    for answer in answers:
+        assert answer.status_code == 405
+        assert answer.headers["allow"] == "GET, POST, DELETE"
+        assert "mcp-session-id" not in answer.headers
+        error = answer.json()["error"]
+        assert error["code"] == -32600
+        assert "Mcp-Session-Id" in error["message"]
+    assert ended.status_code == 400
+    assert "mcp-session-id" not in ended.headers
+    assert ended.json()["error"]["code"] == -32600
+
+
+async def test_a_get_of_mcp_on_a_session_still_opens_its_stream() -> None:
+    async with endpoints() as (http, base):
+        opened = await http.post(f"{base}/mcp", json=INITIALIZE, headers=BOTH)
+        session = opened.headers["mcp-session-id"]
+        headers = {"Accept": "text/event-stream", "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-06-18"}
+        async with http.stream("GET", f"{base}/mcp", headers=headers) as stream:
+            status, kind = stream.status_code, stream.headers["content-type"]
+
+    assert opened.status_code == 200
+    assert (status, kind.split(";")[0]) == (200, "text/event-stream")

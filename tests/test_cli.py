@@ -84,6 +84,50 @@ def test_check_reports_an_upstream_that_cannot_be_reached(tmp_path: Path) -> Non
     assert "servers.gone (line 3): could not connect" in done.stderr
 
 
+def test_check_lists_an_upstream_that_cannot_start_first_and_the_calls_to_its_tools_as_consequences(
+    tmp_path: Path,
+) -> None:
+    config = (
+        "servers:\n"
+        f"  kit: {KIT}\n"
+        "  crm: {command: [patchbay-no-such-command]}\n"
+        "workflows:\n"
+        "  w:\n"
+        "    steps:\n"
+        "      - {id: a, call: kit__ech}\n"
+        "      - {id: b, call: crm__get, compensate: {call: crm__undo}}\n"
+    )
+    done = patchbay("check", write(tmp_path, config))
+
+    assert done.returncode == 1
+    listed = [line.removeprefix("  - ") for line in done.stderr.splitlines() if line.startswith("  - ")]
+    assert listed[0].startswith("servers.crm (line 3): could not connect: FileNotFoundError")
+    assert listed[1:] == [
+        "workflows.w.steps[1].call (line 8): step 'b' calls 'crm__get', which is not a tool this gateway serves"
+        " (because servers.crm could not connect)",
+        "workflows.w.steps[1].compensate.call (line 8): step 'b' calls 'crm__undo', which is not a tool this gateway"
+        " serves (because servers.crm could not connect)",
+        "workflows.w.steps[0].call (line 7): step 'a' calls 'kit__ech', which is not a tool this gateway serves;"
+        " did you mean 'kit__echo'?",
+    ]
+
+
+def test_check_names_both_tools_and_the_rename_that_made_them_collide(tmp_path: Path) -> None:
+    config = (
+        "servers:\n"
+        f"  one: {{command: [{PYTHON}, {TESTKIT}], prefix: x}}\n"
+        f"  two:\n    command: [{PYTHON}, {TESTKIT}]\n    prefix: x\n    tools:\n      rename: {{echo: fail}}\n"
+    )
+    done = patchbay("check", write(tmp_path, config))
+
+    assert done.returncode == 1
+    assert (
+        "servers.two.tools.rename.echo (line 7): tool 'echo' of server 'two' (renamed to 'fail' by `tools.rename`)"
+        " collides: the name 'x__fail' is already taken by tool 'fail' of server 'one'; the rename made them collide"
+        in done.stderr
+    )
+
+
 def test_check_passes_an_upstream_lacking_an_optional_list_method_and_says_what_it_lacks(tmp_path: Path) -> None:
     # As mcp-server-sqlite does: it declares resources but answers resources/templates/list with -32601.
     done = patchbay("check", write(tmp_path, f"servers:\n  sqlish: {PARTIAL}\n"))

@@ -464,3 +464,143 @@ def test_reading_only_some_sections_skips_the_others_and_their_environment_varia
     assert config.audit.redact_keys == ("ssn",)
     assert config.servers == {}
     assert config.workflows == {}
+
+
+def messages_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    return [str(problem) for problem in caught.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "suggested"),
+    [
+        ("conectors: {}\n", "conectors", "connectors"),
+        ("gateway:\n  separater: '.'\n", "gateway.separater", "separator"),
+        ("servers:\n  a: {url: 'http://h', timout: 3s}\n", "servers.a.timout", "timeout"),
+        ("workflows:\n  w:\n    steps:\n      - {id: a, call: t, wiht: {}}\n", "workflows.w.steps[0].wiht", "with"),
+    ],
+    ids=["top-level", "gateway", "server", "step"],
+)
+def test_an_unknown_key_close_to_an_allowed_one_is_suggested(text: str, path: str, suggested: str) -> None:
+    (message,) = [m for m in messages_of(text) if m.startswith(path + " ")]
+    assert message.endswith(f"; did you mean {suggested!r}?")
+
+
+def test_an_unknown_key_like_no_allowed_one_gets_no_suggestion() -> None:
+    (message,) = messages_of("gateway:\n  colour: blue\n")
+    assert "did you mean" not in message
+
+
+def test_a_server_entry_whose_kind_cannot_be_told_names_its_unknown_keys_too() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("servers:\n  a:\n    comand: [x]\n    timout: 3s\n    env: {}\n")
+
+    kind, command, timeout = caught.value.problems
+    assert (kind.path, kind.line) == ("servers.a", 2)
+    assert "either `command` (stdio) or `url` (HTTP)" in kind.message
+    assert (command.path, command.line) == ("servers.a.comand", 3)
+    assert command.message.endswith("did you mean 'command'?")
+    assert (timeout.path, timeout.line) == ("servers.a.timout", 4)
+    assert timeout.message.endswith("did you mean 'timeout'?")
+
+
+def test_a_step_whose_kind_cannot_be_told_names_its_unknown_keys_too() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("workflows:\n  w:\n    steps:\n      - id: a\n        cal: t\n")
+
+    kind, key = caught.value.problems
+    assert kind.path == "workflows.w.steps[0]"
+    assert "exactly one of call" in kind.message
+    assert (key.path, key.line) == ("workflows.w.steps[0].cal", 5)
+    assert key.message.endswith("did you mean 'call'?")
+
+
+def test_a_connector_names_its_unknown_key_with_a_suggestion() -> None:
+    (message,) = messages_of("connectors:\n  b: {opnapi: x.yaml, base_url: 'http://127.0.0.1:1'}\n")
+    assert message.startswith("connectors.b.opnapi (line 2): unknown key 'opnapi'")
+    assert message.endswith("did you mean 'openapi'?")
+
+
+def test_an_unknown_step_in_after_or_an_expression_suggests_the_closest_id() -> None:
+    text = (
+        "workflows:\n  w:\n    steps:\n      - {id: order, set: {}}\n"
+        "      - {id: b, set: {}, after: [ordr]}\n"
+        "      - {id: c, set: {x: '${.steps.oder.result}'}}\n"
+    )
+    assert messages_of(text) == [
+        "workflows.w.steps[1].after[0] (line 5): step 'b' refers to unknown step 'ordr'; did you mean 'order'?",
+        "workflows.w.steps[2] (line 6): step 'c' refers to unknown step 'oder'; did you mean 'order'?",
+    ]
+
+
+SYNTAX = {
+    "indented less than its mapping": (
+        "servers:\n  a:\n    command: [x]\n   url: y\n",
+        (4, 4),
+        "bad indentation: a key in column 4, but the mapping it belongs to (line 2) has its keys in column 3"
+        ": indent it like the lines it belongs with, with spaces",
+    ),
+    "indented more than its mapping": (
+        "servers:\n  a:\n    command: [x]\n      url: y\n",
+        (4, 7),
+        "bad indentation: a key in column 7, but the mapping it belongs to (line 3) has its keys in column 5"
+        ": indent it like the lines it belongs with, with spaces",
+    ),
+    "an unclosed double quote": (
+        'gateway:\n  name: "acme\nservers: {}\n',
+        (2, 9),
+        'a quoted value is never closed: the " here has no closing "',
+    ),
+    "an unclosed single quote": (
+        "gateway:\n  name: 'acme\nservers: {}\n",
+        (2, 9),
+        "a quoted value is never closed: the ' here has no closing '",
+    ),
+    "an unclosed bracket": (
+        "servers:\n  a:\n    command: [x, y\n  b: {url: z}\n",
+        (4, 4),
+        "the list opened with '[' on line 3, column 14 is not closed: expected ',' or ']' here, found ':'",
+    ),
+    "an unclosed brace at the end": (
+        "servers:\n  a: {command: x\n",
+        (3, 1),
+        "the mapping opened with '{' on line 2, column 6 is not closed: expected ',' or '}' here, found the end of "
+        "the file",
+    ),
+    "a tab indenting": (
+        "servers:\n  a:\n  \tcommand: x\n",
+        (3, 3),
+        "a tab indents this line: YAML indents with spaces only",
+    ),
+    "': ' in a plain value": (
+        "gateway:\n  name: a: b\n",
+        (2, 10),
+        "a second ': ' on this line: a value holding ': ' must be quoted",
+    ),
+    "a key among list items": (
+        "servers:\n  - a\n  b: 1\n",
+        (3, 3),
+        "a key among the items of the list on line 2: a list holds `- ` items only",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "where", "message"), SYNTAX.values(), ids=SYNTAX.keys())
+def test_a_yaml_syntax_error_says_where_and_what_was_expected_in_plain_words(
+    text: str, where: tuple[int, int], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+
+    (problem,) = caught.value.problems
+    assert (problem.path, problem.line, problem.column) == ("<document>", *where)
+    assert problem.message == message
+    assert str(problem) == f"<document> (line {where[0]}, column {where[1]}): {message}"
+    assert "<block" not in str(caught.value)
+
+
+def test_a_duplicate_key_is_still_reported_as_one() -> None:
+    assert messages_of("servers:\n  a: {command: x}\n  a: {command: y}\n") == [
+        "servers.a (line 3): duplicate key 'a' (first on line 2)"
+    ]

@@ -183,6 +183,39 @@ async def test_a_workflow_calling_what_no_provider_serves_is_pending_until_every
         assert gateway.pending_problems == []
 
 
+async def test_a_call_to_a_tool_of_a_down_provider_is_pending_as_a_consequence_of_it() -> None:
+    text = "workflows:\n  w:\n    steps:\n      - {id: s, call: box__missing}\n      - {id: t, call: other__x}\n"
+    async with gateway_with(config_of(text), Toolbox(up=False)) as gateway:
+        assert [(p.path, p.cause) for p in gateway.pending_problems] == [
+            ("workflows.w.steps[0].call", "servers.box"),
+            ("workflows.w.steps[1].call", None),
+        ]
+        assert gateway.pending_problems[0].message.endswith("(because servers.box could not connect)")
+
+
+async def test_a_call_to_a_down_provider_gives_the_reason_readyz_gives() -> None:
+    box = Toolbox()
+    async with gateway_with(config_of(), box) as gateway:
+        await box.go_down("ConnectError: All connection attempts failed")
+        result, outcome, _ = await gateway.dispatcher.invoke("box__add", {"a": 1, "b": 2}, CALLER)
+        body, _ = readiness(gateway)
+        upstreams: Any = body["upstreams"]
+
+        assert outcome == "unavailable"
+        assert upstreams["box"]["last_error"] == "ConnectError: All connection attempts failed"
+        assert result.content[0]["text"] == (
+            "box is switched off (last error: ConnectError: All connection attempts failed)"
+        )
+
+
+async def test_a_call_to_a_down_provider_whose_error_names_its_reason_already_says_it_once() -> None:
+    box = Toolbox()
+    async with gateway_with(config_of(), box) as gateway:
+        await box.go_down("switched off")
+        result = await gateway.dispatcher.call("box__add", {"a": 1, "b": 2}, CALLER)
+        assert result.content[0]["text"] == "box is switched off"
+
+
 async def test_a_workflow_calling_what_no_provider_serves_stops_the_gateway_from_starting() -> None:
     text = "workflows:\n  w:\n    steps:\n      - {id: s, call: box__missing}\n"
     with pytest.raises(ConfigError) as caught:

@@ -102,3 +102,38 @@ def test_a_uri_claimed_by_two_servers_is_a_collision() -> None:
     registry, problems = build_registry(listings, {"a": Naming(prefix="a"), "b": Naming(prefix="b")})
     assert registry.route_resource("shared://x") == "a"
     assert [p.path for p in problems] == ["servers.b"]
+
+
+def test_a_collision_a_rename_made_names_both_tools_and_the_rename() -> None:
+    listings = {"one": Listing(tools=(tool("b"),)), "two": Listing(tools=(tool("a"),))}
+    naming = {"one": Naming(prefix="x"), "two": Naming(prefix="x", rename={"a": "b"})}
+
+    registry, [problem] = build_registry(listings, naming)
+
+    assert registry.tools["x__b"].provider == "one"
+    assert problem.path == "servers.two.tools.rename.a"
+    assert problem.message == (
+        "tool 'a' of server 'two' (renamed to 'b' by `tools.rename`) collides: the name 'x__b' is already taken by "
+        "tool 'b' of server 'one'; the rename made them collide: rename to another name, or set a different `prefix:`"
+    )
+
+
+def test_a_collision_with_a_renamed_tool_names_the_first_owners_rename() -> None:
+    listings = {"one": Listing(tools=(tool("a"),)), "two": Listing(tools=(tool("b"),))}
+    naming = {"one": Naming(prefix="x", rename={"a": "b"}), "two": Naming(prefix="x")}
+
+    _, [problem] = build_registry(listings, naming)
+
+    assert problem.path == "servers.two"
+    assert "tool 'b' of server 'two' collides" in problem.message
+    assert "taken by tool 'a' of server 'one' (renamed to 'b' by `tools.rename`)" in problem.message
+    assert "the rename made them collide" in problem.message
+
+
+def test_a_collision_without_a_rename_suggests_a_prefix_or_a_rename() -> None:
+    listings = {"a": Listing(tools=(tool("x"),)), "b": Listing(tools=(tool("x"),))}
+    _, [problem] = build_registry(listings, {"a": Naming(prefix=""), "b": Naming(prefix="")})
+    assert problem.message == (
+        "tool 'x' of server 'b' collides: the name 'x' is already taken by tool 'x' of server 'a'; "
+        "set a different `prefix:` or `tools.rename` for one of them"
+    )

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from gateway.errors import ConfigProblem
+from gateway.errors import ConfigProblem, did_you_mean
 from gateway.workflows.model import CallStep, ForEachStep, Step, SwitchStep, Workflow
 
 __all__ = ["Graph", "Node", "build_graph", "mermaid"]
@@ -158,7 +158,7 @@ def _shallow(step: Step) -> Step:
 def _resolve(step_id: str, ref: str, walked: Mapping[str, _Walked], *, explicit: bool) -> tuple[str | None, str | None]:
     """(the step ``step_id`` waits for when it refers to ``ref``, None) or (None, what is wrong)."""
     if ref not in walked:
-        return None, f"step {step_id!r} refers to unknown step {ref!r}"
+        return None, f"step {step_id!r} refers to unknown step {ref!r}{did_you_mean(ref, walked)}"
     if ref == step_id:
         return None, f"steps form a cycle: {step_id} → {step_id}"
     mine, theirs = _chain(step_id, walked), _chain(ref, walked)

@@ -26,6 +26,7 @@ from pydantic import (
     Tag,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from gateway.units import Duration
 
@@ -298,7 +299,10 @@ _ONE_KIND = f"a step needs exactly one of {', '.join(STEP_KINDS)}"
 def _one_kind(value: Any) -> Any:
     if isinstance(value, Mapping):
         if len(kinds := [kind for kind in STEP_KINDS if kind in value]) != 1:
-            raise ValueError(f"{_ONE_KIND}; it has {' and '.join(kinds) or 'none'}")
+            # Its own error type: the config names the keys a step cannot have, which pydantic checks only once
+            # it knows the kind.
+            detail = f"{_ONE_KIND}; it has {' and '.join(kinds) or 'none'}"
+            raise PydanticCustomError("step_kind", "{detail}", {"detail": detail})
     elif not isinstance(value, _StepBase):
         raise ValueError(f"a step is a mapping with an id and one of {', '.join(STEP_KINDS)}")
     return value

@@ -9,12 +9,12 @@ The engine runs a :class:`Plan`; nothing here does I/O.
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gateway.errors import ConfigProblem
+from gateway.errors import ConfigProblem, did_you_mean
 from gateway.workflows.checks import check_arguments
 from gateway.workflows.defaults import check_defaults
 from gateway.workflows.expressions import Condition, ExpressionError, Value, compile_condition, compile_value
@@ -33,7 +33,7 @@ from gateway.workflows.model import (
     iter_steps,
 )
 
-__all__ = ["Plan", "StepPlan", "check_calls", "check_tools", "compile_workflow"]
+__all__ = ["Plan", "StepPlan", "check_calls", "check_tools", "compile_workflow", "unserved"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +261,9 @@ def _relations(
 
 def _unknown_references(name: str, path: str, value: Value, graph: Graph) -> Iterator[ConfigProblem]:
     for ref in sorted(value.references - graph.nodes.keys()):
-        yield ConfigProblem(f"workflows.{name}.{path}", f"refers to unknown step {ref!r}")
+        yield ConfigProblem(
+            f"workflows.{name}.{path}", f"refers to unknown step {ref!r}{did_you_mean(ref, graph.nodes)}"
+        )
 
 
 def check_calls(plans: Mapping[str, Plan]) -> list[ConfigProblem]:
@@ -301,11 +303,18 @@ def _call_site(plan: Plan, tool: str) -> str:
     return "steps"
 
 
-def check_tools(plans: Mapping[str, Plan], tools: Mapping[str, Mapping[str, Any]]) -> list[ConfigProblem]:
+def check_tools(
+    plans: Mapping[str, Plan],
+    tools: Mapping[str, Mapping[str, Any]],
+    unreachable: Callable[[str], str | None] = lambda tool: None,
+) -> list[ConfigProblem]:
     """Problems with what the workflows call, given the tools served and their ``inputSchema``.
 
     A call to a tool that is not served, and ``with:`` arguments that cannot satisfy the tool's
     input schema (as far as can be known before the run: see :mod:`gateway.workflows.checks`).
+    ``unreachable(tool)`` is the path of the upstream that would serve ``tool`` and could not connect
+    (``servers.crm``), else None: a call to a tool not served names that as its cause, or else the
+    served tool whose name is closest.
     """
     problems: list[ConfigProblem] = []
     for name, plan in plans.items():
@@ -317,9 +326,20 @@ def check_tools(plans: Mapping[str, Plan], tools: Mapping[str, Mapping[str, Any]
             for where, spec in specs:
                 if spec.call not in tools:
                     message = f"step {step.id!r} calls {spec.call!r}, which is not a tool this gateway serves"
-                    problems.append(ConfigProblem(f"{where}.call", message))
+                    problems.append(unserved(f"{where}.call", message, spec.call, tools, unreachable))
                     continue
                 for at, message in check_arguments(spec.with_, tools[spec.call]):
                     where_arg = f"{where}.with{'.' + at if at and not at.startswith('[') else at}"
                     problems.append(ConfigProblem(where_arg, f"step {step.id!r} calls {spec.call}: {message}"))
     return problems
+
+
+def unserved(
+    path: str, message: str, tool: str, tools: Iterable[str], unreachable: Callable[[str], str | None]
+) -> ConfigProblem:
+    """The problem at ``path`` that ``message`` states about ``tool``, which is not served, saying why: the
+    upstream that would serve it could not connect (then it is a consequence of that), or else maybe a typo."""
+    cause = unreachable(tool)
+    if cause is not None:
+        return ConfigProblem(path, f"{message} (because {cause} could not connect)", cause=cause)
+    return ConfigProblem(path, message + did_you_mean(tool, tools))

@@ -231,8 +231,8 @@ def test_iter_steps_walks_nested_steps_with_their_locations() -> None:
 
 
 INVALID_STEPS = [
-    pytest.param({"id": "a"}, (0,), "value_error", "exactly one of call, switch", id="no-kind"),
-    pytest.param({"id": "a", "call": "t", "set": {}}, (0,), "value_error", "it has call and set", id="two-kinds"),
+    pytest.param({"id": "a"}, (0,), "step_kind", "exactly one of call, switch", id="no-kind"),
+    pytest.param({"id": "a", "call": "t", "set": {}}, (0,), "step_kind", "it has call and set", id="two-kinds"),
     pytest.param("a", (0,), "value_error", "a step is a mapping", id="not-a-mapping"),
     pytest.param({"id": "1a", "call": "t"}, (0, "id"), "value_error", "not a step id", id="bad-id"),
     pytest.param({"id": "a b", "call": "t"}, (0, "id"), "value_error", "not a step id", id="id-with-space"),
@@ -265,7 +265,7 @@ INVALID_STEPS = [
     pytest.param(
         {"id": "a", "call": "t", "on_error": [{"id": "b"}]},
         (0, "on_error", 0),
-        "value_error",
+        "step_kind",
         "exactly one of",
         id="fallback-without-kind",
     ),

@@ -95,3 +95,56 @@ def test_calls_are_checked_against_the_tools_served() -> None:
         ("workflows.w.steps[1].call", "step 'b' calls 'crm__gone', which is not a tool this gateway serves"),
         ("workflows.w.steps[1].compensate.call", "step 'b' calls 'crm__undo', which is not a tool this gateway serves"),
     ]
+
+
+def test_a_call_to_a_tool_not_served_suggests_the_closest_served_name() -> None:
+    config = parse_config(
+        "workflows:\n  w:\n    steps:\n      - {id: a, call: clock__get_curent_time}\n"
+        "      - {id: b, call: clock__set_alarm}\n",
+        environ={},
+    )
+    tools = {"clock__get_current_time": {"type": "object"}, "kb__search": {"type": "object"}}
+    assert [(p.path, p.message, p.cause) for p in check_tools(config.plans, tools)] == [
+        (
+            "workflows.w.steps[0].call",
+            "step 'a' calls 'clock__get_curent_time', which is not a tool this gateway serves;"
+            " did you mean 'clock__get_current_time'?",
+            None,
+        ),
+        (
+            "workflows.w.steps[1].call",
+            "step 'b' calls 'clock__set_alarm', which is not a tool this gateway serves",
+            None,
+        ),
+    ]
+
+
+def test_a_call_to_a_tool_of_an_upstream_that_could_not_connect_names_that_as_its_cause() -> None:
+    config = parse_config(
+        "workflows:\n  w:\n    steps:\n      - {id: a, call: crm__get, compensate: {call: crm__undo}}\n"
+        "      - {id: b, call: kb__serch}\n",
+        environ={},
+    )
+    tools = {"crm_get": {"type": "object"}, "kb__search": {"type": "object"}}
+
+    problems = check_tools(config.plans, tools, lambda tool: "servers.crm" if tool.startswith("crm__") else None)
+
+    assert [(p.path, p.message, p.cause) for p in problems] == [
+        (
+            "workflows.w.steps[0].call",
+            "step 'a' calls 'crm__get', which is not a tool this gateway serves"
+            " (because servers.crm could not connect)",
+            "servers.crm",
+        ),
+        (
+            "workflows.w.steps[0].compensate.call",
+            "step 'a' calls 'crm__undo', which is not a tool this gateway serves"
+            " (because servers.crm could not connect)",
+            "servers.crm",
+        ),
+        (
+            "workflows.w.steps[1].call",
+            "step 'b' calls 'kb__serch', which is not a tool this gateway serves; did you mean 'kb__search'?",
+            None,
+        ),
+    ]
