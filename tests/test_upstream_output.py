@@ -35,7 +35,7 @@ def test_a_stdio_servers_stderr_reaches_neither_stdout_nor_the_default_output(tm
     done = patchbay("call", path, "kit__say", "--args", '{"text": "said to stderr"}')
 
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "said"
+    assert json.loads(done.stdout) == {"result": "said"}  # as a workflow step sees it
     assert "noisily" not in done.stderr
     assert "said to stderr" not in done.stderr  # INFO lines: not at the default level
 
@@ -46,7 +46,7 @@ def test_with_log_level_info_the_stderr_lines_are_logged_prefixed_and_the_connec
     done = patchbay("--log-level", "info", "call", path, "kit__say", "--args", '{"text": "said to stderr"}')
 
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "said"
+    assert json.loads(done.stdout) == {"result": "said"}  # as a workflow step sees it
     lines = done.stderr.splitlines()
     assert any(line.endswith("INFO patchbay.upstream.kit: kit | starting up, noisily") for line in lines)
     assert any(line.endswith("INFO patchbay.upstream.kit: kit | said to stderr") for line in lines)
