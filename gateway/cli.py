@@ -9,23 +9,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import anyio
 import anyio.abc
-import uvicorn
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.app import serving
 from gateway.audit import audit_redactor
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError, ConfigProblem, StoreError, ToolNotFound
-from gateway.gateway import Gateway, open_gateway
 from gateway.heap import freeze_startup_heap
-from gateway.http_server import receive_bounded
 from gateway.needs import for_tool
-from gateway.server import McpFrontend, serve_stdio
 from gateway.store import RunQuery, RunStatus, open_store
 from gateway.terminal import TerminalChannel
 from gateway.types import CallContext, Principal, Provider, ToolResult
@@ -35,6 +30,11 @@ from gateway.workflows.history import render_rows, render_timeline, summary_rows
 from gateway.workflows.runner import result_value
 from gateway.workflows.runs import RunNotResumable
 from policies.auth import check_bind, new_token
+
+# The gateway, its server side and uvicorn import the MCP SDK (a second of CPU): only the commands that run a
+# gateway import them, so `runs`, `graph` and `token` start at once.
+if TYPE_CHECKING:
+    from gateway.gateway import Gateway
 
 logger = logging.getLogger("patchbay")
 
@@ -186,6 +186,11 @@ GRACEFUL_SHUTDOWN = 10
 
 
 async def _serve_http(config: Config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import serving
+    from gateway.http_server import receive_bounded
+
     refusal = check_bind(args.host, config.clients)
     if refusal is not None:
         print(f"patchbay: {refusal}", file=sys.stderr)
@@ -227,6 +232,9 @@ async def _serve_http(config: Config, args: argparse.Namespace) -> int:
 async def _serve_stdio(config: Config, providers: Sequence[Provider]) -> None:
     """Serve until the client closes stdin, or until SIGTERM (stdin may still be open: the wait for it is
     cancellable); either way the upstreams close before this returns."""
+    from gateway.gateway import open_gateway
+    from gateway.server import McpFrontend, serve_stdio
+
     stopping = anyio.CancelScope()
     async with anyio.create_task_group() as watch:
         await watch.start(_on_sigterm, stopping.cancel)
@@ -267,6 +275,8 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     _connect_note(config, args.providers)
 
     async def run() -> list[ConfigProblem]:
+        from gateway.gateway import open_gateway
+
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             _print_upstreams(gateway, problems=False)
             problems = [*gateway.problems, *gateway.pending_problems]
@@ -305,6 +315,8 @@ def _tools(config: Config, args: argparse.Namespace) -> int:
     _connect_note(config, args.providers)
 
     async def run() -> None:
+        from gateway.gateway import open_gateway
+
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             rows = [(name, e.provider, _first_line(e.tool.description)) for name, e in gateway.registry.tools.items()]
             _print_table(("TOOL", "SERVER", "DESCRIPTION"), rows)
@@ -323,6 +335,8 @@ def _tool(config: Config, args: argparse.Namespace) -> int:
     _connect_note(config, args.providers)
 
     async def run() -> int:
+        from gateway.gateway import open_gateway
+
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             entry = gateway.registry.tools.get(args.tool)
             if entry is None:
@@ -363,6 +377,8 @@ def _call(config: Config, args: argparse.Namespace) -> int:
     channel = TerminalChannel(answers, interactive=sys.stdin.isatty() and sys.stdout.isatty(), out=sys.stderr)
 
     async def run() -> int:
+        from gateway.gateway import open_gateway
+
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             started = time.perf_counter()
             context = CallContext(principal=LOCAL_USER, progress=_show_progress, client=channel)
@@ -377,7 +393,7 @@ def _call(config: Config, args: argparse.Namespace) -> int:
     return anyio.run(run)
 
 
-def _say_who_is_down(gateway: Gateway) -> None:
+def _say_who_is_down(gateway: "Gateway") -> None:
     """After an unknown tool: the upstreams that are not up, whose tools are unknown for that reason."""
     for status in gateway.status():
         if status.state != "up":
@@ -474,6 +490,8 @@ def _resume(config: Config, args: argparse.Namespace) -> int:
     _connect_note(config, args.providers)
 
     async def run() -> int:
+        from gateway.gateway import open_gateway
+
         async with open_gateway(config, strict=False, providers=args.providers) as gateway:
             started = time.perf_counter()
             try:
@@ -486,7 +504,7 @@ def _resume(config: Config, args: argparse.Namespace) -> int:
     return anyio.run(run)
 
 
-def _print_upstreams(gateway: Gateway, *, problems: bool = True) -> None:
+def _print_upstreams(gateway: "Gateway", *, problems: bool = True) -> None:
     """The providers' states, and what they lack or left out as warnings (``problems``: those of their config
     too, which ``check`` lists as errors instead)."""
     rows = [(s.name, s.state, str(s.tools), s.last_error or "") for s in gateway.status()]

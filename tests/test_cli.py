@@ -1,5 +1,7 @@
 """The ``patchbay`` command as a user runs it: real processes, exit codes, what it prints."""
 
+import contextlib
+import io
 import json
 import sqlite3
 import subprocess
@@ -23,7 +25,17 @@ KIT = stdio_server(TESTKIT)
 PARTIAL = stdio_server(ROOT / "tests" / "servers" / "partial.py")
 
 
+IN_PROCESS = frozenset({"check", "tools", "call"})
+"""Commands run by ``main()`` in this process: no interpreter to start (about 2 s of CPU each, under coverage
+more); what they print is what a user sees. ``serve`` and the rest run as processes of their own."""
+
+
 def patchbay(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    if args and args[0] in IN_PROCESS:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+            main(list(args))
+        return subprocess.CompletedProcess(list(args), int(exited.value.code or 0), out.getvalue(), err.getvalue())
     return subprocess.run(
         [PYTHON, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )

@@ -16,6 +16,7 @@ from gateway.gateway import open_gateway
 from gateway.types import CallContext, Principal
 from tests.inprocess import serve_asgi
 from tests.support import ROOT, free_port, patchbay, run_process
+from tests.test_cli import patchbay as patchbay_here
 
 pytestmark = pytest.mark.anyio
 
@@ -101,7 +102,7 @@ def test_check_names_each_problem_of_a_document_by_pointer_and_config_line(tmp_p
     (tmp_path / "broken.yaml").write_text(BROKEN)
     config = tmp_path / "patchbay.yaml"
     config.write_text(f"connectors:\n  shop:\n    openapi: broken.yaml\n    base_url: http://127.0.0.1:{free_port()}\n")
-    done = patchbay("check", str(config))
+    done = patchbay_here("check", str(config))
     assert done.returncode == 1, done.stdout
     spec = tmp_path / "broken.yaml"
     assert f"connectors.shop.openapi (line 3): {spec}#/paths/~1others/get/responses/200:" in done.stderr
@@ -115,11 +116,11 @@ def test_check_and_tools_of_a_swagger_2_document(tmp_path: Path) -> None:
     (tmp_path / "old.json").write_text(json.dumps({"swagger": "2.0", "info": {"title": "x", "version": "1"}}))
     config = tmp_path / "patchbay.yaml"
     config.write_text("servers: {}\nconnectors:\n  old: {openapi: old.json, base_url: 'http://127.0.0.1:1'}\n")
-    done = patchbay("check", str(config))
+    done = patchbay_here("check", str(config))
     assert done.returncode == 1
     assert "connectors.old.openapi (line 3)" in done.stderr
     assert "Swagger 2.0" in done.stderr
-    tools = patchbay("tools", str(config))
+    tools = patchbay_here("tools", str(config))
     assert tools.returncode == 0, tools.stderr
     row = next(line.split() for line in tools.stdout.splitlines() if line.startswith("old "))
     assert row[:3] == ["old", "down", "0"]
