@@ -2,20 +2,14 @@
 listing change once."""
 
 import logging
-import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import anyio
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from connectors._stderr import MAX_LINE, TAIL_LINES, server_stderr
 from connectors.mcp import McpUpstream, State
-from gateway.config import parse_config
 from gateway.errors import UpstreamUnavailable
-from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, ToolResult
+from tests.connectors.test_mcp import connected
 from tests.inprocess import UPSTREAM_DEPRECATIONS, WITHIN, make_upstream, serve_upstream
 from tests.support import PYTHON, TESTKIT
 
@@ -25,39 +19,9 @@ KIT = f"{{command: [{PYTHON}, {TESTKIT}]}}"
 UPSTREAM_LOGGER = "patchbay.upstream.kit"
 
 
-@dataclass
-class Connected:
-    upstream: McpUpstream
-    changes: MemoryObjectReceiveStream[str]
-
-    async def wait_for(self, connects: int) -> None:
-        """Wait until the connector is up on its ``connects``-th connection."""
-        with anyio.fail_after(WITHIN):
-            while not (self.upstream.connects == connects and self.upstream.state is State.UP):
-                await self.changes.receive()
-
-    async def call(self, name: str, arguments: JSONObject) -> ToolResult:
-        with anyio.fail_after(WITHIN):
-            return await self.upstream.call_tool(name, arguments, CallContext(principal=Principal("ada")))
-
-
-@asynccontextmanager
-async def connected(server: str) -> AsyncIterator[Connected]:
-    """An ``McpUpstream`` called ``kit`` for the server entry ``server`` (YAML flow mapping), until the block ends."""
-    config = parse_config(f"servers:\n  kit: {server}\n", environ={}).servers["kit"]
-    send, receive = anyio.create_memory_object_stream[str](math.inf)
-
-    async def on_change(name: str) -> None:
-        send.send_nowait(name)
-
-    upstream = McpUpstream("kit", config)
-    async with send, receive, anyio.create_task_group() as tg:
-        with anyio.fail_after(WITHIN):
-            await tg.start(upstream.run, ProviderEvents(on_change))
-        try:
-            yield Connected(upstream, receive)
-        finally:
-            tg.cancel_scope.cancel()
+def up_again(upstream: McpUpstream) -> bool:
+    """Up on its second connection: the server was restarted."""
+    return upstream.connects == 2 and upstream.state is State.UP
 
 
 def messages(caplog: pytest.LogCaptureFixture, logger: str, level: int | None = None) -> list[str]:
@@ -88,7 +52,7 @@ async def test_a_stdio_server_that_crashes_is_reported_lost_with_its_last_stderr
         await conn.call("say", {"text": "Traceback (most recent call last):\nRuntimeError: out of memory"})
         with pytest.raises(UpstreamUnavailable):
             await conn.call("crash", {})
-        await conn.wait_for(connects=2)
+        await conn.until(up_again)
     assert not messages(caplog, UPSTREAM_LOGGER, logging.INFO)
     tail = messages(caplog, UPSTREAM_LOGGER, logging.WARNING)
     assert len(tail) == TAIL_LINES  # the last ones only
@@ -111,7 +75,7 @@ async def test_the_last_lines_are_not_repeated_as_a_warning_when_they_were_logge
         await conn.call("say", {"text": "about to fall over"})
         with pytest.raises(UpstreamUnavailable):
             await conn.call("crash", {})
-        await conn.wait_for(connects=2)
+        await conn.until(up_again)
     assert messages(caplog, UPSTREAM_LOGGER, logging.INFO).count("kit | about to fall over") == 1
     assert not messages(caplog, UPSTREAM_LOGGER, logging.WARNING)
 
