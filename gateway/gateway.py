@@ -32,7 +32,7 @@ from gateway.config import DEFAULT_MAX_RESULT, Config, ConnectorConfig, Upstream
 from gateway.dispatch import Audit, CallPath, Dispatcher
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.metrics import Metrics
-from gateway.registry import Naming, Registry, build_registry, exposed_name
+from gateway.registry import Naming, Registry, build_registry, owner_by_prefix, prefix_head
 from gateway.requeststate import StateSigner
 from gateway.types import Provider, ProviderEvents, ProviderState
 from gateway.workflows.plan import check_tools, unserved
@@ -267,15 +267,9 @@ class Gateway:
     def _unreachable(self, tool: str) -> str | None:
         """Where the provider that would serve ``tool`` is configured (``servers.crm``), when it is not up: the
         one whose prefix the name starts with (the longest), else one without a prefix; None when it is up."""
-        owner, longest = None, 0
-        unprefixed: list[str] = []
-        for name, naming in self._naming.items():
-            head = exposed_name(naming.prefix, naming.separator, "") if naming.prefix else ""
-            if not head:
-                unprefixed.append(name)
-            elif tool.startswith(head) and len(head) > longest:
-                owner, longest = name, len(head)
-        candidates = [owner] if owner is not None else unprefixed
+        heads = {name: prefix_head(naming.prefix, naming.separator) for name, naming in self._naming.items()}
+        owner = owner_by_prefix(heads, tool)
+        candidates = [owner] if owner is not None else [name for name, head in heads.items() if not head]
         for name in candidates:
             if self.providers[name].state is not ProviderState.UP:
                 return f"{self.config.section_of(name)}.{name}"

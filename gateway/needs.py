@@ -6,24 +6,20 @@ their targets' upstreams. When that cannot be told from the names alone (an upst
 name no prefix matches), every upstream is started, as before. Pure.
 """
 
-import re
-
 from gateway.config import Config
+from gateway.registry import owner_by_prefix, prefix_head
 
 __all__ = ["for_tool", "upstreams_for"]
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def upstreams_for(config: Config, tool: str) -> set[str] | None:
     """The names of the upstreams ``tool`` needs, or None when every upstream may be needed."""
-    separator = config.gateway.separator
-    heads: dict[str, str] = {}
-    for name, upstream in config.upstreams.items():
-        prefix = name if upstream.prefix is None else upstream.prefix
-        if not prefix:
-            return None  # its tools' names are its own: any name may be one of them
-        heads[name] = _UNSAFE.sub("_", prefix + separator)
+    heads = {
+        name: prefix_head(name if upstream.prefix is None else upstream.prefix, config.gateway.separator)
+        for name, upstream in config.upstreams.items()
+    }
+    if not all(heads.values()):
+        return None  # an upstream without a prefix: any name may be one of its tools
     needed: set[str] = set()
     pending, seen = [tool], set()
     while pending:
@@ -35,12 +31,12 @@ def upstreams_for(config: Config, tool: str) -> set[str] | None:
         if plan is not None:
             pending.extend(plan.calls)
             continue
-        owners = {upstream for upstream, head in heads.items() if name.startswith(head)}
-        if not owners:
+        owner = owner_by_prefix(heads, name)
+        if owner is None:
             return None  # not a name of any upstream's: let the whole gateway say what it is
-        for owner in owners - needed:
+        if owner not in needed:
+            needed.add(owner)
             pending.extend(config.upstreams[owner].fallback.values())
-        needed |= owners
     return needed
 
 

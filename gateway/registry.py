@@ -36,6 +36,18 @@ def exposed_name(prefix: str, separator: str, name: str) -> str:
     return f"{safe[: MAX_NAME_LENGTH - _HASH_LENGTH - 1]}_{digest}"
 
 
+def prefix_head(prefix: str, separator: str) -> str:
+    """How the names of a provider with ``prefix`` begin (``crm__``); empty for no prefix."""
+    return exposed_name(prefix, separator, "") if prefix else ""
+
+
+def owner_by_prefix(heads: Mapping[str, str], name: str) -> str | None:
+    """Of providers by the head of their names (:func:`prefix_head`), the one ``name`` is under: the longest head
+    it starts with; None when no non-empty head fits."""
+    fitting = [(len(head), provider) for provider, head in heads.items() if head and name.startswith(head)]
+    return max(fitting)[1] if fitting else None
+
+
 @dataclass(frozen=True, slots=True)
 class Naming:
     """How one provider's names appear in the registry."""

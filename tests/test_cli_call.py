@@ -14,6 +14,8 @@ import anyio
 import pytest
 
 from gateway.cli import main
+from gateway.config import parse_config
+from gateway.needs import for_tool, upstreams_for
 from gateway.terminal import AnswerError, TerminalChannel, convert
 from tests.support import PYTHON, ROOT, TESTKIT, stdio_server
 from tests.test_cli import write
@@ -255,3 +257,20 @@ async def test_questions_asked_at_once_are_put_one_after_the_other() -> None:
         tg.start_soon(ask, "two")
     assert typed == ["a (boolean, optional): ", "n (integer, optional): "] * 2
     assert answers == [{"action": "accept", "content": {"a": True, "n": 7}}] * 2
+
+
+def test_the_upstreams_a_tool_needs_follow_prefixes_workflows_and_fallbacks() -> None:
+    text = (
+        "servers:\n  crm: {command: [x]}\n  crm_eu: {command: [x], prefix: crm__eu, fallback: {get: cache__get}}\n"
+        "  cache: {command: [x]}\n  other: {command: [x]}\n"
+        "workflows:\n  w: {steps: [{id: a, call: crm__eu__get}, {id: b, call: v}]}\n"
+        "  v: {steps: [{id: c, call: crm__x}]}\n"
+    )
+    config = parse_config(text, environ={})
+    assert upstreams_for(config, "crm__x") == {"crm"}
+    assert upstreams_for(config, "crm__eu__get") == {"crm_eu", "cache"}  # and its fallback's server
+    assert upstreams_for(config, "w") == {"crm_eu", "cache", "crm"}  # through the workflow it calls
+    assert upstreams_for(config, "nobody__x") is None  # no upstream's name: start them all
+    flat = parse_config(text.replace("{command: [x]}\n  other", "{command: [x], prefix: ''}\n  other"), environ={})
+    assert upstreams_for(flat, "crm__x") is None  # an unprefixed upstream could serve any name
+    assert set(for_tool(config, "crm__x").servers) == {"crm"}

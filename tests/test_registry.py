@@ -3,7 +3,15 @@
 import pytest
 
 from gateway.errors import ToolNotFound
-from gateway.registry import MAX_NAME_LENGTH, Listing, Naming, build_registry, exposed_name
+from gateway.registry import (
+    MAX_NAME_LENGTH,
+    Listing,
+    Naming,
+    build_registry,
+    exposed_name,
+    owner_by_prefix,
+    prefix_head,
+)
 from gateway.types import Prompt, Resource, Tool
 
 
@@ -137,3 +145,12 @@ def test_a_collision_without_a_rename_suggests_a_prefix_or_a_rename() -> None:
         "tool 'x' of server 'b' collides: the name 'x' is already taken by tool 'x' of server 'a'; "
         "set a different `prefix:` or `tools.rename` for one of them"
     )
+
+
+def test_a_name_belongs_to_the_provider_with_the_longest_prefix_it_starts_with() -> None:
+    heads = {"crm": prefix_head("crm", "__"), "crm_eu": prefix_head("crm__eu", "__"), "flat": prefix_head("", "__")}
+    assert heads == {"crm": "crm__", "crm_eu": "crm__eu__", "flat": ""}
+    assert owner_by_prefix(heads, "crm__get") == "crm"
+    assert owner_by_prefix(heads, "crm__eu__get") == "crm_eu"
+    assert owner_by_prefix(heads, "get") is None  # only a provider without a prefix could serve it
+    assert prefix_head("my crm", "__") == "my_crm__"  # as the names are made
