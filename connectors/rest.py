@@ -301,7 +301,7 @@ class RestConnector:
                 await self._load()
             if self.config.health is not None:
                 await self._check_health()
-        except (_Refused, SpecError) as exc:
+        except (_Refused, UpstreamError) as exc:  # UpstreamError: a document or health answer over max_result
             self._down(self._scrub(str(exc)))
             return
         except httpx2.HTTPError as exc:
@@ -383,8 +383,8 @@ class RestConnector:
     async def _check_health(self) -> None:
         assert self._base_url is not None
         assert self.config.health is not None
-        url = self._base_url + self.config.health
-        status, reason, *_ = await self._exchange("GET", url, (), self._auth_headers(await self._bearer()))
+        # As a call is sent: the configured headers and every kind of auth (an API key in the query too).
+        status, reason, *_ = await self._authorised(Request("GET", self._base_url + self.config.health))
         if not 200 <= status < 300:
             raise _Refused(f"the health check GET {self.config.health} answered HTTP {status} {reason}")
 
@@ -463,7 +463,9 @@ class RestConnector:
             httpx2.HTTPError: the exchange failed.
         """
         assert self._http is not None, "the connector is not running"
-        request = self._http.build_request(method, url, params=list(query), headers=list(headers), content=body)
+        # Merged into the URL's own query (a health path or document URL may have one): httpx2's `params` replace it.
+        target = httpx2.URL(url).copy_merge_params(list(query))
+        request = self._http.build_request(method, target, headers=list(headers), content=body)
         origin = _origin(request.url)
         for _ in range(MAX_REDIRECTS + 1):
             await self._guard(request.url)

@@ -522,3 +522,21 @@ async def test_metrics_retries_a_circuit_breaker_and_a_fallback_apply_to_a_conne
             metrics = gateway.metrics.render()[0].decode()
     assert 'patchbay_tool_calls_total{outcome="ok",server="backup",tool="backup__text"} 3.0' in metrics
     assert 'patchbay_circuit_open{server="svc"} 1.0' in metrics
+
+
+async def test_a_health_answer_over_max_result_marks_the_connector_down_and_the_gateway_serves_on() -> None:
+    top = "gateway: {max_result: 64KiB}\n"
+    async with service() as (url, _):
+        text = config(url, "    health: /big?bytes=200000\n", top=top)
+        async with gateway_for(text) as gateway:
+            (status,) = [s for s in gateway.status() if s.name == "svc"]
+            assert status.state == "down"
+            assert status.last_error is not None
+            assert "larger than gateway.max_result" in status.last_error
+
+
+async def test_a_health_path_keeps_its_query_beside_an_api_key_in_the_query() -> None:
+    extra = "    health: /secure/up?probe=1\n" + AUTHS["api_key_query"]
+    async with service() as (url, seen), gateway_for(config(url, extra), {"SECRET": API_KEY}) as gateway:
+        assert [s.state for s in gateway.status() if s.name == "svc"] == ["up"]
+        assert seen.requests[0]["query"] == [("probe", "1"), ("key", API_KEY)]
