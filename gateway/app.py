@@ -79,6 +79,7 @@ async def serving(
         async def metrics(request: Request) -> Response:
             if (refused := await refusal(request)) is not None:
                 return refused
+            await gateway.refresh_circuits()
             body, content_type = gateway.metrics.render(request.headers.get("accept"))
             return Response(body, headers={"Content-Type": content_type})
 
@@ -92,7 +93,7 @@ async def serving(
         app: ASGIApp = BodyLimit(SessionOwnership(Starlette(routes=routes)), settings.max_body)
         if settings.rate_limit is not None:
             rate = settings.rate_limit[1]
-            app = GlobalRateLimit(app, rate, bucket_size(rate, settings.burst))
+            app = GlobalRateLimit(app, rate, bucket_size(rate, settings.burst), gateway.backends.limits)
         app = BearerAuth(app, {name: client.token_sha256 for name, client in config.clients.items()})
         async with run():
             yield app

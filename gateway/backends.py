@@ -3,8 +3,8 @@
 Rate-limit buckets and concurrency slots (``shared_state``), circuit-breaker state (``shared_state``
 too) and the store of workflow runs and idempotency keys (``store``) are objects the gateway holds and
 hands to what uses them: the composition root opens them first, in one place, and everything built
-after it is built against their protocols. One process keeps limits in memory; the implementations
-that let replicas share them (Redis) come in behind the same protocols, chosen here.
+after it is built against their protocols. One process keeps limits in memory; replicas share them on
+Redis (``policies.redis_state``), behind the same protocols, chosen here.
 """
 
 from collections.abc import AsyncIterator
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from gateway.config import Config
 from gateway.store import Store, open_store
 from gateway.store.memory import MemoryStore
+from policies.redis_state import RedisState, open_redis_state
 from policies.state import BreakerState, LimitState, MemoryBreakerState, MemoryLimitState
 
 __all__ = ["Backends", "memory_backends", "open_backends"]
@@ -29,6 +30,8 @@ class Backends:
     """Circuit-breaker state, per server."""
     store: Store
     """Workflow runs (their journals and records) and idempotency keys."""
+    shared: RedisState | None = None
+    """The Redis behind ``limits`` and ``breakers``, when they are shared; None: they are in memory."""
 
 
 def memory_backends() -> Backends:
@@ -40,12 +43,20 @@ def memory_backends() -> Backends:
 async def open_backends(config: Config) -> AsyncIterator[Backends]:
     """Open the backends ``config.gateway`` names, and close them on exit (the store commits what it holds).
 
-    Limits and breakers are in memory (the only ``shared_state`` so far); the store is the one
-    ``gateway.store`` names, created and migrated as it opens.
+    Limits and breakers are in memory, or on the Redis ``shared_state`` names (nothing is sent to it
+    here: a Redis that is down at start is handled as ``shared_state_failure`` says, call by call); the
+    store is the one ``gateway.store`` names, created and migrated as it opens.
 
     Raises:
         StoreError: the store cannot be opened, or its schema is newer than this Patchbay knows.
     """
     settings = config.gateway
     async with open_store(settings.store, durability=settings.durability) as store:
-        yield Backends(limits=MemoryLimitState(), breakers=MemoryBreakerState(), store=store)
+        if settings.shared_state == "memory":
+            yield Backends(limits=MemoryLimitState(), breakers=MemoryBreakerState(), store=store)
+            return
+        prefix = f"patchbay:{settings.name}:"
+        async with open_redis_state(
+            settings.shared_state, prefix=prefix, failure=settings.shared_state_failure
+        ) as redis:
+            yield Backends(limits=redis.limits, breakers=redis.breakers, store=store, shared=redis)

@@ -182,13 +182,22 @@ def _check_store(url: str) -> str:
 _ENGINE_TODAY = _works_today(
     "engine", "`local`", lambda engine: engine == DEFAULT_ENGINE, ("temporal://",), "Temporal is planned"
 )
-_SHARED_STATE_TODAY = _works_today(
-    "shared_state",
-    "`memory`",
-    lambda where: where == DEFAULT_SHARED_STATE,
-    ("redis://", "rediss://"),
-    "Redis-shared limits are planned",
-)
+
+
+def _check_shared_state(where: str) -> str:
+    if where == DEFAULT_SHARED_STATE:
+        return where
+    parts = urlsplit(where)
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            _ = parts.port  # raises ValueError on a malformed port
+        except ValueError:
+            raise ValueError(f"{_shown(where)} has a malformed port") from None
+        database = parts.path.strip("/")
+        if parts.hostname and (not database or database.isdigit()) and not any(c.isspace() for c in where):
+            return where
+        raise ValueError(f"{_shown(where)} is not a Redis URL: redis://[USER:PASSWORD@]HOST[:PORT][/DB]")
+    raise ValueError(f"{_shown(where)} is not supported: shared_state must be `memory` or `redis://HOST:PORT/DB`")
 
 
 def _check_server_name(name: str) -> str:
@@ -243,8 +252,12 @@ class GatewaySettings(BaseModel):
     """How long a client's ``io.patchbay/idempotency-key`` is remembered with the call's result (``24h``)."""
     engine: Annotated[str, _ENGINE_TODAY] = DEFAULT_ENGINE
     """Where workflows run: ``local`` (in-process), the only engine so far (Temporal is planned)."""
-    shared_state: Annotated[str, _SHARED_STATE_TODAY] = DEFAULT_SHARED_STATE
-    """Where rate limits and breaker state live: ``memory`` (per process), the only choice so far (Redis is planned)."""
+    shared_state: Annotated[str, AfterValidator(_check_shared_state)] = DEFAULT_SHARED_STATE
+    """Where rate limits, concurrency slots and circuit-breaker state live: ``memory`` (this process's own), or
+    ``redis://HOST:PORT/DB`` (``rediss://`` for TLS), shared by every replica of the gateway with the same ``name``."""
+    shared_state_failure: Literal["allow", "deny"] = "allow"
+    """What calls get while Redis cannot be reached: ``allow`` lets them through unlimited, ``deny`` refuses them
+    (``unavailable``, retry after 1 s); either way each failure is counted and Redis is used again once it is back."""
     max_body: Size = DEFAULT_MAX_BODY
     """The largest HTTP request body accepted (``4MiB``); a larger one gets 413."""
     max_result: Size = DEFAULT_MAX_RESULT
@@ -264,6 +277,15 @@ class GatewaySettings(BaseModel):
     """The secret that signs the ``requestState`` the gateway gives 2026-07-28 clients it asks something mid-call
     (at least 16 characters; ``${ENV}`` keeps it out of the file); unset: a random key made at start, so replicas
     behind one address, or a restart, do not accept each other's states."""
+
+    @model_validator(mode="after")
+    def _failure_needs_redis(self) -> "GatewaySettings":
+        if "shared_state_failure" in self.model_fields_set and self.shared_state == DEFAULT_SHARED_STATE:
+            raise ValueError(
+                "shared_state_failure says what happens while Redis cannot be reached; it needs "
+                "`shared_state: redis://…` (the shared state is in memory)"
+            )
+        return self
 
 
 class ToolFilter(BaseModel):

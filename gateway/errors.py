@@ -13,7 +13,8 @@
      │    ├── Forbidden
      │    ├── RateLimited            carries ``retry_after`` seconds
      │    │    └── ConcurrencyLimited  too many calls in flight: refused at once, not queued
-     │    └── CircuitOpen
+     │    ├── CircuitOpen
+     │    └── SharedStateUnavailable  limits cannot be checked (Redis away, ``shared_state_failure: deny``)
      ├── UpstreamError               the provider failed to answer                       → isError result
      │    ├── UpstreamUnavailable    not connected (starting, crashed, reconnecting)
      │    ├── UpstreamTimeout        no answer within the server's timeout
@@ -175,6 +176,17 @@ class CircuitOpen(PolicyDenied):
     def __init__(self, message: str, *, policy: str = "circuit_breaker", retry_after: float = 1.0) -> None:
         self.retry_after = retry_after
         super().__init__(message, policy=policy)
+
+
+class SharedStateUnavailable(PolicyDenied):
+    """The limits or circuit state shared on Redis cannot be reached and ``shared_state_failure`` is ``deny``:
+    the gateway refuses what it cannot check. Counted as ``unavailable``; ``retry_after`` is set."""
+
+    outcome = "unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, policy="shared_state")
 
 
 class UpstreamError(GatewayError):

@@ -30,7 +30,7 @@ from gateway.backends import Backends, memory_backends, open_backends
 from gateway.chain import build_chain
 from gateway.config import DEFAULT_MAX_RESULT, Config, ConnectorConfig, UpstreamConfig
 from gateway.dispatch import Audit, CallPath, Dispatcher
-from gateway.errors import ConfigError, ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.metrics import Metrics
 from gateway.registry import Naming, Registry, build_registry, owner_by_prefix, prefix_head
 from gateway.requeststate import StateSigner
@@ -152,6 +152,10 @@ class Gateway:
             own_idempotency=frozenset({WORKFLOW_PROVIDER}),
         )
         self.access = chain.access
+        self.breakers = chain.breakers
+        """The circuit breakers, whose states :meth:`refresh_circuits` reports."""
+        if self.backends.shared is not None:
+            self.backends.shared.on_failure = self.metrics.shared_state_failure
         """Which tools each caller may see (``tools/list``)."""
 
         # 5. The dispatcher; from now on, calls made from inside calls reach it.
@@ -225,6 +229,17 @@ class Gateway:
             raise ConfigError(self.problems, source=self.config.source)
         await tg.start(partial(self.runs.run, resume=resume))
         self._started = True
+
+    async def refresh_circuits(self) -> None:
+        """Set ``patchbay_circuit_open`` from the circuits' states as they are now, wherever they changed: on
+        another replica sharing them, or open → half-open by time alone. A state that cannot be read (Redis
+        away under ``shared_state_failure: deny``) keeps its last value."""
+        for server in self.breakers.servers:
+            try:
+                state = await self.breakers.state(server)
+            except GatewayError:
+                continue
+            self.metrics.circuit_open(server, state == "open")
 
     async def close(self) -> None:
         """Close every provider (each returns at once; bounded by :data:`CLOSE_TIMEOUT` all the same)."""

@@ -22,6 +22,7 @@ name                                           labels                        typ
 ``patchbay_workflow_runs_in_flight``           workflow                      gauge
 ``patchbay_workflow_step_duration_seconds``    workflow, step                histogram
 ``patchbay_audit_dropped_total``               (none)                        counter
+``patchbay_shared_state_failures_total``       operation                     counter
 =============================================  ============================  =========
 
 Label values stay bounded, because every distinct value is a time series kept
@@ -136,6 +137,12 @@ class Metrics:
         )
         self._audit_dropped = Counter("patchbay_audit_dropped", "Audit records dropped (sink behind).", registry=r)
         self._audit_dropped_seen = 0
+        self._shared_state_failures = Counter(
+            "patchbay_shared_state_failures",
+            "Operations on the shared state (Redis) that could not reach it.",
+            ("operation",),
+            registry=r,
+        )
         # Caches of labelled children, keyed by the label values the caller passed (known tools only).
         self._finished: dict[tuple[str, str, str], tuple[Counter, Histogram, Gauge]] = {}
         self._started: dict[str, Gauge] = {}
@@ -232,6 +239,10 @@ class Metrics:
     def circuit_open(self, server: str, open: bool) -> None:
         """Whether ``server``'s circuit breaker is open."""
         self._circuit.labels(server).set(1 if open else 0)
+
+    def shared_state_failure(self, operation: str) -> None:
+        """An ``operation`` on the shared state (``take``, ``acquire``, ``admit``…) could not reach Redis."""
+        self._shared_state_failures.labels(operation).inc()
 
     # -- workflows --------------------------------------------------------------------------------
 

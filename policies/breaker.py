@@ -46,6 +46,11 @@ class BreakerPolicy:
         self._state = state
         self._on_change = on_change
 
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The servers with a circuit."""
+        return tuple(self._configs)
+
     async def state(self, server: str) -> str:
         """The circuit state of ``server`` (``closed`` for a server without a breaker)."""
         config = self._configs.get(server)

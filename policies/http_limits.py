@@ -5,14 +5,18 @@ policy chain's per-client and per-tool limits: it protects the gateway itself, w
 """
 
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import SharedStateUnavailable
 from policies.auth import error_response, under
+from policies.state import LimitState, MemoryLimitState
 
-__all__ = ["BodyLimit", "GlobalRateLimit"]
+__all__ = ["GLOBAL_BUCKET", "BodyLimit", "GlobalRateLimit"]
+
+GLOBAL_BUCKET = "http:global"
+"""The key of the gateway-wide request bucket in the limit state."""
 
 
 def _declared_length(scope: Scope) -> int:
@@ -95,8 +99,10 @@ class BodyLimit:
 class GlobalRateLimit:
     """One token bucket for every request to ``paths``: 429 with ``Retry-After`` when it is empty.
 
-    ``rate`` requests per second refill a bucket of ``burst``. No lock is
-    needed: the bucket is read and updated without an ``await`` in between.
+    ``rate`` requests per second refill a bucket of ``burst``, kept in ``state`` under
+    :data:`GLOBAL_BUCKET`: in this process's memory, or on Redis, where every replica of the gateway
+    takes from the same bucket. While a shared state cannot be reached under ``shared_state_failure:
+    deny``, requests get 503 with ``Retry-After``.
 
     Raises:
         ValueError: ``rate`` is not positive or ``burst`` is below 1.
@@ -107,28 +113,30 @@ class GlobalRateLimit:
         app: ASGIApp,
         rate: float,
         burst: float,
+        state: LimitState | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
         paths: Sequence[str] = ("/mcp",),
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
-        self.app, self.rate, self.burst, self.clock, self.paths = app, rate, burst, clock, tuple(paths)
-        self._tokens = burst
-        self._last = clock()
+        self.app, self.rate, self.burst, self.paths = app, rate, burst, tuple(paths)
+        self.state = state if state is not None else MemoryLimitState()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not under(scope["path"], self.paths):
             await self.app(scope, receive, send)
             return
-        now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        try:
+            wait = await self.state.take(GLOBAL_BUCKET, self.rate, self.burst)
+        except SharedStateUnavailable as exc:
+            retry_after = max(1, math.ceil(exc.retry_after or 1))
+            headers = {"Retry-After": str(retry_after)}
+            await error_response(503, "unavailable", str(exc), headers, retry_after=retry_after)(scope, receive, send)
+            return
+        if wait <= 0:
             await self.app(scope, receive, send)
             return
-        retry_after = max(1, math.ceil((1 - self._tokens) / self.rate))
+        retry_after = max(1, math.ceil(wait))
         description = f"The gateway is over its request limit; retry after {retry_after} s."
         headers = {"Retry-After": str(retry_after)}
         await error_response(429, "rate_limited", description, headers, retry_after=retry_after)(scope, receive, send)

@@ -147,6 +147,8 @@ class Admission:
     entered: str | None = None
     """The state this admission moved the circuit into (``half_open``: open → half-open is due to time
     alone and is noticed by the next call), else None."""
+    token: str = ""
+    """The backend's name for a probe's slot (a shared backend leases it), or ""."""
 
 
 @dataclass(frozen=True, slots=True)

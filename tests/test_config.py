@@ -329,9 +329,11 @@ def test_recursive_alias_is_a_problem_not_a_crash() -> None:
 
 
 NOT_YET = {
-    "Redis shared state": ("shared_state", "redis://:pw@cache:6379/0", ["`redis://…`", "`memory`", "planned"]),
-    "TLS Redis shared state": ("shared_state", "rediss://cache:6380", ["`rediss://…`", "`memory`", "planned"]),
-    "misspelt shared state": ("shared_state", "memroy", ["'memroy'", "`memory`"]),
+    "Redis without a host": ("shared_state", "redis://:pw@:6379/0", ["`redis://…`", "not a Redis URL", "HOST"]),
+    "Redis database by name": ("shared_state", "redis://:pw@cache/zero", ["`redis://…`", "/DB"]),
+    "Redis port not a number": ("shared_state", "redis://:pw@cache:port", ["`redis://…`", "malformed port"]),
+    "misspelt shared state": ("shared_state", "memroy", ["'memroy'", "`memory`", "redis://"]),
+    "Memcached shared state": ("shared_state", "memcached://:pw@cache", ["`memcached://…`", "`memory`"]),
     "Temporal engine": ("engine", "temporal://127.0.0.1:7233", ["`temporal://…`", "`local`", "planned"]),
     "unknown engine": ("engine", "celery", ["'celery'", "`local`"]),
     "MySQL store": ("store", "mysql://u:pw@db/patchbay", ["`mysql://…`", "sqlite:///", "postgresql://", "memory"]),
@@ -368,6 +370,39 @@ def test_every_store_and_the_working_engine_and_shared_state_are_accepted(store:
     settings = parse(f"gateway: {{store: '{store}', engine: local, shared_state: memory}}").gateway
 
     assert (settings.store, settings.engine, settings.shared_state) == (store, "local", "memory")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "redis://:secret@cache", "rediss://user:pw@cache.internal:6380/2"]
+)
+@pytest.mark.parametrize("failure", ["allow", "deny"])
+def test_redis_shared_state_is_accepted_with_either_failure_setting(url: str, failure: str) -> None:
+    settings = parse(f"gateway: {{shared_state: '{url}', shared_state_failure: {failure}}}").gateway
+
+    assert (settings.shared_state, settings.shared_state_failure) == (url, failure)
+
+
+def test_shared_state_failure_lets_calls_through_by_default() -> None:
+    assert parse("gateway: {shared_state: 'redis://cache'}").gateway.shared_state_failure == "allow"
+
+
+def test_shared_state_failure_without_redis_is_an_error_as_it_would_do_nothing() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("gateway:\n  shared_state_failure: deny\n")
+
+    (problem,) = caught.value.problems
+    assert problem.path == "gateway"
+    assert "needs `shared_state: redis://…`" in problem.message
+
+
+def test_a_shared_state_failure_setting_outside_allow_and_deny_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("gateway:\n  shared_state: 'redis://cache'\n  shared_state_failure: open\n")
+
+    (problem,) = caught.value.problems
+    assert (problem.path, problem.line) == ("gateway.shared_state_failure", 3)
+    assert "'allow'" in problem.message
+    assert "'deny'" in problem.message
 
 
 def test_the_store_settings_default_to_memory_without_a_config_file() -> None:

@@ -336,12 +336,12 @@ async def test_workflow_steps_call_through_the_dispatcher_and_runs_are_journaled
         assert (run.workflow, run.status) == ("w", "succeeded")
 
 
-async def test_a_store_the_gateway_cannot_use_is_a_config_error() -> None:
+async def test_an_engine_the_gateway_cannot_use_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
-        async with gateway_with(config_of("gateway:\n  shared_state: redis://secret@cache:6379\n")):
+        async with gateway_with(config_of("gateway:\n  engine: temporal://secret@cache:7233\n")):
             pytest.fail("the gateway started")
     [problem] = caught.value.problems
-    assert problem.path == "gateway.shared_state"
+    assert problem.path == "gateway.engine"
     assert "secret" not in str(problem)
 
 

@@ -217,6 +217,7 @@ def test_only_the_contract_names_are_exposed_and_no_created_series(metrics: Metr
         "patchbay_workflow_runs_in_flight": "gauge",
         "patchbay_workflow_step_duration_seconds": "histogram",
         "patchbay_audit_dropped": "counter",
+        "patchbay_shared_state_failures": "counter",
     }
     assert b"_created" not in body
     for name, _ in scrape(metrics):

@@ -24,7 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.types import Principal
 from policies.auth import PRINCIPAL_KEY, BearerAuth, check_bind, new_token, principal_of, token_hash
 from policies.http_limits import BodyLimit, GlobalRateLimit
+from policies.state import MemoryLimitState
 from tests.policies.fakes import FakeClock
+from tests.redis_support import redis_states
+from tests.support import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -359,7 +362,7 @@ async def test_body_over_limit_after_response_started_aborts_the_connection() ->
 
 async def test_requests_over_the_burst_get_429_with_retry_after_then_recover() -> None:
     clock = FakeClock()
-    async with serve(GlobalRateLimit(INNER, rate=0.5, burst=2, clock=clock)) as http:
+    async with serve(GlobalRateLimit(INNER, rate=0.5, burst=2, state=MemoryLimitState(clock))) as http:
         allowed = [await http.post("/mcp", content=b"{}") for _ in range(2)]
         refused = await http.post("/mcp", content=b"{}")
         health = await http.get("/healthz")  # not a limited path
@@ -378,12 +381,35 @@ async def test_requests_over_the_burst_get_429_with_retry_after_then_recover() -
 
 @pytest.mark.parametrize(("rate", "expected"), [(10.0, "1"), (0.4, "3"), (0.01, "100")])
 async def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(rate: float, expected: str) -> None:
-    app = GlobalRateLimit(INNER, rate=rate, burst=1, clock=FakeClock())
+    app = GlobalRateLimit(INNER, rate=rate, burst=1, state=MemoryLimitState(FakeClock()))
     assert status_of(await call_asgi(app, http_scope(method="GET"))) == 200
     refused = await call_asgi(app, http_scope(method="GET"))
     start = next(m for m in refused if m["type"] == "http.response.start")
     assert start["status"] == 429
     assert (b"retry-after", expected.encode()) in start["headers"]
+
+
+async def test_replicas_on_one_redis_share_the_gateway_wide_bucket() -> None:
+    async with redis_states() as states:
+        clock = FakeClock()
+        replicas = [GlobalRateLimit(INNER, rate=1.0, burst=3, state=states.new(clock).limits) for _ in range(2)]
+        statuses = [status_of(await call_asgi(replicas[i % 2], http_scope(method="GET"))) for i in range(6)]
+        clock.now += 1.0
+        after_a_second = [status_of(await call_asgi(replica, http_scope(method="GET"))) for replica in replicas]
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert after_a_second == [200, 429]
+
+
+async def test_without_redis_under_deny_requests_get_503_with_retry_after() -> None:
+    async with redis_states(f"redis://127.0.0.1:{free_port()}/0", require=False) as states:  # nothing listens
+        app = GlobalRateLimit(INNER, rate=1.0, burst=3, state=states.new(failure="deny").limits)
+        refused = await call_asgi(app, http_scope(method="GET"))
+    start = next(m for m in refused if m["type"] == "http.response.start")
+    assert start["status"] == 503
+    assert (b"retry-after", b"1") in start["headers"]
+    body = json.loads(b"".join(m.get("body", b"") for m in refused if m["type"] == "http.response.body"))
+    assert body["error"] == "unavailable"
+    assert "shared_state_failure: deny" in body["error_description"]
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0.5)])

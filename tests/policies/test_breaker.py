@@ -1,6 +1,7 @@
-"""The circuit breaker: a fake clock and a scripted upstream, no time passing."""
+"""The circuit breaker, its state in memory and on Redis: a fake clock and a scripted upstream, no time passing."""
 
 import inspect
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
@@ -12,6 +13,7 @@ from gateway.types import CallContext, Principal, ToolCall, ToolResult
 from policies.breaker import BreakerPolicy
 from policies.state import Admission, BreakerState, MemoryBreakerState
 from tests.policies.fakes import OK, FakeClock, Upstream, down
+from tests.redis_support import redis_states
 
 pytestmark = pytest.mark.anyio
 
@@ -45,31 +47,47 @@ async def fail(policy: BreakerPolicy, times: int, server: str = "crm") -> None:
             await policy(call_to(server), Upstream([down()]))
 
 
-def make(clock: FakeClock, changes: list[tuple[str, str]] | None = None, **settings: object) -> BreakerPolicy:
-    on_change = None if changes is None else (lambda server, state: changes.append((server, state)))
-    config = CircuitBreakerConfig(**settings)  # type: ignore[arg-type]
-    return BreakerPolicy({"crm": config}, MemoryBreakerState(clock), on_change=on_change)
+class Backend:
+    """Makes breaker states of one backend; two made by one ``Backend`` are replicas sharing their circuits."""
+
+    def __init__(self, new: Callable[[FakeClock], BreakerState]) -> None:
+        self.new = new
+
+    def make(self, clock: FakeClock, changes: list[tuple[str, str]] | None = None, **settings: object) -> BreakerPolicy:
+        on_change = None if changes is None else (lambda server, state: changes.append((server, state)))
+        config = CircuitBreakerConfig(**settings)  # type: ignore[arg-type]
+        return BreakerPolicy({"crm": config}, self.new(clock), on_change=on_change)
 
 
-async def test_circuit_opens_after_the_configured_number_of_consecutive_failures() -> None:
-    policy = make(FakeClock(), failures=3)
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        memory: dict[int, MemoryBreakerState] = {}  # one state per clock: what replicas share
+        yield Backend(lambda clock: memory.setdefault(id(clock), MemoryBreakerState(clock)))
+        return
+    async with redis_states() as states:
+        yield Backend(lambda clock: states.new(clock).breakers)
+
+
+async def test_circuit_opens_after_the_configured_number_of_consecutive_failures(backend: Backend) -> None:
+    policy = backend.make(FakeClock(), failures=3)
     await fail(policy, 2)
     assert await policy.state("crm") == "closed"
     await fail(policy, 1)
     assert await policy.state("crm") == "open"
 
 
-async def test_a_success_resets_the_consecutive_failure_count() -> None:
-    policy = make(FakeClock(), failures=3)
+async def test_a_success_resets_the_consecutive_failure_count(backend: Backend) -> None:
+    policy = backend.make(FakeClock(), failures=3)
     await fail(policy, 2)
     await policy(call_to(), Upstream())
     await fail(policy, 2)
     assert await policy.state("crm") == "closed"
 
 
-async def test_open_circuit_rejects_without_calling_upstream() -> None:
+async def test_open_circuit_rejects_without_calling_upstream(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=1, reset_after=30)
+    policy = backend.make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 10
     upstream = Upstream()
@@ -83,31 +101,31 @@ async def test_open_circuit_rejects_without_calling_upstream() -> None:
     assert caught.value.retry_after == pytest.approx(20)
 
 
-async def test_timeouts_count_as_failures_too() -> None:
-    policy = make(FakeClock(), failures=2)
+async def test_timeouts_count_as_failures_too(backend: Backend) -> None:
+    policy = backend.make(FakeClock(), failures=2)
     for _ in range(2):
         with pytest.raises(UpstreamTimeout):
             await policy(call_to(), Upstream([UpstreamTimeout("no answer in 20 s", server="crm")]))
     assert await policy.state("crm") == "open"
 
 
-async def test_tool_error_results_are_answers_and_never_open_the_circuit() -> None:
-    policy = make(FakeClock(), failures=2)
+async def test_tool_error_results_are_answers_and_never_open_the_circuit(backend: Backend) -> None:
+    policy = backend.make(FakeClock(), failures=2)
     upstream = Upstream([TOOL_ERROR] * 5)
     for _ in range(5):
         assert await policy(call_to(), upstream) is TOOL_ERROR
     assert await policy.state("crm") == "closed"
 
 
-async def test_errors_that_say_nothing_about_the_server_are_not_counted() -> None:
-    policy = make(FakeClock(), failures=1)
+async def test_errors_that_say_nothing_about_the_server_are_not_counted(backend: Backend) -> None:
+    policy = backend.make(FakeClock(), failures=1)
     with pytest.raises(Forbidden):
         await policy(call_to(), Upstream([Forbidden("no")]))
     assert await policy.state("crm") == "closed"
 
 
-async def test_servers_without_settings_pass_straight_through() -> None:
-    policy = make(FakeClock(), failures=1)
+async def test_servers_without_settings_pass_straight_through(backend: Backend) -> None:
+    policy = backend.make(FakeClock(), failures=1)
     upstream = Upstream([down(), down(), OK])
     for _ in range(2):
         with pytest.raises(UpstreamUnavailable):
@@ -117,8 +135,8 @@ async def test_servers_without_settings_pass_straight_through() -> None:
     assert await policy.state("crm") == "closed"
 
 
-async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_calls_ended() -> None:
-    policy = make(FakeClock(), failures=None, failure_rate=0.5, window=60, min_calls=4)
+async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_calls_ended(backend: Backend) -> None:
+    policy = backend.make(FakeClock(), failures=None, failure_rate=0.5, window=60, min_calls=4)
     upstream = Upstream([down(), OK, down()])
     for _ in range(3):
         try:
@@ -130,9 +148,9 @@ async def test_failure_rate_over_the_threshold_opens_the_circuit_once_enough_cal
     assert await policy.state("crm") == "open"
 
 
-async def test_failure_rate_forgets_calls_older_than_the_window() -> None:
+async def test_failure_rate_forgets_calls_older_than_the_window(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=None, failure_rate=0.5, window=60, min_calls=4)
+    policy = backend.make(clock, failures=None, failure_rate=0.5, window=60, min_calls=4)
     await fail(policy, 3)
     clock.now += 61
     upstream = Upstream()
@@ -154,9 +172,9 @@ async def test_failure_rate_window_keeps_bounded_memory() -> None:
     assert 0 < state.held <= 20
 
 
-async def test_open_circuit_turns_half_open_after_reset_after() -> None:
+async def test_open_circuit_turns_half_open_after_reset_after(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=1, reset_after=30)
+    policy = backend.make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 29.9
     assert await policy.state("crm") == "open"
@@ -164,9 +182,9 @@ async def test_open_circuit_turns_half_open_after_reset_after() -> None:
     assert await policy.state("crm") == "half_open"
 
 
-async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters() -> None:
+async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=2, reset_after=30)
+    policy = backend.make(clock, failures=2, reset_after=30)
     await fail(policy, 2)
     clock.now += 30
     assert await policy(call_to(), Upstream()) is OK
@@ -175,18 +193,18 @@ async def test_a_successful_probe_closes_the_circuit_and_resets_the_counters() -
     assert await policy.state("crm") == "closed"
 
 
-async def test_a_tool_error_result_from_a_probe_closes_the_circuit() -> None:
+async def test_a_tool_error_result_from_a_probe_closes_the_circuit(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=1, reset_after=30)
+    policy = backend.make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 30
     assert await policy(call_to(), Upstream([TOOL_ERROR])) is TOOL_ERROR
     assert await policy.state("crm") == "closed"
 
 
-async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after() -> None:
+async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=1, reset_after=30)
+    policy = backend.make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 30
     await fail(policy, 1)
@@ -199,9 +217,9 @@ async def test_a_failed_probe_reopens_the_circuit_for_another_reset_after() -> N
     assert await policy.state("crm") == "half_open"
 
 
-async def test_half_open_admits_at_most_the_configured_number_of_concurrent_probes() -> None:
+async def test_half_open_admits_at_most_the_configured_number_of_concurrent_probes(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=1, reset_after=30, half_open_probes=2)
+    policy = backend.make(clock, failures=1, reset_after=30, half_open_probes=2)
     await fail(policy, 1)
     clock.now += 30
     upstream = Blocking(expected=2)
@@ -218,9 +236,9 @@ async def test_half_open_admits_at_most_the_configured_number_of_concurrent_prob
     assert await policy.state("crm") == "closed"
 
 
-async def test_a_cancelled_probe_frees_its_slot_without_deciding() -> None:
+async def test_a_cancelled_probe_frees_its_slot_without_deciding(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=1, reset_after=30)
+    policy = backend.make(clock, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 30
     upstream = Blocking()
@@ -234,9 +252,9 @@ async def test_a_cancelled_probe_frees_its_slot_without_deciding() -> None:
     assert await policy.state("crm") == "closed"
 
 
-async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later() -> None:
+async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later(backend: Backend) -> None:
     clock = FakeClock()
-    policy = make(clock, failures=1, reset_after=30)
+    policy = backend.make(clock, failures=1, reset_after=30)
     slow = Blocking()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -247,10 +265,10 @@ async def test_a_call_admitted_before_the_circuit_opened_cannot_close_it_later()
     assert await policy.state("crm") == "open"
 
 
-async def test_every_transition_is_reported_with_the_server_name() -> None:
+async def test_every_transition_is_reported_with_the_server_name(backend: Backend) -> None:
     clock = FakeClock()
     changes: list[tuple[str, str]] = []
-    policy = make(clock, changes, failures=1, reset_after=30)
+    policy = backend.make(clock, changes, failures=1, reset_after=30)
     await fail(policy, 1)
     clock.now += 30
     await fail(policy, 1)
@@ -265,18 +283,18 @@ def test_settings_that_can_never_work_are_refused() -> None:
             CircuitBreakerConfig(**bad)  # type: ignore[arg-type]
 
 
-def test_memory_breaker_state_implements_the_protocol() -> None:
+async def test_each_breaker_state_implements_the_protocol(backend: Backend) -> None:
     for method in ("admit", "succeeded", "failed", "abandoned", "state"):
-        ours, protocol = getattr(MemoryBreakerState(), method), getattr(BreakerState, method)
+        ours, protocol = getattr(backend.new(FakeClock()), method), getattr(BreakerState, method)
         assert inspect.iscoroutinefunction(ours)
         assert list(inspect.signature(ours).parameters) == list(inspect.signature(protocol).parameters)[1:]
 
 
-async def test_circuits_in_one_shared_state_are_separate_per_server_and_seen_by_every_policy() -> None:
-    state = MemoryBreakerState(FakeClock())
+async def test_circuits_in_one_shared_state_are_separate_per_server_and_seen_by_every_policy(backend: Backend) -> None:
+    clock = FakeClock()
     config = CircuitBreakerConfig(failures=1)
-    first = BreakerPolicy({"crm": config, "files": config}, state)
-    second = BreakerPolicy({"crm": config, "files": config}, state)  # another replica, say
+    first = BreakerPolicy({"crm": config, "files": config}, backend.new(clock))
+    second = BreakerPolicy({"crm": config, "files": config}, backend.new(clock))  # another replica
     await fail(first, 1)
     assert (await second.state("crm"), await second.state("files")) == ("open", "closed")
     with pytest.raises(CircuitOpen):

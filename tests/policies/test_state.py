@@ -1,11 +1,13 @@
-"""MemoryLimitState: token-bucket math on a fake clock, exact counters, bounded memory."""
+"""LimitState, in memory and on Redis: token-bucket math on a fake clock, exact counters; bounded memory."""
 
 import inspect
+from collections.abc import AsyncIterator
 
 import pytest
 
 from policies.state import LimitState, MemoryLimitState
 from tests.policies.fakes import FakeClock
+from tests.redis_support import redis_states
 
 pytestmark = pytest.mark.anyio
 
@@ -16,29 +18,39 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def state(clock: FakeClock) -> MemoryLimitState:
+def memory(clock: FakeClock) -> MemoryLimitState:
     return MemoryLimitState(clock)
 
 
-def test_memory_state_implements_the_protocol(state: MemoryLimitState) -> None:
+@pytest.fixture(params=["memory", "redis"])
+async def state(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[LimitState]:
+    """Each backend, on the same fake clock (Redis's scripts are given its time instead of their own)."""
+    if request.param == "memory":
+        yield MemoryLimitState(clock)
+        return
+    async with redis_states() as states:
+        yield states.new(clock).limits
+
+
+async def test_each_state_implements_the_protocol(state: LimitState) -> None:
     for method in ("take", "acquire", "release"):
         ours, protocol = getattr(state, method), getattr(LimitState, method)
         assert inspect.iscoroutinefunction(ours)
         assert list(inspect.signature(ours).parameters) == list(inspect.signature(protocol).parameters)[1:]
 
 
-async def test_a_new_bucket_starts_full_and_gives_burst_tokens_at_once(state: MemoryLimitState) -> None:
+async def test_a_new_bucket_starts_full_and_gives_burst_tokens_at_once(state: LimitState) -> None:
     results = [await state.take("k", rate=1.0, burst=5) for _ in range(6)]
     assert results[:5] == [0.0] * 5
     assert results[5] == pytest.approx(1.0)
 
 
-async def test_an_empty_bucket_says_how_long_until_the_next_token(state: MemoryLimitState) -> None:
+async def test_an_empty_bucket_says_how_long_until_the_next_token(state: LimitState) -> None:
     assert await state.take("k", rate=4.0, burst=1) == 0.0
     assert await state.take("k", rate=4.0, burst=1) == pytest.approx(0.25)
 
 
-async def test_a_refused_take_takes_nothing(state: MemoryLimitState, clock: FakeClock) -> None:
+async def test_a_refused_take_takes_nothing(state: LimitState, clock: FakeClock) -> None:
     await state.take("k", rate=1.0, burst=1)
     for _ in range(10):
         assert await state.take("k", rate=1.0, burst=1) > 0
@@ -46,7 +58,7 @@ async def test_a_refused_take_takes_nothing(state: MemoryLimitState, clock: Fake
     assert await state.take("k", rate=1.0, burst=1) == 0.0
 
 
-async def test_the_bucket_refills_at_the_rate(state: MemoryLimitState, clock: FakeClock) -> None:
+async def test_the_bucket_refills_at_the_rate(state: LimitState, clock: FakeClock) -> None:
     for _ in range(3):
         await state.take("k", rate=2.0, burst=3)
     clock.advance(0.5)  # one token back
@@ -56,14 +68,14 @@ async def test_the_bucket_refills_at_the_rate(state: MemoryLimitState, clock: Fa
     assert await state.take("k", rate=2.0, burst=3) == pytest.approx(0.2)
 
 
-async def test_the_bucket_never_holds_more_than_burst(state: MemoryLimitState, clock: FakeClock) -> None:
+async def test_the_bucket_never_holds_more_than_burst(state: LimitState, clock: FakeClock) -> None:
     clock.advance(3600)
     results = [await state.take("k", rate=10.0, burst=2) for _ in range(3)]
     assert results[:2] == [0.0, 0.0]
     assert results[2] > 0
 
 
-async def test_retrying_after_the_stated_wait_succeeds(state: MemoryLimitState, clock: FakeClock) -> None:
+async def test_retrying_after_the_stated_wait_succeeds(state: LimitState, clock: FakeClock) -> None:
     # A third of a second does not add up exactly in floats: the retry must still be let through.
     await state.take("k", rate=3.0, burst=1)
     wait = await state.take("k", rate=3.0, burst=1)
@@ -71,53 +83,53 @@ async def test_retrying_after_the_stated_wait_succeeds(state: MemoryLimitState, 
     assert await state.take("k", rate=3.0, burst=1) == 0.0
 
 
-async def test_buckets_under_different_keys_are_separate(state: MemoryLimitState) -> None:
+async def test_buckets_under_different_keys_are_separate(state: LimitState) -> None:
     assert await state.take("a", rate=1.0, burst=1) == 0.0
     assert await state.take("b", rate=1.0, burst=1) == 0.0
     assert await state.take("a", rate=1.0, burst=1) > 0
 
 
-async def test_buckets_that_are_full_again_are_forgotten(state: MemoryLimitState, clock: FakeClock) -> None:
+async def test_buckets_that_are_full_again_are_forgotten(memory: MemoryLimitState, clock: FakeClock) -> None:
     # Keys come and go (clients, tools): memory follows the keys in use, not every key ever seen.
     for batch in range(10):
         for index in range(5000):
-            await state.take(f"{batch}-{index}", rate=1.0, burst=1)
+            await memory.take(f"{batch}-{index}", rate=1.0, burst=1)
         clock.advance(2.0)
-    assert state.held < 20_000
+    assert memory.held < 20_000
 
 
 async def test_forgetting_full_buckets_keeps_the_ones_still_refilling(
-    state: MemoryLimitState, clock: FakeClock
+    memory: MemoryLimitState, clock: FakeClock
 ) -> None:
-    await state.take("slow", rate=0.001, burst=1)
+    await memory.take("slow", rate=0.001, burst=1)
     for batch in range(3):
         for index in range(5000):
-            await state.take(f"{batch}-{index}", rate=1.0, burst=1)
+            await memory.take(f"{batch}-{index}", rate=1.0, burst=1)
         clock.advance(2.0)
-    assert state.held < 15_001  # some were forgotten
-    assert await state.take("slow", rate=0.001, burst=1) > 0
+    assert memory.held < 15_001  # some were forgotten
+    assert await memory.take("slow", rate=0.001, burst=1) > 0
 
 
-async def test_acquire_counts_up_to_the_limit(state: MemoryLimitState) -> None:
+async def test_acquire_counts_up_to_the_limit(state: LimitState) -> None:
     assert [await state.acquire("k", 2) for _ in range(3)] == [True, True, False]
 
 
-async def test_release_frees_a_slot(state: MemoryLimitState) -> None:
+async def test_release_frees_a_slot(state: LimitState) -> None:
     await state.acquire("k", 1)
     assert not await state.acquire("k", 1)
     await state.release("k")
     assert await state.acquire("k", 1)
 
 
-async def test_counters_under_different_keys_are_separate(state: MemoryLimitState) -> None:
+async def test_counters_under_different_keys_are_separate(state: LimitState) -> None:
     assert await state.acquire("a", 1)
     assert await state.acquire("b", 1)
 
 
-async def test_a_counter_back_at_zero_is_removed(state: MemoryLimitState) -> None:
-    await state.acquire("k", 3)
-    await state.acquire("k", 3)
-    await state.release("k")
-    assert state.held == 1
-    await state.release("k")
-    assert state.held == 0
+async def test_a_counter_back_at_zero_is_removed(memory: MemoryLimitState) -> None:
+    await memory.acquire("k", 3)
+    await memory.acquire("k", 3)
+    await memory.release("k")
+    assert memory.held == 1
+    await memory.release("k")
+    assert memory.held == 0

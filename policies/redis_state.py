@@ -1,0 +1,562 @@
+"""Limits and circuit breakers shared by replicas on Redis (``gateway.shared_state: redis://…``, DESIGN §6).
+
+The same ``LimitState`` and ``BreakerState`` as :mod:`policies.state`, each operation one Lua script,
+so every check-and-update is atomic across replicas:
+
+* **token buckets** in the same GCRA form as in memory: one key per bucket holding the time it is full
+  again, expiring when it is (memory stays bounded without pruning);
+* **concurrency slots** as a sorted set per key: each slot is a member whose score is its lease's end.
+  ``acquire`` first drops expired leases, then counts. The replica holding slots renews their leases
+  (every third of ``lease``); a replica that dies holding slots loses them within ``lease``;
+* **circuits** as a hash (state, generation, consecutive failures, when and why it opened), a
+  failure-rate window of 20 counters, and the half-open probes as a leased sorted set like the slots,
+  so a probe held by a dead replica cannot keep the circuit half-open for ever.
+
+Time is Redis's own (``TIME`` inside the script): replicas' clocks never meet. Tests may pass a
+``clock`` whose value goes to the scripts instead.
+
+When Redis cannot be reached, ``failure`` decides: ``allow`` lets the call through unlimited (Envoy's
+choice: the limits protect, they must not become the outage), ``deny`` refuses it with
+``SharedStateUnavailable``. Every failure is counted (``on_failure(operation)``). After a failure the
+state does not try Redis again for ``retry_interval`` seconds (a dead Redis costs each call nothing,
+a black-holed one no timeout), then tries again: recovery needs no restart.
+
+Operations that change what a caller holds (``acquire``, ``release``, the breaker's verdicts, a probe's
+release) are shielded from cancellation, as ``policies.state`` asks. A cancelled read cannot leave its
+reply for another caller: ``redis.asyncio`` drops a connection whose command was interrupted.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal, TypeVar
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.config import CircuitBreakerConfig
+from gateway.errors import SharedStateUnavailable
+from policies.state import CLOSED, HALF_OPEN, OPEN, Admission, Refusal
+
+__all__ = ["DEFAULT_LEASE", "RedisBreakerState", "RedisLimitState", "RedisState", "open_redis_state"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE = 10.0
+"""Seconds a concurrency slot or a probe slot is held without its holder renewing it."""
+RETRY_INTERVAL = 0.5
+"""Seconds after a failure during which Redis is not tried again."""
+TIMEOUT = 1.0
+"""Seconds a connection attempt or one command may take before Redis counts as unreachable."""
+
+Failure = Literal["allow", "deny"]
+T = TypeVar("T")
+
+_NOW = """
+local function now_us()
+  local given = tonumber(ARGV[1])
+  if given >= 0 then return given end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+"""
+
+_TAKE = (
+    _NOW
+    + """
+local now = now_us()
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local full_at = tonumber(redis.call('GET', KEYS[1]) or '0')
+if full_at < now then full_at = now end
+local wait = (full_at - now) - (burst - 1) * interval
+if wait > 1 then return math.ceil(wait) end
+full_at = full_at + interval
+redis.call('SET', KEYS[1], string.format('%.17g', full_at), 'PX', math.max(1, math.ceil((full_at - now) / 1000)))
+return 0
+"""
+)
+"""One token from bucket KEYS[1]: 0, or the µs until one can be taken (then nothing is taken).
+ARGV: now (µs, or -1 for Redis's clock), µs per token, burst. A take 1 µs early succeeds (``SLACK``)."""
+
+_ACQUIRE = (
+    _NOW
+    + """
+local now = now_us()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) / 1000) * 2)
+return 1
+"""
+)
+"""A slot under KEYS[1] for member ARGV[3], leased for ARGV[4] µs, unless ARGV[2] live leases are held: 1 or 0."""
+
+_RENEW = (
+    _NOW
+    + """
+local now = now_us()
+local lease = tonumber(ARGV[2])
+local i = 3
+local lost = {}
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  for j = 1, n do
+    if redis.call('ZSCORE', KEYS[k], ARGV[i]) then
+      redis.call('ZADD', KEYS[k], now + lease, ARGV[i])
+    else
+      table.insert(lost, ARGV[i])
+    end
+    i = i + 1
+  end
+  redis.call('PEXPIRE', KEYS[k], math.ceil(lease / 1000) * 2)
+end
+return lost
+"""
+)
+"""Extend the leases of the members listed per key (ARGV: now, lease µs, then per key a count and its members);
+returns the members no longer held (their lease ran out and another took the slot, or their circuit changed)."""
+
+_CIRCUIT = (
+    _NOW
+    + """
+local function transition(state)
+  redis.call('HINCRBY', KEYS[1], 'gen', 1)
+  redis.call('HSET', KEYS[1], 'state', state, 'consec', 0)
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return state
+end
+local function open(now, reason)
+  redis.call('HSET', KEYS[1], 'opened_at', string.format('%.17g', now), 'reason', reason)
+  return transition('open')
+end
+local function count(now, window, failed)
+  local index = math.floor(now / (window / 20))
+  redis.call('HINCRBY', KEYS[3], 'c' .. index, 1)
+  redis.call('HINCRBY', KEYS[3], 'f' .. index, failed)
+  local all = redis.call('HGETALL', KEYS[3])
+  local calls, fails = 0, 0
+  for i = 1, #all, 2 do
+    local field = all[i]
+    if tonumber(string.sub(field, 2)) <= index - 20 then
+      redis.call('HDEL', KEYS[3], field)
+    elseif string.sub(field, 1, 1) == 'c' then
+      calls = calls + tonumber(all[i + 1])
+    else
+      fails = fails + tonumber(all[i + 1])
+    end
+  end
+  redis.call('PEXPIRE', KEYS[3], math.ceil(window / 1000) * 2)
+  return calls, fails
+end
+local function generation()
+  return tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+end
+local now = now_us()
+"""
+)
+"""What the circuit scripts share. KEYS: the circuit's hash, its probes' sorted set, its failure-rate window."""
+
+_ADMIT = (
+    _CIRCUIT
+    + """
+local s = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'reason')
+local state = s[1] or 'closed'
+if state == 'closed' then return {1, generation(), 0, ''} end
+local reason = s[3] or ''
+local entered = ''
+if state == 'open' then
+  local left = tonumber(s[2]) + tonumber(ARGV[2]) - now
+  if left > 0 then return {0, 'open', reason, math.ceil(left), redis.call('ZCARD', KEYS[2])} end
+  entered = transition('half_open')
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local probes = redis.call('ZCARD', KEYS[2])
+if probes >= tonumber(ARGV[3]) then return {0, 'half_open', reason, 0, probes} end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
+return {1, generation(), 1, entered}
+"""
+)
+"""ARGV: now, reset_after µs, half_open_probes, the probe's member, lease µs.
+Returns {1, generation, probe 0/1, state entered or ''} or {0, state, reason, µs left, probes}."""
+
+_SUCCEEDED = (
+    _CIRCUIT
+    + """
+if generation() ~= tonumber(ARGV[2]) then return '' end
+if ARGV[3] == '1' then return transition('closed') end
+redis.call('HSET', KEYS[1], 'consec', 0)
+if ARGV[4] == '1' then count(now, tonumber(ARGV[5]), 0) end
+return ''
+"""
+)
+"""ARGV: now, generation, probe 0/1, failure rate counted 0/1, window µs. Returns the state entered, or ''."""
+
+_FAILED = (
+    _CIRCUIT
+    + """
+if generation() ~= tonumber(ARGV[2]) then return '' end
+local err = ARGV[4]
+if ARGV[3] == '1' then return open(now, 'a failed probe call (' .. err .. ')') end
+local consec = redis.call('HINCRBY', KEYS[1], 'consec', 1)
+local failures = tonumber(ARGV[5])
+if failures > 0 and consec >= failures then
+  return open(now, consec .. ' consecutive failures, the last: ' .. err)
+end
+local rate = tonumber(ARGV[6])
+if rate > 0 then
+  local calls, fails = count(now, tonumber(ARGV[8]), 1)
+  if calls >= tonumber(ARGV[7]) and fails / calls >= rate then
+    return open(now, fails .. ' failures in ' .. calls .. ' calls within ' .. ARGV[9] .. ', the last: ' .. err)
+  end
+end
+return ''
+"""
+)
+"""ARGV: now, generation, probe 0/1, error, failures (0: none), failure rate (0: none), min_calls, window µs,
+the window as text. Returns the state entered, or ''."""
+
+_ABANDONED = (
+    _CIRCUIT
+    + """
+if generation() == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[2], ARGV[3]) end
+return ''
+"""
+)
+"""ARGV: now, generation, the probe's member."""
+
+_STATE = (
+    _CIRCUIT
+    + """
+local s = redis.call('HMGET', KEYS[1], 'state', 'opened_at')
+if not s[1] then return 'closed' end
+if s[1] == 'open' and now >= tonumber(s[2]) + tonumber(ARGV[2]) then return 'half_open' end
+return s[1]
+"""
+)
+"""ARGV: now, reset_after µs."""
+
+
+def _us(seconds: float) -> float:
+    return seconds * 1_000_000
+
+
+class RedisState:
+    """One Redis connection pool behind a ``RedisLimitState`` and a ``RedisBreakerState``, and the leases they hold.
+
+    ``prefix`` begins every key: replicas of one gateway share it (``patchbay:<gateway name>:``), other
+    gateways on the same Redis do not. Run :meth:`renew` in a task for as long as the state is used
+    (``open_redis_state`` does).
+    """
+
+    def __init__(
+        self,
+        client: "Redis",
+        *,
+        prefix: str,
+        failure: Failure = "allow",
+        lease: float = DEFAULT_LEASE,
+        clock: Callable[[], float] | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        retry_interval: float = RETRY_INTERVAL,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.failure = failure
+        self.lease = lease
+        self._clock = clock
+        self.on_failure = on_failure
+        """Told the operation each time Redis could not be reached (the gateway counts them in a metric)."""
+        self._retry_interval = retry_interval
+        self._down_until = 0.0
+        self._down = False
+        self._instance = uuid.uuid4().hex[:12]
+        self._serial = 0
+        self.leases: dict[str, list[str]] = {}
+        """Sorted-set key → the members this process holds there and renews."""
+        self.limits = RedisLimitState(self)
+        self.breakers = RedisBreakerState(self)
+        register = client.register_script
+        self.scripts = {
+            name: register(source)
+            for name, source in (
+                ("take", _TAKE),
+                ("acquire", _ACQUIRE),
+                ("renew", _RENEW),
+                ("admit", _ADMIT),
+                ("succeeded", _SUCCEEDED),
+                ("failed", _FAILED),
+                ("abandoned", _ABANDONED),
+                ("state", _STATE),
+            )
+        }
+
+    def now(self) -> str:
+        """The ``now`` argument of every script: the test clock's µs, or -1 for Redis's own clock."""
+        return "-1" if self._clock is None else repr(_us(self._clock()))
+
+    def member(self) -> str:
+        """A new lease's member, unique across replicas."""
+        self._serial += 1
+        return f"{self._instance}:{self._serial}"
+
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self.scripts[name](keys=keys, args=[self.now(), *args])
+
+    def hold(self, key: str, member: str) -> None:
+        self.leases.setdefault(key, []).append(member)
+
+    def drop(self, key: str, member: str) -> None:
+        members = self.leases.get(key)
+        if members is not None and member in members:
+            members.remove(member)
+            if not members:
+                del self.leases[key]
+
+    async def attempt(self, operation: str, action: Callable[[], Awaitable[T]], fallback: Callable[[], T]) -> T:
+        """``action()``, or, when Redis cannot be reached, ``fallback()`` under ``allow`` and
+        ``SharedStateUnavailable`` under ``deny``.
+
+        Raises:
+            SharedStateUnavailable: Redis cannot be reached and ``failure`` is ``deny``.
+        """
+        if time.monotonic() < self._down_until:
+            return self._fail(operation, fallback)
+        try:
+            result = await action()
+        except (RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + self._retry_interval
+            if not self._down:
+                self._down = True
+                logger.warning(
+                    "shared state: Redis cannot be reached (%s); limits %s calls until it is back",
+                    exc,
+                    "let through" if self.failure == "allow" else "refuse",
+                )
+            return self._fail(operation, fallback)
+        if self._down:
+            self._down = False
+            logger.warning("shared state: Redis is reachable again")
+        return result
+
+    def _fail(self, operation: str, fallback: Callable[[], T]) -> T:
+        if self.on_failure is not None:
+            self.on_failure(operation)
+        if self.failure == "deny":
+            raise SharedStateUnavailable(
+                "The gateway's shared state (Redis) cannot be reached, so its limits cannot be checked and "
+                "calls are refused (shared_state_failure: deny). Retry after 1 s.",
+                retry_after=1.0,
+            )
+        return fallback()
+
+    async def renew(self) -> None:
+        """Renew the leases this process holds, every third of ``lease``, until cancelled."""
+        while True:
+            await anyio.sleep(self.lease / 3)
+            await self.renew_once()
+
+    async def renew_once(self) -> None:
+        held = {key: list(members) for key, members in self.leases.items() if members}
+        if not held:
+            return
+        args: list[Any] = [_us(self.lease)]
+        for members in held.values():
+            args += [len(members), *members]
+
+        async def renew() -> list[bytes]:
+            lost: list[bytes] = await self.script("renew", list(held), args)
+            return lost
+
+        no_answer: list[bytes] = []
+        lost = {member.decode() for member in await self.attempt("renew", renew, lambda: no_answer)}
+        if lost:
+            logger.warning("shared state: %d lease(s) ran out before they were renewed", len(lost))
+            for key, members in held.items():
+                for member in members:
+                    if member in lost:
+                        self.drop(key, member)
+
+
+class RedisLimitState:
+    """``LimitState`` on Redis: buckets and leased slots shared by every replica using the same prefix."""
+
+    def __init__(self, shared: RedisState) -> None:
+        self._shared = shared
+        self._phantoms: dict[str, int] = {}
+        """Slots counted as held while Redis could not be reached (``allow``): released without Redis."""
+
+    async def take(self, key: str, rate: float, burst: float) -> float:
+        shared = self._shared
+
+        async def take() -> float:
+            wait: int = await shared.script("take", [shared.prefix + key], [repr(_us(1 / rate)), repr(burst)])
+            return wait / 1_000_000
+
+        return await shared.attempt("take", take, lambda: 0.0)
+
+    async def acquire(self, key: str, limit: int) -> bool:
+        shared = self._shared
+        zset = shared.prefix + key
+        member = shared.member()
+
+        async def acquire() -> bool:
+            counted: int = await shared.script("acquire", [zset], [limit, member, _us(shared.lease)])
+            if counted:
+                shared.hold(zset, member)
+            return bool(counted)
+
+        def phantom() -> bool:
+            self._phantoms[key] = self._phantoms.get(key, 0) + 1
+            return True
+
+        with anyio.CancelScope(shield=True):
+            counted = await shared.attempt("acquire", acquire, phantom)
+        return counted
+
+    async def release(self, key: str) -> None:
+        phantoms = self._phantoms.get(key, 0)
+        if phantoms:
+            if phantoms == 1:
+                del self._phantoms[key]
+            else:
+                self._phantoms[key] = phantoms - 1
+            return
+        shared = self._shared
+        zset = shared.prefix + key
+        members = shared.leases.get(zset)
+        if not members:
+            return  # its lease ran out while Redis could not be reached
+        member = members[-1]
+        shared.drop(zset, member)
+
+        async def release() -> None:
+            await shared.client.zrem(zset, member)
+
+        with anyio.CancelScope(shield=True):
+            # A release Redis did not get: the lease runs out on its own.
+            await shared.attempt("release", release, lambda: None)
+
+
+class RedisBreakerState:
+    """``BreakerState`` on Redis: one circuit per server, the same for every replica using the same prefix."""
+
+    def __init__(self, shared: RedisState) -> None:
+        self._shared = shared
+
+    def _keys(self, key: str) -> list[str]:
+        base = f"{self._shared.prefix}circuit:{key}"
+        return [base, base + ":probes", base + ":window"]
+
+    async def admit(self, key: str, config: CircuitBreakerConfig) -> Admission | Refusal:
+        shared = self._shared
+        keys = self._keys(key)
+        member = shared.member()
+
+        async def admit() -> Admission | Refusal:
+            args = [_us(config.reset_after), config.half_open_probes, member, _us(shared.lease)]
+            answer = await shared.script("admit", keys, args)
+            if answer[0] == 0:
+                state, reason, left, probes = (_text(answer[1]), _text(answer[2]), answer[3], answer[4])
+                return Refusal(state, reason, left / 1_000_000, probes)
+            probe = answer[2] == 1
+            if probe:
+                shared.hold(keys[1], member)
+            return Admission(answer[1], probe=probe, entered=_text(answer[3]) or None, token=member if probe else "")
+
+        # Unlimited while Redis is away: an admission no verdict is reported for (generation -1).
+        return await shared.attempt("admit", admit, lambda: Admission(-1, probe=False))
+
+    async def succeeded(self, key: str, config: CircuitBreakerConfig, admission: Admission) -> str | None:
+        window = config.failure_rate is not None
+        return await self._verdict("succeeded", key, admission, [int(window), _us(config.window)])
+
+    async def failed(self, key: str, config: CircuitBreakerConfig, admission: Admission, error: str) -> str | None:
+        args = [
+            error,
+            config.failures or 0,
+            repr(config.failure_rate or 0),
+            config.min_calls,
+            _us(config.window),
+            f"{config.window:g} s",
+        ]
+        return await self._verdict("failed", key, admission, args)
+
+    async def _verdict(self, name: str, key: str, admission: Admission, args: list[Any]) -> str | None:
+        if admission.generation < 0:
+            return None
+        shared = self._shared
+        keys = self._keys(key)
+        if admission.probe:
+            shared.drop(keys[1], admission.token)
+
+        async def report() -> str | None:
+            entered = await shared.script(name, keys, [admission.generation, int(admission.probe), *args])
+            return _text(entered) or None
+
+        with anyio.CancelScope(shield=True):
+            entered = await shared.attempt(name, report, lambda: None)
+        return entered
+
+    async def abandoned(self, key: str, admission: Admission) -> None:
+        if admission.generation < 0 or not admission.probe:
+            return
+        shared = self._shared
+        keys = self._keys(key)
+        shared.drop(keys[1], admission.token)
+
+        async def abandon() -> None:
+            await shared.script("abandoned", keys, [admission.generation, admission.token])
+
+        with anyio.CancelScope(shield=True):
+            await shared.attempt("abandoned", abandon, lambda: None)
+
+    async def state(self, key: str, config: CircuitBreakerConfig) -> str:
+        shared = self._shared
+
+        async def state() -> str:
+            return _text(await shared.script("state", self._keys(key), [_us(config.reset_after)]))
+
+        return await shared.attempt("state", state, lambda: CLOSED)
+
+
+def _text(value: bytes | str | int) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
+
+
+assert {CLOSED, OPEN, HALF_OPEN} == {"closed", "open", "half_open"}  # the scripts' spelling of the states
+
+
+@asynccontextmanager
+async def open_redis_state(
+    url: str,
+    *,
+    prefix: str,
+    failure: Failure = "allow",
+    lease: float = DEFAULT_LEASE,
+    clock: Callable[[], float] | None = None,
+    on_failure: Callable[[str], None] | None = None,
+) -> AsyncIterator[RedisState]:
+    """A ``RedisState`` on ``url``, its leases renewed in the background until the block ends.
+
+    Nothing is sent to Redis here: a Redis that is down at start is a failure of the first calls (under
+    ``failure``), and is used once it is up.
+    """
+    client = Redis.from_url(url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, health_check_interval=30)
+    state = RedisState(client, prefix=prefix, failure=failure, lease=lease, clock=clock, on_failure=on_failure)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(state.renew)
+            try:
+                yield state
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()

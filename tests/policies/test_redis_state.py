@@ -1,0 +1,282 @@
+"""What only a shared state has: replicas on one Redis, leases that outlive a dead replica by at most their
+length, Redis going away and coming back, cancelled commands. Real Redis, real time (short leases)."""
+
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from gateway.config import CircuitBreakerConfig, LimitRule
+from gateway.errors import ConcurrencyLimited, RateLimited, SharedStateUnavailable
+from gateway.types import CallContext, Principal, ToolCall, ToolResult
+from policies.breaker import BreakerPolicy
+from policies.concurrency import ConcurrencyLimit
+from policies.ratelimit import RateLimit
+from policies.state import Admission, Refusal
+from tests.policies.fakes import FakeClock
+from tests.redis_support import REDIS, private_redis, redis_states, require_redis
+from tests.support import ROOT
+
+pytestmark = pytest.mark.anyio
+
+CALL = ToolCall("crm__get_order", "crm", "get_order", {"id": 1}, CallContext(principal=Principal("alice")))
+BREAKER = CircuitBreakerConfig(failures=1, reset_after=30)
+
+
+async def instant(call: ToolCall) -> ToolResult:
+    return ToolResult.text("ok")
+
+
+class Gate:
+    """An upstream whose calls wait for ``release``; ``entered`` counts the calls that reached it, ``ended`` the
+    calls that reached it or were refused, and ``all_in`` is set once ``expected`` ended."""
+
+    def __init__(self, expected: int) -> None:
+        self.release = anyio.Event()
+        self.all_in = anyio.Event()
+        self.expected = expected
+        self.entered = self.ended = 0
+
+    def end(self) -> None:
+        self.ended += 1
+        if self.ended == self.expected:
+            self.all_in.set()
+
+    async def __call__(self, call: ToolCall) -> ToolResult:
+        self.entered += 1
+        self.end()
+        await self.release.wait()
+        return ToolResult.text("ok")
+
+
+async def test_exactly_n_of_m_concurrent_calls_pass_across_two_replicas() -> None:
+    rule = LimitRule.model_validate({"tools": ["*"], "max_concurrency": 3, "per": "global"})
+    async with redis_states() as states:
+        replicas = [ConcurrencyLimit([rule], states.new().limits) for _ in range(2)]
+        gate = Gate(expected=10)
+
+        async def call(index: int) -> None:
+            try:
+                await replicas[index % 2](CALL, gate)
+            except ConcurrencyLimited:
+                gate.end()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for index in range(10):
+                    tg.start_soon(call, index)
+                await gate.all_in.wait()
+                gate.release.set()
+        # Every slot was given back: all three are free again.
+        assert [await states.made[0].limits.acquire("concurrency:" + rule.id + ":global:", 3) for _ in range(4)] == [
+            True,
+            True,
+            True,
+            False,
+        ]
+    assert (gate.entered, gate.ended) == (3, 10)
+
+
+async def test_exactly_the_burst_of_m_concurrent_calls_pass_a_rate_limit_across_two_replicas() -> None:
+    rule = LimitRule.model_validate({"tools": ["*"], "rate_limit": "5/h", "burst": 5, "per": "global"})
+    async with redis_states() as states:
+        replicas = [RateLimit([rule], states.new().limits) for _ in range(2)]
+        passed, refused = 0, 0
+
+        async def call(index: int) -> None:
+            nonlocal passed, refused
+            try:
+                await replicas[index % 2](CALL, instant)
+                passed += 1
+            except RateLimited:
+                refused += 1
+
+        async with anyio.create_task_group() as tg:
+            for index in range(40):
+                tg.start_soon(call, index)
+    assert (passed, refused) == (5, 35)
+
+
+async def test_a_bucket_key_expires_once_the_bucket_is_full_again() -> None:
+    async with redis_states() as states:
+        limits = states.new().limits
+        assert await limits.take("k", rate=100.0, burst=1) == 0.0
+        ttl = await states.made[0].client.pttl(states.prefix + "k")
+    assert 0 < ttl <= 10  # full again in 10 ms, and then forgotten: keys in use, never every key ever seen
+
+
+async def test_slots_are_held_while_their_lease_is_renewed() -> None:
+    async with redis_states() as states:
+        holder, other = states.new(lease=0.3), states.new(lease=0.3)
+        assert await holder.limits.acquire("slots", 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder.renew)
+            await anyio.sleep(1.0)  # three leases long
+            assert not await other.limits.acquire("slots", 1)
+            tg.cancel_scope.cancel()
+        await holder.limits.release("slots")
+        assert await other.limits.acquire("slots", 1)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, anyio
+    from policies.redis_state import open_redis_state
+
+    async def main() -> None:
+        async with open_redis_state(sys.argv[1], prefix=sys.argv[2], lease=1.0) as state:
+            assert await state.limits.acquire("slots", 2)
+            assert await state.limits.acquire("slots", 2)
+            print("held", flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_replica_killed_holding_slots_loses_them_within_the_lease() -> None:
+    async with redis_states() as states:
+        command = [sys.executable, "-c", HOLDER, REDIS, states.prefix]
+        async with await anyio.open_process(command, cwd=ROOT, stderr=None) as process:
+            try:
+                assert process.stdout is not None
+                assert await process.stdout.receive() == b"held\n"
+                await anyio.sleep(1.5)  # renewed past its first lease while alive
+                other = states.new().limits
+                assert not await other.acquire("slots", 2)
+                process.kill()
+                await process.wait()
+                killed = anyio.current_time()
+                with anyio.fail_after(3):
+                    while not await other.acquire("slots", 2):  # noqa: ASYNC110  (the state is in Redis)
+                        await anyio.sleep(0.05)
+                waited = anyio.current_time() - killed
+            finally:
+                if process.returncode is None:
+                    process.kill()
+    assert waited <= 1.2  # within the lease (1 s), renewed last at most a third of it before the kill
+
+
+async def test_a_circuit_opened_on_one_replica_refuses_calls_on_the_other_at_once() -> None:
+    async with redis_states() as states:
+        first, second = (BreakerPolicy({"crm": BREAKER}, states.new().breakers) for _ in range(2))
+        admission = await states.made[0].breakers.admit("crm", BREAKER)
+        assert isinstance(admission, Admission)
+        await states.made[0].breakers.failed("crm", BREAKER, admission, "connection refused")
+        assert await second.state("crm") == "open"
+        refusal = await states.made[1].breakers.admit("crm", BREAKER)
+    assert isinstance(refusal, Refusal)
+    assert refusal.reason == "1 consecutive failures, the last: connection refused"
+    assert 29 < refusal.retry_after <= 30
+
+
+async def test_half_open_probes_are_capped_across_replicas() -> None:
+    clock = FakeClock()
+    config = CircuitBreakerConfig(failures=1, reset_after=30, half_open_probes=2)
+    async with redis_states() as states:
+        replicas = [states.new(clock).breakers for _ in range(3)]
+        admission = await replicas[0].admit("crm", config)
+        assert isinstance(admission, Admission)
+        await replicas[0].failed("crm", config, admission, "timeout")
+        clock.advance(30)
+        answers = [await replica.admit("crm", config) for replica in replicas]
+        probe = answers[0]
+        assert isinstance(probe, Admission)
+        assert probe.entered == "half_open"
+        await replicas[0].abandoned("crm", probe)  # a cancelled probe frees its slot for another replica
+        again = await replicas[2].admit("crm", config)
+    assert [type(answer) for answer in answers] == [Admission, Admission, Refusal]
+    assert [answer.probe for answer in answers[:2] if isinstance(answer, Admission)] == [True, True]
+    refusal = answers[2]
+    assert isinstance(refusal, Refusal)
+    assert (refusal.state, refusal.probes) == ("half_open", 2)
+    assert isinstance(again, Admission)
+    assert again.probe
+
+
+async def test_a_probe_slot_of_a_replica_that_died_is_free_again_after_the_lease() -> None:
+    clock = FakeClock()
+    config = CircuitBreakerConfig(failures=1, reset_after=30, half_open_probes=1)
+    async with redis_states() as states:
+        dead, alive = states.new(clock, lease=5).breakers, states.new(clock, lease=5).breakers
+        admission = await dead.admit("crm", config)
+        assert isinstance(admission, Admission)
+        await dead.failed("crm", config, admission, "timeout")
+        clock.advance(30)
+        assert isinstance(await dead.admit("crm", config), Admission)  # its probe, never reported: it died
+        assert isinstance(await alive.admit("crm", config), Refusal)
+        clock.advance(5)
+        probe = await alive.admit("crm", config)
+        assert isinstance(probe, Admission)
+        assert probe.probe
+        assert await alive.succeeded("crm", config, probe) == "closed"
+
+
+@pytest.mark.parametrize("failure", ["allow", "deny"])
+async def test_while_redis_is_away_calls_follow_the_failure_setting_and_limits_return_with_it(
+    tmp_path: Path, failure: str
+) -> None:
+    rule = LimitRule.model_validate({"tools": ["*"], "rate_limit": "2/h", "burst": 2, "per": "global"})
+    failures: list[str] = []
+    with private_redis(tmp_path) as server:
+        async with redis_states(server.url) as states:
+            state = states.new(failure=failure, on_failure=failures.append, retry_interval=0.2)
+            limit, breaker = RateLimit([rule], state.limits), BreakerPolicy({"crm": BREAKER}, state.breakers)
+
+            async def through() -> str:
+                try:
+                    await limit(CALL, lambda call: breaker(call, instant))
+                except SharedStateUnavailable as exc:
+                    return f"unavailable, retry after {exc.retry_after}"
+                except RateLimited:
+                    return "limited"
+                return "ok"
+
+            before = [await through() for _ in range(3)]
+            server.stop()
+            away = [await through() for _ in range(5)]
+            server.start()
+            await anyio.sleep(0.3)  # past the retry interval: Redis is tried again, and is there
+            back = [await through() for _ in range(3)]
+    assert before == ["ok", "ok", "limited"]
+    assert away == (["ok"] * 5 if failure == "allow" else ["unavailable, retry after 1.0"] * 5)
+    assert back == ["ok", "ok", "limited"]  # a new Redis (it kept nothing): the limit counts again
+    # Each operation that could not reach Redis is counted (the first tried it; the rest failed fast for a while).
+    assert failures == (["take", "admit"] * 5 if failure == "allow" else ["take"] * 5)
+
+
+async def test_a_cancelled_command_never_leaves_its_reply_for_another() -> None:
+    require_redis()
+    clock = FakeClock()
+    async with redis_states() as states:
+        shared = states.new(clock)
+        shared.client.connection_pool.max_connections = 1  # every command on the same connection
+        opened = CircuitBreakerConfig(failures=1, reset_after=3600)
+        admission = await shared.breakers.admit("open", opened)
+        assert isinstance(admission, Admission)
+        await shared.breakers.failed("open", opened, admission, "down")
+        wrong = 0
+        for attempt in range(200):
+            with anyio.move_on_after(attempt % 7 * 0.0002):
+                await shared.breakers.state("open", opened)
+            states_seen = (await shared.breakers.state("closed", opened), await shared.breakers.state("open", opened))
+            wrong += states_seen != ("closed", "open")
+    assert wrong == 0
+
+
+async def test_every_key_lives_under_the_prefix() -> None:
+    async with redis_states() as states:
+        state = states.new()
+        await state.limits.take("bucket", 1.0, 1)
+        await state.limits.acquire("slots", 1)
+        admission = await state.breakers.admit("crm", BREAKER)
+        assert isinstance(admission, Admission)
+        await state.breakers.failed("crm", BREAKER, admission, "down")
+        client = Redis.from_url(REDIS)
+        keys = sorted([key.decode() async for key in client.scan_iter(match=states.prefix + "*")])
+        await client.aclose()
+    assert keys == [states.prefix + key for key in ("bucket", "circuit:crm", "slots")]
