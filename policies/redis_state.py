@@ -26,16 +26,20 @@ release) are shielded from cancellation, as ``policies.state`` asks. A cancelled
 reply for another caller: ``redis.asyncio`` drops a connection whose command was interrupted.
 """
 
+import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.config import CircuitBreakerConfig
 from gateway.errors import SharedStateUnavailable
@@ -49,6 +53,8 @@ DEFAULT_LEASE = 10.0
 """Seconds a concurrency slot or a probe slot is held without its holder renewing it."""
 RETRY_INTERVAL = 0.5
 """Seconds after a failure during which Redis is not tried again."""
+DRAIN = 2.0
+"""Seconds the queued operations may take to reach Redis when the state closes."""
 TIMEOUT = 1.0
 """Seconds a connection attempt or one command may take before Redis counts as unreachable."""
 
@@ -86,6 +92,7 @@ _ACQUIRE = (
     _NOW
     + """
 local now = now_us()
+for i = 5, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
@@ -93,7 +100,8 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) / 1000) * 2)
 return 1
 """
 )
-"""A slot under KEYS[1] for member ARGV[3], leased for ARGV[4] µs, unless ARGV[2] live leases are held: 1 or 0."""
+"""A slot under KEYS[1] for member ARGV[3], leased for ARGV[4] µs, unless ARGV[2] live leases are held: 1 or 0.
+ARGV[5…]: members this replica released whose removal may not have reached Redis yet, removed first."""
 
 _RENEW = (
     _NOW
@@ -241,6 +249,22 @@ return s[1]
 """ARGV: now, reset_after µs."""
 
 
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One operation for the background queue: a script (by name) or, without one, ``ZREM keys[0] *args``."""
+
+    operation: str
+    script: str | None
+    keys: list[str]
+    args: list[Any]
+    after: Callable[[], None] | None = None
+    """Called once it was sent (or could not be)."""
+    done: anyio.Event | None = None
+    """Set once it was sent, for a job whose answer is awaited."""
+    answer: Any = None
+    failed: bool = False
+
+
 def _us(seconds: float) -> float:
     return seconds * 1_000_000
 
@@ -251,6 +275,14 @@ class RedisState:
     ``prefix`` begins every key: replicas of one gateway share it (``patchbay:<gateway name>:``), other
     gateways on the same Redis do not. Run :meth:`renew` in a task for as long as the state is used
     (``open_redis_state`` does).
+
+    What a call does after its answer (release its slots, report a success to its circuit) need not hold
+    up the answer: with :meth:`send_later` running, those operations are queued and sent in order in the
+    background, and a report that must be awaited (a failure, a probe's verdict) waits its turn in the
+    same queue, so one replica's reports reach Redis in the order they were made. A slot released but
+    not yet removed in Redis is removed by this replica's next ``acquire`` of that key first, so a caller
+    that waits for its call to end never finds its own slot still taken. Without :meth:`send_later`
+    running, every operation is awaited where it is made.
     """
 
     def __init__(
@@ -278,6 +310,12 @@ class RedisState:
         self._serial = 0
         self.leases: dict[str, list[str]] = {}
         """Sorted-set key → the members this process holds there and renews."""
+        self.releasing: dict[str, set[str]] = {}
+        """Sorted-set key → members released here whose removal is queued, not yet done in Redis."""
+        self._queue: MemoryObjectSendStream[_Job] | None = None
+        self._sending = False
+        self.drained = anyio.Event()
+        """Set once :meth:`send_later` has sent everything queued before :meth:`stop_sending`."""
         self.limits = RedisLimitState(self)
         self.breakers = RedisBreakerState(self)
         register = client.register_script
@@ -329,19 +367,22 @@ class RedisState:
         try:
             result = await action()
         except (RedisError, OSError) as exc:
-            self._down_until = time.monotonic() + self._retry_interval
-            if not self._down:
-                self._down = True
-                logger.warning(
-                    "shared state: Redis cannot be reached (%s); limits %s calls until it is back",
-                    exc,
-                    "let through" if self.failure == "allow" else "refuse",
-                )
+            self._went_down(exc)
             return self._fail(operation, fallback)
+        self._reached()
+        return result
+
+    def _went_down(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self._retry_interval
+        if not self._down:
+            self._down = True
+            what = "let through" if self.failure == "allow" else "refuse"
+            logger.warning("shared state: Redis cannot be reached (%s); limits %s calls until it is back", exc, what)
+
+    def _reached(self) -> None:
         if self._down:
             self._down = False
             logger.warning("shared state: Redis is reachable again")
-        return result
 
     def _fail(self, operation: str, fallback: Callable[[], T]) -> T:
         if self.on_failure is not None:
@@ -353,6 +394,101 @@ class RedisState:
                 retry_after=1.0,
             )
         return fallback()
+
+    async def send_later(self) -> None:
+        """Send the queued operations until :meth:`stop_sending` (then those still queued) or cancelled: what
+        has queued up meanwhile goes in one pipeline (one round trip), in the order it was queued."""
+        self._queue, queued = anyio.create_memory_object_stream[_Job](math.inf)
+        self._sending = True
+        try:
+            async with queued:
+                async for first in queued:
+                    batch = [first]
+                    with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+                        while True:
+                            batch.append(queued.receive_nowait())
+                    await self._send(batch)
+            self.drained.set()
+        finally:
+            self._sending = False
+            self._queue.close()
+
+    def stop_sending(self) -> None:
+        """No more queueing: what is queued is still sent; what comes later is awaited where it is made."""
+        self._sending = False
+        if self._queue is not None:
+            self._queue.close()
+
+    async def _send(self, batch: list["_Job"]) -> None:
+        answers: list[Any] | None = None
+        if time.monotonic() >= self._down_until:
+            pipe = self.client.pipeline(transaction=False)
+            for job in batch:
+                if job.script is None:
+                    pipe.zrem(job.keys[0], *job.args)
+                else:  # evalsha itself: a Script on a pipeline asks SCRIPT EXISTS first, a round trip per batch
+                    pipe.evalsha(self.scripts[job.script].sha, len(job.keys), *job.keys, self.now(), *job.args)
+            try:
+                answers = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                self._went_down(exc)
+            else:
+                self._reached()
+        for index, job in enumerate(batch):
+            answer = answers[index] if answers is not None else None
+            if isinstance(answer, NoScriptError) and job.script is not None:  # Redis restarted: load, then again
+                with contextlib.suppress(RedisError, OSError):
+                    answer = await self.script(job.script, job.keys, job.args)
+            if answers is None or isinstance(answer, Exception):
+                job.failed = True
+                if job.done is None and self.on_failure is not None:
+                    self.on_failure(job.operation)  # an awaited job is counted where it is awaited
+            else:
+                job.answer = answer
+            if job.after is not None:
+                job.after()
+            if job.done is not None:
+                job.done.set()
+
+    async def later(self, job: "_Job") -> None:
+        """Send ``job`` in the background, after what is queued (awaited here without :meth:`send_later`)."""
+        if self._sending and self._queue is not None:
+            self._queue.send_nowait(job)
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.attempt(job.operation, lambda: self._run(job), lambda: None)
+            except SharedStateUnavailable:
+                pass  # counted; nobody waits for this answer
+            finally:
+                if job.after is not None:
+                    job.after()
+
+    async def in_turn(self, job: "_Job", fallback: Callable[[], T], read: Callable[[Any], T]) -> T:
+        """``job``'s answer, ``read``, after what is queued, awaited (shielded); when Redis cannot be reached,
+        as ``attempt`` says.
+
+        Raises:
+            SharedStateUnavailable: as ``attempt``.
+        """
+        with anyio.CancelScope(shield=True):
+            if not self._sending or self._queue is None:
+
+                async def direct() -> T:
+                    return read(await self._run(job))
+
+                return await self.attempt(job.operation, direct, fallback)
+            job.done = anyio.Event()
+            self._queue.send_nowait(job)
+            await job.done.wait()
+        if job.failed:
+            return self._fail(job.operation, fallback)
+        return read(job.answer)
+
+    async def _run(self, job: "_Job") -> Any:
+        if job.script is None:
+            return await self.client.zrem(job.keys[0], *job.args)
+        return await self.script(job.script, job.keys, job.args)
 
     async def renew(self) -> None:
         """Renew the leases this process holds, every third of ``lease``, until cancelled."""
@@ -405,7 +541,8 @@ class RedisLimitState:
         member = shared.member()
 
         async def acquire() -> bool:
-            counted: int = await shared.script("acquire", [zset], [limit, member, _us(shared.lease)])
+            released = shared.releasing.get(zset, ())
+            counted: int = await shared.script("acquire", [zset], [limit, member, _us(shared.lease), *released])
             if counted:
                 shared.hold(zset, member)
             return bool(counted)
@@ -433,13 +570,15 @@ class RedisLimitState:
             return  # its lease ran out while Redis could not be reached
         member = members[-1]
         shared.drop(zset, member)
+        releasing = shared.releasing.setdefault(zset, set())
+        releasing.add(member)
 
-        async def release() -> None:
-            await shared.client.zrem(zset, member)
+        def released() -> None:  # done, or Redis did not get it: then its lease runs out on its own
+            releasing.discard(member)
+            if not releasing and shared.releasing.get(zset) is releasing:
+                del shared.releasing[zset]
 
-        with anyio.CancelScope(shield=True):
-            # A release Redis did not get: the lease runs out on its own.
-            await shared.attempt("release", release, lambda: None)
+        await shared.later(_Job("release", None, [zset], [member], after=released))
 
 
 class RedisBreakerState:
@@ -472,8 +611,12 @@ class RedisBreakerState:
         return await shared.attempt("admit", admit, lambda: Admission(-1, probe=False))
 
     async def succeeded(self, key: str, config: CircuitBreakerConfig, admission: Admission) -> str | None:
-        window = config.failure_rate is not None
-        return await self._verdict("succeeded", key, admission, [int(window), _us(config.window)])
+        window = [int(config.failure_rate is not None), _us(config.window)]
+        if admission.probe or admission.generation < 0:
+            return await self._verdict("succeeded", key, admission, window)
+        # A success that is not a probe's changes no state (it ends a failure streak): sent in the background.
+        await self._shared.later(_Job("succeeded", "succeeded", self._keys(key), [admission.generation, 0, *window]))
+        return None
 
     async def failed(self, key: str, config: CircuitBreakerConfig, admission: Admission, error: str) -> str | None:
         args = [
@@ -494,13 +637,8 @@ class RedisBreakerState:
         if admission.probe:
             shared.drop(keys[1], admission.token)
 
-        async def report() -> str | None:
-            entered = await shared.script(name, keys, [admission.generation, int(admission.probe), *args])
-            return _text(entered) or None
-
-        with anyio.CancelScope(shield=True):
-            entered = await shared.attempt(name, report, lambda: None)
-        return entered
+        job = _Job(name, name, keys, [admission.generation, int(admission.probe), *args])
+        return await shared.in_turn(job, lambda: None, lambda entered: _text(entered) or None)
 
     async def abandoned(self, key: str, admission: Admission) -> None:
         if admission.generation < 0 or not admission.probe:
@@ -509,11 +647,8 @@ class RedisBreakerState:
         keys = self._keys(key)
         shared.drop(keys[1], admission.token)
 
-        async def abandon() -> None:
-            await shared.script("abandoned", keys, [admission.generation, admission.token])
-
-        with anyio.CancelScope(shield=True):
-            await shared.attempt("abandoned", abandon, lambda: None)
+        job = _Job("abandoned", "abandoned", keys, [admission.generation, admission.token])
+        await shared.in_turn(job, lambda: None, lambda answer: None)
 
     async def state(self, key: str, config: CircuitBreakerConfig) -> str:
         shared = self._shared
@@ -553,9 +688,13 @@ async def open_redis_state(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(state.renew)
+            tg.start_soon(state.send_later)
             try:
                 yield state
             finally:
+                state.stop_sending()
+                with anyio.move_on_after(DRAIN, shield=True):
+                    await state.drained.wait()  # releases still queued reach Redis before the connection closes
                 tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):

@@ -10,14 +10,15 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.config import CircuitBreakerConfig, LimitRule
-from gateway.errors import ConcurrencyLimited, RateLimited, SharedStateUnavailable
+from gateway.errors import ConcurrencyLimited, RateLimited, SharedStateUnavailable, UpstreamUnavailable
 from gateway.types import CallContext, Principal, ToolCall, ToolResult
 from policies.breaker import BreakerPolicy
 from policies.concurrency import ConcurrencyLimit
 from policies.ratelimit import RateLimit
+from policies.redis_state import open_redis_state
 from policies.state import Admission, Refusal
 from tests.policies.fakes import FakeClock
-from tests.redis_support import REDIS, private_redis, redis_states, require_redis
+from tests.redis_support import REDIS, forget, new_prefix, private_redis, redis_states, require_redis, shared_state
 from tests.support import ROOT
 
 pytestmark = pytest.mark.anyio
@@ -28,6 +29,10 @@ BREAKER = CircuitBreakerConfig(failures=1, reset_after=30)
 
 async def instant(call: ToolCall) -> ToolResult:
     return ToolResult.text("ok")
+
+
+async def refused(call: ToolCall) -> ToolResult:
+    raise UpstreamUnavailable("connection refused", server=call.provider)
 
 
 class Gate:
@@ -144,7 +149,7 @@ async def test_a_replica_killed_holding_slots_loses_them_within_the_lease() -> N
         async with await anyio.open_process(command, cwd=ROOT, stderr=None) as process:
             try:
                 assert process.stdout is not None
-                assert await process.stdout.receive() == b"held\n"
+                assert (await process.stdout.receive()).startswith(b"held")
                 await anyio.sleep(1.5)  # renewed past its first lease while alive
                 other = states.new().limits
                 assert not await other.acquire("slots", 2)
@@ -280,3 +285,45 @@ async def test_every_key_lives_under_the_prefix() -> None:
         keys = sorted([key.decode() async for key in client.scan_iter(match=states.prefix + "*")])
         await client.aclose()
     assert keys == [states.prefix + key for key in ("bucket", "circuit:crm", "slots")]
+
+
+async def test_a_caller_that_waits_for_its_call_never_finds_its_own_slot_still_taken() -> None:
+    # Releases go to Redis in the background; the next acquire of the key removes them first.
+    rule = LimitRule.model_validate({"tools": ["*"], "max_concurrency": 1, "per": "global"})
+    async with shared_state() as state:
+        limit = ConcurrencyLimit([rule], state.limits)
+        for _ in range(300):
+            await limit(CALL, instant)
+
+
+async def test_one_replicas_reports_reach_redis_in_the_order_they_were_made() -> None:
+    # Successes are sent in the background, failures awaited in the same queue: a streak is never mistaken.
+    config = CircuitBreakerConfig(failures=2, reset_after=30)
+    async with shared_state() as state:
+        breaker = BreakerPolicy({"crm": config}, state.breakers)
+        for _ in range(100):
+            await breaker(CALL, instant)
+            with pytest.raises(UpstreamUnavailable):
+                await breaker(CALL, refused)
+        closed = await breaker.state("crm")
+        with pytest.raises(UpstreamUnavailable):
+            await breaker(CALL, refused)
+        opened = await breaker.state("crm")
+    assert (closed, opened) == ("closed", "open")
+
+
+async def test_what_is_queued_reaches_redis_before_the_state_closes() -> None:
+    require_redis()
+    prefix = new_prefix()
+    try:
+        async with open_redis_state(REDIS, prefix=prefix) as state:
+            for _ in range(50):
+                assert await state.limits.acquire("slots", 100)
+            for _ in range(50):
+                await state.limits.release("slots")
+        client = Redis.from_url(REDIS)
+        held = await client.zcard(prefix + "slots")
+        await client.aclose()
+    finally:
+        await forget(prefix)
+    assert held == 0
