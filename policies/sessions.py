@@ -5,8 +5,15 @@ with a valid token that learned another client's session id could send requests 
 or open its stream and receive what the gateway sends there. :class:`SessionOwnership` remembers
 which principal each session was created for (from the response that hands out the id) and answers
 a request carrying that id for anyone else as the MCP spec answers an unknown session: 404.
+
+A session lives in the process that opened it: replicas behind one address need the load balancer
+to send each session's requests to one replica (sticky sessions, on ``Mcp-Session-Id``). A session
+id this process does not hold – it ended, it expired, or another replica opened it – gets the same
+404, whose message says so (the SDK's own says only "Session not found"), so that a client or an
+operator can tell what happened; a client then opens a new session, as the spec asks.
 """
 
+import json
 from collections import OrderedDict
 
 from starlette.responses import JSONResponse
@@ -41,7 +48,7 @@ class SessionOwnership:
             if owner is not None and owner != caller:
                 await _not_found(scope, receive, send)
                 return
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _Explained(send))
             return
 
         async def remember(message: Message) -> None:
@@ -56,6 +63,50 @@ class SessionOwnership:
         await self.app(scope, receive, remember)
 
 
+NOT_HERE = (
+    "Session not found: this gateway does not hold it. It ended or expired, or another replica of the "
+    "gateway opened it (a session lives in the process that opened it: behind a load balancer, send each "
+    "session's requests to one replica). Open a new session with initialize."
+)
+"""The message of every 404 for a session: unknown here, ended, or another client's (told apart by none)."""
+
+
+def _not_found_body(request_id: object = None) -> bytes:
+    body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": NOT_HERE}}
+    return json.dumps(body).encode()
+
+
 async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
-    body = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}}
-    await JSONResponse(body, status_code=404)(scope, receive, send)
+    await JSONResponse(json.loads(_not_found_body()), status_code=404)(scope, receive, send)
+
+
+class _Explained:
+    """``send`` of a request that names a session: the SDK's 404 for a session it does not hold gets :data:`NOT_HERE`
+    as its message (its JSON-RPC error code and id are kept)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._held: Message | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 404:
+            self._held = message  # sent with the new body's length
+            return
+        if self._held is None or message["type"] != "http.response.body":
+            await self._send(message)
+            return
+        start, self._held = self._held, None
+        body = message.get("body", b"")
+        try:
+            error = json.loads(body)
+            request_id = error.get("id")
+            known = error["error"]["message"] == "Session not found"
+        except (ValueError, TypeError, KeyError, AttributeError):
+            known = False
+        if known and not message.get("more_body", False):
+            body = _not_found_body(request_id)
+            headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+            start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+            message = {**message, "body": body}
+        await self._send(start)
+        await self._send(message)

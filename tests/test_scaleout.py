@@ -7,12 +7,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import httpx2
 import pytest
 
+from gateway.app import serving
 from gateway.config import UpstreamConfig, parse_config
 from gateway.errors import UpstreamUnavailable
 from gateway.gateway import Gateway, open_gateway
 from gateway.types import CallContext, JSONObject, Principal, Provider, ToolResult
+from policies.sessions import NOT_HERE
+from tests.inprocess import serve_asgi
 from tests.redis_support import REDIS, forget, private_redis, require_redis
 from tests.test_gateway import Toolbox
 
@@ -115,3 +119,33 @@ async def test_redis_stopping_and_coming_back_under_each_failure_setting(
     assert away == (["ok"] * 3 if failure == "allow" else ["unavailable"] * 3)
     assert back == ["ok"] * 4 + ["rate_limited"]  # the new Redis kept nothing: a full bucket, limited again
     assert failures == 3
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+}
+STREAMS = {"accept": "application/json, text/event-stream"}
+
+
+async def test_a_session_used_at_another_replica_gets_a_clear_404_and_stays_usable_where_it_lives() -> None:
+    config = parse_config("gateway: {name: sticky}", environ={})
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for _ in range(2):
+            app = await stack.enter_async_context(serving(config, providers=[Toolbox()]))
+            urls.append(f"{await stack.enter_async_context(serve_asgi(app, lifespan='off'))}/mcp")
+        http = await stack.enter_async_context(httpx2.AsyncClient(headers=STREAMS))
+        opened = await http.post(urls[0], json=INITIALIZE)
+        session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+        await http.post(urls[0], json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+        elsewhere = await http.post(urls[1], json=ping, headers=session)
+        at_home = await http.post(urls[0], json=ping, headers=session)
+    assert elsewhere.status_code == 404
+    assert elsewhere.json()["error"]["message"] == NOT_HERE
+    assert "another replica" in NOT_HERE
+    assert "mcp-session-id" not in elsewhere.headers  # no session of the other replica's is handed out
+    assert at_home.status_code == 200

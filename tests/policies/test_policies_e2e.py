@@ -15,6 +15,7 @@ from mcp.client.streamable_http import streamable_http_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from policies.auth import new_token, token_hash
+from policies.sessions import NOT_HERE
 from tests.support import (
     TESTKIT,
     free_port,
@@ -387,7 +388,7 @@ async def test_a_session_belongs_to_the_client_that_opened_it(tmp_path: Path) ->
                 gw.url, json=ping, headers={"authorization": f"Bearer {bot}", "mcp-session-id": session}
             )
     assert as_ops.status_code == 404
-    assert as_ops.json()["error"]["message"] == "Session not found"
+    assert as_ops.json()["error"]["message"] == NOT_HERE  # as for a session that does not exist
     assert as_bot.status_code == 200
 
 
