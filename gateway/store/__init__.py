@@ -215,6 +215,15 @@ class Store(Protocol):
         """Set or clear why an interrupted run is not resumed."""
         ...
 
+    async def request_cancel(self, run_id: str, message: str) -> None:
+        """Ask the instance that runs ``run_id`` (another replica, say) to cancel it, saying ``message``."""
+        ...
+
+    async def cancel_requests(self) -> Sequence[tuple[str, str]]:
+        """The runs this instance owns whose cancellation was asked for, each with its message; each request
+        is given once (and forgotten)."""
+        ...
+
     # --- Idempotency keys. ---
 
     async def idempotency_claim(self, scope: str, key: str, tool: str, ttl: float) -> IdempotencyEntry | None:

@@ -44,6 +44,7 @@ class MemoryStore:
         self._records: dict[str, RunRecord] = {}
         self._count = 0
         self._keys: dict[tuple[str, str], IdempotencyEntry] = {}
+        self._cancels: dict[str, str] = {}
 
     # --- The journal. ---
 
@@ -117,6 +118,13 @@ class MemoryStore:
 
     async def claim(self, run_id: str) -> bool:
         return False  # no run is ever interrupted
+
+    async def request_cancel(self, run_id: str, message: str) -> None:
+        self._cancels[run_id] = message
+
+    async def cancel_requests(self) -> Sequence[tuple[str, str]]:
+        requests, self._cancels = list(self._cancels.items()), {}
+        return requests
 
     async def mark(self, run_id: str, note: str | None) -> None:
         record = self._records.get(run_id)

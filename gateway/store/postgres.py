@@ -76,6 +76,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at DOUBLE PRECISION NOT NULL, run_id TEXT, result JSONB, owner TEXT,
             PRIMARY KEY (scope, key))""",
     ),
+    (  # 2: cancellations asked of the instance that runs a run
+        "CREATE TABLE cancel_requests (run_id TEXT PRIMARY KEY, message TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
+    ),
 )
 """The schema, one entry per version (forward only): version N is after ``MIGRATIONS[N - 1]`` ran."""
 
@@ -284,6 +287,10 @@ class PostgresStore(Journaled):
                 await con.execute("DELETE FROM events WHERE run_id = ANY($1::text[])", unique)
                 await con.execute("DELETE FROM runs WHERE run_id = ANY($1::text[])", unique)
                 await con.execute("DELETE FROM idempotency WHERE expires_at <= $1", now)
+                # Asked of a run that ended before its owner saw the request (or is forgotten).
+                await con.execute(
+                    "DELETE FROM cancel_requests WHERE run_id NOT IN (SELECT run_id FROM runs WHERE status = 'running')"
+                )
         except _DB_ERRORS as exc:
             raise StoreError(f"cannot write to the store {_shown(self.url)}: {exc}") from exc
         return len(unique)
@@ -316,6 +323,23 @@ class PostgresStore(Journaled):
         except _DB_ERRORS as exc:
             raise StoreError(f"cannot write to the store {_shown(self.url)}: {exc}") from exc
         return bool(status == "UPDATE 1")
+
+    async def request_cancel(self, run_id: str, message: str) -> None:
+        await self._execute(
+            "INSERT INTO cancel_requests (run_id, message, at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (run_id) DO UPDATE SET message = excluded.message, at = excluded.at",
+            run_id,
+            message,
+            self._clock(),
+        )
+
+    async def cancel_requests(self) -> Sequence[tuple[str, str]]:
+        rows = await self._fetch(
+            "DELETE FROM cancel_requests WHERE run_id IN (SELECT run_id FROM runs WHERE owner = $1) "
+            "RETURNING run_id, message",
+            self.instance,
+        )
+        return [(row[0], row[1]) for row in rows]
 
     async def mark(self, run_id: str, note: str | None) -> None:
         await self._execute("UPDATE runs SET note = $1 WHERE run_id = $2", note, run_id)

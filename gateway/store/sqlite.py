@@ -80,6 +80,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at REAL NOT NULL, run_id TEXT, result TEXT, owner TEXT,
             PRIMARY KEY (scope, key)) WITHOUT ROWID""",
     ),
+    (  # 2: cancellations asked of the instance that runs a run
+        "CREATE TABLE cancel_requests (run_id TEXT PRIMARY KEY, message TEXT NOT NULL, at REAL NOT NULL)",
+    ),
 )
 """The schema, one entry per version (forward only): version N is after ``MIGRATIONS[N - 1]`` ran."""
 
@@ -339,6 +342,10 @@ class SqliteStore(Journaled):
             con.executemany("DELETE FROM events WHERE run_id = ?", unique)
             con.executemany("DELETE FROM runs WHERE run_id = ?", unique)
             con.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            # Asked of a run that ended before its owner saw the request (or is forgotten).
+            con.execute(
+                "DELETE FROM cancel_requests WHERE run_id NOT IN (SELECT run_id FROM runs WHERE status = 'running')"
+            )
         return len(unique)
 
     # --- Ownership of runs. ---
@@ -364,6 +371,23 @@ class SqliteStore(Journaled):
 
     async def mark(self, run_id: str, note: str | None) -> None:
         await self._run(self._execute, "UPDATE runs SET note = ? WHERE run_id = ?", (note, run_id))
+
+    async def request_cancel(self, run_id: str, message: str) -> None:
+        sql = "INSERT OR REPLACE INTO cancel_requests (run_id, message, at) VALUES (?, ?, ?)"
+        await self._run(self._execute, sql, (run_id, message, self._clock()))
+
+    async def cancel_requests(self) -> Sequence[tuple[str, str]]:
+        return await self._run(self._cancel_requests)
+
+    def _cancel_requests(self) -> list[tuple[str, str]]:
+        con = self._db
+        with _transaction(con):
+            rows = con.execute(
+                "DELETE FROM cancel_requests WHERE run_id IN (SELECT run_id FROM runs WHERE owner = ?) "
+                "RETURNING run_id, message",
+                (self.instance,),
+            ).fetchall()
+        return [(row[0], row[1]) for row in rows]
 
     def _execute(self, sql: str, args: Sequence[Any]) -> None:
         con = self._db

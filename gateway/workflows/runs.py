@@ -31,7 +31,7 @@ from gateway.metrics import Metrics
 from gateway.store import RunQuery, RunRecord, Store
 from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ToolResult
 from gateway.workflows.plan import Plan
-from gateway.workflows.runner import IDEMPOTENCY_META_KEY, Runner
+from gateway.workflows.runner import COMPENSATION_LIMIT, IDEMPOTENCY_META_KEY, Runner
 
 __all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RESCAN", "RunNotResumable", "Runs", "caller_scope"]
 
@@ -41,6 +41,10 @@ DEFAULT_IDEMPOTENCY_TTL = 24 * 3600.0
 """Seconds a client's idempotency key is remembered (``gateway.idempotency_ttl``)."""
 RESCAN = 5.0
 """Seconds between looks for runs that another gateway left interrupted (``resume: auto``)."""
+CANCEL_POLL = 0.5
+"""Seconds between looks for cancellations other gateways asked of this one's runs (while it runs any)."""
+CANCEL_WAIT = COMPENSATION_LIMIT + 10.0
+"""Seconds a cancellation asked of another gateway is waited for (its compensations included)."""
 POLL = 0.05
 """Seconds between looks at the store for a run another gateway is running."""
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
@@ -153,6 +157,7 @@ class Runs:
         forgotten now and then."""
         async with anyio.create_task_group() as tasks:
             self._tasks, self._resuming = tasks, resume
+            tasks.start_soon(self._watch_cancels)
             task_status.started()
             try:
                 rounds = 0
@@ -183,6 +188,24 @@ class Runs:
             await self.store.heartbeat()
         except Exception:
             logger.exception("could not renew this gateway's hold on its runs")
+
+    async def _watch_cancels(self) -> None:
+        """Cancel the runs here whose cancellation another gateway was asked for (``tasks/cancel`` reached a
+        replica that does not run the task): it is recorded in the store, and seen here within a poll."""
+        while True:
+            await anyio.sleep(CANCEL_POLL)
+            if not self._live:
+                continue
+            try:
+                requests = await self.store.cancel_requests()
+            except Exception:  # the store's trouble must not stop the runs
+                logger.exception("could not look for cancellations asked of this gateway's runs")
+                continue
+            for run_id, message in requests:
+                live = self._live.get(run_id)
+                if live is not None:
+                    logger.info("cancelling run %s, as another gateway was asked: %s", run_id, message)
+                    live.scope.cancel()
 
     async def _prune(self) -> None:
         try:
@@ -346,9 +369,9 @@ class Runs:
         return await self.store.run(run_id)
 
     async def cancel(self, run_id: str, principal: Principal) -> RunRecord | None:
-        """Cancel ``principal``'s run ``run_id`` if it runs here, or if it is interrupted (it is taken up to be
-        cancelled: its compensations run); its record after. A run another live gateway runs is left to it.
-        """
+        """Cancel ``principal``'s run ``run_id``: here if it runs here; by the gateway that runs it otherwise
+        (asked through the store, and waited for up to :data:`CANCEL_WAIT`); or, if it is interrupted, by
+        taking it up to be cancelled (its compensations run). Its record after."""
         record = await self.get(run_id, principal)
         if record is None:
             return None
@@ -361,6 +384,11 @@ class Runs:
         if live is not None:
             live.scope.cancel()
             await live.done.wait()
+        elif record.status == "running":  # another live gateway runs it
+            await self.store.request_cancel(run_id, "the caller cancelled the run")
+            with anyio.move_on_after(CANCEL_WAIT):
+                while (current := await self.store.run(run_id)) is not None and current.status == "running":  # noqa: ASYNC110  (the state is in the store)
+                    await anyio.sleep(POLL)
         return await self.store.run(run_id)
 
     async def list(self, principal: Principal, *, tasks_only: bool = True) -> Sequence[RunRecord]:

@@ -201,8 +201,47 @@ async def test_a_store_with_a_newer_schema_is_refused(durable_url: str, opener: 
             pytest.fail("the store opened")
     message = str(caught.value)
     assert "schema version 99" in message
-    assert "version 1" in message
+    assert "version 2" in message
     assert "upgrade Patchbay" in message
+
+
+async def sql(url: str, statement: str) -> None:
+    if url.startswith("sqlite:///"):
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as con, con:
+            con.execute(statement)
+        return
+    con = await asyncpg.connect(url)
+    try:
+        await con.execute(statement)
+    finally:
+        await con.close()
+
+
+async def test_a_version_1_store_is_migrated_and_keeps_its_runs(durable_url: str, opener: Opener) -> None:
+    async with opener(durable_url) as store:
+        await store_run(store, "r1")
+    await sql(durable_url, "DROP TABLE cancel_requests")  # what version 1 had
+    await set_schema_version(durable_url, 1)
+
+    async with opener(durable_url) as store:
+        record = await store.run("r1")
+        assert await store.claim("r1")  # its owner is gone
+        await store.request_cancel("r1", "asked by another gateway")
+        requests = await store.cancel_requests()
+    assert record is not None
+    assert requests == [("r1", "asked by another gateway")]
+
+
+async def test_a_cancellation_asked_through_one_instance_is_given_once_to_the_owner(
+    durable_url: str, opener: Opener
+) -> None:
+    async with opener(durable_url) as owner, opener(durable_url) as other:
+        await store_run(owner, "r1")
+        await other.request_cancel("r1", "the caller cancelled the run")
+        seen_by_other = await other.cancel_requests()
+        seen_by_owner = [await owner.cancel_requests() for _ in range(2)]
+    assert seen_by_other == []
+    assert seen_by_owner == [[("r1", "the caller cancelled the run")], []]
 
 
 @pytest.mark.parametrize("durability", ["process", "machine"])

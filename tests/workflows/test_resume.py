@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.dispatch import Invocation
 from gateway.metrics import Metrics
-from gateway.store import RunQuery, RunRecord
+from gateway.store import RunQuery, RunRecord, open_store
 from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.journal import JournalEvent
@@ -443,3 +443,29 @@ async def test_a_task_reissued_with_its_idempotency_key_is_the_same_task() -> No
     assert finished is not None
     assert finished.status == "succeeded"
     assert [name for name, _, _ in upstream.calls].count("t.a") == 2  # two runs, not three
+
+
+async def test_a_task_cancelled_through_another_gateway_on_the_same_store_is_cancelled_where_it_runs(
+    durable_url: str,
+) -> None:
+    # Replicas behind one address: tasks/cancel may reach one that does not run the task.
+    plan = plan_of("""
+steps:
+  - {id: a, call: t.a, compensate: {call: undo.a}}
+  - {id: b, call: t.b, after: [a]}
+""")
+    upstream = Upstream(hold=["t.b"])
+    async with open_store(durable_url) as home_store, open_store(durable_url) as other_store:
+        home = Runs(Runner(upstream, home_store), home_store, {"w": plan})
+        other = Runs(Runner(upstream, other_store), other_store, {"w": plan})
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(home.run)
+                await tg.start(other.run)
+                task = await home.start_task(plan, {}, CALLER, {"ttl": 60000})
+                await upstream.holding.wait()
+                record = await other.cancel(task.run_id, CALLER.principal)
+                tg.cancel_scope.cancel()
+    assert record is not None
+    assert (record.status, record.owner) == ("cancelled", home_store.instance)
+    assert [name for name, _, _ in upstream.calls] == ["t.a", "t.b", "undo.a"]
