@@ -639,3 +639,16 @@ def test_a_duplicate_key_is_still_reported_as_one() -> None:
     assert messages_of("servers:\n  a: {command: x}\n  a: {command: y}\n") == [
         "servers.a (line 3): duplicate key 'a' (first on line 2)"
     ]
+
+
+def test_the_scale_out_example_shares_limits_on_redis_and_runs_on_postgresql() -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "scale-out.yaml"
+    environ = {"PATCHBAY_STORE": "postgresql://postgres@db:5432/patchbay", "PATCHBAY_STATE_KEY": "k" * 32}
+    settings = load_config(example, environ=environ).gateway
+
+    assert (settings.shared_state, settings.shared_state_failure) == ("redis://127.0.0.1:6379/0", "allow")
+    assert settings.store == environ["PATCHBAY_STORE"]
+    assert settings.state_key is not None
+    with pytest.raises(ConfigError) as caught:  # without the state key, replicas could not share states
+        load_config(example, environ={"PATCHBAY_STORE": environ["PATCHBAY_STORE"]})
+    assert "PATCHBAY_STATE_KEY" in str(caught.value)
