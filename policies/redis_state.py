@@ -355,20 +355,23 @@ class RedisState:
             if not members:
                 del self.leases[key]
 
-    async def attempt(self, operation: str, action: Callable[[], Awaitable[T]], fallback: Callable[[], T]) -> T:
+    async def attempt(
+        self, operation: str, action: Callable[[], Awaitable[T]], fallback: Callable[[], T], *, refuse: bool = True
+    ) -> T:
         """``action()``, or, when Redis cannot be reached, ``fallback()`` under ``allow`` and
-        ``SharedStateUnavailable`` under ``deny``.
+        ``SharedStateUnavailable`` under ``deny`` (with ``refuse``; without, ``fallback()`` either way: what
+        reports a call that already happened must not turn its outcome into a refusal).
 
         Raises:
-            SharedStateUnavailable: Redis cannot be reached and ``failure`` is ``deny``.
+            SharedStateUnavailable: Redis cannot be reached, ``failure`` is ``deny`` and ``refuse`` is set.
         """
         if time.monotonic() < self._down_until:
-            return self._fail(operation, fallback)
+            return self._fail(operation, fallback, refuse)
         try:
             result = await action()
         except (RedisError, OSError) as exc:
             self._went_down(exc)
-            return self._fail(operation, fallback)
+            return self._fail(operation, fallback, refuse)
         self._reached()
         return result
 
@@ -384,10 +387,10 @@ class RedisState:
             self._down = False
             logger.warning("shared state: Redis is reachable again")
 
-    def _fail(self, operation: str, fallback: Callable[[], T]) -> T:
+    def _fail(self, operation: str, fallback: Callable[[], T], refuse: bool = True) -> T:
         if self.on_failure is not None:
             self.on_failure(operation)
-        if self.failure == "deny":
+        if self.failure == "deny" and refuse:
             raise SharedStateUnavailable(
                 "The gateway's shared state (Redis) cannot be reached, so its limits cannot be checked and "
                 "calls are refused (shared_state_failure: deny). Retry after 1 s.",
@@ -457,32 +460,27 @@ class RedisState:
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self.attempt(job.operation, lambda: self._run(job), lambda: None)
-            except SharedStateUnavailable:
-                pass  # counted; nobody waits for this answer
+                await self.attempt(job.operation, lambda: self._run(job), lambda: None, refuse=False)
             finally:
                 if job.after is not None:
                     job.after()
 
     async def in_turn(self, job: "_Job", fallback: Callable[[], T], read: Callable[[Any], T]) -> T:
-        """``job``'s answer, ``read``, after what is queued, awaited (shielded); when Redis cannot be reached,
-        as ``attempt`` says.
-
-        Raises:
-            SharedStateUnavailable: as ``attempt``.
-        """
+        """``job``'s answer, ``read``, after what is queued, awaited (shielded); ``fallback()`` when Redis cannot
+        be reached, whatever ``failure`` says: these are reports of calls that happened (a verdict, a probe
+        given up), whose outcome a refusal must not replace."""
         with anyio.CancelScope(shield=True):
             if not self._sending or self._queue is None:
 
                 async def direct() -> T:
                     return read(await self._run(job))
 
-                return await self.attempt(job.operation, direct, fallback)
+                return await self.attempt(job.operation, direct, fallback, refuse=False)
             job.done = anyio.Event()
             self._queue.send_nowait(job)
             await job.done.wait()
         if job.failed:
-            return self._fail(job.operation, fallback)
+            return self._fail(job.operation, fallback, refuse=False)
         return read(job.answer)
 
     async def _run(self, job: "_Job") -> Any:

@@ -1,6 +1,7 @@
 """What only a shared state has: replicas on one Redis, leases that outlive a dead replica by at most their
 length, Redis going away and coming back, cancelled commands. Real Redis, real time (short leases)."""
 
+import contextlib
 import sys
 import textwrap
 from pathlib import Path
@@ -327,3 +328,34 @@ async def test_what_is_queued_reaches_redis_before_the_state_closes() -> None:
     finally:
         await forget(prefix)
     assert held == 0
+
+
+@pytest.mark.parametrize("background", [False, True])
+async def test_under_deny_redis_going_away_during_a_call_never_replaces_its_outcome(
+    tmp_path: Path, background: bool
+) -> None:
+    config = CircuitBreakerConfig(failures=1, reset_after=30)
+    with private_redis(tmp_path) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            if background:  # reports queued and sent by the state's own task, as in the gateway
+                state = await stack.enter_async_context(
+                    open_redis_state(server.url, prefix=new_prefix(), failure="deny")
+                )
+            else:
+                state = (await stack.enter_async_context(redis_states(server.url))).new(failure="deny")
+            breaker = BreakerPolicy({"crm": config}, state.breakers)
+
+            async def answers_after_redis_stops(call: ToolCall) -> ToolResult:
+                server.stop()
+                return ToolResult.text("answered")
+
+            async def fails_after_redis_stops(call: ToolCall) -> ToolResult:
+                server.stop()
+                raise UpstreamUnavailable("connection refused", server=call.provider)
+
+            answered = await breaker(CALL, answers_after_redis_stops)
+            server.start()
+            await anyio.sleep(0.6)  # past the half second Redis is left alone after a failure
+            with pytest.raises(UpstreamUnavailable):
+                await breaker(CALL, fails_after_redis_stops)
+    assert answered.content[0]["text"] == "answered"
