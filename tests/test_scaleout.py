@@ -18,6 +18,7 @@ from gateway.types import CallContext, JSONObject, Principal, Provider, ToolResu
 from policies.sessions import NOT_HERE
 from tests.inprocess import serve_asgi
 from tests.redis_support import REDIS, forget, private_redis, require_redis
+from tests.test_app import BOTH, INITIALIZE
 from tests.test_gateway import Toolbox
 
 pytestmark = pytest.mark.anyio
@@ -121,15 +122,6 @@ async def test_redis_stopping_and_coming_back_under_each_failure_setting(
     assert failures == 3
 
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
-}
-STREAMS = {"accept": "application/json, text/event-stream"}
-
-
 async def test_a_session_used_at_another_replica_gets_a_clear_404_and_stays_usable_where_it_lives() -> None:
     config = parse_config("gateway: {name: sticky}", environ={})
     async with contextlib.AsyncExitStack() as stack:
@@ -137,9 +129,9 @@ async def test_a_session_used_at_another_replica_gets_a_clear_404_and_stays_usab
         for _ in range(2):
             app = await stack.enter_async_context(serving(config, providers=[Toolbox()]))
             urls.append(f"{await stack.enter_async_context(serve_asgi(app, lifespan='off'))}/mcp")
-        http = await stack.enter_async_context(httpx2.AsyncClient(headers=STREAMS))
+        http = await stack.enter_async_context(httpx2.AsyncClient(headers=BOTH))
         opened = await http.post(urls[0], json=INITIALIZE)
-        session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+        session = {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
         await http.post(urls[0], json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
         ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
         elsewhere = await http.post(urls[1], json=ping, headers=session)
