@@ -279,7 +279,8 @@ class RoundTrips:
                     relays = await store.relay_take(holder)
                 except GatewayError:  # the store's trouble must not end the serving; the retries wait meanwhile
                     logger.exception("could not look for retries relayed to this gateway's held calls")
-                    relays = ()
+                    await anyio.sleep(RELAY_POLL * 20)  # a second: not a log line every poll while it lasts
+                    continue
                 for relay in relays:
                     tasks.start_soon(self._serve_relay, store, relay)
                 await anyio.sleep(RELAY_POLL)
