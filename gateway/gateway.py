@@ -34,6 +34,7 @@ from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.metrics import Metrics
 from gateway.registry import Naming, Registry, build_registry, owner_by_prefix, prefix_head
 from gateway.requeststate import StateSigner
+from gateway.roundtrip import RoundTrips
 from gateway.types import Provider, ProviderEvents, ProviderState
 from gateway.workflows.plan import check_tools, unserved
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
@@ -126,7 +127,12 @@ class Gateway:
         key = settings.state_key
         self.state_signer = StateSigner(key.get_secret_value().encode() if key is not None else None)
         """Mints and checks the ``requestState`` of calls held for a 2026-07-28 client's answers."""
-        self.workflows = WorkflowProvider(config.plans, runner, runs=self.runs, redact=redact, signer=self.state_signer)
+        self.held_calls = RoundTrips(lambda: None, signer=self.state_signer, store=self.backends.store, name="server")
+        """Upstream tool calls of 2026-07-28 clients held for their answers (the MCP frontends hold them here).
+        Its retries, and the workflow runs', reaching another replica are relayed here (:meth:`start`)."""
+        self.workflows = WorkflowProvider(
+            config.plans, runner, runs=self.runs, redact=redact, signer=self.state_signer, store=self.backends.store
+        )
         self.providers: Mapping[str, Provider] = _providers(config, kinds, providers, self.workflows)
         """Every provider by name: the workflows first (their names are taken before any server's), then the
         configured servers, then the extra providers."""
@@ -228,6 +234,9 @@ class Gateway:
         if strict and self.problems:
             raise ConfigError(self.problems, source=self.config.source)
         await tg.start(partial(self.runs.run, resume=resume))
+        # Retries of the calls held here that reach another replica come back through the store (gateway.roundtrip).
+        for held in (self.held_calls, self.workflows.round_trips):
+            await tg.start(held.serve_relays)
         self._started = True
 
     async def refresh_circuits(self) -> None:

@@ -3,8 +3,9 @@
 A client echoes the state back on its retry, so what comes back is the client's input: it is signed
 (HMAC-SHA256 with the gateway's key: ``gateway.state_key``, or a random key made at start), carries
 the principal it was given to, a digest of the request it answers (tool and arguments), the call it
-resumes, a nonce (the round trip keeps the one state it expects next: each state is good once) and
-an expiry. ``open`` checks all but the nonce, which only the holder of the call knows::
+resumes and who holds it (a gateway replica's round trips: a retry that reaches another replica is relayed
+there through the store), a nonce (the round trip keeps the one state it expects next: each state is good
+once) and an expiry. ``open`` checks all but the nonce, which only the holder of the call knows::
 
     patchbay-state:<base64url(payload JSON)>.<base64url(HMAC of that payload)>
 
@@ -41,10 +42,16 @@ def request_digest(tool: str, arguments: JSONObject) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What a checked state says: the held call it resumes and the nonce it was minted with."""
+    """What a checked state says: the held call it resumes, the nonce it was minted with, who holds the call
+    and when the state expires."""
 
     held: str
     nonce: str
+    holder: str | None = None
+    """The :class:`~gateway.roundtrip.RoundTrips` holding the call (its ``holder`` id); None in a state minted
+    before states named their holder (taken as held by whoever opens it)."""
+    expires: float = 0.0
+    """Wall-clock seconds since the epoch."""
 
 
 class StateSigner:
@@ -56,10 +63,16 @@ class StateSigner:
         self._key = key if key is not None else secrets.token_bytes(KEY_BYTES)
         self._clock = clock
 
-    def mint(self, *, held: str, principal: str, request: str, ttl: float) -> tuple[str, str]:
-        """A fresh state for the held call ``held``, and the nonce in it (the one the holder accepts next)."""
+    def mint(
+        self, *, held: str, principal: str, request: str, ttl: float, holder: str | None = None
+    ) -> tuple[str, str]:
+        """A fresh state for the held call ``held`` (held by ``holder``), and the nonce in it (the one the holder
+        accepts next)."""
         nonce = secrets.token_urlsafe(12)
-        payload = {"h": held, "n": nonce, "p": principal, "r": request, "e": round(self._clock() + ttl, 3)}
+        payload: dict[str, object] = {"h": held, "n": nonce, "p": principal, "r": request}
+        if holder is not None:
+            payload["i"] = holder
+        payload["e"] = round(self._clock() + ttl, 3)
         body = _b64(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
         return f"{STATE_PREFIX}{body}.{_b64(self._mac(body))}", nonce
 
@@ -87,7 +100,13 @@ class StateSigner:
             raise InvalidRequestState(
                 "other_request", "this requestState belongs to another call (another tool, or other arguments)"
             )
-        return Claim(held=str(payload["h"]), nonce=str(payload["n"]))
+        holder = payload.get("i")
+        return Claim(
+            held=str(payload["h"]),
+            nonce=str(payload["n"]),
+            holder=str(holder) if holder is not None else None,
+            expires=float(payload["e"]),
+        )
 
     def seal(self, prefix: str, payload: JSONObject) -> str:
         """``payload`` as a token that starts with ``prefix`` and that only this key can have made (the MAC covers

@@ -11,9 +11,18 @@ principal and the request (tool and arguments), good for one retry, and expiring
 for answers. The call is owned by a background task group while no request is attached; a caller
 that gives up (its request cancelled while attached) cancels the call, and questions left unanswered
 for the call's answer timeout fail (a workflow step then takes its default, or fails).
+
+**Replicas.** A state names its holder (this :class:`RoundTrips`: ``<store instance>/<name>/<token>``). A
+retry that reaches a replica that does not hold its call is relayed through the shared store
+(:meth:`~gateway.store.Store.relay_put`) once its state has been checked there; the holder takes it
+(:meth:`RoundTrips.serve_relays`), checks it again (the nonce too, which only it knows), delivers it to its
+held call as a local retry would, and writes the outcome back: the result, the next questions, or the reason
+the state was refused. Progress and log messages of a relayed retry are not forwarded.
 """
 
 import logging
+import secrets
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -22,17 +31,23 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from gateway.errors import InvalidRequestState, UpstreamError
+from gateway.errors import GatewayError, InvalidRequestState, UpstreamError
 from gateway.requeststate import StateSigner
-from gateway.types import CallContext, ClientChannel, JSONObject, ToolResult
+from gateway.store import Relay, Store
+from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ToolResult
 
-__all__ = ["ANSWER_TIMEOUT", "ROUND_TRIP_ERA", "RoundTrips", "needs_round_trip"]
+__all__ = ["ANSWER_TIMEOUT", "RELAY_LINGER", "RELAY_POLL", "ROUND_TRIP_ERA", "RoundTrips", "needs_round_trip"]
 
 logger = logging.getLogger(__name__)
 
 ANSWER_TIMEOUT = 600.0
 """Seconds a call waits for the client to come back with answers, unless the caller says otherwise."""
 ROUND_TRIP_ERA = "2026-07-28"
+RELAY_POLL = 0.05
+"""Seconds between two looks at the store: for retries relayed here, and for the answer to one relayed away."""
+RELAY_LINGER = 10.0
+"""Seconds the holder keeps taking relayed retries after its last held call ended (a late retry then gets "no
+longer waiting" at once rather than when its state expires)."""
 
 RunFn = Callable[[CallContext], Awaitable[ToolResult]]
 
@@ -127,14 +142,26 @@ class RoundTrips:
         *,
         signer: StateSigner | None = None,
         answer_timeout: float = ANSWER_TIMEOUT,
+        store: Store | None = None,
+        name: str = "calls",
     ) -> None:
         """``background`` gives the task group held calls run in; ``signer`` mints their states (by default
         with a key of its own); ``answer_timeout`` is how long a call waits for answers, unless ``start`` is
-        given another."""
+        given another. With a ``store`` (shared by replicas), retries of calls held elsewhere are relayed
+        through it, and :meth:`serve_relays` answers those of calls held here; ``name`` tells apart the round
+        trips of one process in :attr:`holder`."""
         self._background = background
         self._signer = signer if signer is not None else StateSigner()
         self._answer_timeout = answer_timeout
         self._waiting: dict[str, _Waiting] = {}
+        self._store = store
+        self.holder: str | None = None
+        """This round trips' id in the states it mints: ``<store instance>/<name>/<token>`` (the token tells
+        apart gateways sharing one store object, as tests do); None without a store."""
+        if store is not None:
+            self.holder = f"{store.instance}/{name}/{secrets.token_hex(4)}"
+        self._holding = anyio.Event()
+        """Set when a call is held (:meth:`serve_relays` sleeps on it while none is)."""
 
     async def start(
         self,
@@ -158,6 +185,7 @@ class RoundTrips:
             answer_timeout if answer_timeout is not None else self._answer_timeout,
         )
         self._waiting[waiting.id] = waiting
+        self._holding.set()
 
         async def report(done: float, total: float | None, message: str | None) -> None:
             if waiting.progress is not None:  # the request attached now, if any, asked for progress
@@ -176,12 +204,10 @@ class RoundTrips:
         """
         claim = self._signer.open(context.request_state or "", principal=context.principal.id, request=request)
         waiting = self._waiting.get(claim.held)
+        if waiting is None and claim.holder not in (None, self.holder) and self._store is not None:
+            return await self._relay(self._store, claim.holder, claim.held, claim.expires, context, request)
         if waiting is None:
-            return ToolResult.text(
-                "This call is no longer waiting for answers (it finished, expired, or the gateway restarted): "
-                "call the tool again without requestState to start it anew.",
-                is_error=True,
-            )
+            return _gone()
         if waiting.nonce != claim.nonce:
             raise InvalidRequestState("used", "this requestState was used already: retry with the latest one")
         waiting.nonce = None
@@ -193,6 +219,104 @@ class RoundTrips:
         for question in waiting.questions.values():
             question.sent = question.answer is not None  # unanswered ones are asked again
         return await self._attach(waiting, context)
+
+    # --- Relaying: a retry that reached this replica, for a call held at another. ---
+
+    async def _relay(
+        self, store: Store, holder: str, held: str, deadline: float, context: CallContext, request: str
+    ) -> ToolResult:
+        """Put the retry in the store for ``holder``, and wait for its answer; if nobody took it by ``deadline``
+        (the state's expiry), the call is no longer waiting.
+
+        Raises:
+            InvalidRequestState: the holder refused the state (``used``, say).
+        """
+        retry = {
+            "principal": {"kind": context.principal.kind, "id": context.principal.id},
+            "request": request,
+            "requestState": context.request_state,
+            "inputResponses": context.input_responses or {},
+        }
+        relay_id = await store.relay_put(holder, held, retry, deadline)
+        if relay_id is None:  # the holder's process is gone, and its held calls with it
+            return _gone()
+        answered = False
+        try:
+            while True:
+                answer = await store.relay_answer_of(relay_id)
+                if answer is not None:
+                    answered = True
+                    return _outcome(answer)
+                if time.time() > deadline and await store.relay_withdraw(relay_id):
+                    answered = True  # never taken (or forgotten): nothing to clean up
+                    return _gone()
+                await anyio.sleep(RELAY_POLL)
+        finally:
+            if not answered:  # the caller gave up: withdraw the retry if the holder did not take it yet
+                with anyio.CancelScope(shield=True), anyio.move_on_after(RELAY_POLL * 20):
+                    await store.relay_withdraw(relay_id)
+
+    async def serve_relays(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Answer the retries other replicas relay to the calls held here, until cancelled: the store is looked
+        at every :data:`RELAY_POLL` seconds while a call is held, and for :data:`RELAY_LINGER` seconds after."""
+        store, holder = self._store, self.holder
+        async with anyio.create_task_group() as tasks:
+            task_status.started()
+            if store is None or holder is None:
+                return
+            idle_since: float | None = None
+            while True:
+                if self._waiting:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > RELAY_LINGER:
+                    self._holding = anyio.Event()
+                    await self._holding.wait()
+                    idle_since = None
+                    continue
+                try:
+                    relays = await store.relay_take(holder)
+                except GatewayError:  # the store's trouble must not end the serving; the retries wait meanwhile
+                    logger.exception("could not look for retries relayed to this gateway's held calls")
+                    await anyio.sleep(RELAY_POLL * 20)  # a second: not a log line every poll while it lasts
+                    continue
+                for relay in relays:
+                    tasks.start_soon(self._serve_relay, store, relay)
+                await anyio.sleep(RELAY_POLL)
+
+    async def _serve_relay(self, store: Store, relay: Relay) -> None:
+        """Deliver a relayed retry to its held call, as a local retry (every check of one included), and write
+        back the outcome."""
+        retry = relay.retry
+        principal = retry.get("principal") or {}
+        context = CallContext(
+            principal=Principal(str(principal.get("id", "")), str(principal.get("kind", "client"))),
+            input_responses=retry.get("inputResponses") or {},
+            request_state=str(retry.get("requestState") or ""),
+        )
+        answer: dict[str, Any]
+        try:
+            result = await self.resume(context, request=str(retry.get("request", "")))
+        except anyio.get_cancelled_exc_class():  # this gateway is stopping: so does the call; say so
+            stopped = ToolResult.text("the gateway holding this call stopped", is_error=True)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELAY_POLL * 20):
+                await store.relay_answer(relay.id, {"result": stopped.wire()})
+            raise
+        except InvalidRequestState as exc:
+            answer = {"error": {"reason": exc.reason, "message": str(exc)}}
+        except Exception:  # this retry's boundary: its client gets an error, the serving goes on
+            logger.exception("a relayed retry of held call %s failed", relay.held)
+            answer = {"result": ToolResult.text("the gateway holding this call failed", is_error=True).wire()}
+        else:
+            if result.input_required is not None:
+                answer = {"input_required": dict(result.input_required)}
+            else:
+                answer = {"result": result.wire()}
+        try:
+            await store.relay_answer(relay.id, answer)
+        except GatewayError:
+            logger.exception("could not answer a retry relayed to held call %s", relay.held)
 
     async def _drive(self, waiting: _Waiting, run: RunFn, context: CallContext) -> None:
         with waiting.scope:
@@ -220,7 +344,11 @@ class RoundTrips:
                         question.sent = True
                     asked = {key: q for key, q in waiting.questions.items() if q.answer is None}
                     state, waiting.nonce = self._signer.mint(
-                        held=waiting.id, principal=waiting.principal, request=waiting.request, ttl=waiting.timeout
+                        held=waiting.id,
+                        principal=waiting.principal,
+                        request=waiting.request,
+                        ttl=waiting.timeout,
+                        holder=self.holder,
                     )
                     return ToolResult(content=(), input_required=_input_required(asked, state))
                 await waiting.changed.wait()
@@ -229,6 +357,30 @@ class RoundTrips:
             raise
         finally:
             waiting.attached, waiting.progress, waiting.client = False, None, None
+
+
+def _gone() -> ToolResult:
+    return ToolResult.text(
+        "This call is no longer waiting for answers (it finished, expired, or the gateway restarted): "
+        "call the tool again without requestState to start it anew.",
+        is_error=True,
+    )
+
+
+def _outcome(answer: JSONObject) -> ToolResult:
+    """The result a relayed retry's answer stands for.
+
+    Raises:
+        InvalidRequestState: the holder refused the retry's state.
+    """
+    error = answer.get("error")
+    if isinstance(error, dict):
+        raise InvalidRequestState(str(error.get("reason", "")), str(error.get("message", "")))
+    required = answer.get("input_required")
+    if isinstance(required, dict):
+        return ToolResult(content=(), input_required=required)
+    result = answer.get("result")
+    return ToolResult.from_wire(result if isinstance(result, dict) else {})
 
 
 def _input_required(questions: dict[str, _Question], state: str) -> dict[str, Any]:

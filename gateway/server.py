@@ -73,7 +73,7 @@ from gateway.gateway import Gateway
 from gateway.nesting import NestingLimit, nesting_error
 from gateway.registry import Entry
 from gateway.requeststate import STATE_PREFIX, request_digest
-from gateway.roundtrip import ANSWER_TIMEOUT, RoundTrips
+from gateway.roundtrip import ANSWER_TIMEOUT
 from gateway.sessionless import SessionRequired
 from gateway.stdin import MessageOut, read_lines
 from gateway.tasks import TASKS_EXTENSION, TaskMethods, extension_task, task_of
@@ -212,7 +212,7 @@ class McpFrontend:
         self._param_headers: dict[str, bool] = {}
         self._log_levels: weakref.WeakKeyDictionary[Connection, str] = weakref.WeakKeyDictionary()
         self._subscribers: dict[str, weakref.WeakSet[Connection]] = {}
-        self._held = RoundTrips(lambda: None, signer=gateway.state_signer)
+        self._held = gateway.held_calls
         """Upstream tool calls of 2026-07-28 clients, held while the client answers what the upstream asked."""
         self.register_http_session: Callable[[str, Callable[[], FastSession]], None] | None = None
         """Set when served over HTTP: records handshake-era sessions for the lean ``tools/call`` path."""

@@ -28,6 +28,18 @@ def test_a_minted_state_opens_for_its_principal_and_request() -> None:
     assert (claim.held, claim.nonce) == ("h1", nonce)
 
 
+def test_a_state_names_its_holder_and_one_minted_before_holders_opens_as_held_here() -> None:
+    clock = Clock()
+    signer = StateSigner(b"k" * 32, clock=clock)
+    state, _ = signer.mint(held="h1", principal="ada", request="r", ttl=60, holder="i1/workflows/x")
+    claim = signer.open(state, principal="ada", request="r")
+    assert (claim.holder, claim.expires) == ("i1/workflows/x", 1060.0)
+    # Without a holder the payload is what a gateway minted before states named their holder (no "i").
+    old, nonce = signer.mint(held="h1", principal="ada", request="r", ttl=60)
+    claim = signer.open(old, principal="ada", request="r")
+    assert (claim.held, claim.nonce, claim.holder) == ("h1", nonce, None)
+
+
 def test_a_state_is_refused_once_expired() -> None:
     clock = Clock()
     signer = StateSigner(b"k" * 32, clock=clock)

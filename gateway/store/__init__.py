@@ -16,6 +16,11 @@ reads as ``interrupted`` until another instance :meth:`Store.claim` s it. How an
 be gone is each store's (a lock the process holds while it lives, in SQLite and PostgreSQL), and
 :meth:`Store.heartbeat` renews whatever a store needs renewed.
 
+Replicas also pass each other the retries of held calls (:class:`Relay`, ``gateway.roundtrip``): the
+replica a 2026-07-28 client's retry reaches puts it in the store (:meth:`Store.relay_put`), the one
+holding the call takes it (:meth:`Store.relay_take`) and answers it (:meth:`Store.relay_answer`), and
+the first reads the answer (:meth:`Store.relay_answer_of`).
+
 :func:`open_store` opens the store a URL names, creating and migrating its schema.
 """
 
@@ -31,6 +36,7 @@ from gateway.workflows.journal import JournalEvent
 __all__ = [
     "Durability",
     "IdempotencyEntry",
+    "Relay",
     "RunQuery",
     "RunRecord",
     "RunStatus",
@@ -115,6 +121,24 @@ class IdempotencyEntry:
     """The instance that is making the first call."""
 
 
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """A client's retry of a held call, relayed to the replica that holds the call."""
+
+    id: str
+    holder: str
+    """The round trips holding the call: ``<instance>/<name>``, ``instance`` being the holder's
+    :attr:`Store.instance`."""
+    held: str
+    """The held call's id (what its ``requestState`` names)."""
+    retry: Mapping[str, Any]
+    """The retry, as JSON: the principal (``kind``, ``id``), the ``request`` digest, the ``requestState`` and
+    the ``inputResponses``."""
+    created_at: float
+    deadline: float
+    """Wall-clock time after which nobody takes it (its ``requestState`` has expired by then)."""
+
+
 def fold(record: RunRecord | None, event: JournalEvent) -> RunRecord | None:
     """``record`` updated with ``event`` (None before a run's ``run_started``). Pure: every store keeps
     its :class:`RunRecord` s this way, in the transaction that appends the event."""
@@ -196,7 +220,8 @@ class Store(Protocol):
 
     async def prune(self, *, age: float | None = None, count: int | None = None) -> int:
         """Forget finished runs (with their events) older than ``age`` seconds, and beyond the ``count``
-        most recent finished ones; and expired idempotency keys. Returns the runs forgotten."""
+        most recent finished ones; and expired idempotency keys and relayed retries past their deadline.
+        Returns the runs forgotten."""
         ...
 
     # --- Ownership of runs. ---
@@ -222,6 +247,32 @@ class Store(Protocol):
     async def cancel_requests(self) -> Sequence[tuple[str, str]]:
         """The runs this instance owns whose cancellation was asked for, each with its message; each request
         is given once (and forgotten)."""
+        ...
+
+    # --- Retries relayed to the replica holding their call. ---
+
+    async def relay_put(self, holder: str, held: str, retry: Mapping[str, Any], deadline: float) -> str | None:
+        """Relay ``retry`` of the call ``held`` to ``holder`` (``<instance>/<name>``), to be taken before
+        ``deadline``: its id, or None (nothing stored) when the holder's instance is known to be gone."""
+        ...
+
+    async def relay_take(self, holder: str) -> Sequence[Relay]:
+        """The retries relayed to ``holder`` that nobody took yet and whose deadline has not passed; each is given
+        once (it is taken now)."""
+        ...
+
+    async def relay_answer(self, relay_id: str, answer: Mapping[str, Any]) -> None:
+        """Record the answer to a taken retry (nothing happens if it was forgotten meanwhile)."""
+        ...
+
+    async def relay_answer_of(self, relay_id: str) -> Mapping[str, Any] | None:
+        """The answer to the retry, once given (the retry is forgotten then: an answer is read once); None
+        while it has none, or when the retry is unknown."""
+        ...
+
+    async def relay_withdraw(self, relay_id: str) -> bool:
+        """Forget the retry unless its holder took it: True when it is gone now (withdrawn, or unknown), False
+        when the holder took it and its answer is still to come."""
         ...
 
     # --- Idempotency keys. ---

@@ -2,17 +2,18 @@
 
 It keeps the most recent runs, at most ``kept_runs`` of them and ``kept_events`` events in all:
 whole finished runs are forgotten, oldest first, and runs still going are kept. Every run is this
-instance's, so none is ever ``interrupted``.
+instance's, so none is ever ``interrupted``. Gateways sharing one :class:`MemoryStore` (in one process, as
+tests do) relay each other held calls' retries through it.
 """
 
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.store import IdempotencyEntry, RunQuery, RunRecord, fold
+from gateway.store import IdempotencyEntry, Relay, RunQuery, RunRecord, fold
 from gateway.workflows.journal import JournalEvent
 
 __all__ = ["DEFAULT_KEPT_EVENTS", "DEFAULT_KEPT_RUNS", "MemoryStore"]
@@ -45,6 +46,7 @@ class MemoryStore:
         self._count = 0
         self._keys: dict[tuple[str, str], IdempotencyEntry] = {}
         self._cancels: dict[str, str] = {}
+        self._relays: dict[str, _Relayed] = {}
 
     # --- The journal. ---
 
@@ -109,6 +111,9 @@ class MemoryStore:
         for scope_key, entry in list(self._keys.items()):
             if entry.expires_at <= now:
                 del self._keys[scope_key]
+        for relay_id, relayed in list(self._relays.items()):
+            if relayed.relay.deadline < now:
+                del self._relays[relay_id]
         return len(doomed)
 
     # --- Ownership: every run is this instance's. ---
@@ -130,6 +135,45 @@ class MemoryStore:
         record = self._records.get(run_id)
         if record is not None:
             self._records[run_id] = replace(record, note=note)
+
+    # --- Retries relayed to the replica holding their call. ---
+
+    async def relay_put(self, holder: str, held: str, retry: Mapping[str, Any], deadline: float) -> str | None:
+        if holder.partition("/")[0] != self.instance:
+            return None  # another process's memory: gone with it, or never shared with this one
+        relay = Relay(uuid.uuid4().hex, holder, held, retry, self._clock(), deadline)
+        self._relays[relay.id] = _Relayed(relay)
+        return relay.id
+
+    async def relay_take(self, holder: str) -> Sequence[Relay]:
+        now = self._clock()
+        taken = [
+            relayed
+            for relayed in self._relays.values()
+            if relayed.relay.holder == holder and not relayed.taken and relayed.relay.deadline > now
+        ]
+        for relayed in taken:
+            relayed.taken = True
+        return [relayed.relay for relayed in taken]
+
+    async def relay_answer(self, relay_id: str, answer: Mapping[str, Any]) -> None:
+        relayed = self._relays.get(relay_id)
+        if relayed is not None:
+            relayed.answer = answer
+
+    async def relay_answer_of(self, relay_id: str) -> Mapping[str, Any] | None:
+        relayed = self._relays.get(relay_id)
+        if relayed is None or relayed.answer is None:
+            return None
+        del self._relays[relay_id]
+        return relayed.answer
+
+    async def relay_withdraw(self, relay_id: str) -> bool:
+        relayed = self._relays.get(relay_id)
+        if relayed is not None and relayed.taken:
+            return False
+        self._relays.pop(relay_id, None)
+        return True
 
     # --- Idempotency keys. ---
 
@@ -163,6 +207,13 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+
+@dataclass(eq=False)
+class _Relayed:
+    relay: Relay
+    taken: bool = False
+    answer: Mapping[str, Any] | None = None
 
 
 def _matches(record: RunRecord, query: RunQuery) -> bool:

@@ -36,7 +36,7 @@ import asyncpg
 import orjson
 
 from gateway.errors import StoreError
-from gateway.store import Durability, IdempotencyEntry, RunQuery, RunRecord
+from gateway.store import Durability, IdempotencyEntry, Relay, RunQuery, RunRecord
 from gateway.store._common import (
     FINISHED,
     RUN_COLUMNS,
@@ -78,6 +78,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (  # 2: cancellations asked of the instance that runs a run
         "CREATE TABLE cancel_requests (run_id TEXT PRIMARY KEY, message TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
+    ),
+    (  # 3: retries of held calls relayed to the replica holding the call
+        """CREATE TABLE relays (
+            id TEXT PRIMARY KEY, holder TEXT NOT NULL, held TEXT NOT NULL, retry JSONB NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL, deadline DOUBLE PRECISION NOT NULL, taken_at DOUBLE PRECISION,
+            answer JSONB)""",
+        "CREATE INDEX relays_by_holder ON relays (holder, taken_at)",
     ),
 )
 """The schema, one entry per version (forward only): version N is after ``MIGRATIONS[N - 1]`` ran."""
@@ -287,6 +294,7 @@ class PostgresStore(Journaled):
                 await con.execute("DELETE FROM events WHERE run_id = ANY($1::text[])", unique)
                 await con.execute("DELETE FROM runs WHERE run_id = ANY($1::text[])", unique)
                 await con.execute("DELETE FROM idempotency WHERE expires_at <= $1", now)
+                await con.execute("DELETE FROM relays WHERE deadline < $1", now)
                 # Asked of a run that ended before its owner saw the request (or is forgotten).
                 await con.execute(
                     "DELETE FROM cancel_requests WHERE run_id NOT IN (SELECT run_id FROM runs WHERE status = 'running')"
@@ -343,6 +351,59 @@ class PostgresStore(Journaled):
 
     async def mark(self, run_id: str, note: str | None) -> None:
         await self._execute("UPDATE runs SET note = $1 WHERE run_id = $2", note, run_id)
+
+    # --- Retries relayed to the replica holding their call. ---
+
+    async def relay_put(self, holder: str, held: str, retry: Mapping[str, Any], deadline: float) -> str | None:
+        relay_id = uuid.uuid4().hex
+        try:
+            async with self._connection() as con:
+                if not await self._owner_alive(con, holder.partition("/")[0]):
+                    return None
+                await con.execute(
+                    "INSERT INTO relays (id, holder, held, retry, created_at, deadline) "
+                    "VALUES ($1, $2, $3, $4::jsonb, $5, $6)",
+                    relay_id,
+                    holder,
+                    held,
+                    orjson.dumps(retry).decode(),
+                    self._clock(),
+                    deadline,
+                )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"cannot write to the store {_shown(self.url)}: {exc}") from exc
+        return relay_id
+
+    async def relay_take(self, holder: str) -> Sequence[Relay]:
+        now = self._clock()
+        # Row locks skipped, not waited for: two takers never get the same retry, and neither blocks.
+        rows = await self._fetch(
+            "UPDATE relays SET taken_at = $1 WHERE id IN (SELECT id FROM relays WHERE holder = $2 AND taken_at IS NULL "
+            "AND deadline > $1 FOR UPDATE SKIP LOCKED) RETURNING id, holder, held, retry, created_at, deadline",
+            now,
+            holder,
+        )
+        return [Relay(r[0], r[1], r[2], orjson.loads(r[3]), r[4], r[5]) for r in rows]
+
+    async def relay_answer(self, relay_id: str, answer: Mapping[str, Any]) -> None:
+        await self._execute(
+            "UPDATE relays SET answer = $1::jsonb WHERE id = $2", orjson.dumps(answer).decode(), relay_id
+        )
+
+    async def relay_answer_of(self, relay_id: str) -> Mapping[str, Any] | None:
+        rows = await self._fetch("DELETE FROM relays WHERE id = $1 AND answer IS NOT NULL RETURNING answer", relay_id)
+        if not rows:
+            return None
+        answer: Mapping[str, Any] = orjson.loads(rows[0][0])
+        return answer
+
+    async def relay_withdraw(self, relay_id: str) -> bool:
+        rows = await self._fetch(
+            "WITH gone AS (DELETE FROM relays WHERE id = $1 AND taken_at IS NULL RETURNING id) "
+            "SELECT EXISTS (SELECT 1 FROM relays WHERE id = $1 AND id NOT IN (SELECT id FROM gone))",
+            relay_id,
+        )
+        return not rows[0][0]
 
     # --- Idempotency keys. ---
 

@@ -37,7 +37,7 @@ import anyio
 import orjson
 
 from gateway.errors import StoreError
-from gateway.store import Durability, IdempotencyEntry, RunQuery, RunRecord
+from gateway.store import Durability, IdempotencyEntry, Relay, RunQuery, RunRecord
 from gateway.store._common import (
     FINISHED,
     RUN_COLUMNS,
@@ -82,6 +82,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (  # 2: cancellations asked of the instance that runs a run
         "CREATE TABLE cancel_requests (run_id TEXT PRIMARY KEY, message TEXT NOT NULL, at REAL NOT NULL)",
+    ),
+    (  # 3: retries of held calls relayed to the replica holding the call
+        """CREATE TABLE relays (
+            id TEXT PRIMARY KEY, holder TEXT NOT NULL, held TEXT NOT NULL, retry TEXT NOT NULL,
+            created_at REAL NOT NULL, deadline REAL NOT NULL, taken_at REAL, answer TEXT)""",
+        "CREATE INDEX relays_by_holder ON relays (holder, taken_at)",
     ),
 )
 """The schema, one entry per version (forward only): version N is after ``MIGRATIONS[N - 1]`` ran."""
@@ -342,6 +348,7 @@ class SqliteStore(Journaled):
             con.executemany("DELETE FROM events WHERE run_id = ?", unique)
             con.executemany("DELETE FROM runs WHERE run_id = ?", unique)
             con.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            con.execute("DELETE FROM relays WHERE deadline < ?", (now,))
             # Asked of a run that ended before its owner saw the request (or is forgotten).
             con.execute(
                 "DELETE FROM cancel_requests WHERE run_id NOT IN (SELECT run_id FROM runs WHERE status = 'running')"
@@ -388,6 +395,58 @@ class SqliteStore(Journaled):
                 (self.instance,),
             ).fetchall()
         return [(row[0], row[1]) for row in rows]
+
+    # --- Retries relayed to the replica holding their call. ---
+
+    async def relay_put(self, holder: str, held: str, retry: Mapping[str, Any], deadline: float) -> str | None:
+        return await self._run(self._relay_put, holder, held, orjson.dumps(retry).decode(), deadline)
+
+    def _relay_put(self, holder: str, held: str, retry: str, deadline: float) -> str | None:
+        if not self._owner_alive(holder.partition("/")[0]):
+            return None
+        relay_id = uuid.uuid4().hex
+        sql = "INSERT INTO relays (id, holder, held, retry, created_at, deadline) VALUES (?, ?, ?, ?, ?, ?)"
+        self._execute(sql, (relay_id, holder, held, retry, self._clock(), deadline))
+        return relay_id
+
+    async def relay_take(self, holder: str) -> Sequence[Relay]:
+        return await self._run(self._relay_take, holder)
+
+    def _relay_take(self, holder: str) -> list[Relay]:
+        con, now = self._db, self._clock()
+        waiting = "holder = ? AND taken_at IS NULL AND deadline > ?"
+        if con.execute(f"SELECT 1 FROM relays WHERE {waiting} LIMIT 1", (holder, now)).fetchone() is None:
+            return []  # the usual answer, read without taking the write lock
+        with _transaction(con):
+            returning = "RETURNING id, holder, held, retry, created_at, deadline"
+            sql = f"UPDATE relays SET taken_at = ? WHERE {waiting} {returning}"
+            rows = con.execute(sql, (now, holder, now)).fetchall()
+        return [Relay(r[0], r[1], r[2], orjson.loads(r[3]), r[4], r[5]) for r in rows]
+
+    async def relay_answer(self, relay_id: str, answer: Mapping[str, Any]) -> None:
+        sql = "UPDATE relays SET answer = ? WHERE id = ?"
+        await self._run(self._execute, sql, (orjson.dumps(answer).decode(), relay_id))
+
+    async def relay_answer_of(self, relay_id: str) -> Mapping[str, Any] | None:
+        return await self._run(self._relay_answer_of, relay_id)
+
+    def _relay_answer_of(self, relay_id: str) -> Mapping[str, Any] | None:
+        con = self._db
+        row = con.execute("SELECT answer FROM relays WHERE id = ?", (relay_id,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        self._execute("DELETE FROM relays WHERE id = ?", (relay_id,))
+        answer: Mapping[str, Any] = orjson.loads(row[0])
+        return answer
+
+    async def relay_withdraw(self, relay_id: str) -> bool:
+        return await self._run(self._relay_withdraw, relay_id)
+
+    def _relay_withdraw(self, relay_id: str) -> bool:
+        con = self._db
+        with _transaction(con):
+            con.execute("DELETE FROM relays WHERE id = ? AND taken_at IS NULL", (relay_id,))
+            return con.execute("SELECT 1 FROM relays WHERE id = ?", (relay_id,)).fetchone() is None
 
     def _execute(self, sql: str, args: Sequence[Any]) -> None:
         con = self._db

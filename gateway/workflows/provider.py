@@ -23,6 +23,7 @@ from jsonschema.validators import validator_for
 from gateway.errors import ConfigProblem, InvalidArguments, ResourceNotFound, ToolNotFound, UpstreamError
 from gateway.requeststate import STATE_PREFIX, StateSigner, request_digest
 from gateway.roundtrip import RoundTrips, needs_round_trip
+from gateway.store import Store
 from gateway.store.memory import MemoryStore
 from gateway.tasks import task_of
 from gateway.types import (
@@ -70,19 +71,22 @@ class WorkflowProvider:
         runs: Runs | None = None,
         redact: Redact | None = None,
         signer: StateSigner | None = None,
+        store: Store | None = None,
     ) -> None:
         """``background`` gives the task group that runs wait in for a 2026-07-28 client's answers; by
         default, the one :meth:`run` holds (none before it runs: such a run is then answered inline).
         ``runs`` starts and attaches to the runs (idempotency keys); by default, one of its own over
         an in-memory store. ``redact`` redacts what a run's resource shows (by default, with the built-in
         rules of the audit trail). ``signer`` mints the ``requestState`` of runs waiting for answers (by default
-        with a random key)."""
+        with a random key); with a ``store`` shared by replicas, their retries are relayed through it to the
+        replica where the run waits (:attr:`round_trips`)."""
         self.plans = plans
         self.runner = runner
         self.runs = runs if runs is not None else Runs(runner, MemoryStore(), plans)
         self._redact = redact or Redactor().redact
         self._tasks: TaskGroup | None = None
-        self._round_trips = RoundTrips(background or (lambda: self._tasks), signer=signer)
+        self.round_trips = RoundTrips(background or (lambda: self._tasks), signer=signer, store=store, name="workflows")
+        """The runs waiting for a 2026-07-28 client's answers."""
         self.tools = tuple(_tool(plan) for plan in plans.values())
         """The workflows as tools, in the order the config lists them."""
         self.listing = Listing(tools=self.tools, resources=(_RUNS_RESOURCE,) if plans else ())
@@ -145,7 +149,7 @@ class WorkflowProvider:
             raise ToolNotFound(name)
         if context.request_state is not None and context.request_state.startswith(STATE_PREFIX):
             # a 2026-07-28 client's answers
-            return await self._round_trips.resume(context, request=request_digest(name, arguments))
+            return await self.round_trips.resume(context, request=request_digest(name, arguments))
         # The gateway's chain has validated them already; this guards calls made to the provider directly.
         problems = violations(self._validators[name], arguments)
         if problems:
@@ -159,7 +163,7 @@ class WorkflowProvider:
             return self._checked(name, await self.runs.call(plan, given, run_context))
 
         if needs_round_trip(context):
-            return await self._round_trips.start(run, context, request=request_digest(name, arguments))
+            return await self.round_trips.start(run, context, request=request_digest(name, arguments))
         return await run(context)
 
     def _checked(self, name: str, result: ToolResult) -> ToolResult:

@@ -201,7 +201,7 @@ async def test_a_store_with_a_newer_schema_is_refused(durable_url: str, opener: 
             pytest.fail("the store opened")
     message = str(caught.value)
     assert "schema version 99" in message
-    assert "version 2" in message
+    assert "version 3" in message
     assert "upgrade Patchbay" in message
 
 
@@ -220,7 +220,8 @@ async def sql(url: str, statement: str) -> None:
 async def test_a_version_1_store_is_migrated_and_keeps_its_runs(durable_url: str, opener: Opener) -> None:
     async with opener(durable_url) as store:
         await store_run(store, "r1")
-    await sql(durable_url, "DROP TABLE cancel_requests")  # what version 1 had
+    await sql(durable_url, "DROP TABLE relays")  # what version 1 had
+    await sql(durable_url, "DROP TABLE cancel_requests")
     await set_schema_version(durable_url, 1)
 
     async with opener(durable_url) as store:
@@ -230,6 +231,28 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_runs(durable_url: str
         requests = await store.cancel_requests()
     assert record is not None
     assert requests == [("r1", "asked by another gateway")]
+
+
+async def test_a_version_2_store_is_migrated_and_relays_retries(durable_url: str, opener: Opener) -> None:
+    async with opener(durable_url) as store:
+        await store_run(store, "r1")
+    await sql(durable_url, "DROP TABLE relays")  # what version 2 had
+    await set_schema_version(durable_url, 2)
+
+    async with opener(durable_url) as store:
+        record = await store.run("r1")
+        relay_id = await store.relay_put(f"{store.instance}/x/1", "h1", {"n": 1}, 2_000_000.0)
+        taken = await store.relay_take(f"{store.instance}/x/1")
+    assert record is not None
+    assert relay_id is not None
+    assert [(relay.id, relay.retry) for relay in taken] == [(relay_id, {"n": 1})]
+
+
+async def test_a_retry_is_not_relayed_to_an_instance_that_is_gone(durable_url: str, opener: Opener) -> None:
+    async with opener(durable_url) as gone:
+        holder = f"{gone.instance}/workflows/1"
+    async with opener(durable_url) as store:
+        assert await store.relay_put(holder, "h1", {}, 2_000_000.0) is None
 
 
 async def test_a_cancellation_asked_through_one_instance_is_given_once_to_the_owner(

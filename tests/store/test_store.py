@@ -160,3 +160,48 @@ async def test_concurrent_claims_of_one_idempotency_key_have_one_winner(url: str
                 for _ in range(10):
                     tg.start_soon(claim)
     assert results.count(None) == 1
+
+
+# -- retries relayed to the replica holding their call ------------------------------------------------------------
+
+
+async def test_a_relayed_retry_is_taken_once_by_its_holder_and_its_answer_read_once(store: Store) -> None:
+    holder, other = f"{store.instance}/workflows/a", f"{store.instance}/server/b"
+    retry = {"principal": {"kind": "client", "id": "ada"}, "inputResponses": {"q1": {"action": "accept"}}}
+    relay_id = await store.relay_put(holder, "held-1", retry, 1_000_060.0)
+    assert relay_id is not None
+
+    assert await store.relay_take(other) == []
+    [taken] = await store.relay_take(holder)
+    assert (taken.id, taken.holder, taken.held, taken.retry, taken.deadline) == (
+        relay_id,
+        holder,
+        "held-1",
+        retry,
+        1_000_060.0,
+    )
+    assert await store.relay_take(holder) == []  # given once
+    assert await store.relay_answer_of(relay_id) is None  # not answered yet
+    assert not await store.relay_withdraw(relay_id)  # taken: its answer is coming
+
+    await store.relay_answer(relay_id, {"result": {"content": [], "isError": False}})
+    assert await store.relay_answer_of(relay_id) == {"result": {"content": [], "isError": False}}
+    assert await store.relay_answer_of(relay_id) is None  # read once, then forgotten
+
+
+async def test_a_relayed_retry_nobody_took_is_withdrawn_and_none_is_taken_past_its_deadline(
+    store: Store, clock: Clock
+) -> None:
+    holder = f"{store.instance}/workflows/a"
+    withdrawn = await store.relay_put(holder, "held-1", {}, 1_000_060.0)
+    late = await store.relay_put(holder, "held-2", {}, 1_000_060.0)
+    assert withdrawn is not None
+    assert late is not None
+
+    assert await store.relay_withdraw(withdrawn)
+    assert await store.relay_withdraw("unknown")
+    clock.now = 1_000_061.0
+    assert await store.relay_take(holder) == []
+    assert await store.prune() == 0
+    clock.now = 1_000_059.0
+    assert await store.relay_take(holder) == []  # pruned: gone
