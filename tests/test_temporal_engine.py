@@ -13,17 +13,18 @@ import anyio
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, Worker
 
 from gateway.dispatch import Invocation
 from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.workflows import _temporal_plans
 from gateway.workflows.commands import AskModel, AskUser, CallTool, Command, Finished, StepError
 from gateway.workflows.engine import Run
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, Runner
-from gateway.workflows.temporal import PatchbayRun, RunInput, TemporalEngine, workflow_queue
+from gateway.workflows.temporal import PatchbayRun, RunInput, TemporalEngine, evaluate, workflow_queue
 from tests import temporal_server as dev_server
 from tests.workflows.test_runner import plan_of
 
@@ -41,8 +42,8 @@ Call = tuple[str, dict[str, Any], str | None]
 
 
 class Tools:
-    """Fake tools, the same behind both engines: ``slow`` waits until cancelled, ``boom`` fails,
-    ``flaky`` fails its first call, ``late`` answers after 1 s; the others echo their arguments."""
+    """Fake tools, the same behind both engines: ``slow`` waits until cancelled, ``stalls`` too but only
+    its first call, ``boom`` fails, ``flaky`` fails its first call; the others echo their arguments."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -60,6 +61,9 @@ class Tools:
             finally:
                 self.cancelled.append(tool)
                 self.stopped.set()
+        if tool == "stalls" and sum(called == "stalls" for called, _, _ in self.calls) == 1:
+            self.started.set()
+            await anyio.sleep_forever()
         if tool == "boom" or (tool == "flaky" and sum(called == "flaky" for called, _, _ in self.calls) == 1):
             return None, StepError("error", "it broke")
         return {"tool": tool, **arguments}, None
@@ -283,12 +287,52 @@ async def test_starting_a_run_id_again_gives_the_first_run(temporal_client: Clie
 
 
 async def test_a_finished_runs_history_replays_in_the_sandbox_with_the_same_commands(temporal_client: Client) -> None:
-    text, arguments = SAME_ON_BOTH["a for_each with concurrency"]
-    plan = plan_of(text.replace("concurrency: 2", "concurrency: 2\n    retry: {attempts: 2, backoff: 10ms}"))
+    plan = plan_of("""
+steps:
+  - id: lines
+    for_each: "${.input.items}"
+    as: item
+    concurrency: 2
+    steps: [{id: stock, call: flaky, with: {sku: "${.item.sku}"}, retry: {attempts: 2, backoff: 10ms}}]
+  - id: route
+    switch: [{when: '(.steps.lines.result | length) > 2', steps: [{id: many, call: t__many}]}]
+output: {n: "${.steps.lines.result | length}"}
+""")
     tools, run_id = Tools(), uuid.uuid4().hex
     with anyio.fail_after(10):
         async with serving(temporal_client, [plan], tools) as engine:
-            await engine.run(plan.name, arguments, CALLER_JSON, run_id)
+            result = await engine.run(
+                plan.name, {"items": [{"sku": "a"}, {"sku": "b"}, {"sku": "c"}]}, CALLER_JSON, run_id
+            )
             history = await temporal_client.get_workflow_handle(run_id).fetch_history()
             replayed = await Replayer(workflows=[PatchbayRun]).replay_workflow(history, raise_on_replay_failure=False)
+    assert result["output"] == {"n": 3}
+    assert [tool for tool, _, _ in tools.calls].count("flaky") == 4  # one failed try, retried after a timer
     assert replayed.replay_failure is None
+
+
+async def test_a_call_whose_replica_stops_is_made_again_by_another_under_the_same_key(temporal_client: Client) -> None:
+    plan, tools, run_id, queue = (
+        plan_of("steps: [{id: a, call: stalls}]"),
+        Tools(),
+        uuid.uuid4().hex,
+        f"test-{uuid.uuid4().hex}",
+    )
+    other = await Client.connect(temporal_client.service_client.config.target_host)
+    # The run's workflow stays on a worker of its own: the replicas that come and go only make calls.
+    runs = Worker(other, task_queue=workflow_queue(queue, plan), workflows=[PatchbayRun], activities=[evaluate])
+    _temporal_plans.hold([plan])
+    try:
+        with anyio.fail_after(10):
+            async with runs:
+                async with TemporalEngine(temporal_client, queue, {}, tools.execute).serve():
+                    await TemporalEngine(other, queue, {plan.name: plan}, tools.execute).start(
+                        plan.name, {}, CALLER_JSON, run_id
+                    )
+                    await tools.started.wait()
+                async with TemporalEngine(other, queue, {}, tools.execute).serve():
+                    result = await TemporalEngine(other, queue, {}, tools.execute).result(run_id)
+    finally:
+        _temporal_plans.release([plan])
+    assert result["status"] == "succeeded"
+    assert tools.calls == [("stalls", {}, f"{run_id}:a"), ("stalls", {}, f"{run_id}:a")]

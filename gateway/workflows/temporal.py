@@ -11,6 +11,10 @@ local runner does, with Temporal's means:
   start-to-close timeout (and the activity enforces it itself too, so the call is stopped, not only
   given up on). Temporal's own retries are off: the engine retries, with a timer between tries.
   The activity heartbeats, which is how a cancellation reaches it and how a dead worker is noticed.
+  A try whose replica stopped or died before it answered (its worker shut down; no heartbeat for
+  :data:`HEARTBEAT_TIMEOUT`) is made again under the same idempotency key, as a resumed local run
+  makes the calls in flight at a crash again: it fails as a refusal does (``unavailable``, with
+  ``retry_after`` 0), which the engine tries again within the step's timeout even without ``retry:``.
 * ``Evaluate``: a local activity (``patchbay.evaluate``) running the jq program in the bounded worker
   pool (:func:`~gateway.workflows.expressions.run_program`): jq is native code and never runs in
   workflow code, and its outcome is recorded in the history, so a replay does not run it again.
@@ -37,7 +41,9 @@ has it (during a rolling deploy, the old replicas finish the old runs). Should a
 worker without its plan, the workflow task fails (:class:`PlanNotHeld`) and Temporal tries it again,
 later or elsewhere; the run itself is not failed. The steps' activities go to the plain
 ``task_queue``: any replica may make a call. (Temporal's worker versioning would do the routing too,
-but needs a deployment name and build id per config; a queue per digest needs nothing.)
+but needs a deployment name and build id per config; a queue per digest needs nothing.) A replica
+that stops leaves its cached runs on its sticky queue: Temporal hands them to another replica after
+the worker's sticky timeout (10 s).
 
 The sandbox: the workflow runs under Temporal's default ``SandboxedWorkflowRunner``. The engine and
 what it imports are pure, so they are passed through (imported once, not per run); so is the table
@@ -54,7 +60,7 @@ upgrades with runs in flight need Temporal's worker versioning or patching.
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from typing import Any, Literal
@@ -102,6 +108,8 @@ __all__ = [
     "PlanNotHeld",
     "RunInput",
     "RunResult",
+    "Evaluated",
+    "StepKind",
     "StepOutcome",
     "StepTask",
     "TemporalEngine",
@@ -125,6 +133,8 @@ EVALUATION_TIMEOUT = timedelta(seconds=TIME_LIMIT + 10)
 """A backstop: the worker pool stops a program at its own time limit."""
 _ONCE = RetryPolicy(maximum_attempts=1)
 """Temporal does not retry a step: the engine does, as the workflow says."""
+_WORKER_SHUTDOWN = "WorkerShutdown"
+"""The type of the error a step's activity fails with when its worker stops before it finished."""
 _SHORTEST_TIMER = 0.001
 """Seconds: Temporal timers must be longer than nothing."""
 
@@ -135,7 +145,8 @@ gateway's dispatch path); ``caller`` is ``{kind, id}``. Cancelled when the engin
 _Event = tuple[str, str, int, Any, StepError | None]
 """``("done", key, attempt, result, error)``, ``("fire", key, 0, None, None)`` or
 ``("evaluated", key, 0, Outcome, None)``."""
-_KINDS: dict[type, str] = {CallTool: "call_tool", AskUser: "ask_user", AskModel: "ask_model"}
+StepKind = Literal["call_tool", "ask_user", "ask_model"]
+_KINDS: dict[type, StepKind] = {CallTool: "call_tool", AskUser: "ask_user", AskModel: "ask_model"}
 _LEAVES: dict[str, type[CallTool] | type[AskUser] | type[AskModel]] = {kind: cls for cls, kind in _KINDS.items()}
 
 
@@ -178,7 +189,7 @@ class StepTask:
 
     run_id: str
     caller: dict[str, str]
-    kind: Literal["call_tool", "ask_user", "ask_model"]
+    kind: StepKind
     command: dict[str, Any]
     """The command's fields (a call's ``idempotency_key`` included)."""
 
@@ -246,7 +257,7 @@ class PatchbayRun:
             try:
                 event = await self._events.get()
             except asyncio.CancelledError:  # the workflow was cancelled (a second request changes nothing)
-                cancelled = True
+                cancelled = cancelled or engine.status == "running"  # a run failing already ends failed
                 finished = self._apply(engine.cancel("the run was cancelled"))
                 continue
             finished = self._apply(self._feed(engine, event))
@@ -311,7 +322,7 @@ class PatchbayRun:
         task = StepTask(
             start.run_id,
             start.caller,
-            _KINDS[type(command)],  # type: ignore[arg-type]
+            _KINDS[type(command)],
             {f.name: getattr(command, f.name) for f in fields(command)},
         )
         timeout = timedelta(seconds=command.timeout) if command.timeout is not None else NO_TIMEOUT
@@ -352,9 +363,11 @@ class PatchbayRun:
 
 def _activity_failure(exc: ActivityError, timeout: float | None) -> StepError:
     cause = exc.cause
+    if (isinstance(cause, TemporalTimeout) and cause.type == TimeoutType.HEARTBEAT) or (
+        isinstance(cause, ApplicationError) and cause.type == _WORKER_SHUTDOWN
+    ):  # its replica stopped or died: made again, as a resumed local run makes the calls in flight at a crash
+        return StepError("unavailable", "the replica making the call stopped before it answered", retry_after=0.0)
     if isinstance(cause, TemporalTimeout):
-        if cause.type == TimeoutType.HEARTBEAT:
-            return StepError("unavailable", "the worker making the call stopped answering")
         limit = f"{timeout:g}s" if timeout is not None else "the longest a step may take"
         return StepError("timeout", f"no answer within the step's timeout of {limit}")
     if isinstance(cause, TemporalCancelled):  # not by the engine (that outcome is ignored): its worker stopped
@@ -389,17 +402,15 @@ class _Steps:
 
     async def _perform(self, command: Leaf, task: StepTask) -> tuple[Any, StepError | None]:
         """The outcome, within the step's timeout. Raises only cancellation."""
-        limit = command.timeout
-        try:
-            with anyio.fail_after(limit) if limit is not None else nullcontext():
+        with anyio.move_on_after(command.timeout):
+            try:
                 return await self._execute(command, task.run_id, task.caller)
-        except TimeoutError:
-            return None, StepError("timeout", f"no answer within the step's timeout of {limit:g}s")
-        except GatewayError as exc:
-            return None, StepError(exc.outcome, str(exc), retry_after=exc.retry_after)
-        except Exception as exc:  # the step boundary: one step's bug fails the step, not the worker
-            logger.exception("run %s: step %s raised", task.run_id, command.key)
-            return None, StepError("error", f"internal error: {exc!r}")
+            except GatewayError as exc:
+                return None, StepError(exc.outcome, str(exc), retry_after=exc.retry_after)
+            except Exception as exc:  # the step boundary: one step's bug fails the step, not the worker
+                logger.exception("run %s: step %s raised", task.run_id, command.key)
+                return None, StepError("error", f"internal error: {exc!r}")
+        return None, StepError("timeout", f"no answer within the step's timeout of {command.timeout:g}s")
 
 
 @activity.defn(name=EVALUATE_ACTIVITY)
@@ -528,11 +539,16 @@ class TemporalEngine:
                     yield
                 finally:
                     with anyio.CancelScope(shield=True):
-                        async with anyio.create_task_group() as stopping:
-                            for worker in workers:
-                                stopping.start_soon(worker.shutdown)
+                        await _shut_down(workers[1:])  # first take no more workflow tasks, then stop the calls:
+                        await workers[0].shutdown()  # their failures go to another replica's workers
         finally:
             _temporal_plans.release(plans)
+
+
+async def _shut_down(workers: list[Worker]) -> None:
+    async with anyio.create_task_group() as tg:
+        for worker in workers:
+            tg.start_soon(worker.shutdown)
 
 
 async def _run_worker(worker: Worker) -> None:
