@@ -286,7 +286,9 @@ async def test_starting_a_run_id_again_gives_the_first_run(temporal_client: Clie
     assert len(tools.calls) == 1
 
 
-async def test_a_finished_runs_history_replays_in_the_sandbox_with_the_same_commands(temporal_client: Client) -> None:
+async def test_a_runs_history_holds_its_timers_and_jq_outcomes_and_replays_in_the_sandbox(
+    temporal_client: Client,
+) -> None:
     plan = plan_of("""
 steps:
   - id: lines
@@ -308,6 +310,9 @@ output: {n: "${.steps.lines.result | length}"}
             replayed = await Replayer(workflows=[PatchbayRun]).replay_workflow(history, raise_on_replay_failure=False)
     assert result["output"] == {"n": 3}
     assert [tool for tool, _, _ in tools.calls].count("flaky") == 4  # one failed try, retried after a timer
+    kinds = [event.event_type for event in history.events]
+    assert EventType.EVENT_TYPE_TIMER_FIRED in kinds
+    assert EventType.EVENT_TYPE_MARKER_RECORDED in kinds  # a local activity's outcome: jq ran outside the workflow
     assert replayed.replay_failure is None
 
 

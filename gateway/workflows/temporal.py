@@ -429,7 +429,8 @@ class TemporalEngine:
     ``client`` is connected to the namespace the runs live in; ``task_queue`` is where the steps'
     activities go (each plan's runs go to :func:`workflow_queue`); ``plans`` are the workflows this
     replica runs, by name; ``execute`` makes the steps' calls. ``heartbeat`` (seconds) is how often a
-    running step heartbeats, hence about how long its cancellation takes to reach it.
+    running step heartbeats (a request to the server each time), hence about how long its
+    cancellation takes to reach it.
     """
 
     def __init__(
@@ -502,14 +503,21 @@ class TemporalEngine:
 
     async def cancel(self, run_id: str) -> None:
         """Ask run ``run_id`` to stop: its steps in flight are cancelled, its compensations run, and
-        then it ends cancelled (:meth:`result` tells when)."""
+        then it ends cancelled (:meth:`result` tells when). A run that has ended is left as it is.
+
+        Raises:
+            temporalio.service.RPCError: Temporal knows no run ``run_id`` (status ``NOT_FOUND``).
+        """
         await self.client.get_workflow_handle(run_id).cancel()
 
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[None]:
         """Run this replica's workers while the block runs: one for the steps' activities, and one per
         plan, polling that plan's queue (the workflow, and its evaluations as local activities).
-        Leaving the block stops them (steps in flight are cancelled; their runs go on elsewhere)."""
+        Leaving the block stops them (steps in flight are cancelled; their runs go on elsewhere).
+
+        One engine per client and task queue may serve at a time in a process (Temporal refuses a
+        second worker of the same queue on one client)."""
         plans = list({plan.digest: plan for plan in self.plans.values()}.values())
         workers = [
             Worker(
@@ -539,8 +547,8 @@ class TemporalEngine:
                     yield
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await _shut_down(workers[1:])  # first take no more workflow tasks, then stop the calls:
-                        await workers[0].shutdown()  # their failures go to another replica's workers
+                        await _shut_down(workers[1:])  # first take no more workflow tasks,
+                        await workers[0].shutdown()  # then stop the calls (each is made again elsewhere)
         finally:
             _temporal_plans.release(plans)
 
