@@ -43,7 +43,8 @@ Call = tuple[str, dict[str, Any], str | None]
 
 class Tools:
     """Fake tools, the same behind both engines: ``slow`` waits until cancelled, ``stalls`` too but only
-    its first call, ``boom`` fails, ``flaky`` fails its first call; the others echo their arguments."""
+    its first call, ``boom`` fails, ``flaky`` fails its first call, ``huge`` answers 3 MiB; the others echo
+    their arguments."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -64,6 +65,8 @@ class Tools:
         if tool == "stalls" and sum(called == "stalls" for called, _, _ in self.calls) == 1:
             self.started.set()
             await anyio.sleep_forever()
+        if tool == "huge":
+            return {"blob": "x" * 3 * 2**20}, None
         if tool == "boom" or (tool == "flaky" and sum(called == "flaky" for called, _, _ in self.calls) == 1):
             return None, StepError("error", "it broke")
         return {"tool": tool, **arguments}, None
@@ -115,6 +118,9 @@ async def run_locally(plan: Plan, arguments: dict[str, Any], run_id: str) -> tup
         "compensation_errors": [asdict(e) for e in end.compensation_errors],
     }
     return result, tools.calls
+
+
+TEMPORAL_STATUS = {"succeeded": WorkflowExecutionStatus.COMPLETED, "failed": WorkflowExecutionStatus.FAILED}
 
 
 def canonical(call: Call) -> str:
@@ -196,7 +202,9 @@ async def test_a_workflow_gives_the_same_result_and_calls_on_temporal_as_on_the_
     with anyio.fail_after(10):
         async with serving(temporal_client, [plan], tools) as engine:
             result = await engine.run(plan.name, arguments, CALLER_JSON, run_id)
+        described = await temporal_client.get_workflow_handle(run_id).describe()
     assert result == expected
+    assert described.status == TEMPORAL_STATUS[result["status"]]  # what Temporal's UI and CLI show
     # Concurrent steps may start in another order; the compensations run one at a time, in order.
     assert sorted(tools.calls, key=canonical) == sorted(expected_calls, key=canonical)
     assert [c for c in tools.calls if c[0].startswith("undo")] == [c for c in expected_calls if c[0].startswith("undo")]
@@ -341,3 +349,13 @@ async def test_a_call_whose_replica_stops_is_made_again_by_another_under_the_sam
         _temporal_plans.release([plan])
     assert result["status"] == "succeeded"
     assert tools.calls == [("stalls", {}, f"{run_id}:a"), ("stalls", {}, f"{run_id}:a")]
+
+
+async def test_a_result_over_temporals_payload_limit_fails_its_step(temporal_client: Client) -> None:
+    plan, tools, run_id = plan_of("steps: [{id: a, call: huge}]"), Tools(), uuid.uuid4().hex
+    with anyio.fail_after(10):
+        async with serving(temporal_client, [plan], tools) as engine:
+            result = await engine.run(plan.name, {}, CALLER_JSON, run_id)
+    assert result["status"] == "failed"
+    assert (result["error"]["kind"], result["error"]["step"]) == ("error", "a")
+    assert result["error"]["message"].startswith("the result is larger than Temporal keeps in a run's history")

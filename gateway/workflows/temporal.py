@@ -135,6 +135,8 @@ _ONCE = RetryPolicy(maximum_attempts=1)
 """Temporal does not retry a step: the engine does, as the workflow says."""
 _WORKER_SHUTDOWN = "WorkerShutdown"
 """The type of the error a step's activity fails with when its worker stops before it finished."""
+_TOO_LARGE = "PayloadsTooLarge"
+"""The type of the error a step's activity fails with when its result is over Temporal's payload limit (2 MiB)."""
 _SHORTEST_TIMER = 0.001
 """Seconds: Temporal timers must be longer than nothing."""
 
@@ -370,6 +372,8 @@ def _activity_failure(exc: ActivityError, timeout: float | None) -> StepError:
     if isinstance(cause, TemporalTimeout):
         limit = f"{timeout:g}s" if timeout is not None else "the longest a step may take"
         return StepError("timeout", f"no answer within the step's timeout of {limit}")
+    if isinstance(cause, ApplicationError) and cause.type == _TOO_LARGE:
+        return StepError("error", f"the result is larger than Temporal keeps in a run's history: {cause.message}")
     if isinstance(cause, TemporalCancelled):  # not by the engine (that outcome is ignored): its worker stopped
         return StepError("unavailable", "the call was cancelled by the worker making it")
     return StepError("error", f"internal error: {cause or exc}")
