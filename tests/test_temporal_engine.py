@@ -32,6 +32,7 @@ pytestmark = pytest.mark.anyio
 
 temporal_server = dev_server.temporal_server  # the fixtures: pytest finds them here
 temporal_client = dev_server.temporal_client
+second_temporal_client = dev_server.second_temporal_client
 
 CALLER = CallContext(principal=Principal("tester"))
 CALLER_JSON = {"kind": "client", "id": "tester"}
@@ -249,7 +250,9 @@ async def history_kinds(client: Client, run_id: str) -> list[EventType.ValueType
     return [event.event_type for event in (await client.get_workflow_handle(run_id).fetch_history()).events]
 
 
-async def test_a_worker_holding_another_digest_of_the_workflow_never_takes_its_run(temporal_client: Client) -> None:
+async def test_a_worker_holding_another_digest_of_the_workflow_never_takes_its_run(
+    temporal_client: Client, second_temporal_client: Client
+) -> None:
     old, new = plan_of("steps: [{id: a, call: t__old}]"), plan_of("steps: [{id: a, call: t__new}]")
     assert old.name == new.name
     assert old.digest != new.digest
@@ -257,8 +260,9 @@ async def test_a_worker_holding_another_digest_of_the_workflow_never_takes_its_r
     with anyio.fail_after(10):
         async with serving(temporal_client, [old], tools) as replica:
             # Another replica: a client of its own (one process may not run two workers of one queue per client).
-            other = await Client.connect(temporal_client.service_client.config.target_host)
-            newer = TemporalEngine(other, replica.task_queue, {new.name: new}, tools.execute, heartbeat=HEARTBEAT)
+            newer = TemporalEngine(
+                second_temporal_client, replica.task_queue, {new.name: new}, tools.execute, heartbeat=HEARTBEAT
+            )
             await newer.start(new.name, {}, CALLER_JSON, run_id)
             await anyio.sleep(0.5)  # what must not happen has time to happen: the old replica polls meanwhile
             assert EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED not in await history_kinds(temporal_client, run_id)
@@ -324,14 +328,16 @@ output: {n: "${.steps.lines.result | length}"}
     assert replayed.replay_failure is None
 
 
-async def test_a_call_whose_replica_stops_is_made_again_by_another_under_the_same_key(temporal_client: Client) -> None:
+async def test_a_call_whose_replica_stops_is_made_again_by_another_under_the_same_key(
+    temporal_client: Client, second_temporal_client: Client
+) -> None:
     plan, tools, run_id, queue = (
         plan_of("steps: [{id: a, call: stalls}]"),
         Tools(),
         uuid.uuid4().hex,
         f"test-{uuid.uuid4().hex}",
     )
-    other = await Client.connect(temporal_client.service_client.config.target_host)
+    other = second_temporal_client
     # The run's workflow stays on a worker of its own: the replicas that come and go only make calls.
     runs = Worker(other, task_queue=workflow_queue(queue, plan), workflows=[PatchbayRun], activities=[evaluate])
     _temporal_plans.hold([plan])
