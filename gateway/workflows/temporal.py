@@ -1,0 +1,570 @@
+"""Workflow runs on Temporal (DESIGN §6): one generic Temporal workflow drives the same pure engine.
+
+:class:`PatchbayRun` (workflow type ``patchbay.run``) runs any Patchbay workflow: its input names the
+workflow and its plan's digest, and carries the arguments, the caller and the run id. It feeds a
+:class:`~gateway.workflows.engine.Run` its events and carries out the commands it returns, as the
+local runner does, with Temporal's means:
+
+* ``CallTool``, ``AskUser``, ``AskModel``: an activity (``patchbay.step``) on the plain task queue,
+  so whichever replica polls it makes the call, through the ``execute`` callable its engine was
+  given (in the gateway, the dispatch path). The step's ``timeout`` is the activity's
+  start-to-close timeout (and the activity enforces it itself too, so the call is stopped, not only
+  given up on). Temporal's own retries are off: the engine retries, with a timer between tries.
+  The activity heartbeats, which is how a cancellation reaches it and how a dead worker is noticed.
+  A try whose replica stopped or died before it answered (its worker shut down; no heartbeat for
+  :data:`HEARTBEAT_TIMEOUT`) is made again under the same idempotency key, as a resumed local run
+  makes the calls in flight at a crash again: it fails as a refusal does (``unavailable``, with
+  ``retry_after`` 0), which the engine tries again within the step's timeout even without ``retry:``.
+* ``Evaluate``: a local activity (``patchbay.evaluate``) running the jq program in the bounded worker
+  pool (:func:`~gateway.workflows.expressions.run_program`): jq is native code and never runs in
+  workflow code, and its outcome is recorded in the history, so a replay does not run it again.
+* ``StartTimer``: a durable timer (:func:`temporalio.workflow.sleep`). ``Cancel``: the activity, local
+  activity or timer of that key is cancelled. A retry's jitter draws from :func:`temporalio.workflow.random`.
+* A cancellation of the Temporal workflow is :meth:`Run.cancel <gateway.workflows.engine.Run.cancel>`:
+  the steps in flight are cancelled and the compensations run (the engine's ``CallTool`` with
+  ``compensation=True``, activities like any other).
+* ``Finished`` ends the workflow with a :class:`RunResult` (what ``Finished`` carries). Temporal's
+  status tells the truth about the run: a succeeded run completes with it; a failed one fails with an
+  ``ApplicationError`` of type :data:`RUN_FAILED` whose details are the result; a cancelled one
+  (compensated) ends cancelled, which carries no details (its compensations' errors are logged and
+  are in the history). :meth:`TemporalEngine.result` reads all three back as a result.
+
+Temporal owns durability and history: nothing is journaled here. ``Settled`` notes are not reported
+(progress and step metrics come later).
+
+Which plan: the workflow's input names it by workflow name and digest, and a worker runs only runs of
+plans it holds with that very digest (a workflow changed since the run began is not the same plan:
+replaying it could not give the same commands). A run is started on a task queue of its plan's own,
+``<task_queue>.<first 16 hex digits of the digest>``, that only workers holding the plan poll, so a
+replica whose config has another version of the workflow never takes it: the run waits for one that
+has it (during a rolling deploy, the old replicas finish the old runs). Should a run still reach a
+worker without its plan, the workflow task fails (:class:`PlanNotHeld`) and Temporal tries it again,
+later or elsewhere; the run itself is not failed. The steps' activities go to the plain
+``task_queue``: any replica may make a call. (Temporal's worker versioning would do the routing too,
+but needs a deployment name and build id per config; a queue per digest needs nothing.) A replica
+that stops leaves its cached runs on its sticky queue: Temporal hands them to another replica after
+the worker's sticky timeout (10 s).
+
+The sandbox: the workflow runs under Temporal's default ``SandboxedWorkflowRunner``. The engine and
+what it imports are pure, so they are passed through (imported once, not per run); so is the table
+of held plans (:mod:`gateway.workflows._temporal_plans`), which is how a run inside the sandbox finds
+the plans its worker was given. Workflow code must use Temporal's deterministic asyncio loop, hence
+``asyncio`` here, and only here (its ruff ban is lifted for this module).
+
+Future work: a very long run (thousands of steps, long loops) should ``continue_as_new`` before its
+history grows too large, carrying its state (``Run.restore`` rebuilds a run from its inputs); a change
+to the engine's own code changes what a replay does, which the plan digest does not see: gateway
+upgrades with runs in flight need Temporal's worker versioning or patching.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
+from typing import Any, Literal
+
+from temporalio import activity, workflow
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.common import RetryPolicy, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType, WorkflowAlreadyStartedError
+from temporalio.exceptions import CancelledError as TemporalCancelled
+from temporalio.exceptions import TimeoutError as TemporalTimeout
+from temporalio.worker import Worker
+
+with workflow.unsafe.imports_passed_through():
+    import anyio
+
+    # `import a.b as b`, not `from a import b`: the sandbox passes modules through by their full name,
+    # and `gateway.workflows` itself is imported in the sandbox (it holds this module).
+    import gateway.workflows._temporal_plans as _temporal_plans
+    from gateway.errors import GatewayError, ToolNotFound
+    from gateway.workflows._jqsafe import TIME_LIMIT
+    from gateway.workflows.commands import (
+        AskModel,
+        AskUser,
+        CallTool,
+        Cancel,
+        Command,
+        Evaluate,
+        Finished,
+        Leaf,
+        StartTimer,
+        StepError,
+    )
+    from gateway.workflows.engine import Run
+    from gateway.workflows.expressions import Outcome, run_program
+    from gateway.workflows.plan import Plan
+
+__all__ = [
+    "EVALUATE_ACTIVITY",
+    "RUN_FAILED",
+    "STEP_ACTIVITY",
+    "WORKFLOW_TYPE",
+    "Evaluation",
+    "Execute",
+    "PatchbayRun",
+    "PlanNotHeld",
+    "RunInput",
+    "RunResult",
+    "Evaluated",
+    "StepKind",
+    "StepOutcome",
+    "StepTask",
+    "TemporalEngine",
+    "evaluate",
+    "workflow_queue",
+]
+
+logger = logging.getLogger(__name__)
+
+WORKFLOW_TYPE = "patchbay.run"
+STEP_ACTIVITY = "patchbay.step"
+EVALUATE_ACTIVITY = "patchbay.evaluate"
+RUN_FAILED = "PatchbayRunFailed"
+"""The type of the ``ApplicationError`` a failed run ends with; its details are the :class:`RunResult`."""
+
+HEARTBEAT_TIMEOUT = timedelta(seconds=30)
+"""A step's worker that has not heartbeat for this long is taken for dead: the try fails (``unavailable``)."""
+NO_TIMEOUT = timedelta(days=365)
+"""The start-to-close timeout of a step without ``timeout`` (Temporal needs one; heartbeats catch dead workers)."""
+EVALUATION_TIMEOUT = timedelta(seconds=TIME_LIMIT + 10)
+"""A backstop: the worker pool stops a program at its own time limit."""
+_ONCE = RetryPolicy(maximum_attempts=1)
+"""Temporal does not retry a step: the engine does, as the workflow says."""
+_WORKER_SHUTDOWN = "WorkerShutdown"
+"""The type of the error a step's activity fails with when its worker stops before it finished."""
+_TOO_LARGE = "PayloadsTooLarge"
+"""The type of the error a step's activity fails with when its result is over Temporal's payload limit (2 MiB)."""
+_SHORTEST_TIMER = 0.001
+"""Seconds: Temporal timers must be longer than nothing."""
+
+Execute = Callable[[Leaf, str, dict[str, str]], Awaitable[tuple[Any, StepError | None]]]
+"""``async (command, run_id, caller) -> (result, error)``: make a step's call or ask its question (the
+gateway's dispatch path); ``caller`` is ``{kind, id}``. Cancelled when the engine cancels the step."""
+
+_Event = tuple[str, str, int, Any, StepError | None]
+"""``("done", key, attempt, result, error)``, ``("fire", key, 0, None, None)`` or
+``("evaluated", key, 0, Outcome, None)``."""
+StepKind = Literal["call_tool", "ask_user", "ask_model"]
+_KINDS: dict[type, StepKind] = {CallTool: "call_tool", AskUser: "ask_user", AskModel: "ask_model"}
+_LEAVES: dict[str, type[CallTool] | type[AskUser] | type[AskModel]] = {kind: cls for cls, kind in _KINDS.items()}
+
+
+class PlanNotHeld(RuntimeError):
+    """A run reached a worker that does not hold its plan (that workflow, that digest). Not a Temporal
+    failure: the workflow task fails and is tried again, the run goes on where the plan is held."""
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """The generic workflow's input: which plan to run, on what, for whom."""
+
+    workflow: str
+    digest: str
+    """The plan's :attr:`~gateway.workflows.plan.Plan.digest`: a worker runs only this version of the workflow."""
+    arguments: dict[str, Any]
+    caller: dict[str, str]
+    """The principal who started the run: ``{kind, id}``."""
+    run_id: str
+    """What expressions read as ``.run.id``, and what idempotency keys begin with; also the workflow id."""
+    task_queue: str
+    """Where the steps' activities go."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: what the engine's ``Finished`` carries, plus ``cancelled`` and the run id."""
+
+    run_id: str
+    status: Literal["succeeded", "failed", "cancelled"]
+    output: Any = None
+    error: dict[str, Any] | None = None
+    """The :class:`~gateway.workflows.commands.StepError` that failed the run, as its fields."""
+    compensation_errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepTask:
+    """The input of the step activity: a ``CallTool``, ``AskUser`` or ``AskModel`` command, and for whom."""
+
+    run_id: str
+    caller: dict[str, str]
+    kind: StepKind
+    command: dict[str, Any]
+    """The command's fields (a call's ``idempotency_key`` included)."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """The step activity's result: the step's result, or the error (its fields) that failed it."""
+
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The input of the evaluation (local) activity: a jq program and its narrowed input."""
+
+    source: str
+    data: Any
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """What a jq program gave: its first output, no output (``empty``), or jq's ``error``."""
+
+    value: Any = None
+    error: str | None = None
+    empty: bool = False
+
+
+def workflow_queue(task_queue: str, plan: Plan) -> str:
+    """The task queue of ``plan``'s runs: only workers holding that digest poll it."""
+    return f"{task_queue}.{plan.digest[:16]}"
+
+
+# --- The workflow. ---
+
+
+@workflow.defn(name=WORKFLOW_TYPE)
+class PatchbayRun:
+    """Any Patchbay workflow's run: the engine's commands carried out by activities and timers."""
+
+    def __init__(self) -> None:
+        self._events: asyncio.Queue[_Event] = asyncio.Queue()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        """What is in flight, by the key the engine cancels it by."""
+        self._input: RunInput | None = None
+
+    @workflow.run
+    async def run(self, start: RunInput) -> RunResult:
+        """Drive the run to its end.
+
+        Raises:
+            PlanNotHeld: this worker does not hold the plan (fails the workflow task, not the run).
+            ApplicationError: the run failed (type :data:`RUN_FAILED`, details: the :class:`RunResult`).
+            asyncio.CancelledError: the run was cancelled, and compensated.
+        """
+        plan = _temporal_plans.find(start.workflow, start.digest)
+        if plan is None:
+            raise PlanNotHeld(f"this worker does not hold workflow {start.workflow!r} at digest {start.digest[:16]}")
+        self._input = start
+        engine = Run(plan, start.arguments, start.run_id)
+        finished = self._apply(engine.start())
+        cancelled = False
+        while finished is None:
+            try:
+                event = await self._events.get()
+            except asyncio.CancelledError:  # the workflow was cancelled (a second request changes nothing)
+                cancelled = cancelled or engine.status == "running"  # a run failing already ends failed
+                finished = self._apply(engine.cancel("the run was cancelled"))
+                continue
+            finished = self._apply(self._feed(engine, event))
+        for task in self._tasks.values():  # timers still pending
+            task.cancel()
+        return self._end(start.run_id, finished, cancelled)
+
+    def _end(self, run_id: str, finished: Finished, cancelled: bool) -> RunResult:
+        error = asdict(finished.error) if finished.error is not None else None
+        undone = [asdict(e) for e in finished.compensation_errors]
+        if finished.status == "succeeded":
+            return RunResult(run_id, "succeeded", finished.output)
+        if cancelled:
+            for problem in finished.compensation_errors:
+                workflow.logger.warning("run %s cancelled: %s", run_id, problem.describe())
+            raise asyncio.CancelledError("the run was cancelled")
+        result = RunResult(run_id, "failed", None, error, undone)
+        message = finished.error.describe() if finished.error is not None else "the run failed"
+        raise ApplicationError(message, asdict(result), type=RUN_FAILED, non_retryable=True)
+
+    def _feed(self, engine: Run, event: _Event) -> list[Command]:
+        kind, key, attempt, value, error = event
+        if kind == "fire":
+            return engine.fire(key)
+        if kind == "evaluated":
+            outcome: Outcome = value
+            return engine.evaluated(key, outcome.value, error=outcome.error, empty=outcome.empty)
+        return engine.done(key, attempt, value, error, random=workflow.random().random())
+
+    def _apply(self, commands: list[Command]) -> Finished | None:
+        """Carry out ``commands``: start activities and timers, cancel them; the ``Finished`` note, if any."""
+        finished: Finished | None = None
+        for command in commands:
+            if isinstance(command, Finished):
+                finished = command
+            elif isinstance(command, Cancel):
+                task = self._tasks.pop(command.key, None)
+                if task is not None:
+                    task.cancel()
+            elif isinstance(command, StartTimer):
+                self._spawn(command.key, self._timer(command))
+            elif isinstance(command, Evaluate):
+                self._spawn(command.key, self._evaluate(command))
+            elif isinstance(command, CallTool | AskUser | AskModel):
+                self._spawn(command.key, self._step(command))
+            # Settled: Temporal's history has it already.
+        return finished
+
+    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self._tasks[key] = task
+
+        def forget(done: "asyncio.Task[None]") -> None:
+            if self._tasks.get(key) is done:
+                del self._tasks[key]
+
+        task.add_done_callback(forget)
+
+    async def _step(self, command: Leaf) -> None:
+        start = self._input
+        assert start is not None
+        task = StepTask(
+            start.run_id,
+            start.caller,
+            _KINDS[type(command)],
+            {f.name: getattr(command, f.name) for f in fields(command)},
+        )
+        timeout = timedelta(seconds=command.timeout) if command.timeout is not None else NO_TIMEOUT
+        try:
+            outcome = await workflow.execute_activity(
+                STEP_ACTIVITY,
+                task,
+                task_queue=start.task_queue,
+                result_type=StepOutcome,
+                start_to_close_timeout=timeout,
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                retry_policy=_ONCE,
+                summary=f"{command.key} (try {command.attempt})",
+            )
+            result, error = outcome.result, StepError(**outcome.error) if outcome.error is not None else None
+        except ActivityError as exc:  # the activity itself failed: timed out, its worker died or raised
+            result, error = None, _activity_failure(exc, command.timeout)
+        self._events.put_nowait(("done", command.key, command.attempt, result, error))
+
+    async def _evaluate(self, command: Evaluate) -> None:
+        try:
+            done = await workflow.execute_local_activity(
+                EVALUATE_ACTIVITY,
+                Evaluation(command.source, command.data),
+                result_type=Evaluated,
+                start_to_close_timeout=EVALUATION_TIMEOUT,
+                retry_policy=_ONCE,
+            )
+            outcome = Outcome(done.value, done.error, done.empty)
+        except ActivityError as exc:
+            outcome = Outcome(error=f"the evaluation failed: {exc.cause or exc}")
+        self._events.put_nowait(("evaluated", command.key, 0, outcome, None))
+
+    async def _timer(self, command: StartTimer) -> None:
+        await workflow.sleep(max(command.seconds, _SHORTEST_TIMER), summary=command.key)
+        self._events.put_nowait(("fire", command.key, 0, None, None))
+
+
+def _activity_failure(exc: ActivityError, timeout: float | None) -> StepError:
+    cause = exc.cause
+    if (isinstance(cause, TemporalTimeout) and cause.type == TimeoutType.HEARTBEAT) or (
+        isinstance(cause, ApplicationError) and cause.type == _WORKER_SHUTDOWN
+    ):  # its replica stopped or died: made again, as a resumed local run makes the calls in flight at a crash
+        return StepError("unavailable", "the replica making the call stopped before it answered", retry_after=0.0)
+    if isinstance(cause, TemporalTimeout):
+        limit = f"{timeout:g}s" if timeout is not None else "the longest a step may take"
+        return StepError("timeout", f"no answer within the step's timeout of {limit}")
+    if isinstance(cause, ApplicationError) and cause.type == _TOO_LARGE:
+        return StepError("error", f"the result is larger than Temporal keeps in a run's history: {cause.message}")
+    if isinstance(cause, TemporalCancelled):  # not by the engine (that outcome is ignored): its worker stopped
+        return StepError("unavailable", "the call was cancelled by the worker making it")
+    return StepError("error", f"internal error: {cause or exc}")
+
+
+# --- The activities. ---
+
+
+class _Steps:
+    """The step activity, bound to the ``execute`` of the engine whose worker runs it."""
+
+    def __init__(self, execute: Execute, heartbeat: float) -> None:
+        self._execute = execute
+        self._heartbeat = heartbeat
+
+    @activity.defn(name=STEP_ACTIVITY)
+    async def step(self, task: StepTask) -> StepOutcome:
+        """Make the call or ask the question, heartbeating meanwhile (cancellation comes as a heartbeat's answer)."""
+        command = _LEAVES[task.kind](**task.command)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._beat)
+            result, error = await self._perform(command, task)
+            tg.cancel_scope.cancel()
+        return StepOutcome(result, asdict(error) if error is not None else None)
+
+    async def _beat(self) -> None:
+        while True:
+            activity.heartbeat()
+            await anyio.sleep(self._heartbeat)
+
+    async def _perform(self, command: Leaf, task: StepTask) -> tuple[Any, StepError | None]:
+        """The outcome, within the step's timeout. Raises only cancellation."""
+        with anyio.move_on_after(command.timeout):
+            try:
+                return await self._execute(command, task.run_id, task.caller)
+            except GatewayError as exc:
+                return None, StepError(exc.outcome, str(exc), retry_after=exc.retry_after)
+            except Exception as exc:  # the step boundary: one step's bug fails the step, not the worker
+                logger.exception("run %s: step %s raised", task.run_id, command.key)
+                return None, StepError("error", f"internal error: {exc!r}")
+        return None, StepError("timeout", f"no answer within the step's timeout of {command.timeout:g}s")
+
+
+@activity.defn(name=EVALUATE_ACTIVITY)
+async def evaluate(task: Evaluation) -> Evaluated:
+    """Run a jq program in the bounded worker pool (a local activity: on the workflow's own worker)."""
+    outcome = await run_program(task.source, task.data)
+    return Evaluated(outcome.value, outcome.error, outcome.empty)
+
+
+# --- What the gateway calls. ---
+
+
+class TemporalEngine:
+    """Workflow runs on Temporal: start them, await or cancel them, and run this replica's workers.
+
+    ``client`` is connected to the namespace the runs live in; ``task_queue`` is where the steps'
+    activities go (each plan's runs go to :func:`workflow_queue`); ``plans`` are the workflows this
+    replica runs, by name; ``execute`` makes the steps' calls. ``heartbeat`` (seconds) is how often a
+    running step heartbeats (a request to the server each time), hence about how long its
+    cancellation takes to reach it.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        task_queue: str,
+        plans: Mapping[str, Plan],
+        execute: Execute,
+        *,
+        heartbeat: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.task_queue = task_queue
+        self.plans = plans
+        self._steps = _Steps(execute, heartbeat)
+        self._heartbeat = timedelta(seconds=heartbeat)
+
+    async def start(
+        self, workflow_name: str, arguments: Mapping[str, Any], caller: Mapping[str, str], run_id: str
+    ) -> WorkflowHandle[Any, Any]:
+        """Start a run of ``workflow_name`` (workflow id ``run_id``); a run of that id started before is
+        the run (an idempotent re-issue gets the first run, not a second one).
+
+        Raises:
+            ToolNotFound: this engine has no workflow of that name.
+        """
+        plan = self.plans.get(workflow_name)
+        if plan is None:
+            raise ToolNotFound(workflow_name)
+        start = RunInput(plan.name, plan.digest, dict(arguments), dict(caller), run_id, self.task_queue)
+        try:
+            return await self.client.start_workflow(
+                PatchbayRun.run,
+                start,
+                id=run_id,
+                task_queue=workflow_queue(self.task_queue, plan),
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        except WorkflowAlreadyStartedError:  # it has finished: its result is the answer
+            return self.client.get_workflow_handle(run_id)
+
+    async def run(
+        self, workflow_name: str, arguments: Mapping[str, Any], caller: Mapping[str, str], run_id: str
+    ) -> dict[str, Any]:
+        """Start a run and await its end: the :class:`RunResult`'s fields.
+
+        Cancelling the caller does not cancel the run (it goes on in Temporal, as it does when this
+        replica stops): call :meth:`cancel` for that. Raises ToolNotFound (see :meth:`start`).
+        """
+        await self.start(workflow_name, arguments, caller, run_id)
+        return await self.result(run_id)
+
+    async def result(self, run_id: str) -> dict[str, Any]:
+        """Await the end of run ``run_id``: the :class:`RunResult`'s fields, whether it succeeded,
+        failed, was cancelled, or was ended from outside (terminated, timed out: ``failed``)."""
+        handle = self.client.get_workflow_handle(run_id, result_type=RunResult)
+        try:
+            return asdict(await handle.result())
+        except WorkflowFailureError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == RUN_FAILED and cause.details:
+                details: dict[str, Any] = cause.details[0]
+                return details
+            if isinstance(cause, TemporalCancelled):
+                error = StepError("cancelled", "the run was cancelled")
+                return asdict(RunResult(run_id, "cancelled", error=asdict(error)))
+            error = StepError("error", f"the run ended in Temporal: {cause or exc}")
+            return asdict(RunResult(run_id, "failed", error=asdict(error)))
+
+    async def cancel(self, run_id: str) -> None:
+        """Ask run ``run_id`` to stop: its steps in flight are cancelled, its compensations run, and
+        then it ends cancelled (:meth:`result` tells when). A run that has ended is left as it is.
+
+        Raises:
+            temporalio.service.RPCError: Temporal knows no run ``run_id`` (status ``NOT_FOUND``).
+        """
+        await self.client.get_workflow_handle(run_id).cancel()
+
+    @asynccontextmanager
+    async def serve(self) -> AsyncIterator[None]:
+        """Run this replica's workers while the block runs: one for the steps' activities, and one per
+        plan, polling that plan's queue (the workflow, and its evaluations as local activities).
+        Leaving the block stops them (steps in flight are cancelled; their runs go on elsewhere).
+
+        One engine per client and task queue may serve at a time in a process (Temporal refuses a
+        second worker of the same queue on one client)."""
+        plans = list({plan.digest: plan for plan in self.plans.values()}.values())
+        workers = [
+            Worker(
+                self.client,
+                task_queue=self.task_queue,
+                activities=[self._steps.step],
+                max_heartbeat_throttle_interval=self._heartbeat,
+                default_heartbeat_throttle_interval=self._heartbeat,
+            )
+        ]
+        workers.extend(
+            Worker(
+                self.client,
+                task_queue=workflow_queue(self.task_queue, plan),
+                workflows=[PatchbayRun],
+                activities=[evaluate],
+                no_remote_activities=True,
+            )
+            for plan in plans
+        )
+        _temporal_plans.hold(plans)
+        try:
+            async with anyio.create_task_group() as tg:
+                for worker in workers:
+                    tg.start_soon(_run_worker, worker)
+                try:
+                    yield
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await _shut_down(workers[1:])  # first take no more workflow tasks,
+                        await workers[0].shutdown()  # then stop the calls (each is made again elsewhere)
+        finally:
+            _temporal_plans.release(plans)
+
+
+async def _shut_down(workers: list[Worker]) -> None:
+    async with anyio.create_task_group() as tg:
+        for worker in workers:
+            tg.start_soon(worker.shutdown)
+
+
+async def _run_worker(worker: Worker) -> None:
+    """Run ``worker`` until its :meth:`~temporalio.worker.Worker.shutdown`, and only that stops it: it shuts down
+    on cancellation too, but awaits as it does, which a cancelled anyio scope would cancel again and again."""
+    with anyio.CancelScope(shield=True):
+        await worker.run()
