@@ -179,9 +179,19 @@ def _check_store(url: str) -> str:
     raise ValueError(f"{_shown(url)} is not supported: store must be `memory`, `sqlite:///PATH` or `postgresql://…`")
 
 
-_ENGINE_TODAY = _works_today(
-    "engine", "`local`", lambda engine: engine == DEFAULT_ENGINE, ("temporal://",), "Temporal is planned"
-)
+def _check_engine(engine: str) -> str:
+    if engine == DEFAULT_ENGINE:
+        return engine
+    parts = urlsplit(engine)
+    if parts.scheme == "temporal":
+        try:
+            port = parts.port  # raises ValueError on a malformed port
+        except ValueError:
+            raise ValueError(f"{_shown(engine)} has a malformed port") from None
+        if parts.hostname and port and parts.path in ("", "/") and not parts.query and not parts.username:
+            return engine
+        raise ValueError(f"{_shown(engine)} is not a Temporal address: temporal://HOST:PORT (its frontend, 7233)")
+    raise ValueError(f"{_shown(engine)} is not supported: engine must be `local` or `temporal://HOST:PORT`")
 
 
 def _check_shared_state(where: str) -> str:
@@ -229,6 +239,18 @@ class KeepRuns(BaseModel):
     """Finished runs beyond this many, the most recent kept, are pruned; ``null``: no limit."""
 
 
+class TemporalSettings(BaseModel):
+    """Where in a Temporal cluster the gateway's workflow runs live."""
+
+    model_config = _MODEL_CONFIG
+
+    namespace: str = Field("default", min_length=1)
+    """The Temporal namespace (``default``, which the dev server has)."""
+    task_queue: str | None = Field(None, min_length=1)
+    """The task queue of the runs' steps (each workflow's runs also get a queue of their own, named after it);
+    default: ``patchbay.<gateway name>``. Replicas of one gateway share it."""
+
+
 class GatewaySettings(BaseModel):
     """The ``gateway:`` section: how this gateway names its tools and where it keeps state."""
 
@@ -250,8 +272,11 @@ class GatewaySettings(BaseModel):
     """Which finished runs are kept; older ones are pruned."""
     idempotency_ttl: Duration = DEFAULT_IDEMPOTENCY_TTL
     """How long a client's ``io.patchbay/idempotency-key`` is remembered with the call's result (``24h``)."""
-    engine: Annotated[str, _ENGINE_TODAY] = DEFAULT_ENGINE
-    """Where workflows run: ``local`` (in-process), the only engine so far (Temporal is planned)."""
+    engine: Annotated[str, AfterValidator(_check_engine)] = DEFAULT_ENGINE
+    """Where workflows run: ``local`` (in this process, journaled in ``store``), or ``temporal://HOST:PORT`` (a
+    Temporal cluster: any replica's worker runs any run's steps; ``temporal:`` says where in the cluster)."""
+    temporal: "TemporalSettings | None" = None
+    """With ``engine: temporal://…``: the namespace and task queue of this gateway's runs."""
     shared_state: Annotated[str, AfterValidator(_check_shared_state)] = DEFAULT_SHARED_STATE
     """Where rate limits, concurrency slots and circuit-breaker state live: ``memory`` (this process's own), or
     ``redis://HOST:PORT/DB`` (``rediss://`` for TLS), shared by every replica of the gateway with the same ``name``."""
@@ -277,6 +302,12 @@ class GatewaySettings(BaseModel):
     """The secret that signs the ``requestState`` the gateway gives 2026-07-28 clients it asks something mid-call
     (at least 16 characters; ``${ENV}`` keeps it out of the file); unset: a random key made at start, so replicas
     behind one address, or a restart, do not accept each other's states."""
+
+    @model_validator(mode="after")
+    def _temporal_needs_temporal(self) -> "GatewaySettings":
+        if self.temporal is not None and not self.engine.startswith("temporal://"):
+            raise ValueError("the `temporal` settings need `engine: temporal://HOST:PORT` (workflows run locally)")
+        return self
 
     @model_validator(mode="after")
     def _failure_needs_redis(self) -> "GatewaySettings":

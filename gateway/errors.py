@@ -23,6 +23,7 @@
      │    └── ClientRefused          the client answered a server→client request with an error (its ``code``)
      ├── WorkflowError               a workflow run failed                               → isError result
      ├── StoreError                  the store cannot be opened, migrated or written     → CLI exit 1 / isError result
+     │    └── EngineUnavailable      the Temporal cluster of ``gateway.engine`` cannot be reached → CLI exit 1
      └── TaskError                   a ``tasks/*`` request cannot be served              → JSON-RPC error (its ``code``)
 
 ``ToolNotFound`` and ``ResourceNotFound`` are protocol errors (the client asked for something that does
@@ -261,6 +262,11 @@ class WorkflowError(GatewayError):
 class StoreError(GatewayError):
     """The store (``gateway.store``) cannot be opened, migrated or written: a bad URL, a schema newer than
     this Patchbay knows, a database that fails. What was being recorded is not durable."""
+
+
+class EngineUnavailable(StoreError):
+    """The workflow engine ``gateway.engine`` names (a Temporal cluster) cannot be reached at start: like a store
+    that cannot be opened, the gateway does not start without it."""
 
 
 class TaskError(GatewayError):

@@ -16,9 +16,10 @@ place the knot is tied). Metrics and audit come first of all: everything reports
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup
@@ -40,6 +41,10 @@ from gateway.workflows.plan import check_tools, unserved
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
 from gateway.workflows.runs import Runs
+
+if TYPE_CHECKING:
+    from gateway.workflows.on_temporal import TemporalRuns
+    from gateway.workflows.temporal import TemporalEngine
 
 __all__ = ["PROVIDER_KINDS", "Gateway", "ProviderFactory", "ProviderStatus", "open_gateway"]
 
@@ -113,6 +118,8 @@ class Gateway:
         # 2. The providers.
         runner = Runner(calls.invoke, self.backends.store, metrics=self.metrics)
         settings = config.gateway
+        self.temporal = _temporal_engine(config, self.backends, calls)
+        """With ``engine: temporal://…``: the engine workflow calls run on, whose workers this replica runs."""
         self.runs = Runs(
             runner,
             self.backends.store,
@@ -121,6 +128,7 @@ class Gateway:
             keep_age=settings.keep_runs.age,
             keep_count=settings.keep_runs.count,
             metrics=self.metrics,
+            temporal=_temporal_runs(self.temporal, self.metrics, runner),
         )
         """The workflow runs: started, attached to, resumed, looked up (tasks, ``patchbay runs``)."""
         redact = audit_redactor(config.audit).redact  # what a run's resource shows, redacted as the audit trail
@@ -343,7 +351,10 @@ async def open_gateway(
                 except ConfigError as exc:
                     failure = exc  # raised below, as itself rather than inside the task group's exception group
                 else:
-                    yield gateway
+                    # This replica's Temporal workers run while it serves; they stop first on the way out
+                    # (their steps in flight are made again by another replica's workers).
+                    async with gateway.temporal.serve() if gateway.temporal is not None else nullcontext():
+                        yield gateway
             finally:
                 await gateway.close()
                 tg.cancel_scope.cancel()
@@ -353,6 +364,28 @@ async def open_gateway(
 
 async def _start(tg: TaskGroup, provider: Provider, events: ProviderEvents) -> None:
     await tg.start(provider.run, events)
+
+
+def _temporal_engine(config: Config, backends: Backends, calls: CallPath) -> "TemporalEngine | None":
+    """The Temporal engine of ``engine: temporal://…`` (its steps' calls through ``calls``), else None."""
+    if backends.temporal is None:
+        return None
+    from gateway.workflows.on_temporal import step_executor  # the Temporal SDK only where it is used
+    from gateway.workflows.temporal import TemporalEngine
+
+    settings = config.gateway
+    queue = settings.temporal.task_queue if settings.temporal is not None else None
+    return TemporalEngine(
+        backends.temporal, queue or f"patchbay.{settings.name}", config.plans, step_executor(calls.invoke)
+    )
+
+
+def _temporal_runs(engine: "TemporalEngine | None", metrics: Metrics, runner: Runner) -> "TemporalRuns | None":
+    if engine is None:
+        return None
+    from gateway.workflows.on_temporal import TemporalRuns
+
+    return TemporalRuns(engine, metrics=metrics, stopping=lambda: runner.stopping)
 
 
 def _audit(config: Config, metrics: Metrics) -> tuple[JsonlAuditSink | None, Audit | None]:

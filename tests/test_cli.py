@@ -64,13 +64,12 @@ def test_check_lists_every_config_problem_with_its_line_and_exits_1(tmp_path: Pa
     assert "servers.b.bogus (line 5)" in done.stderr
 
 
-def test_check_refuses_settings_that_are_not_implemented_yet(tmp_path: Path) -> None:
-    config = "gateway:\n  shared_state: redis://cache:6379\n  engine: temporal://127.0.0.1:7233\n"
+def test_check_with_a_temporal_that_cannot_be_reached_exits_1_saying_so(tmp_path: Path) -> None:
+    config = f"gateway:\n  shared_state: redis://cache:6379\n  engine: temporal://127.0.0.1:{free_port()}\n"
     done = patchbay("check", write(tmp_path, config))
     assert done.returncode == 1
-    assert "1 problem" in done.stderr
-    assert "shared_state" not in done.stderr  # Redis is supported
-    assert "gateway.engine (line 3): `temporal://…` is not supported yet" in done.stderr
+    assert "cannot reach Temporal at 127.0.0.1" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_a_config_file_keeps_runs_in_patchbay_db_next_to_it_and_a_newer_schema_there_is_refused(

@@ -334,8 +334,10 @@ NOT_YET = {
     "Redis port not a number": ("shared_state", "redis://:pw@cache:port", ["`redis://…`", "malformed port"]),
     "misspelt shared state": ("shared_state", "memroy", ["'memroy'", "`memory`", "redis://"]),
     "Memcached shared state": ("shared_state", "memcached://:pw@cache", ["`memcached://…`", "`memory`"]),
-    "Temporal engine": ("engine", "temporal://127.0.0.1:7233", ["`temporal://…`", "`local`", "planned"]),
-    "unknown engine": ("engine", "celery", ["'celery'", "`local`"]),
+    "Temporal without a port": ("engine", "temporal://pw@cluster", ["`temporal://…`", "HOST:PORT"]),
+    "Temporal with a path": ("engine", "temporal://cluster:7233/ns", ["`temporal://…`", "HOST:PORT"]),
+    "Temporal port not a number": ("engine", "temporal://cluster:pw", ["`temporal://…`", "malformed port"]),
+    "unknown engine": ("engine", "celery", ["'celery'", "`local`", "temporal://"]),
     "MySQL store": ("store", "mysql://u:pw@db/patchbay", ["`mysql://…`", "sqlite:///", "postgresql://", "memory"]),
     "a path, not a URL": ("store", "patchbay.db", ["'patchbay.db'", "sqlite:///"]),
     "SQLite without a path": ("store", "sqlite:///", ["sqlite:///"]),
@@ -380,6 +382,24 @@ def test_redis_shared_state_is_accepted_with_either_failure_setting(url: str, fa
     settings = parse(f"gateway: {{shared_state: '{url}', shared_state_failure: {failure}}}").gateway
 
     assert (settings.shared_state, settings.shared_state_failure) == (url, failure)
+
+
+def test_the_temporal_engine_is_accepted_with_its_namespace_and_task_queue() -> None:
+    settings = parse(
+        "gateway: {name: acme, engine: 'temporal://10.0.0.5:7233', temporal: {namespace: prod, task_queue: acme}}"
+    ).gateway
+    assert settings.engine == "temporal://10.0.0.5:7233"
+    assert settings.temporal is not None
+    assert (settings.temporal.namespace, settings.temporal.task_queue) == ("prod", "acme")
+
+
+def test_temporal_settings_without_the_temporal_engine_are_an_error_as_they_would_do_nothing() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("gateway:\n  temporal: {namespace: prod}\n")
+
+    (problem,) = caught.value.problems
+    assert problem.path == "gateway"
+    assert "need `engine: temporal://HOST:PORT`" in problem.message
 
 
 def test_shared_state_failure_lets_calls_through_by_default() -> None:

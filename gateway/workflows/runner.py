@@ -96,7 +96,8 @@ def result_value(result: ToolResult) -> Any:
         return text
 
 
-def _error_text(result: ToolResult) -> str:
+def error_text(result: ToolResult) -> str:
+    """The text of an ``isError`` result, for the step's error message."""
     texts = [str(item.get("text", "")) for item in result.content if item.get("type") == "text"]
     return " ".join(texts).strip() or "the tool reported an error"
 
@@ -445,7 +446,7 @@ class Runner:
         if result.input_required is not None:  # a 2026-07-28 upstream asking the client mid-call
             return None, StepError("unavailable", f"{command.tool} asked for input, which a workflow step cannot give")
         if result.is_error:
-            return None, StepError(outcome, _error_text(result), retry_after=retry_after)
+            return None, StepError(outcome, error_text(result), retry_after=retry_after)
         return result_value(result), None
 
     async def _ask_user(self, context: CallContext, command: AskUser) -> tuple[Any, StepError | None]:

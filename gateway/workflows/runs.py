@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -32,6 +32,9 @@ from gateway.store import RunQuery, RunRecord, Store
 from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ToolResult
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import COMPENSATION_LIMIT, IDEMPOTENCY_META_KEY, Runner
+
+if TYPE_CHECKING:
+    from gateway.workflows.on_temporal import TemporalRuns
 
 __all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RESCAN", "RunNotResumable", "Runs", "caller_scope"]
 
@@ -133,8 +136,11 @@ class Runs:
         keep_age: float | None = None,
         keep_count: int | None = None,
         metrics: Metrics | None = None,
+        temporal: "TemporalRuns | None" = None,
     ) -> None:
+        """``temporal``: workflow calls run on Temporal (``engine: temporal://…``) instead of ``runner``."""
         self.runner = runner
+        self.temporal = temporal
         self.store = store
         self.plans = plans
         self._ttl = idempotency_ttl
@@ -221,6 +227,8 @@ class Runs:
     async def call(self, plan: Plan, arguments: Mapping[str, Any], context: CallContext) -> ToolResult:
         """A call of workflow ``plan``: run in the caller's request, or, with an idempotency key, the run
         that key names (started detached by the first call that carried it)."""
+        if self.temporal is not None:
+            return await self.temporal.call(plan, arguments, context, uuid.uuid4().hex)
         key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
         if not isinstance(key, str) or not key:
             return await self.runner.run(plan, arguments, context)
@@ -256,6 +264,11 @@ class Runs:
         Raises:
             InvalidArguments: the key was used for another tool.
         """
+        if self.temporal is not None:
+            raise GatewayError(
+                "workflows run on Temporal here (gateway.engine), where MCP tasks are not supported yet: "
+                "call the workflow without a task (with an io.patchbay/idempotency-key to get the same run again)"
+            )
         key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
         if not isinstance(key, str) or not key:
             return await self.start(plan, arguments, context, task=task)
