@@ -249,6 +249,10 @@ class TemporalSettings(BaseModel):
     task_queue: str | None = Field(None, min_length=1)
     """The task queue of the runs' steps (each workflow's runs also get a queue of their own, named after it);
     default: ``patchbay.<gateway name>``. Replicas of one gateway share it."""
+    takeover_after: Duration = Field(30.0, ge=2.0)
+    """How long a replica may be silent (killed, cut off) before another takes over what it was doing: the
+    call of a step in flight is made again (under the same idempotency key), and its cached runs move on
+    (``30s``; at least 2 s, as steps heartbeat every second)."""
 
 
 class GatewaySettings(BaseModel):

@@ -29,7 +29,7 @@ from connectors.rest import RestConnector
 from gateway.audit import JsonlAuditSink, audit_redactor
 from gateway.backends import Backends, memory_backends, open_backends
 from gateway.chain import build_chain
-from gateway.config import DEFAULT_MAX_RESULT, Config, ConnectorConfig, UpstreamConfig
+from gateway.config import DEFAULT_MAX_RESULT, Config, ConnectorConfig, TemporalSettings, UpstreamConfig
 from gateway.dispatch import Audit, CallPath, Dispatcher
 from gateway.errors import ConfigError, ConfigProblem, GatewayError
 from gateway.metrics import Metrics
@@ -374,10 +374,10 @@ def _temporal_engine(config: Config, backends: Backends, calls: CallPath) -> "Te
     from gateway.workflows.temporal import TemporalEngine
 
     settings = config.gateway
-    queue = settings.temporal.task_queue if settings.temporal is not None else None
-    return TemporalEngine(
-        backends.temporal, queue or f"patchbay.{settings.name}", config.plans, step_executor(calls.invoke)
-    )
+    temporal = settings.temporal if settings.temporal is not None else TemporalSettings()
+    queue = temporal.task_queue or f"patchbay.{settings.name}"
+    execute = step_executor(calls.invoke)
+    return TemporalEngine(backends.temporal, queue, config.plans, execute, silence=temporal.takeover_after)
 
 
 def _temporal_runs(engine: "TemporalEngine | None", metrics: Metrics, runner: Runner) -> "TemporalRuns | None":

@@ -386,11 +386,20 @@ def test_redis_shared_state_is_accepted_with_either_failure_setting(url: str, fa
 
 def test_the_temporal_engine_is_accepted_with_its_namespace_and_task_queue() -> None:
     settings = parse(
-        "gateway: {name: acme, engine: 'temporal://10.0.0.5:7233', temporal: {namespace: prod, task_queue: acme}}"
+        "gateway: {name: acme, engine: 'temporal://10.0.0.5:7233',"
+        " temporal: {namespace: prod, task_queue: acme, takeover_after: 10s}}"
     ).gateway
     assert settings.engine == "temporal://10.0.0.5:7233"
     assert settings.temporal is not None
     assert (settings.temporal.namespace, settings.temporal.task_queue) == ("prod", "acme")
+    assert settings.temporal.takeover_after == 10.0
+
+
+def test_a_takeover_shorter_than_two_heartbeats_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("gateway:\n  engine: 'temporal://t:7233'\n  temporal: {takeover_after: 1s}\n")
+    (problem,) = caught.value.problems
+    assert problem.path == "gateway.temporal.takeover_after"
 
 
 def test_temporal_settings_without_the_temporal_engine_are_an_error_as_they_would_do_nothing() -> None:

@@ -127,6 +127,8 @@ RUN_FAILED = "PatchbayRunFailed"
 
 HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 """A step's worker that has not heartbeat for this long is taken for dead: the try fails (``unavailable``)."""
+STICKY_TIMEOUT = 10.0
+"""Seconds a run cached by a replica waits for it (its sticky queue) before any replica may take it (SDK default)."""
 NO_TIMEOUT = timedelta(days=365)
 """The start-to-close timeout of a step without ``timeout`` (Temporal needs one; heartbeats catch dead workers)."""
 EVALUATION_TIMEOUT = timedelta(seconds=TIME_LIMIT + 10)
@@ -171,6 +173,8 @@ class RunInput:
     """What expressions read as ``.run.id``, and what idempotency keys begin with; also the workflow id."""
     task_queue: str
     """Where the steps' activities go."""
+    silence: float = HEARTBEAT_TIMEOUT.total_seconds()
+    """Seconds a step's replica may go without a heartbeat before the try is taken for lost (and made again)."""
 
 
 @dataclass(frozen=True)
@@ -335,7 +339,7 @@ class PatchbayRun:
                 task_queue=start.task_queue,
                 result_type=StepOutcome,
                 start_to_close_timeout=timeout,
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                heartbeat_timeout=timedelta(seconds=start.silence),
                 retry_policy=_ONCE,
                 summary=f"{command.key} (try {command.attempt})",
             )
@@ -445,7 +449,11 @@ class TemporalEngine:
         execute: Execute,
         *,
         heartbeat: float = 1.0,
+        silence: float = HEARTBEAT_TIMEOUT.total_seconds(),
     ) -> None:
+        self.silence = silence
+        """Seconds after which a replica gone silent (killed, cut off) loses what it was doing: a step's try
+        (its heartbeat timeout) and the runs cached in its workers (their sticky queue's timeout, at most 10 s)."""
         self.client = client
         self.task_queue = task_queue
         self.plans = plans
@@ -464,7 +472,9 @@ class TemporalEngine:
         plan = self.plans.get(workflow_name)
         if plan is None:
             raise ToolNotFound(workflow_name)
-        start = RunInput(plan.name, plan.digest, dict(arguments), dict(caller), run_id, self.task_queue)
+        start = RunInput(
+            plan.name, plan.digest, dict(arguments), dict(caller), run_id, self.task_queue, silence=self.silence
+        )
         try:
             return await self.client.start_workflow(
                 PatchbayRun.run,
@@ -539,6 +549,7 @@ class TemporalEngine:
                 workflows=[PatchbayRun],
                 activities=[evaluate],
                 no_remote_activities=True,
+                sticky_queue_schedule_to_start_timeout=timedelta(seconds=min(self.silence, STICKY_TIMEOUT)),
             )
             for plan in plans
         )
