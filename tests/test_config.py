@@ -678,6 +678,7 @@ def test_the_scale_out_example_shares_limits_on_redis_and_runs_on_postgresql() -
     assert (settings.shared_state, settings.shared_state_failure) == ("redis://127.0.0.1:6379/0", "allow")
     assert settings.store == environ["PATCHBAY_STORE"]
     assert settings.state_key is not None
+    assert settings.engine == "temporal://127.0.0.1:7233"
     with pytest.raises(ConfigError) as caught:  # without the state key, replicas could not share states
         load_config(example, environ={"PATCHBAY_STORE": environ["PATCHBAY_STORE"]})
     assert "PATCHBAY_STATE_KEY" in str(caught.value)
