@@ -36,8 +36,9 @@ from run import OUT, Procs, free_port, machine_facts, plain_table, wait_ready
 from temporalio.testing import WorkflowEnvironment
 
 from gateway.config import parse_config
+from gateway.errors import UpstreamError
 from gateway.gateway import Gateway, open_gateway
-from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
+from gateway.types import CallContext, JSONObject, Listing, Principal, ProviderState, Tool, ToolResult
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -53,13 +54,32 @@ class Noop:
     """A provider whose ``echo`` answers at once."""
 
     name = "noop"
+    state = ProviderState.UP
+    last_error: str | None = None
+    warnings: tuple[str, ...] = ()
+    problems: tuple[Any, ...] = ()
+    listing = Listing(
+        tools=(Tool("echo", {"name": "echo", "inputSchema": {"type": "object", "properties": {"text": {}}}}),)
+    )
 
-    async def list_tools(self) -> list[Tool]:
-        schema = {"type": "object", "properties": {"text": {"type": "string"}}}
-        return [Tool("echo", {"name": "echo", "inputSchema": schema})]
+    def __init__(self) -> None:
+        self._stop = anyio.Event()
+
+    async def run(self, events: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self._stop.wait()
+
+    async def close(self) -> None:
+        self._stop.set()
+
+    async def list_tools(self) -> Sequence[Tool]:
+        return self.listing.tools
 
     async def call_tool(self, name: str, arguments: JSONObject, context: CallContext) -> ToolResult:
         return ToolResult.text(str(arguments.get("text", "")))
+
+    async def request(self, method: str, params: JSONObject, context: CallContext) -> JSONObject:
+        raise UpstreamError(f"noop answers no {method}", server=self.name)
 
 
 # -- 2. a workflow step on Temporal vs local ------------------------------------------------------------
