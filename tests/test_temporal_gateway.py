@@ -134,6 +134,8 @@ async def test_a_task_of_a_workflow_on_temporal_is_refused_saying_so(
     async with replicas(config_text(temporal_server.address, queue), count=1) as (gateway,):
         context = CallContext(principal=CALLER.principal, task={"ttl": 60000})
         refused = await gateway.dispatcher.call("total", {}, context)
+        offered = gateway.registry.tools["total"].tool.definition["execution"]
+    assert offered == {"taskSupport": "forbidden"}  # not offered; a client that asks anyway is told why
     assert refused.is_error
     assert "MCP tasks are not supported yet" in refused.content[0]["text"]
 

@@ -87,7 +87,8 @@ class WorkflowProvider:
         self._tasks: TaskGroup | None = None
         self.round_trips = RoundTrips(background or (lambda: self._tasks), signer=signer, store=store, name="workflows")
         """The runs waiting for a 2026-07-28 client's answers."""
-        self.tools = tuple(_tool(plan) for plan in plans.values())
+        tasks = self.runs.temporal is None  # on Temporal, MCP tasks are not supported yet: not offered
+        self.tools = tuple(_tool(plan, tasks=tasks) for plan in plans.values())
         """The workflows as tools, in the order the config lists them."""
         self.listing = Listing(tools=self.tools, resources=(_RUNS_RESOURCE,) if plans else ())
         """The workflow tools, and (when there are workflows) the template of their runs' resources."""
@@ -196,13 +197,14 @@ _RUNS_RESOURCE = Resource(
 )
 
 
-def _tool(plan: Plan) -> Tool:
+def _tool(plan: Plan, *, tasks: bool = True) -> Tool:
     workflow = plan.workflow
     definition: dict[str, Any] = {
         "name": plan.name,
         "description": workflow.description or f"Workflow {plan.name}.",
         "inputSchema": workflow.input,
-        "execution": {"taskSupport": "optional"},  # a client may run it as an MCP task (gateway.tasks)
+        # A client may run it as an MCP task (gateway.tasks); not where runs live in Temporal (not yet).
+        "execution": {"taskSupport": "optional" if tasks else "forbidden"},
     }
     if workflow.output_schema is not None:
         definition["outputSchema"] = workflow.output_schema
