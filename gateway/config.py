@@ -247,8 +247,9 @@ class TemporalSettings(BaseModel):
     namespace: str = Field("default", min_length=1)
     """The Temporal namespace (``default``, which the dev server has)."""
     task_queue: str | None = Field(None, min_length=1)
-    """The task queue of the runs' steps (each workflow's runs also get a queue of their own, named after it);
-    default: ``patchbay.<gateway name>``. Replicas of one gateway share it."""
+    """The stem of the task queues of this gateway's runs: each workflow definition's runs and their steps go to
+    ``<task_queue>.<its digest's first 16 hex digits>``; default: ``patchbay.<gateway name>``. Replicas of one
+    gateway share it."""
     takeover_after: Duration = Field(30.0, ge=2.0)
     """How long a replica may be silent (killed, cut off) before another takes over what it was doing: the
     call of a step in flight is made again (under the same idempotency key), and its cached runs move on

@@ -13,18 +13,17 @@ import anyio
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
 from gateway.dispatch import Invocation
 from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
-from gateway.workflows import _temporal_plans
 from gateway.workflows.commands import AskModel, AskUser, CallTool, Command, Finished, StepError
 from gateway.workflows.engine import Run
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, Runner
-from gateway.workflows.temporal import PatchbayRun, RunInput, TemporalEngine, evaluate, workflow_queue
+from gateway.workflows.temporal import PatchbayRun, RunInput, TemporalEngine, workflow_queue
 from tests import temporal_server as dev_server
 from tests.workflows.test_runner import plan_of
 
@@ -338,21 +337,16 @@ async def test_a_call_whose_replica_stops_is_made_again_by_another_under_the_sam
         f"test-{uuid.uuid4().hex}",
     )
     other = second_temporal_client
-    # The run's workflow stays on a worker of its own: the replicas that come and go only make calls.
-    runs = Worker(other, task_queue=workflow_queue(queue, plan), workflows=[PatchbayRun], activities=[evaluate])
-    _temporal_plans.hold([plan])
-    try:
-        with anyio.fail_after(10):
-            async with runs:
-                async with TemporalEngine(temporal_client, queue, {}, tools.execute).serve():
-                    await TemporalEngine(other, queue, {plan.name: plan}, tools.execute).start(
-                        plan.name, {}, CALLER_JSON, run_id
-                    )
-                    await tools.started.wait()
-                async with TemporalEngine(other, queue, {}, tools.execute).serve():
-                    result = await TemporalEngine(other, queue, {}, tools.execute).result(run_id)
-    finally:
-        _temporal_plans.release([plan])
+    with anyio.fail_after(20):
+        # The first replica takes the run and makes the call; it stops while the call stalls.
+        first = TemporalEngine(temporal_client, queue, {plan.name: plan}, tools.execute, silence=2.0)
+        async with first.serve():
+            await first.start(plan.name, {}, CALLER_JSON, run_id)
+            await tools.started.wait()
+        # Another replica holding the plan takes the run over (after the first's sticky queue times out).
+        second = TemporalEngine(other, queue, {plan.name: plan}, tools.execute, silence=2.0)
+        async with second.serve():
+            result = await second.result(run_id)
     assert result["status"] == "succeeded"
     assert tools.calls == [("stalls", {}, f"{run_id}:a"), ("stalls", {}, f"{run_id}:a")]
 

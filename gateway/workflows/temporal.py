@@ -5,11 +5,12 @@ workflow and its plan's digest, and carries the arguments, the caller and the ru
 :class:`~gateway.workflows.engine.Run` its events and carries out the commands it returns, as the
 local runner does, with Temporal's means:
 
-* ``CallTool``, ``AskUser``, ``AskModel``: an activity (``patchbay.step``) on the plain task queue,
-  so whichever replica polls it makes the call, through the ``execute`` callable its engine was
-  given (in the gateway, the dispatch path). The step's ``timeout`` is the activity's
-  start-to-close timeout (and the activity enforces it itself too, so the call is stopped, not only
-  given up on). Temporal's own retries are off: the engine retries, with a timer between tries.
+* ``CallTool``, ``AskUser``, ``AskModel``: an activity (``patchbay.step``) on the run's own task
+  queue (below), so whichever replica holding the plan polls it makes the call, through the
+  ``execute`` callable its engine was given (in the gateway, the dispatch path). The step's
+  ``timeout`` is the activity's start-to-close timeout (and the activity enforces it itself too, so
+  the call is stopped, not only given up on). Temporal's own retries are off: the engine retries,
+  with a timer between tries.
   The activity heartbeats, which is how a cancellation reaches it and how a dead worker is noticed.
   A try whose replica stopped or died before it answered (its worker shut down; no heartbeat for
   :data:`HEARTBEAT_TIMEOUT`) is made again under the same idempotency key, as a resumed local run
@@ -39,9 +40,11 @@ replaying it could not give the same commands). A run is started on a task queue
 replica whose config has another version of the workflow never takes it: the run waits for one that
 has it (during a rolling deploy, the old replicas finish the old runs). Should a run still reach a
 worker without its plan, the workflow task fails (:class:`PlanNotHeld`) and Temporal tries it again,
-later or elsewhere; the run itself is not failed. The steps' activities go to the plain
-``task_queue``: any replica may make a call. (Temporal's worker versioning would do the routing too,
-but needs a deployment name and build id per config; a queue per digest needs nothing.) A replica
+later or elsewhere; the run itself is not failed. The steps' activities go to the same queue: any
+replica holding the plan may make a call, and the SDK hands an activity scheduled by a workflow task
+straight to the worker that ran it (eager dispatch) when it has room, which halves a step's latency
+here (``bench/RESULTS.md``, "Issue 14"). (Temporal's worker versioning would do the routing too, but
+needs a deployment name and build id per config; a queue per digest needs nothing.) A replica
 that stops leaves its cached runs on its sticky queue: Temporal hands them to another replica after
 the worker's sticky timeout (10 s).
 
@@ -172,7 +175,7 @@ class RunInput:
     run_id: str
     """What expressions read as ``.run.id``, and what idempotency keys begin with; also the workflow id."""
     task_queue: str
-    """Where the steps' activities go."""
+    """Where the steps' activities go: the run's own queue (:func:`workflow_queue`)."""
     silence: float = HEARTBEAT_TIMEOUT.total_seconds()
     """Seconds a step's replica may go without a heartbeat before the try is taken for lost (and made again)."""
 
@@ -434,8 +437,8 @@ async def evaluate(task: Evaluation) -> Evaluated:
 class TemporalEngine:
     """Workflow runs on Temporal: start them, await or cancel them, and run this replica's workers.
 
-    ``client`` is connected to the namespace the runs live in; ``task_queue`` is where the steps'
-    activities go (each plan's runs go to :func:`workflow_queue`); ``plans`` are the workflows this
+    ``client`` is connected to the namespace the runs live in; ``task_queue`` names the queues (each
+    plan's runs and their steps go to :func:`workflow_queue`); ``plans`` are the workflows this
     replica runs, by name; ``execute`` makes the steps' calls. ``heartbeat`` (seconds) is how often a
     running step heartbeats (a request to the server each time), hence about how long its
     cancellation takes to reach it.
@@ -473,7 +476,13 @@ class TemporalEngine:
         if plan is None:
             raise ToolNotFound(workflow_name)
         start = RunInput(
-            plan.name, plan.digest, dict(arguments), dict(caller), run_id, self.task_queue, silence=self.silence
+            plan.name,
+            plan.digest,
+            dict(arguments),
+            dict(caller),
+            run_id,
+            workflow_queue(self.task_queue, plan),
+            silence=self.silence,
         )
         try:
             return await self.client.start_workflow(
@@ -526,9 +535,9 @@ class TemporalEngine:
 
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[None]:
-        """Run this replica's workers while the block runs: one for the steps' activities, and one per
-        plan, polling that plan's queue (the workflow, and its evaluations as local activities).
-        Leaving the block stops them (steps in flight are cancelled; their runs go on elsewhere).
+        """Run this replica's workers while the block runs: one per plan, polling that plan's queue (the
+        workflow, its steps' activities, and its evaluations as local activities). Leaving the block stops
+        them (steps in flight are cancelled; their runs go on elsewhere).
 
         One engine per client and task queue may serve at a time in a process (Temporal refuses a
         second worker of the same queue on one client)."""
@@ -536,23 +545,15 @@ class TemporalEngine:
         workers = [
             Worker(
                 self.client,
-                task_queue=self.task_queue,
-                activities=[self._steps.step],
-                max_heartbeat_throttle_interval=self._heartbeat,
-                default_heartbeat_throttle_interval=self._heartbeat,
-            )
-        ]
-        workers.extend(
-            Worker(
-                self.client,
                 task_queue=workflow_queue(self.task_queue, plan),
                 workflows=[PatchbayRun],
-                activities=[evaluate],
-                no_remote_activities=True,
+                activities=[evaluate, self._steps.step],
+                max_heartbeat_throttle_interval=self._heartbeat,
+                default_heartbeat_throttle_interval=self._heartbeat,
                 sticky_queue_schedule_to_start_timeout=timedelta(seconds=min(self.silence, STICKY_TIMEOUT)),
             )
             for plan in plans
-        )
+        ]
         _temporal_plans.hold(plans)
         try:
             async with anyio.create_task_group() as tg:
@@ -562,8 +563,7 @@ class TemporalEngine:
                     yield
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await _shut_down(workers[1:])  # first take no more workflow tasks,
-                        await workers[0].shutdown()  # then stop the calls (each is made again elsewhere)
+                        await _shut_down(workers)  # the calls in flight are made again elsewhere
         finally:
             _temporal_plans.release(plans)
 
