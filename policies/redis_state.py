@@ -53,6 +53,9 @@ DEFAULT_LEASE = 10.0
 """Seconds a concurrency slot or a probe slot is held without its holder renewing it."""
 RETRY_INTERVAL = 0.5
 """Seconds after a failure during which Redis is not tried again."""
+CLOSED_FOR = 0.5
+"""Seconds a replica admits calls through a circuit it saw closed without asking Redis again: a circuit opened
+elsewhere refuses calls here within this (the issue's bound is 1 s)."""
 DRAIN = 2.0
 """Seconds the queued operations may take to reach Redis when the state closes."""
 TIMEOUT = 1.0
@@ -295,7 +298,10 @@ class RedisState:
         clock: Callable[[], float] | None = None,
         on_failure: Callable[[str], None] | None = None,
         retry_interval: float = RETRY_INTERVAL,
+        closed_for: float = CLOSED_FOR,
     ) -> None:
+        self.closed_for = closed_for
+        """Seconds a circuit seen closed admits calls here without asking Redis (0: always ask)."""
         self.client = client
         self.prefix = prefix
         self.failure = failure
@@ -580,10 +586,19 @@ class RedisLimitState:
 
 
 class RedisBreakerState:
-    """``BreakerState`` on Redis: one circuit per server, the same for every replica using the same prefix."""
+    """``BreakerState`` on Redis: one circuit per server, the same for every replica using the same prefix.
+
+    A closed circuit is the common case and asks nothing of Redis to admit a call: having seen it closed,
+    this replica admits calls for ``shared.closed_for`` seconds (half a second) without asking again, so a
+    circuit another replica opens refuses calls here within that time. What this replica sees fail asks
+    Redis again at once (a failure forgets what it saw), so its own failures open the circuit as promptly as
+    in memory, and every verdict still reaches Redis.
+    """
 
     def __init__(self, shared: RedisState) -> None:
         self._shared = shared
+        self._closed: dict[str, tuple[int, float]] = {}
+        """Circuit → the generation it was seen closed in, and until when (monotonic) that sight holds."""
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self._shared.prefix}circuit:{key}"
@@ -591,6 +606,9 @@ class RedisBreakerState:
 
     async def admit(self, key: str, config: CircuitBreakerConfig) -> Admission | Refusal:
         shared = self._shared
+        seen = self._closed.get(key)
+        if seen is not None and time.monotonic() < seen[1]:
+            return Admission(seen[0], probe=False)
         keys = self._keys(key)
         member = shared.member()
 
@@ -603,6 +621,8 @@ class RedisBreakerState:
             probe = answer[2] == 1
             if probe:
                 shared.hold(keys[1], member)
+            elif shared.closed_for > 0:  # admitted without a probe: the circuit is closed
+                self._closed[key] = (answer[1], time.monotonic() + shared.closed_for)
             return Admission(answer[1], probe=probe, entered=_text(answer[3]) or None, token=member if probe else "")
 
         # Unlimited while Redis is away: an admission no verdict is reported for (generation -1).
@@ -617,6 +637,7 @@ class RedisBreakerState:
         return None
 
     async def failed(self, key: str, config: CircuitBreakerConfig, admission: Admission, error: str) -> str | None:
+        self._closed.pop(key, None)  # it may open now: the next call asks Redis
         args = [
             error,
             config.failures or 0,

@@ -180,6 +180,21 @@ async def test_a_circuit_opened_on_one_replica_refuses_calls_on_the_other_at_onc
     assert 29 < refusal.retry_after <= 30
 
 
+async def test_a_circuit_another_replica_opens_refuses_calls_here_within_a_second() -> None:
+    async with redis_states() as states:
+        here, there = states.new().breakers, states.new().breakers
+        assert isinstance(await here.admit("crm", BREAKER), Admission)  # seen closed here
+        admission = await there.admit("crm", BREAKER)
+        assert isinstance(admission, Admission)
+        assert await there.failed("crm", BREAKER, admission, "connection refused") == "open"
+        opened = anyio.current_time()
+        with anyio.fail_after(1.0):
+            while isinstance(await here.admit("crm", BREAKER), Admission):  # noqa: ASYNC110  (the state is in Redis)
+                await anyio.sleep(0.02)
+        refused_after = anyio.current_time() - opened
+    assert refused_after <= 0.6  # the half second a closed circuit is trusted, and a poll
+
+
 async def test_half_open_probes_are_capped_across_replicas() -> None:
     clock = FakeClock()
     config = CircuitBreakerConfig(failures=1, reset_after=30, half_open_probes=2)
@@ -230,7 +245,8 @@ async def test_while_redis_is_away_calls_follow_the_failure_setting_and_limits_r
     failures: list[str] = []
     with private_redis(tmp_path) as server:
         async with redis_states(server.url) as states:
-            state = states.new(failure=failure, on_failure=failures.append, retry_interval=0.2)
+            # closed_for=0: every call asks Redis about the circuit (a closed one seen is otherwise trusted for 0.5 s)
+            state = states.new(failure=failure, on_failure=failures.append, retry_interval=0.2, closed_for=0)
             limit, breaker = RateLimit([rule], state.limits), BreakerPolicy({"crm": BREAKER}, state.breakers)
 
             async def through() -> str:
