@@ -461,6 +461,8 @@ def _runs(config: Config, args: argparse.Namespace) -> int:
             print(f"--since: expected a duration like 30m, 2h or 90s, got {args.since!r}", file=sys.stderr)
             return 2
     redact = audit_redactor(config.audit).redact
+    if config.gateway.engine != "local":  # its runs are Temporal's: say where to look, rather than show none
+        print(TEMPORAL_RUNS, file=sys.stderr)
 
     async def run() -> int:
         async with open_store(config.gateway.store, durability=config.gateway.durability) as store:
@@ -484,6 +486,12 @@ def _runs(config: Config, args: argparse.Namespace) -> int:
 
 def _json(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+TEMPORAL_RUNS = (
+    "workflows run on Temporal here (gateway.engine): their runs are not in the store, so not listed here; "
+    "`temporal workflow list --query \"WorkflowType='patchbay.run'\"` or Temporal's UI shows them"
+)
 
 
 def _resume(config: Config, args: argparse.Namespace) -> int:
