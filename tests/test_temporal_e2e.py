@@ -1,6 +1,8 @@
 """Replicas on Temporal, as processes: two ``patchbay serve`` on one dev server; one is killed (SIGKILL) while it
 makes a step's call, the other takes the run over and finishes it. The upstream (testkit over HTTP) records
-each call with its idempotency key, so what ran again, and what did not, is seen from outside."""
+each call with its idempotency key, so what ran again, and what did not, is seen from outside. The first try of
+the step in flight stalls until the kill, however long the second replica takes to start (a loaded host); the
+try made again answers at once."""
 
 import contextlib
 import uuid
@@ -33,7 +35,7 @@ workflows:
   chain:
     steps:
       - {{id: a, call: kit__step, with: {{label: a}}}}
-      - {{id: b, call: kit__step, with: {{label: b, seconds: 4}}, after: [a]}}
+      - {{id: b, call: kit__step, with: {{label: b, seconds: 60, again: 0.2}}, after: [a]}}
       - {{id: c, call: kit__step, with: {{label: c}}, after: [b]}}
     output: {{last: '${{.steps.c.result.label}}'}}
 """

@@ -74,14 +74,18 @@ async def record(label: str, seconds: float = 0.0, fail: bool = False) -> dict[s
 
 
 @mcp.tool()
-async def step(label: str, ctx: Context, seconds: float = 0.0, fail: bool = False) -> dict[str, object]:
+async def step(
+    label: str, ctx: Context, seconds: float = 0.0, fail: bool = False, again: float | None = None
+) -> dict[str, object]:
     """Record ``<label> started <key>`` and, after sleeping, ``<label> done <key>`` (``<key>``: the call's
-    ``io.patchbay/idempotency-key``); fail after sleeping if asked."""
+    ``io.patchbay/idempotency-key``); fail after sleeping if asked. ``again``: the seconds to sleep instead
+    when a call of ``label`` with this key was started before (a try made again: only the first one stalls)."""
     meta = ctx.request_context.meta
     fields = meta if isinstance(meta, dict) else meta.model_dump(by_alias=True) if meta is not None else {}
     key = fields.get("io.patchbay/idempotency-key")
+    repeated = f"{label} started {key}" in EVENTS
     EVENTS.append(f"{label} started {key}")
-    await anyio.sleep(seconds)
+    await anyio.sleep(again if repeated and again is not None else seconds)
     if fail:
         EVENTS.append(f"{label} failed {key}")
         raise ToolError(f"{label} failed as asked")
