@@ -180,7 +180,7 @@ async def test_tasks_list_at_either_replica_shows_the_callers_tasks_only(tempora
         assert plain.structured_content == {"held": "released"}
         mine = [second["taskId"], first["taskId"]]
         with anyio.fail_after(WITHIN):  # Temporal's visibility lists a run shortly after it started
-            while [t["taskId"] for t in (await rpc(at_a, "tasks/list"))["tasks"]] != mine:
+            while [t["taskId"] for t in (await rpc(at_a, "tasks/list"))["tasks"]] != mine:  # noqa: ASYNC110  (the state is in Temporal)
                 await anyio.sleep(0.05)
         assert [t["taskId"] for t in (await rpc(at_b, "tasks/list"))["tasks"]] == mine
         assert [t["taskId"] for t in (await rpc(bob_at_b, "tasks/list"))["tasks"]] == [bobs["taskId"]]
