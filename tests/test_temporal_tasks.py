@@ -4,6 +4,7 @@ in-process, against each replica's frontend). The workflow holds in the upstream
 releases it, so a task is seen working without racing the clock."""
 
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -213,3 +214,21 @@ async def test_workflows_on_temporal_are_offered_as_tasks(temporal_server: dev_s
         tools = {tool.name: tool for tool in (await alice.list_tools()).tools}
         assert tools["held"].execution is not None
         assert tools["held"].execution.task_support == "optional"
+
+
+async def test_a_runs_resource_at_the_other_replica_shows_its_steps_from_temporal(
+    temporal_server: dev_server.DevServer,
+) -> None:
+    async with replicas(temporal_server.address) as (a, b), clients(a, b, "legacy") as (at_a, at_b):
+        Holding.release.set()
+        task = await start_task(at_a, "held", {})
+        await rpc(at_b, "tasks/result", taskId=task["taskId"])
+        read = await at_b.read_resource(f"patchbay://runs/{task['taskId']}")
+        [content] = read.contents
+        assert isinstance(content, types.TextResourceContents)
+        view = json.loads(content.text)
+        assert (view["status"], view["caller"], view["output"]) == ("succeeded", "client:alice", {"held": "released"})
+        assert [(step["key"], step["tool"], step["status"]) for step in view["steps"]] == [
+            ("one", "box__echo", "succeeded"),
+            ("hold", "box__hold", "succeeded"),
+        ]
