@@ -152,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     runs = commands.add_parser(
         "runs",
         help="list the journaled workflow runs, or show one run's timeline",
-        description="Without RUN_ID: the runs in the store, most recent first (id, workflow, status, caller, start,"
-        " duration, failed step). With RUN_ID: that run's timeline: each step's tries with their start, end,"
+        description="Without RUN_ID: the runs in the store (with engine: temporal://…, in Temporal), most recent"
+        " first (id, workflow, status, caller, start, duration, failed step). With RUN_ID: that run's timeline:"
+        " each step's tries with their start, end,"
         " duration, outcome, arguments and result, the compensations, and the output or error. Arguments,"
         " results and errors are redacted as the audit trail is (audit.redact_keys, audit.redact_patterns).",
     )
@@ -166,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     runs.set_defaults(run=_runs, sections=_STORE_SECTIONS)
 
     resume = commands.add_parser(
-        "resume", help="resume an interrupted workflow run from its journal and print its result"
+        "resume",
+        help="resume an interrupted workflow run from its journal and print its result (on Temporal: wait for it)",
     )
     resume.add_argument("config", metavar="CONFIG")
     resume.add_argument("run_id", metavar="RUN_ID")
