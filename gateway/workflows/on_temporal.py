@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
+from temporalio.service import RPCError, RPCStatusCode
 
 from gateway.dispatch import Invocation
 from gateway.errors import GatewayError
@@ -158,7 +159,11 @@ class TemporalRuns:
         if record is None:
             return None
         if record.status not in FINISHED:
-            await self.engine.cancel(run_id)
+            try:
+                await self.engine.cancel(run_id)
+            except RPCError as exc:  # it ended meanwhile
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
             with anyio.move_on_after(CANCEL_WAIT):
                 await self.engine.result(run_id)
         return await self.records.record(run_id)
