@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from gateway.config import Config, GatewaySettings
+from gateway.config import Config, GatewaySettings, TemporalSettings
 from gateway.errors import EngineUnavailable
 from gateway.store import Store, open_store
 from gateway.store.memory import MemoryStore
@@ -23,7 +23,7 @@ from policies.state import BreakerState, LimitState, MemoryBreakerState, MemoryL
 if TYPE_CHECKING:
     from temporalio.client import Client
 
-__all__ = ["Backends", "connect_temporal", "memory_backends", "open_backends"]
+__all__ = ["Backends", "connect_temporal", "memory_backends", "open_backends", "temporal_queue"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +71,13 @@ async def open_backends(config: Config) -> AsyncIterator[Backends]:
         async with open_redis_state(settings.shared_state, prefix=prefix, failure=failure) as redis:
             limits, breakers = redis.limits, redis.breakers
             yield Backends(limits=limits, breakers=breakers, store=store, shared=redis, temporal=temporal)
+
+
+def temporal_queue(settings: GatewaySettings) -> str:
+    """The stem of the task queues of this gateway's runs on Temporal (``temporal.task_queue``; by default
+    ``patchbay.<gateway name>``): what its replicas share, and what tells its runs from other gateways'."""
+    temporal = settings.temporal if settings.temporal is not None else TemporalSettings()
+    return temporal.task_queue or f"patchbay.{settings.name}"
 
 
 async def connect_temporal(settings: GatewaySettings) -> "Client | None":

@@ -26,7 +26,7 @@ from gateway.terminal import TerminalChannel
 from gateway.types import CallContext, Principal, Provider, ToolResult
 from gateway.units import Duration
 from gateway.workflows.graph import mermaid
-from gateway.workflows.history import render_rows, render_timeline, summary_rows, timeline
+from gateway.workflows.history import Redact, render_rows, render_timeline, summary_rows, timeline
 from gateway.workflows.runner import result_value
 from gateway.workflows.runs import RunNotResumable
 from policies.auth import check_bind, new_token
@@ -152,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     runs = commands.add_parser(
         "runs",
         help="list the journaled workflow runs, or show one run's timeline",
-        description="Without RUN_ID: the runs in the store, most recent first (id, workflow, status, caller, start,"
-        " duration, failed step). With RUN_ID: that run's timeline: each step's tries with their start, end,"
+        description="Without RUN_ID: the runs in the store (with engine: temporal://…, in Temporal), most recent"
+        " first (id, workflow, status, caller, start, duration, failed step). With RUN_ID: that run's timeline:"
+        " each step's tries with their start, end,"
         " duration, outcome, arguments and result, the compensations, and the output or error. Arguments,"
         " results and errors are redacted as the audit trail is (audit.redact_keys, audit.redact_patterns).",
     )
@@ -166,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     runs.set_defaults(run=_runs, sections=_STORE_SECTIONS)
 
     resume = commands.add_parser(
-        "resume", help="resume an interrupted workflow run from its journal and print its result"
+        "resume",
+        help="resume an interrupted workflow run from its journal and print its result (on Temporal: wait for it)",
     )
     resume.add_argument("config", metavar="CONFIG")
     resume.add_argument("run_id", metavar="RUN_ID")
@@ -461,10 +463,10 @@ def _runs(config: Config, args: argparse.Namespace) -> int:
             print(f"--since: expected a duration like 30m, 2h or 90s, got {args.since!r}", file=sys.stderr)
             return 2
     redact = audit_redactor(config.audit).redact
-    if config.gateway.engine != "local":  # its runs are Temporal's: say where to look, rather than show none
-        print(TEMPORAL_RUNS, file=sys.stderr)
 
     async def run() -> int:
+        if config.gateway.engine != "local":  # its runs are Temporal's
+            return await _runs_on_temporal(config, args, since, redact)
         async with open_store(config.gateway.store, durability=config.gateway.durability) as store:
             if args.run_id is None:
                 query = RunQuery(workflow=args.workflow, status=args.status, since=since)
@@ -484,18 +486,37 @@ def _runs(config: Config, args: argparse.Namespace) -> int:
     return anyio.run(run)
 
 
+async def _runs_on_temporal(config: Config, args: argparse.Namespace, since: float | None, redact: Redact) -> int:
+    """``patchbay runs`` of a gateway whose runs are Temporal's: read there, as its replicas do (one of them need
+    not be running); the same rows and timeline as from the store."""
+    from gateway.backends import connect_temporal, temporal_queue  # Redis's and Temporal's SDKs only where used
+    from gateway.workflows.temporal_records import TemporalRecords
+
+    client = await connect_temporal(config.gateway)
+    assert client is not None  # engine: temporal://…
+    records = TemporalRecords(client, temporal_queue(config.gateway))
+    if args.run_id is None:
+        found = await records.records(workflow=args.workflow, status=args.status, since=since)
+        rows = summary_rows(found)
+        print(_json(rows) if args.json else render_rows(rows), end="")
+        return 0
+    record = await records.record(args.run_id)
+    if record is None:
+        print(f"no run {args.run_id!r} in Temporal (`patchbay runs {args.config}` lists them)", file=sys.stderr)
+        return 1
+    view = timeline(record, await records.events(record.run_id), redact)
+    print(_json(view) if args.json else render_timeline(view), end="")
+    return 0
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
 
 
-TEMPORAL_RUNS = (
-    "workflows run on Temporal here (gateway.engine): their runs are not in the store, so not listed here; "
-    "`temporal workflow list --query \"WorkflowType='patchbay.run'\"` or Temporal's UI shows them"
-)
-
-
 def _resume(config: Config, args: argparse.Namespace) -> int:
     _connect_note(config, args.providers)
+    if config.gateway.engine != "local":
+        print(TEMPORAL_RESUME, file=sys.stderr)
 
     async def run() -> int:
         from gateway.gateway import open_gateway
@@ -510,6 +531,12 @@ def _resume(config: Config, args: argparse.Namespace) -> int:
             return _print_result(result, started)
 
     return anyio.run(run)
+
+
+TEMPORAL_RESUME = (
+    "workflows run on Temporal here (gateway.engine), where a run is never interrupted: any replica carries it on "
+    "(this one too, while it waits). A run still running is waited for, and its result printed."
+)
 
 
 def _print_upstreams(gateway: "Gateway", *, problems: bool = True) -> None:

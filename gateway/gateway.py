@@ -27,7 +27,7 @@ from anyio.abc import TaskGroup
 from connectors.mcp import McpUpstream
 from connectors.rest import RestConnector
 from gateway.audit import JsonlAuditSink, audit_redactor
-from gateway.backends import Backends, memory_backends, open_backends
+from gateway.backends import Backends, memory_backends, open_backends, temporal_queue
 from gateway.chain import build_chain
 from gateway.config import DEFAULT_MAX_RESULT, Config, ConnectorConfig, TemporalSettings, UpstreamConfig
 from gateway.dispatch import Audit, CallPath, Dispatcher
@@ -375,8 +375,8 @@ def _temporal_engine(config: Config, backends: Backends, calls: CallPath) -> "Te
 
     settings = config.gateway
     temporal = settings.temporal if settings.temporal is not None else TemporalSettings()
-    queue = temporal.task_queue or f"patchbay.{settings.name}"
     execute = step_executor(calls.invoke)
+    queue = temporal_queue(settings)
     return TemporalEngine(backends.temporal, queue, config.plans, execute, silence=temporal.takeover_after)
 
 

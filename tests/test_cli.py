@@ -292,13 +292,14 @@ def test_runs_shows_one_runs_timeline_redacted(tmp_path: Path, capsys: pytest.Ca
     assert "no, never" in view["error"]
 
 
-def test_runs_of_a_gateway_on_temporal_says_where_they_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, "gateway: {engine: 'temporal://127.0.0.1:7233'}\n" + WORKFLOWS)
-    code, out, err = run_cli(capsys, "runs", path)  # the store is read; Temporal is not reached
-    assert code == 0
-    assert out.startswith("no runs")  # none in the store
-    assert "workflows run on Temporal here" in err
-    assert "temporal workflow list" in err
+def test_runs_of_a_gateway_on_a_temporal_that_cannot_be_reached_exits_1_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, f"gateway: {{engine: 'temporal://127.0.0.1:{free_port()}'}}\n" + WORKFLOWS)
+    code, out, err = run_cli(capsys, "runs", path)  # its runs are Temporal's (tests/test_temporal_cli.py)
+    assert code == 1
+    assert out == ""
+    assert "cannot reach Temporal at 127.0.0.1" in err
 
 
 def test_runs_says_so_and_exits_1_for_an_unknown_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

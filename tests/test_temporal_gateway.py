@@ -128,18 +128,6 @@ async def test_steps_on_temporal_pass_the_policy_chain_of_the_replica_making_the
     assert denials == 1
 
 
-async def test_a_task_of_a_workflow_on_temporal_is_refused_saying_so(
-    temporal_server: dev_server.DevServer, queue: str
-) -> None:
-    async with replicas(config_text(temporal_server.address, queue), count=1) as (gateway,):
-        context = CallContext(principal=CALLER.principal, task={"ttl": 60000})
-        refused = await gateway.dispatcher.call("total", {}, context)
-        offered = gateway.registry.tools["total"].tool.definition["execution"]
-    assert offered == {"taskSupport": "forbidden"}  # not offered; a client that asks anyway is told why
-    assert refused.is_error
-    assert "MCP tasks are not supported yet" in refused.content[0]["text"]
-
-
 async def test_a_temporal_that_cannot_be_reached_stops_the_gateway_from_starting(queue: str) -> None:
     config = parse_config(config_text(f"127.0.0.1:{free_port()}", queue), environ={})
     with pytest.raises(EngineUnavailable, match="cannot reach Temporal at 127.0.0.1"):

@@ -8,6 +8,11 @@ that key names, at any replica: the run's id is derived from the caller and the 
 workflow id once, so a re-issued call (after a replica died under it, say) gets the first call's run and
 result. A caller that gives up does not cancel the run, as with a keyed local run.
 
+A call may also start its run as an MCP task (:meth:`TemporalRuns.start_task`): the run is started and the task
+answered at once. Tasks are read, awaited and cancelled in Temporal (:mod:`gateway.workflows.temporal_records`),
+so ``tasks/*`` work at any replica, whichever replica's workers carry the run; a keyed task is the run its key
+names, like a keyed call.
+
 Each step's call is an activity that any replica's worker makes through its own dispatch path (``invoke``),
 so policies, limits, metrics and audit apply as for a local run, under the run's caller and with the step's
 idempotency key. What needs the client that made the call (``ask_user``, ``ask_model``, progress) is not
@@ -16,19 +21,25 @@ carried to the replica that runs a step yet: such a step takes its ``default``, 
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
+from temporalio.service import RPCError, RPCStatusCode
 
 from gateway.dispatch import Invocation
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.types import RUN_META_KEY, CallContext, JSONObject, Principal, ToolResult
+from gateway.store import RunRecord
+from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.commands import AskModel, AskUser, CallTool, Leaf, StepError
+from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, error_text, result_value
-from gateway.workflows.runs import caller_scope
+from gateway.workflows.runs import CANCEL_WAIT, FINISHED, RunNotResumable, caller_scope
 from gateway.workflows.temporal import TemporalEngine
+from gateway.workflows.temporal_records import TemporalRecords, wire_result
 
 __all__ = ["TemporalRuns", "run_id_for", "step_executor"]
 
@@ -79,6 +90,8 @@ class TemporalRuns:
         """``stopping()`` tells whether this gateway is going down: a call cancelled then leaves its run to go on
         (another replica's workers carry it on); a call its caller cancelled cancels its run (unless keyed)."""
         self.engine = engine
+        self.records = TemporalRecords(engine.client, engine.task_queue)
+        """The runs' records, as Temporal has them."""
         self._metrics = metrics
         self._stopping = stopping
 
@@ -104,19 +117,79 @@ class TemporalRuns:
             self._metrics.workflow_run(plan.name, status if status in ("succeeded", "cancelled") else "failed")
         return _result(plan, run_id, ended)
 
+    # --- Tasks, and the runs as records (Temporal's). ---
+
+    async def start_task(
+        self, plan: Plan, arguments: Mapping[str, Any], context: CallContext, task: JSONObject
+    ) -> RunRecord:
+        """Start a run of ``plan`` as an MCP task and return its record at once (its steps go on at any replica).
+        A call with an idempotency key gets the run that key names (the first call's, if it was made before)."""
+        principal = context.principal
+        key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
+        keyed = isinstance(key, str) and bool(key)
+        run_id = run_id_for(principal, plan.name, str(key)) if keyed else uuid.uuid4().hex
+        details = {"task": dict(task), **({"idempotency_key": key} if keyed else {})}
+        if self._metrics is not None:
+            self._metrics.workflow_started(plan.name)
+        caller = {"kind": principal.kind, "id": principal.id}
+        await self.engine.start(plan.name, arguments, caller, run_id, details=details)
+        record = await self.records.record(run_id)
+        if record is None:  # Temporal has just started it
+            raise GatewayError(f"run {run_id} was started but Temporal does not describe it")
+        return record
+
+    async def get(self, run_id: str, principal: Principal) -> RunRecord | None:
+        """The record of run ``run_id`` if ``principal`` started it; None otherwise, as for an unknown run."""
+        record = await self.records.record(run_id)
+        if record is None or (record.caller_kind, record.caller_id) != (principal.kind, principal.id):
+            return None
+        return record
+
+    async def wait(self, run_id: str, principal: Principal) -> RunRecord | None:
+        """The record of ``principal``'s run ``run_id`` once it has ended (None: no such run of theirs)."""
+        if await self.get(run_id, principal) is None:
+            return None
+        await self.engine.result(run_id)
+        return await self.records.record(run_id)
+
+    async def cancel(self, run_id: str, principal: Principal) -> RunRecord | None:
+        """Cancel ``principal``'s run ``run_id`` (whichever replicas carry it) and wait, up to :data:`CANCEL_WAIT`,
+        for it to end (its compensations run first); its record after."""
+        record = await self.get(run_id, principal)
+        if record is None:
+            return None
+        if record.status not in FINISHED:
+            try:
+                await self.engine.cancel(run_id)
+            except RPCError as exc:  # it ended meanwhile
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+            with anyio.move_on_after(CANCEL_WAIT):
+                await self.engine.result(run_id)
+        return await self.records.record(run_id)
+
+    async def list(self, principal: Principal, *, tasks_only: bool = True) -> Sequence[RunRecord]:
+        """``principal``'s runs (those started as tasks, with ``tasks_only``), most recent first."""
+        return await self.records.records(caller=(principal.kind, principal.id), tasks_only=tasks_only)
+
+    async def events(self, run_id: str) -> Sequence[JournalEvent]:
+        """Run ``run_id``'s history as journal events (for its timeline)."""
+        return await self.records.events(run_id)
+
+    async def resume(self, run_id: str) -> ToolResult:
+        """``patchbay resume`` of a run on Temporal: never interrupted (replicas carry it on, this one's workers
+        too while it serves), so its result once it ends.
+
+        Raises:
+            RunNotResumable: Temporal knows no such run of this gateway, or it has ended.
+        """
+        record = await self.records.record(run_id)
+        if record is None:
+            raise RunNotResumable(f"no run {run_id} of this gateway in Temporal")
+        if record.status in FINISHED:
+            raise RunNotResumable(f"run {run_id} has finished: {record.status} (`patchbay runs CONFIG {run_id}`)")
+        return wire_result(record.workflow, run_id, await self.engine.result(run_id))
+
 
 def _result(plan: Plan, run_id: str, ended: Mapping[str, Any]) -> ToolResult:
-    meta = {RUN_META_KEY: run_id}
-    if ended.get("status") == "succeeded":
-        output = ended.get("output")
-        text = output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False)
-        structured = output if isinstance(output, Mapping) else None
-        return ToolResult(({"type": "text", "text": text},), structured_content=structured, meta=meta)
-    error = ended.get("error")
-    described = StepError(**error).describe() if isinstance(error, Mapping) else "compensation did not finish"
-    message = f"workflow {plan.name!r} failed: {described}"
-    compensations = [StepError(**e).describe() for e in ended.get("compensation_errors") or ()]
-    if compensations:
-        message += "; " + "; ".join(compensations)
-    message += f" (run {run_id})"
-    return ToolResult(({"type": "text", "text": message},), is_error=True, meta=meta)
+    return wire_result(plan.name, run_id, ended)

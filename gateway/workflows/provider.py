@@ -87,8 +87,7 @@ class WorkflowProvider:
         self._tasks: TaskGroup | None = None
         self.round_trips = RoundTrips(background or (lambda: self._tasks), signer=signer, store=store, name="workflows")
         """The runs waiting for a 2026-07-28 client's answers."""
-        tasks = self.runs.temporal is None  # on Temporal, MCP tasks are not supported yet: not offered
-        self.tools = tuple(_tool(plan, tasks=tasks) for plan in plans.values())
+        self.tools = tuple(_tool(plan) for plan in plans.values())
         """The workflows as tools, in the order the config lists them."""
         self.listing = Listing(tools=self.tools, resources=(_RUNS_RESOURCE,) if plans else ())
         """The workflow tools, and (when there are workflows) the template of their runs' resources."""
@@ -133,7 +132,7 @@ class WorkflowProvider:
             record = await self.runs.get(run_id, context.principal) if run_id and "/" not in run_id else None
             if record is None:
                 raise ResourceNotFound(uri)
-            view = timeline(record, await self.runs.store.events(run_id), self._redact)
+            view = timeline(record, await self.runs.events(run_id), self._redact)
             text = json.dumps(view, indent=2, ensure_ascii=False)
             return {"contents": [{"uri": uri, "mimeType": "application/json", "text": text}]}
         raise UpstreamError(f"workflows offer no prompts and no other resources ({method})", server=self.name)
@@ -197,14 +196,13 @@ _RUNS_RESOURCE = Resource(
 )
 
 
-def _tool(plan: Plan, *, tasks: bool = True) -> Tool:
+def _tool(plan: Plan) -> Tool:
     workflow = plan.workflow
     definition: dict[str, Any] = {
         "name": plan.name,
         "description": workflow.description or f"Workflow {plan.name}.",
         "inputSchema": workflow.input,
-        # A client may run it as an MCP task (gateway.tasks); not where runs live in Temporal (not yet).
-        "execution": {"taskSupport": "optional" if tasks else "forbidden"},
+        "execution": {"taskSupport": "optional"},  # a client may run it as an MCP task (gateway.tasks)
     }
     if workflow.output_schema is not None:
         definition["outputSchema"] = workflow.output_schema

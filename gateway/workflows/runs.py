@@ -14,6 +14,9 @@ Every run is journaled in the store (:mod:`gateway.store`). A run whose gateway 
 :data:`RESCAN` seconds. A run whose workflow changed since it started is not resumed: it is marked
 with the reason, which :meth:`Runs.resume` gives. While the gateway shuts down, its runs are left as
 they are, to be resumed, not cancelled and compensated.
+
+With ``engine: temporal://…`` (``temporal``) the runs are Temporal's, not journaled here: calls, tasks,
+look-ups and resume go to :class:`~gateway.workflows.on_temporal.TemporalRuns`, at any replica.
 """
 
 import logging
@@ -30,6 +33,7 @@ from gateway.errors import GatewayError, InvalidArguments, UpstreamError
 from gateway.metrics import Metrics
 from gateway.store import RunQuery, RunRecord, Store
 from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ToolResult
+from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import COMPENSATION_LIMIT, IDEMPOTENCY_META_KEY, Runner
 
@@ -264,11 +268,8 @@ class Runs:
         Raises:
             InvalidArguments: the key was used for another tool.
         """
-        if self.temporal is not None:
-            raise GatewayError(
-                "workflows run on Temporal here (gateway.engine), where MCP tasks are not supported yet: "
-                "call the workflow without a task (with an io.patchbay/idempotency-key to get the same run again)"
-            )
+        if self.temporal is not None:  # the run is Temporal's, and so its task
+            return await self.temporal.start_task(plan, arguments, context, task)
         key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
         if not isinstance(key, str) or not key:
             return await self.start(plan, arguments, context, task=task)
@@ -369,6 +370,8 @@ class Runs:
 
     async def get(self, run_id: str, principal: Principal) -> RunRecord | None:
         """The record of run ``run_id`` if ``principal`` started it; None otherwise, as for an unknown run."""
+        if self.temporal is not None:
+            return await self.temporal.get(run_id, principal)
         record = await self.store.run(run_id)
         if record is None or (record.caller_kind, record.caller_id) != (principal.kind, principal.id):
             return None
@@ -376,6 +379,8 @@ class Runs:
 
     async def wait(self, run_id: str, principal: Principal) -> RunRecord | None:
         """The record of ``principal``'s run ``run_id`` once it has finished (None: no such run of theirs)."""
+        if self.temporal is not None:
+            return await self.temporal.wait(run_id, principal)
         if await self.get(run_id, principal) is None:
             return None
         await self._result_of(run_id)
@@ -385,6 +390,8 @@ class Runs:
         """Cancel ``principal``'s run ``run_id``: here if it runs here; by the gateway that runs it otherwise
         (asked through the store, and waited for up to :data:`CANCEL_WAIT`); or, if it is interrupted, by
         taking it up to be cancelled (its compensations run). Its record after."""
+        if self.temporal is not None:
+            return await self.temporal.cancel(run_id, principal)
         record = await self.get(run_id, principal)
         if record is None:
             return None
@@ -406,8 +413,16 @@ class Runs:
 
     async def list(self, principal: Principal, *, tasks_only: bool = True) -> Sequence[RunRecord]:
         """``principal``'s runs (those started as tasks, with ``tasks_only``), most recent first."""
+        if self.temporal is not None:
+            return await self.temporal.list(principal, tasks_only=tasks_only)
         records = await self.store.runs(RunQuery(caller=(principal.kind, principal.id)))
         return [record for record in records if record.task is not None or not tasks_only]
+
+    async def events(self, run_id: str) -> Sequence[JournalEvent]:
+        """Run ``run_id``'s journal (on Temporal: its history, read as journal events), for its timeline."""
+        if self.temporal is not None:
+            return await self.temporal.events(run_id)
+        return await self.store.events(run_id)
 
     # --- Resuming. ---
 
@@ -435,8 +450,11 @@ class Runs:
 
         Raises:
             RunNotResumable: no such run, it is not interrupted, its workflow changed or is gone since it
-                started, or another gateway took it up first.
+                started, or another gateway took it up first. On Temporal: no such run, or it has finished
+                (one that runs is never interrupted: its result is awaited).
         """
+        if self.temporal is not None:
+            return await self.temporal.resume(run_id)
         await self._take_up(run_id)
         return await self._result_of(run_id)
 

@@ -102,6 +102,7 @@ with workflow.unsafe.imports_passed_through():
 
 __all__ = [
     "EVALUATE_ACTIVITY",
+    "MEMO",
     "RUN_FAILED",
     "STEP_ACTIVITY",
     "WORKFLOW_TYPE",
@@ -117,6 +118,7 @@ __all__ = [
     "StepTask",
     "TemporalEngine",
     "evaluate",
+    "result_of",
     "workflow_queue",
 ]
 
@@ -126,6 +128,9 @@ WORKFLOW_TYPE = "patchbay.run"
 STEP_ACTIVITY = "patchbay.step"
 EVALUATE_ACTIVITY = "patchbay.evaluate"
 RUN_FAILED = "PatchbayRunFailed"
+MEMO = "patchbay"
+"""The memo field of a run's record (:meth:`TemporalEngine.start`): what ``patchbay runs`` and tasks read
+back (:mod:`gateway.workflows.temporal_records`); a memo, as custom search attributes need registering."""
 """The type of the ``ApplicationError`` a failed run ends with; its details are the :class:`RunResult`."""
 
 HEARTBEAT_TIMEOUT = timedelta(seconds=30)
@@ -464,10 +469,20 @@ class TemporalEngine:
         self._heartbeat = timedelta(seconds=heartbeat)
 
     async def start(
-        self, workflow_name: str, arguments: Mapping[str, Any], caller: Mapping[str, str], run_id: str
+        self,
+        workflow_name: str,
+        arguments: Mapping[str, Any],
+        caller: Mapping[str, str],
+        run_id: str,
+        *,
+        details: Mapping[str, Any] | None = None,
     ) -> WorkflowHandle[Any, Any]:
         """Start a run of ``workflow_name`` (workflow id ``run_id``); a run of that id started before is
         the run (an idempotent re-issue gets the first run, not a second one).
+
+        The run's memo (:data:`MEMO`) records this gateway's task queue, the workflow, its digest and the
+        caller, and ``details`` (``task``: the MCP task's parameters, ``idempotency_key``): what its
+        :class:`~gateway.store.RunRecord` is read back from.
 
         Raises:
             ToolNotFound: this engine has no workflow of that name.
@@ -490,6 +505,7 @@ class TemporalEngine:
                 start,
                 id=run_id,
                 task_queue=workflow_queue(self.task_queue, plan),
+                memo={MEMO: {**(details or {}), **_memo(self.task_queue, plan, caller)}},
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             )
@@ -510,19 +526,7 @@ class TemporalEngine:
     async def result(self, run_id: str) -> dict[str, Any]:
         """Await the end of run ``run_id``: the :class:`RunResult`'s fields, whether it succeeded,
         failed, was cancelled, or was ended from outside (terminated, timed out: ``failed``)."""
-        handle = self.client.get_workflow_handle(run_id, result_type=RunResult)
-        try:
-            return asdict(await handle.result())
-        except WorkflowFailureError as exc:
-            cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type == RUN_FAILED and cause.details:
-                details: dict[str, Any] = cause.details[0]
-                return details
-            if isinstance(cause, TemporalCancelled):
-                error = StepError("cancelled", "the run was cancelled")
-                return asdict(RunResult(run_id, "cancelled", error=asdict(error)))
-            error = StepError("error", f"the run ended in Temporal: {cause or exc}")
-            return asdict(RunResult(run_id, "failed", error=asdict(error)))
+        return await result_of(self.client, run_id)
 
     async def cancel(self, run_id: str) -> None:
         """Ask run ``run_id`` to stop: its steps in flight are cancelled, its compensations run, and
@@ -566,6 +570,27 @@ class TemporalEngine:
                         await _shut_down(workers)  # the calls in flight are made again elsewhere
         finally:
             _temporal_plans.release(plans)
+
+
+async def result_of(client: Client, run_id: str) -> dict[str, Any]:
+    """Await the end of run ``run_id`` (:meth:`TemporalEngine.result`, for those holding only a client)."""
+    handle = client.get_workflow_handle(run_id, result_type=RunResult)
+    try:
+        return asdict(await handle.result())
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        if isinstance(cause, ApplicationError) and cause.type == RUN_FAILED and cause.details:
+            details: dict[str, Any] = cause.details[0]
+            return details
+        if isinstance(cause, TemporalCancelled):
+            error = StepError("cancelled", "the run was cancelled")
+            return asdict(RunResult(run_id, "cancelled", error=asdict(error)))
+        error = StepError("error", f"the run ended in Temporal: {cause or exc}")
+        return asdict(RunResult(run_id, "failed", error=asdict(error)))
+
+
+def _memo(task_queue: str, plan: Plan, caller: Mapping[str, str]) -> dict[str, Any]:
+    return {"queue": task_queue, "workflow": plan.name, "plan": plan.digest, "caller": dict(caller)}
 
 
 async def _shut_down(workers: list[Worker]) -> None:

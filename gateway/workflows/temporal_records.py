@@ -1,0 +1,271 @@
+"""Runs on Temporal read back as the store's records (``gateway.engine: temporal://…``).
+
+Temporal is the record of the runs it carries: nothing about them is kept in the store as well. A run's
+:class:`~gateway.store.RunRecord`, which tasks (``gateway.tasks``), ``patchbay runs`` and the
+``patchbay://runs/{run_id}`` resource read, is built from what Temporal says of its workflow execution:
+
+* its status (Running: ``running``; Completed: ``succeeded``; Failed, Terminated, TimedOut: ``failed``;
+  Canceled: ``cancelled``; a run is never ``interrupted`` there, as another replica carries it on), its
+  start and close times;
+* its memo (:data:`~gateway.workflows.temporal.MEMO`, written when it started): this gateway's task queue,
+  the workflow and its digest, the caller, and for a task its parameters and idempotency key. A memo is
+  not searchable (a custom search attribute would be, but needs registering in the namespace), so runs
+  are chosen by caller, workflow and gateway here, after Temporal's own filters (type, status, start time);
+* once it has ended, its result (the ``CallToolResult`` the call returns: :func:`wire_result`).
+
+:meth:`TemporalRecords.events` turns the execution's history into journal events, so that a run's timeline
+(``gateway.workflows.history``) reads the same on both engines: each try of a step is its activity
+(scheduled: ``step_started``; completed, failed or timed out: ``step_done``), and a step whose last try
+has ended settles with that try's outcome once the run has ended (while it runs, a failed try may be
+tried again). Evaluations and timers are not shown, as locally.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from gateway.store import RunRecord, RunStatus
+from gateway.types import RUN_META_KEY, ToolResult
+from gateway.workflows.commands import StepError
+from gateway.workflows.journal import JournalEvent
+from gateway.workflows.temporal import MEMO, STEP_ACTIVITY, WORKFLOW_TYPE, RunInput, StepOutcome, StepTask, result_of
+
+__all__ = ["TemporalRecords", "wire_result"]
+
+_STATUSES: dict[WorkflowExecutionStatus, RunStatus] = {
+    WorkflowExecutionStatus.RUNNING: "running",
+    WorkflowExecutionStatus.COMPLETED: "succeeded",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.TERMINATED: "failed",
+    WorkflowExecutionStatus.TIMED_OUT: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+}
+"""A continued-as-new execution is none of these: its run goes on in the next execution of the same id."""
+_QUERIES: dict[RunStatus, str] = {
+    "running": "ExecutionStatus = 'Running'",
+    "succeeded": "ExecutionStatus = 'Completed'",
+    "failed": "ExecutionStatus IN ('Failed', 'Terminated', 'TimedOut')",
+    "cancelled": "ExecutionStatus = 'Canceled'",
+}
+
+
+def wire_result(workflow: str, run_id: str, ended: Mapping[str, Any]) -> ToolResult:
+    """What a call of ``workflow`` returns once its run ended as ``ended`` (a
+    :class:`~gateway.workflows.temporal.RunResult`'s fields): the output as text and structured content, or
+    an error naming the failed step and the compensations that failed; ``_meta`` names the run."""
+    meta = {RUN_META_KEY: run_id}
+    if ended.get("status") == "succeeded":
+        output = ended.get("output")
+        text = output if isinstance(output, str) else json.dumps(output, indent=2, ensure_ascii=False)
+        structured = output if isinstance(output, Mapping) else None
+        return ToolResult(({"type": "text", "text": text},), structured_content=structured, meta=meta)
+    message = f"workflow {workflow!r} failed: {_error_text(ended)}"
+    compensations = [StepError(**e).describe() for e in ended.get("compensation_errors") or ()]
+    if compensations:
+        message += "; " + "; ".join(compensations)
+    message += f" (run {run_id})"
+    return ToolResult(({"type": "text", "text": message},), is_error=True, meta=meta)
+
+
+def _error_text(ended: Mapping[str, Any]) -> str:
+    error = ended.get("error")
+    return StepError(**error).describe() if isinstance(error, Mapping) else "compensation did not finish"
+
+
+class TemporalRecords:
+    """The runs of the gateway whose task queue stem is ``task_queue``, as Temporal has them, through
+    ``client`` (connected to their namespace)."""
+
+    def __init__(self, client: Client, task_queue: str) -> None:
+        self.client = client
+        self.task_queue = task_queue
+
+    async def record(self, run_id: str) -> RunRecord | None:
+        """Run ``run_id``'s record (with its result, once it has ended); None when Temporal knows no such run of
+        this gateway."""
+        try:
+            execution = await self.client.get_workflow_handle(run_id).describe()
+        except RPCError as exc:
+            if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+                return None
+            raise
+        return await self._record(execution, result=True)
+
+    async def records(
+        self,
+        *,
+        workflow: str | None = None,
+        status: RunStatus | None = None,
+        since: float | None = None,
+        caller: tuple[str, str] | None = None,
+        tasks_only: bool = False,
+    ) -> list[RunRecord]:
+        """This gateway's runs, most recent first: of ``workflow``, in ``status``, started at or after ``since``
+        (wall-clock seconds), by ``caller`` (``(kind, id)``), started as tasks (``tasks_only``). A failed run's
+        record carries its error and failed step (one more request each); the others' have no result."""
+        if status == "interrupted":
+            return []  # never, on Temporal
+        query = [f"WorkflowType = '{WORKFLOW_TYPE}'"]
+        if status is not None:
+            query.append(_QUERIES[status])
+        if since is not None:
+            query.append(f"StartTime >= '{datetime.fromtimestamp(since, UTC).isoformat()}'")
+        found: list[RunRecord] = []
+        async for execution in self.client.list_workflows(" AND ".join(query)):
+            memo = await self._memo(execution)
+            if memo is None or (workflow is not None and memo.get("workflow") != workflow):
+                continue
+            if caller is not None and _caller(memo) != caller:
+                continue
+            if tasks_only and memo.get("task") is None:
+                continue
+            record = await self._record(execution, result=execution.status == WorkflowExecutionStatus.FAILED)
+            if record is not None:
+                found.append(record)
+        return sorted(found, key=lambda record: record.started_at, reverse=True)
+
+    async def _memo(self, execution: WorkflowExecution) -> dict[str, Any] | None:
+        """The run's memo, if it is a run of this gateway's."""
+        memo = (await execution.memo()).get(MEMO)
+        return memo if isinstance(memo, dict) and memo.get("queue") == self.task_queue else None
+
+    async def _record(self, execution: WorkflowExecution, *, result: bool) -> RunRecord | None:
+        status = _STATUSES.get(execution.status) if execution.status is not None else None
+        memo = await self._memo(execution)
+        if status is None or memo is None:
+            return None
+        started = execution.start_time.timestamp()
+        finished = execution.close_time.timestamp() if execution.close_time is not None else None
+        ended = await result_of(self.client, execution.id) if result and status != "running" else None
+        error = ended.get("error") if ended is not None else None
+        kind, caller = _caller(memo)
+        return RunRecord(
+            run_id=execution.id,
+            workflow=str(memo.get("workflow", "")),
+            status=status,
+            started_at=started,
+            caller_kind=kind,
+            caller_id=caller,
+            plan=memo.get("plan"),
+            failed_step=(error.get("step") or None) if isinstance(error, Mapping) else None,
+            finished_at=finished,
+            duration_ms=round((finished - started) * 1000, 3) if finished is not None else None,
+            error=_error_text(ended) if ended is not None and ended.get("status") != "succeeded" else None,
+            result=wire_result(str(memo.get("workflow")), execution.id, ended).wire() if ended is not None else None,
+            task=memo.get("task"),
+            idempotency_key=memo.get("idempotency_key"),
+            updated_at=finished if finished is not None else started,
+        )
+
+    async def events(self, run_id: str) -> list[JournalEvent]:
+        """Run ``run_id``'s history as journal events (see the module's docstring); none for an unknown run."""
+        handle = self.client.get_workflow_handle(run_id)
+        try:
+            history = await handle.fetch_history()
+        except RPCError as exc:
+            if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+                return []
+            raise
+        return _Reader(self.client, run_id).read(history.events)
+
+
+class _Reader:
+    """One run's history, read into journal events."""
+
+    def __init__(self, client: Client, run_id: str) -> None:
+        self._convert = client.data_converter.payload_converter
+        self._run_id = run_id
+        self._events: list[JournalEvent] = []
+        self._tries: dict[int, tuple[str, int, str]] = {}
+        """The step activities by the id of their scheduling event: (key, attempt, step)."""
+        self._last: dict[str, JournalEvent] = {}
+        """Each step's last try's outcome."""
+        self._first: dict[str, float] = {}
+        """When each step's first try was scheduled."""
+
+    def read(self, history: Sequence[HistoryEvent]) -> list[JournalEvent]:
+        ended = False
+        for event in history:
+            at = event.event_time.ToDatetime(tzinfo=UTC).timestamp()
+            kind = event.event_type
+            if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                payloads = event.workflow_execution_started_event_attributes.input.payloads
+                start = self._convert.from_payloads(payloads, [RunInput])[0]
+                data = {"workflow": start.workflow, "arguments": start.arguments, "caller": start.caller}
+                self._add(at, "run_started", None, 0, data)
+            elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED:
+                self._add(at, "run_cancelled", None, 0, {"message": "the run was cancelled"})
+            elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                self._scheduled(event, at)
+            elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+                attributes = event.activity_task_completed_event_attributes
+                outcome = self._convert.from_payloads(attributes.result.payloads, [StepOutcome])[0]
+                self._done(attributes.scheduled_event_id, at, outcome.result, outcome.error)
+            elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED:
+                failed = event.activity_task_failed_event_attributes
+                self._done(failed.scheduled_event_id, at, None, {"kind": "error", "message": failed.failure.message})
+            elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT:
+                timed_out = event.activity_task_timed_out_event_attributes
+                timeout = {"kind": "timeout", "message": timed_out.failure.message}
+                self._done(timed_out.scheduled_event_id, at, None, timeout)
+            elif kind in _ENDINGS:
+                ended = True
+        if ended:  # what tries next is known only while the run runs
+            for key, done in self._last.items():
+                failure = done.data.get("error")
+                status = "failed" if failure else "succeeded"
+                took = round((done.at - self._first.get(key, done.at)) * 1000, 3)
+                data = {"status": status, "result": done.data.get("result"), "error": failure, "duration_ms": took}
+                self._add(done.at, "step_settled", key, done.attempt, data)
+        return self._events
+
+    def _scheduled(self, event: HistoryEvent, at: float) -> None:
+        attributes = event.activity_task_scheduled_event_attributes
+        if attributes.activity_type.name != STEP_ACTIVITY:
+            return
+        task = self._convert.from_payloads(attributes.input.payloads, [StepTask])[0]
+        command = task.command
+        key, attempt, step = str(command.get("key")), int(command.get("attempt", 1)), str(command.get("step"))
+        self._tries[event.event_id] = (key, attempt, step)
+        self._first.setdefault(key, at)
+        data: dict[str, Any] = {"step": step}
+        if task.kind == "call_tool":
+            data.update(tool=command.get("tool"), arguments=command.get("arguments"))
+        else:
+            data["kind"] = task.kind
+        self._add(at, "step_started", key, attempt, data)
+
+    def _done(self, scheduled: int, at: float, result: Any, error: Mapping[str, Any] | None) -> None:
+        tried = self._tries.get(scheduled)
+        if tried is None:
+            return
+        key, attempt, _ = tried
+        data = {"result": result, "error": dict(error) if error else None}
+        self._last[key] = self._add(at, "step_done", key, attempt, data)
+
+    def _add(self, at: float, kind: Any, key: str | None, attempt: int, data: Mapping[str, Any]) -> JournalEvent:
+        event = JournalEvent(self._run_id, len(self._events), at, kind, key, attempt, data)
+        self._events.append(event)
+        return event
+
+
+_ENDINGS = frozenset(
+    {
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
+    }
+)
+
+
+def _caller(memo: Mapping[str, Any]) -> tuple[str, str]:
+    caller = memo.get("caller") or {}
+    return str(caller.get("kind", "")), str(caller.get("id", ""))
