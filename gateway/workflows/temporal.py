@@ -128,10 +128,10 @@ WORKFLOW_TYPE = "patchbay.run"
 STEP_ACTIVITY = "patchbay.step"
 EVALUATE_ACTIVITY = "patchbay.evaluate"
 RUN_FAILED = "PatchbayRunFailed"
+"""The type of the ``ApplicationError`` a failed run ends with; its details are the :class:`RunResult`."""
 MEMO = "patchbay"
 """The memo field of a run's record (:meth:`TemporalEngine.start`): what ``patchbay runs`` and tasks read
 back (:mod:`gateway.workflows.temporal_records`); a memo, as custom search attributes need registering."""
-"""The type of the ``ApplicationError`` a failed run ends with; its details are the :class:`RunResult`."""
 
 HEARTBEAT_TIMEOUT = timedelta(seconds=30)
 """A step's worker that has not heartbeat for this long is taken for dead: the try fails (``unavailable``)."""
