@@ -30,8 +30,26 @@ local runner does, with Temporal's means:
   (compensated) ends cancelled, which carries no details (its compensations' errors are logged and
   are in the history). :meth:`TemporalEngine.result` reads all three back as a result.
 
-Temporal owns durability and history: nothing is journaled here. ``Settled`` notes are not reported
-(progress and step metrics come later).
+Temporal owns durability and history: nothing is journaled in the store. ``Settled`` notes are not
+reported (progress and step metrics come later).
+
+Long runs continue as new. Temporal stops a run whose history reaches 50 000 events (or 50 MB), and a
+step costs about six (its activity's three, a workflow task's three). When the server suggests it
+(``is_continue_as_new_suggested``) or the history reaches ``history_limit`` events (:data:`HISTORY_LIMIT`),
+the run continues as new: a fresh execution of the same workflow id, so ``handle.result()`` (which follows
+the chain) and a cancellation (which goes to the latest execution) still reach it. It carries a
+:class:`~gateway.workflows._temporal_carry.Carried`: the inputs its engine was fed, from which the next
+execution rebuilds the engine (:meth:`Run.restore <gateway.workflows.engine.Run.restore>`), and when each
+pending timer is due (workflow time), so a timer fires when it would have, not from scratch. An activity in
+flight would be abandoned by continuing (its outcome lost, and its call made a second time), so it waits
+instead: once continuing is wanted, new calls, questions and evaluations are held, not started; those in
+flight finish and their outcomes are fed to the engine (which may ask for more: held too); once none is in
+flight it continues, and the next execution starts what was held (to the restored engine they are in
+flight: :meth:`~gateway.workflows.engine.Run.outstanding`). So each call is made once, and a run that always
+has something in flight (a for_each with concurrency) continues too, after at most its in-flight steps'
+time. A run asked to cancel ends in the execution asked (its compensations run there). What bounds the
+carried journal is in :mod:`gateway.workflows._temporal_carry`: one entry per input, results included; over
+:data:`~gateway.workflows._temporal_carry.JOURNAL_LIMIT` it is not carried, and the run goes on where it is.
 
 Which plan: the workflow's input names it by workflow name and digest, and a worker runs only runs of
 plans it holds with that very digest (a workflow changed since the run began is not the same plan:
@@ -54,10 +72,9 @@ of held plans (:mod:`gateway.workflows._temporal_plans`), which is how a run ins
 the plans its worker was given. Workflow code must use Temporal's deterministic asyncio loop, hence
 ``asyncio`` here, and only here (its ruff ban is lifted for this module).
 
-Future work: a very long run (thousands of steps, long loops) should ``continue_as_new`` before its
-history grows too large, carrying its state (``Run.restore`` rebuilds a run from its inputs); a change
-to the engine's own code changes what a replay does, which the plan digest does not see: gateway
-upgrades with runs in flight need Temporal's worker versioning or patching.
+Future work: a change to the engine's own code changes what a replay does (of a history, or of the
+journal a continued run carries), which the plan digest does not see: gateway upgrades with runs in flight
+need Temporal's worker versioning or patching.
 """
 
 import asyncio
