@@ -56,8 +56,6 @@ class Journal:
         self.inputs: list[dict[str, Any]] = list(carried.inputs) if carried is not None else []
         self.size = sum(_size(entry) for entry in self.inputs)
         """The journal's size as JSON, in bytes."""
-        self.fed = 0
-        """How many inputs this execution fed (not counting those it restored)."""
 
     def restore(self, plan: Plan, arguments: dict[str, Any], run_id: str) -> tuple[Run, list[Command]]:
         """The engine the journal's inputs rebuild, and what it waits for
@@ -94,7 +92,6 @@ class Journal:
     def _add(self, entry: dict[str, Any]) -> None:
         self.inputs.append(entry)
         self.size += _size(entry)
-        self.fed += 1
 
 
 def _size(entry: dict[str, Any]) -> int:

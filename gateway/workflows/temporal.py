@@ -283,6 +283,8 @@ class PatchbayRun:
         """The run continues as new once nothing is in flight: start nothing more meanwhile."""
         self._due: dict[str, float] = {}
         """Each pending timer's due time (workflow time, seconds since the epoch), by key."""
+        self._stays = False
+        """The journal is too large to carry: the run goes on in this execution (said once)."""
 
     @workflow.run
     async def run(self, start: RunInput) -> RunResult:
@@ -304,7 +306,7 @@ class PatchbayRun:
         finished = self._apply(commands)
         cancelled = asked_to_cancel = False
         while finished is None:
-            if not asked_to_cancel and self._should_continue(start):
+            if self._draining and self._quiet():
                 self._continue(start)
             try:
                 event = await self._events.get()
@@ -315,7 +317,10 @@ class PatchbayRun:
                 finished = self._apply(engine.cancel("the run was cancelled"))
                 self._release_held()
                 continue
-            finished = self._apply(self._feed(engine, event))
+            commands = self._feed(engine, event)
+            if not asked_to_cancel and not self._draining:  # decided before what the event led to starts
+                self._draining = self._continue_wanted(start)
+            finished = self._apply(commands)
         for task in self._tasks.values():  # timers still pending
             task.cancel()
         return self._end(start.run_id, finished, cancelled)
@@ -351,26 +356,28 @@ class PatchbayRun:
 
     # --- Continuing as new. ---
 
-    def _should_continue(self, start: RunInput) -> bool:
-        """Whether to continue as new now: wanted (Temporal suggests it, or the history reached
-        ``history_limit``), and safe (nothing in flight or queued: only timers pending, and those are
-        started again). Once it is wanted, nothing more starts until then (:meth:`_apply` holds it), so
-        a run that always has something in flight (a for_each with concurrency) gets there too."""
-        if not self._draining:
-            if self._journal.fed == 0:  # each execution feeds its engine something: no endless chain
-                return False
-            info = workflow.info()
-            if not (info.is_continue_as_new_suggested() or info.get_current_history_length() >= start.history_limit):
-                return False
-            if self._journal.size > JOURNAL_LIMIT:
-                if self._journal.fed == 1 or start.carried is None:  # said once (or so) per execution
-                    workflow.logger.warning(
-                        "run %s: its journal (%d bytes) is too large to carry into a new execution; it goes on here",
-                        start.run_id,
-                        self._journal.size,
-                    )
-                return False
-            self._draining = True
+    def _continue_wanted(self, start: RunInput) -> bool:
+        """Whether the run should continue as new: Temporal suggests it, or the history reached
+        ``history_limit`` (and the journal is small enough to carry). From then on, nothing more starts
+        (:meth:`_apply` holds it) until it continues, so a run that always has something in flight (a
+        for_each with concurrency) gets there too."""
+        info = workflow.info()
+        if not (info.is_continue_as_new_suggested() or info.get_current_history_length() >= start.history_limit):
+            return False
+        if self._journal.size > JOURNAL_LIMIT:
+            if not self._stays:
+                self._stays = True
+                workflow.logger.warning(
+                    "run %s: its journal (%d bytes) is too large to carry into a new execution; it goes on here",
+                    start.run_id,
+                    self._journal.size,
+                )
+            return False
+        return True
+
+    def _quiet(self) -> bool:
+        """Whether it is safe to continue as new: no activity in flight, no outcome queued (only timers
+        pending, and the next execution starts those again, due when they were)."""
         return all(task.done() for task in self._working) and self._events.empty()
 
     def _continue(self, start: RunInput) -> None:
