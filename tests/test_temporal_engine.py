@@ -91,10 +91,10 @@ class Tools:
 
 
 @asynccontextmanager
-async def serving(client: Client, plans: Sequence[Plan], tools: Tools) -> AsyncIterator[TemporalEngine]:
-    """An engine of ``plans`` on a task queue of the test's own, its workers running."""
+async def serving(client: Client, plans: Sequence[Plan], tools: Tools, **options: Any) -> AsyncIterator[TemporalEngine]:
+    """An engine of ``plans`` on a task queue of the test's own, its workers running (``options``: the engine's)."""
     queue, by_name = f"test-{uuid.uuid4().hex[:12]}", {plan.name: plan for plan in plans}
-    engine = TemporalEngine(client, queue, by_name, tools.execute, heartbeat=HEARTBEAT)
+    engine = TemporalEngine(client, queue, by_name, tools.execute, heartbeat=HEARTBEAT, **options)
     async with engine.serve():
         yield engine
 

@@ -30,8 +30,26 @@ local runner does, with Temporal's means:
   (compensated) ends cancelled, which carries no details (its compensations' errors are logged and
   are in the history). :meth:`TemporalEngine.result` reads all three back as a result.
 
-Temporal owns durability and history: nothing is journaled here. ``Settled`` notes are not reported
-(progress and step metrics come later).
+Temporal owns durability and history: nothing is journaled in the store. ``Settled`` notes are not
+reported (progress and step metrics come later).
+
+Long runs continue as new. Temporal stops a run whose history reaches 50 000 events (or 50 MB), and a
+step costs about six (its activity's three, a workflow task's three). When the server suggests it
+(``is_continue_as_new_suggested``) or the history reaches ``history_limit`` events (:data:`HISTORY_LIMIT`),
+the run continues as new: a fresh execution of the same workflow id, so ``handle.result()`` (which follows
+the chain) and a cancellation (which goes to the latest execution) still reach it. It carries a
+:class:`~gateway.workflows._temporal_carry.Carried`: the inputs its engine was fed, from which the next
+execution rebuilds the engine (:meth:`Run.restore <gateway.workflows.engine.Run.restore>`), and when each
+pending timer is due (workflow time), so a timer fires when it would have, not from scratch. An activity in
+flight would be abandoned by continuing (its outcome lost, and its call made a second time), so it waits
+instead: once continuing is wanted, new calls, questions and evaluations are held, not started; those in
+flight finish and their outcomes are fed to the engine (which may ask for more: held too); once none is in
+flight it continues, and the next execution starts what was held (to the restored engine they are in
+flight: :meth:`~gateway.workflows.engine.Run.outstanding`). So each call is made once, and a run that always
+has something in flight (a for_each with concurrency) continues too, after at most its in-flight steps'
+time. A run asked to cancel ends in the execution asked (its compensations run there). What bounds the
+carried journal is in :mod:`gateway.workflows._temporal_carry`: one entry per input, results included; over
+:data:`~gateway.workflows._temporal_carry.JOURNAL_LIMIT` it is not carried, and the run goes on where it is.
 
 Which plan: the workflow's input names it by workflow name and digest, and a worker runs only runs of
 plans it holds with that very digest (a workflow changed since the run began is not the same plan:
@@ -54,17 +72,16 @@ of held plans (:mod:`gateway.workflows._temporal_plans`), which is how a run ins
 the plans its worker was given. Workflow code must use Temporal's deterministic asyncio loop, hence
 ``asyncio`` here, and only here (its ruff ban is lifted for this module).
 
-Future work: a very long run (thousands of steps, long loops) should ``continue_as_new`` before its
-history grows too large, carrying its state (``Run.restore`` rebuilds a run from its inputs); a change
-to the engine's own code changes what a replay does, which the plan digest does not see: gateway
-upgrades with runs in flight need Temporal's worker versioning or patching.
+Future work: a change to the engine's own code changes what a replay does (of a history, or of the
+journal a continued run carries), which the plan digest does not see: gateway upgrades with runs in flight
+need Temporal's worker versioning or patching.
 """
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -84,6 +101,7 @@ with workflow.unsafe.imports_passed_through():
     import gateway.workflows._temporal_plans as _temporal_plans
     from gateway.errors import GatewayError, ToolNotFound
     from gateway.workflows._jqsafe import TIME_LIMIT
+    from gateway.workflows._temporal_carry import JOURNAL_LIMIT, Carried, Journal
     from gateway.workflows.commands import (
         AskModel,
         AskUser,
@@ -102,10 +120,12 @@ with workflow.unsafe.imports_passed_through():
 
 __all__ = [
     "EVALUATE_ACTIVITY",
+    "HISTORY_LIMIT",
     "MEMO",
     "RUN_FAILED",
     "STEP_ACTIVITY",
     "WORKFLOW_TYPE",
+    "Carried",
     "Evaluation",
     "Execute",
     "PatchbayRun",
@@ -149,14 +169,18 @@ _TOO_LARGE = "PayloadsTooLarge"
 """The type of the error a step's activity fails with when its result is over Temporal's payload limit (2 MiB)."""
 _SHORTEST_TIMER = 0.001
 """Seconds: Temporal timers must be longer than nothing."""
+HISTORY_LIMIT = 10_000
+"""Events: a run whose history is this long continues as new even if Temporal has not suggested it yet
+(Temporal stops a run at 50 000)."""
 
 Execute = Callable[[Leaf, str, dict[str, str]], Awaitable[tuple[Any, StepError | None]]]
 """``async (command, run_id, caller) -> (result, error)``: make a step's call or ask its question (the
 gateway's dispatch path); ``caller`` is ``{kind, id}``. Cancelled when the engine cancels the step."""
 
 _Event = tuple[str, str, int, Any, StepError | None]
-"""``("done", key, attempt, result, error)``, ``("fire", key, 0, None, None)`` or
-``("evaluated", key, 0, Outcome, None)``."""
+"""``("done", key, attempt, result, error)``, ``("fire", key, 0, None, None)``,
+``("evaluated", key, 0, Outcome, None)``, or ``("wake", "", 0, None, None)`` (nothing in flight any more:
+the run may continue as new)."""
 StepKind = Literal["call_tool", "ask_user", "ask_model"]
 _KINDS: dict[type, StepKind] = {CallTool: "call_tool", AskUser: "ask_user", AskModel: "ask_model"}
 _LEAVES: dict[str, type[CallTool] | type[AskUser] | type[AskModel]] = {kind: cls for cls, kind in _KINDS.items()}
@@ -183,6 +207,10 @@ class RunInput:
     """Where the steps' activities go: the run's own queue (:func:`workflow_queue`)."""
     silence: float = HEARTBEAT_TIMEOUT.total_seconds()
     """Seconds a step's replica may go without a heartbeat before the try is taken for lost (and made again)."""
+    history_limit: int = HISTORY_LIMIT
+    """Events: an execution whose history is this long continues as new (as it does when Temporal suggests it)."""
+    carried: Carried | None = None
+    """Set when the run continued as new: its engine's journal and its pending timers (not set at the start)."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +278,18 @@ class PatchbayRun:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         """What is in flight, by the key the engine cancels it by."""
         self._input: RunInput | None = None
+        self._journal = Journal(None)
+        self._working: set[asyncio.Task[None]] = set()
+        """The tasks of activities and local activities (not timers): in flight until done (a task is done
+        once it queued its outcome, or ended cancelled)."""
+        self._held: dict[str, CallTool | AskUser | AskModel | Evaluate] = {}
+        """The calls, questions and evaluations not started because the run is about to continue as new."""
+        self._draining = False
+        """The run continues as new once nothing is in flight: start nothing more meanwhile."""
+        self._due: dict[str, float] = {}
+        """Each pending timer's due time (workflow time, seconds since the epoch), by key."""
+        self._stays = False
+        """The journal is too large to carry: the run goes on in this execution (said once)."""
 
     @workflow.run
     async def run(self, start: RunInput) -> RunResult:
@@ -264,17 +304,28 @@ class PatchbayRun:
         if plan is None:
             raise PlanNotHeld(f"this worker does not hold workflow {start.workflow!r} at digest {start.digest[:16]}")
         self._input = start
-        engine = Run(plan, start.arguments, start.run_id)
-        finished = self._apply(engine.start())
-        cancelled = False
+        self._journal = Journal(start.carried)
+        if start.carried is not None:
+            self._due = dict(start.carried.due)
+        engine, commands = self._journal.restore(plan, start.arguments, start.run_id)
+        finished = self._apply(commands)
+        cancelled = asked_to_cancel = False
         while finished is None:
+            if self._draining and self._quiet():
+                self._continue(start)
             try:
                 event = await self._events.get()
             except asyncio.CancelledError:  # the workflow was cancelled (a second request changes nothing)
                 cancelled = cancelled or engine.status == "running"  # a run failing already ends failed
+                asked_to_cancel = True  # the cancellation was asked of this execution: it ends here
+                self._journal.cancelled("the run was cancelled")
                 finished = self._apply(engine.cancel("the run was cancelled"))
+                self._release_held()
                 continue
-            finished = self._apply(self._feed(engine, event))
+            commands = self._feed(engine, event)
+            if not asked_to_cancel and not self._draining:  # decided before what the event led to starts
+                self._draining = self._continue_wanted(start)
+            finished = self._apply(commands)
         for task in self._tasks.values():  # timers still pending
             task.cancel()
         return self._end(start.run_id, finished, cancelled)
@@ -293,13 +344,69 @@ class PatchbayRun:
         raise ApplicationError(message, asdict(result), type=RUN_FAILED, non_retryable=True)
 
     def _feed(self, engine: Run, event: _Event) -> list[Command]:
+        """Journal an input of the engine (what a continued execution restores it from), and feed it."""
         kind, key, attempt, value, error = event
+        if kind == "wake":  # not an input: nothing for the engine
+            return []
         if kind == "fire":
+            self._journal.fired(key)
             return engine.fire(key)
         if kind == "evaluated":
             outcome: Outcome = value
+            self._journal.evaluated(key, outcome)
             return engine.evaluated(key, outcome.value, error=outcome.error, empty=outcome.empty)
-        return engine.done(key, attempt, value, error, random=workflow.random().random())
+        draw = workflow.random().random()
+        self._journal.done(key, attempt, value, error, draw)
+        return engine.done(key, attempt, value, error, random=draw)
+
+    # --- Continuing as new. ---
+
+    def _continue_wanted(self, start: RunInput) -> bool:
+        """Whether the run should continue as new: Temporal suggests it, or the history reached
+        ``history_limit`` (and the journal is small enough to carry). From then on, nothing more starts
+        (:meth:`_apply` holds it) until it continues, so a run that always has something in flight (a
+        for_each with concurrency) gets there too."""
+        info = workflow.info()
+        if not (info.is_continue_as_new_suggested() or info.get_current_history_length() >= start.history_limit):
+            return False
+        if self._journal.size > JOURNAL_LIMIT:
+            if not self._stays:
+                self._stays = True
+                workflow.logger.warning(
+                    "run %s: its journal (%d bytes) is too large to carry into a new execution; it goes on here",
+                    start.run_id,
+                    self._journal.size,
+                )
+            return False
+        return True
+
+    def _quiet(self) -> bool:
+        """Whether it is safe to continue as new: no activity in flight, no outcome queued (only timers
+        pending, and the next execution starts those again, due when they were)."""
+        return all(task.done() for task in self._working) and self._events.empty()
+
+    def _continue(self, start: RunInput) -> None:
+        """Continue as new: the same run (workflow id), its engine restored from the journal in the next
+        execution, its pending timers due when they were, what was held started there. Raises (that is
+        how Temporal's SDK continues as new)."""
+        executions = start.carried.executions + 1 if start.carried is not None else 1
+        due = {key: self._due[key] for key in self._tasks if key in self._due}  # the timers still pending
+        carried = Carried(self._journal.inputs, due, executions)
+        workflow.logger.info(
+            "run %s continues as new (execution %d: %d events; journal: %d inputs, %d bytes)",
+            start.run_id,
+            executions + 1,
+            workflow.info().get_current_history_length(),
+            len(self._journal.inputs),
+            self._journal.size,
+        )
+        workflow.continue_as_new(replace(start, carried=carried))
+
+    def _release_held(self) -> None:
+        """Start what was held for a continue-as-new that will not happen (the run was cancelled)."""
+        self._draining = False
+        held, self._held = self._held, {}
+        self._apply(list(held.values()))
 
     def _apply(self, commands: list[Command]) -> Finished | None:
         """Carry out ``commands``: start activities and timers, cancel them; the ``Finished`` note, if any."""
@@ -308,27 +415,36 @@ class PatchbayRun:
             if isinstance(command, Finished):
                 finished = command
             elif isinstance(command, Cancel):
+                self._held.pop(command.key, None)
+                self._due.pop(command.key, None)
                 task = self._tasks.pop(command.key, None)
                 if task is not None:
                     task.cancel()
-            elif isinstance(command, StartTimer):
+            elif isinstance(command, StartTimer):  # due when it was, if a continued execution restored it
+                self._due.setdefault(command.key, workflow.now().timestamp() + command.seconds)
                 self._spawn(command.key, self._timer(command))
+            elif self._draining and isinstance(command, CallTool | AskUser | AskModel | Evaluate):
+                self._held[command.key] = command  # made in the next execution (restored as outstanding)
             elif isinstance(command, Evaluate):
-                self._spawn(command.key, self._evaluate(command))
+                self._working.add(self._spawn(command.key, self._evaluate(command)))
             elif isinstance(command, CallTool | AskUser | AskModel):
-                self._spawn(command.key, self._step(command))
+                self._working.add(self._spawn(command.key, self._step(command)))
             # Settled: Temporal's history has it already.
         return finished
 
-    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(work)
         self._tasks[key] = task
 
         def forget(done: "asyncio.Task[None]") -> None:
             if self._tasks.get(key) is done:
                 del self._tasks[key]
+            self._working.discard(done)
+            if done.cancelled() and self._draining:  # it queued no outcome: the run's loop must look again
+                self._events.put_nowait(("wake", "", 0, None, None))
 
         task.add_done_callback(forget)
+        return task
 
     async def _step(self, command: Leaf) -> None:
         start = self._input
@@ -371,7 +487,11 @@ class PatchbayRun:
         self._events.put_nowait(("evaluated", command.key, 0, outcome, None))
 
     async def _timer(self, command: StartTimer) -> None:
-        await workflow.sleep(max(command.seconds, _SHORTEST_TIMER), summary=command.key)
+        """Fire when the timer is due: ``seconds`` from now, or, restored in a continued execution, when it
+        was due in the one before (workflow time is deterministic)."""
+        due = self._due[command.key]
+        await workflow.sleep(max(due - workflow.now().timestamp(), _SHORTEST_TIMER), summary=command.key)
+        self._due.pop(command.key, None)
         self._events.put_nowait(("fire", command.key, 0, None, None))
 
 
@@ -446,7 +566,8 @@ class TemporalEngine:
     plan's runs and their steps go to :func:`workflow_queue`); ``plans`` are the workflows this
     replica runs, by name; ``execute`` makes the steps' calls. ``heartbeat`` (seconds) is how often a
     running step heartbeats (a request to the server each time), hence about how long its
-    cancellation takes to reach it.
+    cancellation takes to reach it. ``history_limit`` (events) is how long a run's history may grow
+    before it continues as new, if Temporal has not suggested it earlier.
     """
 
     def __init__(
@@ -458,7 +579,9 @@ class TemporalEngine:
         *,
         heartbeat: float = 1.0,
         silence: float = HEARTBEAT_TIMEOUT.total_seconds(),
+        history_limit: int = HISTORY_LIMIT,
     ) -> None:
+        self.history_limit = history_limit
         self.silence = silence
         """Seconds after which a replica gone silent (killed, cut off) loses what it was doing: a step's try
         (its heartbeat timeout) and the runs cached in its workers (their sticky queue's timeout, at most 10 s)."""
@@ -498,6 +621,7 @@ class TemporalEngine:
             run_id,
             workflow_queue(self.task_queue, plan),
             silence=self.silence,
+            history_limit=self.history_limit,
         )
         try:
             return await self.client.start_workflow(
