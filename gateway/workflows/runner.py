@@ -522,4 +522,3 @@ def _started_data(command: _Leaf) -> dict[str, Any]:
     if isinstance(command, CallTool):
         return {"step": command.step, "tool": command.tool, "arguments": command.arguments}
     return {"step": command.step, "kind": "ask_user" if isinstance(command, AskUser) else "ask_model"}
-
