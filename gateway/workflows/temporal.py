@@ -5,7 +5,7 @@ workflow and its plan's digest, and carries the arguments, the caller and the ru
 :class:`~gateway.workflows.engine.Run` its events and carries out the commands it returns, as the
 local runner does, with Temporal's means:
 
-* ``CallTool``, ``AskUser``, ``AskModel``: an activity (``patchbay.step``) on the run's own task
+* ``CallTool``: an activity (``patchbay.step``) on the run's own task
   queue (below), so whichever replica holding the plan polls it makes the call, through the
   ``execute`` callable its engine was given (in the gateway, the dispatch path). The step's
   ``timeout`` is the activity's start-to-close timeout (and the activity enforces it itself too, so
@@ -16,6 +16,13 @@ local runner does, with Temporal's means:
   :data:`HEARTBEAT_TIMEOUT`) is made again under the same idempotency key, as a resumed local run
   makes the calls in flight at a crash again: it fails as a refusal does (``unavailable``, with
   ``retry_after`` 0), which the engine tries again within the step's timeout even without ``retry:``.
+* ``AskUser``, ``AskModel``: an activity (``patchbay.ask``) on the queue of the replica holding the
+  client's request (:attr:`RunInput.asker`, :attr:`TemporalEngine.asker`), which asks the client
+  through that request (:mod:`gateway.workflows.callers`), heartbeating and within the step's timeout
+  as a call. The ``attach`` signal names another replica's queue when the client's call (keyed) is
+  re-issued there: later questions go there, and one being asked is withdrawn and asked there. A
+  question no worker takes within the run's silence (the replica is gone), or whose replica dies
+  while asking, is not asked again: the step takes its ``default``, or fails ``unavailable``.
 * ``Evaluate``: a local activity (``patchbay.evaluate``) running the jq program in the bounded worker
   pool (:func:`~gateway.workflows.expressions.run_program`): jq is native code and never runs in
   workflow code, and its outcome is recorded in the history, so a replay does not run it again.
@@ -30,8 +37,11 @@ local runner does, with Temporal's means:
   (compensated) ends cancelled, which carries no details (its compensations' errors are logged and
   are in the history). :meth:`TemporalEngine.result` reads all three back as a result.
 
-Temporal owns durability and history: nothing is journaled here. ``Settled`` notes are not reported
-(progress and step metrics come later).
+Temporal owns durability and history: nothing is journaled here. ``Settled`` notes become the run's
+progress notes (the message a local run reports, :meth:`Settled.describe
+<gateway.workflows.commands.Settled.describe>`), the last :data:`PROGRESS_KEPT` of them kept in the
+workflow's state and read by the ``progress`` query (a query is not recorded in the history): the
+replica awaiting the run polls it for a caller that asked for progress. Step metrics come later.
 
 Which plan: the workflow's input names it by workflow name and digest, and a worker runs only runs of
 plans it holds with that very digest (a workflow changed since the run began is not the same plan:
