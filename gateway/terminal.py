@@ -16,7 +16,7 @@ import anyio
 
 from gateway.errors import ClientRefused
 from gateway.types import JSONObject
-from gateway.workflows.runner import STEP_META_KEY
+from gateway.workflows.asking import STEP_META_KEY
 
 __all__ = ["AnswerError", "TerminalChannel", "convert"]
 _ELICIT, _SAMPLE = "elicitation/create", "sampling/createMessage"

@@ -47,6 +47,8 @@ class Carried:
     """Each pending timer's due time, by key: workflow time (``workflow.now()``), seconds since the epoch."""
     executions: int = 1
     """How many executions of the run came before the one it is given to."""
+    settled: int = 0
+    """How many steps had settled: the count the run's progress notes go on from."""
 
 
 class Journal:

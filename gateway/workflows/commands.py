@@ -131,6 +131,12 @@ class Settled:
     result: Any = None
     error: StepError | None = None
 
+    def describe(self, duration_ms: float | None = None) -> str:
+        """The progress message of the step's end (``b: succeeded in 12 ms``), as either engine reports it."""
+        took = f" in {duration_ms:.0f} ms" if duration_ms is not None else ""
+        why = f" ({self.error.kind}: {self.error.message})" if self.error is not None else ""
+        return f"{self.key}: {self.status}{took}{why}"
+
 
 @dataclass(frozen=True, slots=True)
 class Finished:

@@ -15,24 +15,36 @@ names, like a keyed call.
 
 Each step's call is an activity that any replica's worker makes through its own dispatch path (``invoke``),
 so policies, limits, metrics and audit apply as for a local run, under the run's caller and with the step's
-idempotency key. What needs the client that made the call (``ask_user``, ``ask_model``, progress) is not
-carried to the replica that runs a step yet: such a step takes its ``default``, or fails saying so.
+idempotency key.
+
+What needs the client that made the call reaches it at the replica holding its request, wherever the steps
+run. ``ask_user`` and ``ask_model`` questions come to this replica's own queue while it awaits the run, and
+are asked through the request's client channel, as the local runner asks (a 2026-07-28 client through the
+input-required round trip: its call is held here). A keyed call re-issued here moves the questions of its
+run here (a signal), as a re-issue attaches to a detached local run. Progress: while it awaits a run whose
+caller asked for progress, this replica reads the run's ended steps (a workflow query, every
+:data:`PROGRESS_POLL` seconds) and notifies each as the local runner does; the messages are the same, each
+late by up to a poll. Cancellation: an unkeyed call whose caller cancels it cancels its run, whose steps in
+flight (on any replica) are cancelled and whose compensations run.
 """
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from temporalio.client import WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from gateway.dispatch import Invocation
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store import RunRecord
-from gateway.types import CallContext, JSONObject, Principal, ToolResult
+from gateway.types import CallContext, JSONObject, Principal, ProgressFn, ToolResult
 from gateway.workflows.commands import AskModel, AskUser, CallTool, Leaf, StepError
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
@@ -43,11 +55,17 @@ from gateway.workflows.temporal_records import TemporalRecords, wire_result
 
 __all__ = ["TemporalRuns", "run_id_for", "step_executor"]
 
+logger = logging.getLogger(__name__)
+
 InvokeFn = Callable[[str, JSONObject, CallContext], Awaitable[Invocation]]
 
 CANCEL_LIMIT = 10.0
 """Seconds asking Temporal to cancel a run may take (the run's compensations go on there after)."""
-NOT_CARRIED = "asking the caller is not available on the Temporal engine yet (the step runs on any replica)"
+PROGRESS_POLL = 0.5
+"""Seconds between two reads of the progress of a run whose caller asked for it."""
+PROGRESS_LIMIT = 5.0
+"""Seconds the last read of a finished run's progress may take (Temporal replays the run to answer it)."""
+NOT_CARRIED = "the run has no client to ask (it was started without one)"
 
 
 def run_id_for(principal: Principal, workflow: str, key: str) -> str:
@@ -60,7 +78,7 @@ def step_executor(invoke: InvokeFn) -> Callable[[Leaf, str, dict[str, str]], Awa
     """The ``execute`` of this replica's Temporal workers: a step's call through the dispatch path ``invoke``."""
 
     async def execute(command: Leaf, run_id: str, caller: dict[str, str]) -> tuple[Any, StepError | None]:
-        if isinstance(command, AskUser | AskModel):
+        if isinstance(command, AskUser | AskModel):  # a run without a client to ask (its questions come here)
             if command.default is not None:
                 return command.default, None
             return None, StepError("unavailable", NOT_CARRIED)
@@ -104,11 +122,18 @@ class TemporalRuns:
         caller = {"kind": principal.kind, "id": principal.id}
         if self._metrics is not None:
             self._metrics.workflow_started(plan.name)
+        keyed = isinstance(key, str) and bool(key)
         try:
-            ended = await self.engine.run(plan.name, arguments, caller, run_id)
+            # A keyed call may be a re-issue of a call made at another replica: its questions come here now.
+            running = self.engine.run(plan.name, arguments, caller, run_id, client=context.client, attach=keyed)
+            ended = (
+                await running
+                if context.progress is None
+                else await _reported(self.engine, run_id, context.progress, running)
+            )
         except anyio.get_cancelled_exc_class():
             # As a local run: an unkeyed call's run ends with its caller (compensated); a keyed one goes on.
-            if not (isinstance(key, str) and key) and not self._stopping():
+            if not keyed and not self._stopping():
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_LIMIT):
                     await self.engine.cancel(run_id)
             raise
@@ -189,6 +214,60 @@ class TemporalRuns:
         if record.status in FINISHED:
             raise RunNotResumable(f"run {run_id} has finished: {record.status} (`patchbay runs CONFIG {run_id}`)")
         return wire_result(record.workflow, run_id, await self.engine.result(run_id))
+
+
+async def _reported(
+    engine: TemporalEngine, run_id: str, progress: ProgressFn, running: Awaitable[dict[str, Any]]
+) -> dict[str, Any]:
+    """Await ``running`` (run ``run_id``'s end), meanwhile notifying ``progress`` of each of its steps that ends:
+    read every :data:`PROGRESS_POLL` seconds, and once more at the end."""
+    reporter = _Reporter(engine, run_id, progress)
+    ended: dict[str, Any] | None = None
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reporter.poll)
+        try:
+            ended = await running
+        except Exception as exc:  # raised as itself, not inside the task group's exception group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    assert ended is not None
+    with anyio.move_on_after(PROGRESS_LIMIT):  # the steps that ended since the last read
+        await reporter.read()
+    return ended
+
+
+@dataclass
+class _Reporter:
+    """Reads a run's progress and notifies its caller of what it has not seen yet."""
+
+    engine: TemporalEngine
+    run_id: str
+    progress: ProgressFn
+    seen: int = 0
+    """The steps that ended and were notified."""
+
+    async def poll(self) -> None:
+        while True:
+            await self.read()
+            await anyio.sleep(PROGRESS_POLL)
+
+    async def read(self) -> None:
+        """Notify the steps that ended since the last read; a read Temporal cannot answer is left to the next."""
+        try:
+            notes = await self.engine.progress(self.run_id, self.seen)
+        except (WorkflowQueryFailedError, RPCError) as exc:  # no worker has taken the run yet, say
+            logger.debug("the progress of run %s could not be read: %s", self.run_id, exc)
+            return
+        for note in notes:
+            self.seen = note.settled
+            try:
+                await self.progress(note.settled, note.total, note.message)
+            except Exception:  # the request it reports to has ended: the run's end is what matters now
+                logger.debug("progress of run %s not delivered", self.run_id, exc_info=True)
 
 
 def _result(plan: Plan, run_id: str, ended: Mapping[str, Any]) -> ToolResult:

@@ -28,11 +28,12 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from gateway.dispatch import Invocation
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store import Store
 from gateway.tracing import step_span
 from gateway.types import RUN_META_KEY, CallContext, JSONObject, ToolResult
+from gateway.workflows.asking import ask
 from gateway.workflows.commands import (
     AskModel,
     AskUser,
@@ -67,14 +68,6 @@ _Event = tuple[str, str, int, Any, StepError | None]
 ``("evaluated", key, 0, Outcome, None)``."""
 _Leaf = CallTool | AskUser | AskModel
 _Work = CallTool | AskUser | AskModel | Evaluate
-
-
-STEP_META_KEY = "io.patchbay/step"
-"""The ``_meta`` key of a workflow's question (elicitation, sampling) that names the step asking it."""
-
-
-def _asked_by(command: AskUser | AskModel) -> dict[str, str]:
-    return {STEP_META_KEY: command.key}
 
 
 _JSON_STARTS = frozenset('{["-0123456789tfn')
@@ -423,9 +416,7 @@ class Runner:
         try:
             if isinstance(command, CallTool):
                 return await self._call_tool(run, command)
-            if isinstance(command, AskUser):
-                return await self._ask_user(run.context, command)
-            return await self._ask_model(run.context, command)
+            return await ask(run.context.client, command)
         except GatewayError as exc:  # ToolNotFound: the tool went away since the config was checked
             return None, StepError(exc.outcome, str(exc))
         except Exception as exc:  # the step boundary: one step's bug fails the step, not the gateway
@@ -449,40 +440,6 @@ class Runner:
             return None, StepError(outcome, error_text(result), retry_after=retry_after)
         return result_value(result), None
 
-    async def _ask_user(self, context: CallContext, command: AskUser) -> tuple[Any, StepError | None]:
-        client = context.client
-        if client is None or "elicitation" not in client.capabilities:
-            return _default(command.default, "the client cannot ask its user (it has no elicitation capability)")
-        params = {"message": command.message, "requestedSchema": dict(command.schema), "_meta": _asked_by(command)}
-        try:
-            answer = await client.request("elicitation/create", params)
-        except UpstreamError as exc:
-            return _default(command.default, str(exc))
-        if answer.get("action") != "accept":
-            return _default(command.default, f"the user did not accept (action: {answer.get('action')})", "denied")
-        return answer.get("content") or {}, None
-
-    async def _ask_model(self, context: CallContext, command: AskModel) -> tuple[Any, StepError | None]:
-        client = context.client
-        if client is None or "sampling" not in client.capabilities:
-            return _default(command.default, "the client cannot ask its model (it has no sampling capability)")
-        params: dict[str, Any] = {
-            "messages": [{"role": "user", "content": {"type": "text", "text": command.prompt}}],
-            "maxTokens": command.max_tokens,
-            "_meta": _asked_by(command),
-        }
-        if command.system is not None:
-            params["systemPrompt"] = command.system
-        try:
-            answer = await client.request("sampling/createMessage", params)
-        except UpstreamError as exc:
-            return _default(command.default, str(exc))
-        content = answer.get("content")
-        blocks = content if isinstance(content, list) else [content]
-        return "".join(
-            str(b.get("text", "")) for b in blocks if isinstance(b, Mapping) and b.get("type") == "text"
-        ), None
-
     async def _settled(self, run: _Execution, note: Settled) -> None:
         started = run.started.pop(note.key, None)
         duration = round((self._clock() - started) * 1000, 3) if started is not None else None
@@ -499,9 +456,7 @@ class Runner:
             self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)
         run.settled += 1
         if run.context.progress is not None:
-            took = f" in {duration:.0f} ms" if duration is not None else ""
-            why = f" ({note.error.kind}: {note.error.message})" if note.error is not None else ""
-            await run.context.progress(run.settled, run.plan.total_steps, f"{note.key}: {note.status}{took}{why}")
+            await run.context.progress(run.settled, run.plan.total_steps, note.describe(duration))
 
     async def _finish(
         self, run: _Execution, finished: Finished | None, started: float, *, cancelled: bool = False
@@ -567,9 +522,3 @@ def _started_data(command: _Leaf) -> dict[str, Any]:
     if isinstance(command, CallTool):
         return {"step": command.step, "tool": command.tool, "arguments": command.arguments}
     return {"step": command.step, "kind": "ask_user" if isinstance(command, AskUser) else "ask_model"}
-
-
-def _default(default: Any, reason: str, kind: str = "unavailable") -> tuple[Any, StepError | None]:
-    if default is not None:
-        return default, None
-    return None, StepError(kind, reason)

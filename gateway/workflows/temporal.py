@@ -5,7 +5,7 @@ workflow and its plan's digest, and carries the arguments, the caller and the ru
 :class:`~gateway.workflows.engine.Run` its events and carries out the commands it returns, as the
 local runner does, with Temporal's means:
 
-* ``CallTool``, ``AskUser``, ``AskModel``: an activity (``patchbay.step``) on the run's own task
+* ``CallTool``: an activity (``patchbay.step``) on the run's own task
   queue (below), so whichever replica holding the plan polls it makes the call, through the
   ``execute`` callable its engine was given (in the gateway, the dispatch path). The step's
   ``timeout`` is the activity's start-to-close timeout (and the activity enforces it itself too, so
@@ -16,6 +16,13 @@ local runner does, with Temporal's means:
   :data:`HEARTBEAT_TIMEOUT`) is made again under the same idempotency key, as a resumed local run
   makes the calls in flight at a crash again: it fails as a refusal does (``unavailable``, with
   ``retry_after`` 0), which the engine tries again within the step's timeout even without ``retry:``.
+* ``AskUser``, ``AskModel``: an activity (``patchbay.ask``) on the queue of the replica holding the
+  client's request (:attr:`RunInput.asker`, :attr:`TemporalEngine.asker`), which asks the client
+  through that request (:mod:`gateway.workflows.callers`), heartbeating and within the step's timeout
+  as a call. The ``attach`` signal names another replica's queue when the client's call (keyed) is
+  re-issued there: later questions go there, and one being asked is withdrawn and asked there. A
+  question no worker takes within the run's silence (the replica is gone), or whose replica dies
+  while asking, is not asked again: the step takes its ``default``, or fails ``unavailable``.
 * ``Evaluate``: a local activity (``patchbay.evaluate``) running the jq program in the bounded worker
   pool (:func:`~gateway.workflows.expressions.run_program`): jq is native code and never runs in
   workflow code, and its outcome is recorded in the history, so a replay does not run it again.
@@ -30,8 +37,11 @@ local runner does, with Temporal's means:
   (compensated) ends cancelled, which carries no details (its compensations' errors are logged and
   are in the history). :meth:`TemporalEngine.result` reads all three back as a result.
 
-Temporal owns durability and history: nothing is journaled in the store. ``Settled`` notes are not
-reported (progress and step metrics come later).
+Temporal owns durability and history: nothing is journaled in the store. ``Settled`` notes become the
+run's progress notes (the message a local run reports, :meth:`Settled.describe
+<gateway.workflows.commands.Settled.describe>`), the last :data:`PROGRESS_KEPT` of them kept in the
+workflow's state and read by the ``progress`` query (a query is not recorded in the history): the
+replica awaiting the run polls it for a caller that asked for progress. Step metrics come later.
 
 Long runs continue as new. Temporal stops a run whose history reaches 50 000 events (or 50 MB), and a
 step costs about six (its activity's three, a workflow task's three). When the server suggests it
@@ -79,6 +89,8 @@ need Temporal's worker versioning or patching.
 
 import asyncio
 import logging
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -100,8 +112,11 @@ with workflow.unsafe.imports_passed_through():
     # and `gateway.workflows` itself is imported in the sandbox (it holds this module).
     import gateway.workflows._temporal_plans as _temporal_plans
     from gateway.errors import GatewayError, ToolNotFound
+    from gateway.types import ClientChannel
     from gateway.workflows._jqsafe import TIME_LIMIT
     from gateway.workflows._temporal_carry import JOURNAL_LIMIT, Carried, Journal
+    from gateway.workflows.asking import default_or
+    from gateway.workflows.callers import Callers
     from gateway.workflows.commands import (
         AskModel,
         AskUser,
@@ -111,6 +126,7 @@ with workflow.unsafe.imports_passed_through():
         Evaluate,
         Finished,
         Leaf,
+        Settled,
         StartTimer,
         StepError,
     )
@@ -119,6 +135,8 @@ with workflow.unsafe.imports_passed_through():
     from gateway.workflows.plan import Plan
 
 __all__ = [
+    "ASK_ACTIVITY",
+    "ATTACH_SIGNAL",
     "EVALUATE_ACTIVITY",
     "HISTORY_LIMIT",
     "MEMO",
@@ -130,6 +148,7 @@ __all__ = [
     "Execute",
     "PatchbayRun",
     "PlanNotHeld",
+    "ProgressNote",
     "RunInput",
     "RunResult",
     "Evaluated",
@@ -147,6 +166,10 @@ logger = logging.getLogger(__name__)
 WORKFLOW_TYPE = "patchbay.run"
 STEP_ACTIVITY = "patchbay.step"
 EVALUATE_ACTIVITY = "patchbay.evaluate"
+ASK_ACTIVITY = "patchbay.ask"
+"""The activity asking a run's client (``ask_user``, ``ask_model``), on the queue of the replica holding its request."""
+ATTACH_SIGNAL = "attach"
+"""The signal moving a run's questions to the replica of the queue it names: its caller re-issued the call there."""
 RUN_FAILED = "PatchbayRunFailed"
 """The type of the ``ApplicationError`` a failed run ends with; its details are the :class:`RunResult`."""
 MEMO = "patchbay"
@@ -172,6 +195,8 @@ _SHORTEST_TIMER = 0.001
 HISTORY_LIMIT = 10_000
 """Events: a run whose history is this long continues as new even if Temporal has not suggested it yet
 (Temporal stops a run at 50 000)."""
+PROGRESS_KEPT = 256
+"""Progress notes a run keeps for its caller to read (:meth:`PatchbayRun.progress`); older ones are forgotten."""
 
 Execute = Callable[[Leaf, str, dict[str, str]], Awaitable[tuple[Any, StepError | None]]]
 """``async (command, run_id, caller) -> (result, error)``: make a step's call or ask its question (the
@@ -211,6 +236,19 @@ class RunInput:
     """Events: an execution whose history is this long continues as new (as it does when Temporal suggests it)."""
     carried: Carried | None = None
     """Set when the run continued as new: its engine's journal and its pending timers (not set at the start)."""
+    asker: str | None = None
+    """The queue of the replica holding the client's request (:attr:`TemporalEngine.asker`): the run's questions go
+    there. None: the run has no client to ask, and its questions go to the steps' queue (whose ``execute`` answers)."""
+
+
+@dataclass(frozen=True)
+class ProgressNote:
+    """A step's end, for the caller's progress notifications: the ``settled``-th of ``total`` steps."""
+
+    settled: int
+    total: int | None
+    """None: not known beforehand (a ``for_each`` over a list the run computes)."""
+    message: str
 
 
 @dataclass(frozen=True)
@@ -290,6 +328,25 @@ class PatchbayRun:
         """Each pending timer's due time (workflow time, seconds since the epoch), by key."""
         self._stays = False
         """The journal is too large to carry: the run goes on in this execution (said once)."""
+        self._total: int | None = None
+        self._asker: str | None = None
+        """Where the run's questions go now: the replica that last attached its caller."""
+        self._progress: deque[ProgressNote] = deque(maxlen=PROGRESS_KEPT)
+        self._count = 0
+        """The steps settled so far, in this execution and those it continues."""
+        self._began: dict[str, float] = {}
+        """When each call or question in flight began (workflow time), for its progress message."""
+
+    @workflow.signal(name=ATTACH_SIGNAL)
+    def attach(self, asker: str) -> None:
+        """The run's caller is now at the replica of queue ``asker``: later questions go there, and one being
+        asked elsewhere moves there."""
+        self._asker = asker
+
+    @workflow.query
+    def progress(self, after: int) -> list[ProgressNote]:
+        """The steps' ends after the ``after``-th (the last :data:`PROGRESS_KEPT` at most)."""
+        return [note for note in self._progress if note.settled > after]
 
     @workflow.run
     async def run(self, start: RunInput) -> RunResult:
@@ -304,9 +361,13 @@ class PatchbayRun:
         if plan is None:
             raise PlanNotHeld(f"this worker does not hold workflow {start.workflow!r} at digest {start.digest[:16]}")
         self._input = start
+        if self._asker is None:  # a signal-with-start's attach is handled first
+            self._asker = start.asker
+        self._total = plan.total_steps
         self._journal = Journal(start.carried)
         if start.carried is not None:
             self._due = dict(start.carried.due)
+            self._count = start.carried.settled
         engine, commands = self._journal.restore(plan, start.arguments, start.run_id)
         finished = self._apply(commands)
         cancelled = asked_to_cancel = False
@@ -391,7 +452,7 @@ class PatchbayRun:
         how Temporal's SDK continues as new)."""
         executions = start.carried.executions + 1 if start.carried is not None else 1
         due = {key: self._due[key] for key in self._tasks if key in self._due}  # the timers still pending
-        carried = Carried(self._journal.inputs, due, executions)
+        carried = Carried(self._journal.inputs, due, executions, settled=self._count)
         workflow.logger.info(
             "run %s continues as new (execution %d: %d events; journal: %d inputs, %d bytes)",
             start.run_id,
@@ -400,7 +461,7 @@ class PatchbayRun:
             len(self._journal.inputs),
             self._journal.size,
         )
-        workflow.continue_as_new(replace(start, carried=carried))
+        workflow.continue_as_new(replace(start, carried=carried, asker=self._asker))  # questions go where they went
 
     def _release_held(self) -> None:
         """Start what was held for a continue-as-new that will not happen (the run was cancelled)."""
@@ -428,9 +489,17 @@ class PatchbayRun:
             elif isinstance(command, Evaluate):
                 self._working.add(self._spawn(command.key, self._evaluate(command)))
             elif isinstance(command, CallTool | AskUser | AskModel):
+                self._began[command.key] = workflow.time()
                 self._working.add(self._spawn(command.key, self._step(command)))
-            # Settled: Temporal's history has it already.
+            elif isinstance(command, Settled):  # for the caller's progress (the history has the rest)
+                self._settled(command)
         return finished
+
+    def _settled(self, note: Settled) -> None:
+        began = self._began.pop(note.key, None)
+        duration = round((workflow.time() - began) * 1000, 3) if began is not None else None
+        self._count += 1
+        self._progress.append(ProgressNote(self._count, self._total, note.describe(duration)))
 
     def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(work)
@@ -455,22 +524,62 @@ class PatchbayRun:
             _KINDS[type(command)],
             {f.name: getattr(command, f.name) for f in fields(command)},
         )
-        timeout = timedelta(seconds=command.timeout) if command.timeout is not None else NO_TIMEOUT
+        question = isinstance(command, AskUser | AskModel)
         try:
-            outcome = await workflow.execute_activity(
-                STEP_ACTIVITY,
-                task,
-                task_queue=start.task_queue,
-                result_type=StepOutcome,
-                start_to_close_timeout=timeout,
-                heartbeat_timeout=timedelta(seconds=start.silence),
-                retry_policy=_ONCE,
-                summary=f"{command.key} (try {command.attempt})",
-            )
+            if question and self._asker is not None:
+                outcome = await self._ask(task, command)
+            else:
+                outcome = await workflow.execute_activity(STEP_ACTIVITY, task, **self._options(command))
             result, error = outcome.result, StepError(**outcome.error) if outcome.error is not None else None
         except ActivityError as exc:  # the activity itself failed: timed out, its worker died or raised
             result, error = None, _activity_failure(exc, command.timeout)
+            if isinstance(command, AskUser | AskModel) and error.kind == "unavailable":
+                # The replica holding the client's request is gone: nobody can be asked (not even on a retry).
+                result, error = default_or(command.default, f"the client could not be asked: {error.message}")
         self._events.put_nowait(("done", command.key, command.attempt, result, error))
+
+    def _options(self, command: Leaf, queue: str | None = None) -> dict[str, Any]:
+        """The options of the activity of ``command``: on ``queue`` (by default the plan's), within its timeout."""
+        start = self._input
+        assert start is not None
+        return {
+            "task_queue": queue or start.task_queue,
+            "result_type": StepOutcome,
+            "start_to_close_timeout": timedelta(seconds=command.timeout) if command.timeout is not None else NO_TIMEOUT,
+            "heartbeat_timeout": timedelta(seconds=start.silence),
+            "retry_policy": _ONCE,
+            "summary": f"{command.key} (try {command.attempt})",
+        }
+
+    async def _ask(self, task: StepTask, command: Leaf) -> StepOutcome:
+        """Ask the question at the replica holding the client's request; if the client is attached elsewhere
+        meanwhile, withdraw it there and ask again where the client is now.
+
+        Raises:
+            ActivityError: the question's activity failed (nobody took it within the silence allowed: the
+                replica holding the request is gone).
+        """
+        start = self._input
+        assert start is not None
+        while True:
+            asker = self._asker
+            assert asker is not None
+            asking = workflow.start_activity(
+                ASK_ACTIVITY,
+                task,
+                schedule_to_start_timeout=timedelta(seconds=start.silence),
+                **self._options(command, asker),
+            )
+            try:
+                await workflow.wait_condition(lambda: asking.done() or self._asker != asker)  # noqa: B023  (awaited here)
+            except asyncio.CancelledError:
+                asking.cancel()
+                raise
+            if asking.done():
+                outcome: StepOutcome = asking.result()
+                return outcome
+            asking.cancel()  # its outcome, if one still comes, is ignored
+            asking.add_done_callback(_ignored)
 
     async def _evaluate(self, command: Evaluate) -> None:
         try:
@@ -495,8 +604,15 @@ class PatchbayRun:
         self._events.put_nowait(("fire", command.key, 0, None, None))
 
 
+def _ignored(task: "asyncio.Future[Any]") -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so that it is not reported as never retrieved
+
+
 def _activity_failure(exc: ActivityError, timeout: float | None) -> StepError:
     cause = exc.cause
+    if isinstance(cause, TemporalTimeout) and cause.type == TimeoutType.SCHEDULE_TO_START:  # only questions have one
+        return StepError("unavailable", "the replica holding the client's request did not take the question")
     if (isinstance(cause, TemporalTimeout) and cause.type == TimeoutType.HEARTBEAT) or (
         isinstance(cause, ApplicationError) and cause.type == _WORKER_SHUTDOWN
     ):  # its replica stopped or died: made again, as a resumed local run makes the calls in flight at a crash
@@ -515,19 +631,29 @@ def _activity_failure(exc: ActivityError, timeout: float | None) -> StepError:
 
 
 class _Steps:
-    """The step activity, bound to the ``execute`` of the engine whose worker runs it."""
+    """The step and question activities, bound to the ``execute`` and ``ask`` of the engine whose workers run them."""
 
-    def __init__(self, execute: Execute, heartbeat: float) -> None:
+    def __init__(self, execute: Execute, ask: Execute, heartbeat: float) -> None:
         self._execute = execute
+        self._ask = ask
         self._heartbeat = heartbeat
 
     @activity.defn(name=STEP_ACTIVITY)
     async def step(self, task: StepTask) -> StepOutcome:
-        """Make the call or ask the question, heartbeating meanwhile (cancellation comes as a heartbeat's answer)."""
+        """Make the call (or, for a run without a client, answer the question), heartbeating meanwhile
+        (cancellation comes as a heartbeat's answer)."""
+        return await self._run(self._execute, task)
+
+    @activity.defn(name=ASK_ACTIVITY)
+    async def ask(self, task: StepTask) -> StepOutcome:
+        """Ask the client of the run, whose request this replica holds, heartbeating meanwhile."""
+        return await self._run(self._ask, task)
+
+    async def _run(self, execute: Execute, task: StepTask) -> StepOutcome:
         command = _LEAVES[task.kind](**task.command)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._beat)
-            result, error = await self._perform(command, task)
+            result, error = await self._perform(execute, command, task)
             tg.cancel_scope.cancel()
         return StepOutcome(result, asdict(error) if error is not None else None)
 
@@ -536,11 +662,11 @@ class _Steps:
             activity.heartbeat()
             await anyio.sleep(self._heartbeat)
 
-    async def _perform(self, command: Leaf, task: StepTask) -> tuple[Any, StepError | None]:
+    async def _perform(self, execute: Execute, command: Leaf, task: StepTask) -> tuple[Any, StepError | None]:
         """The outcome, within the step's timeout. Raises only cancellation."""
         with anyio.move_on_after(command.timeout):
             try:
-                return await self._execute(command, task.run_id, task.caller)
+                return await execute(command, task.run_id, task.caller)
             except GatewayError as exc:
                 return None, StepError(exc.outcome, str(exc), retry_after=exc.retry_after)
             except Exception as exc:  # the step boundary: one step's bug fails the step, not the worker
@@ -568,6 +694,11 @@ class TemporalEngine:
     running step heartbeats (a request to the server each time), hence about how long its
     cancellation takes to reach it. ``history_limit`` (events) is how long a run's history may grow
     before it continues as new, if Temporal has not suggested it earlier.
+
+    The runs this replica starts ask their questions here, where their caller's request is: on a queue
+    of this replica's own, :attr:`asker`, whose worker asks the client registered for the run in
+    :attr:`callers` (:meth:`run` registers it while it awaits the run). A question that no worker
+    takes within ``silence`` (this replica is gone) takes its default, or fails ``unavailable``.
     """
 
     def __init__(
@@ -588,7 +719,11 @@ class TemporalEngine:
         self.client = client
         self.task_queue = task_queue
         self.plans = plans
-        self._steps = _Steps(execute, heartbeat)
+        self.callers = Callers()
+        """The clients of the runs awaited here: their questions are asked through them."""
+        self.asker = f"{task_queue}.caller.{uuid.uuid4().hex[:12]}"
+        """This replica's own queue, where the runs it starts send their questions."""
+        self._steps = _Steps(execute, self.callers.ask, heartbeat)
         self._heartbeat = timedelta(seconds=heartbeat)
 
     async def start(
@@ -599,9 +734,11 @@ class TemporalEngine:
         run_id: str,
         *,
         details: Mapping[str, Any] | None = None,
+        attach: bool = False,
     ) -> WorkflowHandle[Any, Any]:
         """Start a run of ``workflow_name`` (workflow id ``run_id``); a run of that id started before is
-        the run (an idempotent re-issue gets the first run, not a second one).
+        the run (an idempotent re-issue gets the first run, not a second one). Its questions come here;
+        with ``attach``, those of a run of that id started before (at another replica) come here from now on.
 
         The run's memo (:data:`MEMO`) records this gateway's task queue, the workflow, its digest and the
         caller, and ``details`` (``task``: the MCP task's parameters, ``idempotency_key``): what its
@@ -622,6 +759,7 @@ class TemporalEngine:
             workflow_queue(self.task_queue, plan),
             silence=self.silence,
             history_limit=self.history_limit,
+            asker=self.asker,
         )
         try:
             return await self.client.start_workflow(
@@ -632,20 +770,42 @@ class TemporalEngine:
                 memo={MEMO: {**(details or {}), **_memo(self.task_queue, plan, caller)}},
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                # A signal-with-start: delivered to the run of that id if there is one, else with the start.
+                start_signal=ATTACH_SIGNAL if attach else None,
+                start_signal_args=[self.asker] if attach else [],
             )
         except WorkflowAlreadyStartedError:  # it has finished: its result is the answer
             return self.client.get_workflow_handle(run_id)
 
     async def run(
-        self, workflow_name: str, arguments: Mapping[str, Any], caller: Mapping[str, str], run_id: str
+        self,
+        workflow_name: str,
+        arguments: Mapping[str, Any],
+        caller: Mapping[str, str],
+        run_id: str,
+        *,
+        client: ClientChannel | None = None,
+        attach: bool = False,
     ) -> dict[str, Any]:
-        """Start a run and await its end: the :class:`RunResult`'s fields.
+        """Start a run and await its end: the :class:`RunResult`'s fields. Meanwhile its questions are
+        asked of ``client`` (with ``attach``, those of a run of that id started before too).
 
         Cancelling the caller does not cancel the run (it goes on in Temporal, as it does when this
         replica stops): call :meth:`cancel` for that. Raises ToolNotFound (see :meth:`start`).
         """
-        await self.start(workflow_name, arguments, caller, run_id)
-        return await self.result(run_id)
+        with self.callers.attend(run_id, client):
+            await self.start(workflow_name, arguments, caller, run_id, attach=attach)
+            return await self.result(run_id)
+
+    async def progress(self, run_id: str, after: int) -> list[ProgressNote]:
+        """The steps of run ``run_id`` that ended after the ``after``-th (a workflow query: nothing is recorded).
+
+        Raises:
+            temporalio.client.WorkflowQueryFailedError, temporalio.service.RPCError: Temporal could not
+                answer (no worker has taken the run yet, say).
+        """
+        handle = self.client.get_workflow_handle(run_id)
+        return await handle.query(PatchbayRun.progress, after)
 
     async def result(self, run_id: str) -> dict[str, Any]:
         """Await the end of run ``run_id``: the :class:`RunResult`'s fields, whether it succeeded,
@@ -664,24 +824,21 @@ class TemporalEngine:
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[None]:
         """Run this replica's workers while the block runs: one per plan, polling that plan's queue (the
-        workflow, its steps' activities, and its evaluations as local activities). Leaving the block stops
-        them (steps in flight are cancelled; their runs go on elsewhere).
+        workflow, its steps' activities, and its evaluations as local activities), and one asking the
+        questions of the runs awaited here (on :attr:`asker`). Leaving the block stops them (steps in
+        flight are cancelled; their runs go on elsewhere).
 
         One engine per client and task queue may serve at a time in a process (Temporal refuses a
         second worker of the same queue on one client)."""
         plans = list({plan.digest: plan for plan in self.plans.values()}.values())
-        workers = [
-            Worker(
-                self.client,
-                task_queue=workflow_queue(self.task_queue, plan),
-                workflows=[PatchbayRun],
-                activities=[evaluate, self._steps.step],
-                max_heartbeat_throttle_interval=self._heartbeat,
-                default_heartbeat_throttle_interval=self._heartbeat,
-                sticky_queue_schedule_to_start_timeout=timedelta(seconds=min(self.silence, STICKY_TIMEOUT)),
-            )
-            for plan in plans
-        ]
+        asks = Worker(  # the questions of the runs awaited here
+            self.client,
+            task_queue=self.asker,
+            activities=[self._steps.ask],
+            max_heartbeat_throttle_interval=self._heartbeat,
+            default_heartbeat_throttle_interval=self._heartbeat,
+        )
+        workers = [*self._plan_workers(plans), asks]
         _temporal_plans.hold(plans)
         try:
             async with anyio.create_task_group() as tg:
@@ -694,6 +851,21 @@ class TemporalEngine:
                         await _shut_down(workers)  # the calls in flight are made again elsewhere
         finally:
             _temporal_plans.release(plans)
+
+    def _plan_workers(self, plans: list[Plan]) -> list[Worker]:
+        """The workers running ``plans``' runs and steps (a test's replica that must not run any has none)."""
+        return [
+            Worker(
+                self.client,
+                task_queue=workflow_queue(self.task_queue, plan),
+                workflows=[PatchbayRun],
+                activities=[evaluate, self._steps.step],
+                max_heartbeat_throttle_interval=self._heartbeat,
+                default_heartbeat_throttle_interval=self._heartbeat,
+                sticky_queue_schedule_to_start_timeout=timedelta(seconds=min(self.silence, STICKY_TIMEOUT)),
+            )
+            for plan in plans
+        ]
 
 
 async def result_of(client: Client, run_id: str) -> dict[str, Any]:
