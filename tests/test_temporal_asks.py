@@ -24,6 +24,7 @@ from gateway.workflows.asking import STEP_META_KEY
 from gateway.workflows.commands import AskModel, AskUser, CallTool, StepError
 from gateway.workflows.plan import Plan
 from gateway.workflows.temporal import TemporalEngine
+from tests import taskclient
 from tests import temporal_server as dev_server
 from tests.test_gateway import Toolbox
 from tests.workflows.test_runner import plan_of
@@ -275,3 +276,32 @@ async def test_a_question_nobody_takes_because_the_callers_replica_is_gone_takes
         assert result["status"] == "failed"
         assert result["error"]["kind"] == "unavailable"
         assert "did not take the question" in result["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_question_of_a_task_goes_to_the_client_that_started_it_which_cannot_answer_once_its_call_returned(
+    temporal_server: dev_server.DevServer, mode: str
+) -> None:
+    """As for a local run started as a task: the question is put to the client whose call started the task (at
+    the replica holding it), not left waiting for a caller that never comes; that call has returned (the task
+    was created), so the client cannot be asked, and the step fails saying so (or takes its default)."""
+    with anyio.fail_after(WITHIN):
+        async with (
+            front_and_back(temporal_server.address) as (front, front_box, _, back_box),
+            taskclient.client(
+                McpFrontend(front, ADA), mode, elicitation_callback=elicitation, sampling_callback=sampling
+            ) as client,
+        ):
+            task = await taskclient.start_task(client, "confirm", {}, ttl=60000)
+            while (polled := await taskclient.rpc(client, "tasks/get", taskId=task["taskId"]))["status"] == "working":  # noqa: ASYNC110
+                await anyio.sleep(0.05)  # polling is how a client learns a task ended
+            if mode == "legacy":
+                result = await taskclient.rpc(client, "tasks/result", taskId=task["taskId"])
+            else:
+                result = polled["result"]  # the extension inlines it
+    assert result["isError"] is True
+    text = result["content"][0]["text"]
+    assert "step 'ok' failed (unavailable)" in text
+    assert "back-channel" in text if mode == "legacy" else "elicitation/create cannot reach" in text
+    assert front_box.calls == []  # the step's call was made at the other replica
+    assert back_box.calls == [("add", {"a": 1, "b": 2})]

@@ -6,7 +6,7 @@ concurrency continues too, and every execution of the chain replays deterministi
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import anyio
@@ -18,6 +18,7 @@ from temporalio.worker import Replayer
 from gateway.workflows.commands import StepError
 from gateway.workflows.plan import Plan
 from gateway.workflows.temporal import PatchbayRun
+from gateway.workflows.temporal_records import TemporalRecords
 from tests import temporal_server as dev_server
 from tests.test_temporal_engine import CALLER_JSON, SAME_ON_BOTH, Call, Tools, canonical, run_locally, serving
 from tests.workflows.test_runner import plan_of
@@ -230,3 +231,31 @@ async def test_a_workflow_continued_after_nearly_every_event_gives_the_same_resu
     assert result == expected
     assert sorted(tools.calls, key=canonical) == sorted(expected_calls, key=canonical)
     assert [c for c in tools.calls if c[0].startswith("undo")] == [c for c in expected_calls if c[0].startswith("undo")]
+
+
+async def test_a_continued_run_reads_back_as_one_run_its_steps_and_progress_from_every_execution(
+    temporal_client: Client,
+) -> None:
+    plan, run_id, tools = plan_of(chain(8)), uuid.uuid4().hex, Tools()
+    with anyio.fail_after(30):
+        async with serving(temporal_client, [plan], tools, history_limit=LOW_LIMIT) as engine:
+            handle = await engine.start(plan.name, {"n": 0}, CALLER_JSON, run_id)
+            assert handle.result_run_id is not None
+            await engine.result(run_id)
+            histories = await executions(temporal_client, run_id, handle.result_run_id)
+            notes = await engine.progress(run_id, 0)  # the last execution's, counting on from the ones before
+        records = TemporalRecords(temporal_client, engine.task_queue)
+        events = await records.events(run_id)
+        record = await records.record(run_id)
+    assert len(histories) >= 2
+    assert [event.kind for event in events].count("run_started") == 1
+    started = [event.key for event in events if event.kind == "step_started"]
+    assert sorted(started) == sorted(f"s{n}" for n in range(1, 9))  # each step once, from every execution
+    assert sorted(e.key for e in events if e.kind == "step_settled") == sorted(started)
+    assert [note.settled for note in notes][-1] == 8
+    assert notes[-1].total == 8
+    assert notes[0].settled > 1  # the first execution's notes are not in the last one's: the count went on
+    assert record is not None
+    assert record.status == "succeeded"
+    first = histories[0].events[0].event_time.ToDatetime(tzinfo=UTC).timestamp()
+    assert first - 1 <= record.started_at <= first  # when the run began (its memo), not its last execution

@@ -44,7 +44,7 @@ from gateway.dispatch import Invocation
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store import RunRecord
-from gateway.types import CallContext, JSONObject, Principal, ProgressFn, ToolResult
+from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ProgressFn, ToolResult
 from gateway.workflows.commands import AskModel, AskUser, CallTool, Leaf, StepError
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
@@ -162,6 +162,15 @@ class TemporalRuns:
         if record is None:  # Temporal has just started it
             raise GatewayError(f"run {run_id} was started but Temporal does not describe it")
         return record
+
+    async def attend(self, run_id: str, client: ClientChannel | None) -> None:
+        """Until run ``run_id`` ends, ask its questions of ``client`` (a task's caller, which polls the task
+        meanwhile), as a detached local run asks the client that started it. Run in the background."""
+        try:
+            with self.engine.callers.attend(run_id, client):
+                await self.engine.result(run_id)
+        except Exception:  # Temporal's trouble: the task is read there all the same; its questions wait here
+            logger.warning("stopped asking the questions of run %s here", run_id, exc_info=True)
 
     async def get(self, run_id: str, principal: Principal) -> RunRecord | None:
         """The record of run ``run_id`` if ``principal`` started it; None otherwise, as for an unknown run."""

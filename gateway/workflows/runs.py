@@ -269,7 +269,10 @@ class Runs:
             InvalidArguments: the key was used for another tool.
         """
         if self.temporal is not None:  # the run is Temporal's, and so its task
-            return await self.temporal.start_task(plan, arguments, context, task)
+            started = await self.temporal.start_task(plan, arguments, context, task)
+            if self._tasks is not None and started.status == "running":  # its questions come here: ask its caller
+                self._tasks.start_soon(self.temporal.attend, started.run_id, context.client)
+            return started
         key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
         if not isinstance(key, str) or not key:
             return await self.start(plan, arguments, context, task=task)

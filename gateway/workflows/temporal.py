@@ -89,6 +89,7 @@ need Temporal's worker versioning or patching.
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -886,7 +887,14 @@ async def result_of(client: Client, run_id: str) -> dict[str, Any]:
 
 
 def _memo(task_queue: str, plan: Plan, caller: Mapping[str, str]) -> dict[str, Any]:
-    return {"queue": task_queue, "workflow": plan.name, "plan": plan.digest, "caller": dict(caller)}
+    """A run's memo: it is kept as it is when the run continues as new, so ``started`` is when the run began."""
+    return {
+        "queue": task_queue,
+        "workflow": plan.name,
+        "plan": plan.digest,
+        "caller": dict(caller),
+        "started": time.time(),
+    }
 
 
 async def _shut_down(workers: list[Worker]) -> None:

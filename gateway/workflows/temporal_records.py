@@ -140,7 +140,7 @@ class TemporalRecords:
         memo = await self._memo(execution)
         if status is None or memo is None:
             return None
-        started = execution.start_time.timestamp()
+        started = float(memo.get("started") or execution.start_time.timestamp())  # the latest execution's start
         finished = execution.close_time.timestamp() if execution.close_time is not None else None
         ended = await result_of(self.client, execution.id) if result and status != "running" else None
         error = ended.get("error") if ended is not None else None
@@ -164,15 +164,19 @@ class TemporalRecords:
         )
 
     async def events(self, run_id: str) -> list[JournalEvent]:
-        """Run ``run_id``'s history as journal events (see the module's docstring); none for an unknown run."""
-        handle = self.client.get_workflow_handle(run_id)
+        """Run ``run_id``'s history as journal events (see the module's docstring), every execution of it (a
+        run that continued as new has several: read from the latest back); none for an unknown run."""
         try:
-            history = await handle.fetch_history()
+            history = await self.client.get_workflow_handle(run_id).fetch_history()
         except RPCError as exc:
             if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
                 return []
             raise
-        return _Reader(self.client, run_id).read(history.events)
+        executions = [history.events]
+        while previous := _continued_from(executions[-1]):
+            older = await self.client.get_workflow_handle(run_id, run_id=previous).fetch_history()
+            executions.append(older.events)
+        return _Reader(self.client, run_id).read(executions[::-1])
 
 
 class _Reader:
@@ -189,12 +193,30 @@ class _Reader:
         self._first: dict[str, float] = {}
         """When each step's first try was scheduled."""
 
-    def read(self, history: Sequence[HistoryEvent]) -> list[JournalEvent]:
+    def read(self, executions: Sequence[Sequence[HistoryEvent]]) -> list[JournalEvent]:
+        """The journal events of a run's executions' histories, the first execution's first."""
+        ended = False
+        for execution in executions:
+            self._tries = {}  # event ids count from 1 in each execution
+            ended = self._read(execution, first=not self._events)
+        if ended:  # what tries next is known only while the run runs
+            for key, done in self._last.items():
+                failure = done.data.get("error")
+                status = "failed" if failure else "succeeded"
+                took = round((done.at - self._first.get(key, done.at)) * 1000, 3)
+                data = {"status": status, "result": done.data.get("result"), "error": failure, "duration_ms": took}
+                self._add(done.at, "step_settled", key, done.attempt, data)
+        return self._events
+
+    def _read(self, history: Sequence[HistoryEvent], *, first: bool) -> bool:
+        """Read one execution's events (``first``: the run's first); whether the run ended in it."""
         ended = False
         for event in history:
             at = event.event_time.ToDatetime(tzinfo=UTC).timestamp()
             kind = event.event_type
             if kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+                if not first:  # a continued execution: the same run goes on
+                    continue
                 payloads = event.workflow_execution_started_event_attributes.input.payloads
                 start = self._convert.from_payloads(payloads, [RunInput])[0]
                 data = {"workflow": start.workflow, "arguments": start.arguments, "caller": start.caller}
@@ -216,14 +238,7 @@ class _Reader:
                 self._done(timed_out.scheduled_event_id, at, None, timeout)
             elif kind in _ENDINGS:
                 ended = True
-        if ended:  # what tries next is known only while the run runs
-            for key, done in self._last.items():
-                failure = done.data.get("error")
-                status = "failed" if failure else "succeeded"
-                took = round((done.at - self._first.get(key, done.at)) * 1000, 3)
-                data = {"status": status, "result": done.data.get("result"), "error": failure, "duration_ms": took}
-                self._add(done.at, "step_settled", key, done.attempt, data)
-        return self._events
+        return ended
 
     def _scheduled(self, event: HistoryEvent, at: float) -> None:
         attributes = event.activity_task_scheduled_event_attributes
@@ -264,6 +279,13 @@ _ENDINGS = frozenset(
         EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
     }
 )
+
+
+def _continued_from(history: Sequence[HistoryEvent]) -> str:
+    """The execution an execution's history continues (its run id), or "" for a run's first."""
+    if not history or history[0].event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+        return ""
+    return history[0].workflow_execution_started_event_attributes.continued_execution_run_id
 
 
 def _caller(memo: Mapping[str, Any]) -> tuple[str, str]:
