@@ -30,16 +30,15 @@ reply for another caller: ``redis.asyncio`` drops a connection whose command was
 
 import contextlib
 import logging
-import math
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
@@ -305,10 +304,12 @@ class RedisState:
     What a call does after its answer (release its slots, report a success to its circuit) need not hold
     up the answer: with :meth:`send_later` running, those operations are queued and sent in order in the
     background, and a report that must be awaited (a failure, a probe's verdict) waits its turn in the
-    same queue, so one replica's reports reach Redis in the order they were made. A slot released but
-    not yet removed in Redis is removed first by this replica's next ``enter`` of that key, so a caller
-    that waits for its call to end never finds its own slot still taken. Without :meth:`send_later`
-    running, every operation is awaited where it is made.
+    same queue, so one replica's reports reach Redis in the order they were made. An awaited script (a call's
+    limits, an admission through a circuit) takes what is queued along, ahead of it in its own round trip,
+    when no batch is on its way: a replica making one call after another sends one round trip per call. A
+    slot released but not yet removed in Redis is removed first by this replica's next ``enter`` of that
+    key, so a caller that waits for its call to end never finds its own slot still taken. Without
+    :meth:`send_later` running, every operation is awaited where it is made.
     """
 
     def __init__(
@@ -341,7 +342,11 @@ class RedisState:
         """Sorted-set key → the members this process holds there and renews."""
         self.releasing: dict[str, set[str]] = {}
         """Sorted-set key → members released here whose removal is queued, not yet done in Redis."""
-        self._queue: MemoryObjectSendStream[_Job] | None = None
+        self._pending: deque[_Job] = deque()
+        """Operations queued for :meth:`send_later`, in the order they were made."""
+        self._wake = anyio.Event()
+        self._turn = anyio.Lock()
+        """Held while a batch of queued operations is on its way: batches reach Redis in the order they were taken."""
         self._sending = False
         self.drained = anyio.Event()
         """Set once :meth:`send_later` has sent everything queued before :meth:`stop_sending`."""
@@ -429,26 +434,53 @@ class RedisState:
     async def send_later(self) -> None:
         """Send the queued operations until :meth:`stop_sending` (then those still queued) or cancelled: what
         has queued up meanwhile goes in one pipeline (one round trip), in the order it was queued."""
-        self._queue, queued = anyio.create_memory_object_stream[_Job](math.inf)
         self._sending = True
         try:
-            async with queued:
-                async for first in queued:
-                    batch = [first]
-                    with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
-                        while True:
-                            batch.append(queued.receive_nowait())
-                    await self._send(batch)
+            while self._pending or self._sending:
+                if not self._pending:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                async with self._turn:
+                    batch = list(self._pending)
+                    self._pending.clear()
+                    if batch:  # (an awaited script may have taken them while this waited its turn)
+                        await self._send(batch)
             self.drained.set()
         finally:
             self._sending = False
-            self._queue.close()
 
     def stop_sending(self) -> None:
         """No more queueing: what is queued is still sent; what comes later is awaited where it is made."""
         self._sending = False
-        if self._queue is not None:
-            self._queue.close()
+        self._wake.set()
+
+    def _queue(self, job: "_Job") -> None:
+        self._pending.append(job)
+        self._wake.set()
+
+    async def script_with_queued(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """``script(name, keys, args)``, awaited, with what is queued for the background sent ahead of it in the
+        same round trip: a replica calling one after another sends one round trip per call, not two. When
+        nothing is queued, or a batch is on its way (the queued must not overtake it), just the script.
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached, or the script failed (``attempt`` handles both).
+        """
+        if not self._pending or self._turn.locked():
+            return await self.script(name, keys, args)
+        job = _Job(name, name, keys, args, done=anyio.Event())
+        self._turn.acquire_nowait()
+        try:
+            with anyio.CancelScope(shield=True):  # the queued operations' effects and waiters must not be lost
+                batch = [*self._pending, job]
+                self._pending.clear()
+                await self._send(batch)
+        finally:
+            self._turn.release()
+        if job.failed:
+            raise job.answer if isinstance(job.answer, RedisError) else RedisError(f"{name}: Redis cannot be reached")
+        return job.answer
 
     async def _send(self, batch: list["_Job"]) -> None:
         answers: list[Any] | None = None
@@ -472,6 +504,7 @@ class RedisState:
                     answer = await self.script(job.script, job.keys, job.args)
             if answers is None or isinstance(answer, Exception):
                 job.failed = True
+                job.answer = answer
                 if job.done is None and self.on_failure is not None:
                     self.on_failure(job.operation)  # an awaited job is counted where it is awaited
             else:
@@ -483,8 +516,8 @@ class RedisState:
 
     async def later(self, job: "_Job") -> None:
         """Send ``job`` in the background, after what is queued (awaited here without :meth:`send_later`)."""
-        if self._sending and self._queue is not None:
-            self._queue.send_nowait(job)
+        if self._sending:
+            self._queue(job)
             return
         with anyio.CancelScope(shield=True):
             try:
@@ -498,14 +531,14 @@ class RedisState:
         be reached, whatever ``failure`` says: these are reports of calls that happened (a verdict, a probe
         given up), whose outcome a refusal must not replace."""
         with anyio.CancelScope(shield=True):
-            if not self._sending or self._queue is None:
+            if not self._sending:
 
                 async def direct() -> T:
                     return read(await self._run(job))
 
                 return await self.attempt(job.operation, direct, fallback, refuse=False)
             job.done = anyio.Event()
-            self._queue.send_nowait(job)
+            self._queue(job)
             await job.done.wait()
         if job.failed:
             return self._fail(job.operation, fallback, refuse=False)
@@ -574,7 +607,8 @@ class RedisLimitState:
             for slot, zset, member in zip(slots, zsets, members, strict=True):
                 released = list(shared.releasing.get(zset, ()))
                 args += [slot.limit, member, len(released), *released]
-            answer: list[int] = await shared.script("enter", [*(prefix + take.key for take in takes), *zsets], args)
+            keys = [*(prefix + take.key for take in takes), *zsets]
+            answer: list[int] = await shared.script_with_queued("enter", keys, args)
             if answer[0] == 0:
                 for zset, member in zip(zsets, members, strict=True):
                     shared.hold(zset, member)
@@ -646,7 +680,7 @@ class RedisBreakerState:
 
         async def admit() -> Admission | Refusal:
             args = [_us(config.reset_after), config.half_open_probes, member, _us(shared.lease)]
-            answer = await shared.script("admit", keys, args)
+            answer = await shared.script_with_queued("admit", keys, args)
             if answer[0] == 0:
                 state, reason, left, probes = (_text(answer[1]), _text(answer[2]), answer[3], answer[4])
                 return Refusal(state, reason, left / 1_000_000, probes)

@@ -228,3 +228,33 @@ async def test_an_admitted_call_awaits_one_redis_round_trip_for_its_rate_and_con
         await forget(prefix)
     assert awaited == [1, 1, 1, 1]  # every bucket and slot in one script; the closed circuit trusted
     assert total == 8  # and one pipeline after each call: two slots released, a success reported
+
+
+async def test_one_call_after_another_costs_one_round_trip_each_the_background_riding_along() -> None:
+    # What a call queues for the background (its slots' release, its success) goes ahead of the next call's
+    # limits script, in the same round trip, when the background sender has nothing on its way.
+    require_redis()
+    prefix = new_prefix()
+    client = Redis.from_pool(ConnectionPool.from_url(REDIS, connection_class=CountingConnection))
+    state = RedisState(client, prefix=prefix)
+    limits = Limits([RATE, SLOTS], state.limits)
+    breaker = BreakerPolicy({"crm": CircuitBreakerConfig(failures=5, reset_after=30)}, state.breakers)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(state.send_later)
+            await limits(CALL, lambda call: breaker(call, instant))  # scripts loaded, connections opened
+            await anyio.wait_all_tasks_blocked()
+            started = CountingConnection.sent
+            for _ in range(4):
+                await limits(CALL, lambda call: breaker(call, instant))
+            await anyio.wait_all_tasks_blocked()  # the last call's release and success, sent in the background
+            total = CountingConnection.sent - started
+            state.stop_sending()
+        held = await client.zcard(prefix + "concurrency:slots:global:")
+        streak = await client.hget(prefix + "circuit:crm", "consec")
+    finally:
+        await client.aclose()
+        await forget(prefix)
+    assert total == 5
+    assert held == 0  # every release reached Redis
+    assert streak == b"0"  # the successes reached it (a closed circuit's hash is made by the first)
