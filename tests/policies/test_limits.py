@@ -11,14 +11,14 @@ from redis.asyncio import Connection, ConnectionPool, Redis
 from gateway.chain import build_chain
 from gateway.config import CircuitBreakerConfig, LimitRule, parse_config
 from gateway.errors import ConcurrencyLimited, RateLimited
-from gateway.types import CallContext, JSONObject, Principal, ToolCall, ToolResult
+from gateway.types import CallContext, CallNext, JSONObject, Principal, ToolCall, ToolResult
 from policies.breaker import BreakerPolicy
 from policies.concurrency import ConcurrencyLimit
 from policies.limits import Limits
 from policies.ratelimit import RateLimit
 from policies.redis_state import RedisState
 from policies.state import LimitState, MemoryBreakerState, MemoryLimitState
-from tests.policies.fakes import OK, FakeClock
+from tests.policies.fakes import OK, FakeClock, Gate
 from tests.redis_support import REDIS, forget, new_prefix, redis_states, require_redis
 
 pytestmark = pytest.mark.anyio
@@ -39,28 +39,6 @@ async def state(request: pytest.FixtureRequest) -> AsyncIterator[LimitState]:
         return
     async with redis_states() as states:
         yield states.new(FakeClock()).limits
-
-
-class Gate:
-    """An upstream whose calls wait for ``release``; ``all_in`` is set once ``expected`` calls entered or were
-    refused (``end``)."""
-
-    def __init__(self, expected: int) -> None:
-        self.release = anyio.Event()
-        self.all_in = anyio.Event()
-        self.expected = expected
-        self.entered = self.ended = 0
-
-    def end(self) -> None:
-        self.ended += 1
-        if self.ended == self.expected:
-            self.all_in.set()
-
-    async def __call__(self, call: ToolCall) -> ToolResult:
-        self.entered += 1
-        self.end()
-        await self.release.wait()
-        return OK
 
 
 async def outcome(limits: Limits) -> str:
@@ -192,69 +170,69 @@ class CountingConnection(Connection):
         await super().send_packed_command(command, check_health)
 
 
-async def test_an_admitted_call_awaits_one_redis_round_trip_for_its_rate_and_concurrency_limits() -> None:
+@pytest.fixture
+async def counted() -> AsyncIterator[RedisState]:
+    """A ``RedisState`` whose connections count what they send, its background sender running."""
     require_redis()
     prefix = new_prefix()
     client = Redis.from_pool(ConnectionPool.from_url(REDIS, connection_class=CountingConnection))
     state = RedisState(client, prefix=prefix)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(state.send_later)
+            yield state
+            state.stop_sending()
+    finally:
+        await client.aclose()
+        await forget(prefix)
+
+
+def through_breaker(state: RedisState, upstream: CallNext = instant) -> CallNext:
+    breaker = BreakerPolicy({"crm": CircuitBreakerConfig(failures=5, reset_after=30)}, state.breakers)
+    return lambda call: breaker(call, upstream)
+
+
+async def test_an_admitted_call_awaits_one_redis_round_trip_for_its_rate_and_concurrency_limits(
+    counted: RedisState,
+) -> None:
     several = [
         LimitRule.model_validate({"id": "all", "tools": ["*"], "rate_limit": "100/h", "burst": 100, "per": "global"}),
         LimitRule.model_validate({"id": "per-client", "tools": ["crm__*"], "rate_limit": "10/s", "per": "client"}),
         SLOTS,
         LimitRule.model_validate({"id": "per-tool", "tools": ["*"], "max_concurrency": 2, "per": "tool"}),
     ]
-    limits = Limits(several, state.limits)
-    breaker = BreakerPolicy({"crm": CircuitBreakerConfig(failures=5, reset_after=30)}, state.breakers)
+    limits = Limits(several, counted.limits)
     awaited: list[int] = []
 
     async def upstream(call: ToolCall) -> ToolResult:
         awaited.append(CountingConnection.sent - before)
         return OK
 
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(state.send_later)
-            await limits(CALL, lambda call: breaker(call, instant))  # scripts loaded, connections opened
-            await anyio.wait_all_tasks_blocked()
-            started = CountingConnection.sent
-            for _ in range(4):
-                before = CountingConnection.sent
-                await limits(CALL, lambda call: breaker(call, upstream))
-                await anyio.wait_all_tasks_blocked()  # the background pipeline sent
-            total = CountingConnection.sent - started
-            state.stop_sending()
-    finally:
-        await client.aclose()
-        await forget(prefix)
+    await limits(CALL, through_breaker(counted))  # scripts loaded, connections opened
+    await anyio.wait_all_tasks_blocked()
+    started = CountingConnection.sent
+    for _ in range(4):
+        before = CountingConnection.sent
+        await limits(CALL, through_breaker(counted, upstream))
+        await anyio.wait_all_tasks_blocked()  # the background pipeline sent
     assert awaited == [1, 1, 1, 1]  # every bucket and slot in one script; the closed circuit trusted
-    assert total == 8  # and one pipeline after each call: two slots released, a success reported
+    assert CountingConnection.sent - started == 8  # and one pipeline after each: two releases, a success
 
 
-async def test_one_call_after_another_costs_one_round_trip_each_the_background_riding_along() -> None:
+async def test_one_call_after_another_costs_one_round_trip_each_the_background_riding_along(
+    counted: RedisState,
+) -> None:
     # What a call queues for the background (its slots' release, its success) goes ahead of the next call's
     # limits script, in the same round trip, when the background sender has nothing on its way.
-    require_redis()
-    prefix = new_prefix()
-    client = Redis.from_pool(ConnectionPool.from_url(REDIS, connection_class=CountingConnection))
-    state = RedisState(client, prefix=prefix)
-    limits = Limits([RATE, SLOTS], state.limits)
-    breaker = BreakerPolicy({"crm": CircuitBreakerConfig(failures=5, reset_after=30)}, state.breakers)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(state.send_later)
-            await limits(CALL, lambda call: breaker(call, instant))  # scripts loaded, connections opened
-            await anyio.wait_all_tasks_blocked()
-            started = CountingConnection.sent
-            for _ in range(4):
-                await limits(CALL, lambda call: breaker(call, instant))
-            await anyio.wait_all_tasks_blocked()  # the last call's release and success, sent in the background
-            total = CountingConnection.sent - started
-            state.stop_sending()
-        held = await client.zcard(prefix + "concurrency:slots:global:")
-        streak = await client.hget(prefix + "circuit:crm", "consec")
-    finally:
-        await client.aclose()
-        await forget(prefix)
-    assert total == 5
-    assert held == 0  # every release reached Redis
-    assert streak == b"0"  # the successes reached it (a closed circuit's hash is made by the first)
+    limits = Limits([RATE, SLOTS], counted.limits)
+    chain = through_breaker(counted)
+    await limits(CALL, chain)  # scripts loaded, connections opened
+    await anyio.wait_all_tasks_blocked()
+    started = CountingConnection.sent
+    for _ in range(4):
+        await limits(CALL, chain)
+    await anyio.wait_all_tasks_blocked()  # the last call's release and success, sent in the background
+    assert CountingConnection.sent - started == 5
+    assert await counted.client.zcard(counted.prefix + "concurrency:slots:global:") == 0  # every release arrived
+    # The successes arrived too (a closed circuit's hash is made by the first).
+    assert await counted.client.hget(counted.prefix + "circuit:crm", "consec") == b"0"
