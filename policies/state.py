@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.config import CircuitBreakerConfig
 
@@ -52,18 +52,16 @@ _PRUNE_AT = 4096
 """Bucket count past which full buckets are dropped (the threshold then grows with what stays)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Take:
+class Take(NamedTuple):
     """One token from bucket ``key``, refilled at ``rate`` tokens/s and holding at most ``burst`` (a new bucket
-    starts full). ``rate > 0`` and ``burst >= 1``."""
+    starts full). ``rate > 0`` and ``burst >= 1``. (A tuple: one is made per rule on every call.)"""
 
     key: str
     rate: float
     burst: float
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
+class Slot(NamedTuple):
     """One more call in flight under ``key``, unless ``limit`` are already."""
 
     key: str
@@ -140,25 +138,31 @@ class MemoryLimitState:
         now = self._clock()
         taken: dict[str, float] = {}  # bucket key → its new full_at (a key named twice takes twice)
         refused: Full | None = None
-        for index, take in enumerate(takes):
-            full_at = max(taken.get(take.key, self._full_at.get(take.key, now)), now)
+        full_at_of = self._full_at
+        for index, (key, rate, burst) in enumerate(takes):
+            full_at = taken[key] if key in taken else full_at_of.get(key, now)
+            if full_at < now:
+                full_at = now
             # A take is allowed while it leaves at most `burst - 1` tokens of debt: (full_at - now) * rate <= burst - 1.
-            wait = (full_at - now) - (take.burst - 1) / take.rate
+            wait = (full_at - now) - (burst - 1) / rate
             if wait > SLACK and (refused is None or wait > refused.wait):
                 refused = Full(bucket=True, index=index, wait=wait)
-            taken[take.key] = full_at + 1 / take.rate
+            taken[key] = full_at + 1 / rate
         if refused is not None:
             return refused
         counted: dict[str, int] = {}
-        for index, slot in enumerate(slots):
-            count = counted.get(slot.key, self._in_flight.get(slot.key, 0))
-            if count >= slot.limit:
+        in_flight = self._in_flight
+        for index, (key, limit) in enumerate(slots):
+            count = counted[key] if key in counted else in_flight.get(key, 0)
+            if count >= limit:
                 return Full(bucket=False, index=index, wait=0.0)
-            counted[slot.key] = count + 1
-        self._full_at.update(taken)
-        self._in_flight.update(counted)
-        if taken and len(self._full_at) > self._prune_at:
-            self._prune(now)
+            counted[key] = count + 1
+        if taken:
+            full_at_of.update(taken)
+            if len(full_at_of) > self._prune_at:
+                self._prune(now)
+        if counted:
+            in_flight.update(counted)
         return None
 
     async def take(self, key: str, rate: float, burst: float) -> float:
