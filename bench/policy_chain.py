@@ -72,6 +72,7 @@ from policies.access import AccessPolicy
 from policies.breaker import BreakerPolicy
 from policies.concurrency import ConcurrencyLimit
 from policies.fallback import FallbackPolicy
+from policies.limits import Limits
 from policies.ratelimit import RateLimit
 from policies.redaction import DEFAULT_KEYS, Redactor
 from policies.retry import RetryPolicy
@@ -267,6 +268,21 @@ class Way:
     audit_path: Path
 
 
+def separated(policies: Sequence[Policy], wanted: tuple[type, ...] | None) -> list[Policy]:
+    """``policies``, with the chain's combined rate and concurrency limits (one ``Limits``, as ``serve`` runs
+    them) split into ``RateLimit`` and ``ConcurrencyLimit`` when only some policies are wanted, so each kind
+    can be timed alone or left out."""
+    if wanted is None:
+        return list(policies)
+    split: list[Policy] = []
+    for policy in policies:
+        if type(policy) is Limits:
+            split += [RateLimit(policy.rules, policy.state), ConcurrencyLimit(policy.rules, policy.state)]
+        else:
+            split.append(policy)
+    return split
+
+
 async def build_way(spec: Spec, folder: Path, tg: TaskGroup, block: int) -> Way:
     """The dispatcher of one way, composed as ``Gateway.__init__`` composes it."""
     audit_path = folder / f"audit-{spec.key}.jsonl"
@@ -294,7 +310,7 @@ async def build_way(spec: Spec, folder: Path, tg: TaskGroup, block: int) -> Way:
             on_circuit_change=on_change,
         )
         wanted = spec.policies
-        chosen = [p for p in chain.policies if wanted is None or isinstance(p, wanted)]
+        chosen = [p for p in separated(chain.policies, wanted) if wanted is None or isinstance(p, wanted)]
         if wanted is not None and len(chosen) != len(wanted):
             raise RuntimeError(f"{spec.key}: the chain lacks one of {wanted}")
     dispatcher = Dispatcher(lambda: REGISTRY, PROVIDERS, chosen, metrics=metrics, audit=audit)

@@ -8,11 +8,15 @@ global concurrency limit, and a circuit breaker (consecutive failures). Ways, in
 * **bare**: no policies (the floor);
 * **memory**: the three policies on ``MemoryLimitState`` / ``MemoryBreakerState`` (``shared_state: memory``);
 * **redis**: the same on ``RedisState`` (``shared_state: redis://127.0.0.1:6379/0``), its leases renewed in the
-  background as in ``serve``.
+  background as in ``serve``;
+* **redis-split**: the same, with the rate and concurrency limits as two policies (``RateLimit`` then
+  ``ConcurrencyLimit``), each awaiting its own round trip: what the chain did before it combined them.
 
 Sequential calls give the added latency per call (median of the repeats' means); ``--concurrency N`` also
 times N callers at once (calls/s). The event loop is uvloop, as in ``patchbay serve``. Redis commands per call:
-take, acquire and admit awaited; release and succeeded sent in the background, in one pipeline::
+one script for the rate and concurrency limits, awaited (two in redis-split); a closed circuit is trusted for
+half a second, so the breaker awaits none; the slot's release and the success report go in the background,
+in one pipeline::
 
     .venv/bin/python bench/shared_state.py              # 15 repeats × 2,000 calls per way (~1 min)
     .venv/bin/python bench/shared_state.py --quick      # 3 × 300
@@ -28,13 +32,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis
 from run import OUT, machine_facts, markdown_table, plain_table  # bench/run.py: this script's folder is sys.path[0]
 
 from gateway.chain import build_chain
 from gateway.config import parse_config
 from gateway.dispatch import CallPath, Dispatcher
 from gateway.registry import Entry, Registry
-from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
+from gateway.types import CallContext, JSONObject, Policy, Principal, Tool, ToolResult
+from policies.concurrency import ConcurrencyLimit
+from policies.limits import Limits
+from policies.ratelimit import RateLimit
 from policies.redis_state import open_redis_state
 from policies.state import BreakerState, LimitState, MemoryBreakerState, MemoryLimitState
 
@@ -67,13 +75,19 @@ class NoopProvider:
 REGISTRY = Registry(tools={NAME: Entry(SERVER, TOOL, Tool(NAME, {**DEFINITION, "name": NAME}))})
 
 
-def dispatcher(limits: LimitState | None, breakers: BreakerState | None) -> Dispatcher:
+def dispatcher(limits: LimitState | None, breakers: BreakerState | None, *, split: bool = False) -> Dispatcher:
     if limits is None or breakers is None:
         return Dispatcher(lambda: REGISTRY, {SERVER: NoopProvider()}, ())
     config = parse_config(CONFIG, environ={})
     calls = CallPath()
     chain = build_chain(config, limits=limits, breakers=breakers, call_tool=calls.call_or_raise)
-    dispatch = Dispatcher(lambda: REGISTRY, {SERVER: NoopProvider()}, chain.policies)
+    policies: list[Policy] = []
+    for policy in chain.policies:
+        if split and type(policy) is Limits:
+            policies += [RateLimit(policy.rules, limits), ConcurrencyLimit(policy.rules, limits)]
+        else:
+            policies.append(policy)
+    dispatch = Dispatcher(lambda: REGISTRY, {SERVER: NoopProvider()}, policies)
     calls.bind(dispatch)
     return dispatch
 
@@ -102,6 +116,15 @@ async def concurrent(dispatch: Dispatcher, callers: int, calls: int) -> float:
     return callers * calls / (time.perf_counter() - started)
 
 
+async def ping(client: Redis, calls: int) -> float:
+    """Seconds per ``PING`` round trip on the state's own client: what one round trip costs right now (the
+    host's loopback varies by the hour), timed within each repeat."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        await client.ping()
+    return (time.perf_counter() - started) / calls
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     prefix = f"patchbay-bench:{uuid.uuid4().hex[:8]}:"
     async with open_redis_state(REDIS, prefix=prefix) as redis:
@@ -109,18 +132,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "bare": dispatcher(None, None),
             "memory": dispatcher(MemoryLimitState(), MemoryBreakerState()),
             "redis": dispatcher(redis.limits, redis.breakers),
+            "redis-split": dispatcher(redis.limits, redis.breakers, split=True),
         }
         for way in ways.values():  # warm up: scripts loaded, connections open
             await sequential(way, 200)
         per_call: dict[str, list[float]] = {name: [] for name in ways}
         rates: dict[str, list[float]] = {name: [] for name in ways}
         names = list(ways)
+        pings: list[float] = []
         for repeat in range(args.repeats):
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
                 per_call[name].append(await sequential(ways[name], args.calls))
                 if args.concurrency:
                     rates[name].append(await concurrent(ways[name], args.concurrency, args.calls // args.concurrency))
+            pings.append(await ping(redis.client, args.calls))
             print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
         await redis.client.delete(*[key async for key in redis.client.scan_iter(match=prefix + "*")] or [prefix])
     median = {name: statistics.median(values) for name, values in per_call.items()}
@@ -132,8 +158,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "memory over bare": (median["memory"] - median["bare"]) * 1e6,
             "redis over bare": (median["redis"] - median["bare"]) * 1e6,
             "redis over memory": (median["redis"] - median["memory"]) * 1e6,
+            "redis-split over memory": (median["redis-split"] - median["memory"]) * 1e6,
         },
         "calls_per_s": {name: statistics.median(values) for name, values in rates.items() if values},
+        "ping_us": {"median": statistics.median(pings) * 1e6, "min": min(pings) * 1e6, "max": max(pings) * 1e6},
         "spread_us": {name: [min(v) * 1e6, max(v) * 1e6] for name, v in per_call.items()},
     }
 
@@ -148,6 +176,8 @@ def report(results: dict[str, Any], markdown: bool) -> None:
     print(plain_table(header, rows))
     for what, value in results["added_us"].items():
         print(f"{what}: {value:+.1f} µs per call")
+    ping = results["ping_us"]
+    print(f"PING round trip meanwhile: {ping['median']:.1f} µs (repeats {ping['min']:.1f}–{ping['max']:.1f})")
     if markdown:
         print(markdown_table(header, rows))
 

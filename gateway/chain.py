@@ -6,7 +6,9 @@ what they would have used up:
 1. **access** (``policies:`` deny/allow, ``clients.<name>.tools``): who may call what;
 2. **validation**: the arguments against the tool's ``inputSchema``; then **idempotency**: a call
    re-issued with its ``io.patchbay/idempotency-key`` gets the first call's recorded result;
-3. **rate limits**, then 4. **concurrency limits** (``policies:`` rate_limit, max_concurrency);
+3. **rate limits**, then 4. **concurrency limits** (``policies:`` rate_limit, max_concurrency): one
+   policy when the config has both, so a call's tokens and slots are taken in one operation on the
+   limit state (one round trip to Redis when it is shared);
 5. **fallback** (a server's ``fallback:``): answers a failed call with another tool;
 6. **circuit breaker** (a server's ``circuit_breaker:``): fails fast while a server is failing;
 7. **retry** (a server's ``retry:``): idempotent calls again after a connection failure or timeout.
@@ -26,6 +28,7 @@ from policies.breaker import BreakerPolicy
 from policies.concurrency import ConcurrencyLimit
 from policies.fallback import FallbackPolicy
 from policies.idempotency import IdempotencyKeys, IdempotencyPolicy
+from policies.limits import Limits
 from policies.ratelimit import RateLimit
 from policies.retry import RetryPolicy
 from policies.state import BreakerState, LimitState
@@ -74,9 +77,13 @@ def build_chain(
     policies.append(ArgumentValidation())
     if keys is not None:
         policies.append(IdempotencyPolicy(keys, idempotency_ttl, skip_providers=own_idempotency))
-    if any(rule.rate_limit is not None for rule in limit_rules):
+    rates = any(rule.rate_limit is not None for rule in limit_rules)
+    slots = any(rule.max_concurrency is not None for rule in limit_rules)
+    if rates and slots:
+        policies.append(Limits(limit_rules, limits))
+    elif rates:
         policies.append(RateLimit(limit_rules, limits))
-    if any(rule.max_concurrency is not None for rule in limit_rules):
+    elif slots:
         policies.append(ConcurrencyLimit(limit_rules, limits))
     if fallbacks:
         policies.append(FallbackPolicy(fallbacks, call_tool))

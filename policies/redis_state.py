@@ -6,8 +6,10 @@ so every check-and-update is atomic across replicas:
 * **token buckets** in the same GCRA form as in memory: one key per bucket holding the time it is full
   again, expiring when it is (memory stays bounded without pruning);
 * **concurrency slots** as a sorted set per key: each slot is a member whose score is its lease's end.
-  ``acquire`` first drops expired leases, then counts. The replica holding slots renews their leases
+  Taking one first drops expired leases, then counts. The replica holding slots renews their leases
   (every third of ``lease``); a replica that dies holding slots loses them within ``lease``;
+* **a call's buckets and slots** in one script (``enter``), all or nothing: admitting a call is one round
+  trip however many rules apply;
 * **circuits** as a hash (state, generation, consecutive failures, when and why it opened), a
   failure-rate window of 20 counters, and the half-open probes as a leased sorted set like the slots,
   so a probe held by a dead replica cannot keep the circuit half-open for ever.
@@ -21,29 +23,28 @@ choice: the limits protect, they must not become the outage), ``deny`` refuses i
 state does not try Redis again for ``retry_interval`` seconds (a dead Redis costs each call nothing,
 a black-holed one no timeout), then tries again: recovery needs no restart.
 
-Operations that change what a caller holds (``acquire``, ``release``, the breaker's verdicts, a probe's
+Operations that change what a caller holds (taking slots, ``release``, the breaker's verdicts, a probe's
 release) are shielded from cancellation, as ``policies.state`` asks. A cancelled read cannot leave its
 reply for another caller: ``redis.asyncio`` drops a connection whose command was interrupted.
 """
 
 import contextlib
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.config import CircuitBreakerConfig
 from gateway.errors import SharedStateUnavailable
-from policies.state import CLOSED, HALF_OPEN, OPEN, Admission, Refusal
+from policies.state import CLOSED, HALF_OPEN, OPEN, Admission, Full, Refusal, Slot, Take
 
 __all__ = ["DEFAULT_LEASE", "RedisBreakerState", "RedisLimitState", "RedisState", "open_redis_state"]
 
@@ -73,38 +74,59 @@ local function now_us()
 end
 """
 
-_TAKE = (
+_ENTER = (
     _NOW
     + """
 local now = now_us()
-local interval = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local full_at = tonumber(redis.call('GET', KEYS[1]) or '0')
-if full_at < now then full_at = now end
-local wait = (full_at - now) - (burst - 1) * interval
-if wait > 1 then return math.ceil(wait) end
-full_at = full_at + interval
-redis.call('SET', KEYS[1], string.format('%.17g', full_at), 'PX', math.max(1, math.ceil((full_at - now) / 1000)))
-return 0
+local takes = tonumber(ARGV[2])
+local lease = tonumber(ARGV[3])
+local a = 4
+local full = {}
+local refused, longest = 0, 0
+for k = 1, takes do
+  local interval, burst = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  local full_at = full[KEYS[k]] or tonumber(redis.call('GET', KEYS[k]) or '0')
+  if full_at < now then full_at = now end
+  local wait = (full_at - now) - (burst - 1) * interval
+  if wait > 1 and wait > longest then refused, longest = k, wait end
+  full[KEYS[k]] = full_at + interval
+end
+if refused > 0 then return {1, refused - 1, math.ceil(longest)} end
+local counted = {}
+for k = takes + 1, #KEYS do
+  local limit, released = tonumber(ARGV[a]), tonumber(ARGV[a + 2])
+  for j = 1, released do redis.call('ZREM', KEYS[k], ARGV[a + 2 + j]) end
+  a = a + 3 + released
+  if not counted[KEYS[k]] then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
+    counted[KEYS[k]] = redis.call('ZCARD', KEYS[k])
+  end
+  if counted[KEYS[k]] >= limit then return {2, k - takes - 1, 0} end
+  counted[KEYS[k]] = counted[KEYS[k]] + 1
+end
+for k = 1, takes do
+  local full_at = full[KEYS[k]]
+  if full_at then
+    redis.call('SET', KEYS[k], string.format('%.17g', full_at), 'PX', math.max(1, math.ceil((full_at - now) / 1000)))
+    full[KEYS[k]] = nil
+  end
+end
+a = 4 + 2 * takes
+for k = takes + 1, #KEYS do
+  redis.call('ZADD', KEYS[k], now + lease, ARGV[a + 1])
+  redis.call('PEXPIRE', KEYS[k], math.ceil(lease / 1000) * 2)
+  a = a + 3 + tonumber(ARGV[a + 2])
+end
+return {0}
 """
 )
-"""One token from bucket KEYS[1]: 0, or the µs until one can be taken (then nothing is taken).
-ARGV: now (µs, or -1 for Redis's clock), µs per token, burst. A take 1 µs early succeeds (``SLACK``)."""
-
-_ACQUIRE = (
-    _NOW
-    + """
-local now = now_us()
-for i = 5, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4]) / 1000) * 2)
-return 1
-"""
-)
-"""A slot under KEYS[1] for member ARGV[3], leased for ARGV[4] µs, unless ARGV[2] live leases are held: 1 or 0.
-ARGV[5…]: members this replica released whose removal may not have reached Redis yet, removed first."""
+"""A call's limits, all or nothing: a token from each bucket, then a slot under each sorted set.
+KEYS: the buckets, then the slots' sorted sets. ARGV: now, the number of buckets, the slots' lease µs; per bucket
+µs per token and burst; per slot its limit, its new member, and the members this replica released there whose
+removal may not have reached Redis yet (a count, then the members; removed first).
+Returns {0} when all were taken; {1, bucket index, µs until its token}, the bucket whose token comes last, when
+one has none (a take 1 µs early succeeds: ``SLACK``); else {2, slot index, 0} for the first full slot."""
 
 _RENEW = (
     _NOW
@@ -282,10 +304,12 @@ class RedisState:
     What a call does after its answer (release its slots, report a success to its circuit) need not hold
     up the answer: with :meth:`send_later` running, those operations are queued and sent in order in the
     background, and a report that must be awaited (a failure, a probe's verdict) waits its turn in the
-    same queue, so one replica's reports reach Redis in the order they were made. A slot released but
-    not yet removed in Redis is removed by this replica's next ``acquire`` of that key first, so a caller
-    that waits for its call to end never finds its own slot still taken. Without :meth:`send_later`
-    running, every operation is awaited where it is made.
+    same queue, so one replica's reports reach Redis in the order they were made. An awaited script (a call's
+    limits, an admission through a circuit) takes what is queued along, ahead of it in its own round trip,
+    when no batch is on its way: a replica making one call after another sends one round trip per call. A
+    slot released but not yet removed in Redis is removed first by this replica's next ``enter`` of that
+    key, so a caller that waits for its call to end never finds its own slot still taken. Without
+    :meth:`send_later` running, every operation is awaited where it is made.
     """
 
     def __init__(
@@ -318,7 +342,11 @@ class RedisState:
         """Sorted-set key → the members this process holds there and renews."""
         self.releasing: dict[str, set[str]] = {}
         """Sorted-set key → members released here whose removal is queued, not yet done in Redis."""
-        self._queue: MemoryObjectSendStream[_Job] | None = None
+        self._pending: deque[_Job] = deque()
+        """Operations queued for :meth:`send_later`, in the order they were made."""
+        self._wake = anyio.Event()
+        self._turn = anyio.Lock()
+        """Held while a batch of queued operations is on its way: batches reach Redis in the order they were taken."""
         self._sending = False
         self.drained = anyio.Event()
         """Set once :meth:`send_later` has sent everything queued before :meth:`stop_sending`."""
@@ -328,8 +356,7 @@ class RedisState:
         self.scripts = {
             name: register(source)
             for name, source in (
-                ("take", _TAKE),
-                ("acquire", _ACQUIRE),
+                ("enter", _ENTER),
                 ("renew", _RENEW),
                 ("admit", _ADMIT),
                 ("succeeded", _SUCCEEDED),
@@ -407,26 +434,53 @@ class RedisState:
     async def send_later(self) -> None:
         """Send the queued operations until :meth:`stop_sending` (then those still queued) or cancelled: what
         has queued up meanwhile goes in one pipeline (one round trip), in the order it was queued."""
-        self._queue, queued = anyio.create_memory_object_stream[_Job](math.inf)
         self._sending = True
         try:
-            async with queued:
-                async for first in queued:
-                    batch = [first]
-                    with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
-                        while True:
-                            batch.append(queued.receive_nowait())
-                    await self._send(batch)
+            while self._pending or self._sending:
+                if not self._pending:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                async with self._turn:
+                    batch = list(self._pending)
+                    self._pending.clear()
+                    if batch:  # (an awaited script may have taken them while this waited its turn)
+                        await self._send(batch)
             self.drained.set()
         finally:
             self._sending = False
-            self._queue.close()
 
     def stop_sending(self) -> None:
         """No more queueing: what is queued is still sent; what comes later is awaited where it is made."""
         self._sending = False
-        if self._queue is not None:
-            self._queue.close()
+        self._wake.set()
+
+    def _queue(self, job: "_Job") -> None:
+        self._pending.append(job)
+        self._wake.set()
+
+    async def script_with_queued(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """``script(name, keys, args)``, awaited, with what is queued for the background sent ahead of it in the
+        same round trip: a replica calling one after another sends one round trip per call, not two. When
+        nothing is queued, or a batch is on its way (the queued must not overtake it), just the script.
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached, or the script failed (``attempt`` handles both).
+        """
+        if not self._pending or self._turn.locked():
+            return await self.script(name, keys, args)
+        job = _Job(name, name, keys, args, done=anyio.Event())
+        self._turn.acquire_nowait()
+        try:
+            with anyio.CancelScope(shield=True):  # the queued operations' effects and waiters must not be lost
+                batch = [*self._pending, job]
+                self._pending.clear()
+                await self._send(batch)
+        finally:
+            self._turn.release()
+        if job.failed:
+            raise job.answer if isinstance(job.answer, RedisError) else RedisError(f"{name}: Redis cannot be reached")
+        return job.answer
 
     async def _send(self, batch: list["_Job"]) -> None:
         answers: list[Any] | None = None
@@ -450,6 +504,7 @@ class RedisState:
                     answer = await self.script(job.script, job.keys, job.args)
             if answers is None or isinstance(answer, Exception):
                 job.failed = True
+                job.answer = answer
                 if job.done is None and self.on_failure is not None:
                     self.on_failure(job.operation)  # an awaited job is counted where it is awaited
             else:
@@ -461,8 +516,8 @@ class RedisState:
 
     async def later(self, job: "_Job") -> None:
         """Send ``job`` in the background, after what is queued (awaited here without :meth:`send_later`)."""
-        if self._sending and self._queue is not None:
-            self._queue.send_nowait(job)
+        if self._sending:
+            self._queue(job)
             return
         with anyio.CancelScope(shield=True):
             try:
@@ -476,14 +531,14 @@ class RedisState:
         be reached, whatever ``failure`` says: these are reports of calls that happened (a verdict, a probe
         given up), whose outcome a refusal must not replace."""
         with anyio.CancelScope(shield=True):
-            if not self._sending or self._queue is None:
+            if not self._sending:
 
                 async def direct() -> T:
                     return read(await self._run(job))
 
                 return await self.attempt(job.operation, direct, fallback, refuse=False)
             job.done = anyio.Event()
-            self._queue.send_nowait(job)
+            self._queue(job)
             await job.done.wait()
         if job.failed:
             return self._fail(job.operation, fallback, refuse=False)
@@ -531,33 +586,44 @@ class RedisLimitState:
         """Slots counted as held while Redis could not be reached (``allow``): released without Redis."""
 
     async def take(self, key: str, rate: float, burst: float) -> float:
-        shared = self._shared
-
-        async def take() -> float:
-            wait: int = await shared.script("take", [shared.prefix + key], [repr(_us(1 / rate)), repr(burst)])
-            return wait / 1_000_000
-
-        return await shared.attempt("take", take, lambda: 0.0)
+        refused = await self.enter((Take(key, rate, burst),), ())
+        return 0.0 if refused is None else refused.wait
 
     async def acquire(self, key: str, limit: int) -> bool:
+        return await self.enter((), (Slot(key, limit),)) is None
+
+    async def enter(self, takes: Sequence[Take], slots: Sequence[Slot]) -> Full | None:
+        # One script whatever it holds; a failure is counted as what it did (`take`, `acquire`, or both: `enter`).
+        operation = "enter" if takes and slots else "take" if takes else "acquire"
         shared = self._shared
-        zset = shared.prefix + key
-        member = shared.member()
+        prefix = shared.prefix
+        zsets = [prefix + slot.key for slot in slots]
+        members = [shared.member() for _ in slots]
 
-        async def acquire() -> bool:
-            released = shared.releasing.get(zset, ())
-            counted: int = await shared.script("acquire", [zset], [limit, member, _us(shared.lease), *released])
-            if counted:
-                shared.hold(zset, member)
-            return bool(counted)
+        async def enter() -> Full | None:
+            args: list[Any] = [len(takes), _us(shared.lease)]
+            for take in takes:
+                args += [repr(_us(1 / take.rate)), repr(take.burst)]
+            for slot, zset, member in zip(slots, zsets, members, strict=True):
+                released = list(shared.releasing.get(zset, ()))
+                args += [slot.limit, member, len(released), *released]
+            keys = [*(prefix + take.key for take in takes), *zsets]
+            answer: list[int] = await shared.script_with_queued("enter", keys, args)
+            if answer[0] == 0:
+                for zset, member in zip(zsets, members, strict=True):
+                    shared.hold(zset, member)
+                return None
+            return Full(bucket=answer[0] == 1, index=answer[1], wait=answer[2] / 1_000_000)
 
-        def phantom() -> bool:
-            self._phantoms[key] = self._phantoms.get(key, 0) + 1
-            return True
+        def unlimited() -> None:  # Redis away under `allow`: every slot counted here, released without Redis
+            for slot in slots:
+                self._phantoms[slot.key] = self._phantoms.get(slot.key, 0) + 1
 
+        if not slots:  # nothing held comes of it: a cancelled take at worst spends a token
+            return await shared.attempt(operation, enter, unlimited)
         with anyio.CancelScope(shield=True):
-            counted = await shared.attempt("acquire", acquire, phantom)
-        return counted
+            refused = await shared.attempt(operation, enter, unlimited)
+        return refused
 
     async def release(self, key: str) -> None:
         phantoms = self._phantoms.get(key, 0)
@@ -614,7 +680,7 @@ class RedisBreakerState:
 
         async def admit() -> Admission | Refusal:
             args = [_us(config.reset_after), config.half_open_probes, member, _us(shared.lease)]
-            answer = await shared.script("admit", keys, args)
+            answer = await shared.script_with_queued("admit", keys, args)
             if answer[0] == 0:
                 state, reason, left, probes = (_text(answer[1]), _text(answer[2]), answer[3], answer[4])
                 return Refusal(state, reason, left / 1_000_000, probes)

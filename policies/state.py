@@ -4,7 +4,9 @@ Limits and breakers are only as good as the state behind them: one process keeps
 memory (``MemoryLimitState``, ``MemoryBreakerState``), replicas share it on Redis (a later
 issue). The ``LimitState`` and ``BreakerState`` interfaces are shaped for the shared case:
 every operation is ONE atomic call – check and update together – so a Redis implementation
-is one Lua script per method and never a read followed by a racing write.
+is one Lua script per method and never a read followed by a racing write. A call's limits are
+one operation too (``LimitState.enter``: every bucket and slot that applies, all or nothing), so
+admitting a call costs one round trip to a shared backend however many rules apply.
 
 Token buckets are kept in GCRA form (the "generic cell rate algorithm"): a
 bucket is a single number, the time at which it will be full again. A bucket
@@ -17,9 +19,9 @@ full bucket would not: it can be forgotten, which is how memory stays bounded.
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.config import CircuitBreakerConfig
 
@@ -30,10 +32,13 @@ __all__ = [
     "SLACK",
     "Admission",
     "BreakerState",
+    "Full",
     "LimitState",
     "MemoryBreakerState",
     "MemoryLimitState",
     "Refusal",
+    "Slot",
+    "Take",
 ]
 
 SLACK = 1e-6
@@ -47,14 +52,51 @@ _PRUNE_AT = 4096
 """Bucket count past which full buckets are dropped (the threshold then grows with what stays)."""
 
 
+class Take(NamedTuple):
+    """One token from bucket ``key``, refilled at ``rate`` tokens/s and holding at most ``burst`` (a new bucket
+    starts full). ``rate > 0`` and ``burst >= 1``. (A tuple: one is made per rule on every call.)"""
+
+    key: str
+    rate: float
+    burst: float
+
+
+class Slot(NamedTuple):
+    """One more call in flight under ``key``, unless ``limit`` are already."""
+
+    key: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Full:
+    """Why ``LimitState.enter`` took nothing: a bucket had no token, or a slot's limit was reached."""
+
+    bucket: bool
+    """True: ``takes[index]`` had no token; False: every bucket had one and ``slots[index]`` was full."""
+    index: int
+    wait: float
+    """Seconds until the bucket has a token (0 for a slot: it is free when a call ends, not at a time)."""
+
+
 class LimitState(Protocol):
     """Shared state for limits. Each method is one atomic operation on the backend.
 
-    ``acquire`` and ``release`` are awaited in a caller that may be cancelled at any moment: an
+    ``enter``, ``acquire`` and ``release`` are awaited in a caller that may be cancelled at any moment: an
     implementation that awaits I/O shields the operation itself (``anyio.CancelScope(shield=True)``),
     so a slot is never counted without the caller knowing, and a release always completes. The
     in-memory state never awaits, so it needs no shield (two shields cost ~6 µs per call).
     """
+
+    async def enter(self, takes: Sequence[Take], slots: Sequence[Slot]) -> Full | None:
+        """All of a call's limits at once: a token from every bucket in ``takes`` and a slot under every key in
+        ``slots``, or nothing at all. None when all were taken (each slot is then given back with ``release``).
+
+        When a bucket has no token, the ``Full`` names the one whose token comes last (retrying after its wait
+        is the earliest a retry can pass them all) and no slot is looked at; otherwise the first full slot.
+        A take up to ``SLACK`` seconds early succeeds, as in ``take``.
+        """
+        ...
 
     async def take(self, key: str, rate: float, burst: float) -> float:
         """Take one token from bucket ``key`` (refilled at ``rate`` tokens/s, holding at most ``burst``;
@@ -92,24 +134,43 @@ class MemoryLimitState:
         """Buckets and counters in memory: lets tests (and a curious operator) see that memory stays bounded."""
         return len(self._full_at) + len(self._in_flight)
 
-    async def take(self, key: str, rate: float, burst: float) -> float:
+    async def enter(self, takes: Sequence[Take], slots: Sequence[Slot]) -> Full | None:
         now = self._clock()
-        full_at = max(self._full_at.get(key, now), now)
-        # A take is allowed while it leaves at most `burst - 1` tokens of debt: (full_at - now) * rate <= burst - 1.
-        wait = (full_at - now) - (burst - 1) / rate
-        if wait > SLACK:
-            return wait
-        self._full_at[key] = full_at + 1 / rate
-        if len(self._full_at) > self._prune_at:
-            self._prune(now)
-        return 0.0
+        taken: dict[str, float] = {}  # bucket key → its new full_at (a key named twice takes twice)
+        refused: Full | None = None
+        full_at_of = self._full_at
+        for index, (key, rate, burst) in enumerate(takes):
+            full_at = taken[key] if key in taken else full_at_of.get(key, now)
+            if full_at < now:
+                full_at = now
+            # A take is allowed while it leaves at most `burst - 1` tokens of debt: (full_at - now) * rate <= burst - 1.
+            wait = (full_at - now) - (burst - 1) / rate
+            if wait > SLACK and (refused is None or wait > refused.wait):
+                refused = Full(bucket=True, index=index, wait=wait)
+            taken[key] = full_at + 1 / rate
+        if refused is not None:
+            return refused
+        counted: dict[str, int] = {}
+        in_flight = self._in_flight
+        for index, (key, limit) in enumerate(slots):
+            count = counted[key] if key in counted else in_flight.get(key, 0)
+            if count >= limit:
+                return Full(bucket=False, index=index, wait=0.0)
+            counted[key] = count + 1
+        if taken:
+            full_at_of.update(taken)
+            if len(full_at_of) > self._prune_at:
+                self._prune(now)
+        if counted:
+            in_flight.update(counted)
+        return None
+
+    async def take(self, key: str, rate: float, burst: float) -> float:
+        refused = await self.enter((Take(key, rate, burst),), ())
+        return 0.0 if refused is None else refused.wait
 
     async def acquire(self, key: str, limit: int) -> bool:
-        count = self._in_flight.get(key, 0)
-        if count >= limit:
-            return False
-        self._in_flight[key] = count + 1
-        return True
+        return await self.enter((), (Slot(key, limit),)) is None
 
     async def release(self, key: str) -> None:
         count = self._in_flight.get(key, 0) - 1

@@ -1,6 +1,9 @@
-"""Fakes shared by the policy tests: a clock that moves when told, a scripted upstream."""
+"""Fakes shared by the policy tests: a clock that moves when told, a scripted upstream, an upstream that holds
+calls until released."""
 
 from collections.abc import Sequence
+
+import anyio
 
 from gateway.errors import UpstreamUnavailable
 from gateway.types import ToolCall, ToolResult
@@ -40,3 +43,25 @@ class Upstream:
 
 def down(server: str = "crm") -> UpstreamUnavailable:
     return UpstreamUnavailable(f"{server} is not connected", server=server)
+
+
+class Gate:
+    """An upstream whose calls wait for ``release``; ``entered`` counts the calls that reached it, ``ended`` the
+    calls that reached it or were refused, and ``all_in`` is set once ``expected`` ended."""
+
+    def __init__(self, expected: int) -> None:
+        self.release = anyio.Event()
+        self.all_in = anyio.Event()
+        self.expected = expected
+        self.entered = self.ended = 0
+
+    def end(self) -> None:
+        self.ended += 1
+        if self.ended == self.expected:
+            self.all_in.set()
+
+    async def __call__(self, call: ToolCall) -> ToolResult:
+        self.entered += 1
+        self.end()
+        await self.release.wait()
+        return ToolResult.text("ok")

@@ -186,8 +186,8 @@ async def test_every_matching_rule_applies(clock: FakeClock, upstream: Upstream)
     assert refused.value.policy == "crm"
 
 
-async def test_tokens_taken_before_a_later_rule_refuses_stay_taken(clock: FakeClock, upstream: Upstream) -> None:
-    # Documented behaviour: no refund (it would not be atomic on a shared backend).
+async def test_a_call_refused_by_one_rule_takes_no_token_from_the_others(clock: FakeClock, upstream: Upstream) -> None:
+    # All or nothing (LimitState.enter): the refused call does not count against the rule that let it through.
     limit = policy(
         clock,
         rule(tools=("*",), per="client", burst=2, id="everything"),
@@ -195,9 +195,25 @@ async def test_tokens_taken_before_a_later_rule_refuses_stay_taken(clock: FakeCl
     )
     assert await passes(limit, upstream, call("crm__get_order"))
     assert not await passes(limit, upstream, call("crm__get_order"))  # refused by the crm rule
+    assert await passes(limit, upstream, call("files__read"))  # the everything bucket's second token is still there
     with pytest.raises(RateLimited) as refused:
         await limit(call("files__read"), upstream)
     assert refused.value.policy == "everything"
+
+
+async def test_the_refusal_names_the_rule_whose_bucket_refills_last(clock: FakeClock, upstream: Upstream) -> None:
+    # Both buckets are empty: retrying when the quicker one refills would still be refused by the other.
+    limit = policy(
+        clock,
+        rule(tools=("*",), rate="10/s", per="global", id="quick"),
+        rule(tools=("*",), rate="1/s", per="global", id="slow"),
+    )
+    assert await passes(limit, upstream, call())
+    with pytest.raises(RateLimited) as refused:
+        await limit(call(), upstream)
+    assert (refused.value.policy, refused.value.retry_after) == ("slow", pytest.approx(1.0))
+    clock.advance(1.0)
+    assert await passes(limit, upstream, call())
 
 
 async def test_rules_with_different_ids_have_separate_buckets(clock: FakeClock, upstream: Upstream) -> None:

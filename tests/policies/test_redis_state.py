@@ -18,7 +18,7 @@ from policies.concurrency import ConcurrencyLimit
 from policies.ratelimit import RateLimit
 from policies.redis_state import open_redis_state
 from policies.state import Admission, Refusal
-from tests.policies.fakes import FakeClock
+from tests.policies.fakes import FakeClock, Gate
 from tests.redis_support import REDIS, forget, new_prefix, private_redis, redis_states, require_redis, shared_state
 from tests.support import ROOT
 
@@ -34,28 +34,6 @@ async def instant(call: ToolCall) -> ToolResult:
 
 async def refused(call: ToolCall) -> ToolResult:
     raise UpstreamUnavailable("connection refused", server=call.provider)
-
-
-class Gate:
-    """An upstream whose calls wait for ``release``; ``entered`` counts the calls that reached it, ``ended`` the
-    calls that reached it or were refused, and ``all_in`` is set once ``expected`` ended."""
-
-    def __init__(self, expected: int) -> None:
-        self.release = anyio.Event()
-        self.all_in = anyio.Event()
-        self.expected = expected
-        self.entered = self.ended = 0
-
-    def end(self) -> None:
-        self.ended += 1
-        if self.ended == self.expected:
-            self.all_in.set()
-
-    async def __call__(self, call: ToolCall) -> ToolResult:
-        self.entered += 1
-        self.end()
-        await self.release.wait()
-        return ToolResult.text("ok")
 
 
 async def test_exactly_n_of_m_concurrent_calls_pass_across_two_replicas() -> None:

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from policies.state import LimitState, MemoryLimitState
+from policies.state import Full, LimitState, MemoryLimitState, Slot, Take
 from tests.policies.fakes import FakeClock
 from tests.redis_support import redis_states
 
@@ -33,7 +33,7 @@ async def state(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
 
 
 async def test_each_state_implements_the_protocol(state: LimitState) -> None:
-    for method in ("take", "acquire", "release"):
+    for method in ("enter", "take", "acquire", "release"):
         ours, protocol = getattr(state, method), getattr(LimitState, method)
         assert inspect.iscoroutinefunction(ours)
         assert list(inspect.signature(ours).parameters) == list(inspect.signature(protocol).parameters)[1:]
@@ -133,3 +133,63 @@ async def test_a_counter_back_at_zero_is_removed(memory: MemoryLimitState) -> No
     assert memory.held == 1
     await memory.release("k")
     assert memory.held == 0
+
+
+async def test_enter_takes_a_token_from_every_bucket_and_a_slot_under_every_key(state: LimitState) -> None:
+    assert await state.enter([Take("a", 1.0, 2), Take("b", 1.0, 1)], [Slot("x", 2), Slot("y", 1)]) is None
+    assert await state.take("a", rate=1.0, burst=2) == 0.0  # a's second token
+    assert await state.take("a", rate=1.0, burst=2) > 0
+    assert await state.take("b", rate=1.0, burst=1) > 0
+    assert [await state.acquire("x", 2), await state.acquire("x", 2), await state.acquire("y", 1)] == [
+        True,
+        False,
+        False,
+    ]
+
+
+async def test_a_bucket_without_a_token_refuses_and_nothing_is_taken(state: LimitState, clock: FakeClock) -> None:
+    assert await state.take("empty", rate=2.0, burst=1) == 0.0
+    full = await state.enter([Take("full", 1.0, 1), Take("empty", 2.0, 1)], [Slot("x", 1)])
+    assert isinstance(full, Full)
+    assert (full.bucket, full.index, full.wait) == (True, 1, pytest.approx(0.5))
+    assert await state.take("full", rate=1.0, burst=1) == 0.0  # still full: the refused call took nothing
+    assert await state.acquire("x", 1)  # nor a slot
+    clock.advance(0.5)
+    assert await state.enter([Take("empty", 2.0, 1)], []) is None  # at the stated wait, it passes
+
+
+async def test_a_full_slot_refuses_and_no_token_or_other_slot_is_taken(state: LimitState) -> None:
+    assert await state.acquire("busy", 1)
+    full = await state.enter([Take("bucket", 1.0, 1)], [Slot("free", 1), Slot("busy", 1)])
+    assert isinstance(full, Full)
+    assert (full.bucket, full.index, full.wait) == (False, 1, 0.0)
+    assert await state.take("bucket", rate=1.0, burst=1) == 0.0  # the refused call spent no token
+    assert await state.acquire("free", 1)  # and held no slot
+
+
+async def test_with_several_buckets_empty_the_refusal_names_the_one_whose_token_comes_last(state: LimitState) -> None:
+    for key, rate in (("quick", 10.0), ("slow", 1.0), ("slower", 0.5)):
+        assert await state.take(key, rate=rate, burst=1) == 0.0
+    full = await state.enter([Take("quick", 10.0, 1), Take("slower", 0.5, 1), Take("slow", 1.0, 1)], [])
+    assert isinstance(full, Full)
+    assert (full.bucket, full.index, full.wait) == (True, 1, pytest.approx(2.0))
+
+
+async def test_an_empty_bucket_is_the_refusal_even_when_a_slot_is_full_too(state: LimitState) -> None:
+    assert await state.take("bucket", rate=1.0, burst=1) == 0.0
+    assert await state.acquire("busy", 1)
+    full = await state.enter([Take("bucket", 1.0, 1)], [Slot("busy", 1)])
+    assert isinstance(full, Full)
+    assert (full.bucket, full.index) == (True, 0)
+
+
+async def test_a_key_named_twice_counts_twice(state: LimitState) -> None:
+    assert isinstance(await state.enter([Take("b", 1.0, 1), Take("b", 1.0, 1)], []), Full)
+    assert isinstance(await state.enter([], [Slot("s", 1), Slot("s", 1)]), Full)
+    assert await state.enter([Take("b", 1.0, 2), Take("b", 1.0, 2)], [Slot("s", 2), Slot("s", 2)]) is None
+    assert await state.take("b", rate=1.0, burst=2) > 0
+    assert not await state.acquire("s", 2)
+
+
+async def test_enter_with_nothing_to_take_admits(state: LimitState) -> None:
+    assert await state.enter([], []) is None
