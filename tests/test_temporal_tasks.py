@@ -120,6 +120,18 @@ async def test_a_task_started_at_one_replica_is_read_and_its_result_fetched_at_t
         assert result["structuredContent"] == {"held": "released"}
         assert not result["isError"]
         assert Holding.record == ["did one", "held"]
+        with anyio.fail_after(WITHIN):  # counted at the replica that started it, as a call's run is
+            while (ended := ran(a, "held", "succeeded")) == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert (ended, ran(b, "held", "succeeded")) == (1, 0)
+
+
+def ran(gateway: Gateway, workflow: str, status: str) -> float:
+    """How many runs of ``workflow`` ``gateway`` counted as ended in ``status``."""
+    value = gateway.metrics.registry.get_sample_value(
+        "patchbay_workflow_runs_total", {"workflow": workflow, "outcome": status}
+    )
+    return value or 0
 
 
 @pytest.mark.parametrize("mode", ERAS)

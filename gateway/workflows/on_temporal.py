@@ -137,10 +137,13 @@ class TemporalRuns:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_LIMIT):
                     await self.engine.cancel(run_id)
             raise
+        self._ended(plan.name, ended)
+        return _result(plan, run_id, ended)
+
+    def _ended(self, workflow: str, ended: Mapping[str, Any]) -> None:
         status = str(ended.get("status"))
         if self._metrics is not None:
-            self._metrics.workflow_run(plan.name, status if status in ("succeeded", "cancelled") else "failed")
-        return _result(plan, run_id, ended)
+            self._metrics.workflow_run(workflow, status if status in ("succeeded", "cancelled") else "failed")
 
     # --- Tasks, and the runs as records (Temporal's). ---
 
@@ -163,14 +166,17 @@ class TemporalRuns:
             raise GatewayError(f"run {run_id} was started but Temporal does not describe it")
         return record
 
-    async def attend(self, run_id: str, client: ClientChannel | None) -> None:
-        """Until run ``run_id`` ends, ask its questions of ``client`` (a task's caller, which polls the task
-        meanwhile), as a detached local run asks the client that started it. Run in the background."""
+    async def attend(self, workflow: str, run_id: str, client: ClientChannel | None) -> None:
+        """Until run ``run_id`` of ``workflow`` ends, ask its questions of ``client`` (a task's caller, which polls
+        the task meanwhile), as a detached local run asks the client that started it; then count how it ended
+        (``patchbay_workflow_runs_total``), as a call does. Run in the background."""
         try:
             with self.engine.callers.attend(run_id, client):
-                await self.engine.result(run_id)
+                ended = await self.engine.result(run_id)
         except Exception:  # Temporal's trouble: the task is read there all the same; its questions wait here
             logger.warning("stopped asking the questions of run %s here", run_id, exc_info=True)
+            return
+        self._ended(workflow, ended)
 
     async def get(self, run_id: str, principal: Principal) -> RunRecord | None:
         """The record of run ``run_id`` if ``principal`` started it; None otherwise, as for an unknown run."""

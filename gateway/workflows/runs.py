@@ -271,7 +271,7 @@ class Runs:
         if self.temporal is not None:  # the run is Temporal's, and so its task
             started = await self.temporal.start_task(plan, arguments, context, task)
             if self._tasks is not None and started.status == "running":  # its questions come here: ask its caller
-                self._tasks.start_soon(self.temporal.attend, started.run_id, context.client)
+                self._tasks.start_soon(self.temporal.attend, plan.name, started.run_id, context.client)
             return started
         key = (context.meta or {}).get(IDEMPOTENCY_META_KEY)
         if not isinstance(key, str) or not key:
