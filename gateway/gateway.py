@@ -44,7 +44,7 @@ from gateway.workflows.runs import Runs
 
 if TYPE_CHECKING:
     from gateway.workflows.on_temporal import TemporalRuns
-    from gateway.workflows.temporal import TemporalEngine
+    from gateway.workflows.temporal_engine import TemporalEngine
 
 __all__ = ["PROVIDER_KINDS", "Gateway", "ProviderFactory", "ProviderStatus", "open_gateway"]
 
@@ -371,7 +371,7 @@ def _temporal_engine(config: Config, backends: Backends, calls: CallPath) -> "Te
     if backends.temporal is None:
         return None
     from gateway.workflows.on_temporal import step_executor  # the Temporal SDK only where it is used
-    from gateway.workflows.temporal import TemporalEngine
+    from gateway.workflows.temporal_engine import TemporalEngine
 
     settings = config.gateway
     temporal = settings.temporal if settings.temporal is not None else TemporalSettings()

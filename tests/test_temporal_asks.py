@@ -23,7 +23,7 @@ from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
 from gateway.workflows.asking import STEP_META_KEY
 from gateway.workflows.commands import AskModel, AskUser, CallTool, StepError
 from gateway.workflows.plan import Plan
-from gateway.workflows.temporal import TemporalEngine
+from gateway.workflows.temporal_engine import TemporalEngine
 from tests import taskclient
 from tests import temporal_server as dev_server
 from tests.test_gateway import Toolbox

@@ -23,7 +23,9 @@ from gateway.workflows.engine import Run
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, Runner
-from gateway.workflows.temporal import PatchbayRun, RunInput, TemporalEngine, workflow_queue
+from gateway.workflows.temporal import PatchbayRun
+from gateway.workflows.temporal_engine import TemporalEngine, workflow_queue
+from gateway.workflows.temporal_types import RunInput
 from tests import temporal_server as dev_server
 from tests.workflows.test_runner import plan_of
 

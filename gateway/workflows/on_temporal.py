@@ -50,7 +50,8 @@ from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, error_text, result_value
 from gateway.workflows.runs import CANCEL_WAIT, FINISHED, RunNotResumable, caller_scope
-from gateway.workflows.temporal import TemporalEngine
+from gateway.workflows.temporal_activities import Execute
+from gateway.workflows.temporal_engine import TemporalEngine
 from gateway.workflows.temporal_records import TemporalRecords, wire_result
 
 __all__ = ["TemporalRuns", "run_id_for", "step_executor"]
@@ -74,7 +75,7 @@ def run_id_for(principal: Principal, workflow: str, key: str) -> str:
     return f"key-{digest[:32]}"
 
 
-def step_executor(invoke: InvokeFn) -> Callable[[Leaf, str, dict[str, str]], Awaitable[tuple[Any, StepError | None]]]:
+def step_executor(invoke: InvokeFn) -> Execute:
     """The ``execute`` of this replica's Temporal workers: a step's call through the dispatch path ``invoke``."""
 
     async def execute(command: Leaf, run_id: str, caller: dict[str, str]) -> tuple[Any, StepError | None]:

@@ -7,7 +7,7 @@ Temporal is the record of the runs it carries: nothing about them is kept in the
 * its status (Running: ``running``; Completed: ``succeeded``; Failed, Terminated, TimedOut: ``failed``;
   Canceled: ``cancelled``; a run is never ``interrupted`` there, as another replica carries it on), its
   start and close times;
-* its memo (:data:`~gateway.workflows.temporal.MEMO`, written when it started): this gateway's task queue,
+* its memo (:data:`~gateway.workflows.temporal_types.MEMO`, written when it started): this gateway's task queue,
   the workflow and its digest, the caller, and for a task its parameters and idempotency key. A memo is
   not searchable (a custom search attribute would be, but needs registering in the namespace), so runs
   are chosen by caller, workflow and gateway here, after Temporal's own filters (type, status, start time);
@@ -34,7 +34,8 @@ from gateway.store import RunRecord, RunStatus
 from gateway.types import RUN_META_KEY, ToolResult
 from gateway.workflows.commands import StepError
 from gateway.workflows.journal import JournalEvent
-from gateway.workflows.temporal import MEMO, STEP_ACTIVITY, WORKFLOW_TYPE, RunInput, StepOutcome, StepTask, result_of
+from gateway.workflows.temporal_engine import result_of
+from gateway.workflows.temporal_types import MEMO, STEP_ACTIVITY, WORKFLOW_TYPE, RunInput, StepOutcome, StepTask
 
 __all__ = ["TemporalRecords", "wire_result"]
 
@@ -57,7 +58,7 @@ _QUERIES: dict[RunStatus, str] = {
 
 def wire_result(workflow: str, run_id: str, ended: Mapping[str, Any]) -> ToolResult:
     """What a call of ``workflow`` returns once its run ended as ``ended`` (a
-    :class:`~gateway.workflows.temporal.RunResult`'s fields): the output as text and structured content, or
+    :class:`~gateway.workflows.temporal_types.RunResult`'s fields): the output as text and structured content, or
     an error naming the failed step and the compensations that failed; ``_meta`` names the run."""
     meta = {RUN_META_KEY: run_id}
     if ended.get("status") == "succeeded":
