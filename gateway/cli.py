@@ -1,6 +1,7 @@
 """The ``patchbay`` command: the only reader of argv and the environment."""
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -79,6 +80,9 @@ def main(argv: Sequence[str] | None = None, *, providers: Sequence[Provider] = (
         status = 1
     except KeyboardInterrupt:
         status = 130
+    # A Temporal client (engine: temporal://…) left to the interpreter's finalization may abort it
+    # (temporalio/sdk-python#300, "PyGILState_Release: thread state must be current"): free it now.
+    gc.collect()
     sys.exit(status)
 
 

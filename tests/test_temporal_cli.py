@@ -4,6 +4,7 @@ local ones. The runs are made by a gateway opened on the same config file, as a 
 
 import gc
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from gateway.config import load_config
 from gateway.gateway import open_gateway
 from gateway.types import RUN_META_KEY, CallContext, JSONObject, Principal, Tool, ToolResult
 from tests import temporal_server as dev_server
+from tests.support import PYTHON, ROOT
 from tests.test_gateway import TEXT, Toolbox
 
 temporal_server = dev_server.temporal_server  # the fixture: pytest finds it here
@@ -206,3 +208,18 @@ def test_resume_waits_for_a_running_run_carrying_it_on_and_refuses_a_finished_or
     view = json.loads(out)
     assert view["status"] == "succeeded"
     assert [attempt["status"] for attempt in view["steps"][0]["attempts"]] == ["failed", "succeeded"]
+
+
+def test_the_cli_exits_cleanly_after_using_temporal(temporal_server: dev_server.DevServer, tmp_path: Path) -> None:
+    """A Temporal client left to the interpreter's finalization may abort it (temporalio/sdk-python#300): one
+    ``patchbay runs --json`` in five did, one after another, exit -6 with "PyGILState_Release" on stderr,
+    before the CLI freed it. (Run at once, the processes did not show it.)"""
+    config = tmp_path / "gateway.yaml"
+    queue = f"cli-{uuid.uuid4().hex[:8]}"
+    config.write_text(
+        f"gateway: {{name: t, engine: 'temporal://{temporal_server.address}', temporal: {{task_queue: {queue}}}}}\n"
+    )
+    command = [PYTHON, "-m", "gateway", "runs", str(config), "--json"]
+    for _ in range(16):
+        ended = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        assert (ended.returncode, json.loads(ended.stdout), ended.stderr) == (0, [], "")
