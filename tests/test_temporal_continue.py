@@ -155,7 +155,8 @@ steps:
     assert remaining < timedelta(seconds=1.8)
     assert abs(elapsed + remaining - timedelta(seconds=2)) < timedelta(seconds=0.3)
     waited = fired.event_time.ToDatetime() - started.event_time.ToDatetime()
-    assert timedelta(seconds=2) <= waited < timedelta(seconds=2.5)
+    # The server's event times may put the firing a hair before the 2 s (1.9995 s seen): not from scratch.
+    assert timedelta(seconds=1.95) <= waited < timedelta(seconds=2.5)
 
 
 async def test_a_run_cancelled_after_it_continued_compensates_the_steps_of_earlier_executions(
