@@ -1,21 +1,28 @@
 """Limits and circuit breakers shared by replicas on Redis (``gateway.shared_state: redis://…``, DESIGN §6).
 
-The same ``LimitState`` and ``BreakerState`` as :mod:`policies.state`, each operation one Lua script,
-so every check-and-update is atomic across replicas:
+The same ``LimitState`` and ``BreakerState`` as :mod:`policies.state`, each operation one Lua function run
+atomically in Redis, so every check-and-update is atomic across replicas:
 
 * **token buckets** in the same GCRA form as in memory: one key per bucket holding the time it is full
   again, expiring when it is (memory stays bounded without pruning);
 * **concurrency slots** as a sorted set per key: each slot is a member whose score is its lease's end.
   Taking one first drops expired leases, then counts. The replica holding slots renews their leases
   (every third of ``lease``); a replica that dies holding slots loses them within ``lease``;
-* **a call's buckets and slots** in one script (``enter``), all or nothing: admitting a call is one round
-  trip however many rules apply;
+* **a call's buckets and slots** in one operation (``enter``), all or nothing: admitting a call is one
+  round trip however many rules apply;
 * **circuits** as a hash (state, generation, consecutive failures, when and why it opened), a
   failure-rate window of 20 counters, and the half-open probes as a leased sorted set like the slots,
   so a probe held by a dead replica cannot keep the circuit half-open for ever.
 
-Time is Redis's own (``TIME`` inside the script): replicas' clocks never meet. Tests may pass a
-``clock`` whose value goes to the scripts instead.
+Every operation is a function of ONE script (``_BATCH``), which runs a list of operations in order and
+answers each: whatever a replica sends at once (a call's limits with the releases and success reports
+queued before it, say) is one ``EVALSHA``, one command on the wire. redis-py spends about twice a
+``PING`` on a pipeline of three commands and little more than one on a single command, so the batch is
+what keeps a call at one round trip's cost. An operation that fails in Redis answers with its error
+alone; the others in the batch still run.
+
+Time is Redis's own (``TIME``, read once per batch): replicas' clocks never meet. Tests may pass a
+``clock`` whose value goes to the script instead.
 
 When Redis cannot be reached, ``failure`` decides: ``allow`` lets the call through unlimited (Envoy's
 choice: the limits protect, they must not become the outage), ``deny`` refuses it with
@@ -28,7 +35,7 @@ release) are shielded from cancellation, as ``policies.state`` asks. A cancelled
 reply for another caller: ``redis.asyncio`` drops a connection whose command was interrupted.
 """
 
-import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -65,229 +72,264 @@ TIMEOUT = 1.0
 Failure = Literal["allow", "deny"]
 T = TypeVar("T")
 
-_NOW = """
-local function now_us()
-  local given = tonumber(ARGV[1])
-  if given >= 0 then return given end
+_BATCH = """
+local now = tonumber(ARGV[1])
+if now < 0 then
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-"""
 
-_ENTER = (
-    _NOW
-    + """
-local now = now_us()
-local takes = tonumber(ARGV[2])
-local lease = tonumber(ARGV[3])
-local a = 4
-local full = {}
-local refused, longest = 0, 0
-for k = 1, takes do
-  local interval, burst = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  local full_at = full[KEYS[k]] or tonumber(redis.call('GET', KEYS[k]) or '0')
-  if full_at < now then full_at = now end
-  local wait = (full_at - now) - (burst - 1) * interval
-  if wait > 1 and wait > longest then refused, longest = k, wait end
-  full[KEYS[k]] = full_at + interval
-end
-if refused > 0 then return {1, refused - 1, math.ceil(longest)} end
-local counted = {}
-for k = takes + 1, #KEYS do
-  local limit, released = tonumber(ARGV[a]), tonumber(ARGV[a + 2])
-  for j = 1, released do redis.call('ZREM', KEYS[k], ARGV[a + 2 + j]) end
-  a = a + 3 + released
-  if not counted[KEYS[k]] then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
-    counted[KEYS[k]] = redis.call('ZCARD', KEYS[k])
+local function enter(K, A)
+  local takes, lease = tonumber(A[1]), tonumber(A[2])
+  local a = 3
+  local full = {}
+  local refused, longest = 0, 0
+  for k = 1, takes do
+    local interval, burst = tonumber(A[a]), tonumber(A[a + 1])
+    a = a + 2
+    local full_at = full[K[k]] or tonumber(redis.call('GET', K[k]) or '0')
+    if full_at < now then full_at = now end
+    local wait = (full_at - now) - (burst - 1) * interval
+    if wait > 1 and wait > longest then refused, longest = k, wait end
+    full[K[k]] = full_at + interval
   end
-  if counted[KEYS[k]] >= limit then return {2, k - takes - 1, 0} end
-  counted[KEYS[k]] = counted[KEYS[k]] + 1
-end
-for k = 1, takes do
-  local full_at = full[KEYS[k]]
-  if full_at then
-    redis.call('SET', KEYS[k], string.format('%.17g', full_at), 'PX', math.max(1, math.ceil((full_at - now) / 1000)))
-    full[KEYS[k]] = nil
-  end
-end
-a = 4 + 2 * takes
-for k = takes + 1, #KEYS do
-  redis.call('ZADD', KEYS[k], now + lease, ARGV[a + 1])
-  redis.call('PEXPIRE', KEYS[k], math.ceil(lease / 1000) * 2)
-  a = a + 3 + tonumber(ARGV[a + 2])
-end
-return {0}
-"""
-)
-"""A call's limits, all or nothing: a token from each bucket, then a slot under each sorted set.
-KEYS: the buckets, then the slots' sorted sets. ARGV: now, the number of buckets, the slots' lease µs; per bucket
-µs per token and burst; per slot its limit, its new member, and the members this replica released there whose
-removal may not have reached Redis yet (a count, then the members; removed first).
-Returns {0} when all were taken; {1, bucket index, µs until its token}, the bucket whose token comes last, when
-one has none (a take 1 µs early succeeds: ``SLACK``); else {2, slot index, 0} for the first full slot."""
-
-_RENEW = (
-    _NOW
-    + """
-local now = now_us()
-local lease = tonumber(ARGV[2])
-local i = 3
-local lost = {}
-for k = 1, #KEYS do
-  local n = tonumber(ARGV[i])
-  i = i + 1
-  for j = 1, n do
-    if redis.call('ZSCORE', KEYS[k], ARGV[i]) then
-      redis.call('ZADD', KEYS[k], now + lease, ARGV[i])
-    else
-      table.insert(lost, ARGV[i])
+  if refused > 0 then return {1, refused - 1, math.ceil(longest)} end
+  local counted = {}
+  for k = takes + 1, #K do
+    local limit, released = tonumber(A[a]), tonumber(A[a + 2])
+    for j = 1, released do redis.call('ZREM', K[k], A[a + 2 + j]) end
+    a = a + 3 + released
+    if not counted[K[k]] then
+      redis.call('ZREMRANGEBYSCORE', K[k], '-inf', now)
+      counted[K[k]] = redis.call('ZCARD', K[k])
     end
-    i = i + 1
+    if counted[K[k]] >= limit then return {2, k - takes - 1, 0} end
+    counted[K[k]] = counted[K[k]] + 1
   end
-  redis.call('PEXPIRE', KEYS[k], math.ceil(lease / 1000) * 2)
+  for k = 1, takes do
+    local full_at = full[K[k]]
+    if full_at then
+      redis.call('SET', K[k], string.format('%.17g', full_at), 'PX', math.max(1, math.ceil((full_at - now) / 1000)))
+      full[K[k]] = nil
+    end
+  end
+  a = 3 + 2 * takes
+  for k = takes + 1, #K do
+    redis.call('ZADD', K[k], now + lease, A[a + 1])
+    redis.call('PEXPIRE', K[k], math.ceil(lease / 1000) * 2)
+    a = a + 3 + tonumber(A[a + 2])
+  end
+  return {0}
 end
-return lost
-"""
-)
-"""Extend the leases of the members listed per key (ARGV: now, lease µs, then per key a count and its members);
-returns the members no longer held (their lease ran out and another took the slot, or their circuit changed)."""
 
-_CIRCUIT = (
-    _NOW
-    + """
-local function transition(state)
-  redis.call('HINCRBY', KEYS[1], 'gen', 1)
-  redis.call('HSET', KEYS[1], 'state', state, 'consec', 0)
-  redis.call('DEL', KEYS[2], KEYS[3])
+local function release(K, A)
+  for j = 1, #A do redis.call('ZREM', K[1], A[j]) end
+  return #A
+end
+
+local function renew(K, A)
+  local lease = tonumber(A[1])
+  local i = 2
+  local lost = {}
+  for k = 1, #K do
+    local n = tonumber(A[i])
+    i = i + 1
+    for j = 1, n do
+      if redis.call('ZSCORE', K[k], A[i]) then
+        redis.call('ZADD', K[k], now + lease, A[i])
+      else
+        table.insert(lost, A[i])
+      end
+      i = i + 1
+    end
+    redis.call('PEXPIRE', K[k], math.ceil(lease / 1000) * 2)
+  end
+  return lost
+end
+
+local function transition(K, state)
+  redis.call('HINCRBY', K[1], 'gen', 1)
+  redis.call('HSET', K[1], 'state', state, 'consec', 0)
+  redis.call('DEL', K[2], K[3])
   return state
 end
-local function open(now, reason)
-  redis.call('HSET', KEYS[1], 'opened_at', string.format('%.17g', now), 'reason', reason)
-  return transition('open')
+
+local function open(K, reason)
+  redis.call('HSET', K[1], 'opened_at', string.format('%.17g', now), 'reason', reason)
+  return transition(K, 'open')
 end
-local function count(now, window, failed)
+
+local function count(K, window, calls, failed)
   local index = math.floor(now / (window / 20))
-  redis.call('HINCRBY', KEYS[3], 'c' .. index, 1)
-  redis.call('HINCRBY', KEYS[3], 'f' .. index, failed)
-  local all = redis.call('HGETALL', KEYS[3])
-  local calls, fails = 0, 0
+  redis.call('HINCRBY', K[3], 'c' .. index, calls)
+  redis.call('HINCRBY', K[3], 'f' .. index, failed)
+  local all = redis.call('HGETALL', K[3])
+  local total, fails = 0, 0
   for i = 1, #all, 2 do
     local field = all[i]
     if tonumber(string.sub(field, 2)) <= index - 20 then
-      redis.call('HDEL', KEYS[3], field)
+      redis.call('HDEL', K[3], field)
     elseif string.sub(field, 1, 1) == 'c' then
-      calls = calls + tonumber(all[i + 1])
+      total = total + tonumber(all[i + 1])
     else
       fails = fails + tonumber(all[i + 1])
     end
   end
-  redis.call('PEXPIRE', KEYS[3], math.ceil(window / 1000) * 2)
-  return calls, fails
+  redis.call('PEXPIRE', K[3], math.ceil(window / 1000) * 2)
+  return total, fails
 end
-local function generation()
-  return tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
-end
-local now = now_us()
-"""
-)
-"""What the circuit scripts share. KEYS: the circuit's hash, its probes' sorted set, its failure-rate window."""
 
-_ADMIT = (
-    _CIRCUIT
-    + """
-local s = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'reason')
-local state = s[1] or 'closed'
-if state == 'closed' then return {1, generation(), 0, ''} end
-local reason = s[3] or ''
-local entered = ''
-if state == 'open' then
-  local left = tonumber(s[2]) + tonumber(ARGV[2]) - now
-  if left > 0 then return {0, 'open', reason, math.ceil(left), redis.call('ZCARD', KEYS[2])} end
-  entered = transition('half_open')
+local function generation(K)
+  return tonumber(redis.call('HGET', K[1], 'gen') or '0')
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local probes = redis.call('ZCARD', KEYS[2])
-if probes >= tonumber(ARGV[3]) then return {0, 'half_open', reason, 0, probes} end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
-return {1, generation(), 1, entered}
-"""
-)
-"""ARGV: now, reset_after µs, half_open_probes, the probe's member, lease µs.
-Returns {1, generation, probe 0/1, state entered or ''} or {0, state, reason, µs left, probes}."""
 
-_SUCCEEDED = (
-    _CIRCUIT
-    + """
-if generation() ~= tonumber(ARGV[2]) then return '' end
-if ARGV[3] == '1' then return transition('closed') end
-redis.call('HSET', KEYS[1], 'consec', 0)
-if ARGV[4] == '1' then count(now, tonumber(ARGV[5]), 0) end
-return ''
-"""
-)
-"""ARGV: now, generation, probe 0/1, failure rate counted 0/1, window µs. Returns the state entered, or ''."""
-
-_FAILED = (
-    _CIRCUIT
-    + """
-if generation() ~= tonumber(ARGV[2]) then return '' end
-local err = ARGV[4]
-if ARGV[3] == '1' then return open(now, 'a failed probe call (' .. err .. ')') end
-local consec = redis.call('HINCRBY', KEYS[1], 'consec', 1)
-local failures = tonumber(ARGV[5])
-if failures > 0 and consec >= failures then
-  return open(now, consec .. ' consecutive failures, the last: ' .. err)
-end
-local rate = tonumber(ARGV[6])
-if rate > 0 then
-  local calls, fails = count(now, tonumber(ARGV[8]), 1)
-  if calls >= tonumber(ARGV[7]) and fails / calls >= rate then
-    return open(now, fails .. ' failures in ' .. calls .. ' calls within ' .. ARGV[9] .. ', the last: ' .. err)
+local function admit(K, A)
+  local s = redis.call('HMGET', K[1], 'state', 'opened_at', 'reason')
+  local state = s[1] or 'closed'
+  if state == 'closed' then return {1, generation(K), 0, ''} end
+  local reason = s[3] or ''
+  local entered = ''
+  if state == 'open' then
+    local left = tonumber(s[2]) + tonumber(A[1]) - now
+    if left > 0 then return {0, 'open', reason, math.ceil(left), redis.call('ZCARD', K[2])} end
+    entered = transition(K, 'half_open')
   end
+  redis.call('ZREMRANGEBYSCORE', K[2], '-inf', now)
+  local probes = redis.call('ZCARD', K[2])
+  if probes >= tonumber(A[2]) then return {0, 'half_open', reason, 0, probes} end
+  redis.call('ZADD', K[2], now + tonumber(A[4]), A[3])
+  return {1, generation(K), 1, entered}
 end
-return ''
-"""
-)
-"""ARGV: now, generation, probe 0/1, error, failures (0: none), failure rate (0: none), min_calls, window µs,
-the window as text. Returns the state entered, or ''."""
 
-_ABANDONED = (
-    _CIRCUIT
-    + """
-if generation() == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[2], ARGV[3]) end
-return ''
-"""
-)
-"""ARGV: now, generation, the probe's member."""
+local function succeeded(K, A)
+  if generation(K) ~= tonumber(A[1]) then return '' end
+  if A[2] == '1' then return transition(K, 'closed') end
+  redis.call('HSET', K[1], 'consec', 0)
+  if A[3] == '1' then count(K, tonumber(A[4]), tonumber(A[5]), 0) end
+  return ''
+end
 
-_STATE = (
-    _CIRCUIT
-    + """
-local s = redis.call('HMGET', KEYS[1], 'state', 'opened_at')
-if not s[1] then return 'closed' end
-if s[1] == 'open' and now >= tonumber(s[2]) + tonumber(ARGV[2]) then return 'half_open' end
-return s[1]
+local function failed(K, A)
+  if generation(K) ~= tonumber(A[1]) then return '' end
+  local err = A[7]
+  if A[2] == '1' then return open(K, 'a failed probe call (' .. err .. ')') end
+  local consec = redis.call('HINCRBY', K[1], 'consec', 1)
+  local failures = tonumber(A[3])
+  if failures > 0 and consec >= failures then
+    return open(K, consec .. ' consecutive failures, the last: ' .. err)
+  end
+  local rate = tonumber(A[4])
+  if rate > 0 then
+    local calls, fails = count(K, tonumber(A[6]), 1, 1)
+    if calls >= tonumber(A[5]) and fails / calls >= rate then
+      return open(K, fails .. ' failures in ' .. calls .. ' calls within ' .. A[8] .. ', the last: ' .. err)
+    end
+  end
+  return ''
+end
+
+local function abandoned(K, A)
+  if generation(K) == tonumber(A[1]) then redis.call('ZREM', K[2], A[2]) end
+  return ''
+end
+
+local function state(K, A)
+  local s = redis.call('HMGET', K[1], 'state', 'opened_at')
+  if not s[1] then return 'closed' end
+  if s[1] == 'open' and now >= tonumber(s[2]) + tonumber(A[1]) then return 'half_open' end
+  return s[1]
+end
+
+local operations = {
+  enter = enter, release = release, renew = renew, admit = admit, succeeded = succeeded, failed = failed,
+  abandoned = abandoned, state = state,
+}
+local answers = {}
+local k, a = 0, 2
+while a <= #ARGV do
+  local name, nkeys, texts, rest = string.match(ARGV[a], '^(%S+) (%d+) (%d+) ?(.*)$')
+  local K, A, n = {}, {}, 0
+  for j = 1, tonumber(nkeys) do K[j] = KEYS[k + j] end
+  for word in string.gmatch(rest, '%S+') do
+    n = n + 1
+    A[n] = word
+  end
+  for j = 1, tonumber(texts) do A[n + j] = ARGV[a + j] end
+  local ok, answer = pcall(operations[name], K, A)
+  if ok then
+    answers[#answers + 1] = answer
+  else  -- the operation's error is its answer alone; what it wrote stays, as in a script of its own
+    answers[#answers + 1] = {err = tostring(type(answer) == 'table' and answer.err or answer)}
+  end
+  k, a = k + tonumber(nkeys), a + 1 + tonumber(texts)
+end
+return answers
 """
-)
-"""ARGV: now, reset_after µs."""
+"""The one script. ARGV: ``now`` (the test clock's µs, or -1 for Redis's ``TIME``), then per operation one
+argument, ``<function> <its keys> <its texts> <argument> <argument> …`` (numbers and members, space-separated:
+redis-py spends about a microsecond on each argument it sends, so a call's operations are three arguments,
+not thirty), followed by its texts, the arguments that may hold a space, one each. KEYS holds every
+operation's keys, in the same order. Returns each operation's answer, in order (an error reply for one that
+failed). The functions, their keys (K) and arguments (A, the texts last):
+
+* ``enter``: a call's limits, all or nothing: a token from each bucket, then a slot under each sorted set.
+  K: the buckets, then the slots' sorted sets. A: the number of buckets, the slots' lease µs; per bucket µs per
+  token and burst; per slot its limit, its new member, and the members this replica released there whose
+  removal may not have reached Redis yet (a count, then the members; removed first). Answers {0} when all were
+  taken; {1, bucket index, µs until its token}, the bucket whose token comes last, when one has none (a take
+  1 µs early succeeds: ``SLACK``); else {2, slot index, 0} for the first full slot.
+* ``release``: K: a sorted set; A: the members to remove. Answers how many were named.
+* ``renew``: extend the leases of the members listed per key (A: lease µs, then per key a count and its
+  members); answers the members no longer held (their lease ran out and another took the slot, or their
+  circuit changed).
+* The circuit's functions, K: its hash, its probes' sorted set, its failure-rate window.
+  ``admit`` (A: reset_after µs, half_open_probes, the probe's member, lease µs) answers {1, generation,
+  probe 0/1, state entered or ''} or {0, state, reason, µs left, probes}. ``succeeded`` (A: generation,
+  probe 0/1, failure rate counted 0/1, window µs, how many successes) and ``failed`` (A: generation, probe 0/1,
+  failures (0: none), failure rate (0: none), min_calls, window µs; texts: the error, the window as text) answer
+  the state entered, or ''. ``abandoned`` (A: generation, the probe's member) answers ''. ``state`` (A: reset_after µs)
+  answers the state, changing nothing.
+"""
+
+_SHA = hashlib.sha1(_BATCH.encode(), usedforsecurity=False).hexdigest()
+"""What Redis names the script (its SHA-1): sent without loading it first; loaded when Redis says it lacks it."""
 
 
 @dataclass(eq=False, slots=True)
 class _Job:
-    """One operation for the background queue: a script (by name) or, without one, ``ZREM keys[0] *args``."""
+    """One operation of the script: its function ``name`` there, its keys and arguments."""
 
     operation: str
-    script: str | None
+    """What a failure to reach Redis is counted as (``take``, say, for an ``enter`` of buckets alone)."""
+    name: str
     keys: list[str]
     args: list[Any]
-    after: Callable[[], None] | None = None
-    """Called once it was sent (or could not be)."""
+    """Numbers and members: written into the operation's one argument, space-separated (none holds a space)."""
+    texts: tuple[str, ...] = ()
+    """Arguments that may hold anything (an error's text), each an argument of its own, after ``args``."""
+    after: Callable[["_Job"], None] | None = None
+    """Called with the job once it was sent (or could not be)."""
     done: anyio.Event | None = None
-    """Set once it was sent, for a job whose answer is awaited."""
+    """Set once it was sent, for a queued job whose answer is awaited."""
+    awaited: bool = False
+    """Its answer is awaited: a failure is counted where it is awaited, not by the sender."""
     answer: Any = None
     failed: bool = False
+
+
+def _merge(queued: _Job, job: _Job) -> bool:
+    """Take ``job`` into ``queued``, the same function on the same key and still queued: a release's members
+    join the removal; a success of the same generation adds one to the count (the script counts them at one
+    time, as it would have counted them one by one in the same batch). False when it cannot."""
+    if queued.name != job.name:
+        return False
+    if job.name == "release":
+        queued.args += job.args
+        return True
+    if queued.args[0] != job.args[0]:  # a success of another generation: the script judges it apart
+        return False
+    queued.args[-1] += 1
+    return True
 
 
 def _us(seconds: float) -> float:
@@ -304,12 +346,14 @@ class RedisState:
     What a call does after its answer (release its slots, report a success to its circuit) need not hold
     up the answer: with :meth:`send_later` running, those operations are queued and sent in order in the
     background, and a report that must be awaited (a failure, a probe's verdict) waits its turn in the
-    same queue, so one replica's reports reach Redis in the order they were made. An awaited script (a call's
-    limits, an admission through a circuit) takes what is queued along, ahead of it in its own round trip,
-    when no batch is on its way: a replica making one call after another sends one round trip per call. A
-    slot released but not yet removed in Redis is removed first by this replica's next ``enter`` of that
-    key, so a caller that waits for its call to end never finds its own slot still taken. Without
-    :meth:`send_later` running, every operation is awaited where it is made.
+    same queue, so one replica's reports reach Redis in the order they were made. Releases from one sorted
+    set, and successes of one circuit not parted by a verdict of it, are merged while they wait: one
+    operation each, however many calls ended. An awaited operation (a call's limits, an admission through a
+    circuit) takes what is queued along, ahead of it in the same script, when no batch is on its way: a
+    replica making one call after another sends one command per call. A slot released but not yet removed
+    in Redis is removed first by this replica's next ``enter`` of that key, so a caller that waits for its
+    call to end never finds its own slot still taken. Without :meth:`send_later` running, every operation
+    is awaited where it is made.
     """
 
     def __init__(
@@ -330,6 +374,7 @@ class RedisState:
         self.prefix = prefix
         self.failure = failure
         self.lease = lease
+        self.lease_us = _us(lease)
         self._clock = clock
         self.on_failure = on_failure
         """Told the operation each time Redis could not be reached (the gateway counts them in a metric)."""
@@ -344,6 +389,9 @@ class RedisState:
         """Sorted-set key → members released here whose removal is queued, not yet done in Redis."""
         self._pending: deque[_Job] = deque()
         """Operations queued for :meth:`send_later`, in the order they were made."""
+        self._merging: dict[str, _Job] = {}
+        """First key → the queued job that later ones on that key merge into (``_merge``), until it is sent or
+        an operation on that key that cannot merge is queued after it."""
         self._wake = anyio.Event()
         self._turn = anyio.Lock()
         """Held while a batch of queued operations is on its way: batches reach Redis in the order they were taken."""
@@ -352,22 +400,9 @@ class RedisState:
         """Set once :meth:`send_later` has sent everything queued before :meth:`stop_sending`."""
         self.limits = RedisLimitState(self)
         self.breakers = RedisBreakerState(self)
-        register = client.register_script
-        self.scripts = {
-            name: register(source)
-            for name, source in (
-                ("enter", _ENTER),
-                ("renew", _RENEW),
-                ("admit", _ADMIT),
-                ("succeeded", _SUCCEEDED),
-                ("failed", _FAILED),
-                ("abandoned", _ABANDONED),
-                ("state", _STATE),
-            )
-        }
 
     def now(self) -> str:
-        """The ``now`` argument of every script: the test clock's µs, or -1 for Redis's own clock."""
+        """The script's ``now`` argument: the test clock's µs, or -1 for Redis's own clock."""
         return "-1" if self._clock is None else repr(_us(self._clock()))
 
     def member(self) -> str:
@@ -375,8 +410,36 @@ class RedisState:
         self._serial += 1
         return f"{self._instance}:{self._serial}"
 
-    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self.scripts[name](keys=keys, args=[self.now(), *args])
+    async def _call(self, batch: Sequence[_Job]) -> list[Any]:
+        """The answers of ``batch``'s operations, run in order by one ``EVALSHA`` (an operation's error is its
+        answer).
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached, or the script as a whole failed.
+        """
+        keys: list[str] = []
+        args: list[str] = [self.now()]
+        for job in batch:
+            keys += job.keys
+            args.append(" ".join([job.name, str(len(job.keys)), str(len(job.texts)), *map(str, job.args)]))
+            args += job.texts
+        try:
+            answers: list[Any] = await self.client.evalsha(_SHA, len(keys), *keys, *args)
+        except NoScriptError:  # a Redis that never had it, or restarted: load it and send again (nothing ran)
+            await self.client.script_load(_BATCH)
+            answers = await self.client.evalsha(_SHA, len(keys), *keys, *args)
+        return answers
+
+    async def run(self, job: _Job) -> Any:
+        """``job`` alone, awaited: its answer.
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached, or the operation failed there.
+        """
+        answer = (await self._call((job,)))[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def hold(self, key: str, member: str) -> None:
         self.leases.setdefault(key, []).append(member)
@@ -433,7 +496,7 @@ class RedisState:
 
     async def send_later(self) -> None:
         """Send the queued operations until :meth:`stop_sending` (then those still queued) or cancelled: what
-        has queued up meanwhile goes in one pipeline (one round trip), in the order it was queued."""
+        has queued up meanwhile goes in one script (one command), in the order it was queued."""
         self._sending = True
         try:
             while self._pending or self._sending:
@@ -442,9 +505,8 @@ class RedisState:
                     await self._wake.wait()
                     continue
                 async with self._turn:
-                    batch = list(self._pending)
-                    self._pending.clear()
-                    if batch:  # (an awaited script may have taken them while this waited its turn)
+                    batch = self._take()
+                    if batch:  # (an awaited operation may have taken them while this waited its turn)
                         await self._send(batch)
             self.drained.set()
         finally:
@@ -455,78 +517,84 @@ class RedisState:
         self._sending = False
         self._wake.set()
 
-    def _queue(self, job: "_Job") -> None:
+    def _queue(self, job: _Job, *, merge: bool = False) -> None:
+        key = job.keys[0]
+        if merge:
+            queued = self._merging.get(key)
+            if queued is not None and _merge(queued, job):
+                return
+            self._merging[key] = job
+        else:  # what is queued on its key after it must come after it in Redis too
+            self._merging.pop(key, None)
         self._pending.append(job)
         self._wake.set()
 
-    async def script_with_queued(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """``script(name, keys, args)``, awaited, with what is queued for the background sent ahead of it in the
-        same round trip: a replica calling one after another sends one round trip per call, not two. When
-        nothing is queued, or a batch is on its way (the queued must not overtake it), just the script.
+    def _take(self) -> list[_Job]:
+        """What is queued, in order, for one batch (nothing merges into it any more)."""
+        batch = list(self._pending)
+        self._pending.clear()
+        self._merging.clear()
+        return batch
+
+    async def ask(self, job: _Job) -> Any:
+        """``job``'s answer, awaited, with what is queued for the background sent ahead of it in the same script:
+        a replica calling one after another sends one command per call, not two. When nothing is queued, or a
+        batch is on its way (the queued must not overtake it), ``job`` alone.
 
         Raises:
-            RedisError, OSError: Redis cannot be reached, or the script failed (``attempt`` handles both).
+            RedisError, OSError: Redis cannot be reached, or the operation failed (``attempt`` handles both).
         """
         if not self._pending or self._turn.locked():
-            return await self.script(name, keys, args)
-        job = _Job(name, name, keys, args, done=anyio.Event())
+            return await self.run(job)
+        job.awaited = True
         self._turn.acquire_nowait()
         try:
             with anyio.CancelScope(shield=True):  # the queued operations' effects and waiters must not be lost
-                batch = [*self._pending, job]
-                self._pending.clear()
+                batch = self._take()
+                batch.append(job)
                 await self._send(batch)
         finally:
             self._turn.release()
         if job.failed:
-            raise job.answer if isinstance(job.answer, RedisError) else RedisError(f"{name}: Redis cannot be reached")
+            answer = job.answer
+            raise answer if isinstance(answer, RedisError) else RedisError(f"{job.name}: Redis cannot be reached")
         return job.answer
 
-    async def _send(self, batch: list["_Job"]) -> None:
+    async def _send(self, batch: list[_Job]) -> None:
         answers: list[Any] | None = None
         if time.monotonic() >= self._down_until:
-            pipe = self.client.pipeline(transaction=False)
-            for job in batch:
-                if job.script is None:
-                    pipe.zrem(job.keys[0], *job.args)
-                else:  # evalsha itself: a Script on a pipeline asks SCRIPT EXISTS first, a round trip per batch
-                    pipe.evalsha(self.scripts[job.script].sha, len(job.keys), *job.keys, self.now(), *job.args)
             try:
-                answers = await pipe.execute(raise_on_error=False)
+                answers = await self._call(batch)
             except (RedisError, OSError) as exc:
                 self._went_down(exc)
             else:
                 self._reached()
         for index, job in enumerate(batch):
-            answer = answers[index] if answers is not None else None
-            if isinstance(answer, NoScriptError) and job.script is not None:  # Redis restarted: load, then again
-                with contextlib.suppress(RedisError, OSError):
-                    answer = await self.script(job.script, job.keys, job.args)
+            answer = None if answers is None else answers[index]
             if answers is None or isinstance(answer, Exception):
                 job.failed = True
-                job.answer = answer
-                if job.done is None and self.on_failure is not None:
+                if not job.awaited and self.on_failure is not None:
                     self.on_failure(job.operation)  # an awaited job is counted where it is awaited
-            else:
-                job.answer = answer
+            job.answer = answer
             if job.after is not None:
-                job.after()
+                job.after(job)
             if job.done is not None:
                 job.done.set()
 
-    async def later(self, job: "_Job") -> None:
-        """Send ``job`` in the background, after what is queued (awaited here without :meth:`send_later`)."""
+    async def later(self, job: _Job, *, merge: bool = False) -> None:
+        """Send ``job`` in the background, after what is queued (awaited here without :meth:`send_later`); with
+        ``merge``, into the same function's job on the same key if one is still queued (``_merge``)."""
         if self._sending:
-            self._queue(job)
+            self._queue(job, merge=merge)
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self.attempt(job.operation, lambda: self._run(job), lambda: None, refuse=False)
+                await self.attempt(job.operation, lambda: self.run(job), lambda: None, refuse=False)
             finally:
                 if job.after is not None:
-                    job.after()
+                    job.after(job)
 
-    async def in_turn(self, job: "_Job", fallback: Callable[[], T], read: Callable[[Any], T]) -> T:
+    async def in_turn(self, job: _Job, fallback: Callable[[], T], read: Callable[[Any], T]) -> T:
         """``job``'s answer, ``read``, after what is queued, awaited (shielded); ``fallback()`` when Redis cannot
         be reached, whatever ``failure`` says: these are reports of calls that happened (a verdict, a probe
         given up), whose outcome a refusal must not replace."""
@@ -534,20 +602,16 @@ class RedisState:
             if not self._sending:
 
                 async def direct() -> T:
-                    return read(await self._run(job))
+                    return read(await self.run(job))
 
                 return await self.attempt(job.operation, direct, fallback, refuse=False)
             job.done = anyio.Event()
+            job.awaited = True
             self._queue(job)
             await job.done.wait()
         if job.failed:
             return self._fail(job.operation, fallback, refuse=False)
         return read(job.answer)
-
-    async def _run(self, job: "_Job") -> Any:
-        if job.script is None:
-            return await self.client.zrem(job.keys[0], *job.args)
-        return await self.script(job.script, job.keys, job.args)
 
     async def renew(self) -> None:
         """Renew the leases this process holds, every third of ``lease``, until cancelled."""
@@ -559,12 +623,12 @@ class RedisState:
         held = {key: list(members) for key, members in self.leases.items() if members}
         if not held:
             return
-        args: list[Any] = [_us(self.lease)]
+        args: list[Any] = [self.lease_us]
         for members in held.values():
             args += [len(members), *members]
 
         async def renew() -> list[bytes]:
-            lost: list[bytes] = await self.script("renew", list(held), args)
+            lost: list[bytes] = await self.run(_Job("renew", "renew", list(held), args))
             return lost
 
         no_answer: list[bytes] = []
@@ -577,6 +641,10 @@ class RedisState:
                         self.drop(key, member)
 
 
+_CACHE_SIZE = 1024
+"""Bucket shapes (rate, burst) whose script arguments are remembered; they come from the config, so few."""
+
+
 class RedisLimitState:
     """``LimitState`` on Redis: buckets and leased slots shared by every replica using the same prefix."""
 
@@ -584,6 +652,8 @@ class RedisLimitState:
         self._shared = shared
         self._phantoms: dict[str, int] = {}
         """Slots counted as held while Redis could not be reached (``allow``): released without Redis."""
+        self._buckets: dict[tuple[float, float], tuple[str, str]] = {}
+        """(rate, burst) → the script's arguments for such a bucket: µs per token and burst, as text."""
 
     async def take(self, key: str, rate: float, burst: float) -> float:
         refused = await self.enter((Take(key, rate, burst),), ())
@@ -592,25 +662,40 @@ class RedisLimitState:
     async def acquire(self, key: str, limit: int) -> bool:
         return await self.enter((), (Slot(key, limit),)) is None
 
+    def _bucket(self, rate: float, burst: float) -> tuple[str, str]:
+        args = self._buckets.get((rate, burst))
+        if args is None:
+            if len(self._buckets) >= _CACHE_SIZE:
+                self._buckets.clear()
+            args = self._buckets[rate, burst] = (repr(_us(1 / rate)), repr(burst))
+        return args
+
     async def enter(self, takes: Sequence[Take], slots: Sequence[Slot]) -> Full | None:
-        # One script whatever it holds; a failure is counted as what it did (`take`, `acquire`, or both: `enter`).
+        # One operation whatever it holds; a failure is counted as what it did (`take`, `acquire`, or both: `enter`).
         operation = "enter" if takes and slots else "take" if takes else "acquire"
         shared = self._shared
         prefix = shared.prefix
-        zsets = [prefix + slot.key for slot in slots]
-        members = [shared.member() for _ in slots]
+        keys = [prefix + take.key for take in takes]
+        args: list[Any] = [len(takes), shared.lease_us]
+        for take in takes:
+            args += self._bucket(take.rate, take.burst)
+        held: list[tuple[str, str]] = []  # (sorted set, member) per slot
+        for slot in slots:
+            zset = prefix + slot.key
+            member = shared.member()
+            held.append((zset, member))
+            keys.append(zset)
+            released = shared.releasing.get(zset)
+            if released:
+                args += (slot.limit, member, len(released), *released)
+            else:
+                args += (slot.limit, member, 0)
+        job = _Job(operation, "enter", keys, args)
 
         async def enter() -> Full | None:
-            args: list[Any] = [len(takes), _us(shared.lease)]
-            for take in takes:
-                args += [repr(_us(1 / take.rate)), repr(take.burst)]
-            for slot, zset, member in zip(slots, zsets, members, strict=True):
-                released = list(shared.releasing.get(zset, ()))
-                args += [slot.limit, member, len(released), *released]
-            keys = [*(prefix + take.key for take in takes), *zsets]
-            answer: list[int] = await shared.script_with_queued("enter", keys, args)
+            answer: list[int] = await shared.ask(job)
             if answer[0] == 0:
-                for zset, member in zip(zsets, members, strict=True):
+                for zset, member in held:
                     shared.hold(zset, member)
                 return None
             return Full(bucket=answer[0] == 1, index=answer[1], wait=answer[2] / 1_000_000)
@@ -638,17 +723,20 @@ class RedisLimitState:
         members = shared.leases.get(zset)
         if not members:
             return  # its lease ran out while Redis could not be reached
-        member = members[-1]
-        shared.drop(zset, member)
-        releasing = shared.releasing.setdefault(zset, set())
-        releasing.add(member)
+        member = members.pop()
+        if not members:
+            del shared.leases[zset]
+        shared.releasing.setdefault(zset, set()).add(member)
+        await shared.later(_Job("release", "release", [zset], [member], after=self._released), merge=True)
 
-        def released() -> None:  # done, or Redis did not get it: then its lease runs out on its own
-            releasing.discard(member)
-            if not releasing and shared.releasing.get(zset) is releasing:
-                del shared.releasing[zset]
-
-        await shared.later(_Job("release", None, [zset], [member], after=released))
+    def _released(self, job: _Job) -> None:
+        """The removal was sent (or Redis did not get it: then the leases run out on their own)."""
+        zset = job.keys[0]
+        releasing = self._shared.releasing.get(zset)
+        if releasing is not None:
+            releasing.difference_update(job.args)
+            if not releasing:
+                del self._shared.releasing[zset]
 
 
 class RedisBreakerState:
@@ -665,10 +753,14 @@ class RedisBreakerState:
         self._shared = shared
         self._closed: dict[str, tuple[int, float]] = {}
         """Circuit → the generation it was seen closed in, and until when (monotonic) that sight holds."""
+        self._circuit_keys: dict[str, list[str]] = {}
 
     def _keys(self, key: str) -> list[str]:
-        base = f"{self._shared.prefix}circuit:{key}"
-        return [base, base + ":probes", base + ":window"]
+        keys = self._circuit_keys.get(key)
+        if keys is None:
+            base = f"{self._shared.prefix}circuit:{key}"
+            keys = self._circuit_keys[key] = [base, base + ":probes", base + ":window"]
+        return keys
 
     async def admit(self, key: str, config: CircuitBreakerConfig) -> Admission | Refusal:
         shared = self._shared
@@ -679,8 +771,8 @@ class RedisBreakerState:
         member = shared.member()
 
         async def admit() -> Admission | Refusal:
-            args = [_us(config.reset_after), config.half_open_probes, member, _us(shared.lease)]
-            answer = await shared.script_with_queued("admit", keys, args)
+            args = [_us(config.reset_after), config.half_open_probes, member, shared.lease_us]
+            answer = await shared.ask(_Job("admit", "admit", keys, args))
             if answer[0] == 0:
                 state, reason, left, probes = (_text(answer[1]), _text(answer[2]), answer[3], answer[4])
                 return Refusal(state, reason, left / 1_000_000, probes)
@@ -695,26 +787,23 @@ class RedisBreakerState:
         return await shared.attempt("admit", admit, lambda: Admission(-1, probe=False))
 
     async def succeeded(self, key: str, config: CircuitBreakerConfig, admission: Admission) -> str | None:
-        window = [int(config.failure_rate is not None), _us(config.window)]
+        window = [int(config.failure_rate is not None), _us(config.window), 1]
         if admission.probe or admission.generation < 0:
             return await self._verdict("succeeded", key, admission, window)
-        # A success that is not a probe's changes no state (it ends a failure streak): sent in the background.
-        await self._shared.later(_Job("succeeded", "succeeded", self._keys(key), [admission.generation, 0, *window]))
+        # A success that is not a probe's changes no state (it ends a failure streak): sent in the background,
+        # counted with the circuit's other successes still queued.
+        job = _Job("succeeded", "succeeded", self._keys(key), [admission.generation, 0, *window])
+        await self._shared.later(job, merge=True)
         return None
 
     async def failed(self, key: str, config: CircuitBreakerConfig, admission: Admission, error: str) -> str | None:
         self._closed.pop(key, None)  # it may open now: the next call asks Redis
-        args = [
-            error,
-            config.failures or 0,
-            repr(config.failure_rate or 0),
-            config.min_calls,
-            _us(config.window),
-            f"{config.window:g} s",
-        ]
-        return await self._verdict("failed", key, admission, args)
+        args = [config.failures or 0, config.failure_rate or 0, config.min_calls, _us(config.window)]
+        return await self._verdict("failed", key, admission, args, (error, f"{config.window:g} s"))
 
-    async def _verdict(self, name: str, key: str, admission: Admission, args: list[Any]) -> str | None:
+    async def _verdict(
+        self, name: str, key: str, admission: Admission, args: list[Any], texts: tuple[str, ...] = ()
+    ) -> str | None:
         if admission.generation < 0:
             return None
         shared = self._shared
@@ -722,7 +811,7 @@ class RedisBreakerState:
         if admission.probe:
             shared.drop(keys[1], admission.token)
 
-        job = _Job(name, name, keys, [admission.generation, int(admission.probe), *args])
+        job = _Job(name, name, keys, [admission.generation, int(admission.probe), *args], texts)
         return await shared.in_turn(job, lambda: None, lambda entered: _text(entered) or None)
 
     async def abandoned(self, key: str, admission: Admission) -> None:
@@ -739,7 +828,7 @@ class RedisBreakerState:
         shared = self._shared
 
         async def state() -> str:
-            return _text(await shared.script("state", self._keys(key), [_us(config.reset_after)]))
+            return _text(await shared.run(_Job("state", "state", self._keys(key), [_us(config.reset_after)])))
 
         return await shared.attempt("state", state, lambda: CLOSED)
 
@@ -750,7 +839,7 @@ def _text(value: bytes | str | int) -> str:
     return str(value)
 
 
-assert {CLOSED, OPEN, HALF_OPEN} == {"closed", "open", "half_open"}  # the scripts' spelling of the states
+assert {CLOSED, OPEN, HALF_OPEN} == {"closed", "open", "half_open"}  # the script's spelling of the states
 
 
 @asynccontextmanager
