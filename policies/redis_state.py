@@ -314,6 +314,8 @@ class _Job:
     """Set once it was sent, for a queued job whose answer is awaited."""
     awaited: bool = False
     """Its answer is awaited: a failure is counted where it is awaited, not by the sender."""
+    reports: int = 1
+    """The calls it reports on (more once others merged into it): a failure to send it counts each."""
     answer: Any = None
     failed: bool = False
 
@@ -326,10 +328,11 @@ def _merge(queued: _Job, job: _Job) -> bool:
         return False
     if job.name == "release":
         queued.args += job.args
-        return True
-    if queued.args[0] != job.args[0]:  # a success of another generation: the script judges it apart
+    elif queued.args[0] == job.args[0]:
+        queued.args[-1] += 1
+    else:  # a success of another generation: the script judges it apart
         return False
-    queued.args[-1] += 1
+    queued.reports += 1
     return True
 
 
@@ -601,8 +604,9 @@ class RedisState:
             answer = None if answers is None else answers[index]
             if answers is None or isinstance(answer, Exception):
                 job.failed = True
-                if not job.awaited and self.on_failure is not None:
-                    self.on_failure(job.operation)  # an awaited job is counted where it is awaited
+                if not job.awaited and self.on_failure is not None:  # (an awaited one is counted where awaited)
+                    for _ in range(job.reports):
+                        self.on_failure(job.operation)
             job.answer = answer
             if job.after is not None:
                 job.after(job)
