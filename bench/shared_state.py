@@ -14,9 +14,10 @@ global concurrency limit, and a circuit breaker (consecutive failures). Ways, in
 
 Sequential calls give the added latency per call (median of the repeats' means); ``--concurrency N`` also
 times N callers at once (calls/s). The event loop is uvloop, as in ``patchbay serve``. Redis commands per call:
-one script for the rate and concurrency limits, awaited (two in redis-split); a closed circuit is trusted for
-half a second, so the breaker awaits none; the slot's release and the success report go in the background,
-in one pipeline::
+one ``EVALSHA``, awaited, for the rate and concurrency limits (two in redis-split); a closed circuit is trusted
+for half a second, so the breaker awaits none; the slot's release and the success report go in the background,
+or, when the next call comes first, in that call's ``EVALSHA`` (the state's one script runs a batch of
+operations in order)::
 
     .venv/bin/python bench/shared_state.py              # 15 repeats × 2,000 calls per way (~1 min)
     .venv/bin/python bench/shared_state.py --quick      # 3 × 300

@@ -1,21 +1,28 @@
 """Limits and circuit breakers shared by replicas on Redis (``gateway.shared_state: redis://…``, DESIGN §6).
 
-The same ``LimitState`` and ``BreakerState`` as :mod:`policies.state`, each operation one Lua script,
-so every check-and-update is atomic across replicas:
+The same ``LimitState`` and ``BreakerState`` as :mod:`policies.state`, each operation one Lua function run
+atomically in Redis, so every check-and-update is atomic across replicas:
 
 * **token buckets** in the same GCRA form as in memory: one key per bucket holding the time it is full
   again, expiring when it is (memory stays bounded without pruning);
 * **concurrency slots** as a sorted set per key: each slot is a member whose score is its lease's end.
   Taking one first drops expired leases, then counts. The replica holding slots renews their leases
   (every third of ``lease``); a replica that dies holding slots loses them within ``lease``;
-* **a call's buckets and slots** in one script (``enter``), all or nothing: admitting a call is one round
-  trip however many rules apply;
+* **a call's buckets and slots** in one operation (``enter``), all or nothing: admitting a call is one
+  round trip however many rules apply;
 * **circuits** as a hash (state, generation, consecutive failures, when and why it opened), a
   failure-rate window of 20 counters, and the half-open probes as a leased sorted set like the slots,
   so a probe held by a dead replica cannot keep the circuit half-open for ever.
 
-Time is Redis's own (``TIME`` inside the script): replicas' clocks never meet. Tests may pass a
-``clock`` whose value goes to the scripts instead.
+Every operation is a function of ONE script (:mod:`policies.redis_script`), which runs a list of operations
+in order and answers each: whatever a replica sends at once (a call's limits with the releases and success reports
+queued before it, say) is one ``EVALSHA``, one command on the wire. redis-py spends about twice a
+``PING`` on a pipeline of three commands and little more than one on a single command, so the batch is
+what keeps a call at one round trip's cost. An operation that fails in Redis answers with its error
+alone; the others in the batch still run.
+
+Time is Redis's own (``TIME``, read once per batch): replicas' clocks never meet. Tests may pass a
+``clock`` whose value goes to the script instead.
 
 When Redis cannot be reached, ``failure`` decides: ``allow`` lets the call through unlimited (Envoy's
 choice: the limits protect, they must not become the outage), ``deny`` refuses it with
@@ -23,28 +30,31 @@ choice: the limits protect, they must not become the outage), ``deny`` refuses i
 state does not try Redis again for ``retry_interval`` seconds (a dead Redis costs each call nothing,
 a black-holed one no timeout), then tries again: recovery needs no restart.
 
+This module holds the connection, the background queue and the leases (``RedisState``); the limits are in
+:mod:`policies.redis_limits`, the circuits in :mod:`policies.redis_breakers`.
+
 Operations that change what a caller holds (taking slots, ``release``, the breaker's verdicts, a probe's
 release) are shielded from cancellation, as ``policies.state`` asks. A cancelled read cannot leave its
 reply for another caller: ``redis.asyncio`` drops a connection whose command was interrupted.
 """
 
-import contextlib
 import logging
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import anyio
-from redis.asyncio import Redis
+from hiredis import pack_command
+from redis.asyncio import Connection, Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.config import CircuitBreakerConfig
 from gateway.errors import SharedStateUnavailable
-from policies.state import CLOSED, HALF_OPEN, OPEN, Admission, Full, Refusal, Slot, Take
+from policies.redis_breakers import RedisBreakerState
+from policies.redis_limits import RedisLimitState
+from policies.redis_script import SCRIPT, SHA, Job, merge_into, us
 
 __all__ = ["DEFAULT_LEASE", "RedisBreakerState", "RedisLimitState", "RedisState", "open_redis_state"]
 
@@ -65,234 +75,6 @@ TIMEOUT = 1.0
 Failure = Literal["allow", "deny"]
 T = TypeVar("T")
 
-_NOW = """
-local function now_us()
-  local given = tonumber(ARGV[1])
-  if given >= 0 then return given end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-"""
-
-_ENTER = (
-    _NOW
-    + """
-local now = now_us()
-local takes = tonumber(ARGV[2])
-local lease = tonumber(ARGV[3])
-local a = 4
-local full = {}
-local refused, longest = 0, 0
-for k = 1, takes do
-  local interval, burst = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  local full_at = full[KEYS[k]] or tonumber(redis.call('GET', KEYS[k]) or '0')
-  if full_at < now then full_at = now end
-  local wait = (full_at - now) - (burst - 1) * interval
-  if wait > 1 and wait > longest then refused, longest = k, wait end
-  full[KEYS[k]] = full_at + interval
-end
-if refused > 0 then return {1, refused - 1, math.ceil(longest)} end
-local counted = {}
-for k = takes + 1, #KEYS do
-  local limit, released = tonumber(ARGV[a]), tonumber(ARGV[a + 2])
-  for j = 1, released do redis.call('ZREM', KEYS[k], ARGV[a + 2 + j]) end
-  a = a + 3 + released
-  if not counted[KEYS[k]] then
-    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
-    counted[KEYS[k]] = redis.call('ZCARD', KEYS[k])
-  end
-  if counted[KEYS[k]] >= limit then return {2, k - takes - 1, 0} end
-  counted[KEYS[k]] = counted[KEYS[k]] + 1
-end
-for k = 1, takes do
-  local full_at = full[KEYS[k]]
-  if full_at then
-    redis.call('SET', KEYS[k], string.format('%.17g', full_at), 'PX', math.max(1, math.ceil((full_at - now) / 1000)))
-    full[KEYS[k]] = nil
-  end
-end
-a = 4 + 2 * takes
-for k = takes + 1, #KEYS do
-  redis.call('ZADD', KEYS[k], now + lease, ARGV[a + 1])
-  redis.call('PEXPIRE', KEYS[k], math.ceil(lease / 1000) * 2)
-  a = a + 3 + tonumber(ARGV[a + 2])
-end
-return {0}
-"""
-)
-"""A call's limits, all or nothing: a token from each bucket, then a slot under each sorted set.
-KEYS: the buckets, then the slots' sorted sets. ARGV: now, the number of buckets, the slots' lease µs; per bucket
-µs per token and burst; per slot its limit, its new member, and the members this replica released there whose
-removal may not have reached Redis yet (a count, then the members; removed first).
-Returns {0} when all were taken; {1, bucket index, µs until its token}, the bucket whose token comes last, when
-one has none (a take 1 µs early succeeds: ``SLACK``); else {2, slot index, 0} for the first full slot."""
-
-_RENEW = (
-    _NOW
-    + """
-local now = now_us()
-local lease = tonumber(ARGV[2])
-local i = 3
-local lost = {}
-for k = 1, #KEYS do
-  local n = tonumber(ARGV[i])
-  i = i + 1
-  for j = 1, n do
-    if redis.call('ZSCORE', KEYS[k], ARGV[i]) then
-      redis.call('ZADD', KEYS[k], now + lease, ARGV[i])
-    else
-      table.insert(lost, ARGV[i])
-    end
-    i = i + 1
-  end
-  redis.call('PEXPIRE', KEYS[k], math.ceil(lease / 1000) * 2)
-end
-return lost
-"""
-)
-"""Extend the leases of the members listed per key (ARGV: now, lease µs, then per key a count and its members);
-returns the members no longer held (their lease ran out and another took the slot, or their circuit changed)."""
-
-_CIRCUIT = (
-    _NOW
-    + """
-local function transition(state)
-  redis.call('HINCRBY', KEYS[1], 'gen', 1)
-  redis.call('HSET', KEYS[1], 'state', state, 'consec', 0)
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return state
-end
-local function open(now, reason)
-  redis.call('HSET', KEYS[1], 'opened_at', string.format('%.17g', now), 'reason', reason)
-  return transition('open')
-end
-local function count(now, window, failed)
-  local index = math.floor(now / (window / 20))
-  redis.call('HINCRBY', KEYS[3], 'c' .. index, 1)
-  redis.call('HINCRBY', KEYS[3], 'f' .. index, failed)
-  local all = redis.call('HGETALL', KEYS[3])
-  local calls, fails = 0, 0
-  for i = 1, #all, 2 do
-    local field = all[i]
-    if tonumber(string.sub(field, 2)) <= index - 20 then
-      redis.call('HDEL', KEYS[3], field)
-    elseif string.sub(field, 1, 1) == 'c' then
-      calls = calls + tonumber(all[i + 1])
-    else
-      fails = fails + tonumber(all[i + 1])
-    end
-  end
-  redis.call('PEXPIRE', KEYS[3], math.ceil(window / 1000) * 2)
-  return calls, fails
-end
-local function generation()
-  return tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
-end
-local now = now_us()
-"""
-)
-"""What the circuit scripts share. KEYS: the circuit's hash, its probes' sorted set, its failure-rate window."""
-
-_ADMIT = (
-    _CIRCUIT
-    + """
-local s = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'reason')
-local state = s[1] or 'closed'
-if state == 'closed' then return {1, generation(), 0, ''} end
-local reason = s[3] or ''
-local entered = ''
-if state == 'open' then
-  local left = tonumber(s[2]) + tonumber(ARGV[2]) - now
-  if left > 0 then return {0, 'open', reason, math.ceil(left), redis.call('ZCARD', KEYS[2])} end
-  entered = transition('half_open')
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local probes = redis.call('ZCARD', KEYS[2])
-if probes >= tonumber(ARGV[3]) then return {0, 'half_open', reason, 0, probes} end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
-return {1, generation(), 1, entered}
-"""
-)
-"""ARGV: now, reset_after µs, half_open_probes, the probe's member, lease µs.
-Returns {1, generation, probe 0/1, state entered or ''} or {0, state, reason, µs left, probes}."""
-
-_SUCCEEDED = (
-    _CIRCUIT
-    + """
-if generation() ~= tonumber(ARGV[2]) then return '' end
-if ARGV[3] == '1' then return transition('closed') end
-redis.call('HSET', KEYS[1], 'consec', 0)
-if ARGV[4] == '1' then count(now, tonumber(ARGV[5]), 0) end
-return ''
-"""
-)
-"""ARGV: now, generation, probe 0/1, failure rate counted 0/1, window µs. Returns the state entered, or ''."""
-
-_FAILED = (
-    _CIRCUIT
-    + """
-if generation() ~= tonumber(ARGV[2]) then return '' end
-local err = ARGV[4]
-if ARGV[3] == '1' then return open(now, 'a failed probe call (' .. err .. ')') end
-local consec = redis.call('HINCRBY', KEYS[1], 'consec', 1)
-local failures = tonumber(ARGV[5])
-if failures > 0 and consec >= failures then
-  return open(now, consec .. ' consecutive failures, the last: ' .. err)
-end
-local rate = tonumber(ARGV[6])
-if rate > 0 then
-  local calls, fails = count(now, tonumber(ARGV[8]), 1)
-  if calls >= tonumber(ARGV[7]) and fails / calls >= rate then
-    return open(now, fails .. ' failures in ' .. calls .. ' calls within ' .. ARGV[9] .. ', the last: ' .. err)
-  end
-end
-return ''
-"""
-)
-"""ARGV: now, generation, probe 0/1, error, failures (0: none), failure rate (0: none), min_calls, window µs,
-the window as text. Returns the state entered, or ''."""
-
-_ABANDONED = (
-    _CIRCUIT
-    + """
-if generation() == tonumber(ARGV[2]) then redis.call('ZREM', KEYS[2], ARGV[3]) end
-return ''
-"""
-)
-"""ARGV: now, generation, the probe's member."""
-
-_STATE = (
-    _CIRCUIT
-    + """
-local s = redis.call('HMGET', KEYS[1], 'state', 'opened_at')
-if not s[1] then return 'closed' end
-if s[1] == 'open' and now >= tonumber(s[2]) + tonumber(ARGV[2]) then return 'half_open' end
-return s[1]
-"""
-)
-"""ARGV: now, reset_after µs."""
-
-
-@dataclass(eq=False, slots=True)
-class _Job:
-    """One operation for the background queue: a script (by name) or, without one, ``ZREM keys[0] *args``."""
-
-    operation: str
-    script: str | None
-    keys: list[str]
-    args: list[Any]
-    after: Callable[[], None] | None = None
-    """Called once it was sent (or could not be)."""
-    done: anyio.Event | None = None
-    """Set once it was sent, for a job whose answer is awaited."""
-    answer: Any = None
-    failed: bool = False
-
-
-def _us(seconds: float) -> float:
-    return seconds * 1_000_000
-
 
 class RedisState:
     """One Redis connection pool behind a ``RedisLimitState`` and a ``RedisBreakerState``, and the leases they hold.
@@ -304,12 +86,14 @@ class RedisState:
     What a call does after its answer (release its slots, report a success to its circuit) need not hold
     up the answer: with :meth:`send_later` running, those operations are queued and sent in order in the
     background, and a report that must be awaited (a failure, a probe's verdict) waits its turn in the
-    same queue, so one replica's reports reach Redis in the order they were made. An awaited script (a call's
-    limits, an admission through a circuit) takes what is queued along, ahead of it in its own round trip,
-    when no batch is on its way: a replica making one call after another sends one round trip per call. A
-    slot released but not yet removed in Redis is removed first by this replica's next ``enter`` of that
-    key, so a caller that waits for its call to end never finds its own slot still taken. Without
-    :meth:`send_later` running, every operation is awaited where it is made.
+    same queue, so one replica's reports reach Redis in the order they were made. Releases from one sorted
+    set, and successes of one circuit not parted by a verdict of it, are merged while they wait: one
+    operation each, however many calls ended. An awaited operation (a call's limits, an admission through a
+    circuit) takes what is queued along, ahead of it in the same script, when no batch is on its way: a
+    replica making one call after another sends one command per call. A slot released but not yet removed
+    in Redis is removed first by this replica's next ``enter`` of that key, so a caller that waits for its
+    call to end never finds its own slot still taken. Without :meth:`send_later` running, every operation
+    is awaited where it is made.
     """
 
     def __init__(
@@ -330,6 +114,7 @@ class RedisState:
         self.prefix = prefix
         self.failure = failure
         self.lease = lease
+        self.lease_us = us(lease)
         self._clock = clock
         self.on_failure = on_failure
         """Told the operation each time Redis could not be reached (the gateway counts them in a metric)."""
@@ -342,8 +127,11 @@ class RedisState:
         """Sorted-set key → the members this process holds there and renews."""
         self.releasing: dict[str, set[str]] = {}
         """Sorted-set key → members released here whose removal is queued, not yet done in Redis."""
-        self._pending: deque[_Job] = deque()
+        self._pending: deque[Job] = deque()
         """Operations queued for :meth:`send_later`, in the order they were made."""
+        self._merging: dict[str, Job] = {}
+        """First key → the queued job that later ones on that key merge into (``merge_into``), until it is sent or
+        an operation on that key that cannot merge is queued after it."""
         self._wake = anyio.Event()
         self._turn = anyio.Lock()
         """Held while a batch of queued operations is on its way: batches reach Redis in the order they were taken."""
@@ -352,31 +140,74 @@ class RedisState:
         """Set once :meth:`send_later` has sent everything queued before :meth:`stop_sending`."""
         self.limits = RedisLimitState(self)
         self.breakers = RedisBreakerState(self)
-        register = client.register_script
-        self.scripts = {
-            name: register(source)
-            for name, source in (
-                ("enter", _ENTER),
-                ("renew", _RENEW),
-                ("admit", _ADMIT),
-                ("succeeded", _SUCCEEDED),
-                ("failed", _FAILED),
-                ("abandoned", _ABANDONED),
-                ("state", _STATE),
-            )
-        }
 
     def now(self) -> str:
-        """The ``now`` argument of every script: the test clock's µs, or -1 for Redis's own clock."""
-        return "-1" if self._clock is None else repr(_us(self._clock()))
+        """The script's ``now`` argument: the test clock's µs, or -1 for Redis's own clock."""
+        return "-1" if self._clock is None else repr(us(self._clock()))
 
     def member(self) -> str:
         """A new lease's member, unique across replicas."""
         self._serial += 1
         return f"{self._instance}:{self._serial}"
 
-    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self.scripts[name](keys=keys, args=[self.now(), *args])
+    async def _call(self, batch: Sequence[Job]) -> list[Any]:
+        """The answers of ``batch``'s operations, run in order by one ``EVALSHA`` (an operation's error is its
+        answer).
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached, or the script as a whole failed.
+        """
+        keys: list[str] = []
+        args: list[str] = [self.now()]
+        for job in batch:
+            keys += job.keys
+            args.append(" ".join([job.name, str(len(job.keys)), str(len(job.texts)), *map(str, job.args)]))
+            args += job.texts
+        # hiredis packs the command in C (its stub types the tuple as of one element).
+        command = pack_command(("EVALSHA", SHA, len(keys), *keys, *args))  # type: ignore[arg-type]
+        try:
+            answers: list[Any] = await self._command(command)
+        except NoScriptError:  # a Redis that never had it, or restarted: load it and send again (nothing ran)
+            await self.client.script_load(SCRIPT)
+            answers = await self._command(command)
+        return answers
+
+    async def _command(self, command: bytes) -> Any:
+        """The reply to ``command``, packed, on a connection of the client's pool, retried as the client retries.
+
+        What ``Redis.execute_command`` does, less what this state never needs (its own argument encoding, a
+        command name's reply callback, timings for OpenTelemetry): about a third of a round trip's cost. The
+        connection disconnects itself when a send or read is interrupted (cancelled, timed out), so no reply is
+        ever left on it for the next command.
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached, or it answered with an error.
+        """
+        pool = self.client.connection_pool
+        connection: Connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # (unannotated)
+
+        async def send() -> Any:
+            await connection.send_packed_command(command)
+            return await connection.read_response()
+
+        async def disconnect(error: Exception) -> None:  # before a retry, as the client does
+            await connection.disconnect()
+
+        try:
+            return await connection.retry.call_with_retry(send, disconnect)
+        finally:
+            await pool.release(connection)
+
+    async def run(self, job: Job) -> Any:
+        """``job`` alone, awaited: its answer.
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached, or the operation failed there.
+        """
+        answer = (await self._call((job,)))[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def hold(self, key: str, member: str) -> None:
         self.leases.setdefault(key, []).append(member)
@@ -433,7 +264,7 @@ class RedisState:
 
     async def send_later(self) -> None:
         """Send the queued operations until :meth:`stop_sending` (then those still queued) or cancelled: what
-        has queued up meanwhile goes in one pipeline (one round trip), in the order it was queued."""
+        has queued up meanwhile goes in one script (one command), in the order it was queued."""
         self._sending = True
         try:
             while self._pending or self._sending:
@@ -442,9 +273,8 @@ class RedisState:
                     await self._wake.wait()
                     continue
                 async with self._turn:
-                    batch = list(self._pending)
-                    self._pending.clear()
-                    if batch:  # (an awaited script may have taken them while this waited its turn)
+                    batch = self._take()
+                    if batch:  # (an awaited operation may have taken them while this waited its turn)
                         await self._send(batch)
             self.drained.set()
         finally:
@@ -455,78 +285,85 @@ class RedisState:
         self._sending = False
         self._wake.set()
 
-    def _queue(self, job: "_Job") -> None:
+    def _queue(self, job: Job, *, merge: bool = False) -> None:
+        key = job.keys[0]
+        if merge:
+            queued = self._merging.get(key)
+            if queued is not None and merge_into(queued, job):
+                return
+            self._merging[key] = job
+        else:  # what is queued on its key after it must come after it in Redis too
+            self._merging.pop(key, None)
         self._pending.append(job)
         self._wake.set()
 
-    async def script_with_queued(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """``script(name, keys, args)``, awaited, with what is queued for the background sent ahead of it in the
-        same round trip: a replica calling one after another sends one round trip per call, not two. When
-        nothing is queued, or a batch is on its way (the queued must not overtake it), just the script.
+    def _take(self) -> list[Job]:
+        """What is queued, in order, for one batch (nothing merges into it any more)."""
+        batch = list(self._pending)
+        self._pending.clear()
+        self._merging.clear()
+        return batch
+
+    async def ask(self, job: Job) -> Any:
+        """``job``'s answer, awaited, with what is queued for the background sent ahead of it in the same script:
+        a replica calling one after another sends one command per call, not two. When nothing is queued, or a
+        batch is on its way (the queued must not overtake it), ``job`` alone.
 
         Raises:
-            RedisError, OSError: Redis cannot be reached, or the script failed (``attempt`` handles both).
+            RedisError, OSError: Redis cannot be reached, or the operation failed (``attempt`` handles both).
         """
         if not self._pending or self._turn.locked():
-            return await self.script(name, keys, args)
-        job = _Job(name, name, keys, args, done=anyio.Event())
+            return await self.run(job)
+        job.awaited = True
         self._turn.acquire_nowait()
         try:
             with anyio.CancelScope(shield=True):  # the queued operations' effects and waiters must not be lost
-                batch = [*self._pending, job]
-                self._pending.clear()
+                batch = self._take()
+                batch.append(job)
                 await self._send(batch)
         finally:
             self._turn.release()
         if job.failed:
-            raise job.answer if isinstance(job.answer, RedisError) else RedisError(f"{name}: Redis cannot be reached")
+            answer = job.answer
+            raise answer if isinstance(answer, RedisError) else RedisError(f"{job.name}: Redis cannot be reached")
         return job.answer
 
-    async def _send(self, batch: list["_Job"]) -> None:
+    async def _send(self, batch: list[Job]) -> None:
         answers: list[Any] | None = None
         if time.monotonic() >= self._down_until:
-            pipe = self.client.pipeline(transaction=False)
-            for job in batch:
-                if job.script is None:
-                    pipe.zrem(job.keys[0], *job.args)
-                else:  # evalsha itself: a Script on a pipeline asks SCRIPT EXISTS first, a round trip per batch
-                    pipe.evalsha(self.scripts[job.script].sha, len(job.keys), *job.keys, self.now(), *job.args)
             try:
-                answers = await pipe.execute(raise_on_error=False)
+                answers = await self._call(batch)
             except (RedisError, OSError) as exc:
                 self._went_down(exc)
             else:
                 self._reached()
         for index, job in enumerate(batch):
-            answer = answers[index] if answers is not None else None
-            if isinstance(answer, NoScriptError) and job.script is not None:  # Redis restarted: load, then again
-                with contextlib.suppress(RedisError, OSError):
-                    answer = await self.script(job.script, job.keys, job.args)
+            answer = None if answers is None else answers[index]
             if answers is None or isinstance(answer, Exception):
                 job.failed = True
-                job.answer = answer
-                if job.done is None and self.on_failure is not None:
-                    self.on_failure(job.operation)  # an awaited job is counted where it is awaited
-            else:
-                job.answer = answer
+                if not job.awaited and self.on_failure is not None:  # (an awaited one is counted where awaited)
+                    for _ in range(job.reports):
+                        self.on_failure(job.operation)
+            job.answer = answer
             if job.after is not None:
-                job.after()
+                job.after(job)
             if job.done is not None:
                 job.done.set()
 
-    async def later(self, job: "_Job") -> None:
-        """Send ``job`` in the background, after what is queued (awaited here without :meth:`send_later`)."""
+    async def later(self, job: Job, *, merge: bool = False) -> None:
+        """Send ``job`` in the background, after what is queued (awaited here without :meth:`send_later`); with
+        ``merge``, into the same function's job on the same key if one is still queued (``merge_into``)."""
         if self._sending:
-            self._queue(job)
+            self._queue(job, merge=merge)
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self.attempt(job.operation, lambda: self._run(job), lambda: None, refuse=False)
+                await self.attempt(job.operation, lambda: self.run(job), lambda: None, refuse=False)
             finally:
                 if job.after is not None:
-                    job.after()
+                    job.after(job)
 
-    async def in_turn(self, job: "_Job", fallback: Callable[[], T], read: Callable[[Any], T]) -> T:
+    async def in_turn(self, job: Job, fallback: Callable[[], T], read: Callable[[Any], T]) -> T:
         """``job``'s answer, ``read``, after what is queued, awaited (shielded); ``fallback()`` when Redis cannot
         be reached, whatever ``failure`` says: these are reports of calls that happened (a verdict, a probe
         given up), whose outcome a refusal must not replace."""
@@ -534,20 +371,16 @@ class RedisState:
             if not self._sending:
 
                 async def direct() -> T:
-                    return read(await self._run(job))
+                    return read(await self.run(job))
 
                 return await self.attempt(job.operation, direct, fallback, refuse=False)
             job.done = anyio.Event()
+            job.awaited = True
             self._queue(job)
             await job.done.wait()
         if job.failed:
             return self._fail(job.operation, fallback, refuse=False)
         return read(job.answer)
-
-    async def _run(self, job: "_Job") -> Any:
-        if job.script is None:
-            return await self.client.zrem(job.keys[0], *job.args)
-        return await self.script(job.script, job.keys, job.args)
 
     async def renew(self) -> None:
         """Renew the leases this process holds, every third of ``lease``, until cancelled."""
@@ -559,12 +392,12 @@ class RedisState:
         held = {key: list(members) for key, members in self.leases.items() if members}
         if not held:
             return
-        args: list[Any] = [_us(self.lease)]
+        args: list[Any] = [self.lease_us]
         for members in held.values():
             args += [len(members), *members]
 
         async def renew() -> list[bytes]:
-            lost: list[bytes] = await self.script("renew", list(held), args)
+            lost: list[bytes] = await self.run(Job("renew", "renew", list(held), args))
             return lost
 
         no_answer: list[bytes] = []
@@ -575,182 +408,6 @@ class RedisState:
                 for member in members:
                     if member in lost:
                         self.drop(key, member)
-
-
-class RedisLimitState:
-    """``LimitState`` on Redis: buckets and leased slots shared by every replica using the same prefix."""
-
-    def __init__(self, shared: RedisState) -> None:
-        self._shared = shared
-        self._phantoms: dict[str, int] = {}
-        """Slots counted as held while Redis could not be reached (``allow``): released without Redis."""
-
-    async def take(self, key: str, rate: float, burst: float) -> float:
-        refused = await self.enter((Take(key, rate, burst),), ())
-        return 0.0 if refused is None else refused.wait
-
-    async def acquire(self, key: str, limit: int) -> bool:
-        return await self.enter((), (Slot(key, limit),)) is None
-
-    async def enter(self, takes: Sequence[Take], slots: Sequence[Slot]) -> Full | None:
-        # One script whatever it holds; a failure is counted as what it did (`take`, `acquire`, or both: `enter`).
-        operation = "enter" if takes and slots else "take" if takes else "acquire"
-        shared = self._shared
-        prefix = shared.prefix
-        zsets = [prefix + slot.key for slot in slots]
-        members = [shared.member() for _ in slots]
-
-        async def enter() -> Full | None:
-            args: list[Any] = [len(takes), _us(shared.lease)]
-            for take in takes:
-                args += [repr(_us(1 / take.rate)), repr(take.burst)]
-            for slot, zset, member in zip(slots, zsets, members, strict=True):
-                released = list(shared.releasing.get(zset, ()))
-                args += [slot.limit, member, len(released), *released]
-            keys = [*(prefix + take.key for take in takes), *zsets]
-            answer: list[int] = await shared.script_with_queued("enter", keys, args)
-            if answer[0] == 0:
-                for zset, member in zip(zsets, members, strict=True):
-                    shared.hold(zset, member)
-                return None
-            return Full(bucket=answer[0] == 1, index=answer[1], wait=answer[2] / 1_000_000)
-
-        def unlimited() -> None:  # Redis away under `allow`: every slot counted here, released without Redis
-            for slot in slots:
-                self._phantoms[slot.key] = self._phantoms.get(slot.key, 0) + 1
-
-        if not slots:  # nothing held comes of it: a cancelled take at worst spends a token
-            return await shared.attempt(operation, enter, unlimited)
-        with anyio.CancelScope(shield=True):
-            refused = await shared.attempt(operation, enter, unlimited)
-        return refused
-
-    async def release(self, key: str) -> None:
-        phantoms = self._phantoms.get(key, 0)
-        if phantoms:
-            if phantoms == 1:
-                del self._phantoms[key]
-            else:
-                self._phantoms[key] = phantoms - 1
-            return
-        shared = self._shared
-        zset = shared.prefix + key
-        members = shared.leases.get(zset)
-        if not members:
-            return  # its lease ran out while Redis could not be reached
-        member = members[-1]
-        shared.drop(zset, member)
-        releasing = shared.releasing.setdefault(zset, set())
-        releasing.add(member)
-
-        def released() -> None:  # done, or Redis did not get it: then its lease runs out on its own
-            releasing.discard(member)
-            if not releasing and shared.releasing.get(zset) is releasing:
-                del shared.releasing[zset]
-
-        await shared.later(_Job("release", None, [zset], [member], after=released))
-
-
-class RedisBreakerState:
-    """``BreakerState`` on Redis: one circuit per server, the same for every replica using the same prefix.
-
-    A closed circuit is the common case and asks nothing of Redis to admit a call: having seen it closed,
-    this replica admits calls for ``shared.closed_for`` seconds (half a second) without asking again, so a
-    circuit another replica opens refuses calls here within that time. What this replica sees fail asks
-    Redis again at once (a failure forgets what it saw), so its own failures open the circuit as promptly as
-    in memory, and every verdict still reaches Redis.
-    """
-
-    def __init__(self, shared: RedisState) -> None:
-        self._shared = shared
-        self._closed: dict[str, tuple[int, float]] = {}
-        """Circuit → the generation it was seen closed in, and until when (monotonic) that sight holds."""
-
-    def _keys(self, key: str) -> list[str]:
-        base = f"{self._shared.prefix}circuit:{key}"
-        return [base, base + ":probes", base + ":window"]
-
-    async def admit(self, key: str, config: CircuitBreakerConfig) -> Admission | Refusal:
-        shared = self._shared
-        seen = self._closed.get(key)
-        if seen is not None and time.monotonic() < seen[1]:
-            return Admission(seen[0], probe=False)
-        keys = self._keys(key)
-        member = shared.member()
-
-        async def admit() -> Admission | Refusal:
-            args = [_us(config.reset_after), config.half_open_probes, member, _us(shared.lease)]
-            answer = await shared.script_with_queued("admit", keys, args)
-            if answer[0] == 0:
-                state, reason, left, probes = (_text(answer[1]), _text(answer[2]), answer[3], answer[4])
-                return Refusal(state, reason, left / 1_000_000, probes)
-            probe = answer[2] == 1
-            if probe:
-                shared.hold(keys[1], member)
-            elif shared.closed_for > 0:  # admitted without a probe: the circuit is closed
-                self._closed[key] = (answer[1], time.monotonic() + shared.closed_for)
-            return Admission(answer[1], probe=probe, entered=_text(answer[3]) or None, token=member if probe else "")
-
-        # Unlimited while Redis is away: an admission no verdict is reported for (generation -1).
-        return await shared.attempt("admit", admit, lambda: Admission(-1, probe=False))
-
-    async def succeeded(self, key: str, config: CircuitBreakerConfig, admission: Admission) -> str | None:
-        window = [int(config.failure_rate is not None), _us(config.window)]
-        if admission.probe or admission.generation < 0:
-            return await self._verdict("succeeded", key, admission, window)
-        # A success that is not a probe's changes no state (it ends a failure streak): sent in the background.
-        await self._shared.later(_Job("succeeded", "succeeded", self._keys(key), [admission.generation, 0, *window]))
-        return None
-
-    async def failed(self, key: str, config: CircuitBreakerConfig, admission: Admission, error: str) -> str | None:
-        self._closed.pop(key, None)  # it may open now: the next call asks Redis
-        args = [
-            error,
-            config.failures or 0,
-            repr(config.failure_rate or 0),
-            config.min_calls,
-            _us(config.window),
-            f"{config.window:g} s",
-        ]
-        return await self._verdict("failed", key, admission, args)
-
-    async def _verdict(self, name: str, key: str, admission: Admission, args: list[Any]) -> str | None:
-        if admission.generation < 0:
-            return None
-        shared = self._shared
-        keys = self._keys(key)
-        if admission.probe:
-            shared.drop(keys[1], admission.token)
-
-        job = _Job(name, name, keys, [admission.generation, int(admission.probe), *args])
-        return await shared.in_turn(job, lambda: None, lambda entered: _text(entered) or None)
-
-    async def abandoned(self, key: str, admission: Admission) -> None:
-        if admission.generation < 0 or not admission.probe:
-            return
-        shared = self._shared
-        keys = self._keys(key)
-        shared.drop(keys[1], admission.token)
-
-        job = _Job("abandoned", "abandoned", keys, [admission.generation, admission.token])
-        await shared.in_turn(job, lambda: None, lambda answer: None)
-
-    async def state(self, key: str, config: CircuitBreakerConfig) -> str:
-        shared = self._shared
-
-        async def state() -> str:
-            return _text(await shared.script("state", self._keys(key), [_us(config.reset_after)]))
-
-        return await shared.attempt("state", state, lambda: CLOSED)
-
-
-def _text(value: bytes | str | int) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)
-
-
-assert {CLOSED, OPEN, HALF_OPEN} == {"closed", "open", "half_open"}  # the scripts' spelling of the states
 
 
 @asynccontextmanager

@@ -10,12 +10,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
 import redis
-from redis.asyncio import Redis
+from redis.asyncio import Connection, ConnectionPool, Redis
 
 from policies.redis_state import RedisState, open_redis_state
 from tests.support import free_port
@@ -92,6 +92,70 @@ async def shared_state(url: str = REDIS, **settings: Any) -> AsyncIterator[Redis
     finally:
         with anyio.CancelScope(shield=True):
             await forget(prefix, url)
+
+
+class CountingConnection(Connection):
+    """A connection that records what it sends: ``sends`` (one send is one round trip; a pipeline sends all its
+    commands at once) and every command, its arguments as sent."""
+
+    sends = 0
+    commands: ClassVar[list[list[bytes]]] = []
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        CountingConnection.commands += commands_in(command if isinstance(command, bytes) else b"".join(command))
+        await super().send_packed_command(command, check_health)
+
+
+def commands_in(data: bytes) -> list[list[bytes]]:
+    """The commands in ``data`` as the Redis protocol frames them (an array of bulk strings each)."""
+    commands, at = [], 0
+    while at < len(data):
+        assert data[at : at + 1] == b"*", data[at : at + 20]
+        end = data.index(b"\r\n", at)
+        parts, at = int(data[at + 1 : end]), end + 2
+        command = []
+        for _ in range(parts):
+            end = data.index(b"\r\n", at)
+            length, at = int(data[at + 1 : end]), end + 2
+            command.append(data[at : at + length])
+            at += length + 2
+        commands.append(command)
+    return commands
+
+
+def operations_sent(since: int = 0) -> list[list[str]]:
+    """The shared state's operations in the scripts sent since command number ``since`` (their function's name and
+    inline arguments each, in the order Redis ran them), from what ``CountingConnection`` recorded."""
+    operations = []
+    for command in CountingConnection.commands[since:]:
+        if command[0].upper() == b"EVALSHA":
+            at = 4 + int(command[2])  # past EVALSHA, the script, the number of keys, the keys and `now`
+            while at < len(command):
+                operation = command[at].decode().split()
+                operations.append(operation)
+                at += 1 + int(operation[2])  # past its texts
+    return operations
+
+
+@asynccontextmanager
+async def counting_state(url: str = REDIS, **settings: Any) -> AsyncIterator[RedisState]:
+    """A ``RedisState`` on connections that count what they send, its background sender running, under a fresh
+    prefix deleted afterwards."""
+    require_redis(url)
+    prefix = new_prefix()
+    client = Redis.from_pool(ConnectionPool.from_url(url, connection_class=CountingConnection))
+    state = RedisState(client, prefix=prefix, **settings)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(state.send_later)
+            yield state
+            state.stop_sending()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
+            with contextlib.suppress(redis.RedisError):  # a Redis the test stopped holds nothing
+                await forget(prefix, url)
 
 
 class PrivateRedis:

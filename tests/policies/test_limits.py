@@ -1,12 +1,10 @@
-"""Limits: a call's rate and concurrency limits taken together, in memory and on Redis; one Redis round trip
+"""Limits: a call's rate and concurrency limits taken together, in memory and on Redis; one Redis command
 awaited per admitted call, counted on the connection."""
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 import pytest
-from redis.asyncio import Connection, ConnectionPool, Redis
 
 from gateway.chain import build_chain
 from gateway.config import CircuitBreakerConfig, LimitRule, parse_config
@@ -19,7 +17,7 @@ from policies.ratelimit import RateLimit
 from policies.redis_state import RedisState
 from policies.state import LimitState, MemoryBreakerState, MemoryLimitState
 from tests.policies.fakes import OK, FakeClock, Gate
-from tests.redis_support import REDIS, forget, new_prefix, redis_states, require_redis
+from tests.redis_support import CountingConnection, counting_state, operations_sent, redis_states
 
 pytestmark = pytest.mark.anyio
 
@@ -159,32 +157,11 @@ async def test_exactly_the_limits_let_m_concurrent_calls_through_across_two_repl
     assert after == ["ok", "ok", "rate"]  # the 37 refused calls spent none of the 5 tokens
 
 
-class CountingConnection(Connection):
-    """A connection that counts what it sends: one send is one round trip (a pipeline sends all its commands
-    at once)."""
-
-    sent = 0
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        CountingConnection.sent += 1
-        await super().send_packed_command(command, check_health)
-
-
 @pytest.fixture
 async def counted() -> AsyncIterator[RedisState]:
     """A ``RedisState`` whose connections count what they send, its background sender running."""
-    require_redis()
-    prefix = new_prefix()
-    client = Redis.from_pool(ConnectionPool.from_url(REDIS, connection_class=CountingConnection))
-    state = RedisState(client, prefix=prefix)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(state.send_later)
-            yield state
-            state.stop_sending()
-    finally:
-        await client.aclose()
-        await forget(prefix)
+    async with counting_state() as state:
+        yield state
 
 
 def through_breaker(state: RedisState, upstream: CallNext = instant) -> CallNext:
@@ -192,7 +169,7 @@ def through_breaker(state: RedisState, upstream: CallNext = instant) -> CallNext
     return lambda call: breaker(call, upstream)
 
 
-async def test_an_admitted_call_awaits_one_redis_round_trip_for_its_rate_and_concurrency_limits(
+async def test_an_admitted_call_awaits_one_redis_command_for_its_rate_and_concurrency_limits(
     counted: RedisState,
 ) -> None:
     several = [
@@ -205,18 +182,20 @@ async def test_an_admitted_call_awaits_one_redis_round_trip_for_its_rate_and_con
     awaited: list[int] = []
 
     async def upstream(call: ToolCall) -> ToolResult:
-        awaited.append(CountingConnection.sent - before)
+        awaited.append(len(CountingConnection.commands) - before)
         return OK
 
-    await limits(CALL, through_breaker(counted))  # scripts loaded, connections opened
+    await limits(CALL, through_breaker(counted))  # script loaded, connections opened
     await anyio.wait_all_tasks_blocked()
-    started = CountingConnection.sent
+    started, sends = len(CountingConnection.commands), CountingConnection.sends
     for _ in range(4):
-        before = CountingConnection.sent
+        before = len(CountingConnection.commands)
         await limits(CALL, through_breaker(counted, upstream))
-        await anyio.wait_all_tasks_blocked()  # the background pipeline sent
-    assert awaited == [1, 1, 1, 1]  # every bucket and slot in one script; the closed circuit trusted
-    assert CountingConnection.sent - started == 8  # and one pipeline after each: two releases, a success
+        await anyio.wait_all_tasks_blocked()  # the background batch sent
+    assert awaited == [1, 1, 1, 1]  # every bucket and slot in one operation; the closed circuit trusted
+    # And one command after each, in the background: the success and the two releases, in one script.
+    assert (len(CountingConnection.commands) - started, CountingConnection.sends - sends) == (8, 8)
+    assert [operation[0] for operation in operations_sent(started)] == ["enter", "succeeded", "release", "release"] * 4
 
 
 async def test_one_call_after_another_costs_one_round_trip_each_the_background_riding_along(
@@ -226,13 +205,19 @@ async def test_one_call_after_another_costs_one_round_trip_each_the_background_r
     # limits script, in the same round trip, when the background sender has nothing on its way.
     limits = Limits([RATE, SLOTS], counted.limits)
     chain = through_breaker(counted)
-    await limits(CALL, chain)  # scripts loaded, connections opened
+    await limits(CALL, chain)  # script loaded, connections opened
     await anyio.wait_all_tasks_blocked()
-    started = CountingConnection.sent
+    started, sends = len(CountingConnection.commands), CountingConnection.sends
     for _ in range(4):
         await limits(CALL, chain)
     await anyio.wait_all_tasks_blocked()  # the last call's release and success, sent in the background
-    assert CountingConnection.sent - started == 5
+    assert (len(CountingConnection.commands) - started, CountingConnection.sends - sends) == (5, 5)  # one command each
+    assert [operation[0] for operation in operations_sent(started)] == [
+        "enter",
+        *(["succeeded", "release", "enter"] * 3),  # what the call before queued, ahead of this call's limits
+        "succeeded",
+        "release",
+    ]
     assert await counted.client.zcard(counted.prefix + "concurrency:slots:global:") == 0  # every release arrived
     # The successes arrived too (a closed circuit's hash is made by the first).
     assert await counted.client.hget(counted.prefix + "circuit:crm", "consec") == b"0"

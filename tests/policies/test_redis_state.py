@@ -19,7 +19,18 @@ from policies.ratelimit import RateLimit
 from policies.redis_state import open_redis_state
 from policies.state import Admission, Refusal
 from tests.policies.fakes import FakeClock, Gate
-from tests.redis_support import REDIS, forget, new_prefix, private_redis, redis_states, require_redis, shared_state
+from tests.redis_support import (
+    REDIS,
+    CountingConnection,
+    counting_state,
+    forget,
+    new_prefix,
+    operations_sent,
+    private_redis,
+    redis_states,
+    require_redis,
+    shared_state,
+)
 from tests.support import ROOT
 
 pytestmark = pytest.mark.anyio
@@ -353,3 +364,120 @@ async def test_under_deny_redis_going_away_during_a_call_never_replaces_its_outc
             with pytest.raises(UpstreamUnavailable):
                 await breaker(CALL, fails_after_redis_stops)
     assert answered.content[0]["text"] == "answered"
+
+
+async def test_a_circuits_successes_queued_together_are_one_operation_that_counts_each() -> None:
+    config = CircuitBreakerConfig(failures=5, failure_rate=0.5, min_calls=100, window=60, reset_after=30)
+    async with counting_state(clock=FakeClock()) as state:
+        breaker = BreakerPolicy({"crm": config}, state.breakers)
+        await breaker(CALL, instant)  # seen closed: the next calls are admitted without asking Redis
+        await anyio.wait_all_tasks_blocked()
+        started = len(CountingConnection.commands)
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(breaker, CALL, instant)
+        await anyio.wait_all_tasks_blocked()  # the background batch sent
+        operations = operations_sent(started)
+        window = await state.client.hgetall(state.prefix + "circuit:crm:window")
+    assert [(operation[0], operation[-1]) for operation in operations] == [("succeeded", "10")]
+    # Exactly as eleven reports one by one: each success is a call in the window slot of the time Redis got it
+    # (the fake clock's 1000 s: slot 333 of 3 s).
+    assert window == {b"c333": b"11", b"f333": b"0"}
+
+
+async def test_a_failure_parts_the_successes_merged_around_it_so_reports_keep_their_order() -> None:
+    # Two failures apart never make a streak of two: merged across the first, the successes would come before
+    # both failures and open the circuit.
+    config = CircuitBreakerConfig(failures=2, failure_rate=0.9, min_calls=100, window=60, reset_after=30)
+    async with counting_state(clock=FakeClock()) as state:
+        breakers = state.breakers
+        admission = await breakers.admit("crm", config)
+        assert isinstance(admission, Admission)
+        started = len(CountingConnection.commands)
+        outcomes = ["ok"] * 3 + ["failed"] + ["ok"] * 2 + ["failed"]
+        entered: list[str | None] = []
+
+        async def report(outcome: str) -> None:
+            if outcome == "ok":
+                entered.append(await breakers.succeeded("crm", config, admission))
+            else:
+                entered.append(await breakers.failed("crm", config, admission, "timeout"))
+
+        async with anyio.create_task_group() as tg:
+            for outcome in outcomes:  # all made before the background sender runs: one batch
+                tg.start_soon(report, outcome)
+        operations = operations_sent(started)
+        closed = await breakers.state("crm", config)
+        window = await state.client.hgetall(state.prefix + "circuit:crm:window")
+    assert [(operation[0], operation[-1] if operation[0] == "succeeded" else "") for operation in operations] == [
+        ("succeeded", "3"),
+        ("failed", ""),
+        ("succeeded", "2"),
+        ("failed", ""),
+    ]
+    assert (entered, closed) == ([None] * 7, "closed")
+    assert window == {b"c333": b"7", b"f333": b"2"}
+
+
+async def test_the_slots_of_calls_ending_together_are_released_in_one_operation() -> None:
+    rule = LimitRule.model_validate({"tools": ["*"], "max_concurrency": 5, "per": "global"})
+    async with counting_state() as state:
+        limit = ConcurrencyLimit([rule], state.limits)
+        gate = Gate(expected=5)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(limit, CALL, gate)
+                await gate.all_in.wait()
+                started = len(CountingConnection.commands)
+                gate.release.set()
+        await anyio.wait_all_tasks_blocked()  # the background batch sent
+        operations = operations_sent(started)
+        held = await state.client.zcard(state.prefix + f"concurrency:{rule.id}:global:")
+    assert [(operation[0], len(operation) - 3) for operation in operations] == [("release", 5)]  # its members
+    assert (held, state.releasing, state.leases) == (0, {}, {})
+
+
+@pytest.mark.parametrize("failure", ["allow", "deny"])
+async def test_merged_reports_redis_never_got_are_each_counted_and_change_no_outcome(
+    tmp_path: Path, failure: str
+) -> None:
+    rule = LimitRule.model_validate({"tools": ["*"], "max_concurrency": 5, "per": "global"})
+    failures: list[str] = []
+    with private_redis(tmp_path) as server:
+        async with counting_state(server.url, failure=failure, on_failure=failures.append) as state:
+            limit, breaker = ConcurrencyLimit([rule], state.limits), BreakerPolicy({"crm": BREAKER}, state.breakers)
+            gate = Gate(expected=3)
+            answers: list[str] = []
+
+            async def call() -> None:
+                result = await limit(CALL, lambda call: breaker(call, gate))
+                answers.append(result.content[0]["text"])
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(3):
+                        tg.start_soon(call)
+                    await gate.all_in.wait()
+                    server.stop()
+                    gate.release.set()
+            await anyio.wait_all_tasks_blocked()  # the background batch tried
+            releasing = dict(state.releasing)
+    assert answers == ["ok"] * 3
+    # One operation each for the three successes and the three releases, each report counted.
+    assert failures == ["succeeded"] * 3 + ["release"] * 3
+    assert releasing == {}  # the leases run out on their own
+
+
+async def test_an_operation_that_fails_in_redis_fails_alone_in_its_batch() -> None:
+    failures: list[str] = []
+    async with counting_state(on_failure=failures.append) as state:
+        await state.client.hset(state.prefix + "not-a-bucket", "field", "value")  # GET on it fails: WRONGTYPE
+        assert await state.limits.acquire("slots", 1)
+        await state.limits.release("slots")  # queued: it rides with the next awaited operation
+        started = len(CountingConnection.commands)
+        waited = await state.limits.take("not-a-bucket", 1.0, 1)
+        operations = [operation[0] for operation in operations_sent(started)]
+        held = await state.client.zcard(state.prefix + "slots")
+    assert operations == ["release", "enter"]
+    assert (held, waited, failures) == (0, 0.0, ["take"])  # the release done; the take let through (allow), counted
