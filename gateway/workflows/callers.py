@@ -20,7 +20,7 @@ from gateway.errors import UpstreamError
 from gateway.types import ClientChannel, JSONObject
 from gateway.workflows.asking import ask
 from gateway.workflows.commands import AskModel, AskUser, CallTool, StepError
-from gateway.workflows.runs import _Attached
+from gateway.workflows.runs import AttachedClient
 
 __all__ = ["Callers"]
 
@@ -41,7 +41,7 @@ class _NoClient:
 
 @dataclass
 class _Attendance:
-    client: _Attached
+    client: AttachedClient
     count: int = 0
     """Callers awaiting the run here, plus questions being asked."""
 
@@ -81,7 +81,7 @@ class Callers:
     def _enter(self, run_id: str) -> _Attendance:
         attendance = self._runs.get(run_id)
         if attendance is None:
-            attendance = self._runs[run_id] = _Attendance(_Attached(None))
+            attendance = self._runs[run_id] = _Attendance(AttachedClient(None))
         attendance.count += 1
         return attendance
 

@@ -40,7 +40,7 @@ from gateway.workflows.runner import COMPENSATION_LIMIT, IDEMPOTENCY_META_KEY, R
 if TYPE_CHECKING:
     from gateway.workflows.on_temporal import TemporalRuns
 
-__all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RESCAN", "RunNotResumable", "Runs", "caller_scope"]
+__all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RESCAN", "AttachedClient", "RunNotResumable", "Runs", "caller_scope"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def caller_scope(principal: Principal) -> str:
     return f"{principal.kind}:{principal.id}"
 
 
-class _Attached:
+class AttachedClient:
     """The client of a detached run: whichever caller attached to it last (the call that started it, a
     re-issue with its idempotency key). A question asked while none is attached, or after the one
     attached went away, waits for the next (a resumed run asks again whoever re-issues the call)."""
@@ -122,7 +122,7 @@ class _Attached:
 class _Live:
     """A run this process is running detached."""
 
-    client: _Attached
+    client: AttachedClient
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
 
@@ -314,7 +314,7 @@ class Runs:
             raise GatewayError("the gateway is not running workflows in the background")
         run_id = run_id or uuid.uuid4().hex
         details = {**(details or {}), **({"task": dict(task)} if task is not None else {})}
-        client = _Attached(context.client)
+        client = AttachedClient(context.client)
         detached = replace(
             context, progress=_best_effort(context), client=client, input_responses=None, request_state=None
         )
@@ -330,7 +330,7 @@ class Runs:
         context: CallContext,
         run_id: str,
         details: Mapping[str, Any],
-        client: _Attached,
+        client: AttachedClient,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -488,7 +488,7 @@ class Runs:
         if not await self.store.claim(run_id):
             raise RunNotResumable(f"run {run_id} was taken up by another gateway")
         events = await self.store.events(run_id)
-        client = _Attached(None)  # its questions wait for its caller to re-issue the call
+        client = AttachedClient(None)  # its questions wait for its caller to re-issue the call
         context = CallContext(principal=Principal(record.caller_id, record.caller_kind), client=client)
         if self._metrics is not None:
             self._metrics.workflow_resumed(plan.name)
@@ -505,7 +505,7 @@ class Runs:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        assert isinstance(context.client, _Attached)
+        assert isinstance(context.client, AttachedClient)
         live = self._live[record.run_id] = _Live(context.client)
         try:
             with live.scope:
