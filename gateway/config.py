@@ -46,6 +46,7 @@ from gateway.policy_config import (
     Per,
     PolicyRule,
     Rate,
+    ServerCache,
     ServerRetry,
 )
 from gateway.units import Duration, Size, retry_delay
@@ -71,6 +72,7 @@ __all__ = [
     "Per",
     "PolicyRule",
     "Rate",
+    "ServerCache",
     "ServerConfig",
     "ServerRetry",
     "StdioServer",
@@ -358,6 +360,9 @@ class _ServerBase(BaseModel):
     """Stop calling the server for a while after it failed too often."""
     fallback: dict[str, str] = {}
     """Upstream tool name (glob) → the tool (its gateway name) to call instead when a call fails to get an answer."""
+    cache: ServerCache | None = None
+    """Keep the last good results of some read-only tools, to answer (marked stale) while a call cannot reach the
+    server."""
 
 
 class StdioServer(_ServerBase):

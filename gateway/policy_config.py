@@ -56,6 +56,7 @@ __all__ = [
     "PolicyId",
     "PolicyRule",
     "Rate",
+    "ServerCache",
     "ServerRetry",
     "bucket_size",
     "derive_id",
@@ -71,6 +72,8 @@ DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_WINDOW = 60.0
 DEFAULT_BREAKER_MIN_CALLS = 10
 DEFAULT_BREAKER_RESET = 30.0
+DEFAULT_CACHE_ENTRIES = 1000
+"""Results a server's ``cache:`` keeps by default, the most recent ones."""
 DEFAULT_AUDIT_BUFFER = 10_000
 DEFAULT_AUDIT_MAX_RECORD = 64 * 2**10
 DEFAULT_AUDIT_ROTATE_SIZE = 100 * 2**20
@@ -323,6 +326,21 @@ class ServerRetry(BaseModel):
     def delay(self, retry: int, random: float) -> float:
         """Seconds to wait before retry number ``retry`` (1-based), given a uniform ``random`` in [0, 1)."""
         return retry_delay(retry, self.backoff, self.max_backoff, self.jitter, random)
+
+
+class ServerCache(BaseModel):
+    """The last good results of an upstream's read-only or idempotent tools, answered (marked stale) while a call
+    cannot reach it."""
+
+    model_config = _MODEL_CONFIG
+
+    tools: list[str] = Field(min_length=1)
+    """Glob patterns of upstream tool names whose results are kept; each tool they match must be read-only or
+    idempotent (``readOnlyHint``, ``idempotentHint``, or ``tools.idempotent``), else the config is refused."""
+    ttl: Duration
+    """How long a result may be answered after it was kept (``10m``)."""
+    max_entries: int = Field(DEFAULT_CACHE_ENTRIES, ge=1)
+    """Results kept for this server, the most recently kept ones; the oldest go first."""
 
 
 class CircuitBreakerConfig(BaseModel):

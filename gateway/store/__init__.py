@@ -21,6 +21,9 @@ replica a 2026-07-28 client's retry reaches puts it in the store (:meth:`Store.r
 holding the call takes it (:meth:`Store.relay_take`) and answers it (:meth:`Store.relay_answer`), and
 the first reads the answer (:meth:`Store.relay_answer_of`).
 
+A server's ``cache:`` keeps its tools' last good results here (:meth:`Store.cache_put`,
+:meth:`Store.cache_get`), so that every replica sharing the store can answer from them.
+
 :func:`open_store` opens the store a URL names, creating and migrating its schema.
 """
 
@@ -34,6 +37,7 @@ from gateway.errors import StoreError
 from gateway.workflows.journal import JournalEvent
 
 __all__ = [
+    "CacheEntry",
     "Durability",
     "IdempotencyEntry",
     "Relay",
@@ -139,6 +143,16 @@ class Relay:
     """Wall-clock time after which nobody takes it (its ``requestState`` has expired by then)."""
 
 
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A tool's result kept by a server's ``cache:``."""
+
+    result: Mapping[str, Any]
+    """The ``CallToolResult`` (wire form)."""
+    cached_at: float
+    """Wall-clock time it was kept."""
+
+
 def fold(record: RunRecord | None, event: JournalEvent) -> RunRecord | None:
     """``record`` updated with ``event`` (None before a run's ``run_started``). Pure: every store keeps
     its :class:`RunRecord` s this way, in the transaction that appends the event."""
@@ -220,7 +234,8 @@ class Store(Protocol):
 
     async def prune(self, *, age: float | None = None, count: int | None = None) -> int:
         """Forget finished runs (with their events) older than ``age`` seconds, and beyond the ``count``
-        most recent finished ones; and expired idempotency keys and relayed retries past their deadline.
+        most recent finished ones; and expired idempotency keys, relayed retries past their deadline and expired
+        cached results.
         Returns the runs forgotten."""
         ...
 
@@ -297,6 +312,17 @@ class Store(Protocol):
 
     async def idempotency_get(self, scope: str, key: str) -> IdempotencyEntry | None:
         """The unexpired entry of ``key``, or None."""
+        ...
+
+    # --- Cached results (a server's ``cache:``). ---
+
+    async def cache_put(self, scope: str, key: str, result: Mapping[str, Any], ttl: float, max_entries: int) -> None:
+        """Keep ``result`` as ``key``'s in ``scope`` (a server) for ``ttl`` seconds, replacing the one kept before,
+        and forget the oldest results of ``scope`` beyond its ``max_entries`` most recently kept."""
+        ...
+
+    async def cache_get(self, scope: str, key: str) -> CacheEntry | None:
+        """The unexpired result kept as ``key``'s in ``scope``, or None."""
         ...
 
     async def close(self) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.store import IdempotencyEntry, Relay, RunQuery, RunRecord, fold
+from gateway.store import CacheEntry, IdempotencyEntry, Relay, RunQuery, RunRecord, fold
 from gateway.workflows.journal import JournalEvent
 
 __all__ = ["DEFAULT_KEPT_EVENTS", "DEFAULT_KEPT_RUNS", "MemoryStore"]
@@ -47,6 +47,8 @@ class MemoryStore:
         self._keys: dict[tuple[str, str], IdempotencyEntry] = {}
         self._cancels: dict[str, str] = {}
         self._relays: dict[str, _Relayed] = {}
+        self._cache: dict[str, OrderedDict[str, tuple[CacheEntry, float]]] = {}
+        """Each scope's cached results with their expiry, the most recently kept last."""
 
     # --- The journal. ---
 
@@ -114,6 +116,9 @@ class MemoryStore:
         for relay_id, relayed in list(self._relays.items()):
             if relayed.relay.deadline < now:
                 del self._relays[relay_id]
+        for entries in self._cache.values():
+            for key in [key for key, (_, expires_at) in entries.items() if expires_at <= now]:
+                del entries[key]
         return len(doomed)
 
     # --- Ownership: every run is this instance's. ---
@@ -204,6 +209,22 @@ class MemoryStore:
         entry = self._keys.get((scope, key))
         if entry is not None:
             self._keys[scope, key] = replace(entry, **changes)
+
+    # --- Cached results. ---
+
+    async def cache_put(self, scope: str, key: str, result: Mapping[str, Any], ttl: float, max_entries: int) -> None:
+        now = self._clock()
+        entries = self._cache.setdefault(scope, OrderedDict())
+        entries.pop(key, None)
+        entries[key] = (CacheEntry(result, now), now + ttl)
+        while len(entries) > max_entries:
+            entries.popitem(last=False)
+
+    async def cache_get(self, scope: str, key: str) -> CacheEntry | None:
+        kept = self._cache.get(scope, {}).get(key)
+        if kept is None or kept[1] <= self._clock():
+            return None
+        return kept[0]
 
     async def close(self) -> None:
         return None

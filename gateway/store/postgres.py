@@ -36,7 +36,7 @@ import asyncpg
 import orjson
 
 from gateway.errors import StoreError
-from gateway.store import Durability, IdempotencyEntry, Relay, RunQuery, RunRecord
+from gateway.store import CacheEntry, Durability, IdempotencyEntry, Relay, RunQuery, RunRecord
 from gateway.store._common import (
     FINISHED,
     RUN_COLUMNS,
@@ -85,6 +85,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at DOUBLE PRECISION NOT NULL, deadline DOUBLE PRECISION NOT NULL, taken_at DOUBLE PRECISION,
             answer JSONB)""",
         "CREATE INDEX relays_by_holder ON relays (holder, taken_at)",
+    ),
+    (  # 4: the last good results of the tools a server's `cache:` names
+        """CREATE TABLE cache (
+            scope TEXT NOT NULL, key TEXT NOT NULL, result JSONB NOT NULL, cached_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (scope, key))""",
+        "CREATE INDEX cache_by_age ON cache (scope, cached_at)",
     ),
 )
 """The schema, one entry per version (forward only): version N is after ``MIGRATIONS[N - 1]`` ran."""
@@ -295,6 +301,7 @@ class PostgresStore(Journaled):
                 await con.execute("DELETE FROM runs WHERE run_id = ANY($1::text[])", unique)
                 await con.execute("DELETE FROM idempotency WHERE expires_at <= $1", now)
                 await con.execute("DELETE FROM relays WHERE deadline < $1", now)
+                await con.execute("DELETE FROM cache WHERE expires_at <= $1", now)
                 # Asked of a run that ended before its owner saw the request (or is forgotten).
                 await con.execute(
                     "DELETE FROM cancel_requests WHERE run_id NOT IN (SELECT run_id FROM runs WHERE status = 'running')"
@@ -404,6 +411,39 @@ class PostgresStore(Journaled):
             relay_id,
         )
         return not rows[0][0]
+
+    # --- Cached results. ---
+
+    async def cache_put(self, scope: str, key: str, result: Mapping[str, Any], ttl: float, max_entries: int) -> None:
+        now = self._clock()
+        try:
+            async with self._connection() as con, con.transaction():
+                await con.execute(
+                    "INSERT INTO cache VALUES ($1, $2, $3::jsonb, $4, $5) ON CONFLICT (scope, key) DO UPDATE SET "
+                    "result = excluded.result, cached_at = excluded.cached_at, expires_at = excluded.expires_at",
+                    scope,
+                    key,
+                    orjson.dumps(result).decode(),
+                    now,
+                    now + ttl,
+                )
+                await con.execute(
+                    "DELETE FROM cache WHERE scope = $1 AND key IN "
+                    "(SELECT key FROM cache WHERE scope = $1 ORDER BY cached_at DESC, key DESC OFFSET $2)",
+                    scope,
+                    max_entries,
+                )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"cannot write to the store {_shown(self.url)}: {exc}") from exc
+
+    async def cache_get(self, scope: str, key: str) -> CacheEntry | None:
+        rows = await self._fetch(
+            "SELECT result, cached_at FROM cache WHERE scope = $1 AND key = $2 AND expires_at > $3",
+            scope,
+            key,
+            self._clock(),
+        )
+        return CacheEntry(orjson.loads(rows[0][0]), rows[0][1]) if rows else None
 
     # --- Idempotency keys. ---
 

@@ -37,7 +37,7 @@ import anyio
 import orjson
 
 from gateway.errors import StoreError
-from gateway.store import Durability, IdempotencyEntry, Relay, RunQuery, RunRecord
+from gateway.store import CacheEntry, Durability, IdempotencyEntry, Relay, RunQuery, RunRecord
 from gateway.store._common import (
     FINISHED,
     RUN_COLUMNS,
@@ -89,8 +89,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at REAL NOT NULL, deadline REAL NOT NULL, taken_at REAL, answer TEXT)""",
         "CREATE INDEX relays_by_holder ON relays (holder, taken_at)",
     ),
+    (  # 4: the last good results of the tools a server's `cache:` names
+        """CREATE TABLE cache (
+            scope TEXT NOT NULL, key TEXT NOT NULL, result TEXT NOT NULL, cached_at REAL NOT NULL,
+            expires_at REAL NOT NULL, PRIMARY KEY (scope, key)) WITHOUT ROWID""",
+        "CREATE INDEX cache_by_age ON cache (scope, cached_at)",
+    ),
 )
 """The schema, one entry per version (forward only): version N is after ``MIGRATIONS[N - 1]`` ran."""
+
+_EVICT = (
+    "DELETE FROM cache WHERE scope = ? AND key IN "
+    "(SELECT key FROM cache WHERE scope = ? ORDER BY cached_at DESC, key DESC LIMIT -1 OFFSET ?)"
+)
+"""Forget a scope's cached results beyond its N most recently kept."""
 
 BUSY_TIMEOUT_MS = 30_000
 """How long a statement waits for another connection's write lock (another gateway, ``patchbay resume``)."""
@@ -349,6 +361,7 @@ class SqliteStore(Journaled):
             con.executemany("DELETE FROM runs WHERE run_id = ?", unique)
             con.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
             con.execute("DELETE FROM relays WHERE deadline < ?", (now,))
+            con.execute("DELETE FROM cache WHERE expires_at <= ?", (now,))
             # Asked of a run that ended before its owner saw the request (or is forgotten).
             con.execute(
                 "DELETE FROM cancel_requests WHERE run_id NOT IN (SELECT run_id FROM runs WHERE status = 'running')"
@@ -447,6 +460,29 @@ class SqliteStore(Journaled):
         with _transaction(con):
             con.execute("DELETE FROM relays WHERE id = ? AND taken_at IS NULL", (relay_id,))
             return con.execute("SELECT 1 FROM relays WHERE id = ?", (relay_id,)).fetchone() is None
+
+    # --- Cached results. ---
+
+    async def cache_put(self, scope: str, key: str, result: Mapping[str, Any], ttl: float, max_entries: int) -> None:
+        await self._run(self._cache_put, scope, key, orjson.dumps(result).decode(), ttl, max_entries)
+
+    def _cache_put(self, scope: str, key: str, result: str, ttl: float, max_entries: int) -> None:
+        con, now = self._db, self._clock()
+        with _transaction(con):
+            con.execute(
+                "INSERT INTO cache VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET "
+                "result = excluded.result, cached_at = excluded.cached_at, expires_at = excluded.expires_at",
+                (scope, key, result, now, now + ttl),
+            )
+            con.execute(_EVICT, (scope, scope, max_entries))
+
+    async def cache_get(self, scope: str, key: str) -> CacheEntry | None:
+        return await self._run(self._cache_get, scope, key)
+
+    def _cache_get(self, scope: str, key: str) -> CacheEntry | None:
+        sql = "SELECT result, cached_at FROM cache WHERE scope = ? AND key = ? AND expires_at > ?"
+        row = self._db.execute(sql, (scope, key, self._clock())).fetchone()
+        return None if row is None else CacheEntry(orjson.loads(row[0]), row[1])
 
     def _execute(self, sql: str, args: Sequence[Any]) -> None:
         con = self._db

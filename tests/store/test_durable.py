@@ -201,7 +201,7 @@ async def test_a_store_with_a_newer_schema_is_refused(durable_url: str, opener: 
             pytest.fail("the store opened")
     message = str(caught.value)
     assert "schema version 99" in message
-    assert "version 3" in message
+    assert "version 4" in message
     assert "upgrade Patchbay" in message
 
 
@@ -220,7 +220,8 @@ async def sql(url: str, statement: str) -> None:
 async def test_a_version_1_store_is_migrated_and_keeps_its_runs(durable_url: str, opener: Opener) -> None:
     async with opener(durable_url) as store:
         await store_run(store, "r1")
-    await sql(durable_url, "DROP TABLE relays")  # what version 1 had
+    await sql(durable_url, "DROP TABLE cache")  # what version 1 had
+    await sql(durable_url, "DROP TABLE relays")
     await sql(durable_url, "DROP TABLE cancel_requests")
     await set_schema_version(durable_url, 1)
 
@@ -236,7 +237,8 @@ async def test_a_version_1_store_is_migrated_and_keeps_its_runs(durable_url: str
 async def test_a_version_2_store_is_migrated_and_relays_retries(durable_url: str, opener: Opener) -> None:
     async with opener(durable_url) as store:
         await store_run(store, "r1")
-    await sql(durable_url, "DROP TABLE relays")  # what version 2 had
+    await sql(durable_url, "DROP TABLE cache")  # what version 2 had
+    await sql(durable_url, "DROP TABLE relays")
     await set_schema_version(durable_url, 2)
 
     async with opener(durable_url) as store:
@@ -246,6 +248,29 @@ async def test_a_version_2_store_is_migrated_and_relays_retries(durable_url: str
     assert record is not None
     assert relay_id is not None
     assert [(relay.id, relay.retry) for relay in taken] == [(relay_id, {"n": 1})]
+
+
+async def test_a_version_3_store_is_migrated_and_caches_results(durable_url: str, opener: Opener) -> None:
+    async with opener(durable_url) as store:
+        await store_run(store, "r1")
+    await sql(durable_url, "DROP TABLE cache")  # what version 3 had
+    await set_schema_version(durable_url, 3)
+
+    async with opener(durable_url) as store:
+        record = await store.run("r1")
+        await store.cache_put("crm", "k1", {"content": []}, 60.0, 10)
+        entry = await store.cache_get("crm", "k1")
+    assert record is not None
+    assert entry is not None
+    assert entry.result == {"content": []}
+
+
+async def test_a_result_cached_through_one_instance_is_read_through_another(durable_url: str, opener: Opener) -> None:
+    async with opener(durable_url) as one, opener(durable_url) as other:
+        await one.cache_put("crm", "k1", {"structuredContent": {"id": 7}}, 60.0, 10)
+        entry = await other.cache_get("crm", "k1")
+    assert entry is not None
+    assert entry.result == {"structuredContent": {"id": 7}}
 
 
 async def test_a_retry_is_not_relayed_to_an_instance_that_is_gone(durable_url: str, opener: Opener) -> None:

@@ -1,4 +1,4 @@
-"""One suite, every store: the journal, run records, queries, pruning and idempotency keys."""
+"""One suite, every store: the journal, run records, queries, pruning, idempotency keys and cached results."""
 
 import anyio
 import pytest
@@ -205,3 +205,57 @@ async def test_a_relayed_retry_nobody_took_is_withdrawn_and_none_is_taken_past_i
     assert await store.prune() == 0
     clock.now = 1_000_059.0
     assert await store.relay_take(holder) == []  # pruned: gone
+
+
+# -- cached results (a server's cache:) ----------------------------------------------------------------------------
+
+
+async def test_a_cached_result_is_read_back_until_it_expires(store: Store, clock: Clock) -> None:
+    result = {"content": [{"type": "text", "text": "7 in stock"}], "isError": False}
+    kept_at = clock.now
+    await store.cache_put("crm", "k1", result, 60.0, 10)
+
+    entry = await store.cache_get("crm", "k1")
+    assert entry is not None
+    assert (entry.result, entry.cached_at) == (result, kept_at)
+    assert await store.cache_get("crm", "k2") is None
+    assert await store.cache_get("billing", "k1") is None  # another server's cache
+    clock.now += 59.0
+    assert await store.cache_get("crm", "k1") is not None
+    clock.now += 1.0
+    assert await store.cache_get("crm", "k1") is None
+
+
+async def test_a_cached_result_is_replaced_by_the_next_one_kept(store: Store, clock: Clock) -> None:
+    await store.cache_put("crm", "k1", {"n": 1}, 60.0, 10)
+    clock.now += 50.0
+    await store.cache_put("crm", "k1", {"n": 2}, 60.0, 10)
+    clock.now += 50.0  # the first would have expired; the second has not
+
+    entry = await store.cache_get("crm", "k1")
+    assert entry is not None
+    assert (entry.result, entry.cached_at) == ({"n": 2}, clock.now - 50.0)
+
+
+async def test_the_oldest_cached_results_of_a_scope_are_forgotten_beyond_its_bound(store: Store, clock: Clock) -> None:
+    for n in range(4):
+        await store.cache_put("crm", f"k{n}", {"n": n}, 600.0, 10)
+        clock.now += 1.0
+    await store.cache_put("billing", "b", {}, 600.0, 10)
+    await store.cache_put("crm", "k0", {"n": 0}, 600.0, 3)  # kept again: now the newest; k1 is the oldest
+    clock.now += 1.0
+    await store.cache_put("crm", "k4", {"n": 4}, 600.0, 3)
+
+    kept = [key for key in ("k0", "k1", "k2", "k3", "k4") if await store.cache_get("crm", key) is not None]
+    assert kept == ["k0", "k3", "k4"]
+    assert await store.cache_get("billing", "b") is not None  # another scope's are not counted
+
+
+async def test_prune_forgets_expired_cached_results(store: Store, clock: Clock) -> None:
+    await store.cache_put("crm", "short", {}, 10.0, 10)
+    await store.cache_put("crm", "long", {}, 100.0, 10)
+    clock.now += 50.0
+    await store.prune()
+    clock.now -= 50.0  # back in time: only what prune deleted is gone
+    assert await store.cache_get("crm", "short") is None
+    assert await store.cache_get("crm", "long") is not None
