@@ -10,21 +10,30 @@ what they would have used up:
    policy when the config has both, so a call's tokens and slots are taken in one operation on the
    limit state (one round trip to Redis when it is shared);
 5. **fallback** (a server's ``fallback:``): answers a failed call with another tool;
-6. **circuit breaker** (a server's ``circuit_breaker:``): fails fast while a server is failing;
-7. **retry** (a server's ``retry:``): idempotent calls again after a connection failure or timeout.
+6. **cache** (a server's ``cache:``): keeps read-only tools' good results, and answers a call that
+   cannot reach the server with the one kept for the same arguments, marked stale;
+7. **circuit breaker** (a server's ``circuit_breaker:``): fails fast while a server is failing;
+8. **retry** (a server's ``retry:``): idempotent calls again after a connection failure or timeout.
 
 So a call that is retried and still fails counts as one failure for the breaker, and an open
-circuit can still be answered by the fallback. The call timeout is the connector's (a server's
-``timeout:``), per attempt.
+circuit can still be answered by the cache or the fallback. The cache is after access control, so
+it only ever answers a caller that may call the tool (a denied call never reaches it); it is
+outside the breaker and the retries, so it sees what they end with: the last attempt's failure,
+or the breaker's refusal while the circuit is open (the breaker, further in, still counts every
+failure, a call answered from the cache included). It is inside the fallback: a kept result of
+the tool itself is closer to the answer than another tool's, the fallback steps in only when
+nothing is kept, and the fallback tool's answers are never kept as this tool's. The call timeout
+is the connector's (a server's ``timeout:``), per attempt.
 """
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from gateway.config import AccessRule, Config, LimitRule
+from gateway.config import DEFAULT_MAX_RESULT, AccessRule, Config, LimitRule
 from gateway.types import CallContext, JSONObject, Policy, ToolResult
 from policies.access import AccessPolicy
 from policies.breaker import BreakerPolicy
+from policies.cache import CachedResults, CachePolicy
 from policies.concurrency import ConcurrencyLimit
 from policies.fallback import FallbackPolicy
 from policies.idempotency import IdempotencyKeys, IdempotencyPolicy
@@ -57,12 +66,20 @@ def build_chain(
     keys: IdempotencyKeys | None = None,
     idempotency_ttl: float = 24 * 3600.0,
     own_idempotency: frozenset[str] = frozenset(),
+    cache: CachedResults | None = None,
+    max_result: int = DEFAULT_MAX_RESULT,
+    on_cache_hit: Callable[[str], None] | None = None,
 ) -> Chain:
     """The chain for ``config``, its rate and concurrency limits kept in ``limits`` and its circuits in
     ``breakers``; ``call_tool`` makes a fallback's call (through the whole chain, raising gateway errors
     rather than turning them into results); ``keys`` records the results of calls with an idempotency key
     for ``idempotency_ttl`` seconds, except for the providers in ``own_idempotency`` (workflows, which
-    attach a re-issued call to its run)."""
+    attach a re-issued call to its run); ``cache`` keeps the results of the servers with a ``cache:`` (none larger
+    than ``max_result`` bytes), ``on_cache_hit(tool)`` being told of each call it answers.
+
+    Raises:
+        ValueError: a server has a ``cache:`` and no ``cache`` store is given.
+    """
     access = AccessPolicy([rule for rule in config.policies if isinstance(rule, AccessRule)], config.clients)
     limit_rules = [rule for rule in config.policies if isinstance(rule, LimitRule)]
     upstreams = config.upstreams
@@ -71,6 +88,7 @@ def build_chain(
     retries = {name: r for name, server in upstreams.items() if (r := server.retry) is not None}
     idempotent = {name: server.tools.idempotent for name, server in upstreams.items()}
     fallbacks = {name: server.fallback for name, server in upstreams.items() if server.fallback}
+    caches = {name: c for name, server in upstreams.items() if (c := server.cache) is not None}
     policies: list[Policy] = []
     if access.active:
         policies.append(access)
@@ -87,6 +105,10 @@ def build_chain(
         policies.append(ConcurrencyLimit(limit_rules, limits))
     if fallbacks:
         policies.append(FallbackPolicy(fallbacks, call_tool))
+    if caches:
+        if cache is None:
+            raise ValueError(f"the servers {sorted(caches)} have a cache: and no store is given to keep it in")
+        policies.append(CachePolicy(caches, idempotent, cache, max_size=max_result, on_hit=on_cache_hit))
     if circuits:
         policies.append(breaker)
     if retries:

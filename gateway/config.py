@@ -49,7 +49,7 @@ from gateway.policy_config import (
     ServerCache,
     ServerRetry,
 )
-from gateway.units import Duration, Size, retry_delay
+from gateway.units import Duration, Size, retry_delay, rfc3339
 from gateway.workflows.model import Step, Workflows, strip_tags
 from gateway.workflows.plan import Plan, check_calls, compile_workflow
 
@@ -81,6 +81,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "retry_delay",
+    "rfc3339",
 ]
 
 DEFAULT_NAME = "patchbay"

@@ -22,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.registry import Registry
 from gateway.tracing import call_span
 from gateway.types import CallContext, CallNext, JSONObject, Policy, Provider, ToolCall, ToolResult
+from policies.cache import META_KEY as STALE_META_KEY
 from policies.fallback import META_KEY as FALLBACK_META_KEY
 from policies.redaction import Redactor
 
@@ -242,10 +243,14 @@ class CallPath:
 
 
 def _decisions(result: ToolResult | None, error: GatewayError | None) -> tuple[str, ...]:
-    """What the policies decided, for the audit record: who refused, or which fallback answered."""
+    """What the policies decided, for the audit record: who refused, or which fallback or cached result answered."""
     if isinstance(error, PolicyDenied):
         return (f"refused by {error.policy} ({error.outcome})",)
-    fallback: Any = result.meta.get(FALLBACK_META_KEY) if result is not None and result.meta else None
+    meta = result.meta if result is not None and result.meta else {}
+    fallback: Any = meta.get(FALLBACK_META_KEY)
     if isinstance(fallback, Mapping):
         return (f"fallback {fallback.get('from')} → {fallback.get('to')}: {fallback.get('reason')}",)
+    stale: Any = meta.get(STALE_META_KEY)
+    if isinstance(stale, Mapping):
+        return (f"answered from cache (kept {stale.get('cached_at')}, {stale.get('age')}s old): {stale.get('reason')}",)
     return ()

@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from gateway.workflows.plan import check_tools, unserved
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
 from gateway.workflows.runs import Runs
+from policies.retry import hinted_idempotent
 
 if TYPE_CHECKING:
     from gateway.workflows.on_temporal import TemporalRuns
@@ -164,6 +166,9 @@ class Gateway:
             keys=self.backends.store,
             idempotency_ttl=settings.idempotency_ttl,
             own_idempotency=frozenset({WORKFLOW_PROVIDER}),
+            cache=self.backends.store,
+            max_result=settings.max_result,
+            on_cache_hit=self.metrics.cache_hit,
         )
         self.access = chain.access
         self.breakers = chain.breakers
@@ -270,6 +275,7 @@ class Gateway:
             self.metrics.upstream_up(name, provider.state is ProviderState.UP)
         listings = {name: provider.listing for name, provider in self.providers.items()}
         self.registry, problems = build_registry(listings, self._naming)
+        problems += self._uncacheable()
         schemas = {name: entry.tool.input_schema for name, entry in self.registry.tools.items()}
         calls = check_tools(self.config.plans, schemas, self._unreachable) + self._unknown_fallbacks()
         if self.ready:
@@ -295,6 +301,27 @@ class Gateway:
             for glob, target in settings.fallback.items()
             if target not in self.registry.tools
         ]
+
+    def _uncacheable(self) -> list[ConfigProblem]:
+        """Served tools that a server's ``cache:`` names and that are neither read-only nor idempotent: a kept result
+        of such a tool would answer for an effect that did not happen (known once the server lists its tools)."""
+        problems = []
+        for name, entry in self.registry.tools.items():
+            settings = self.config.upstreams.get(entry.provider)
+            if settings is None or settings.cache is None:
+                continue
+            globs = [i for i, glob in enumerate(settings.cache.tools) if fnmatchcase(entry.target, glob)]
+            idempotent = any(fnmatchcase(entry.target, glob) for glob in settings.tools.idempotent)
+            if not globs or idempotent or hinted_idempotent(entry.tool.definition):
+                continue
+            where = f"{self.config.section_of(entry.provider)}.{entry.provider}.cache.tools[{globs[0]}]"
+            message = (
+                f"the cache would keep the results of {entry.target!r} (served as {name!r}), which is neither "
+                "read-only nor idempotent: only tools with readOnlyHint or idempotentHint, or listed in "
+                "tools.idempotent, may be cached"
+            )
+            problems.append(ConfigProblem(where, message))
+        return problems
 
     def _unreachable(self, tool: str) -> str | None:
         """Where the provider that would serve ``tool`` is configured (``servers.crm``), when it is not up: the

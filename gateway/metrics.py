@@ -16,6 +16,7 @@ name                                           labels                        typ
 ``patchbay_tool_calls_in_flight``              server                        gauge
 ``patchbay_policy_denials_total``              policy, tool                  counter
 ``patchbay_rate_limited_total``                tool                          counter
+``patchbay_cache_hits_total``                  tool                          counter
 ``patchbay_upstream_up``                       server                        gauge 0/1
 ``patchbay_circuit_open``                      server                        gauge 0/1
 ``patchbay_workflow_runs_total``               workflow, outcome             counter
@@ -124,6 +125,12 @@ class Metrics:
         self._rate_limited = Counter(
             "patchbay_rate_limited", "Calls over a rate or concurrency limit.", ("tool",), registry=r
         )
+        self._cache_hits = Counter(
+            "patchbay_cache_hits",
+            "Calls answered from a server's cache while it was out of reach.",
+            ("tool",),
+            registry=r,
+        )
         self._up = Gauge("patchbay_upstream_up", "1 while the server is connected.", ("server",), registry=r)
         self._circuit = Gauge("patchbay_circuit_open", "1 while the circuit breaker is open.", ("server",), registry=r)
         self._runs = Counter("patchbay_workflow_runs", "Finished runs.", ("workflow", "outcome"), registry=r)
@@ -229,6 +236,10 @@ class Metrics:
             if label != UNKNOWN:
                 self._limited[tool] = child
         child.inc()
+
+    def cache_hit(self, tool: str) -> None:
+        """A call of ``tool`` that could not reach its server was answered from the server's ``cache:``."""
+        self._cache_hits.labels(self.tool_label(tool)).inc()
 
     # -- upstream state ---------------------------------------------------------------------------
 

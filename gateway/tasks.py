@@ -17,12 +17,13 @@ The two eras shape a task differently:
 """
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from gateway.errors import TaskError
 from gateway.store import RunRecord
 from gateway.types import RELATED_TASK_META_KEY, TASKS_EXTENSION, JSONObject, Principal
+from gateway.units import rfc3339
 
 __all__ = [
     "PAGE_SIZE",
@@ -228,8 +229,8 @@ def _task(record: RunRecord, status: str) -> dict[str, Any]:
     task: dict[str, Any] = {
         "taskId": record.run_id,
         "status": status,
-        "createdAt": _iso(record.started_at),
-        "lastUpdatedAt": _iso(max(record.updated_at, record.finished_at or 0.0, record.started_at)),
+        "createdAt": rfc3339(record.started_at),
+        "lastUpdatedAt": rfc3339(max(record.updated_at, record.finished_at or 0.0, record.started_at)),
         "ttl": _ttl(record),
         "pollInterval": POLL_INTERVAL_MS,
     }
@@ -265,8 +266,3 @@ def _instant(iso: object) -> float:
         return datetime.fromisoformat(str(iso)).timestamp()
     except ValueError:
         return 0.0
-
-
-def _iso(seconds: float) -> str:
-    """ISO 8601 (RFC 3339) UTC, to the millisecond."""
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,16 +1,17 @@
 """Durations (``20s``, ``200ms``, ``1.5s``, ``2m``, ``30d``, or seconds) and sizes (``4MiB``) as users write them in
-the config, and the retry schedule configured durations imply.
+the config, the retry schedule configured durations imply, and times as the protocol writes them (RFC 3339).
 
 Its own module because :mod:`gateway.config`, :mod:`gateway.workflows` and (through the config)
 :mod:`policies` use it, and the config holds the workflows.
 """
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-__all__ = ["Duration", "Size", "retry_delay"]
+__all__ = ["Duration", "Size", "retry_delay", "rfc3339"]
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -55,3 +56,8 @@ def retry_delay(attempt: int, backoff: float, max_backoff: float, jitter: float,
     by ± ``jitter`` with ``random`` in [0, 1). One schedule for workflow steps and server retries."""
     base = min(max_backoff, backoff * 2.0 ** min(attempt - 1, 64))  # the cap keeps 2**n a float
     return max(0.0, base * (1 + jitter * (2 * random - 1)))
+
+
+def rfc3339(seconds: float) -> str:
+    """Wall-clock ``seconds`` since the epoch as RFC 3339 (ISO 8601) UTC, to the millisecond: ``…T08:30:00.000Z``."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -12,7 +12,9 @@ again.
 """
 
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import anyio
 
@@ -21,7 +23,7 @@ from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.types import CallNext, ToolCall, ToolResult
 from policies._globs import matcher
 
-__all__ = ["RetryPolicy"]
+__all__ = ["RetryPolicy", "hinted_idempotent", "safe_to_repeat"]
 
 
 class RetryPolicy:
@@ -58,7 +60,7 @@ class RetryPolicy:
         if entry is None:
             return await call_next(call)
         retry, idempotent = entry
-        if not (idempotent.fullmatch(call.target) or _hinted_idempotent(call)):
+        if not safe_to_repeat(call, idempotent):
             return await call_next(call)
         attempt = 1
         while True:
@@ -73,9 +75,18 @@ class RetryPolicy:
             attempt += 1
 
 
-def _hinted_idempotent(call: ToolCall) -> bool:
-    """The upstream says calling twice is harmless: the tool is idempotent, or only reads."""
-    annotations = call.tool.definition.get("annotations") if call.tool is not None else None
+def safe_to_repeat(call: ToolCall, idempotent: re.Pattern[str]) -> bool:
+    """The call's tool may run twice (or be answered twice): its upstream name matches the server's
+    ``tools.idempotent`` (``idempotent``, a :func:`~policies._globs.matcher`), or the upstream hints so."""
+    return idempotent.fullmatch(call.target) is not None or (
+        call.tool is not None and hinted_idempotent(call.tool.definition)
+    )
+
+
+def hinted_idempotent(definition: Mapping[str, Any]) -> bool:
+    """The upstream says calling the tool ``definition`` describes twice is harmless: it is idempotent, or only
+    reads."""
+    annotations = definition.get("annotations")
     if not isinstance(annotations, Mapping):
         return False
     return annotations.get("idempotentHint") is True or annotations.get("readOnlyHint") is True

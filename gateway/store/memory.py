@@ -221,7 +221,8 @@ class MemoryStore:
             entries.popitem(last=False)
 
     async def cache_get(self, scope: str, key: str) -> CacheEntry | None:
-        kept = self._cache.get(scope, {}).get(key)
+        entries = self._cache.get(scope)
+        kept = entries.get(key) if entries is not None else None
         if kept is None or kept[1] <= self._clock():
             return None
         return kept[0]
