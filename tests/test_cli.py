@@ -64,6 +64,15 @@ def test_check_lists_every_config_problem_with_its_line_and_exits_1(tmp_path: Pa
     assert "servers.b.bogus (line 5)" in done.stderr
 
 
+def test_check_refuses_a_cache_of_tools_that_are_neither_read_only_nor_idempotent(tmp_path: Path) -> None:
+    kit = KIT[:-1] + ", tools: {idempotent: [echo]}, cache: {tools: [echo, 'rec*'], ttl: 10m}}"
+    done = patchbay("check", write(tmp_path, f"servers:\n  kit: {kit}\n"))
+    assert done.returncode == 1
+    assert "servers.kit.cache.tools[1] (line 2)" in done.stderr
+    assert "'record'" in done.stderr
+    assert "'echo'" not in done.stderr  # listed idempotent: it may be cached
+
+
 def test_check_with_a_temporal_that_cannot_be_reached_exits_1_saying_so(tmp_path: Path) -> None:
     config = f"gateway:\n  shared_state: redis://cache:6379\n  engine: temporal://127.0.0.1:{free_port()}\n"
     done = patchbay("check", write(tmp_path, config))

@@ -414,3 +414,30 @@ async def test_the_upstream_up_gauge_follows_the_connection(tmp_path: Path) -> N
             await gauge_becomes(gw.base, "patchbay_upstream_up", 0, 10, server="kit")
             async with run_http_upstream(tmp_path, TESTKIT, port, name="second"):
                 await gauge_becomes(gw.base, "patchbay_upstream_up", 1, 40, server="kit")  # backoff: 0.5 s doubling
+
+
+async def test_a_cached_tool_is_answered_stale_while_its_server_is_down_and_fresh_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    kit = f"url: http://127.0.0.1:{port}/mcp, tools: {{idempotent: [echo]}}, cache: {{tools: [echo], ttl: 10m}}"
+    config = f"servers:\n  kit: {{{kit}}}\n"
+    async with run_http_upstream(tmp_path, TESTKIT, port, name="first") as upstream:
+        async with run_gateway(tmp_path, config) as gw, client_of(gw.url) as client:
+            fresh = await client.call_tool("kit__echo", {"text": "hello"})
+            assert (fresh.is_error, text(fresh), fresh.meta) == (False, "hello", None)
+            upstream.process.terminate()
+            await upstream.process.wait()
+
+            stale = await client.call_tool("kit__echo", {"text": "hello"})
+            assert (stale.is_error, text(stale)) == (False, "hello")
+            assert stale.meta is not None
+            assert 0 <= stale.meta["io.patchbay/stale"]["age"] < 30
+            assert (await client.call_tool("kit__echo", {"text": "never kept"})).is_error
+            assert await gauge(gw.base, "patchbay_cache_hits_total", tool="kit__echo") == 1
+
+            async with run_http_upstream(tmp_path, TESTKIT, port, name="second"):
+                await gauge_becomes(gw.base, "patchbay_upstream_up", 1, 40, server="kit")  # backoff: 0.5 s doubling
+                again = await client.call_tool("kit__echo", {"text": "hello"})
+                assert (again.is_error, text(again), again.meta) == (False, "hello", None)
+            assert await gauge(gw.base, "patchbay_cache_hits_total", tool="kit__echo") == 1
