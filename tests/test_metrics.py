@@ -87,6 +87,7 @@ def test_unknown_tool_names_from_clients_share_one_label(metrics: Metrics) -> No
     metrics.call_finished("made_up", "files", "unavailable", 0.01)
     metrics.policy_denied("allowlist", "ghost")
     metrics.rate_limited("ghost")
+    metrics.cache_hit("ghost")
 
     samples = scrape(metrics)
     calls = {labels for name, labels in samples if name == "patchbay_tool_calls_total"}
@@ -97,6 +98,7 @@ def test_unknown_tool_names_from_clients_share_one_label(metrics: Metrics) -> No
     assert samples[key("patchbay_tool_calls_total", tool=UNKNOWN, server=UNKNOWN, outcome="invalid")] == 3
     assert samples[key("patchbay_policy_denials_total", policy="allowlist", tool=UNKNOWN)] == 1
     assert samples[key("patchbay_rate_limited_total", tool=UNKNOWN)] == 1
+    assert samples[key("patchbay_cache_hits_total", tool=UNKNOWN)] == 1
     assert samples[key("patchbay_tool_calls_in_flight", server="files")] == 0
 
 
@@ -196,6 +198,7 @@ def test_only_the_contract_names_are_exposed_and_no_created_series(metrics: Metr
     metrics.refused("files__read", "files", "denied")
     metrics.policy_denied("allowlist", "files__read")
     metrics.rate_limited("files__read")
+    metrics.cache_hit("files__read")
     metrics.upstream_up("files", True)
     metrics.circuit_open("files", False)
     metrics.workflow_started("restock")
@@ -211,6 +214,7 @@ def test_only_the_contract_names_are_exposed_and_no_created_series(metrics: Metr
         "patchbay_tool_calls_in_flight": "gauge",
         "patchbay_policy_denials": "counter",
         "patchbay_rate_limited": "counter",
+        "patchbay_cache_hits": "counter",
         "patchbay_upstream_up": "gauge",
         "patchbay_circuit_open": "gauge",
         "patchbay_workflow_runs": "counter",
