@@ -22,6 +22,7 @@ from gateway.errors import (
     ConfigError,
     GatewayError,
     RateLimited,
+    StoreError,
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -119,6 +120,7 @@ async def test_an_unreachable_server_is_answered_with_the_last_good_result_marke
     assert datetime.fromisoformat(note["cached_at"]).timestamp() == kept_at
     assert note["cached_at"].endswith("Z")
     assert note["reason"] == "crm is not connected"
+    assert upstream.calls == 2  # the server was tried first
 
 
 @pytest.mark.parametrize(
@@ -232,6 +234,25 @@ async def test_another_servers_calls_pass_straight_through(store: MemoryStore, c
     upstream.error = UpstreamUnavailable("lost", server="kb")
     with pytest.raises(UpstreamUnavailable):
         await cache(other, upstream)
+
+
+class BrokenStore:
+    """A store that cannot be reached."""
+
+    async def cache_put(self, scope: str, key: str, result: Any, ttl: float, max_entries: int) -> None:
+        raise StoreError("the store is down")
+
+    async def cache_get(self, scope: str, key: str) -> None:
+        raise StoreError("the store is down")
+
+
+async def test_a_store_that_cannot_be_reached_costs_the_cache_not_the_call() -> None:
+    caches = {"crm": ServerCache(tools=["add"], ttl=60.0)}
+    cache, upstream = CachePolicy(caches, {}, BrokenStore(), max_size=2**20), Upstream()
+    assert (await cache(call_of(), upstream)).structured_content == {"sum": 3}
+    upstream.error = UpstreamUnavailable("lost", server="crm")
+    with pytest.raises(UpstreamUnavailable):  # the call's own error, not the store's
+        await cache(call_of(), upstream)
 
 
 # -- the whole gateway, with an upstream that goes down and comes back ------------------------------------------
