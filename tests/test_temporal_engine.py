@@ -178,6 +178,16 @@ steps:
         {},
     ),
     "a fallback in place of a failed step": ("steps: [{id: a, call: boom, on_error: [{id: alt, call: t__alt}]}]", {}),
+    "a degraded step succeeding with its on_error default": (
+        """
+steps:
+  - {id: a, call: boom, retry: {attempts: 2, backoff: 10ms}, on_error: {default: {n: "${.input.n + 1}"}},
+     compensate: {call: undo__a}}
+  - {id: b, call: t__b, with: {got: "${.steps.a.result.n}", why: "${.steps.a.error.kind}"}}
+  - {id: c, call: boom, after: [b]}
+""",
+        {"n": 1},
+    ),
     "a success condition that does not hold": (
         "steps: [{id: a, call: t__n, with: {n: 1}, success: '.result.n > 3'}]",
         {},

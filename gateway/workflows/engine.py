@@ -36,7 +36,9 @@ How steps run:
   ``timeout`` (:data:`~gateway.workflows.retries.REFUSAL_BUDGET` without one); such tries do not count against
   ``retry.attempts``. After its last try, ``on_error`` decides: ``continue``
   settles it as failed and lets the run go on; fallback steps run in its place (their last result
-  becomes its result); ``fail`` fails the step that contains it, and so on up to the run.
+  becomes its result); ``{default: …}`` settles it as succeeded with that value (evaluated like its
+  arguments, its own error readable), marked degraded, its error kept, and never compensated; ``fail``
+  fails the step that contains it, and so on up to the run.
 * A failed run cancels the steps in flight, then runs the ``compensate`` calls of the steps that
   succeeded, one at a time, in reverse order of completion; then it is finished, failed.
 """
@@ -64,7 +66,16 @@ from gateway.workflows.commands import (
 )
 from gateway.workflows.expressions import ExpressionError, Lookup, Outcome
 from gateway.workflows.journal import JournalEvent
-from gateway.workflows.model import AskModelStep, AskUserStep, CallStep, FailStep, ForEachStep, SetStep, SwitchStep
+from gateway.workflows.model import (
+    AskModelStep,
+    AskUserStep,
+    CallStep,
+    FailStep,
+    ForEachStep,
+    OnErrorDefault,
+    SetStep,
+    SwitchStep,
+)
 from gateway.workflows.plan import Plan
 from gateway.workflows.replay import replay
 from gateway.workflows.retries import retry_wait
@@ -204,6 +215,7 @@ class Run:
                 "result": state.result,
                 "error": state.error.as_json() if state.error is not None else None,
                 "continued": state.continued,
+                "degraded": state.degraded,
                 "branch": state.branch,
                 "items": state.items,
                 "outputs": list(state.outputs),  # filled in place as iterations end
@@ -491,7 +503,8 @@ class Run:
                 and state.attempt == site.attempt
                 and state.iterations.get(frame.index) is frame
             )
-        return state.status == "evaluating" and state.attempt == site.attempt and self._by_key.get(state.key) is state
+        waiting = "degrading" if site.kind == "default" else "evaluating"
+        return state.status == waiting and state.attempt == site.attempt and self._by_key.get(state.key) is state
 
     def _resume(self, site: Site) -> None:
         """Every outcome ``site`` waited for came back: evaluate it again."""
@@ -508,6 +521,8 @@ class Run:
         elif site.kind == "output":
             assert site.frame is not None
             self._check_iteration(site.frame, site)
+        elif site.kind == "default":
+            self._degrade(state, site)
         else:
             self._compensate_next(site)
 
@@ -545,7 +560,9 @@ class Run:
             return
         state.error = error
         fallback = state.plan.children.get("fallback", ())
-        if step.on_error == "continue":
+        if isinstance(step.on_error, OnErrorDefault):
+            self._degrade(state)
+        elif step.on_error == "continue":
             state.continued = True
             self._settle(state, "failed")
         elif fallback and state.status != "fallback":
@@ -554,6 +571,25 @@ class Run:
             self._activate(state.frame, fallback)
         else:
             self._settle(state, "failed")
+
+    def _degrade(self, state: StepState, site: Site | None = None) -> None:
+        """``state`` failed after its retries and its ``on_error`` has a default: it succeeds with that value,
+        marked degraded, its error kept (``site``: its default's evaluation came back). The default is evaluated
+        over the run's context, where the step's own failure is ``.steps.<id>.error``; one that cannot be
+        evaluated fails the step after all."""
+        if site is None:
+            self._settle_entry(state, "failed")  # so the default may read the step's error
+        state.status = "degrading"
+        try:
+            value = self._at(site, self.scope(state.frame), state.plan.values["default"].evaluate, "default", state)
+        except ExpressionError as exc:
+            state.error = StepError("error", f"on_error default: {exc.detail}", state.key)
+            self._settle(state, "failed")
+            return
+        if value is PARKED:
+            return
+        state.result, state.degraded = value, True
+        self._settle(state, "succeeded")  # not _succeed: nothing happened that a compensation would undo
 
     def _restart(self, state: StepState) -> None:
         """Try a step again after a failure: a container starts over, what it held forgotten."""
@@ -581,7 +617,7 @@ class Run:
             if other.plan.id in inside and (other.frame is state.frame or other.key.startswith(prefix)):
                 other.status = "cancelled"
         for key, other in self._by_key.items():
-            if other.status in ("waiting", "retrying", "evaluating") and other.plan.id in inside:
+            if other.status in ("waiting", "retrying", "evaluating", "degrading") and other.plan.id in inside:
                 if other.frame is state.frame or key.startswith(prefix):
                     other.status = "cancelled"
 
@@ -592,7 +628,8 @@ class Run:
     def _settle(self, state: StepState, status: Status, *, notify: bool = True) -> None:
         state.status = status
         self._settle_entry(state, status)
-        self._out.append(Settled(state.key, state.plan.id, status, state.attempt, state.result, state.error))
+        note = Settled(state.key, state.plan.id, status, state.attempt, state.result, state.error, state.degraded)
+        self._out.append(note)
         if not notify:
             return
         if status == "failed" and not state.continued:

@@ -44,6 +44,7 @@ __all__ = [
     "ForEachStep",
     "Retry",
     "SetStep",
+    "OnErrorDefault",
     "Step",
     "SwitchStep",
     "Workflow",
@@ -176,7 +177,8 @@ class _StepBase(BaseModel):
     success: str | None = None
     """A jq condition on ``.result`` that must hold, else the step failed."""
     on_error: "OnError" = "fail"
-    """When the step failed after its retries: ``fail`` the run, ``continue`` without it, or run these steps."""
+    """When the step failed after its retries: ``fail`` the run, ``continue`` without it, run these steps, or
+    succeed with a ``{default: …}`` value."""
     compensate: CallSpec | None = None
     """A call that undoes the step, run when the workflow fails after the step completed."""
 
@@ -329,21 +331,35 @@ Step = Annotated[
 """One step; its kind follows from which kind key it has."""
 
 
+class OnErrorDefault(BaseModel):
+    """``on_error: {default: …}``: a step that failed after its retries succeeds with this value, marked degraded."""
+
+    model_config = _MODEL_CONFIG
+
+    default: JsonValue
+    """The step's result instead of its failure; may hold ``${…}``, evaluated over the run's context (where
+    ``.steps.<this step>.error`` is the failure)."""
+
+
 def _on_error_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "policy"
+    if isinstance(value, Mapping | OnErrorDefault):
+        return "default"
     return "fallback" if isinstance(value, list | tuple) else None
 
 
 OnError = Annotated[
-    Annotated[Literal["fail", "continue"], Tag("policy")] | Annotated[tuple[Step, ...], Tag("fallback")],
+    Annotated[Literal["fail", "continue"], Tag("policy")]
+    | Annotated[tuple[Step, ...], Tag("fallback")]
+    | Annotated[OnErrorDefault, Tag("default")],
     Discriminator(
         _on_error_kind,
         custom_error_type="on_error",
-        custom_error_message="on_error is fail, continue or a list of fallback steps",
+        custom_error_message="on_error is fail, continue, a list of fallback steps or {default: value}",
     ),
 ]
-"""``fail``, ``continue`` or fallback steps."""
+"""``fail``, ``continue``, fallback steps or ``{default: value}``."""
 
 for _model in (_StepBase, CallStep, Case, SwitchStep, ForEachStep, SetStep, FailStep, AskUserStep, AskModelStep):
     _model.model_rebuild()
@@ -392,7 +408,8 @@ def iter_steps(steps: Iterable[Step], location: str = "steps") -> Iterator[tuple
 
 
 def strip_tags(loc: Sequence[str | int]) -> tuple[str | int, ...]:
-    """A pydantic error location without the union tags it adds (a step's kind, ``fallback``, ``policy``).
+    """A pydantic error location without the union tags it adds (a step's kind, ``fallback``, ``policy``,
+    ``default``).
 
     ``("steps", 0, "call", "retry", "attempts")`` becomes ``("steps", 0, "retry", "attempts")``.
     """
@@ -400,7 +417,7 @@ def strip_tags(loc: Sequence[str | int]) -> tuple[str | int, ...]:
     return tuple(
         part
         for index, part in enumerate(parts)
-        if not (index >= 1 and parts[index - 1] == "on_error" and part in ("fallback", "policy"))
+        if not (index >= 1 and parts[index - 1] == "on_error" and part in ("fallback", "policy", "default"))
         and not (
             index >= 2 and isinstance(parts[index - 1], int) and parts[index - 2] in _STEP_LISTS and part in STEP_KINDS
         )

@@ -451,6 +451,8 @@ class Runner:
             "error": error,
             "duration_ms": duration,
         }
+        if note.degraded:  # succeeded with its on_error default: `error` is the failure it stands in for
+            data["degraded"] = True
         self._record(run, "step_settled", note.key, note.attempts, data)
         if self._metrics is not None and duration is not None:  # the step's id: a bounded label, unlike its key
             self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)

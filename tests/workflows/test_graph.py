@@ -318,3 +318,13 @@ def test_mermaid_renames_ids_mermaid_would_misread() -> None:
         '    step1["step1: call t__step1"]',
         "    step0 --> step1_",
     ]
+
+
+def test_mermaid_marks_a_step_with_an_on_error_default_in_its_label() -> None:
+    graph = valid_graph(call("order", on_error={"default": {"status": "unknown"}}), call("reply", "order"))
+
+    assert mermaid(graph).splitlines()[1:] == [
+        '    order["order: call t__order, on_error: default"]',
+        '    reply["reply: call t__reply"]',
+        "    order --> reply",
+    ]

@@ -263,6 +263,20 @@ INVALID_STEPS = [
     ),
     pytest.param({"id": "a", "call": "t", "on_error": 1}, (0, "on_error"), "on_error", "fallback", id="on-error-int"),
     pytest.param(
+        {"id": "a", "call": "t", "on_error": {"default": 1, "value": 2}},
+        (0, "on_error", "value"),
+        "extra_forbidden",
+        "Extra inputs",
+        id="on-error-default-extra-key",
+    ),
+    pytest.param(
+        {"id": "a", "call": "t", "on_error": {}},
+        (0, "on_error", "default"),
+        "missing",
+        "required",
+        id="on-error-default-missing",
+    ),
+    pytest.param(
         {"id": "a", "call": "t", "on_error": [{"id": "b"}]},
         (0, "on_error", 0),
         "step_kind",
