@@ -188,6 +188,16 @@ steps:
 """,
         {"n": 1},
     ),
+    "a short wait, then a wait until a time past": (
+        """
+steps:
+  - {id: pause, wait: 50ms}
+  - {id: then, wait: {until: "${.input.at}"}, after: [pause]}
+  - {id: b, call: t__b, with: {waited: "${.steps.pause.result.waited}", until: "${.steps.then.result.waited_until}"}}
+output: {b: "${.steps.b.result}"}
+""",
+        {"at": "2001-02-03T04:05:06+01:00"},
+    ),
     "a success condition that does not hold": (
         "steps: [{id: a, call: t__n, with: {n: 1}, success: '.result.n > 3'}]",
         {},

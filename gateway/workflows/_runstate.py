@@ -44,7 +44,9 @@ class StepState:
     plan: StepPlan
     frame: Frame
     key: str
-    status: str = "waiting"  # waiting | evaluating | queued | running | retrying | fallback | degrading | + SETTLED
+    status: str = "waiting"
+    """waiting | evaluating | queued | running | retrying | fallback | degrading (its on_error default is being
+    evaluated) | timing (a wait's timer is pending) | one of SETTLED."""
     attempt: int = 0
     refusals: int = 0
     """Tries refused before they reached the tool (not counted against ``retry.attempts``)."""

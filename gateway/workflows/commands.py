@@ -107,10 +107,13 @@ class Evaluate:
 
 @dataclass(frozen=True, slots=True)
 class StartTimer:
-    """Call ``fire(key)`` after ``seconds``."""
+    """Call ``fire(key)`` after ``seconds``, or at ``due`` when it is set."""
 
     key: str
     seconds: float
+    due: float | None = None
+    """The wall-clock time (POSIX seconds) it fires at, whenever it was started: a ``wait: {until: …}``. One
+    already past fires at once."""
 
 
 @dataclass(frozen=True, slots=True)

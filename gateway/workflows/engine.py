@@ -22,7 +22,9 @@ How steps run:
 * A step is ready when every step it depends on has settled; steps that depend only on skipped
   steps are skipped. Ready ``call``, ``ask_user`` and ``ask_model`` steps are started in the
   order they became ready, at most ``max_concurrency`` at a time; ``set``, ``fail``, ``switch``
-  and ``for_each`` are decided by the engine itself, at once.
+  and ``for_each`` are decided by the engine itself, at once. A ``wait`` starts a timer (``<key>#wait``:
+  its seconds, or, for ``until``, the wall-clock time it is due, which the runner measures: the engine
+  has no clock) and succeeds when it fires; an ``until`` that is not an RFC 3339 time fails it (``invalid``).
 * A ``switch`` runs the steps of the first case whose condition holds (else ``default``); the
   steps of the other branches are skipped. Its result is the result of its branch's last step.
 * A ``for_each`` runs its body once per item, ``concurrency`` items at a time, each in its own
@@ -47,6 +49,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from gateway.workflows._runstate import PARKED, SETTLED, Frame, Site, SiteKind, StepState, live, scope_of
@@ -75,6 +78,9 @@ from gateway.workflows.model import (
     OnErrorDefault,
     SetStep,
     SwitchStep,
+    WaitStep,
+    WaitUntil,
+    parse_instant,
 )
 from gateway.workflows.plan import Plan
 from gateway.workflows.replay import replay
@@ -151,7 +157,9 @@ class Run:
             return []  # not a timer it started, or its step was replaced since (a container started over)
         if what == "retry" and state.status == "retrying":
             self._restart(state)
-        elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating"):
+        elif what == "wait" and state.status == "timing":
+            self._succeed(state, state.result)
+        elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating", "timing"):
             limit = state.plan.step.timeout
             if limit is None:  # not a timer it started
                 return []
@@ -362,6 +370,8 @@ class Run:
             message = _text(values["fail"].evaluate(scope, lookup)) or "the workflow failed"
             if not lookup.missing:
                 self._fail(state, StepError("error", message, state.key))
+        elif isinstance(step, WaitStep):
+            self._wait(state, step, scope, lookup)
         elif isinstance(step, ForEachStep):
             items = values["items"].evaluate(scope, lookup)
             if lookup.missing:
@@ -372,6 +382,24 @@ class Run:
             state.status, state.items, state.next_item, state.outputs = "running", items, 0, [None] * len(items)
             state.iterations = {}
             self._next_iterations(state)
+
+    def _wait(self, state: StepState, step: WaitStep, scope: Mapping[str, Any], lookup: Lookup) -> None:
+        """Start a ``wait``'s timer; what it will succeed with is kept as its result meanwhile."""
+        if not isinstance(step.wait, WaitUntil):
+            state.status, state.result = "timing", {"waited": step.wait}
+            self._start_timer(state, "wait", step.wait)
+            return
+        until = state.plan.values["until"].evaluate(scope, lookup)
+        if lookup.missing:
+            return
+        try:
+            due = parse_instant(until)
+        except ValueError as exc:
+            self._fail(state, StepError("invalid", f"wait until: {exc}", state.key))
+            return
+        when = datetime.fromtimestamp(due, UTC).isoformat().replace("+00:00", "Z")
+        state.status, state.result = "timing", {"waited_until": when}
+        self._start_timer(state, "wait", 0.0, due)
 
     def _open(self, state: StepState, branch: str) -> None:
         """Run the steps of ``branch`` of ``state`` (a switch) and skip the other branches."""
@@ -526,8 +554,9 @@ class Run:
         else:
             self._compensate_next(site)
 
-    def _start_timer(self, state: StepState, what: str, seconds: float) -> None:
-        """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``), keyed ``<step key>#<what>``.
+    def _start_timer(self, state: StepState, what: str, seconds: float, due: float | None = None) -> None:
+        """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``, ``wait``), keyed ``<step key>#<what>``;
+        ``due``: the wall-clock time it fires at instead.
 
         A step that a container's retry replaced keeps its key, and its timers may still be pending:
         the new one's get another key (``~2``…), so a firing always reaches the step that started it."""
@@ -536,7 +565,7 @@ class Run:
         while key in self._timers:
             n += 1
             key = f"{base}~{n}"
-        timer = self._timers[key] = StartTimer(key, seconds)
+        timer = self._timers[key] = StartTimer(key, seconds, due)
         self._timer_owners[key] = (state, what)
         self._out.append(timer)
 
@@ -617,7 +646,7 @@ class Run:
             if other.plan.id in inside and (other.frame is state.frame or other.key.startswith(prefix)):
                 other.status = "cancelled"
         for key, other in self._by_key.items():
-            if other.status in ("waiting", "retrying", "evaluating", "degrading") and other.plan.id in inside:
+            if other.status in ("waiting", "retrying", "evaluating", "degrading", "timing") and other.plan.id in inside:
                 if other.frame is state.frame or key.startswith(prefix):
                     other.status = "cancelled"
 

@@ -30,6 +30,8 @@ from gateway.workflows.model import (
     SetStep,
     Step,
     SwitchStep,
+    WaitStep,
+    WaitUntil,
     Workflow,
     iter_steps,
 )
@@ -45,7 +47,7 @@ class StepPlan:
     step: Step
     values: Mapping[str, Value]
     """Compiled values by role: ``with``, ``idempotency_key``, ``set``, ``fail``, ``items``, ``output``,
-    ``message``, ``prompt``, ``system``, ``compensate``, ``default`` (``on_error: {default: …}``)."""
+    ``message``, ``prompt``, ``system``, ``until``, ``compensate``, ``default`` (``on_error: {default: …}``)."""
     cases: tuple[Condition, ...] = ()
     """A switch's conditions, in order."""
     success: Condition | None = None
@@ -124,7 +126,15 @@ def _kind_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
             yield "output", "output", step.output
     elif isinstance(step, SetStep | FailStep):
         yield step.kind, step.kind, step.set if isinstance(step, SetStep) else step.fail
-    elif isinstance(step, AskUserStep):
+    elif isinstance(step, WaitStep):
+        if isinstance(step.wait, WaitUntil):
+            yield "until", "wait.until", step.wait.until
+    else:
+        yield from _ask_expressions(step)
+
+
+def _ask_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
+    if isinstance(step, AskUserStep):
         yield "message", "ask_user.message", step.ask_user.message
     elif isinstance(step, AskModelStep):
         yield "prompt", "ask_model.prompt", step.ask_model.prompt

@@ -359,7 +359,9 @@ class Runner:
     async def _timer(self, run: _Execution, command: StartTimer) -> None:
         seconds = command.seconds
         started = run.timers.pop(command.key, None)
-        if started is not None:  # a resumed run's timer: it fires when it would have
+        if command.due is not None:  # a wall-clock time (`wait: {until: …}`): the same after a restart
+            seconds = max(0.0, command.due - self._wall_clock())
+        elif started is not None:  # a resumed run's timer: it fires when it would have
             seconds = max(0.0, started + seconds - self._wall_clock())
         try:
             await anyio.sleep(seconds)

@@ -990,3 +990,96 @@ steps:
     d.ok("cached", "old")
     d.fail("live", "unavailable")
     assert d.finished == Finished("succeeded", {"cached": "old", "live": {"v": "old", "e": "unavailable"}})
+
+
+# --- wait. ---
+
+
+def test_a_wait_starts_a_timer_of_its_seconds_and_succeeds_when_it_fires() -> None:
+    d = Driver("""
+steps:
+  - {id: pause, wait: 1.5m}
+  - {id: after, call: t, with: {waited: "${.steps.pause.result.waited}"}}
+""")
+    assert [c for c in d.log if isinstance(c, StartTimer)] == [StartTimer("pause#wait", 90.0)]
+    assert d.started == []
+    d.fire("pause#wait")
+    assert d.settled["pause"] == "succeeded"
+    assert d.in_flight["after"].arguments == {"waited": 90.0}  # type: ignore[union-attr]
+
+
+def test_a_wait_until_a_time_asks_for_a_timer_due_then_whatever_the_clock_says() -> None:
+    d = Driver(
+        "steps: [{id: pause, wait: {until: '${.input.deadline}'}}]",
+        {"deadline": "2026-05-01T11:00:00+02:00"},
+    )
+    [timer] = [c for c in d.log if isinstance(c, StartTimer)]
+    assert timer == StartTimer("pause#wait", 0.0, 1777626000.0)  # 09:00 UTC: the runner measures what is left
+    d.fire("pause#wait")
+    assert d.finished == Finished("succeeded", {"pause": {"waited_until": "2026-05-01T09:00:00Z"}})
+
+
+def test_a_wait_until_a_time_past_is_due_then_and_a_literal_time_needs_no_evaluation() -> None:
+    d = Driver("steps: [{id: pause, wait: {until: '1999-12-31T23:59:59Z'}}]")
+    assert [c for c in d.log if isinstance(c, Evaluate)] == []
+    assert [c for c in d.log if isinstance(c, StartTimer)] == [StartTimer("pause#wait", 0.0, 946684799.0)]
+
+
+@pytest.mark.parametrize("deadline", ["tomorrow", "2026-05-01T09:00:00", 1777626000, None])
+def test_a_wait_until_something_not_an_rfc_3339_time_fails_the_step_as_invalid(deadline: Any) -> None:
+    d = Driver(
+        "steps: [{id: pause, wait: {until: '${.input.deadline}'}, retry: {attempts: 3}}]", {"deadline": deadline}
+    )
+    assert d.timers == {}  # invalid: not retried
+    assert d.finished is not None
+    assert d.finished.error is not None
+    assert (d.finished.error.kind, d.finished.error.step) == ("invalid", "pause")
+    assert d.finished.error.message.startswith("wait until: ")
+
+
+def test_cancelling_a_waiting_run_finishes_it_at_once_and_compensates() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t, compensate: {call: undo}}
+  - {id: pause, wait: 1h, after: [a]}
+""")
+    d.ok("a", 1)
+    assert d.timers == {"pause#wait": 3600.0}
+    d.take(d.run.cancel("stop"))
+    d.answer_all()
+    assert d.finished == Finished("failed", error=StepError("cancelled", "stop"))
+    assert d.run.outstanding() == []  # the timer is not waited for
+    assert d.run.fire("pause#wait") == []
+
+
+def test_a_wait_inside_a_container_that_timed_out_is_cancelled_and_its_timer_ignored() -> None:
+    d = Driver(
+        """
+steps:
+  - id: each
+    for_each: [1, 2]
+    concurrency: 2
+    on_error: continue
+    steps: [{id: pause, wait: 10s}]
+  - id: box
+    switch: [{when: .input.go, steps: [{id: slow, wait: 1h}]}]
+    timeout: 5s
+    on_error: {default: late}
+""",
+        {"go": True},
+    )
+    assert d.timers == {
+        "each[0]/pause#wait": 10.0,
+        "each[1]/pause#wait": 10.0,
+        "box#timeout1": 5.0,
+        "slow#wait": 3600.0,
+    }
+    d.fire("box#timeout1")
+    assert d.run.snapshot()["steps"]["slow"]["status"] == "cancelled"
+    assert d.settled["box"] == "succeeded"
+    assert d.run.fire("slow#wait") == []
+    d.fire("each[0]/pause#wait")
+    d.fire("each[1]/pause#wait")
+    assert d.finished is not None
+    assert d.finished.output["box"] == "late"
+    assert d.finished.output["each"] == [{"waited": 10.0}, {"waited": 10.0}]

@@ -328,3 +328,15 @@ def test_mermaid_marks_a_step_with_an_on_error_default_in_its_label() -> None:
         '    reply["reply: call t__reply"]',
         "    order --> reply",
     ]
+
+
+def test_mermaid_draws_a_wait_with_its_duration_or_until() -> None:
+    graph = valid_graph(
+        {"id": "pause", "wait": "2m"}, {"id": "then", "wait": {"until": "${.input.at}"}, "after": ["pause"]}
+    )
+
+    assert mermaid(graph).splitlines()[1:] == [
+        '    pause["pause: wait 120s"]',
+        '    then["then: wait until"]',
+        "    pause --> then",
+    ]

@@ -293,7 +293,7 @@ def _step(
     step = _kind(draw, ids, kind, earlier, depth, in_loop=in_loop)
     if draw(st.booleans()):
         step["retry"] = {"attempts": 2, "backoff": "1s", "jitter": 0.5, "on": ["error", "unavailable"]}
-    if kind in ("set", "switch", "for_each") and draw(st.booleans()):
+    if kind in ("set", "switch", "for_each", "wait") and draw(st.booleans()):
         step["timeout"] = "5s"
     on_error = draw(st.sampled_from([None, "continue", "fallback", "default"]))
     if on_error == "continue":
@@ -319,6 +319,10 @@ def _kind(
         step["set"] = {"v": _expression(draw, earlier, in_loop=in_loop)}
     elif kind == "fail":
         step["fail"] = "stopped at ${.input.n}"
+    elif kind == "wait":  # a duration, a time, or an expression that gives no time (the step fails, invalid)
+        step["wait"] = draw(
+            st.sampled_from(["2s", {"until": "2030-01-01T00:00:00Z"}, {"until": "${.input.n | tostring}"}])
+        )
     elif kind == "switch":
         when = draw(st.sampled_from([".input.flag", ".input.n > 2", ".input.n > 0 and .input.flag"]))
         step["switch"] = [{"when": when, "steps": _steps(draw, ids, depth + 1, in_loop=in_loop)}]
@@ -337,7 +341,7 @@ def _steps(draw: st.DrawFn, ids: Iterator[int], depth: int, *, in_loop: bool) ->
     """1–3 steps of any kind (containers two deep at most), each reading the steps before it or the input."""
     steps: list[dict[str, Any]] = []
     earlier: list[str] = []
-    kinds = ["call", "call", "set", "fail"] + (["switch", "for_each"] if depth < 2 else [])
+    kinds = ["call", "call", "set", "fail", "wait"] + (["switch", "for_each"] if depth < 2 else [])
     for _ in range(draw(st.integers(1, 3 if depth == 0 else 2))):
         step_id = f"s{next(ids)}"
         kind = draw(st.sampled_from(kinds))
