@@ -178,6 +178,26 @@ steps:
         {},
     ),
     "a fallback in place of a failed step": ("steps: [{id: a, call: boom, on_error: [{id: alt, call: t__alt}]}]", {}),
+    "a degraded step succeeding with its on_error default": (
+        """
+steps:
+  - {id: a, call: boom, retry: {attempts: 2, backoff: 10ms}, on_error: {default: {n: "${.input.n + 1}"}},
+     compensate: {call: undo__a}}
+  - {id: b, call: t__b, with: {got: "${.steps.a.result.n}", why: "${.steps.a.error.kind}"}}
+  - {id: c, call: boom, after: [b]}
+""",
+        {"n": 1},
+    ),
+    "a short wait, then a wait until a time past": (
+        """
+steps:
+  - {id: pause, wait: 50ms}
+  - {id: then, wait: {until: "${.input.at}"}, after: [pause]}
+  - {id: b, call: t__b, with: {waited: "${.steps.pause.result.waited}", until: "${.steps.then.result.waited_until}"}}
+output: {b: "${.steps.b.result}"}
+""",
+        {"at": "2001-02-03T04:05:06+01:00"},
+    ),
     "a success condition that does not hold": (
         "steps: [{id: a, call: t__n, with: {n: 1}, success: '.result.n > 3'}]",
         {},

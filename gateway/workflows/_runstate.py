@@ -44,7 +44,9 @@ class StepState:
     plan: StepPlan
     frame: Frame
     key: str
-    status: str = "waiting"  # waiting | evaluating | queued | running | retrying | fallback | + SETTLED
+    status: str = "waiting"
+    """waiting | evaluating | queued | running | retrying | fallback | degrading (its on_error default is being
+    evaluated) | timing (a wait's timer is pending) | one of SETTLED."""
     attempt: int = 0
     refusals: int = 0
     """Tries refused before they reached the tool (not counted against ``retry.attempts``)."""
@@ -55,6 +57,8 @@ class StepState:
     result: Any = None
     error: StepError | None = None
     continued: bool = False
+    degraded: bool = False
+    """It failed and succeeded with its ``on_error`` default (its ``error`` kept)."""
     branch: str | None = None
     items: list[Any] | None = None
     next_item: int = 0
@@ -62,9 +66,9 @@ class StepState:
     iterations: dict[int, Frame] = field(default_factory=dict)
 
 
-SiteKind = Literal["step", "success", "output", "run", "compensate"]
+SiteKind = Literal["step", "success", "output", "run", "compensate", "default"]
 """What waits at a site: a step's start, its success condition, a for_each iteration's output, the
-run's output, a compensation's arguments."""
+run's output, a compensation's arguments, a failed step's ``on_error`` default."""
 
 
 @dataclass(eq=False, slots=True)

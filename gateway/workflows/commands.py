@@ -107,10 +107,13 @@ class Evaluate:
 
 @dataclass(frozen=True, slots=True)
 class StartTimer:
-    """Call ``fire(key)`` after ``seconds``."""
+    """Call ``fire(key)`` after ``seconds``, or at ``due`` when it is set."""
 
     key: str
     seconds: float
+    due: float | None = None
+    """The wall-clock time (POSIX seconds) it fires at, whenever it was started: a ``wait: {until: …}``. One
+    already past fires at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +133,16 @@ class Settled:
     attempts: int
     result: Any = None
     error: StepError | None = None
+    degraded: bool = False
+    """The step failed and succeeded with its ``on_error`` default: ``error`` is the failure, ``result`` the default."""
 
     def describe(self, duration_ms: float | None = None) -> str:
-        """The progress message of the step's end (``b: succeeded in 12 ms``), as either engine reports it."""
+        """The progress message of the step's end (``b: succeeded in 12 ms``, ``b: succeeded (degraded) in 12 ms
+        (unavailable: down)``), as either engine reports it."""
         took = f" in {duration_ms:.0f} ms" if duration_ms is not None else ""
         why = f" ({self.error.kind}: {self.error.message})" if self.error is not None else ""
-        return f"{self.key}: {self.status}{took}{why}"
+        status = f"{self.status} (degraded)" if self.degraded else self.status
+        return f"{self.key}: {status}{took}{why}"
 
 
 @dataclass(frozen=True, slots=True)

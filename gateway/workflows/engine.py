@@ -22,7 +22,9 @@ How steps run:
 * A step is ready when every step it depends on has settled; steps that depend only on skipped
   steps are skipped. Ready ``call``, ``ask_user`` and ``ask_model`` steps are started in the
   order they became ready, at most ``max_concurrency`` at a time; ``set``, ``fail``, ``switch``
-  and ``for_each`` are decided by the engine itself, at once.
+  and ``for_each`` are decided by the engine itself, at once. A ``wait`` starts a timer (``<key>#wait``:
+  its seconds, or, for ``until``, the wall-clock time it is due, which the runner measures: the engine
+  has no clock) and succeeds when it fires; an ``until`` that is not an RFC 3339 time fails it (``invalid``).
 * A ``switch`` runs the steps of the first case whose condition holds (else ``default``); the
   steps of the other branches are skipped. Its result is the result of its branch's last step.
 * A ``for_each`` runs its body once per item, ``concurrency`` items at a time, each in its own
@@ -36,7 +38,9 @@ How steps run:
   ``timeout`` (:data:`~gateway.workflows.retries.REFUSAL_BUDGET` without one); such tries do not count against
   ``retry.attempts``. After its last try, ``on_error`` decides: ``continue``
   settles it as failed and lets the run go on; fallback steps run in its place (their last result
-  becomes its result); ``fail`` fails the step that contains it, and so on up to the run.
+  becomes its result); ``{default: …}`` settles it as succeeded with that value (evaluated like its
+  arguments, its own error readable), marked degraded, its error kept, and never compensated; ``fail``
+  fails the step that contains it, and so on up to the run.
 * A failed run cancels the steps in flight, then runs the ``compensate`` calls of the steps that
   succeeded, one at a time, in reverse order of completion; then it is finished, failed.
 """
@@ -45,6 +49,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from gateway.workflows._runstate import PARKED, SETTLED, Frame, Site, SiteKind, StepState, live, scope_of
@@ -64,7 +69,19 @@ from gateway.workflows.commands import (
 )
 from gateway.workflows.expressions import ExpressionError, Lookup, Outcome
 from gateway.workflows.journal import JournalEvent
-from gateway.workflows.model import AskModelStep, AskUserStep, CallStep, FailStep, ForEachStep, SetStep, SwitchStep
+from gateway.workflows.model import (
+    AskModelStep,
+    AskUserStep,
+    CallStep,
+    FailStep,
+    ForEachStep,
+    OnErrorDefault,
+    SetStep,
+    SwitchStep,
+    WaitStep,
+    WaitUntil,
+    parse_instant,
+)
 from gateway.workflows.plan import Plan
 from gateway.workflows.replay import replay
 from gateway.workflows.retries import retry_wait
@@ -140,7 +157,9 @@ class Run:
             return []  # not a timer it started, or its step was replaced since (a container started over)
         if what == "retry" and state.status == "retrying":
             self._restart(state)
-        elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating"):
+        elif what == "wait" and state.status == "timing":
+            self._succeed(state, state.result)
+        elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating", "timing"):
             limit = state.plan.step.timeout
             if limit is None:  # not a timer it started
                 return []
@@ -204,6 +223,7 @@ class Run:
                 "result": state.result,
                 "error": state.error.as_json() if state.error is not None else None,
                 "continued": state.continued,
+                "degraded": state.degraded,
                 "branch": state.branch,
                 "items": state.items,
                 "outputs": list(state.outputs),  # filled in place as iterations end
@@ -350,6 +370,8 @@ class Run:
             message = _text(values["fail"].evaluate(scope, lookup)) or "the workflow failed"
             if not lookup.missing:
                 self._fail(state, StepError("error", message, state.key))
+        elif isinstance(step, WaitStep):
+            self._wait(state, step, scope, lookup)
         elif isinstance(step, ForEachStep):
             items = values["items"].evaluate(scope, lookup)
             if lookup.missing:
@@ -360,6 +382,24 @@ class Run:
             state.status, state.items, state.next_item, state.outputs = "running", items, 0, [None] * len(items)
             state.iterations = {}
             self._next_iterations(state)
+
+    def _wait(self, state: StepState, step: WaitStep, scope: Mapping[str, Any], lookup: Lookup) -> None:
+        """Start a ``wait``'s timer; what it will succeed with is kept as its result meanwhile."""
+        if not isinstance(step.wait, WaitUntil):
+            state.status, state.result = "timing", {"waited": step.wait}
+            self._start_timer(state, "wait", step.wait)
+            return
+        until = state.plan.values["until"].evaluate(scope, lookup)
+        if lookup.missing:
+            return
+        try:
+            due = parse_instant(until)
+        except ValueError as exc:
+            self._fail(state, StepError("invalid", f"wait until: {exc}", state.key))
+            return
+        when = datetime.fromtimestamp(due, UTC).isoformat().replace("+00:00", "Z")
+        state.status, state.result = "timing", {"waited_until": when}
+        self._start_timer(state, "wait", 0.0, due)
 
     def _open(self, state: StepState, branch: str) -> None:
         """Run the steps of ``branch`` of ``state`` (a switch) and skip the other branches."""
@@ -491,7 +531,8 @@ class Run:
                 and state.attempt == site.attempt
                 and state.iterations.get(frame.index) is frame
             )
-        return state.status == "evaluating" and state.attempt == site.attempt and self._by_key.get(state.key) is state
+        waiting = "degrading" if site.kind == "default" else "evaluating"
+        return state.status == waiting and state.attempt == site.attempt and self._by_key.get(state.key) is state
 
     def _resume(self, site: Site) -> None:
         """Every outcome ``site`` waited for came back: evaluate it again."""
@@ -508,11 +549,14 @@ class Run:
         elif site.kind == "output":
             assert site.frame is not None
             self._check_iteration(site.frame, site)
+        elif site.kind == "default":
+            self._degrade(state, site)
         else:
             self._compensate_next(site)
 
-    def _start_timer(self, state: StepState, what: str, seconds: float) -> None:
-        """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``), keyed ``<step key>#<what>``.
+    def _start_timer(self, state: StepState, what: str, seconds: float, due: float | None = None) -> None:
+        """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``, ``wait``), keyed ``<step key>#<what>``;
+        ``due``: the wall-clock time it fires at instead.
 
         A step that a container's retry replaced keeps its key, and its timers may still be pending:
         the new one's get another key (``~2``…), so a firing always reaches the step that started it."""
@@ -521,7 +565,7 @@ class Run:
         while key in self._timers:
             n += 1
             key = f"{base}~{n}"
-        timer = self._timers[key] = StartTimer(key, seconds)
+        timer = self._timers[key] = StartTimer(key, seconds, due)
         self._timer_owners[key] = (state, what)
         self._out.append(timer)
 
@@ -545,7 +589,9 @@ class Run:
             return
         state.error = error
         fallback = state.plan.children.get("fallback", ())
-        if step.on_error == "continue":
+        if isinstance(step.on_error, OnErrorDefault):
+            self._degrade(state)
+        elif step.on_error == "continue":
             state.continued = True
             self._settle(state, "failed")
         elif fallback and state.status != "fallback":
@@ -554,6 +600,25 @@ class Run:
             self._activate(state.frame, fallback)
         else:
             self._settle(state, "failed")
+
+    def _degrade(self, state: StepState, site: Site | None = None) -> None:
+        """``state`` failed after its retries and its ``on_error`` has a default: it succeeds with that value,
+        marked degraded, its error kept (``site``: its default's evaluation came back). The default is evaluated
+        over the run's context, where the step's own failure is ``.steps.<id>.error``; one that cannot be
+        evaluated fails the step after all."""
+        if site is None:
+            self._settle_entry(state, "failed")  # so the default may read the step's error
+        state.status = "degrading"
+        try:
+            value = self._at(site, self.scope(state.frame), state.plan.values["default"].evaluate, "default", state)
+        except ExpressionError as exc:
+            state.error = StepError("error", f"on_error default: {exc.detail}", state.key)
+            self._settle(state, "failed")
+            return
+        if value is PARKED:
+            return
+        state.result, state.degraded = value, True
+        self._settle(state, "succeeded")  # not _succeed: nothing happened that a compensation would undo
 
     def _restart(self, state: StepState) -> None:
         """Try a step again after a failure: a container starts over, what it held forgotten."""
@@ -581,7 +646,7 @@ class Run:
             if other.plan.id in inside and (other.frame is state.frame or other.key.startswith(prefix)):
                 other.status = "cancelled"
         for key, other in self._by_key.items():
-            if other.status in ("waiting", "retrying", "evaluating") and other.plan.id in inside:
+            if other.status in ("waiting", "retrying", "evaluating", "degrading", "timing") and other.plan.id in inside:
                 if other.frame is state.frame or key.startswith(prefix):
                     other.status = "cancelled"
 
@@ -592,7 +657,8 @@ class Run:
     def _settle(self, state: StepState, status: Status, *, notify: bool = True) -> None:
         state.status = status
         self._settle_entry(state, status)
-        self._out.append(Settled(state.key, state.plan.id, status, state.attempt, state.result, state.error))
+        note = Settled(state.key, state.plan.id, status, state.attempt, state.result, state.error, state.degraded)
+        self._out.append(note)
         if not notify:
             return
         if status == "failed" and not state.continued:

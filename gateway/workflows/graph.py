@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.errors import ConfigProblem, did_you_mean
-from gateway.workflows.model import CallStep, ForEachStep, Step, SwitchStep, Workflow
+from gateway.workflows.model import CallStep, ForEachStep, OnErrorDefault, Step, SwitchStep, WaitStep, Workflow
 
 __all__ = ["Graph", "Node", "build_graph", "mermaid"]
 
@@ -248,7 +248,14 @@ def _order(nodes: Mapping[str, Node]) -> tuple[str, ...]:
 
 
 def _label(step: Step) -> str:
-    return f"{step.id}: call {step.call}" if isinstance(step, CallStep) else f"{step.id}: {step.kind}"
+    if isinstance(step, CallStep):
+        label = f"{step.id}: call {step.call}"
+    elif isinstance(step, WaitStep):
+        label = f"{step.id}: wait {f'{step.wait:g}s' if isinstance(step.wait, float) else 'until'}"
+    else:
+        label = f"{step.id}: {step.kind}"
+    # A default is a value, not steps: no node of its own (fallback steps get one, on an on_error edge).
+    return label + ", on_error: default" if isinstance(step.on_error, OnErrorDefault) else label
 
 
 def mermaid(graph: Graph) -> str:

@@ -7,7 +7,8 @@ that came from a call (the run's arguments, each step's arguments and result, er
 goes through ``redact`` first.
 
 A step's story in the journal: ``step_started`` for each try (its tool and arguments), ``step_done``
-when the try ended (its result or error), ``step_settled`` once the step reached its final state.
+when the try ended (its result or error), ``step_settled`` once the step reached its final state (``degraded``
+when it succeeded with its ``on_error`` default: then it has both the default as its result and the failure).
 A container or ``set`` step has no tries: only its ``step_settled``. Compensations are the steps whose
 key ends ``#compensate``. A try in flight when the gateway stopped shows as ``interrupted`` once the run
 resumed (``run_resumed``), and is followed by the try made again under the same number.
@@ -194,6 +195,8 @@ def _apply(entry: dict[str, Any], event: JournalEvent, redact: Redact) -> None:
         entry["duration_ms"] = data.get("duration_ms")
         entry["result"] = redact(data.get("result"))
         entry["error"] = _error(data.get("error"), redact)
+        if data.get("degraded"):
+            entry["degraded"] = True
         if entry["started"] is None:  # a step with no tries of its own: a container, a set, a skipped one
             entry["started"] = entry["finished"]
 
@@ -329,7 +332,7 @@ def _head(step: Mapping[str, Any]) -> list[str]:
     return [
         str(step["key"]),
         str(step.get("tool") or step.get("kind") or ""),
-        str(step["status"]),
+        f"{step['status']} (degraded)" if step.get("degraded") else str(step["status"]),
         f"{_clock(step['started'])} → {_clock(step['finished'])}",
         duration_text(step["duration_ms"]),
         f"{len(tries)} attempts" if len(tries) > 1 else "",
@@ -357,7 +360,7 @@ def _step_lines(step: Mapping[str, Any], widths: Sequence[int]) -> list[str]:
         lines.append(f"      arguments: {_shown(arguments)}")
     if step.get("error"):
         lines.append(f"      error: {_error_text(step['error'])}")
-    elif step.get("result") is not None:
+    if (step.get("degraded") or not step.get("error")) and step.get("result") is not None:
         lines.append(f"      result: {_shown(step['result'])}")
     return lines
 

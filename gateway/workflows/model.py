@@ -1,7 +1,7 @@
 """The ``workflows:`` section of the config as typed, frozen models (DESIGN §3).
 
 A workflow is a tool whose body is a list of steps. A step's kind follows from which one of the
-kind keys it has (``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``ask_user``,
+kind keys it has (``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``wait``, ``ask_user``,
 ``ask_model``); every step may also carry ``after``, ``retry``, ``timeout``, ``success``,
 ``on_error`` and ``compensate``. Values that hold expressions (``with``, ``set``, ``output``,
 messages, conditions) stay raw JSON here, ``${…}`` unparsed: :mod:`gateway.workflows.expressions`
@@ -11,6 +11,7 @@ compiles them, :mod:`gateway.workflows.graph` checks how steps refer to each oth
 import copy
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from jsonschema.exceptions import SchemaError
@@ -44,15 +45,19 @@ __all__ = [
     "ForEachStep",
     "Retry",
     "SetStep",
+    "OnErrorDefault",
     "Step",
     "SwitchStep",
+    "WaitStep",
+    "WaitUntil",
     "Workflow",
     "Workflows",
     "iter_steps",
+    "parse_instant",
     "strip_tags",
 ]
 
-STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "ask_user", "ask_model")
+STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "wait", "ask_user", "ask_model")
 """The keys that decide a step's kind; a step has exactly one of them."""
 
 DEFAULT_MAX_CONCURRENCY = 2000
@@ -176,7 +181,8 @@ class _StepBase(BaseModel):
     success: str | None = None
     """A jq condition on ``.result`` that must hold, else the step failed."""
     on_error: "OnError" = "fail"
-    """When the step failed after its retries: ``fail`` the run, ``continue`` without it, or run these steps."""
+    """When the step failed after its retries: ``fail`` the run, ``continue`` without it, run these steps, or
+    succeed with a ``{default: …}`` value."""
     compensate: CallSpec | None = None
     """A call that undoes the step, run when the workflow fails after the step completed."""
 
@@ -245,6 +251,67 @@ class FailStep(_StepBase):
 
     fail: str = Field(min_length=1)
     """The error message; may hold ``${…}``."""
+
+
+def parse_instant(value: Any) -> float:
+    """An RFC 3339 time (``2026-05-01T09:00:00Z``, ``…+02:00``) as POSIX seconds. Pure: no clock.
+
+    Raises:
+        ValueError: ``value`` is not a string of an RFC 3339 time with its UTC offset.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected an RFC 3339 time such as 2026-05-01T09:00:00Z, got {_json_kind(value)}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an RFC 3339 time such as 2026-05-01T09:00:00Z") from None
+    if parsed.tzinfo is None:  # a local time would depend on where the gateway runs
+        raise ValueError(f"{value!r} has no UTC offset (Z or +02:00)")
+    return parsed.timestamp()
+
+
+def _json_kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _literal_instant(value: str) -> str:
+    if "${" not in value:  # no expression: checked when the config loads
+        parse_instant(value)
+    return value
+
+
+class WaitUntil(BaseModel):
+    """``wait: {until: …}``: wait until a wall-clock time."""
+
+    model_config = _MODEL_CONFIG
+
+    until: Annotated[str, Field(min_length=1), AfterValidator(_literal_instant)]
+    """An RFC 3339 time with its offset, usually one ``${…}``; a time past fires at once."""
+
+
+def _wait_kind(value: Any) -> str | None:
+    if isinstance(value, Mapping | WaitUntil):
+        return "until"
+    return "duration" if isinstance(value, str | int | float) else None
+
+
+Wait = Annotated[
+    Annotated[Duration, Tag("duration")] | Annotated[WaitUntil, Tag("until")],
+    Discriminator(
+        _wait_kind, custom_error_type="wait", custom_error_message="wait is a duration (30s) or {until: <time>}"
+    ),
+]
+"""How long a ``wait`` waits: seconds, or ``{until: …}``."""
+
+
+class WaitStep(_StepBase):
+    """Waits (a durable timer): for a duration, or until a time. Its result is ``{waited: seconds}`` or
+    ``{waited_until: <the time, RFC 3339 in UTC>}``."""
+
+    kind: ClassVar[str] = "wait"
+
+    wait: Wait
+    """How long (``30s``, ``2h``), or ``{until: <RFC 3339 time>}``."""
 
 
 class AskUser(BaseModel):
@@ -321,6 +388,7 @@ Step = Annotated[
     | Annotated[ForEachStep, Tag("for_each")]
     | Annotated[SetStep, Tag("set")]
     | Annotated[FailStep, Tag("fail")]
+    | Annotated[WaitStep, Tag("wait")]
     | Annotated[AskUserStep, Tag("ask_user")]
     | Annotated[AskModelStep, Tag("ask_model")],
     Discriminator(_step_kind, custom_error_type="step_kind", custom_error_message=_ONE_KIND),
@@ -329,23 +397,48 @@ Step = Annotated[
 """One step; its kind follows from which kind key it has."""
 
 
+class OnErrorDefault(BaseModel):
+    """``on_error: {default: …}``: a step that failed after its retries succeeds with this value, marked degraded."""
+
+    model_config = _MODEL_CONFIG
+
+    default: JsonValue
+    """The step's result instead of its failure; may hold ``${…}``, evaluated over the run's context (where
+    ``.steps.<this step>.error`` is the failure)."""
+
+
 def _on_error_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "policy"
+    if isinstance(value, Mapping | OnErrorDefault):
+        return "default"
     return "fallback" if isinstance(value, list | tuple) else None
 
 
 OnError = Annotated[
-    Annotated[Literal["fail", "continue"], Tag("policy")] | Annotated[tuple[Step, ...], Tag("fallback")],
+    Annotated[Literal["fail", "continue"], Tag("policy")]
+    | Annotated[tuple[Step, ...], Tag("fallback")]
+    | Annotated[OnErrorDefault, Tag("default")],
     Discriminator(
         _on_error_kind,
         custom_error_type="on_error",
-        custom_error_message="on_error is fail, continue or a list of fallback steps",
+        custom_error_message="on_error is fail, continue, a list of fallback steps or {default: value}",
     ),
 ]
-"""``fail``, ``continue`` or fallback steps."""
+"""``fail``, ``continue``, fallback steps or ``{default: value}``."""
 
-for _model in (_StepBase, CallStep, Case, SwitchStep, ForEachStep, SetStep, FailStep, AskUserStep, AskModelStep):
+for _model in (
+    _StepBase,
+    CallStep,
+    Case,
+    SwitchStep,
+    ForEachStep,
+    SetStep,
+    FailStep,
+    WaitStep,
+    AskUserStep,
+    AskModelStep,
+):
     _model.model_rebuild()
 
 
@@ -392,7 +485,8 @@ def iter_steps(steps: Iterable[Step], location: str = "steps") -> Iterator[tuple
 
 
 def strip_tags(loc: Sequence[str | int]) -> tuple[str | int, ...]:
-    """A pydantic error location without the union tags it adds (a step's kind, ``fallback``, ``policy``).
+    """A pydantic error location without the union tags it adds (a step's kind, ``fallback``, ``policy``,
+    ``default``, a wait's ``duration`` or ``until``).
 
     ``("steps", 0, "call", "retry", "attempts")`` becomes ``("steps", 0, "retry", "attempts")``.
     """
@@ -400,7 +494,8 @@ def strip_tags(loc: Sequence[str | int]) -> tuple[str | int, ...]:
     return tuple(
         part
         for index, part in enumerate(parts)
-        if not (index >= 1 and parts[index - 1] == "on_error" and part in ("fallback", "policy"))
+        if not (index >= 1 and parts[index - 1] == "on_error" and part in ("fallback", "policy", "default"))
+        and not (index >= 1 and parts[index - 1] == "wait" and part in ("duration", "until"))
         and not (
             index >= 2 and isinstance(parts[index - 1], int) and parts[index - 2] in _STEP_LISTS and part in STEP_KINDS
         )

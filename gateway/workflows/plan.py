@@ -26,9 +26,12 @@ from gateway.workflows.model import (
     CallStep,
     FailStep,
     ForEachStep,
+    OnErrorDefault,
     SetStep,
     Step,
     SwitchStep,
+    WaitStep,
+    WaitUntil,
     Workflow,
     iter_steps,
 )
@@ -44,7 +47,7 @@ class StepPlan:
     step: Step
     values: Mapping[str, Value]
     """Compiled values by role: ``with``, ``idempotency_key``, ``set``, ``fail``, ``items``, ``output``,
-    ``message``, ``prompt``, ``system``, ``compensate``."""
+    ``message``, ``prompt``, ``system``, ``until``, ``compensate``, ``default`` (``on_error: {default: …}``)."""
     cases: tuple[Condition, ...] = ()
     """A switch's conditions, in order."""
     success: Condition | None = None
@@ -84,8 +87,8 @@ class Plan:
     """SHA-256 of the workflow's canonical JSON (its model, defaults filled in): which plan a journaled run ran."""
 
 
-_OWN_SITES = frozenset({"compensate", "output"})
-"""Values evaluated when the step has finished, not when it starts."""
+_OWN_SITES = frozenset({"compensate", "output", "default"})
+"""Values evaluated when the step has finished (or failed), not when it starts."""
 
 
 def _total_steps(steps: Mapping[str, StepPlan], descendants: Mapping[str, frozenset[str]]) -> int | None:
@@ -105,6 +108,8 @@ def _own_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
         yield "success", "success", step.success
     if step.compensate is not None:
         yield "compensate", "compensate.with", step.compensate.with_
+    if isinstance(step.on_error, OnErrorDefault):
+        yield "default", "on_error.default", step.on_error.default
 
 
 def _kind_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
@@ -121,7 +126,15 @@ def _kind_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
             yield "output", "output", step.output
     elif isinstance(step, SetStep | FailStep):
         yield step.kind, step.kind, step.set if isinstance(step, SetStep) else step.fail
-    elif isinstance(step, AskUserStep):
+    elif isinstance(step, WaitStep):
+        if isinstance(step.wait, WaitUntil):
+            yield "until", "wait.until", step.wait.until
+    else:
+        yield from _ask_expressions(step)
+
+
+def _ask_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
+    if isinstance(step, AskUserStep):
         yield "message", "ask_user.message", step.ask_user.message
     elif isinstance(step, AskModelStep):
         yield "prompt", "ask_model.prompt", step.ask_model.prompt
@@ -160,8 +173,10 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
     def references(step: Step) -> frozenset[str]:
         values, conditions, _ = compiled[step.id]
         # A compensation runs once the run has failed and every step has settled: it waits for nothing.
-        found = [value.references for role, value in values.items() if role != "compensate"]
+        found = [value.references for role, value in values.items() if role not in ("compensate", "default")]
         found += [condition.references for condition in conditions.values()]
+        if "default" in values:  # it may read the step's own error, which is known by then: not a dependency
+            found.append(values["default"].references - {step.id})
         return frozenset().union(*found)
 
     graph, problems = build_graph(name, workflow, references)

@@ -359,7 +359,9 @@ class Runner:
     async def _timer(self, run: _Execution, command: StartTimer) -> None:
         seconds = command.seconds
         started = run.timers.pop(command.key, None)
-        if started is not None:  # a resumed run's timer: it fires when it would have
+        if command.due is not None:  # a wall-clock time (`wait: {until: …}`): the same after a restart
+            seconds = max(0.0, command.due - self._wall_clock())
+        elif started is not None:  # a resumed run's timer: it fires when it would have
             seconds = max(0.0, started + seconds - self._wall_clock())
         try:
             await anyio.sleep(seconds)
@@ -451,6 +453,8 @@ class Runner:
             "error": error,
             "duration_ms": duration,
         }
+        if note.degraded:  # succeeded with its on_error default: `error` is the failure it stands in for
+            data["degraded"] = True
         self._record(run, "step_settled", note.key, note.attempts, data)
         if self._metrics is not None and duration is not None:  # the step's id: a bounded label, unlike its key
             self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)

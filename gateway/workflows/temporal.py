@@ -330,7 +330,8 @@ class PatchbayRun:
                 if task is not None:
                     task.cancel()
             elif isinstance(command, StartTimer):  # due when it was, if a continued execution restored it
-                self._due.setdefault(command.key, workflow.now().timestamp() + command.seconds)
+                due = command.due if command.due is not None else workflow.now().timestamp() + command.seconds
+                self._due.setdefault(command.key, due)
                 self._spawn(command.key, self._timer(command))
             elif self._draining and isinstance(command, CallTool | AskUser | AskModel | Evaluate):
                 self._held[command.key] = command  # made in the next execution (restored as outstanding)

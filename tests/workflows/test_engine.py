@@ -880,3 +880,206 @@ def test_an_evaluations_outcome_costs_the_same_however_many_others_are_outstandi
     d.evaluations.clear()
     assert len(d.in_flight) == 200
     assert checks <= 2 * 200
+
+
+# --- on_error: {default: …}. ---
+
+
+def test_an_on_error_default_after_the_retries_succeeds_the_step_marked_degraded_with_its_error_kept() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t, retry: {attempts: 2, backoff: 1s, jitter: 0}, on_error: {default: {items: []}}}
+  - {id: b, set: {got: "${.steps.a.result}", why: "${.steps.a.error.message}"}}
+""")
+    d.fail("a", "unavailable", "down")
+    assert d.timers == {"a#retry": 1.0}  # the default waits for the retries
+    assert "a" not in d.settled
+    d.fire("a#retry")
+    d.fail("a", "unavailable", "still down")
+    note = next(c for c in d.log if isinstance(c, Settled) and c.key == "a")
+    assert note == Settled("a", "a", "succeeded", 2, {"items": []}, StepError("unavailable", "still down", "a"), True)
+    assert note.describe(12) == "a: succeeded (degraded) in 12 ms (unavailable: still down)"
+    assert d.finished == Finished("succeeded", {"a": {"items": []}, "b": {"got": {"items": []}, "why": "still down"}})
+    assert d.run.snapshot()["steps"]["a"]["degraded"] is True
+
+
+def test_a_step_that_succeeds_is_not_degraded_and_its_default_is_not_evaluated() -> None:
+    d = Driver("steps: [{id: a, call: t, on_error: {default: '${.input.n * 2}'}}]", {"n": 1})
+    d.ok("a", "fine")
+    assert [c for c in d.log if isinstance(c, Evaluate)] == []
+    note = next(c for c in d.log if isinstance(c, Settled))
+    assert (note.status, note.degraded, note.error) == ("succeeded", False, None)
+    assert note.describe() == "a: succeeded"
+
+
+def test_an_on_error_default_expression_is_evaluated_by_jq_over_the_context_and_the_steps_own_error() -> None:
+    d = Driver(
+        """
+steps:
+  - {id: a, call: t, on_error: {default: {n: "${.input.n * 10}", why: "${.steps.a.error.kind | ascii_upcase}"}}}
+""",
+        {"n": 4},
+        evaluate=False,
+    )
+    d.fail("a", "timeout", "slow")
+    asked = sorted(d.evaluations)
+    assert len(asked) == 2  # both programs together, and nothing settles until they come back
+    assert d.settled == {}
+    for key in asked:
+        d.evaluated(key)
+    assert d.finished == Finished("succeeded", {"a": {"n": 40, "why": "TIMEOUT"}})
+    assert d.settled == {"a": "succeeded"}
+
+
+def test_an_on_error_default_that_cannot_be_evaluated_fails_the_step() -> None:
+    d = Driver("steps: [{id: a, call: t, on_error: {default: '${.input.n + {}}'}}]", {"n": 1})
+    d.fail("a", "error", "boom")
+    assert d.finished is not None
+    assert d.finished.status == "failed"
+    assert d.finished.error is not None
+    assert (d.finished.error.kind, d.finished.error.step) == ("error", "a")
+    assert d.finished.error.message.startswith("on_error default: ")
+
+
+def test_a_degraded_step_is_not_compensated_when_the_run_fails_later() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t__a, compensate: {call: undo__a}}
+  - {id: b, call: t__b, compensate: {call: undo__b}, on_error: {default: null}}
+  - {id: c, call: t__c, after: [a, b]}
+""")
+    d.ok("a", 1)
+    d.fail("b", "error", "b broke")
+    d.fail("c", "error", "c broke")
+    d.answer_all()
+    assert [c.tool for c in d.log if isinstance(c, CallTool) and c.compensation] == ["undo__a"]
+    assert d.finished == Finished("failed", error=StepError("error", "c broke", "c"))
+
+
+def test_a_container_whose_nested_step_failed_succeeds_with_its_default() -> None:
+    d = Driver("""
+steps:
+  - id: lines
+    for_each: [1, 2]
+    concurrency: 2
+    steps: [{id: check, call: t}]
+    on_error: {default: []}
+""")
+    assert set(d.in_flight) == {"lines[0]/check", "lines[1]/check"}
+    d.fail("lines[0]/check", "error", "nope")
+    assert Cancel("lines[1]/check") in d.log  # cancelled with its container
+    assert d.finished == Finished("succeeded", {"lines": []})
+    note = next(c for c in d.log if isinstance(c, Settled) and c.key == "lines")
+    assert note.degraded
+    assert note.error == StepError("error", "nope", "lines[0]/check")
+
+
+def test_an_on_error_default_that_reads_another_step_waits_for_it_and_its_own_error_is_no_cycle() -> None:
+    plan = plan_of("""
+steps:
+  - {id: cached, call: cache__get}
+  - {id: live, call: crm__get, on_error: {default: {v: "${.steps.cached.result}", e: "${.steps.live.error.kind}"}}}
+""")
+    assert plan.graph.nodes["live"].deps == frozenset({"cached"})
+    d = Driver("""
+steps:
+  - {id: cached, call: cache__get}
+  - {id: live, call: crm__get, on_error: {default: {v: "${.steps.cached.result}", e: "${.steps.live.error.kind}"}}}
+""")
+    assert d.started == ["cached"]
+    d.ok("cached", "old")
+    d.fail("live", "unavailable")
+    assert d.finished == Finished("succeeded", {"cached": "old", "live": {"v": "old", "e": "unavailable"}})
+
+
+# --- wait. ---
+
+
+def test_a_wait_starts_a_timer_of_its_seconds_and_succeeds_when_it_fires() -> None:
+    d = Driver("""
+steps:
+  - {id: pause, wait: 1.5m}
+  - {id: after, call: t, with: {waited: "${.steps.pause.result.waited}"}}
+""")
+    assert [c for c in d.log if isinstance(c, StartTimer)] == [StartTimer("pause#wait", 90.0)]
+    assert d.started == []
+    d.fire("pause#wait")
+    assert d.settled["pause"] == "succeeded"
+    assert d.in_flight["after"].arguments == {"waited": 90.0}  # type: ignore[union-attr]
+
+
+def test_a_wait_until_a_time_asks_for_a_timer_due_then_whatever_the_clock_says() -> None:
+    d = Driver(
+        "steps: [{id: pause, wait: {until: '${.input.deadline}'}}]",
+        {"deadline": "2026-05-01T11:00:00+02:00"},
+    )
+    [timer] = [c for c in d.log if isinstance(c, StartTimer)]
+    assert timer == StartTimer("pause#wait", 0.0, 1777626000.0)  # 09:00 UTC: the runner measures what is left
+    d.fire("pause#wait")
+    assert d.finished == Finished("succeeded", {"pause": {"waited_until": "2026-05-01T09:00:00Z"}})
+
+
+def test_a_wait_until_a_time_past_is_due_then_and_a_literal_time_needs_no_evaluation() -> None:
+    d = Driver("steps: [{id: pause, wait: {until: '1999-12-31T23:59:59Z'}}]")
+    assert [c for c in d.log if isinstance(c, Evaluate)] == []
+    assert [c for c in d.log if isinstance(c, StartTimer)] == [StartTimer("pause#wait", 0.0, 946684799.0)]
+
+
+@pytest.mark.parametrize("deadline", ["tomorrow", "2026-05-01T09:00:00", 1777626000, None])
+def test_a_wait_until_something_not_an_rfc_3339_time_fails_the_step_as_invalid(deadline: Any) -> None:
+    d = Driver(
+        "steps: [{id: pause, wait: {until: '${.input.deadline}'}, retry: {attempts: 3}}]", {"deadline": deadline}
+    )
+    assert d.timers == {}  # invalid: not retried
+    assert d.finished is not None
+    assert d.finished.error is not None
+    assert (d.finished.error.kind, d.finished.error.step) == ("invalid", "pause")
+    assert d.finished.error.message.startswith("wait until: ")
+
+
+def test_cancelling_a_waiting_run_finishes_it_at_once_and_compensates() -> None:
+    d = Driver("""
+steps:
+  - {id: a, call: t, compensate: {call: undo}}
+  - {id: pause, wait: 1h, after: [a]}
+""")
+    d.ok("a", 1)
+    assert d.timers == {"pause#wait": 3600.0}
+    d.take(d.run.cancel("stop"))
+    d.answer_all()
+    assert d.finished == Finished("failed", error=StepError("cancelled", "stop"))
+    assert d.run.outstanding() == []  # the timer is not waited for
+    assert d.run.fire("pause#wait") == []
+
+
+def test_a_wait_inside_a_container_that_timed_out_is_cancelled_and_its_timer_ignored() -> None:
+    d = Driver(
+        """
+steps:
+  - id: each
+    for_each: [1, 2]
+    concurrency: 2
+    on_error: continue
+    steps: [{id: pause, wait: 10s}]
+  - id: box
+    switch: [{when: .input.go, steps: [{id: slow, wait: 1h}]}]
+    timeout: 5s
+    on_error: {default: late}
+""",
+        {"go": True},
+    )
+    assert d.timers == {
+        "each[0]/pause#wait": 10.0,
+        "each[1]/pause#wait": 10.0,
+        "box#timeout1": 5.0,
+        "slow#wait": 3600.0,
+    }
+    d.fire("box#timeout1")
+    assert d.run.snapshot()["steps"]["slow"]["status"] == "cancelled"
+    assert d.settled["box"] == "succeeded"
+    assert d.run.fire("slow#wait") == []
+    d.fire("each[0]/pause#wait")
+    d.fire("each[1]/pause#wait")
+    assert d.finished is not None
+    assert d.finished.output["box"] == "late"
+    assert d.finished.output["each"] == [{"waited": 10.0}, {"waited": 10.0}]

@@ -318,3 +318,25 @@ def test_mermaid_renames_ids_mermaid_would_misread() -> None:
         '    step1["step1: call t__step1"]',
         "    step0 --> step1_",
     ]
+
+
+def test_mermaid_marks_a_step_with_an_on_error_default_in_its_label() -> None:
+    graph = valid_graph(call("order", on_error={"default": {"status": "unknown"}}), call("reply", "order"))
+
+    assert mermaid(graph).splitlines()[1:] == [
+        '    order["order: call t__order, on_error: default"]',
+        '    reply["reply: call t__reply"]',
+        "    order --> reply",
+    ]
+
+
+def test_mermaid_draws_a_wait_with_its_duration_or_until() -> None:
+    graph = valid_graph(
+        {"id": "pause", "wait": "2m"}, {"id": "then", "wait": {"until": "${.input.at}"}, "after": ["pause"]}
+    )
+
+    assert mermaid(graph).splitlines()[1:] == [
+        '    pause["pause: wait 120s"]',
+        '    then["then: wait until"]',
+        "    pause --> then",
+    ]

@@ -252,3 +252,48 @@ steps:
     assert [s["key"] for s in view["steps"]] == ["each", "each[0]/up", "each[1]/up", "after"]
     assert view["steps"][0]["started"] == min(s["started"] for s in view["steps"][1:3])
     assert view["steps"][0]["result"] == [{"tool": "t", "n": 1}, {"tool": "t", "n": 2}]
+
+
+async def test_a_degraded_step_shows_its_default_its_failure_and_the_mark_in_journal_timeline_and_progress() -> None:
+    messages: list[str | None] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        messages.append(message)
+
+    store = MemoryStore()
+    plan = plan_of("""
+steps:
+  - {id: fetch, call: boom, retry: {attempts: 2, backoff: 1ms}, on_error: {default: {cached: "${.input.n}"}},
+     compensate: {call: undo}}
+  - {id: use, call: echo, with: {got: "${.steps.fetch.result.cached}"}}
+""")
+    with anyio.fail_after(5):
+        result = await Runner(Tools(), store).run(plan, {"n": 7}, replace(CALLER, progress=progress))
+    assert result.structured_content == {"fetch": {"cached": 7}, "use": {"tool": "echo", "got": 7}}
+    assert result.meta is not None
+    record = await store.run(result.meta[RUN_META_KEY])
+    assert record is not None
+    events = await store.events(record.run_id)
+    [settled] = [e for e in events if e.kind == "step_settled" and e.key == "fetch"]
+    assert settled.data["degraded"] is True
+    assert settled.data["error"]["kind"] == "error"
+
+    view = timeline(record, events, REDACT)
+    fetch = view["steps"][0]
+    assert (fetch["key"], fetch["status"], fetch["degraded"], fetch["result"]) == (
+        "fetch",
+        "succeeded",
+        True,
+        {"cached": 7},
+    )
+    assert fetch["error"]["kind"] == "error"
+    assert [a["status"] for a in fetch["attempts"]] == ["failed", "failed"]
+    assert "degraded" not in view["steps"][1]
+    assert view["compensations"] == []
+    text = render_timeline(view)
+    assert "succeeded (degraded)" in text
+    assert "error: error: it broke" in text
+    assert 'result: {"cached": 7}' in text
+    assert messages[0] is not None
+    assert messages[0].startswith("fetch: succeeded (degraded) in ")
+    assert "(error: it broke" in messages[0]

@@ -262,6 +262,37 @@ INVALID_STEPS = [
         {"id": "a", "call": "t", "on_error": "ignore"}, (0, "on_error"), "literal_error", "'fail' or", id="on-error"
     ),
     pytest.param({"id": "a", "call": "t", "on_error": 1}, (0, "on_error"), "on_error", "fallback", id="on-error-int"),
+    pytest.param({"id": "a", "wait": "soon"}, (0, "wait"), "value_error", "duration", id="wait-duration"),
+    pytest.param({"id": "a", "wait": "-5s"}, (0, "wait"), "greater_than", "greater than 0", id="wait-negative"),
+    pytest.param({"id": "a", "wait": [1]}, (0, "wait"), "wait", "a duration", id="wait-list"),
+    pytest.param(
+        {"id": "a", "wait": {"until": "next monday"}},
+        (0, "wait", "until"),
+        "value_error",
+        "RFC 3339",
+        id="wait-until-literal",
+    ),
+    pytest.param(
+        {"id": "a", "wait": {"until": "2026-05-01T09:00:00"}},
+        (0, "wait", "until"),
+        "value_error",
+        "UTC offset",
+        id="wait-until-no-offset",
+    ),
+    pytest.param(
+        {"id": "a", "call": "t", "on_error": {"default": 1, "value": 2}},
+        (0, "on_error", "value"),
+        "extra_forbidden",
+        "Extra inputs",
+        id="on-error-default-extra-key",
+    ),
+    pytest.param(
+        {"id": "a", "call": "t", "on_error": {}},
+        (0, "on_error", "default"),
+        "missing",
+        "required",
+        id="on-error-default-missing",
+    ),
     pytest.param(
         {"id": "a", "call": "t", "on_error": [{"id": "b"}]},
         (0, "on_error", 0),

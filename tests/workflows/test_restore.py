@@ -158,6 +158,7 @@ def test_restore_gives_the_state_the_run_had_and_what_it_was_waiting_for() -> No
         "result": {"id": "a-1", "items": [1, 2]},
         "error": None,
         "continued": False,
+        "degraded": False,
         "branch": None,
         "items": None,
         "outputs": [],
@@ -182,6 +183,31 @@ def test_restore_tells_which_evaluations_and_timers_were_outstanding() -> None:
         ".item * 10",
         ".steps.order.result.items | add",
     ]
+
+
+def test_restore_of_a_run_with_a_degraded_step_gives_its_default_mark_and_error() -> None:
+    recorded = Recorded(
+        plan_of("""
+steps:
+  - {id: a, call: t, retry: {attempts: 2, backoff: 1s, jitter: 0}, on_error: {default: "${.input.n * 3}"}}
+  - {id: b, call: t, with: {got: "${.steps.a.result}"}}
+"""),
+        {"n": 2},
+    )
+    recorded.done("a", 1, error=StepError("unavailable", "down"))
+    recorded.fire("a#retry")
+    recorded.done("a", 2, error=StepError("unavailable", "still down"))
+    while recorded.evaluations:
+        recorded.evaluate(next(iter(recorded.evaluations)))
+
+    restored, outstanding = Run.restore(recorded.plan, recorded.events)
+
+    assert restored.snapshot() == recorded.run.snapshot()
+    step = restored.snapshot()["steps"]["a"]
+    assert (step["status"], step["result"], step["degraded"]) == ("succeeded", 6, True)
+    assert step["error"] == {"kind": "unavailable", "message": "still down", "step": "a"}
+    assert [(c.key, c.arguments) for c in outstanding if isinstance(c, CallTool)] == [("b", {"got": 6})]
+    assert_every_prefix_restores(recorded)
 
 
 def test_replay_skips_the_journals_outputs() -> None:
@@ -267,11 +293,13 @@ def _step(
     step = _kind(draw, ids, kind, earlier, depth, in_loop=in_loop)
     if draw(st.booleans()):
         step["retry"] = {"attempts": 2, "backoff": "1s", "jitter": 0.5, "on": ["error", "unavailable"]}
-    if kind in ("set", "switch", "for_each") and draw(st.booleans()):
+    if kind in ("set", "switch", "for_each", "wait") and draw(st.booleans()):
         step["timeout"] = "5s"
-    on_error = draw(st.sampled_from([None, "continue", "fallback"]))
+    on_error = draw(st.sampled_from([None, "continue", "fallback", "default"]))
     if on_error == "continue":
         step["on_error"] = "continue"
+    elif on_error == "default":  # a literal, a plain path (resolved in the engine) or jq (asked for)
+        step["on_error"] = {"default": draw(st.sampled_from([7, {"n": "${.input.n}"}, "${.input.n * 5}"]))}
     elif on_error == "fallback" and depth < 2:
         step["on_error"] = [{"id": f"s{next(ids)}", "set": {"v": "${.input.n - 1}"}}]
     return step
@@ -291,6 +319,10 @@ def _kind(
         step["set"] = {"v": _expression(draw, earlier, in_loop=in_loop)}
     elif kind == "fail":
         step["fail"] = "stopped at ${.input.n}"
+    elif kind == "wait":  # a duration, a time, or an expression that gives no time (the step fails, invalid)
+        step["wait"] = draw(
+            st.sampled_from(["2s", {"until": "2030-01-01T00:00:00Z"}, {"until": "${.input.n | tostring}"}])
+        )
     elif kind == "switch":
         when = draw(st.sampled_from([".input.flag", ".input.n > 2", ".input.n > 0 and .input.flag"]))
         step["switch"] = [{"when": when, "steps": _steps(draw, ids, depth + 1, in_loop=in_loop)}]
@@ -309,7 +341,7 @@ def _steps(draw: st.DrawFn, ids: Iterator[int], depth: int, *, in_loop: bool) ->
     """1–3 steps of any kind (containers two deep at most), each reading the steps before it or the input."""
     steps: list[dict[str, Any]] = []
     earlier: list[str] = []
-    kinds = ["call", "call", "set", "fail"] + (["switch", "for_each"] if depth < 2 else [])
+    kinds = ["call", "call", "set", "fail", "wait"] + (["switch", "for_each"] if depth < 2 else [])
     for _ in range(draw(st.integers(1, 3 if depth == 0 else 2))):
         step_id = f"s{next(ids)}"
         kind = draw(st.sampled_from(kinds))

@@ -469,3 +469,51 @@ steps:
     assert record is not None
     assert (record.status, record.owner) == ("cancelled", home_store.instance)
     assert [name for name, _, _ in upstream.calls] == ["t.a", "t.b", "undo.a"]
+
+
+async def test_a_pending_wait_fires_at_its_original_time_after_a_restart_not_a_whole_wait_later() -> None:
+    plan = plan_of("steps: [{id: pause, wait: 1h}, {id: b, call: t.b, after: [pause]}]")
+    journal, first, started = MemoryStore(), Upstream(), 1_000_000.0
+    run_id = await crash(Runner(first, journal, wall_clock=lambda: started), plan, {}, journal, lambda: journal._count)
+    assert first.calls == []
+
+    second = Upstream()
+    almost = started + 3600 - 0.05  # from scratch it would be another hour: fail_after would catch that
+    with anyio.fail_after(5):
+        result = await Runner(second, journal, wall_clock=lambda: almost).resume(
+            plan, await journal.events(run_id), CALLER
+        )
+    assert result.structured_content == {"pause": {"waited": 3600.0}, "b": {"tool": "t.b"}}
+    assert [name for name, _, _ in second.calls] == ["t.b"]
+
+
+async def test_a_wait_until_a_time_keeps_that_time_across_a_restart_and_one_past_fires_at_once() -> None:
+    plan = plan_of("steps: [{id: pause, wait: {until: '${.input.at}'}}, {id: b, call: t.b, after: [pause]}]")
+    arguments = {"at": "2030-01-01T00:00:00Z"}
+    journal, first = MemoryStore(), Upstream()
+    run_id = await crash(Runner(first, journal), plan, arguments, journal, lambda: journal._count)
+
+    later = 1893456000.0 - 0.2  # 0.2 s before 2030-01-01T00:00:00Z, whenever the run started
+    with anyio.fail_after(5):
+        began = anyio.current_time()
+        result = await Runner(Upstream(), journal, wall_clock=lambda: later).resume(
+            plan, await journal.events(run_id), CALLER
+        )
+        assert anyio.current_time() - began >= 0.2  # what was left of it, and a timer never fires early
+        past = await Runner(Upstream(), MemoryStore()).run(plan, {"at": "2001-02-03T04:05:06+01:00"}, CALLER)
+    assert result.structured_content == {"pause": {"waited_until": "2030-01-01T00:00:00Z"}, "b": {"tool": "t.b"}}
+    assert past.structured_content == {"pause": {"waited_until": "2001-02-03T03:05:06Z"}, "b": {"tool": "t.b"}}
+
+
+async def test_a_cancelled_run_stops_waiting_at_once() -> None:
+    plan = plan_of("steps: [{id: pause, wait: 1h}, {id: b, call: t.b, after: [pause]}]")
+    journal, upstream = MemoryStore(), Upstream()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Runner(upstream, journal).run, plan, {}, CALLER)
+            while not journal._count:  # noqa: ASYNC110 - the run has started its timer
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+    [record] = await journal.runs()
+    assert record.status == "cancelled"
+    assert upstream.calls == []

@@ -207,6 +207,35 @@ async def test_a_fallback_stands_in_for_a_failed_step(tmp_path: Path) -> None:
         assert text(result) == "backup after: Error executing tool fail: primary is down"
 
 
+async def test_a_step_failing_with_an_on_error_default_succeeds_degraded_and_a_wait_waits(tmp_path: Path) -> None:
+    workflow = """
+  degrading:
+    steps:
+      - id: primary
+        call: kit__fail
+        with: {message: primary is down}
+        on_error: {default: {label: "cached, because ${.steps.primary.error.kind}"}}
+      - {id: pause, wait: 100ms, after: [primary]}
+    output: {label: "${.steps.primary.result.label}", pause: "${.steps.pause.result}"}
+"""
+    seen: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append(message)
+
+    async with run_gateway(tmp_path, config(workflow)) as gw, Client(gw.url, mode="legacy", cache=None) as client:
+        began = time.monotonic()
+        result = await client.call_tool("degrading", {}, progress_callback=on_progress)
+        assert not result.is_error, text(result)
+        assert time.monotonic() - began >= 0.1
+        assert result.structured_content == {"label": "cached, because error", "pause": {"waited": 0.1}}
+    assert seen[0] is not None
+    assert seen[0].startswith("primary: succeeded (degraded) in ")
+    assert "(error: " in seen[0]
+    assert seen[1] is not None
+    assert seen[1].startswith("pause: succeeded")
+
+
 async def test_a_failed_run_compensates_completed_steps_in_reverse_order(tmp_path: Path) -> None:
     workflow = """
   compensating:
