@@ -108,7 +108,11 @@ def build_chain(
     if caches:
         if cache is None:
             raise ValueError(f"the servers {sorted(caches)} have a cache: and no store is given to keep it in")
-        policies.append(CachePolicy(caches, idempotent, cache, max_size=max_result, on_hit=on_cache_hit))
+        policies.append(
+            CachePolicy(
+                caches, idempotent, cache, max_size=max_result, on_hit=on_cache_hit, gateway=config.gateway.name
+            )
+        )
     if circuits:
         policies.append(breaker)
     if retries:

@@ -74,7 +74,8 @@ class CachePolicy:
     """Keeps the results of configured servers' cached tools, and answers from them while a server is out of reach.
 
     ``caches`` is each server's ``cache:``; ``idempotent`` its ``tools.idempotent`` globs; ``on_hit(tool)`` is told
-    of every call answered from the cache (for the metrics).
+    of every call answered from the cache (for the metrics); ``gateway`` is the gateway's name, under which its
+    servers' results are kept.
     """
 
     def __init__(
@@ -86,7 +87,9 @@ class CachePolicy:
         max_size: int,
         on_hit: Callable[[str], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        gateway: str = "",
     ) -> None:
+        self._gateway = gateway
         self._settings = {
             server: (cache, matcher(cache.tools), matcher(idempotent.get(server, ())))
             for server, cache in caches.items()
@@ -123,19 +126,24 @@ class CachePolicy:
             await self._keep(call, key, result, cache)
         return result
 
+    def _scope(self, call: ToolCall) -> str:
+        """Whose results: the server's, in this gateway (gateways sharing one database have servers of one name
+        that are not the same server; replicas of one gateway share its name)."""
+        return f"{self._gateway}/{call.provider}"
+
     async def _keep(self, call: ToolCall, key: str, result: ToolResult, cache: ServerCache) -> None:
         wire = result.wire()
         if len(orjson.dumps(wire)) > self._max_size:
             logger.debug("%s: result larger than %d bytes, not cached", call.name, self._max_size)
             return
         try:
-            await self._store.cache_put(call.provider, key, wire, cache.ttl, cache.max_entries)
+            await self._store.cache_put(self._scope(call), key, wire, cache.ttl, cache.max_entries)
         except StoreError as exc:
             logger.warning("%s: cannot keep its result in the cache: %s", call.name, exc)
 
     async def _kept(self, call: ToolCall, key: str, reason: str) -> ToolResult | None:
         try:
-            kept = await self._store.cache_get(call.provider, key)
+            kept = await self._store.cache_get(self._scope(call), key)
         except StoreError as exc:
             logger.warning("%s: cannot read the cache: %s", call.name, exc)
             return None

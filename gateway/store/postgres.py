@@ -97,6 +97,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 MIGRATION_LOCK = instance_key("patchbay:migrate")
 """The advisory lock gateways take turns under to create and migrate the schema."""
+CACHE_LOCK = 0x63616368  # "cach"
+"""The first key of the advisory locks a cache scope's writers take turns under (the two-key form: a key space
+apart from the one-key locks above)."""
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
 
@@ -418,6 +421,9 @@ class PostgresStore(Journaled):
         now = self._clock()
         try:
             async with self._connection() as con, con.transaction():
+                # One writer of a scope at a time: two replicas inserting and evicting its rows at once could
+                # each lock rows the other deletes (a deadlock, which would cost one of them its save).
+                await con.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", CACHE_LOCK, scope)
                 await con.execute(
                     "INSERT INTO cache VALUES ($1, $2, $3::jsonb, $4, $5) ON CONFLICT (scope, key) DO UPDATE SET "
                     "result = excluded.result, cached_at = excluded.cached_at, expires_at = excluded.expires_at",

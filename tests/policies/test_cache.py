@@ -83,9 +83,10 @@ def policy_on(
     max_entries: int = 1000,
     max_size: int = 2**20,
     idempotent: Sequence[str] = (),
+    gateway: str = "acme",
 ) -> CachePolicy:
     caches = {"crm": ServerCache(tools=["add", "get_*"], ttl=ttl, max_entries=max_entries)}
-    return CachePolicy(caches, {"crm": list(idempotent)}, store, max_size=max_size, wall_clock=clock)
+    return CachePolicy(caches, {"crm": list(idempotent)}, store, max_size=max_size, wall_clock=clock, gateway=gateway)
 
 
 @pytest.fixture
@@ -121,6 +122,19 @@ async def test_an_unreachable_server_is_answered_with_the_last_good_result_marke
     assert note["cached_at"].endswith("Z")
     assert note["reason"] == "crm is not connected"
     assert upstream.calls == 2  # the server was tried first
+
+
+async def test_another_gateway_sharing_the_store_does_not_get_the_results_of_its_server_of_the_same_name(
+    store: MemoryStore, clock: Clock
+) -> None:
+    ours, theirs, upstream = policy_on(store, clock), policy_on(store, clock, gateway="other"), Upstream()
+    await ours(call_of(), upstream)
+    upstream.error = UpstreamUnavailable("crm is not connected", server="crm")
+    with pytest.raises(UpstreamUnavailable):  # its `crm` is another server: nothing of ours is its answer
+        await theirs(call_of(), upstream)
+    stale = await policy_on(store, clock)(call_of(), upstream)  # a replica of ours (the same gateway name) gets it
+    assert stale.meta is not None
+    assert META_KEY in stale.meta
 
 
 @pytest.mark.parametrize(
