@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -37,7 +37,7 @@ from gateway.metrics import Metrics
 from gateway.registry import Naming, Registry, build_registry, owner_by_prefix, prefix_head
 from gateway.requeststate import StateSigner
 from gateway.roundtrip import RoundTrips
-from gateway.types import Provider, ProviderEvents, ProviderState
+from gateway.types import Principal, Provider, ProviderEvents, ProviderState
 from gateway.workflows.plan import check_tools, unserved
 from gateway.workflows.provider import WORKFLOW_PROVIDER, WorkflowProvider
 from gateway.workflows.runner import Runner
@@ -118,7 +118,7 @@ class Gateway:
         calls = CallPath()
 
         # 2. The providers.
-        runner = Runner(calls.invoke, self.backends.store, metrics=self.metrics)
+        runner = Runner(calls.invoke, self.backends.store, metrics=self.metrics, catalog=self.tools_for)
         settings = config.gateway
         self.temporal = _temporal_engine(config, self.backends, calls)
         """With ``engine: temporal://…``: the engine workflow calls run on, whose workers this replica runs."""
@@ -171,6 +171,8 @@ class Gateway:
             on_cache_hit=self.metrics.cache_hit,
         )
         self.access = chain.access
+        if self.temporal is not None:
+            self.temporal.callers.catalog = self.tools_for
         self.breakers = chain.breakers
         """The circuit breakers, whose states :meth:`refresh_circuits` reports."""
         if self.backends.shared is not None:
@@ -188,6 +190,11 @@ class Gateway:
         self._listeners: list[ChangeListener] = []
         self._update_listeners: list[UpdateListener] = []
         self._started = False
+
+    def tools_for(self, principal: Principal) -> list[Mapping[str, Any]]:
+        """The tools ``tools/list`` shows ``principal`` (their definitions): what an ``agent`` step may offer."""
+        access = self.access
+        return [entry.tool.definition for name, entry in self.registry.tools.items() if access.visible(principal, name)]
 
     def on_change(self, listener: ChangeListener) -> None:
         """Call ``listener`` whenever the registry changes (to tell connected clients)."""

@@ -174,7 +174,7 @@ def fold(record: RunRecord | None, event: JournalEvent) -> RunRecord | None:
         )
     if record is None:
         return None
-    if event.kind == "step_settled":
+    if event.kind == "step_settled" and "part" not in data:  # an agent's turn or call is a part of its step
         failed = record.failed_step
         if failed is None and data.get("status") == "failed":
             failed = event.key

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway.workflows.agent import Conversation
 from gateway.workflows.commands import Leaf, StepError
 from gateway.workflows.expressions import Outcome
 from gateway.workflows.plan import StepPlan
@@ -64,6 +65,8 @@ class StepState:
     next_item: int = 0
     outputs: list[Any] = field(default_factory=list)
     iterations: dict[int, Frame] = field(default_factory=dict)
+    agent: Conversation | None = None
+    """An ``agent`` step's current try: its conversation and its parts in flight (keyed apart from the step)."""
 
 
 SiteKind = Literal["step", "success", "output", "run", "compensate", "default"]
@@ -97,8 +100,10 @@ PARKED: Any = object()
 
 
 def live(state: StepState, command: Leaf) -> bool:
-    """A queued command still to be handed out (not cancelled, not superseded by a later try)."""
-    return state.status == "queued" and state.attempt == command.attempt
+    """A queued command still to be handed out (not cancelled, not superseded by a later try); an ``agent``'s
+    later parts are queued while it runs."""
+    running = state.status == "queued" or (state.status == "running" and command.key != state.key)
+    return running and state.attempt == command.attempt
 
 
 def scope_of(arguments: Mapping[str, Any], frame: Frame, run_id: str = "") -> dict[str, Any]:

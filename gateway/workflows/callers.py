@@ -3,7 +3,7 @@
 A run on Temporal executes its steps on any replica holding its plan, but its client's request is held
 by the replica that started the run (or took a re-issue of its keyed call). That replica registers the
 request's client channel here, under the run id, while it awaits the run (:meth:`Callers.attend`); the
-run's ``ask_user`` and ``ask_model`` questions come to it as an activity on its own queue, and are asked
+run's ``ask_user``, ``ask_model`` and ``agent`` questions come to it as an activity on its own queue, and are asked
 through that channel (:meth:`Callers.ask`) by the code the local runner asks with
 (:mod:`gateway.workflows.asking`). As for a detached local run, the client is whichever caller attached
 last; a question asked while none is (a keyed call's caller gave up), or whose client went away mid-question,
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import UpstreamError
-from gateway.types import ClientChannel, JSONObject
-from gateway.workflows.asking import ask
-from gateway.workflows.commands import AskModel, AskUser, CallTool, StepError
+from gateway.types import ClientChannel, JSONObject, Principal
+from gateway.workflows.asking import ToolCatalog, ask, offered
+from gateway.workflows.commands import AskAgent, AskModel, AskUser, CallTool, StepError
 from gateway.workflows.runs import AttachedClient
 
 __all__ = ["Callers"]
@@ -51,6 +51,8 @@ class Callers:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Attendance] = {}
+        self.catalog: ToolCatalog | None = None
+        """The tools each caller may call, which an ``agent``'s turn offers (the gateway sets it once assembled)."""
 
     @contextmanager
     def attend(self, run_id: str, client: ClientChannel | None) -> Iterator[None]:
@@ -67,13 +69,16 @@ class Callers:
         return run_id in self._runs
 
     async def ask(
-        self, command: CallTool | AskUser | AskModel, run_id: str, caller: dict[str, str]
+        self, command: CallTool | AskUser | AskModel | AskAgent, run_id: str, caller: dict[str, str]
     ) -> tuple[Any, StepError | None]:
         """Ask the client of run ``run_id`` the question of ``command`` (the ask activity's ``execute``)."""
         if isinstance(command, CallTool):  # never sent here: calls go to the plan's queue
             return None, StepError("error", "internal error: a tool call reached the questions' queue")
         attendance = self._enter(run_id)
         try:
+            if isinstance(command, AskAgent):
+                principal = Principal(caller.get("id", ""), caller.get("kind", "client"))
+                return await ask(attendance.client, command, offered(self.catalog, principal, command))
             return await ask(attendance.client, command)
         finally:
             self._leave(run_id, attendance)

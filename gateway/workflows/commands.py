@@ -1,6 +1,6 @@
 """What the engine tells the runner to do, and the failures it reports: plain frozen values.
 
-The runner carries out :class:`CallTool`, :class:`AskUser`, :class:`AskModel`,
+The runner carries out :class:`CallTool`, :class:`AskUser`, :class:`AskModel`, :class:`AskAgent`,
 :class:`Evaluate`, :class:`StartTimer` and :class:`Cancel`, and journals and reports
 :class:`Settled` and :class:`Finished`. They hold JSON-like data only, so a run's commands can be recorded, compared
 and replayed.
@@ -13,6 +13,7 @@ from typing import Any, Literal
 from gateway.units import retry_delay
 
 __all__ = [
+    "AskAgent",
     "AskModel",
     "AskUser",
     "CallTool",
@@ -96,6 +97,25 @@ class AskModel:
 
 
 @dataclass(frozen=True, slots=True)
+class AskAgent:
+    """One turn of an ``agent`` step: ask the client's model (sampling with tools) to go on with ``messages``
+    (``SamplingMessage`` JSON), offering the served tools that ``tools`` (globs) match; the result is the
+    ``CreateMessageResult`` as JSON. ``tool_choice``: ``auto``, or ``none`` on the last turn."""
+
+    key: str
+    step: str
+    attempt: int
+    messages: tuple[Mapping[str, Any], ...]
+    system: str | None
+    tools: tuple[str, ...]
+    tool_choice: Literal["auto", "none"]
+    max_tokens: int
+    workflow: str = ""
+    """The workflow running the step: never offered to its own model."""
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Evaluate:
     """Run the jq program ``source`` over ``data`` (its narrowed input: all it reads), bounded in time
     and memory, off the event loop; report with ``evaluated(key, …)``. The engine never runs one itself."""
@@ -135,6 +155,9 @@ class Settled:
     error: StepError | None = None
     degraded: bool = False
     """The step failed and succeeded with its ``on_error`` default: ``error`` is the failure, ``result`` the default."""
+    part: str | None = None
+    """Set when ``key`` is a part of step ``step`` (an ``agent``'s turn or tool call, ``research#call2``): what it
+    was (``step 2 of at most 8: orders__get_order``). A part does not count as a step settled."""
 
     def describe(self, duration_ms: float | None = None) -> str:
         """The progress message of the step's end (``b: succeeded in 12 ms``, ``b: succeeded (degraded) in 12 ms
@@ -142,6 +165,8 @@ class Settled:
         took = f" in {duration_ms:.0f} ms" if duration_ms is not None else ""
         why = f" ({self.error.kind}: {self.error.message})" if self.error is not None else ""
         status = f"{self.status} (degraded)" if self.degraded else self.status
+        if self.part is not None:  # research#call2: research: step 2 of at most 8: orders__get_order succeeded
+            return f"{self.key.rpartition('#')[0]}: {self.part} {status}{took}{why}"
         return f"{self.key}: {status}{took}{why}"
 
 
@@ -155,6 +180,6 @@ class Finished:
     compensation_errors: tuple[StepError, ...] = ()
 
 
-Command = CallTool | AskUser | AskModel | Evaluate | StartTimer | Cancel | Settled | Finished
-Leaf = CallTool | AskUser | AskModel
+Command = CallTool | AskUser | AskModel | AskAgent | Evaluate | StartTimer | Cancel | Settled | Finished
+Leaf = CallTool | AskUser | AskModel | AskAgent
 """The commands that start a call or a question: what counts against ``max_concurrency``."""

@@ -54,7 +54,9 @@ from typing import Any, Literal
 
 from gateway.workflows._runstate import PARKED, SETTLED, Frame, Site, SiteKind, StepState, live, scope_of
 from gateway.workflows._sites import Sites
+from gateway.workflows.agent import AgentReplyError, Conversation
 from gateway.workflows.commands import (
+    AskAgent,
     AskModel,
     AskUser,
     CallTool,
@@ -70,6 +72,7 @@ from gateway.workflows.commands import (
 from gateway.workflows.expressions import ExpressionError, Lookup, Outcome
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.model import (
+    AgentStep,
     AskModelStep,
     AskUserStep,
     CallStep,
@@ -145,6 +148,9 @@ class Run:
         if state is None or state.attempt != attempt:
             return []
         del self._in_flight[key]
+        if state.agent is not None:
+            self._agent_part(state, state.agent, key, result, error, random)
+            return self._flush()
         state.status, state.command = "running", None
         self._tried(state, result, error, random, None)
         return self._flush()
@@ -205,7 +211,11 @@ class Run:
     def outstanding(self) -> list[Command]:
         """What the run waits for: calls and questions handed out and not answered (compensation
         included), evaluations asked for, timers started and not fired (until the run is over)."""
-        calls: list[Command] = [state.command for state in self._in_flight.values() if state.command is not None]
+        calls: list[Command] = []
+        for key, state in self._in_flight.items():
+            command = state.agent.in_flight[key] if state.agent is not None else state.command
+            if command is not None:
+                calls.append(command)
         if self._compensation is not None:
             calls.append(self._compensation)
         calls.extend(command for _, _, command in self._sites.pending.values())
@@ -229,6 +239,7 @@ class Run:
                 "outputs": list(state.outputs),  # filled in place as iterations end
                 "next_item": state.next_item,
                 "iterations": sorted(state.iterations),
+                **({"agent": state.agent.snapshot()} if state.agent is not None else {}),
             }
             for key, state in sorted(self._by_key.items())
         }
@@ -316,7 +327,7 @@ class Run:
     def _step(self, state: StepState, scope: Mapping[str, Any], lookup: Lookup) -> None:
         """Start ``state``, unless ``lookup`` lacks jq outcomes: nothing is done until every value is known."""
         step = state.plan.step
-        if isinstance(step, CallStep | AskUserStep | AskModelStep):
+        if isinstance(step, CallStep | AskUserStep | AskModelStep | AgentStep):
             command = self._leaf(state, scope, lookup)
             if command is not None:
                 self._enqueue(state, command)
@@ -349,6 +360,8 @@ class Run:
             if lookup.missing:
                 return None
             return AskUser(state.key, step.id, state.attempt, message, ask.requested_schema, ask.default, step.timeout)
+        if isinstance(step, AgentStep):
+            return self._agent_begin(state, step, scope, lookup)
         assert isinstance(step, AskModelStep)
         model = step.ask_model
         prompt = _text(values["prompt"].evaluate(scope, lookup)) or ""
@@ -358,6 +371,46 @@ class Run:
         return AskModel(
             state.key, step.id, state.attempt, prompt, system, model.max_tokens, model.default, step.timeout
         )
+
+    def _agent_begin(self, state: StepState, step: AgentStep, scope: Mapping[str, Any], lookup: Lookup) -> Leaf | None:
+        """An ``agent`` try's first turn (its conversation starts over); None while ``lookup`` lacks jq outcomes."""
+        values, agent = state.plan.values, step.agent
+        goal = _text(values["goal"].evaluate(scope, lookup)) or ""
+        system = _text(values["system"].evaluate(scope, lookup)) if "system" in values else None
+        if lookup.missing:
+            return None
+        globs, prefix = agent.tools, f"{self.run_id}:"
+        state.agent = Conversation(
+            state.key, step.id, state.attempt, globs, agent.max_steps, agent.max_tokens, system, prefix, self.plan.name
+        )
+        return state.agent.begin(goal)
+
+    def _agent_part(
+        self, state: StepState, agent: Conversation, key: str, result: Any, error: StepError | None, random: float
+    ) -> None:
+        """A turn or a call of an ``agent`` step came back (see :mod:`gateway.workflows.agent`)."""
+        command = agent.in_flight.pop(key)
+        if isinstance(command, AskAgent):
+            part = f"{agent.part()}: the model"
+            self._out.append(Settled(key, state.plan.id, _status(error), command.attempt, result, error, part=part))
+            if error is None:
+                try:
+                    commands, answer = agent.replied(result)
+                except AgentReplyError as exc:
+                    error = StepError("error", str(exc), state.key)
+                else:
+                    self._queue.extend((state, next_command) for next_command in commands)
+                    if not commands:
+                        self._tried(state, answer, None, random, None)
+                    return
+            self._fail(state, replace(error, step=error.step or state.key), random)
+            return
+        assert isinstance(command, CallTool)
+        part = f"{agent.part()}: {command.tool}"
+        turn = agent.called(key, result, error)
+        self._out.append(Settled(key, state.plan.id, _status(error), command.attempt, result, error, part=part))
+        if turn is not None:
+            self._queue.append((state, turn))
 
     def _decide(self, state: StepState, scope: Mapping[str, Any], lookup: Lookup) -> None:
         """A ``set``, ``fail`` or ``for_each``: what the engine decides by itself, once its values are known."""
@@ -453,8 +506,12 @@ class Run:
             state, command = self._queue.popleft()
             if not live(state, command):
                 continue
-            state.status, state.command = "running", command
-            self._in_flight[state.key] = state
+            state.status = "running"
+            if state.agent is not None:  # a part of an agent step, keyed apart from it
+                state.agent.in_flight[command.key] = command
+            else:
+                state.command = command
+            self._in_flight[command.key] = state
             self._out.append(command)
 
     def _tried(self, state: StepState, result: Any, error: StepError | None, random: float, site: Site | None) -> None:
@@ -633,6 +690,11 @@ class Run:
     def _cancel_inside(self, state: StepState) -> None:
         """Cancel everything in flight or queued inside ``state`` (a container that failed)."""
         self._unwanted = True
+        if state.agent is not None:  # its turn or calls in flight
+            for key in state.agent.in_flight:
+                del self._in_flight[key]
+                self._out.append(Cancel(key))
+            state.agent.in_flight.clear()
         inside = self.plan.descendants[state.plan.id]
         if not inside:
             return
@@ -833,6 +895,10 @@ class Run:
             self._compensation_errors.append(StepError(error.kind, f"compensation failed: {error.message}", state.key))
         self._compensate_next()
         return self._flush()
+
+
+def _status(error: StepError | None) -> Status:
+    return "failed" if error is not None else "succeeded"
 
 
 def _text(value: Any) -> str | None:

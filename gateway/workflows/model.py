@@ -2,7 +2,7 @@
 
 A workflow is a tool whose body is a list of steps. A step's kind follows from which one of the
 kind keys it has (``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``wait``, ``ask_user``,
-``ask_model``); every step may also carry ``after``, ``retry``, ``timeout``, ``success``,
+``ask_model``, ``agent``); every step may also carry ``after``, ``retry``, ``timeout``, ``success``,
 ``on_error`` and ``compensate``. Values that hold expressions (``with``, ``set``, ``output``,
 messages, conditions) stay raw JSON here, ``${…}`` unparsed: :mod:`gateway.workflows.expressions`
 compiles them, :mod:`gateway.workflows.graph` checks how steps refer to each other.
@@ -33,6 +33,8 @@ from gateway.units import Duration
 
 __all__ = [
     "STEP_KINDS",
+    "Agent",
+    "AgentStep",
     "AskModel",
     "AskModelStep",
     "AskUser",
@@ -57,7 +59,7 @@ __all__ = [
     "strip_tags",
 ]
 
-STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "wait", "ask_user", "ask_model")
+STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "wait", "ask_user", "ask_model", "agent")
 """The keys that decide a step's kind; a step has exactly one of them."""
 
 DEFAULT_MAX_CONCURRENCY = 2000
@@ -360,6 +362,33 @@ class AskModelStep(_StepBase):
     """The request."""
 
 
+class Agent(BaseModel):
+    """What an ``agent`` step asks the client's model to do, calling tools on the way (MCP sampling with tools)."""
+
+    model_config = _MODEL_CONFIG
+
+    goal: str = Field(min_length=1)
+    """The first user message; may hold ``${…}``."""
+    tools: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], _at_least_one("tool glob")]
+    """Globs (``kb__*``) over the names this gateway serves tools under: the tools the model may call."""
+    max_steps: int = Field(ge=1)
+    """The most turns of the model (sampling requests); the last one must answer, not call a tool."""
+    system: str | None = None
+    """The system prompt; may hold ``${…}``."""
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
+    """The most tokens the model may answer with, per turn."""
+
+
+class AgentStep(_StepBase):
+    """Lets the client's model reach a goal in turns, calling the tools its globs allow; the result is
+    ``{answer, steps: [{tool, arguments, result | error}]}``."""
+
+    kind: ClassVar[str] = "agent"
+
+    agent: Agent
+    """The goal, the tools and the bounds."""
+
+
 _ONE_KIND = f"a step needs exactly one of {', '.join(STEP_KINDS)}"
 
 
@@ -390,7 +419,8 @@ Step = Annotated[
     | Annotated[FailStep, Tag("fail")]
     | Annotated[WaitStep, Tag("wait")]
     | Annotated[AskUserStep, Tag("ask_user")]
-    | Annotated[AskModelStep, Tag("ask_model")],
+    | Annotated[AskModelStep, Tag("ask_model")]
+    | Annotated[AgentStep, Tag("agent")],
     Discriminator(_step_kind, custom_error_type="step_kind", custom_error_message=_ONE_KIND),
     BeforeValidator(_one_kind),
 ]
@@ -438,6 +468,7 @@ for _model in (
     WaitStep,
     AskUserStep,
     AskModelStep,
+    AgentStep,
 ):
     _model.model_rebuild()
 

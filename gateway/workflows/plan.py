@@ -15,11 +15,13 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.errors import ConfigProblem, did_you_mean
+from gateway.workflows.agent import allowed
 from gateway.workflows.checks import check_arguments
 from gateway.workflows.defaults import check_defaults
 from gateway.workflows.expressions import Condition, ExpressionError, Value, compile_condition, compile_value
 from gateway.workflows.graph import Graph, Node, build_graph
 from gateway.workflows.model import (
+    AgentStep,
     AskModelStep,
     AskUserStep,
     CallSpec,
@@ -47,7 +49,8 @@ class StepPlan:
     step: Step
     values: Mapping[str, Value]
     """Compiled values by role: ``with``, ``idempotency_key``, ``set``, ``fail``, ``items``, ``output``,
-    ``message``, ``prompt``, ``system``, ``until``, ``compensate``, ``default`` (``on_error: {default: …}``)."""
+    ``message``, ``prompt``, ``goal``, ``system``, ``until``, ``compensate``, ``default``
+    (``on_error: {default: …}``)."""
     cases: tuple[Condition, ...] = ()
     """A switch's conditions, in order."""
     success: Condition | None = None
@@ -140,6 +143,10 @@ def _ask_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
         yield "prompt", "ask_model.prompt", step.ask_model.prompt
         if step.ask_model.system is not None:
             yield "system", "ask_model.system", step.ask_model.system
+    elif isinstance(step, AgentStep):
+        yield "goal", "agent.goal", step.agent.goal
+        if step.agent.system is not None:
+            yield "system", "agent.system", step.agent.system
 
 
 def _is_condition(role: str) -> bool:
@@ -326,7 +333,8 @@ def check_tools(
     """Problems with what the workflows call, given the tools served and their ``inputSchema``.
 
     A call to a tool that is not served, and ``with:`` arguments that cannot satisfy the tool's
-    input schema (as far as can be known before the run: see :mod:`gateway.workflows.checks`).
+    input schema (as far as can be known before the run: see :mod:`gateway.workflows.checks`); an
+    ``agent``'s tool glob that matches no served tool but the workflow itself.
     ``unreachable(tool)`` is the path of the upstream that would serve ``tool`` and could not connect
     (``servers.crm``), else None: a call to a tool not served names that as its cause, or else the
     served tool whose name is closest.
@@ -335,6 +343,8 @@ def check_tools(
     for name, plan in plans.items():
         for step_plan in plan.steps.values():
             step, path = step_plan.step, f"workflows.{name}.{step_plan.node.path}"
+            if isinstance(step, AgentStep):
+                problems.extend(_unmatched_globs(name, path, step, tools))
             specs: list[tuple[str, CallSpec]] = [(path, step)] if isinstance(step, CallStep) else []
             if step.compensate is not None:
                 specs.append((f"{path}.compensate", step.compensate))
@@ -347,6 +357,14 @@ def check_tools(
                     where_arg = f"{where}.with{'.' + at if at and not at.startswith('[') else at}"
                     problems.append(ConfigProblem(where_arg, f"step {step.id!r} calls {spec.call}: {message}"))
     return problems
+
+
+def _unmatched_globs(name: str, path: str, step: AgentStep, tools: Iterable[str]) -> Iterator[ConfigProblem]:
+    served = [tool for tool in tools if tool != name]
+    for index, glob in enumerate(step.agent.tools):
+        if not any(allowed(tool, (glob,)) for tool in served):
+            message = f"step {step.id!r} may call tools {glob!r}, which matches no tool this gateway serves"
+            yield ConfigProblem(f"{path}.agent.tools[{index}]", message + did_you_mean(glob, served))
 
 
 def unserved(

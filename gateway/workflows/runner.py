@@ -33,8 +33,9 @@ from gateway.metrics import Metrics
 from gateway.store import Store
 from gateway.tracing import step_span
 from gateway.types import RUN_META_KEY, CallContext, JSONObject, ToolResult
-from gateway.workflows.asking import ask
+from gateway.workflows.asking import ToolCatalog, ask, offered
 from gateway.workflows.commands import (
+    AskAgent,
     AskModel,
     AskUser,
     CallTool,
@@ -66,8 +67,8 @@ CallFn = Callable[[str, JSONObject, CallContext], Awaitable[Invocation]]
 _Event = tuple[str, str, int, Any, StepError | None]
 """``("done", key, attempt, result, error)``, ``("fire", key, 0, None, None)`` or
 ``("evaluated", key, 0, Outcome, None)``."""
-_Leaf = CallTool | AskUser | AskModel
-_Work = CallTool | AskUser | AskModel | Evaluate
+_Leaf = CallTool | AskUser | AskModel | AskAgent
+_Work = CallTool | AskUser | AskModel | AskAgent | Evaluate
 
 
 _JSON_STARTS = frozenset('{["-0123456789tfn')
@@ -134,8 +135,11 @@ class Runner:
         wall_clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
+        catalog: ToolCatalog | None = None,
     ) -> None:
+        """``catalog``: the tools each caller may call, which an ``agent`` step's turn offers the model (None: none)."""
         self._call = call
+        self._catalog = catalog
         self._metrics = metrics
         self._journal = journal
         self._clock = clock
@@ -215,7 +219,7 @@ class Runner:
         for event in events:
             if event.kind == "step_started" and event.key is not None and event.key in pending:
                 run.spent[event.key] = max(0.0, now - event.at)
-        run.settled = sum(event.kind == "step_settled" for event in events)
+        run.settled = sum(event.kind == "step_settled" and "part" not in event.data for event in events)
         self._record(run, "run_resumed", data={"outstanding": sorted(pending)})
         await self._commit(run)
         if on_started is not None:
@@ -418,6 +422,9 @@ class Runner:
         try:
             if isinstance(command, CallTool):
                 return await self._call_tool(run, command)
+            if isinstance(command, AskAgent):  # the tools offered are resolved now: they may have changed
+                tools = offered(self._catalog, run.context.principal, command)
+                return await ask(run.context.client, command, tools)
             return await ask(run.context.client, command)
         except GatewayError as exc:  # ToolNotFound: the tool went away since the config was checked
             return None, StepError(exc.outcome, str(exc))
@@ -455,6 +462,12 @@ class Runner:
         }
         if note.degraded:  # succeeded with its on_error default: `error` is the failure it stands in for
             data["degraded"] = True
+        if note.part is not None:  # an agent's turn or call: reported, not counted as a step
+            data["part"] = note.part
+            self._record(run, "step_settled", note.key, note.attempts, data)
+            if run.context.progress is not None:
+                await run.context.progress(run.settled, run.plan.total_steps, note.describe(duration))
+            return
         self._record(run, "step_settled", note.key, note.attempts, data)
         if self._metrics is not None and duration is not None:  # the step's id: a bounded label, unlike its key
             self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)
@@ -525,4 +538,5 @@ def _outcome_data(outcome: Outcome) -> dict[str, Any]:
 def _started_data(command: _Leaf) -> dict[str, Any]:
     if isinstance(command, CallTool):
         return {"step": command.step, "tool": command.tool, "arguments": command.arguments}
-    return {"step": command.step, "kind": "ask_user" if isinstance(command, AskUser) else "ask_model"}
+    kind = "ask_user" if isinstance(command, AskUser) else "agent" if isinstance(command, AskAgent) else "ask_model"
+    return {"step": command.step, "kind": kind}
