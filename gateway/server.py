@@ -111,6 +111,8 @@ class _Channel:
 
     async def request(self, method: str, params: JSONObject) -> JSONObject:
         request_type, result_type = _CLIENT_REQUESTS[method]
+        if method == "sampling/createMessage" and ("tools" in params or "toolChoice" in params):
+            result_type = types.CreateMessageResultWithTools  # its content may hold tool_use blocks
         if self._ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             # Only a held tools/call can ask a 2026-07-28 client (gateway.roundtrip); this request is not one.
             raise UpstreamError(no_back_channel(method, self._ctx.protocol_version, self._ctx.method))

@@ -9,7 +9,9 @@ goes through ``redact`` first.
 A step's story in the journal: ``step_started`` for each try (its tool and arguments), ``step_done``
 when the try ended (its result or error), ``step_settled`` once the step reached its final state (``degraded``
 when it succeeded with its ``on_error`` default: then it has both the default as its result and the failure).
-A container or ``set`` step has no tries: only its ``step_settled``. Compensations are the steps whose
+A container or ``set`` step has no tries: only its ``step_settled``. An ``agent`` step's turns and tool calls are
+its parts, each a step of its own in the timeline (``research#turn1``, ``research#call1``: their ``step_settled``
+has ``part``), placed after it. Compensations are the steps whose
 key ends ``#compensate``. A try in flight when the gateway stopped shows as ``interrupted`` once the run
 resumed (``run_resumed``), and is followed by the try made again under the same number.
 """
@@ -131,10 +133,12 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
 
 def _containers_first(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``entries`` (in the order they first appeared) with each container (``for_each``, ``switch``: a key
-    that prefixes others, ``each`` of ``each[0]/up``) moved before what it holds, and started when it did."""
+    that prefixes others, ``each`` of ``each[0]/up``; an ``agent``, ``research`` of its turns and calls
+    ``research#turn1``, ``research#call1``) moved before what it holds, and started when it did."""
     position: dict[str, float] = {entry["key"]: index for index, entry in enumerate(entries)}
     for entry in entries:
-        inside = [other for other in entries if other["key"].startswith((entry["key"] + "[", entry["key"] + "/"))]
+        heads = (entry["key"] + "[", entry["key"] + "/", entry["key"] + "#")
+        inside = [other for other in entries if other["key"].startswith(heads)]
         if inside:
             position[entry["key"]] = min(position[other["key"]] for other in inside) - 0.5
             starts = [other["started"] for other in inside if other["started"] is not None]

@@ -339,10 +339,15 @@ class Runner:
                 else:  # compensating a cancelled run, in its own task: one thing at a time
                     pending.extend(await self._feed(run, await self._work(run, command)))
             elif tg is not None:
-                run.started[command.key] = self._clock() - run.spent.get(command.key, 0.0)
+                self._started(run, command)
                 self._record(run, "step_started", command.key, command.attempt, _started_data(command))
                 run.ready.append(command)
         return finished
+
+    def _started(self, run: _Execution, command: _Leaf) -> None:
+        run.started[command.key] = self._clock() - run.spent.get(command.key, 0.0)
+        if isinstance(command, AskAgent):  # the agent step's own duration counts from its first turn
+            run.started.setdefault(command.key.rpartition("#")[0], run.started[command.key])
 
     async def _launch(self, run: _Execution, tg: TaskGroup, *, inline: bool) -> _Event | None:
         """Start the steps and evaluations made ready; when ``inline`` (nothing else in flight or

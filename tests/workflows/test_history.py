@@ -297,3 +297,57 @@ steps:
     assert messages[0] is not None
     assert messages[0].startswith("fetch: succeeded (degraded) in ")
     assert "(error: it broke" in messages[0]
+
+
+class _Model:
+    """A client whose model calls ``kb__find`` once, then answers."""
+
+    capabilities: JSONObject = {"sampling": {"tools": {}}}
+    protocol_version = "2025-11-25"
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        self.turns += 1
+        if self.turns == 1:
+            use = {"type": "tool_use", "id": "1", "name": "kb__find", "input": {"q": "late"}}
+            return {"role": "assistant", "content": [use], "model": "m", "stopReason": "toolUse"}
+        return {"role": "assistant", "content": {"type": "text", "text": "a storm"}, "model": "m"}
+
+    async def log(self, params: JSONObject) -> None:
+        return None
+
+
+async def test_an_agents_turns_and_calls_show_as_its_parts_after_it() -> None:
+    store = MemoryStore()
+    plan = plan_of("""
+steps:
+  - {id: research, agent: {goal: why, tools: ["kb__*"], max_steps: 3}}
+  - {id: after, set: {answer: "${.steps.research.result.answer}"}}
+""")
+    context = CallContext(principal=Principal("ada"), client=_Model())
+    with anyio.fail_after(5):
+        result = await Runner(Tools(), store).run(plan, {}, context)
+    assert result.structured_content == {
+        "research": {
+            "answer": "a storm",
+            "steps": [{"tool": "kb__find", "arguments": {"q": "late"}, "result": {"tool": "kb__find", "q": "late"}}],
+        },
+        "after": {"answer": "a storm"},
+    }
+    assert result.meta is not None
+    record = await store.run(result.meta[RUN_META_KEY])
+    assert record is not None
+    assert record.steps == 2  # the parts are not steps of the run
+    view = timeline(record, await store.events(record.run_id), REDACT)
+    keys = [(step["key"], step.get("tool") or step.get("kind"), step["status"]) for step in view["steps"]]
+    assert keys == [
+        ("research", None, "succeeded"),
+        ("research#turn1", "agent", "succeeded"),
+        ("research#call1", "kb__find", "succeeded"),
+        ("research#turn2", "agent", "succeeded"),
+        ("after", None, "succeeded"),
+    ]
+    assert view["steps"][2]["attempts"][0]["arguments"] == {"q": "late"}
+    assert "research#call1  kb__find  succeeded" in render_timeline(view)
