@@ -84,7 +84,7 @@ class AttachedClient:
     @property
     def capabilities(self) -> JSONObject:
         if self._client is None:  # the client to come is asked; one that cannot answer says so then
-            return {"elicitation": {}, "sampling": {}}
+            return {"elicitation": {}, "sampling": {"tools": {}}}
         return self._client.capabilities
 
     @property
@@ -100,6 +100,8 @@ class AttachedClient:
             wanted = "elicitation" if method.startswith("elicitation/") else "sampling"
             if wanted not in client.capabilities:
                 raise UpstreamError(f"the client attached to the run cannot answer {method} (no {wanted} capability)")
+            if "tools" in params and "tools" not in (client.capabilities.get("sampling") or {}):
+                raise UpstreamError("the client attached to the run cannot let its model use tools (no sampling.tools)")
             try:
                 return await client.request(method, params)
             except UpstreamError:

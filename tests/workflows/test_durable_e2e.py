@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import mcp_types as types
 import pytest
 from mcp import Client
+from mcp.client.session import ClientRequestContext
 
 from tests.support import ROOT, free_port, patchbay, run_gateway, run_http_upstream
 
@@ -71,6 +73,14 @@ COMPENSATED = """
         after: [a]
         compensate: {call: kit__step, with: {label: undo-b, seconds: 1.5}}
       - {id: c, call: kit__step, with: {label: c, fail: true}, after: [b]}
+"""
+
+AGENT = """
+  research:
+    steps:
+      - id: look
+        agent: {goal: "Run step a, then step b.", tools: ["kit__step"], max_steps: 4}
+    output: "${.steps.look.result}"
 """
 
 
@@ -247,3 +257,66 @@ async def test_with_resume_manual_an_interrupted_run_waits_for_patchbay_resume(t
     assert [e.split()[0] for e in after if " started " in e] == ["s1", "s2", "s2", "s3", "s4", "s5"]
     listed = await anyio.to_thread.run_sync(patchbay, "runs", str(tmp_path / "gateway.yaml"), "--json")
     assert [r["status"] for r in json.loads(listed.stdout)] == ["succeeded"]
+
+
+async def scripted_model(
+    context: ClientRequestContext, params: types.CreateMessageRequestParams
+) -> types.CreateMessageResultWithTools:
+    """Call kit__step a, then b (5 s, but 50 ms when made again), then answer with what they returned."""
+    turn = (len(params.messages) + 1) // 2
+    if turn < 3:
+        label, seconds = ("a", 0.05) if turn == 1 else ("b", 5.0)
+        args = {"label": label, "seconds": seconds, "again": 0.05}
+        content: list[Any] = [types.ToolUseContent(type="tool_use", id=f"u{turn}", name="kit__step", input=args)]
+    else:
+        results = [m.content for m in params.messages if m.role == "user" and isinstance(m.content, list)]
+        labels = [json.loads(block.content[0].text)["label"] for blocks in results for block in blocks]  # type: ignore[union-attr]
+        content = [types.TextContent(type="text", text=" then ".join(labels))]
+    return types.CreateMessageResultWithTools(role="assistant", content=content, model="scripted")
+
+
+SAMPLING_TOOLS = types.SamplingCapability(tools=types.SamplingToolsCapability())
+
+
+async def test_an_agent_killed_between_its_tool_calls_resumes_without_repeating_the_first(
+    tmp_path: Path, store: str
+) -> None:
+    async with upstream(tmp_path) as (port, kit):
+        text = config(port, store, AGENT)
+        async with run_gateway(tmp_path, text) as gateway, anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                try:
+                    async with Client(
+                        gateway.url,
+                        mode="legacy",
+                        sampling_callback=scripted_model,
+                        sampling_capabilities=SAMPLING_TOOLS,
+                    ) as client:
+                        await client.call_tool("research", {}, meta={KEY: "K7"})
+                except Exception:  # the gateway is killed under it
+                    return
+                pytest.fail("the call finished before the gateway was killed")
+
+            tg.start_soon(call)
+            await until(kit, lambda seen: any(e.startswith("b started") for e in seen))
+            gateway.process.process.kill()
+            await gateway.process.process.wait()
+            tg.cancel_scope.cancel()
+        async with run_gateway(tmp_path, text) as gateway:
+            await until(kit, lambda seen: any(e.startswith("b done") for e in seen))
+            # The resumed run's next turn waits for a client: the re-issued call attaches one, which is asked.
+            async with Client(
+                gateway.url, mode="legacy", sampling_callback=scripted_model, sampling_capabilities=SAMPLING_TOOLS
+            ) as client:
+                with anyio.fail_after(30):
+                    result = await client.call_tool("research", {}, meta={KEY: "K7"})
+            seen = await events(kit)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    assert result.structured_content["answer"] == "a then b"
+    assert [step["result"]["label"] for step in result.structured_content["steps"]] == ["a", "b"]
+    starts = [e for e in seen if " started " in e]
+    assert [e.split()[0] for e in starts] == ["a", "b", "b"]  # the first call exactly once; the one in flight again
+    [b_key] = {e.split()[2] for e in starts if e.startswith("b ")}
+    assert b_key.endswith(":look#call2")
