@@ -46,6 +46,10 @@ workflows:
       - {id: ok, ask_user: {message: "Add ${.steps.sum.result.sum}?"}}
       - {id: colour, ask_model: {prompt: "A colour for ${.steps.sum.result.sum}", max_tokens: 5}, after: [ok]}
     output: {sum: "${.steps.sum.result.sum}", ok: "${.steps.ok.result.ok}", colour: "${.steps.colour.result}"}
+  research:
+    steps:
+      - {id: look, agent: {goal: "Add 2 and 3.", tools: ["box__add"], max_steps: 3}}
+    output: "${.steps.look.result}"
   undone:
     steps:
       - {id: one, call: box__add, with: {a: 1, b: 2}, compensate: {call: box__echo, with: {text: undo one}}}
@@ -305,3 +309,61 @@ async def test_a_question_of_a_task_goes_to_the_client_that_started_it_which_can
     assert "back-channel" in text if mode == "legacy" else "elicitation/create cannot reach" in text
     assert front_box.calls == []  # the step's call was made at the other replica
     assert back_box.calls == [("add", {"a": 1, "b": 2})]
+
+
+AGENT_ASKED: list[types.CreateMessageRequestParams] = []
+
+
+async def agent_model(
+    context: ClientRequestContext, params: types.CreateMessageRequestParams
+) -> types.CreateMessageResultWithTools:
+    """Call box__add (and box__echo, which the step may not call), then answer with the sum."""
+    AGENT_ASKED.append(params)
+    if len(params.messages) == 1:
+        content: list[Any] = [
+            types.ToolUseContent(type="tool_use", id="a", name="box__add", input={"a": 2, "b": 3}),
+            types.ToolUseContent(type="tool_use", id="e", name="box__echo", input={"text": "hi"}),
+        ]
+    else:
+        results = params.messages[-1].content
+        assert isinstance(results, list)
+        first = results[0]
+        assert isinstance(first, types.ToolResultContent)
+        assert first.structured_content is not None
+        content = [types.TextContent(type="text", text=f"the sum is {first.structured_content['sum']}")]
+    return types.CreateMessageResultWithTools(role="assistant", content=content, model="m")
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_an_agent_step_runs_on_temporal_asking_the_client_here_and_calling_tools_there(
+    temporal_server: dev_server.DevServer, mode: str
+) -> None:
+    AGENT_ASKED.clear()
+    tools = types.SamplingCapability(tools=types.SamplingToolsCapability())
+    with anyio.fail_after(WITHIN):
+        async with (
+            front_and_back(temporal_server.address) as (front, front_box, _, back_box),
+            Client(
+                McpFrontend(front, ADA).server,
+                mode=mode,
+                cache=None,
+                sampling_callback=agent_model,
+                sampling_capabilities=tools,
+            ) as client,
+        ):
+            result = await client.call_tool("research", {})
+    assert not result.is_error, result.content
+    assert result.structured_content == {
+        "answer": "the sum is 5",
+        "steps": [
+            {"tool": "box__add", "arguments": {"a": 2, "b": 3}, "result": {"sum": 5}},
+            {
+                "tool": "box__echo",
+                "arguments": {"text": "hi"},
+                "error": "tool box__echo is not one this step may call: box__add",
+            },
+        ],
+    }
+    assert [tool.name for tool in AGENT_ASKED[0].tools or []] == ["box__add"]
+    assert front_box.calls == []  # the tool was called at the replica running the plan, and only the allowed one
+    assert back_box.calls == [("add", {"a": 2, "b": 3})]

@@ -45,7 +45,7 @@ from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store import RunRecord
 from gateway.types import CallContext, ClientChannel, JSONObject, Principal, ProgressFn, ToolResult
-from gateway.workflows.commands import AskModel, AskUser, CallTool, Leaf, StepError
+from gateway.workflows.commands import AskAgent, AskModel, AskUser, CallTool, Leaf, StepError
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, error_text, result_value
@@ -79,6 +79,8 @@ def step_executor(invoke: InvokeFn) -> Execute:
     """The ``execute`` of this replica's Temporal workers: a step's call through the dispatch path ``invoke``."""
 
     async def execute(command: Leaf, run_id: str, caller: dict[str, str]) -> tuple[Any, StepError | None]:
+        if isinstance(command, AskAgent):  # a run without a client to ask
+            return None, StepError("unavailable", NOT_CARRIED)
         if isinstance(command, AskUser | AskModel):  # a run without a client to ask (its questions come here)
             if command.default is not None:
                 return command.default, None

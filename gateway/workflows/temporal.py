@@ -14,9 +14,10 @@ local runner does, with Temporal's means:
   as a resumed local run makes the calls in flight at a crash again: it fails as a refusal does
   (``unavailable``, with ``retry_after`` 0), which the engine tries again within the step's timeout even
   without ``retry:``.
-* ``AskUser``, ``AskModel``: an activity (``patchbay.ask``) on the queue of the replica holding the
-  client's request (:attr:`RunInput.asker <gateway.workflows.temporal_types.RunInput.asker>`), heartbeating
-  and within the step's timeout as a call. The ``attach`` signal names another replica's queue when the
+* ``AskUser``, ``AskModel``, ``AskAgent`` (an ``agent`` step's turn; its tool calls are ``CallTool``): an
+  activity (``patchbay.ask``) on the queue of the replica holding the client's request
+  (:attr:`RunInput.asker <gateway.workflows.temporal_types.RunInput.asker>`), heartbeating and within the
+  step's timeout as a call. The ``attach`` signal names another replica's queue when the
   client's call (keyed) is re-issued there: later questions go there, and one being asked is withdrawn and
   asked there. A question no worker takes within the run's silence (the replica is gone), or whose replica
   dies while asking, is not asked again: the step takes its ``default``, or fails ``unavailable``.
@@ -96,6 +97,7 @@ with workflow.unsafe.imports_passed_through():
     from gateway.workflows._temporal_carry import JOURNAL_LIMIT, Carried, Journal
     from gateway.workflows.asking import default_or
     from gateway.workflows.commands import (
+        AskAgent,
         AskModel,
         AskUser,
         CallTool,
@@ -168,7 +170,7 @@ class PatchbayRun:
         self._working: set[asyncio.Task[None]] = set()
         """The tasks of activities and local activities (not timers): in flight until done (a task is done
         once it queued its outcome, or ended cancelled)."""
-        self._held: dict[str, CallTool | AskUser | AskModel | Evaluate] = {}
+        self._held: dict[str, CallTool | AskUser | AskModel | AskAgent | Evaluate] = {}
         """The calls, questions and evaluations not started because the run is about to continue as new."""
         self._draining = False
         """The run continues as new once nothing is in flight: start nothing more meanwhile."""
@@ -333,11 +335,11 @@ class PatchbayRun:
                 due = command.due if command.due is not None else workflow.now().timestamp() + command.seconds
                 self._due.setdefault(command.key, due)
                 self._spawn(command.key, self._timer(command))
-            elif self._draining and isinstance(command, CallTool | AskUser | AskModel | Evaluate):
+            elif self._draining and isinstance(command, CallTool | AskUser | AskModel | AskAgent | Evaluate):
                 self._held[command.key] = command  # made in the next execution (restored as outstanding)
             elif isinstance(command, Evaluate):
                 self._working.add(self._spawn(command.key, self._evaluate(command)))
-            elif isinstance(command, CallTool | AskUser | AskModel):
+            elif isinstance(command, CallTool | AskUser | AskModel | AskAgent):
                 self._began[command.key] = workflow.time()
                 self._working.add(self._spawn(command.key, self._step(command)))
             elif isinstance(command, Settled):  # for the caller's progress (the history has the rest)
@@ -347,7 +349,8 @@ class PatchbayRun:
     def _settled(self, note: Settled) -> None:
         began = self._began.pop(note.key, None)
         duration = round((workflow.time() - began) * 1000, 3) if began is not None else None
-        self._count += 1
+        if note.part is None:  # an agent's turn or call is reported, not counted as a step
+            self._count += 1
         self._progress.append(ProgressNote(self._count, self._total, note.describe(duration)))
 
     def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -373,7 +376,7 @@ class PatchbayRun:
             KINDS[type(command)],
             {f.name: getattr(command, f.name) for f in fields(command)},
         )
-        question = isinstance(command, AskUser | AskModel)
+        question = isinstance(command, AskUser | AskModel | AskAgent)
         try:
             if question and self._asker is not None:
                 outcome = await self._ask(task, command)
@@ -382,9 +385,10 @@ class PatchbayRun:
             result, error = outcome.result, StepError(**outcome.error) if outcome.error is not None else None
         except ActivityError as exc:  # the activity itself failed: timed out, its worker died or raised
             result, error = None, _activity_failure(exc, command.timeout)
-            if isinstance(command, AskUser | AskModel) and error.kind == "unavailable":
+            if question and error.kind == "unavailable":
                 # The replica holding the client's request is gone: nobody can be asked (not even on a retry).
-                result, error = default_or(command.default, f"the client could not be asked: {error.message}")
+                default = command.default if isinstance(command, AskUser | AskModel) else None
+                result, error = default_or(default, f"the client could not be asked: {error.message}")
         self._events.put_nowait(("done", command.key, command.attempt, result, error))
 
     def _options(self, command: Leaf, queue: str | None = None) -> dict[str, Any]:

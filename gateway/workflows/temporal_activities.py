@@ -4,8 +4,9 @@
 * ``patchbay.step``: a step's call (``CallTool``), on the run's own task queue, through the ``execute``
   callable the engine was given (in the gateway, the dispatch path); a question of a run without a client
   to ask goes there too, and ``execute`` answers it.
-* ``patchbay.ask``: a question (``AskUser``, ``AskModel``) of the run's client, on the queue of the replica
-  holding the client's request, asked through that request (:mod:`gateway.workflows.callers`).
+* ``patchbay.ask``: a question (``AskUser``, ``AskModel``, an agent's turn ``AskAgent``) of the run's client,
+  on the queue of the replica holding the client's request, asked through that request
+  (:mod:`gateway.workflows.callers`).
 * ``patchbay.evaluate``: a jq program, run in the bounded worker pool
   (:func:`~gateway.workflows.expressions.run_program`) as a local activity of the workflow's own worker.
 

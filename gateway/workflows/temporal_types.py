@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from gateway.workflows._temporal_carry import Carried
-from gateway.workflows.commands import AskModel, AskUser, CallTool
+from gateway.workflows.commands import AskAgent, AskModel, AskUser, CallTool
 
 __all__ = [
     "ASK_ACTIVITY",
@@ -58,10 +58,12 @@ HISTORY_LIMIT = 10_000
 """Events: a run whose history is this long continues as new even if Temporal has not suggested it yet
 (Temporal stops a run at 50 000)."""
 
-StepKind = Literal["call_tool", "ask_user", "ask_model"]
-KINDS: dict[type, StepKind] = {CallTool: "call_tool", AskUser: "ask_user", AskModel: "ask_model"}
+StepKind = Literal["call_tool", "ask_user", "ask_model", "ask_agent"]
+KINDS: dict[type, StepKind] = {CallTool: "call_tool", AskUser: "ask_user", AskModel: "ask_model", AskAgent: "ask_agent"}
 """The kind of each command a step activity carries out, as :attr:`StepTask.kind` names it."""
-LEAVES: dict[str, type[CallTool] | type[AskUser] | type[AskModel]] = {kind: cls for cls, kind in KINDS.items()}
+LEAVES: dict[str, type[CallTool] | type[AskUser] | type[AskModel] | type[AskAgent]] = {
+    kind: cls for cls, kind in KINDS.items()
+}
 """The command of each :attr:`StepTask.kind`."""
 
 
@@ -116,7 +118,8 @@ class RunResult:
 
 @dataclass(frozen=True)
 class StepTask:
-    """The input of the step activity: a ``CallTool``, ``AskUser`` or ``AskModel`` command, and for whom."""
+    """The input of the step activity: a ``CallTool``, ``AskUser``, ``AskModel`` or ``AskAgent`` command, and for
+    whom."""
 
     run_id: str
     caller: dict[str, str]
