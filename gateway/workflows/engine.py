@@ -25,6 +25,10 @@ How steps run:
   and ``for_each`` are decided by the engine itself, at once. A ``wait`` starts a timer (``<key>#wait``:
   its seconds, or, for ``until``, the wall-clock time it is due, which the runner measures: the engine
   has no clock) and succeeds when it fires; an ``until`` that is not an RFC 3339 time fails it (``invalid``).
+* An ``agent`` (:mod:`gateway.workflows.agent`) hands out its parts, keyed apart from it: each turn asks the
+  model (``<key>#turn<n>``: :class:`AskAgent`), each tool it asks for is a call (``<key>#call<m>``), the calls of a
+  turn together; each part that comes back is a :class:`Settled` note with ``part`` set, and the answer settles
+  the step. Its ``timeout`` is a timer over all its turns; a failure cancels its parts in flight.
 * A ``switch`` runs the steps of the first case whose condition holds (else ``default``); the
   steps of the other branches are skipped. Its result is the result of its branch's last step.
 * A ``for_each`` runs its body once per item, ``concurrency`` items at a time, each in its own

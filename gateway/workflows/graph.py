@@ -28,7 +28,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from gateway.errors import ConfigProblem, did_you_mean
-from gateway.workflows.model import CallStep, ForEachStep, OnErrorDefault, Step, SwitchStep, WaitStep, Workflow
+from gateway.workflows.model import (
+    AgentStep,
+    CallStep,
+    ForEachStep,
+    OnErrorDefault,
+    Step,
+    SwitchStep,
+    WaitStep,
+    Workflow,
+)
 
 __all__ = ["Graph", "Node", "build_graph", "mermaid"]
 
@@ -47,7 +56,8 @@ class Node:
     id: str
     """The step's id, unique in its workflow."""
     kind: str
-    """The step's kind key: ``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``ask_user``, ``ask_model``."""
+    """The step's kind key: ``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``wait``, ``ask_user``,
+    ``ask_model``, ``agent``."""
     deps: frozenset[str]
     """Steps that must finish before this one starts, besides its container's (see the module docstring)."""
     parent: str | None
@@ -252,6 +262,8 @@ def _label(step: Step) -> str:
         label = f"{step.id}: call {step.call}"
     elif isinstance(step, WaitStep):
         label = f"{step.id}: wait {f'{step.wait:g}s' if isinstance(step.wait, float) else 'until'}"
+    elif isinstance(step, AgentStep):  # its tool set: what it may call, which no edge shows
+        label = f"{step.id}: agent {', '.join(step.agent.tools)} (at most {step.agent.max_steps} steps)"
     else:
         label = f"{step.id}: {step.kind}"
     # A default is a value, not steps: no node of its own (fallback steps get one, on an on_error edge).

@@ -45,7 +45,8 @@ class JournalEvent:
     outcome, ``key`` and ``attempt`` set; a compensation's key ends ``#compensate``);
     ``timer_fired`` {} (``key``: the timer's); ``evaluated`` {value} or {empty: true} or {error}
     (``key``: the evaluation's); ``run_cancelled`` {message}. Outputs: ``step_started`` {step, tool,
-    arguments} (or {step, kind}); ``step_settled`` {step, status, result, error, duration_ms};
+    arguments} (or {step, kind}); ``step_settled`` {step, status, result, error, duration_ms} (and ``part`` for an
+    ``agent``'s turn or tool call, keyed ``<step key>#turn<n>`` or ``#call<m>``: not a step of its own);
     ``run_finished`` {status, error, duration_ms, result: the ``CallToolResult`` returned};
     ``run_resumed`` {outstanding: the keys of what was in flight}.
     """

@@ -6,6 +6,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from gateway.config import parse_config
+from gateway.errors import ConfigError
 from gateway.workflows.agent import AgentReplyError, allowed, parse_reply
 from gateway.workflows.commands import (
     AskAgent,
@@ -291,3 +293,10 @@ def test_each_glob_must_match_a_served_tool_other_than_the_workflow_itself() -> 
     assert problem.path == "workflows.w.steps[0].agent.tools[1]"
     assert "'orders__get_*', which matches no tool this gateway serves" in problem.message
     assert check_tools({"w": plan}, {**served, "orders__get_order": {}}) == []
+
+
+def test_an_agent_without_max_steps_is_a_config_error_at_its_location() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("workflows:\n  w:\n    steps:\n      - {id: a, agent: {goal: g, tools: [x]}}\n", environ={})
+    [problem] = caught.value.problems
+    assert (problem.path, problem.message) == ("workflows.w.steps[0].agent.max_steps", "Field required")

@@ -340,3 +340,14 @@ def test_mermaid_draws_a_wait_with_its_duration_or_until() -> None:
         '    then["then: wait until"]',
         "    pause --> then",
     ]
+
+
+def test_mermaid_draws_an_agent_with_its_tool_set() -> None:
+    agent = {"goal": "why", "tools": ["kb__*", "orders__get_*"], "max_steps": 8}
+    graph = valid_graph({"id": "research", "agent": agent}, call("reply", "research"))
+
+    assert mermaid(graph).splitlines()[1:] == [
+        '    research["research: agent kb__*, orders__get_* (at most 8 steps)"]',
+        '    reply["reply: call t__reply"]',
+        "    research --> reply",
+    ]
