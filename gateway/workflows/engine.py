@@ -696,7 +696,7 @@ class Run:
         self._unwanted = True
         if state.agent is not None:  # its turn or calls in flight
             for key in state.agent.in_flight:
-                del self._in_flight[key]
+                self._in_flight.pop(key, None)
                 self._out.append(Cancel(key))
             state.agent.in_flight.clear()
         inside = self.plan.descendants[state.plan.id]
