@@ -11,11 +11,17 @@ import mcp_types as types
 import pytest
 from mcp.client.session import ClientRequestContext
 from mcp.server.mcpserver import MCPServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import parse_config
+from gateway.dispatch import Invocation
 from gateway.gateway import open_gateway
 from gateway.server import McpFrontend
-from gateway.types import Principal
+from gateway.store.memory import MemoryStore
+from gateway.types import CallContext, JSONObject, Principal
+from gateway.workflows.model import Workflow
+from gateway.workflows.plan import compile_workflow
+from gateway.workflows.runner import Runner
 from tests.inprocess import WITHIN, frontend_client, serve_asgi
 
 pytestmark = pytest.mark.anyio
@@ -102,6 +108,17 @@ class Model:
         return types.CreateMessageResultWithTools(role="assistant", content=content, model="scripted", stop_reason=stop)
 
 
+def tool_calls(front: McpFrontend) -> dict[tuple[str, str], float]:
+    """``patchbay_tool_calls_total`` as scraped: the count of each (tool, outcome) dispatched."""
+    body, _ = front.gateway.metrics.render()
+    return {
+        (sample.labels["tool"], sample.labels["outcome"]): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "patchbay_tool_calls_total" and sample.value
+    }
+
+
 def results_of(params: types.CreateMessageRequestParams) -> list[dict[str, Any]]:
     """The tool_result blocks of the request's last message, as JSON."""
     last = params.messages[-1].model_dump(by_alias=True, mode="json", exclude_none=True)
@@ -123,7 +140,12 @@ async def test_two_tool_uses_then_an_answer_and_a_tool_outside_the_list_is_not_c
     ):
         with anyio.fail_after(WITHIN):
             result = await client.call_tool("late_order", {"order_id": "A-7"}, progress_callback=on_progress)
+        dispatched = tool_calls(fe)
     assert not result.is_error, result
+    # Each call the agent made went through the dispatch path once; the refused one never reached it.
+    # (The workflow's own call counts once per round trip for a 2026-07-28 client: left out.)
+    del dispatched["late_order", "ok"]
+    assert dispatched == {("shop__get_order", "ok"): 1.0, ("shop__search", "ok"): 1.0}
     assert result.structured_content == {
         "answer": "A storm held the parcel.",
         "steps": [
@@ -197,3 +219,45 @@ async def test_the_tools_offered_are_only_those_the_caller_may_call() -> None:
     assert searched["error"].startswith("denied: ")
     [refusal] = [block for block in results_of(model.asked[2]) if block["toolUseId"] == "u3"]
     assert refusal["isError"] is True
+
+
+class _SlowTools:
+    """A call function whose tool waits until cancelled, recording that it was."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.cancelled = False
+
+    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> Invocation:
+        self.started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.cancelled = True
+        raise AssertionError("unreachable")
+
+
+class _AsksForSlow:
+    capabilities: JSONObject = {"sampling": {"tools": {}}}
+    protocol_version = "2025-11-25"
+
+    async def request(self, method: str, params: JSONObject) -> JSONObject:
+        use = {"type": "tool_use", "id": "1", "name": "kb__slow", "input": {}}
+        return {"role": "assistant", "content": [use], "model": "m"}
+
+    async def log(self, params: JSONObject) -> None:
+        return None
+
+
+async def test_cancelling_the_caller_cancels_the_agents_call_in_flight() -> None:
+    step = {"id": "a", "agent": {"goal": "g", "tools": ["kb__*"], "max_steps": 2}}
+    plan, problems = compile_workflow("w", Workflow.model_validate({"steps": [step]}))
+    assert problems == []
+    tools = _SlowTools()
+    context = CallContext(principal=Principal("ada"), client=_AsksForSlow())
+    with anyio.fail_after(WITHIN):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Runner(tools, MemoryStore()).run, plan, {}, context)
+            await tools.started.wait()
+            tg.cancel_scope.cancel()
+    assert tools.cancelled
