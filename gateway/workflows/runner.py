@@ -7,6 +7,8 @@ evaluation, with nothing else in flight, is awaited in the run's own task instea
 cost no task). jq runs in the bounded worker pool, awaited without blocking the event loop. The
 runner is also where time and randomness come from, and where everything is journaled – each
 input to the engine before what it leads to is carried out – and reported as progress.
+An ``agent`` step's turn is asked of the run's client offering the tools of the ``catalog`` its globs
+match; its tool calls are calls like any other, and its parts are journaled and reported, not counted as steps.
 Compensations run one at a time, in the run's own task, and also when the caller cancels the
 run (shielded, within :data:`COMPENSATION_LIMIT`).
 """
