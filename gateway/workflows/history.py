@@ -89,11 +89,14 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
     arguments: Any = None
     cancelled: str | None = None
     resumed: list[str | None] = []
+    notes = [record.note] if record.note else []
     for event in events:
         if event.kind == "run_started":
             arguments = redact(event.data.get("arguments"))
         elif event.kind == "run_cancelled":
             cancelled = redact(event.data.get("message"))
+        elif event.kind == "run_noted":
+            notes.append(str(event.data.get("message")))
         elif event.kind == "run_resumed":
             resumed.append(local_time(event.at))
             for known in [*steps.values(), *compensations.values()]:
@@ -118,7 +121,7 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
         "finished": local_time(record.finished_at),
         "duration_ms": record.duration_ms,
         "failed_step": record.failed_step,
-        "note": record.note,
+        "note": "; ".join(notes) or None,
         "cancelled": cancelled,
         "resumed": resumed,
         "arguments": arguments,
