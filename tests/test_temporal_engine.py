@@ -396,8 +396,19 @@ async def test_a_call_whose_replica_stops_is_made_again_by_another_under_the_sam
         second = TemporalEngine(other, queue, {plan.name: plan}, tools.execute, silence=2.0)
         async with second.serve():
             result = await second.result(run_id)
+        records = TemporalRecords(other, queue, {plan.name: plan})
+        record = await records.record(run_id)
+        assert record is not None
+        view = timeline(record, await records.events(run_id), _same)
     assert result["status"] == "succeeded"
     assert tools.calls == [("stalls", {}, f"{run_id}:a"), ("stalls", {}, f"{run_id}:a")]
+    # `patchbay runs RUN_ID` shows the first try as the run saw it (its replica stopped), not the activity's error.
+    [step] = view["steps"]
+    assert [(a["status"], (a["error"] or {}).get("kind")) for a in step["attempts"]] == [
+        ("failed", "unavailable"),
+        ("succeeded", None),
+    ]
+    assert step["status"] == "succeeded"
 
 
 async def test_a_result_over_temporals_payload_limit_fails_its_step(temporal_client: Client) -> None:

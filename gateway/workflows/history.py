@@ -11,7 +11,8 @@ when the try ended (its result or error), ``step_settled`` once the step reached
 when it succeeded with its ``on_error`` default: then it has both the default as its result and the failure).
 A container or ``set`` step has no tries: only its ``step_settled``. Compensations are the steps whose
 key ends ``#compensate``. A try in flight when the gateway stopped shows as ``interrupted`` once the run
-resumed (``run_resumed``), and is followed by the try made again under the same number.
+resumed (``run_resumed``), and is followed by the try made again under the same number. A ``run_noted`` event
+(a run on Temporal read without replaying it: :mod:`gateway.workflows.temporal_records`) adds to the timeline's note.
 """
 
 import json

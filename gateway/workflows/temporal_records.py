@@ -14,21 +14,22 @@ Temporal is the record of the runs it carries: nothing about them is kept in the
 * once it has ended, its result (the ``CallToolResult`` the call returns: :func:`wire_result`).
 
 :meth:`TemporalRecords.events` turns the execution's history into journal events, so that a run's timeline
-(``gateway.workflows.history``) reads the same on both engines: each try of a step is its activity (a call's or a
-question's; scheduled: ``step_started``; completed, failed or timed out: ``step_done``), and each step's end
-(``step_settled``: succeeded, degraded, failed, skipped, cancelled, the steps the engine settles itself included:
-``set``, ``wait``, ``switch``, ``for_each``, ``fail``) is the engine's own ``Settled`` note, recovered by
-replaying the history through the workflow (:mod:`gateway.workflows._temporal_notes`), with the time of the
-workflow task that made it. A compensation settles with its call, as locally. The replay needs the run's plan
-(the records' ``plans``, at the digest the run ran): without it (the workflow changed since, or is gone), a step
-whose last try has ended settles with that try's outcome once the run has ended (while it runs, a failed try may
-be tried again), the steps without tries are not shown, and the timeline's note says so. Evaluations and timers
-are not shown, as locally.
+(``gateway.workflows.history``) reads the same on both engines. What the run's history is replayed to through
+the workflow (:mod:`gateway.workflows._temporal_notes`, with the records' ``plans``: the run's workflow at the
+digest it ran) gives what a local journal has: each try of a step is its activity (a call's or a question's;
+scheduled: ``step_started``; completed, failed or timed out: ``step_done``, with the outcome as the engine was
+fed it), and each step's end (``step_settled``: succeeded, degraded, failed, skipped, cancelled; ``set``,
+``wait``, ``switch``, ``for_each`` and ``fail`` steps included) is the engine's own ``Settled`` note, at the
+time of the workflow task that made it. A compensation settles with its call, as locally. Without the plan
+(the workflow changed since, or is gone) or should the replay fail, each try's outcome is its activity's, a step
+whose last try has ended settles with that try's outcome once the run has ended (while it runs, a failed try
+may be tried again), the steps without tries are not shown, and the timeline's note says so
+(``run_noted``). Evaluations and timers are not shown, as locally.
 """
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,7 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from gateway.store import RunRecord, RunStatus
 from gateway.types import RUN_META_KEY, ToolResult
-from gateway.workflows._temporal_notes import Note, settled_notes
+from gateway.workflows._temporal_notes import Replayed, replay_history
 from gateway.workflows.commands import Settled, StepError
 from gateway.workflows.history import COMPENSATE
 from gateway.workflows.journal import JournalEvent
@@ -206,8 +207,8 @@ class TemporalRecords:
         if plan is None or plan.digest != start.digest:
             why = f"this gateway does not hold workflow {start.workflow!r} as the run ran it"
             return reader.read(executions, None, why)
-        notes = await settled_notes(self.client, plan, executions)
-        return reader.read(executions, notes, "its history did not replay")
+        replayed = await replay_history(self.client, plan, executions)
+        return reader.read(executions, replayed, "its history did not replay")
 
 
 class _Reader:
@@ -225,6 +226,8 @@ class _Reader:
         """Each step's last try's outcome."""
         self._first: dict[str, float] = {}
         """When each step's first try was scheduled."""
+        self._outcomes: Mapping[tuple[str, int], tuple[Any, StepError | None]] = {}
+        """Each try's outcome as the engine had it, when the history was replayed."""
 
     def start(self, history: Sequence[HistoryEvent]) -> RunInput | None:
         """The run's input, from its first execution's history (None if that does not begin with it)."""
@@ -235,24 +238,26 @@ class _Reader:
         return start
 
     def read(
-        self, executions: Sequence[Sequence[HistoryEvent]], notes: Sequence[Note] | None, why: str
+        self, executions: Sequence[Sequence[HistoryEvent]], replayed: Replayed | None, why: str
     ) -> list[JournalEvent]:
-        """The journal events of a run's executions' histories (the first execution's first), in time order,
-        with the engine's ``notes``; without them (``why``), each step's last try's outcome once the run ended."""
+        """The journal events of a run's executions' histories (the first execution's first), in time order, with
+        what ``replayed`` them gave (each try's outcome as the engine had it, each step's end); without it (``why``),
+        each try's outcome as its activity's, each step's end as its last try's once the run ended."""
+        self._outcomes = replayed.outcomes if replayed is not None else {}
         ended = False
         for execution in executions:
             self._tries = {}  # event ids count from 1 in each execution
             ended = self._read(execution, first=not self._events)
         for key, done in self._last.items():
-            if key.endswith(COMPENSATE) or (notes is None and ended):  # what tries next is known once the run ended
+            if key.endswith(COMPENSATE) or (replayed is None and ended):  # what tries next is known once the run ended
                 failure = done.data.get("error")
                 status = "failed" if failure else "succeeded"
                 data = {"status": status, "result": done.data.get("result"), "error": failure}
                 self._add(done.at, "step_settled", key, done.attempt, {**data, "duration_ms": self._took(key, done.at)})
-        if notes is None and self._events:
+        if replayed is None and self._events:
             message = f"{_GUESSED} ({why})"
             self._add(self._events[0].at, "run_noted", None, 0, {"message": message})
-        for at, note in notes or ():
+        for at, note in replayed.notes if replayed is not None else ():
             took = self._took(note.key, at) if note.key in self._first else None  # a step with tries of its own
             self._add(at, "step_settled", note.key, note.attempts, _settled(note, took))
         ordered = sorted(self._events, key=lambda event: event.at)  # stable: the order read, within a time
@@ -318,6 +323,9 @@ class _Reader:
             return
         key, attempt, _ = tried
         data = {"result": result, "error": dict(error) if error else None}
+        fed = self._outcomes.get((key, attempt))
+        if fed is not None:  # what the engine was given (a dead replica's try: unavailable, not the activity's error)
+            data = {"result": fed[0], "error": asdict(fed[1]) if fed[1] is not None else None}
         self._last[key] = self._add(at, "step_done", key, attempt, data)
 
     def _add(self, at: float, kind: Any, key: str | None, attempt: int, data: Mapping[str, Any]) -> JournalEvent:
