@@ -224,8 +224,8 @@ class _Reader:
         """The tries begun: a question withdrawn and asked at another replica is one try."""
         self._last: dict[str, JournalEvent] = {}
         """Each step's last try's outcome."""
-        self._first: dict[str, float] = {}
-        """When each step's first try was scheduled."""
+        self._began: dict[str, float] = {}
+        """When each step's last try was scheduled: its duration counts from there, as a local run's does."""
         self._outcomes: Mapping[tuple[str, int], tuple[Any, StepError | None]] = {}
         """Each try's outcome as the engine had it, when the history was replayed."""
 
@@ -258,13 +258,13 @@ class _Reader:
             message = f"{_GUESSED} ({why})"
             self._add(self._events[0].at, "run_noted", None, 0, {"message": message})
         for at, note in replayed.notes if replayed is not None else ():
-            took = self._took(note.key, at) if note.key in self._first else None  # a step with tries of its own
+            took = self._took(note.key, at) if note.key in self._began else None  # a step with tries of its own
             self._add(at, "step_settled", note.key, note.attempts, _settled(note, took))
         ordered = sorted(self._events, key=lambda event: event.at)  # stable: the order read, within a time
         return [replace(event, seq=seq) for seq, event in enumerate(ordered)]
 
     def _took(self, key: str, at: float) -> float:
-        return round((at - self._first.get(key, at)) * 1000, 3)
+        return round((at - self._began.get(key, at)) * 1000, 3)
 
     def _read(self, history: Sequence[HistoryEvent], *, first: bool) -> bool:
         """Read one execution's events (``first``: the run's first); whether the run ended in it."""
@@ -306,10 +306,10 @@ class _Reader:
         command = task.command
         key, attempt, step = str(command.get("key")), int(command.get("attempt", 1)), str(command.get("step"))
         self._tries[event.event_id] = (key, attempt, step)
-        self._first.setdefault(key, at)
         if (key, attempt) in self._asked:  # the question moved to the replica its caller is at now: the same try
             return
         self._asked.add((key, attempt))
+        self._began[key] = at
         data: dict[str, Any] = {"step": step}
         if task.kind == "call_tool":
             data.update(tool=command.get("tool"), arguments=command.get("arguments"))
