@@ -23,6 +23,7 @@ show.
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +92,12 @@ async def replay_history(client: Client, plan: Plan, executions: Sequence[Sequen
         for workflow_id, events in zip(ids, executions, strict=True):
             yield WorkflowHistory(workflow_id, list(events))
 
+    executor = ThreadPoolExecutor(max_workers=1)  # the replayer's own would never be shut down
     replayer = Replayer(
-        workflows=[_Rereading], workflow_runner=UnsandboxedWorkflowRunner(), data_converter=client.data_converter
+        workflows=[_Rereading],
+        workflow_task_executor=executor,
+        workflow_runner=UnsandboxedWorkflowRunner(),
+        data_converter=client.data_converter,
     )
     _temporal_plans.hold([plan])
     try:
@@ -105,6 +110,7 @@ async def replay_history(client: Client, plan: Plan, executions: Sequence[Sequen
         outcomes = {tried: outcome for replay in replays for tried, outcome in replay.outcomes.items()}
         return Replayed([note for replay in replays for note in replay.notes], outcomes)
     finally:
+        executor.shutdown(wait=False)
         _temporal_plans.release([plan])
         for workflow_id in ids:
             _replays.pop(workflow_id, None)
