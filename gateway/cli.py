@@ -46,9 +46,10 @@ _LOOP = {"use_uvloop": True}
 """uvloop for serving: a faster event loop under the same asyncio semantics (anyio falls back without it)."""
 _WORKFLOW_SECTIONS = ("gateway", "workflows")
 """What ``patchbay graph`` reads of the config: no upstream, so none of their environment variables."""
-_STORE_SECTIONS = ("gateway", "audit")
-"""What ``patchbay runs`` reads of the config: where the store is, and what to redact. Not the servers, so the
-environment variables only they use need not be set."""
+_STORE_SECTIONS = ("gateway", "audit", "workflows")
+"""What ``patchbay runs`` reads of the config: where the store is, what to redact, and the workflows (a run on
+Temporal is replayed with its plan to show its steps). Not the servers, so the environment variables only they
+use need not be set."""
 
 
 def main(argv: Sequence[str] | None = None, *, providers: Sequence[Provider] = ()) -> None:
@@ -498,7 +499,7 @@ async def _runs_on_temporal(config: Config, args: argparse.Namespace, since: flo
 
     client = await connect_temporal(config.gateway)
     assert client is not None  # engine: temporal://…
-    records = TemporalRecords(client, temporal_queue(config.gateway))
+    records = TemporalRecords(client, temporal_queue(config.gateway), config.plans)
     if args.run_id is None:
         found = await records.records(workflow=args.workflow, status=args.status, since=since)
         rows = summary_rows(found)

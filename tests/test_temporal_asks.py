@@ -24,6 +24,7 @@ from gateway.workflows.asking import STEP_META_KEY
 from gateway.workflows.commands import AskModel, AskUser, CallTool, StepError
 from gateway.workflows.plan import Plan
 from gateway.workflows.temporal_engine import TemporalEngine
+from gateway.workflows.temporal_records import TemporalRecords
 from tests import taskclient
 from tests import temporal_server as dev_server
 from tests.test_gateway import Toolbox
@@ -260,8 +261,15 @@ async def test_a_keyed_call_reissued_at_another_replica_moves_the_question_there
                 tg.cancel_scope.cancel()  # the caller gave up at the front (a keyed run goes on)
             result = await back.run(plan.name, {}, ADA_JSON, run_id, client=answering, attach=True)
             await silent.withdrawn.wait()  # the question at the front was withdrawn
+        records = TemporalRecords(second_temporal_client, back.task_queue, {plan.name: plan})
+        steps = {event.key: event for event in await records.events(run_id) if event.kind == "step_settled"}
+        asked = [(event.kind, event.attempt) for event in await records.events(run_id) if event.key == "ok"]
     assert result["status"] == "succeeded"
     assert result["output"] == "answered at the back"
+    # `patchbay runs RUN_ID`: the question is one try, asked at the front, then at the back, where it was answered.
+    assert asked == [("step_started", 1), ("step_done", 1), ("step_settled", 1)]
+    assert steps["ok"].data["result"] == {"ok": "answered at the back"}
+    assert steps["done"].data["status"] == "succeeded"
 
 
 @pytest.mark.parametrize("default", [True, False])

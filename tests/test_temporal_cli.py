@@ -166,6 +166,10 @@ def test_runs_of_one_run_shows_its_steps_from_temporals_history_redacted(
     assert code == 0, err
     view = json.loads(out)
     assert (view["status"], view["failed_step"]) == ("failed", "refuse")
+    # The fail step (no call of its own) shows as on a local run: its history replayed with the config's plan.
+    assert [(s["key"], s["status"]) for s in view["steps"]] == [("one", "succeeded"), ("refuse", "failed")]
+    assert view["steps"][1]["error"]["message"] == "no, never"
+    assert view["note"] is None
     assert [(c["key"], c["tool"]) for c in view["compensations"]] == [("one#compensate", "box__echo")]
     assert "no, never" in view["error"]
 

@@ -20,11 +20,13 @@ from gateway.store.memory import MemoryStore
 from gateway.types import CallContext, JSONObject, Principal, ToolResult
 from gateway.workflows.commands import AskModel, AskUser, CallTool, Command, Finished, StepError
 from gateway.workflows.engine import Run
+from gateway.workflows.history import timeline
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.runner import IDEMPOTENCY_META_KEY, Runner
 from gateway.workflows.temporal import PatchbayRun
 from gateway.workflows.temporal_engine import TemporalEngine, workflow_queue
+from gateway.workflows.temporal_records import TemporalRecords
 from gateway.workflows.temporal_types import RunInput
 from tests import temporal_server as dev_server
 from tests.workflows.test_runner import plan_of
@@ -101,9 +103,12 @@ async def serving(client: Client, plans: Sequence[Plan], tools: Tools, **options
         yield engine
 
 
-async def run_locally(plan: Plan, arguments: dict[str, Any], run_id: str) -> tuple[dict[str, Any], list[Call]]:
-    """The local runner's run: its ``Finished`` note (read back from its journal) as a result, and the calls."""
-    tools, journal = Tools(), MemoryStore()
+async def run_locally(
+    plan: Plan, arguments: dict[str, Any], run_id: str, journal: MemoryStore | None = None
+) -> tuple[dict[str, Any], list[Call]]:
+    """The local runner's run (journaled in ``journal``, if given): its ``Finished`` note (read back from its
+    journal) as a result, and the calls."""
+    tools, journal = Tools(), journal if journal is not None else MemoryStore()
     await Runner(tools.call, journal).run(plan, arguments, CALLER, run_id=run_id)
     finished: list[Finished] = []
 
@@ -123,6 +128,20 @@ async def run_locally(plan: Plan, arguments: dict[str, Any], run_id: str) -> tup
 
 
 TEMPORAL_STATUS = {"succeeded": WorkflowExecutionStatus.COMPLETED, "failed": WorkflowExecutionStatus.FAILED}
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _steps(view: Mapping[str, Any]) -> list[tuple[str, str, bool, list[str]]]:
+    """A timeline's steps and compensations: key, status, degraded, each try's status (as on both engines)."""
+    shown = [
+        (step["key"], step["status"], bool(step.get("degraded")), [a["status"] for a in step["attempts"]])
+        for step in view["steps"]
+    ]
+    undone = [(step["key"], step["status"], False, []) for step in view["compensations"]]
+    return sorted(shown) + undone
 
 
 def canonical(call: Call) -> str:
@@ -219,13 +238,21 @@ async def test_a_workflow_gives_the_same_result_and_calls_on_temporal_as_on_the_
     temporal_client: Client, case: str
 ) -> None:
     text, arguments = SAME_ON_BOTH[case]
-    plan, tools, run_id = plan_of(text), Tools(), uuid.uuid4().hex
-    expected, expected_calls = await run_locally(plan, arguments, run_id)
+    plan, tools, run_id, journal = plan_of(text), Tools(), uuid.uuid4().hex, MemoryStore()
+    expected, expected_calls = await run_locally(plan, arguments, run_id, journal)
     with anyio.fail_after(10):
         async with serving(temporal_client, [plan], tools) as engine:
             result = await engine.run(plan.name, arguments, CALLER_JSON, run_id)
         described = await temporal_client.get_workflow_handle(run_id).describe()
+        records = TemporalRecords(temporal_client, engine.task_queue, {plan.name: plan})
+        record, local = await records.record(run_id), await journal.run(run_id)
+        assert record is not None
+        assert local is not None
+        view = timeline(record, await records.events(run_id), _same)
+        expected_view = timeline(local, await journal.events(run_id), _same)
     assert result == expected
+    # `patchbay runs RUN_ID` shows the same steps (their statuses, their tries), the same compensations.
+    assert _steps(view) == _steps(expected_view)
     assert described.status == TEMPORAL_STATUS[result["status"]]  # what Temporal's UI and CLI show
     # Concurrent steps may start in another order; the compensations run one at a time, in order.
     assert sorted(tools.calls, key=canonical) == sorted(expected_calls, key=canonical)
@@ -369,8 +396,19 @@ async def test_a_call_whose_replica_stops_is_made_again_by_another_under_the_sam
         second = TemporalEngine(other, queue, {plan.name: plan}, tools.execute, silence=2.0)
         async with second.serve():
             result = await second.result(run_id)
+        records = TemporalRecords(other, queue, {plan.name: plan})
+        record = await records.record(run_id)
+        assert record is not None
+        view = timeline(record, await records.events(run_id), _same)
     assert result["status"] == "succeeded"
     assert tools.calls == [("stalls", {}, f"{run_id}:a"), ("stalls", {}, f"{run_id}:a")]
+    # `patchbay runs RUN_ID` shows the first try as the run saw it (its replica stopped), not the activity's error.
+    [step] = view["steps"]
+    assert [(a["status"], (a["error"] or {}).get("kind")) for a in step["attempts"]] == [
+        ("failed", "unavailable"),
+        ("succeeded", None),
+    ]
+    assert step["status"] == "succeeded"
 
 
 async def test_a_result_over_temporals_payload_limit_fails_its_step(temporal_client: Client) -> None:

@@ -244,3 +244,4 @@ async def test_a_runs_resource_at_the_other_replica_shows_its_steps_from_tempora
             ("one", "box__echo", "succeeded"),
             ("hold", "box__hold", "succeeded"),
         ]
+        assert view["note"] is None  # its steps' ends the engine's own: the history replayed with b's plan

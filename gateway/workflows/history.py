@@ -13,7 +13,8 @@ A container or ``set`` step has no tries: only its ``step_settled``. An ``agent`
 its parts, each a step of its own in the timeline (``research#turn1``, ``research#call1``: their ``step_settled``
 has ``part``), placed after it. Compensations are the steps whose
 key ends ``#compensate``. A try in flight when the gateway stopped shows as ``interrupted`` once the run
-resumed (``run_resumed``), and is followed by the try made again under the same number.
+resumed (``run_resumed``), and is followed by the try made again under the same number. A ``run_noted`` event
+(a run on Temporal read without replaying it: :mod:`gateway.workflows.temporal_records`) adds to the timeline's note.
 """
 
 import json
@@ -91,11 +92,14 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
     arguments: Any = None
     cancelled: str | None = None
     resumed: list[str | None] = []
+    notes = [record.note] if record.note else []
     for event in events:
         if event.kind == "run_started":
             arguments = redact(event.data.get("arguments"))
         elif event.kind == "run_cancelled":
             cancelled = redact(event.data.get("message"))
+        elif event.kind == "run_noted":
+            notes.append(str(event.data.get("message")))
         elif event.kind == "run_resumed":
             resumed.append(local_time(event.at))
             for known in [*steps.values(), *compensations.values()]:
@@ -120,7 +124,7 @@ def timeline(record: RunRecord, events: Sequence[JournalEvent], redact: Redact) 
         "finished": local_time(record.finished_at),
         "duration_ms": record.duration_ms,
         "failed_step": record.failed_step,
-        "note": record.note,
+        "note": "; ".join(notes) or None,
         "cancelled": cancelled,
         "resumed": resumed,
         "arguments": arguments,

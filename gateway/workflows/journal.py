@@ -31,6 +31,7 @@ EventKind = Literal[
     "step_settled",
     "run_finished",
     "run_resumed",
+    "run_noted",
 ]
 INPUTS: frozenset[EventKind] = frozenset({"run_started", "step_done", "timer_fired", "evaluated", "run_cancelled"})
 """The kinds of event that went into the engine: what a replay feeds it."""
@@ -48,7 +49,8 @@ class JournalEvent:
     arguments} (or {step, kind}); ``step_settled`` {step, status, result, error, duration_ms} (and ``part`` for an
     ``agent``'s turn or tool call, keyed ``<step key>#turn<n>`` or ``#call<m>``: not a step of its own);
     ``run_finished`` {status, error, duration_ms, result: the ``CallToolResult`` returned};
-    ``run_resumed`` {outstanding: the keys of what was in flight}.
+    ``run_resumed`` {outstanding: the keys of what was in flight}; ``run_noted`` {message: what the
+    timeline should say of itself (a run on Temporal read without replaying it), never journaled}.
     """
 
     run_id: str

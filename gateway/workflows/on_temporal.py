@@ -111,7 +111,7 @@ class TemporalRuns:
         """``stopping()`` tells whether this gateway is going down: a call cancelled then leaves its run to go on
         (another replica's workers carry it on); a call its caller cancelled cancels its run (unless keyed)."""
         self.engine = engine
-        self.records = TemporalRecords(engine.client, engine.task_queue)
+        self.records = TemporalRecords(engine.client, engine.task_queue, engine.plans)
         """The runs' records, as Temporal has them."""
         self._metrics = metrics
         self._stopping = stopping

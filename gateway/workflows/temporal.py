@@ -39,7 +39,10 @@ Temporal owns durability and history: nothing is journaled in the store. ``Settl
 run's progress notes (the message a local run reports, :meth:`Settled.describe
 <gateway.workflows.commands.Settled.describe>`), the last :data:`PROGRESS_KEPT` of them kept in the
 workflow's state and read by the ``progress`` query (a query is not recorded in the history): the
-replica awaiting the run polls it for a caller that asked for progress. Step metrics come later.
+replica awaiting the run polls it for a caller that asked for progress. ``patchbay runs RUN_ID`` recovers every
+note, and each try's outcome as the engine was fed it, by replaying the history through this workflow
+(:mod:`gateway.workflows._temporal_notes`, whose subclass hooks :meth:`PatchbayRun._settled` and
+:meth:`PatchbayRun._feed`). Step metrics come later.
 
 Long runs continue as new. Temporal stops a run whose history reaches 50 000 events (or 50 MB), and a
 step costs about six (its activity's three, a workflow task's three). When the server suggests it

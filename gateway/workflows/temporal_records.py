@@ -14,14 +14,22 @@ Temporal is the record of the runs it carries: nothing about them is kept in the
 * once it has ended, its result (the ``CallToolResult`` the call returns: :func:`wire_result`).
 
 :meth:`TemporalRecords.events` turns the execution's history into journal events, so that a run's timeline
-(``gateway.workflows.history``) reads the same on both engines: each try of a step is its activity
-(scheduled: ``step_started``; completed, failed or timed out: ``step_done``), and a step whose last try
-has ended settles with that try's outcome once the run has ended (while it runs, a failed try may be
-tried again). Evaluations and timers are not shown, as locally.
+(``gateway.workflows.history``) reads the same on both engines. What the run's history is replayed to through
+the workflow (:mod:`gateway.workflows._temporal_notes`, with the records' ``plans``: the run's workflow at the
+digest it ran) gives what a local journal has: each try of a step is its activity (a call's or a question's;
+scheduled: ``step_started``; completed, failed or timed out: ``step_done``, with the outcome as the engine was
+fed it), and each step's end (``step_settled``: succeeded, degraded, failed, skipped, cancelled; ``set``,
+``wait``, ``switch``, ``for_each`` and ``fail`` steps included) is the engine's own ``Settled`` note, at the
+time of the workflow task that made it. A compensation settles with its call, as locally. Without the plan
+(the workflow changed since, or is gone) or should the replay fail, each try's outcome is its activity's, a step
+whose last try has ended settles with that try's outcome once the run has ended (while it runs, a failed try
+may be tried again), the steps without tries are not shown, and the timeline's note says so
+(``run_noted``). Evaluations and timers are not shown, as locally.
 """
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,10 +40,21 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from gateway.store import RunRecord, RunStatus
 from gateway.types import RUN_META_KEY, ToolResult
-from gateway.workflows.commands import StepError
+from gateway.workflows._temporal_notes import Replayed, replay_history
+from gateway.workflows.commands import Settled, StepError
+from gateway.workflows.history import COMPENSATE
 from gateway.workflows.journal import JournalEvent
+from gateway.workflows.plan import Plan
 from gateway.workflows.temporal_engine import result_of
-from gateway.workflows.temporal_types import MEMO, STEP_ACTIVITY, WORKFLOW_TYPE, RunInput, StepOutcome, StepTask
+from gateway.workflows.temporal_types import (
+    ASK_ACTIVITY,
+    MEMO,
+    STEP_ACTIVITY,
+    WORKFLOW_TYPE,
+    RunInput,
+    StepOutcome,
+    StepTask,
+)
 
 __all__ = ["TemporalRecords", "wire_result"]
 
@@ -81,11 +100,13 @@ def _error_text(ended: Mapping[str, Any]) -> str:
 
 class TemporalRecords:
     """The runs of the gateway whose task queue stem is ``task_queue``, as Temporal has them, through
-    ``client`` (connected to their namespace)."""
+    ``client`` (connected to their namespace); ``plans``, the gateway's workflows by name, are what a run's
+    history is replayed with for its steps' ends (:meth:`events`)."""
 
-    def __init__(self, client: Client, task_queue: str) -> None:
+    def __init__(self, client: Client, task_queue: str, plans: Mapping[str, Plan] | None = None) -> None:
         self.client = client
         self.task_queue = task_queue
+        self.plans: Mapping[str, Plan] = plans or {}
 
     async def record(self, run_id: str) -> RunRecord | None:
         """Run ``run_id``'s record (with its result, once it has ended); None when Temporal knows no such run of
@@ -177,7 +198,17 @@ class TemporalRecords:
         while previous := _continued_from(executions[-1]):
             older = await self.client.get_workflow_handle(run_id, run_id=previous).fetch_history()
             executions.append(older.events)
-        return _Reader(self.client, run_id).read(executions[::-1])
+        executions.reverse()
+        reader = _Reader(self.client, run_id)
+        start = reader.start(executions[0])
+        if start is None:
+            return []
+        plan = self.plans.get(start.workflow)
+        if plan is None or plan.digest != start.digest:
+            why = f"this gateway does not hold workflow {start.workflow!r} as the run ran it"
+            return reader.read(executions, None, why)
+        replayed = await replay_history(self.client, plan, executions)
+        return reader.read(executions, replayed, "its history did not replay")
 
 
 class _Reader:
@@ -189,25 +220,51 @@ class _Reader:
         self._events: list[JournalEvent] = []
         self._tries: dict[int, tuple[str, int, str]] = {}
         """The step activities by the id of their scheduling event: (key, attempt, step)."""
+        self._asked: set[tuple[str, int]] = set()
+        """The tries begun: a question withdrawn and asked at another replica is one try."""
         self._last: dict[str, JournalEvent] = {}
         """Each step's last try's outcome."""
-        self._first: dict[str, float] = {}
-        """When each step's first try was scheduled."""
+        self._began: dict[str, float] = {}
+        """When each step's last try was scheduled: its duration counts from there, as a local run's does."""
+        self._outcomes: Mapping[tuple[str, int], tuple[Any, StepError | None]] = {}
+        """Each try's outcome as the engine had it, when the history was replayed."""
 
-    def read(self, executions: Sequence[Sequence[HistoryEvent]]) -> list[JournalEvent]:
-        """The journal events of a run's executions' histories, the first execution's first."""
+    def start(self, history: Sequence[HistoryEvent]) -> RunInput | None:
+        """The run's input, from its first execution's history (None if that does not begin with it)."""
+        if not history or history[0].event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            return None
+        payloads = history[0].workflow_execution_started_event_attributes.input.payloads
+        start: RunInput = self._convert.from_payloads(payloads, [RunInput])[0]
+        return start
+
+    def read(
+        self, executions: Sequence[Sequence[HistoryEvent]], replayed: Replayed | None, why: str
+    ) -> list[JournalEvent]:
+        """The journal events of a run's executions' histories (the first execution's first), in time order, with
+        what ``replayed`` them gave (each try's outcome as the engine had it, each step's end); without it (``why``),
+        each try's outcome as its activity's, each step's end as its last try's once the run ended."""
+        self._outcomes = replayed.outcomes if replayed is not None else {}
         ended = False
         for execution in executions:
             self._tries = {}  # event ids count from 1 in each execution
             ended = self._read(execution, first=not self._events)
-        if ended:  # what tries next is known only while the run runs
-            for key, done in self._last.items():
+        for key, done in self._last.items():
+            if key.endswith(COMPENSATE) or (replayed is None and ended):  # what tries next is known once the run ended
                 failure = done.data.get("error")
                 status = "failed" if failure else "succeeded"
-                took = round((done.at - self._first.get(key, done.at)) * 1000, 3)
-                data = {"status": status, "result": done.data.get("result"), "error": failure, "duration_ms": took}
-                self._add(done.at, "step_settled", key, done.attempt, data)
-        return self._events
+                data = {"status": status, "result": done.data.get("result"), "error": failure}
+                self._add(done.at, "step_settled", key, done.attempt, {**data, "duration_ms": self._took(key, done.at)})
+        if replayed is None and self._events:
+            message = f"{_GUESSED} ({why})"
+            self._add(self._events[0].at, "run_noted", None, 0, {"message": message})
+        for at, note in replayed.notes if replayed is not None else ():
+            took = self._took(note.key, at) if note.key in self._began else None  # a step with tries of its own
+            self._add(at, "step_settled", note.key, note.attempts, _settled(note, took))
+        ordered = sorted(self._events, key=lambda event: event.at)  # stable: the order read, within a time
+        return [replace(event, seq=seq) for seq, event in enumerate(ordered)]
+
+    def _took(self, key: str, at: float) -> float:
+        return round((at - self._began.get(key, at)) * 1000, 3)
 
     def _read(self, history: Sequence[HistoryEvent], *, first: bool) -> bool:
         """Read one execution's events (``first``: the run's first); whether the run ended in it."""
@@ -243,13 +300,16 @@ class _Reader:
 
     def _scheduled(self, event: HistoryEvent, at: float) -> None:
         attributes = event.activity_task_scheduled_event_attributes
-        if attributes.activity_type.name != STEP_ACTIVITY:
+        if attributes.activity_type.name not in (STEP_ACTIVITY, ASK_ACTIVITY):
             return
         task = self._convert.from_payloads(attributes.input.payloads, [StepTask])[0]
         command = task.command
         key, attempt, step = str(command.get("key")), int(command.get("attempt", 1)), str(command.get("step"))
         self._tries[event.event_id] = (key, attempt, step)
-        self._first.setdefault(key, at)
+        if (key, attempt) in self._asked:  # the question moved to the replica its caller is at now: the same try
+            return
+        self._asked.add((key, attempt))
+        self._began[key] = at
         data: dict[str, Any] = {"step": step}
         if task.kind == "call_tool":
             data.update(tool=command.get("tool"), arguments=command.get("arguments"))
@@ -263,6 +323,9 @@ class _Reader:
             return
         key, attempt, _ = tried
         data = {"result": result, "error": dict(error) if error else None}
+        fed = self._outcomes.get((key, attempt))
+        if fed is not None:  # what the engine was given (a dead replica's try: unavailable, not the activity's error)
+            data = {"result": fed[0], "error": asdict(fed[1]) if fed[1] is not None else None}
         self._last[key] = self._add(at, "step_done", key, attempt, data)
 
     def _add(self, at: float, kind: Any, key: str | None, attempt: int, data: Mapping[str, Any]) -> JournalEvent:
@@ -270,6 +333,12 @@ class _Reader:
         self._events.append(event)
         return event
 
+
+_GUESSED = (
+    "the steps' ends are read from their calls: steps with no call of their own (set, wait, switch, for_each, fail,"
+    " skipped ones) are not shown, nor whether a failed step took its on_error default"
+)
+"""The timeline's note when a run's history could not be replayed (:class:`_Reader`)."""
 
 _ENDINGS = frozenset(
     {
@@ -280,6 +349,20 @@ _ENDINGS = frozenset(
         EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
     }
 )
+
+
+def _settled(note: Settled, took: float | None) -> dict[str, Any]:
+    """A ``Settled`` note as the local runner journals it (``step_settled``'s data)."""
+    data: dict[str, Any] = {
+        "step": note.step,
+        "status": note.status,
+        "result": note.result,
+        "error": note.error.as_json() if note.error is not None else None,
+        "duration_ms": took,
+    }
+    if note.degraded:  # succeeded with its on_error default: `error` is the failure it stands in for
+        data["degraded"] = True
+    return data
 
 
 def _continued_from(history: Sequence[HistoryEvent]) -> str:
