@@ -1,9 +1,9 @@
 """What the engine tells the runner to do, and the failures it reports: plain frozen values.
 
 The runner carries out :class:`CallTool`, :class:`AskUser`, :class:`AskModel`,
-:class:`Evaluate`, :class:`StartTimer` and :class:`Cancel`, and journals and reports
-:class:`Settled` and :class:`Finished`. They hold JSON-like data only, so a run's commands can be recorded, compared
-and replayed.
+:class:`Evaluate`, :class:`StartTimer` and :class:`Cancel`, journals and reports
+:class:`Settled` and :class:`Finished`, and reports :class:`Iterated` as progress. They hold JSON-like data
+only, so a run's commands can be recorded, compared and replayed.
 """
 
 from collections.abc import Mapping
@@ -20,6 +20,7 @@ __all__ = [
     "Command",
     "Evaluate",
     "Finished",
+    "Iterated",
     "Leaf",
     "Settled",
     "StartTimer",
@@ -146,6 +147,28 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class Iterated:
+    """Iteration ``iteration`` of loop step ``key`` ended (for progress; its steps settle on their own)."""
+
+    key: str
+    step: str
+    iteration: int
+    max_iterations: int
+    held: bool
+    """The loop's condition held after it: the loop succeeds."""
+
+    def describe(self) -> str:
+        """The progress message (``poll: iteration 2 of at most 20, the condition does not hold yet``)."""
+        if self.held:
+            how = "the condition holds"
+        elif self.iteration < self.max_iterations:
+            how = "the condition does not hold yet"
+        else:
+            how = "the condition does not hold"
+        return f"{self.key}: iteration {self.iteration} of at most {self.max_iterations}, {how}"
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The run is over: ``output`` when it succeeded, ``error`` when it failed."""
 
@@ -155,6 +178,6 @@ class Finished:
     compensation_errors: tuple[StepError, ...] = ()
 
 
-Command = CallTool | AskUser | AskModel | Evaluate | StartTimer | Cancel | Settled | Finished
+Command = CallTool | AskUser | AskModel | Evaluate | StartTimer | Cancel | Settled | Finished | Iterated
 Leaf = CallTool | AskUser | AskModel
 """The commands that start a call or a question: what counts against ``max_concurrency``."""
