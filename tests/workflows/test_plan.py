@@ -61,6 +61,20 @@ INVALID = {
         "    - {id: y, set: {v: '${.steps.x.result}'}}",
         [("workflows.w.steps[1]", 4, "refer to 'l', the list of its iterations' outputs, instead")],
     ),
+    "a loop condition that does not compile": (
+        "w:\n  steps:\n    - id: p\n      loop: {steps: [{id: x, set: {}}], until: '.x ==', max_iterations: 2}",
+        [("workflows.w.steps[0].loop.until", 4, "invalid jq")],
+    ),
+    "a loop output naming an unknown step": (
+        "w:\n  steps:\n    - id: p\n      loop: {steps: [{id: x, set: {}}], until: .x, max_iterations: 2, "
+        "output: '${.steps.y.result}'}",
+        [("workflows.w.steps[0]", 3, "unknown step 'y'")],
+    ),
+    "a reference into a loop's body": (
+        "w:\n  steps:\n    - {id: p, loop: {steps: [{id: x, set: {}}], until: .x, max_iterations: 2}}\n"
+        "    - {id: y, set: {v: '${.steps.x.result}'}}",
+        [("workflows.w.steps[1]", 4, "refer to 'p', its last iteration's output, instead")],
+    ),
     "a name with dots is located too": (
         "acme.reply:\n  steps: [{id: a, set: {x: '${.input | nosuch}'}}]",
         [("workflows.acme.reply.steps[0].set.x", 2, "nosuch/0")],
