@@ -1,6 +1,8 @@
 """Workflow tools end to end: ``patchbay serve`` as a process, the testkit upstream, real MCP clients."""
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -344,3 +346,14 @@ def test_graph_prints_the_workflow_as_mermaid() -> None:
     unknown = patchbay("graph", "examples/quickstart.yaml", "nope")
     assert unknown.returncode == 2
     assert "support_reply" in unknown.stderr
+
+
+def test_the_quickstart_export_workflow_polls_the_orders_server_until_the_job_is_done() -> None:
+    # Exactly the workflow of examples/quickstart.yaml (the README's loop example), against the real orders server.
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = patchbay("call", "examples/quickstart.yaml", "export_batch", "--args", '{"batch": 3}', env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"job_id": "E-1", "exported": 3, "polls": 3}  # queued, running, done
+    assert "poll: iteration 2 of at most 10, the condition does not hold yet" in done.stderr
+    assert "poll: iteration 3 of at most 10, the condition holds" in done.stderr
+    assert "poll[3]/status: succeeded" in done.stderr
