@@ -111,6 +111,25 @@ def test_calls_are_checked_against_the_tools_served() -> None:
     ]
 
 
+def test_calls_inside_a_loop_body_are_checked_against_the_tools_served_at_their_location() -> None:
+    config = parse_config(
+        "workflows:\n  w:\n    steps:\n      - id: poll\n        loop:\n          steps:\n"
+        "            - {id: a, call: crm__order, with: {id: 7}}\n            - {id: b, call: crm__gone}\n"
+        "          until: .steps.a.result\n          max_iterations: 2\n",
+        environ={},
+    )
+    schemas = {"crm__order": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}}
+    problems = check_tools(config.plans, schemas)
+    assert [(p.path, p.line, p.message.split(":")[0]) for p in problems] == [
+        ("workflows.w.steps[0].loop.steps[0].with.id", None, "step 'a' calls crm__order"),
+        (
+            "workflows.w.steps[0].loop.steps[1].call",
+            None,
+            "step 'b' calls 'crm__gone', which is not a tool this gateway serves",
+        ),
+    ]
+
+
 def test_a_call_to_a_tool_not_served_suggests_the_closest_served_name() -> None:
     config = parse_config(
         "workflows:\n  w:\n    steps:\n      - {id: a, call: clock__get_curent_time}\n"
