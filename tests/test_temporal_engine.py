@@ -217,6 +217,24 @@ output: {b: "${.steps.b.result}"}
 """,
         {"at": "2001-02-03T04:05:06+01:00"},
     ),
+    "a loop polling with a growing delay until its condition holds": (
+        """
+steps:
+  - id: poll
+    loop:
+      steps: [{id: s, call: t__status, with: {n: "${.iteration}", last: "${.last.n}"}}]
+      until: .steps.s.result.n == 3
+      max_iterations: 4
+      delay: 20ms
+      backoff: 2
+      output: {n: "${.steps.s.result.n}", at: "${.iteration}"}
+  - id: never
+    loop: {steps: [{id: t, call: t__again}], until: 'false', max_iterations: 2}
+    on_error: {default: gave up}
+output: {poll: "${.steps.poll.result}", never: "${.steps.never.result}"}
+""",
+        {},
+    ),
     "a success condition that does not hold": (
         "steps: [{id: a, call: t__n, with: {n: 1}, success: '.result.n > 3'}]",
         {},
@@ -419,3 +437,30 @@ async def test_a_result_over_temporals_payload_limit_fails_its_step(temporal_cli
     assert result["status"] == "failed"
     assert (result["error"]["kind"], result["error"]["step"]) == ("error", "a")
     assert result["error"]["message"].startswith("the result is larger than Temporal keeps in a run's history")
+
+
+async def test_a_loop_on_temporal_reports_each_iteration_as_progress(temporal_client: Client) -> None:
+    plan, tools, run_id = (
+        plan_of("""
+steps:
+  - id: poll
+    loop: {steps: [{id: s, call: t__s, with: {n: "${.iteration}"}}], until: .steps.s.result.n == 2, max_iterations: 3,
+           delay: 50ms}
+"""),
+        Tools(),
+        uuid.uuid4().hex,
+    )
+    with anyio.fail_after(10):
+        async with serving(temporal_client, [plan], tools) as engine:
+            result = await engine.run(plan.name, {}, CALLER_JSON, run_id)
+            notes = await engine.progress(run_id, 0)
+    assert result["output"] == {"poll": {"tool": "t__s", "n": 2}}
+    assert [note.message.split(" in ")[0] for note in notes] == [
+        "poll[1]/s: succeeded",
+        "poll: iteration 1 of at most 3, the condition does not hold yet",
+        "poll[2]/s: succeeded",
+        "poll: iteration 2 of at most 3, the condition holds",
+        "poll: succeeded",
+    ]
+    assert [note.settled for note in notes] == [1, 2, 3, 4, 5]
+    assert {note.total for note in notes} == {None}

@@ -1,9 +1,11 @@
 """Orders: a small order-management MCP server with deterministic, in-memory data.
 
 Eight seeded orders for four customers, with refunds kept in memory for the life of
-the process (refunding an order twice is an error until the refund is cancelled).
-Nothing is random and nothing is written to disk, so demos and tests see the same
-data every run.
+the process (refunding an order twice is an error until the refund is cancelled), and
+export jobs: `start_export` queues one, and each `get_export` of it moves it a stage on
+(queued, running, done), so a caller polls it until it is done. Nothing is random,
+nothing depends on the clock and nothing is written to disk, so demos and tests see the
+same data every run.
 
     python examples/servers/orders.py                    # stdio (the default)
     python examples/servers/orders.py --http --port 9100 # streamable HTTP on 127.0.0.1
@@ -21,6 +23,7 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPDeprecationWarning
+from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 DEFAULT_PORT = 9100
@@ -75,6 +78,18 @@ class ExportResult(BaseModel):
     order_ids: list[str] = Field(description="Ids of the exported orders, in export order.")
 
 
+class ExportJob(BaseModel):
+    """An export job as its last poll saw it."""
+
+    job_id: str = Field(description="The job's id, for get_export.")
+    status: Literal["queued", "running", "done"] = Field(description="Where the job is.")
+    exported: int | None = Field(default=None, description="Number of orders exported, once it is done.")
+
+
+EXPORT_STAGES: tuple[Literal["queued", "running", "done"], ...] = ("queued", "running", "done")
+"""What an export job's polls see, one stage per poll: the third poll and every later one see it done."""
+
+
 def _item(sku: str, name: str, qty: int, price: float) -> LineItem:
     return LineItem(sku=sku, name=name, qty=qty, price=price)
 
@@ -108,6 +123,8 @@ class OrderStore:
     def __init__(self) -> None:
         self.orders = seed_orders()
         self.refunds: dict[str, Refund] = {}
+        self.exports: dict[str, tuple[int, int]] = {}
+        """Each export job's batch size and how many times it was polled."""
 
     def get(self, order_id: str) -> Order:
         """Return the order, or raise `ToolError` naming the unknown id."""
@@ -136,6 +153,21 @@ class OrderStore:
             raise ToolError(f"Order {order_id!r} has no active refund to cancel")
         self.refunds[order_id] = cancelled = refund.model_copy(update={"status": "cancelled"})
         return cancelled
+
+    def start_export(self, batch: int) -> ExportJob:
+        """Queue an export of the ``batch`` oldest orders; nothing happens until it is polled."""
+        job_id = f"E-{len(self.exports) + 1}"
+        self.exports[job_id] = (min(batch, len(self.orders)), 0)
+        return ExportJob(job_id=job_id, status="queued")
+
+    def poll_export(self, job_id: str) -> ExportJob:
+        """Where the job is: one stage further than at the last poll, until it is done."""
+        if job_id not in self.exports:
+            raise ToolError(f"Export job {job_id!r} not found")
+        batch, polls = self.exports[job_id]
+        self.exports[job_id] = (batch, polls + 1)
+        status = EXPORT_STAGES[min(polls, len(EXPORT_STAGES) - 1)]
+        return ExportJob(job_id=job_id, status=status, exported=batch if status == "done" else None)
 
 
 async def _log_info(ctx: Context, message: str) -> None:
@@ -202,6 +234,8 @@ def build_server(store: OrderStore | None = None) -> MCPServer:
             await ctx.report_progress(done, len(selected), f"exported {order_id}")
         return ExportResult(exported=len(selected), order_ids=selected)
 
+    _add_export_jobs(mcp, store)
+
     @mcp.prompt()
     def summarize_order(order_id: str) -> str:
         """Ask the model for a short customer-facing summary of one order."""
@@ -221,6 +255,24 @@ def build_server(store: OrderStore | None = None) -> MCPServer:
         return store.get(order_id).model_dump_json(indent=2)
 
     return mcp
+
+
+def _add_export_jobs(mcp: MCPServer, store: OrderStore) -> None:
+    """The export-job pair: start one, poll it."""
+
+    @mcp.tool(annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=False))
+    def start_export(
+        batch: Annotated[int, Field(ge=1, le=100, description="How many orders to export, oldest first.")] = 5,
+    ) -> ExportJob:
+        """Start exporting a batch of orders in the background; poll get_export with the job id until it is done."""
+        return store.start_export(batch)
+
+    @mcp.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=False))
+    def get_export(
+        job_id: Annotated[str, Field(description="The job id start_export returned, e.g. 'E-1'.")],
+    ) -> ExportJob:
+        """The status of an export job: queued, running or done (with the number of orders exported)."""
+        return store.poll_export(job_id)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """A workflow run's state, as the engine (:mod:`gateway.workflows.engine`) keeps it: plain mutable data.
 
-Frames (the run itself, or one iteration of a for_each), the state of each step placed in a frame,
+Frames (the run itself, or one iteration of a for_each or a loop), the state of each step placed in a frame,
 the evaluation sites where the engine waits for jq outcomes, and the scope expressions see. No
 behaviour beyond reading it: the engine alone changes it, one event at a time.
 """
@@ -23,7 +23,8 @@ SETTLED = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 
 @dataclass(eq=False, slots=True)
 class Frame:
-    """Where steps run: the run itself, or one iteration of a for_each (with its item bound)."""
+    """Where steps run: the run itself, or one iteration of a for_each (with its item bound) or of a loop (with
+    ``iteration`` and ``last`` bound)."""
 
     path: str
     region: str | None
@@ -47,7 +48,7 @@ class StepState:
     key: str
     status: str = "waiting"
     """waiting | evaluating | queued | running | retrying | fallback | degrading (its on_error default is being
-    evaluated) | timing (a wait's timer is pending) | one of SETTLED."""
+    evaluated) | timing (a wait's timer, or a loop's delay before its next iteration, is pending) | one of SETTLED."""
     attempt: int = 0
     refusals: int = 0
     """Tries refused before they reached the tool (not counted against ``retry.attempts``)."""
@@ -63,14 +64,19 @@ class StepState:
     branch: str | None = None
     items: list[Any] | None = None
     next_item: int = 0
+    """A for_each's next item to start; a loop's iterations started so far."""
     outputs: list[Any] = field(default_factory=list)
     iterations: dict[int, Frame] = field(default_factory=dict)
+    """The iterations running, by index (a for_each's item) or number (a loop's, from 1)."""
+    last: Any = None
+    """A loop's output of its latest finished iteration."""
     agent: Conversation | None = None
     """An ``agent`` step's current try: its conversation and its parts in flight (keyed apart from the step)."""
 
 
 SiteKind = Literal["step", "success", "output", "run", "compensate", "default"]
-"""What waits at a site: a step's start, its success condition, a for_each iteration's output, the
+"""What waits at a site: a step's start, its success condition, a for_each iteration's output (a loop's: with its
+condition), the
 run's output, a compensation's arguments, a failed step's ``on_error`` default."""
 
 

@@ -33,7 +33,7 @@ from temporalio.client import Client, WorkflowHistory
 from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 import gateway.workflows._temporal_plans as _temporal_plans
-from gateway.workflows.commands import Command, Settled, StepError
+from gateway.workflows.commands import Command, Iterated, Settled, StepError
 from gateway.workflows.engine import Run
 from gateway.workflows.plan import Plan
 from gateway.workflows.temporal import PatchbayRun, _Event
@@ -69,9 +69,10 @@ class _Rereading(PatchbayRun):
     async def run(self, start: RunInput) -> RunResult:
         return await super().run(start)
 
-    def _settled(self, note: Settled) -> None:
+    def _settled(self, note: Settled | Iterated) -> None:
         super()._settled(note)
-        _replays[workflow.info().workflow_id].notes.append((workflow.now().timestamp(), note))
+        if isinstance(note, Settled):  # a loop's iterations are progress only, as in a local run's journal
+            _replays[workflow.info().workflow_id].notes.append((workflow.now().timestamp(), note))
 
     def _feed(self, engine: Run, event: _Event) -> list[Command]:
         kind, key, attempt, result, error = event

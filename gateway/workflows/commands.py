@@ -1,9 +1,9 @@
 """What the engine tells the runner to do, and the failures it reports: plain frozen values.
 
 The runner carries out :class:`CallTool`, :class:`AskUser`, :class:`AskModel`, :class:`AskAgent`,
-:class:`Evaluate`, :class:`StartTimer` and :class:`Cancel`, and journals and reports
-:class:`Settled` and :class:`Finished`. They hold JSON-like data only, so a run's commands can be recorded, compared
-and replayed.
+:class:`Evaluate`, :class:`StartTimer` and :class:`Cancel`, journals and reports
+:class:`Settled` and :class:`Finished`, and reports :class:`Iterated` as progress. They hold JSON-like data
+only, so a run's commands can be recorded, compared and replayed.
 """
 
 from collections.abc import Mapping
@@ -21,6 +21,7 @@ __all__ = [
     "Command",
     "Evaluate",
     "Finished",
+    "Iterated",
     "Leaf",
     "Settled",
     "StartTimer",
@@ -159,6 +160,21 @@ class Settled:
     """Set when ``key`` is a part of step ``step`` (an ``agent``'s turn or tool call, ``research#call2``): what it
     was (``step 2 of at most 8: orders__get_order``). A part does not count as a step settled."""
 
+    def journaled(self, duration_ms: float | None) -> dict[str, Any]:
+        """The note as the journal's ``step_settled`` data, which a run's timeline is read from (either engine's)."""
+        data: dict[str, Any] = {
+            "step": self.step,
+            "status": self.status,
+            "result": self.result,
+            "error": self.error.as_json() if self.error is not None else None,
+            "duration_ms": duration_ms,
+        }
+        if self.degraded:  # succeeded with its on_error default: `error` is the failure it stands in for
+            data["degraded"] = True
+        if self.part is not None:  # an agent's turn or call, not a step of its own
+            data["part"] = self.part
+        return data
+
     def describe(self, duration_ms: float | None = None) -> str:
         """The progress message of the step's end (``b: succeeded in 12 ms``, ``b: succeeded (degraded) in 12 ms
         (unavailable: down)``), as either engine reports it."""
@@ -171,6 +187,28 @@ class Settled:
 
 
 @dataclass(frozen=True, slots=True)
+class Iterated:
+    """Iteration ``iteration`` of loop step ``key`` ended (for progress; its steps settle on their own)."""
+
+    key: str
+    step: str
+    iteration: int
+    max_iterations: int
+    held: bool
+    """The loop's condition held after it: the loop succeeds."""
+
+    def describe(self) -> str:
+        """The progress message (``poll: iteration 2 of at most 20, the condition does not hold yet``)."""
+        if self.held:
+            how = "the condition holds"
+        elif self.iteration < self.max_iterations:
+            how = "the condition does not hold yet"
+        else:
+            how = "the condition does not hold"
+        return f"{self.key}: iteration {self.iteration} of at most {self.max_iterations}, {how}"
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The run is over: ``output`` when it succeeded, ``error`` when it failed."""
 
@@ -180,6 +218,6 @@ class Finished:
     compensation_errors: tuple[StepError, ...] = ()
 
 
-Command = CallTool | AskUser | AskModel | AskAgent | Evaluate | StartTimer | Cancel | Settled | Finished
+Command = CallTool | AskUser | AskModel | AskAgent | Evaluate | StartTimer | Cancel | Settled | Finished | Iterated
 Leaf = CallTool | AskUser | AskModel | AskAgent
 """The commands that start a call or a question: what counts against ``max_concurrency``."""

@@ -34,6 +34,11 @@ How steps run:
 * A ``for_each`` runs its body once per item, ``concurrency`` items at a time, each in its own
   frame (``lines[2]/stock`` is the key of step ``stock`` for item 2); its result is the list of
   each iteration's ``output`` (default: the result of the body's last step).
+* A ``loop`` runs its body once per iteration, each in a fresh frame (``poll[2]/status``), until its
+  ``until`` condition holds after one (then that iteration's output is its result) or ``max_iterations``
+  ran (then it fails, ``error``); between two iterations it waits on a timer (``<key>#delay``) when it has a
+  ``delay``. Each iteration's end is an :class:`~gateway.workflows.commands.Iterated` note (see
+  :mod:`gateway.workflows._loops`).
 * A failed step is retried after ``backoff · 2^(try-1)`` seconds (at most ``max_backoff``,
   varied by ``jitter`` with the random number that comes with the failure) when its kind of
   failure is one ``retry.on`` names. A call refused before it reached the tool (its error carries
@@ -56,6 +61,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from gateway.workflows._loops import delay_after, iteration_end, iteration_frame
 from gateway.workflows._runstate import PARKED, SETTLED, Frame, Site, SiteKind, StepState, live, scope_of
 from gateway.workflows._sites import Sites
 from gateway.workflows.agent import AgentReplyError, Conversation
@@ -67,6 +73,7 @@ from gateway.workflows.commands import (
     Cancel,
     Command,
     Finished,
+    Iterated,
     Leaf,
     Settled,
     StartTimer,
@@ -82,6 +89,7 @@ from gateway.workflows.model import (
     CallStep,
     FailStep,
     ForEachStep,
+    LoopStep,
     OnErrorDefault,
     SetStep,
     SwitchStep,
@@ -125,7 +133,7 @@ class Run:
         (Otherwise a site is only ever left by resuming it, all its outcomes in: nothing to drop.)"""
         self._timers: dict[str, StartTimer] = {}
         self._timer_owners: dict[str, tuple[StepState, str]] = {}
-        """Each pending timer's step and what it is for: ``retry``, or ``timeout<attempt>``."""
+        """Each pending timer's step and what it is for: ``retry``, ``timeout<attempt>``, ``wait`` or ``delay``."""
         self._compensation: CallTool | None = None
 
     # --- Events. ---
@@ -169,6 +177,9 @@ class Run:
             self._restart(state)
         elif what == "wait" and state.status == "timing":
             self._succeed(state, state.result)
+        elif what == "delay" and state.status == "timing":
+            state.status = "running"
+            self._next_round(state)
         elif what == f"timeout{state.attempt}" and state.status in ("running", "fallback", "evaluating", "timing"):
             limit = state.plan.step.timeout
             if limit is None:  # not a timer it started
@@ -244,6 +255,7 @@ class Run:
                 "next_item": state.next_item,
                 "iterations": sorted(state.iterations),
                 **({"agent": state.agent.snapshot()} if state.agent is not None else {}),
+                "last": state.last,
             }
             for key, state in sorted(self._by_key.items())
         }
@@ -417,7 +429,8 @@ class Run:
             self._queue.append((state, turn))
 
     def _decide(self, state: StepState, scope: Mapping[str, Any], lookup: Lookup) -> None:
-        """A ``set``, ``fail`` or ``for_each``: what the engine decides by itself, once its values are known."""
+        """A ``set``, ``fail``, ``wait``, ``for_each`` or ``loop``: what the engine decides by itself, once its values
+        are known."""
         step, values = state.plan.step, state.plan.values
         if isinstance(step, SetStep):
             value = values["set"].evaluate(scope, lookup)
@@ -439,6 +452,9 @@ class Run:
             state.status, state.items, state.next_item, state.outputs = "running", items, 0, [None] * len(items)
             state.iterations = {}
             self._next_iterations(state)
+        elif isinstance(step, LoopStep):
+            state.status, state.next_item, state.last, state.iterations = "running", 0, None, {}
+            self._next_round(state)
 
     def _wait(self, state: StepState, step: WaitStep, scope: Mapping[str, Any], lookup: Lookup) -> None:
         """Start a ``wait``'s timer; what it will succeed with is kept as its result meanwhile."""
@@ -497,6 +513,46 @@ class Run:
             self._activate(frame, state.plan.children.get("body", ()))
         if not state.iterations and state.status == "running":
             self._succeed(state, state.outputs)
+
+    def _next_round(self, state: StepState) -> None:
+        """Start the next iteration of the loop ``state``."""
+        state.next_item += 1
+        frame = iteration_frame(state, state.next_item)
+        state.iterations = {frame.index: frame}
+        self._activate(frame, state.plan.children.get("body", ()))
+
+    def _round_ended(self, frame: Frame, site: Site | None) -> None:
+        """The steps of the loop iteration ``frame`` have settled (``site``: its output or condition waited for
+        jq): succeed, fail after its last iteration, or go on, after its delay."""
+        owner = frame.owner
+        assert owner is not None
+        step = owner.plan.step
+        assert isinstance(step, LoopStep)
+
+        def compute(scope: Mapping[str, Any], lookup: Lookup) -> Any:
+            return iteration_end(owner, frame, scope, lookup)
+
+        try:
+            ended = self._at(site, self.scope(frame), compute, "output", owner, frame=frame)
+        except ExpressionError as exc:
+            self._fail(owner, StepError("error", exc.detail, owner.key))
+            return
+        if ended is PARKED:
+            return
+        (owner.last, held), n, most = ended, frame.index, step.loop.max_iterations
+        del owner.iterations[n]
+        frame.states = {}  # done: break the frame ↔ state cycles (compensations read entries, not states)
+        self._out.append(Iterated(owner.key, step.id, n, most, held))
+        if held:
+            self._succeed(owner, owner.last)
+        elif n >= most:
+            message = f"the condition {step.loop.until!r} did not hold after {n} iteration{'s' * (n != 1)}"
+            self._fail(owner, StepError("error", message, owner.key))
+        elif (seconds := delay_after(step.loop, n)) > 0:
+            owner.status = "timing"
+            self._start_timer(owner, "delay", seconds)
+        else:
+            self._next_round(owner)
 
     def _enqueue(self, state: StepState, command: Leaf) -> None:
         # Handed out by `_pump` when the batch of events is done (`_flush`), not now: something later in
@@ -616,8 +672,8 @@ class Run:
             self._compensate_next(site)
 
     def _start_timer(self, state: StepState, what: str, seconds: float, due: float | None = None) -> None:
-        """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``, ``wait``), keyed ``<step key>#<what>``;
-        ``due``: the wall-clock time it fires at instead.
+        """Start ``state``'s timer ``what`` (``retry``, ``timeout<attempt>``, ``wait``, ``delay``), keyed
+        ``<step key>#<what>``; ``due``: the wall-clock time it fires at instead.
 
         A step that a container's retry replaced keeps its key, and its timers may still be pending:
         the new one's get another key (``~2``…), so a firing always reaches the step that started it."""
@@ -692,13 +748,16 @@ class Run:
         self._begin(state)
 
     def _cancel_inside(self, state: StepState) -> None:
-        """Cancel everything in flight or queued inside ``state`` (a container that failed)."""
+        """Cancel everything in flight or queued inside ``state`` (a container that failed), and forget its loop
+        delay (a timer whose firing is then ignored: its key stays taken until then, so no later timer gets it)."""
         self._unwanted = True
         if state.agent is not None:  # its turn or calls in flight
             for key in state.agent.in_flight:
                 self._in_flight.pop(key, None)
                 self._out.append(Cancel(key))
             state.agent.in_flight.clear()
+        for key in [key for key, (owner, what) in self._timer_owners.items() if owner is state and what == "delay"]:
+            del self._timer_owners[key]
         inside = self.plan.descendants[state.plan.id]
         if not inside:
             return
@@ -800,6 +859,9 @@ class Run:
             if any(s.status not in SETTLED for s in frame.states.values()):
                 return
         step = owner.plan.step
+        if isinstance(step, LoopStep):
+            self._round_ended(frame, site)
+            return
         assert isinstance(step, ForEachStep)
         try:
             if "output" in owner.plan.values:

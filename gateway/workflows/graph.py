@@ -2,14 +2,16 @@
 
 A step depends on the steps its expressions refer to (``.steps.<id>``, found by the caller's
 ``references``) and on those its ``after`` names. Steps nested in a ``switch`` branch, a
-``for_each`` body or an ``on_error`` fallback start only once their container has started, and the
+``for_each`` or ``loop`` body or an ``on_error`` fallback start only once their container has started, and the
 container finishes only once they have. A reference that crosses scopes is resolved like this:
 
 * into a switch branch or a fallback from outside: it means "after the enclosing step that is
   visible from the referrer" (``.steps.refund`` then reads the result if the branch ran, else null);
-* into a for_each body from outside: an error, since a body step has one result per iteration
-  (refer to the for_each step, whose result is the list of iteration outputs);
-* from a for_each's expressions to its own body: allowed, no dependency (``output`` picks a result);
+* into a for_each or loop body from outside: an error, since a body step has one result per iteration
+  (refer to the for_each step, whose result is the list of iteration outputs, or the loop, whose result
+  is its last iteration's output);
+* from a for_each's or a loop's expressions to its own body: allowed, no dependency (``output`` picks a
+  result, a loop's ``until`` reads the iteration's steps);
 * from a nested step to a step that contains it: an error, the container finishes only after it;
   except from a fallback to the step it stands in for, whose ``error`` it may read (no dependency);
 * from any other container (or a for_each's ``after``) to its own nested steps: an error, they
@@ -32,6 +34,7 @@ from gateway.workflows.model import (
     AgentStep,
     CallStep,
     ForEachStep,
+    LoopStep,
     OnErrorDefault,
     Step,
     SwitchStep,
@@ -56,12 +59,13 @@ class Node:
     id: str
     """The step's id, unique in its workflow."""
     kind: str
-    """The step's kind key: ``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``wait``, ``ask_user``,
+    """The step's kind key: ``call``, ``switch``, ``for_each``, ``loop``, ``set``, ``fail``, ``wait``, ``ask_user``,
     ``ask_model``, ``agent``."""
     deps: frozenset[str]
     """Steps that must finish before this one starts, besides its container's (see the module docstring)."""
     parent: str | None
-    """The step this one is nested in (a switch, a for_each, or the step it is a fallback of); None at top level."""
+    """The step this one is nested in (a switch, a for_each, a loop, or the step it is a fallback of); None at top
+    level."""
     branch: str | None
     """Where in ``parent`` it is: ``case 0``, ``default``, ``body`` or ``fallback``; None at top level."""
     label: str
@@ -151,6 +155,8 @@ def _walk(steps: Iterable[Step], location: str, parent: str | None, branch: str 
             yield from _walk(step.default, f"{here}.default", step.id, "default")
         elif isinstance(step, ForEachStep):
             yield from _walk(step.steps, f"{here}.steps", step.id, "body")
+        elif isinstance(step, LoopStep):
+            yield from _walk(step.loop.steps, f"{here}.loop.steps", step.id, "body")
         if isinstance(step.on_error, tuple):
             yield from _walk(step.on_error, f"{here}.on_error", step.id, "fallback")
 
@@ -162,6 +168,8 @@ def _shallow(step: Step) -> Step:
         update |= {"switch": tuple(case.model_copy(update={"steps": ()}) for case in step.switch), "default": ()}
     elif isinstance(step, ForEachStep):
         update["steps"] = ()
+    elif isinstance(step, LoopStep):
+        update["loop"] = step.loop.model_copy(update={"steps": ()})
     return step.model_copy(update=update) if update else step
 
 
@@ -178,18 +186,22 @@ def _resolve(step_id: str, ref: str, walked: Mapping[str, _Walked], *, explicit:
         return None, f"step {step_id!r} is inside {ref!r} and cannot refer to it: {ref!r} finishes after it"
     if step_id in theirs:
         inner = theirs[theirs.index(step_id) - 1]
-        if not explicit and isinstance(walked[step_id].step, ForEachStep) and walked[inner].branch == "body":
-            return None, None  # the for_each's `output` picks an iteration's result
+        if not explicit and isinstance(walked[step_id].step, ForEachStep | LoopStep) and walked[inner].branch == "body":
+            return None, None  # the for_each's `output` picks an iteration's result, a loop's `until` reads it
         return None, f"step {step_id!r} cannot refer to {ref!r}, which runs inside it"
     scopes = {(walked[s].parent, walked[s].branch) for s in mine}
     for outer in theirs:
         entry = walked[outer]
         if (entry.parent, entry.branch) in scopes:
             break
-        if entry.branch == "body":
+        if entry.branch == "body" and entry.parent is not None:
+            container = walked[entry.parent].step
+            result = (
+                "its last iteration's output" if container.kind == "loop" else "the list of its iterations' outputs"
+            )
             return None, (
-                f"step {step_id!r} refers to {ref!r} inside for_each {entry.parent!r}: "
-                f"refer to {entry.parent!r}, the list of its iterations' outputs, instead"
+                f"step {step_id!r} refers to {ref!r} inside {container.kind} {entry.parent!r}: "
+                f"refer to {entry.parent!r}, {result}, instead"
             )
     if outer in mine:
         return None, f"step {step_id!r} refers to {ref!r} in another branch of {outer!r}"
@@ -264,6 +276,8 @@ def _label(step: Step) -> str:
         label = f"{step.id}: wait {f'{step.wait:g}s' if isinstance(step.wait, float) else 'until'}"
     elif isinstance(step, AgentStep):  # its tool set: what it may call, which no edge shows
         label = f"{step.id}: agent {', '.join(step.agent.tools)} (at most {step.agent.max_steps} steps)"
+    elif isinstance(step, LoopStep):
+        label = f"{step.id}: loop until {step.loop.until}, at most {step.loop.max_iterations} times"
     else:
         label = f"{step.id}: {step.kind}"
     # A default is a value, not steps: no node of its own (fallback steps get one, on an on_error edge).
@@ -271,12 +285,13 @@ def _label(step: Step) -> str:
 
 
 def mermaid(graph: Graph) -> str:
-    """The graph as a Mermaid ``flowchart TD``: for_each bodies are subgraphs, switch branches labelled edges."""
+    """The graph as a Mermaid ``flowchart TD``: for_each and loop bodies are subgraphs (a loop's labelled with its
+    condition and bound), switch branches labelled edges."""
     ids = _mermaid_ids(graph.nodes)
     rank = {step_id: index for index, step_id in enumerate(graph.nodes)}
     lines = ["flowchart TD"]
 
-    def region(node: Node) -> str | None:  # the for_each whose body (at any depth) holds the node
+    def region(node: Node) -> str | None:  # the for_each or loop whose body (at any depth) holds the node
         while node.parent is not None:
             if node.branch == "body":
                 return node.parent
@@ -288,7 +303,7 @@ def mermaid(graph: Graph) -> str:
             if region(node) != container:
                 continue
             label = _quote(node.label)
-            if node.kind == "for_each":
+            if node.kind in ("for_each", "loop"):
                 lines.append(f"{indent}subgraph {ids[node.id]} [{label}]")
                 declare(node.id, indent + "    ")
                 lines.append(f"{indent}end")

@@ -1,8 +1,8 @@
 """The ``workflows:`` section of the config as typed, frozen models (DESIGN §3).
 
 A workflow is a tool whose body is a list of steps. A step's kind follows from which one of the
-kind keys it has (``call``, ``switch``, ``for_each``, ``set``, ``fail``, ``wait``, ``ask_user``,
-``ask_model``, ``agent``); every step may also carry ``after``, ``retry``, ``timeout``, ``success``,
+kind keys it has (``call``, ``switch``, ``for_each``, ``loop``, ``set``, ``fail``, ``wait``,
+``ask_user``, ``ask_model``, ``agent``); every step may also carry ``after``, ``retry``, ``timeout``, ``success``,
 ``on_error`` and ``compensate``. Values that hold expressions (``with``, ``set``, ``output``,
 messages, conditions) stay raw JSON here, ``${…}`` unparsed: :mod:`gateway.workflows.expressions`
 compiles them, :mod:`gateway.workflows.graph` checks how steps refer to each other.
@@ -45,6 +45,8 @@ __all__ = [
     "ErrorKind",
     "FailStep",
     "ForEachStep",
+    "Loop",
+    "LoopStep",
     "Retry",
     "SetStep",
     "OnErrorDefault",
@@ -59,7 +61,7 @@ __all__ = [
     "strip_tags",
 ]
 
-STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "wait", "ask_user", "ask_model", "agent")
+STEP_KINDS = ("call", "switch", "for_each", "set", "fail", "wait", "ask_user", "ask_model", "agent", "loop")
 """The keys that decide a step's kind; a step has exactly one of them."""
 
 DEFAULT_MAX_CONCURRENCY = 2000
@@ -84,8 +86,9 @@ ErrorKind = Literal["error", "invalid", "denied", "rate_limited", "circuit_open"
 """How a step failed: the ``outcome`` labels of DESIGN §5. A ``success`` condition that does not hold is ``error``."""
 
 _MODEL_CONFIG = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-# The expression context is {input, run, steps, item, index}: a loop variable must not hide the others.
-_RESERVED_NAMES = frozenset({"input", "run", "steps", "index"})
+# The expression context is {input, run, steps, item, index} (and a loop's iteration, last): a for_each's
+# variable must not hide the others.
+_RESERVED_NAMES = frozenset({"input", "run", "steps", "index", "iteration", "last"})
 _STEP_LISTS = frozenset({"steps", "default", "fallback"})
 
 
@@ -235,6 +238,39 @@ class ForEachStep(_StepBase):
     """The body, run for each item."""
     output: JsonValue = None
     """Each iteration's output; None: the result of the body's last step."""
+
+
+class Loop(BaseModel):
+    """What a ``loop`` step repeats, and until when."""
+
+    model_config = _MODEL_CONFIG
+
+    steps: "Steps"
+    """The body, run once per iteration; ``.iteration`` (from 1) and ``.last`` (the previous iteration's output,
+    null in the first) are readable in its expressions."""
+    until: str = Field(min_length=1)
+    """A jq condition, checked after each iteration over its steps, ``.iteration`` and ``.last`` (the output of
+    the iteration just finished): once it holds, the loop succeeds with that output."""
+    max_iterations: int = Field(ge=1)
+    """Iterations at most: when the condition still does not hold after the last, the step fails (``error``)."""
+    delay: Duration | None = None
+    """Seconds to wait between two iterations; None: the next one starts at once."""
+    backoff: float = Field(1.0, ge=1, allow_inf_nan=False)
+    """Each further delay is the one before times this."""
+    max_delay: Duration | None = None
+    """The longest delay; None: no cap."""
+    output: JsonValue = None
+    """Each iteration's output; None: the result of the body's last step."""
+
+
+class LoopStep(_StepBase):
+    """Runs its steps again and again, each time in a fresh frame, until a condition holds (a poll); its result is
+    the output of the iteration after which the condition held."""
+
+    kind: ClassVar[str] = "loop"
+
+    loop: Loop
+    """The body, the condition, the bound and the delays."""
 
 
 class SetStep(_StepBase):
@@ -420,7 +456,8 @@ Step = Annotated[
     | Annotated[WaitStep, Tag("wait")]
     | Annotated[AskUserStep, Tag("ask_user")]
     | Annotated[AskModelStep, Tag("ask_model")]
-    | Annotated[AgentStep, Tag("agent")],
+    | Annotated[AgentStep, Tag("agent")]
+    | Annotated[LoopStep, Tag("loop")],
     Discriminator(_step_kind, custom_error_type="step_kind", custom_error_message=_ONE_KIND),
     BeforeValidator(_one_kind),
 ]
@@ -469,6 +506,8 @@ for _model in (
     AskUserStep,
     AskModelStep,
     AgentStep,
+    Loop,
+    LoopStep,
 ):
     _model.model_rebuild()
 
@@ -500,7 +539,8 @@ def iter_steps(steps: Iterable[Step], location: str = "steps") -> Iterator[tuple
     """Every step, nested ones included, each before its nested steps, with its location.
 
     Locations read like ``steps[2].switch[0].steps[1]``, ``steps[2].default[0]``,
-    ``steps[3].steps[0]`` (a for_each body) and ``steps[0].on_error[1]`` (a fallback).
+    ``steps[3].steps[0]`` (a for_each body), ``steps[2].loop.steps[0]`` (a loop body) and
+    ``steps[0].on_error[1]`` (a fallback).
     """
     for index, step in enumerate(steps):
         here = f"{location}[{index}]"
@@ -511,6 +551,8 @@ def iter_steps(steps: Iterable[Step], location: str = "steps") -> Iterator[tuple
             yield from iter_steps(step.default, f"{here}.default")
         elif isinstance(step, ForEachStep):
             yield from iter_steps(step.steps, f"{here}.steps")
+        elif isinstance(step, LoopStep):
+            yield from iter_steps(step.loop.steps, f"{here}.loop.steps")
         if isinstance(step.on_error, tuple):
             yield from iter_steps(step.on_error, f"{here}.on_error")
 

@@ -28,6 +28,7 @@ from gateway.workflows.model import (
     CallStep,
     FailStep,
     ForEachStep,
+    LoopStep,
     OnErrorDefault,
     SetStep,
     Step,
@@ -58,6 +59,8 @@ class StepPlan:
     """The directly nested step ids by branch: ``case 0``…, ``default``, ``body``, ``fallback``."""
     starts_with_jq: bool = True
     """Starting the step may run a jq program (a value or a case that is not a plain path); False: it never does."""
+    until: Condition | None = None
+    """A loop's condition, checked after each iteration."""
 
     @property
     def id(self) -> str:
@@ -78,7 +81,8 @@ class Plan:
     calls: frozenset[str]
     """Every tool the workflow calls, compensations included."""
     regions: Mapping[str, str | None]
-    """For each step, the for_each whose body (at any depth) it runs in, once per item; None: once per run."""
+    """For each step, the for_each or loop whose body (at any depth) it runs in, once per item or iteration; None:
+    once per run."""
     dependents: Mapping[str, tuple[str, ...]]
     """For each step, the steps that depend on it."""
     descendants: Mapping[str, frozenset[str]]
@@ -95,11 +99,11 @@ _OWN_SITES = frozenset({"compensate", "output", "default"})
 
 
 def _total_steps(steps: Mapping[str, StepPlan], descendants: Mapping[str, frozenset[str]]) -> int | None:
-    """Unknown when a for_each runs its body once per item, a fallback may run, or a container may be
-    retried (its steps then settle again)."""
+    """Unknown when a for_each runs its body once per item, a loop until its condition holds, a fallback may run,
+    or a container may be retried (its steps then settle again)."""
     for step_plan in steps.values():
         node, step = step_plan.node, step_plan.step
-        if node.kind == "for_each" or node.branch == "fallback" or (step.retry and descendants[node.id]):
+        if node.kind in ("for_each", "loop") or node.branch == "fallback" or (step.retry and descendants[node.id]):
             return None
     return len(steps)
 
@@ -127,6 +131,10 @@ def _kind_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
         yield "items", "for_each", step.for_each
         if step.output is not None:
             yield "output", "output", step.output
+    elif isinstance(step, LoopStep):
+        yield "loop until", "loop.until", step.loop.until
+        if step.loop.output is not None:
+            yield "output", "loop.output", step.loop.output
     elif isinstance(step, SetStep | FailStep):
         yield step.kind, step.kind, step.set if isinstance(step, SetStep) else step.fail
     elif isinstance(step, WaitStep):
@@ -150,7 +158,7 @@ def _ask_expressions(step: Step) -> Iterator[tuple[str, str, Any]]:
 
 
 def _is_condition(role: str) -> bool:
-    return role == "success" or role.startswith("case ")
+    return role in ("success", "loop until") or role.startswith("case ")
 
 
 def _compile(step: Step, where: str) -> tuple[dict[str, Value], dict[str, Condition], list[ConfigProblem]]:
@@ -201,7 +209,10 @@ def compile_workflow(name: str, workflow: Workflow) -> tuple[Plan, list[ConfigPr
         kids = MappingProxyType({branch: tuple(ids) for branch, ids in children[step_id].items()})
         at_start = [value.runs_jq for role, value in values.items() if role not in _OWN_SITES]
         jq = any(at_start) or any(not case.is_path for case in cases)
-        steps[step_id] = StepPlan(node, step, MappingProxyType(values), cases, conditions.get("success"), kids, jq)
+        until = conditions.get("loop until")
+        steps[step_id] = StepPlan(
+            node, step, MappingProxyType(values), cases, conditions.get("success"), kids, jq, until=until
+        )
     output = _compile_output(name, workflow, compiled, graph, problems)
     calls = frozenset(
         tool

@@ -45,6 +45,7 @@ from gateway.workflows.commands import (
     Command,
     Evaluate,
     Finished,
+    Iterated,
     Settled,
     StartTimer,
     StepError,
@@ -111,6 +112,7 @@ class _Execution:
     started: dict[str, float] = field(default_factory=dict)
     seq: int = 0
     settled: int = 0
+    """Progress notes sent so far: steps settled and loop iterations ended."""
     active: int = 0
     """Calls, questions, evaluations and timers started and not yet reported."""
     reported: int = 0
@@ -204,6 +206,7 @@ class Runner:
         """
         timers: dict[str, float] = {}
         finished: list[Finished] = []
+        iterated: list[Iterated] = []  # progress notes too: the count goes on from where it was
 
         def observe(event: JournalEvent, commands: list[Command]) -> None:
             for command in commands:
@@ -211,6 +214,8 @@ class Runner:
                     timers[command.key] = event.at
                 elif isinstance(command, Finished):
                     finished.append(command)
+                elif isinstance(command, Iterated):
+                    iterated.append(command)
 
         engine, outstanding = Run.restore(plan, events, observe)
         first, now = events[0], self._wall_clock()
@@ -221,7 +226,7 @@ class Runner:
         for event in events:
             if event.kind == "step_started" and event.key is not None and event.key in pending:
                 run.spent[event.key] = max(0.0, now - event.at)
-        run.settled = sum(event.kind == "step_settled" and "part" not in event.data for event in events)
+        run.settled = sum(event.kind == "step_settled" and "part" not in event.data for event in events) + len(iterated)
         self._record(run, "run_resumed", data={"outstanding": sorted(pending)})
         await self._commit(run)
         if on_started is not None:
@@ -314,7 +319,7 @@ class Runner:
         finished: Finished | None = None
         while pending:
             command = pending.popleft()
-            if isinstance(command, Settled):
+            if isinstance(command, Settled | Iterated):
                 await self._settled(run, command)
             elif isinstance(command, Finished):
                 finished = command
@@ -456,31 +461,29 @@ class Runner:
             return None, StepError(outcome, error_text(result), retry_after=retry_after)
         return result_value(result), None
 
-    async def _settled(self, run: _Execution, note: Settled) -> None:
+    async def _settled(self, run: _Execution, note: Settled | Iterated) -> None:
+        """Journal a step's end and report it as progress; a loop's iteration is only reported (its steps have
+        their own notes, and a restored run counts its iterations again)."""
+        if isinstance(note, Iterated):
+            await self._progress(run, note.describe())
+            return
         started = run.started.pop(note.key, None)
         duration = round((self._clock() - started) * 1000, 3) if started is not None else None
-        error = note.error.as_json() if note.error else None
-        data = {
-            "step": note.step,
-            "status": note.status,
-            "result": note.result,
-            "error": error,
-            "duration_ms": duration,
-        }
-        if note.degraded:  # succeeded with its on_error default: `error` is the failure it stands in for
-            data["degraded"] = True
+        self._record(run, "step_settled", note.key, note.attempts, note.journaled(duration))
         if note.part is not None:  # an agent's turn or call: reported, not counted as a step
-            data["part"] = note.part
-            self._record(run, "step_settled", note.key, note.attempts, data)
             if run.context.progress is not None:
                 await run.context.progress(run.settled, run.plan.total_steps, note.describe(duration))
             return
-        self._record(run, "step_settled", note.key, note.attempts, data)
         if self._metrics is not None and duration is not None:  # the step's id: a bounded label, unlike its key
             self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)
+        await self._progress(run, note.describe(duration))
+
+    @staticmethod
+    async def _progress(run: _Execution, message: str) -> None:
+        """One more progress note for the run's caller: a step settled, or a loop's iteration ended."""
         run.settled += 1
         if run.context.progress is not None:
-            await run.context.progress(run.settled, run.plan.total_steps, note.describe(duration))
+            await run.context.progress(run.settled, run.plan.total_steps, message)
 
     async def _finish(
         self, run: _Execution, finished: Finished | None, started: float, *, cancelled: bool = False

@@ -35,8 +35,8 @@ local runner does, with Temporal's means:
   compensations' errors are logged and are in the history).
   :func:`~gateway.workflows.temporal_engine.result_of` reads all three back as a result.
 
-Temporal owns durability and history: nothing is journaled in the store. ``Settled`` notes become the
-run's progress notes (the message a local run reports, :meth:`Settled.describe
+Temporal owns durability and history: nothing is journaled in the store. ``Settled`` notes (and a loop's
+``Iterated``) become the run's progress notes (the message a local run reports, :meth:`Settled.describe
 <gateway.workflows.commands.Settled.describe>`), the last :data:`PROGRESS_KEPT` of them kept in the
 workflow's state and read by the ``progress`` query (a query is not recorded in the history): the
 replica awaiting the run polls it for a caller that asked for progress. ``patchbay runs RUN_ID`` recovers every
@@ -108,6 +108,7 @@ with workflow.unsafe.imports_passed_through():
         Command,
         Evaluate,
         Finished,
+        Iterated,
         Leaf,
         Settled,
         StartTimer,
@@ -186,7 +187,7 @@ class PatchbayRun:
         """Where the run's questions go now: the replica that last attached its caller."""
         self._progress: deque[ProgressNote] = deque(maxlen=PROGRESS_KEPT)
         self._count = 0
-        """The steps settled so far, in this execution and those it continues."""
+        """Progress notes so far (steps settled, loop iterations ended), in this execution and those it continues."""
         self._began: dict[str, float] = {}
         """When each call or question in flight began (workflow time), for its progress message."""
 
@@ -345,11 +346,15 @@ class PatchbayRun:
             elif isinstance(command, CallTool | AskUser | AskModel | AskAgent):
                 self._began[command.key] = workflow.time()
                 self._working.add(self._spawn(command.key, self._step(command)))
-            elif isinstance(command, Settled):  # for the caller's progress (the history has the rest)
+            elif isinstance(command, Settled | Iterated):  # for the caller's progress (the history has the rest)
                 self._settled(command)
         return finished
 
-    def _settled(self, note: Settled) -> None:
+    def _settled(self, note: Settled | Iterated) -> None:
+        if isinstance(note, Iterated):  # a loop's iteration ended
+            self._count += 1
+            self._progress.append(ProgressNote(self._count, self._total, note.describe()))
+            return
         began = self._began.pop(note.key, None)
         duration = round((workflow.time() - began) * 1000, 3) if began is not None else None
         if note.part is None:  # an agent's turn or call is reported, not counted as a step

@@ -41,7 +41,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from gateway.store import RunRecord, RunStatus
 from gateway.types import RUN_META_KEY, ToolResult
 from gateway.workflows._temporal_notes import Replayed, replay_history
-from gateway.workflows.commands import Settled, StepError
+from gateway.workflows.commands import StepError
 from gateway.workflows.history import COMPENSATE
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
@@ -259,7 +259,7 @@ class _Reader:
             self._add(self._events[0].at, "run_noted", None, 0, {"message": message})
         for at, note in replayed.notes if replayed is not None else ():
             took = self._took(note.key, at) if note.key in self._began else None  # a step with tries of its own
-            self._add(at, "step_settled", note.key, note.attempts, _settled(note, took))
+            self._add(at, "step_settled", note.key, note.attempts, note.journaled(took))
         ordered = sorted(self._events, key=lambda event: event.at)  # stable: the order read, within a time
         return [replace(event, seq=seq) for seq, event in enumerate(ordered)]
 
@@ -349,20 +349,6 @@ _ENDINGS = frozenset(
         EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT,
     }
 )
-
-
-def _settled(note: Settled, took: float | None) -> dict[str, Any]:
-    """A ``Settled`` note as the local runner journals it (``step_settled``'s data)."""
-    data: dict[str, Any] = {
-        "step": note.step,
-        "status": note.status,
-        "result": note.result,
-        "error": note.error.as_json() if note.error is not None else None,
-        "duration_ms": took,
-    }
-    if note.degraded:  # succeeded with its on_error default: `error` is the failure it stands in for
-        data["degraded"] = True
-    return data
 
 
 def _continued_from(history: Sequence[HistoryEvent]) -> str:

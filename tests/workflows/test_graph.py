@@ -212,6 +212,16 @@ INVALID = [
         id="reference-into-a-for_each-body",
     ),
     pytest.param(
+        [{"id": "poll", "loop": {"steps": [call("a")], "until": ".x", "max_iterations": 2}}, call("b", "a")],
+        [("steps[1]", "step 'b' refers to 'a' inside loop 'poll': refer to 'poll', its last iteration's output")],
+        id="reference-into-a-loop-body",
+    ),
+    pytest.param(
+        [{"id": "poll", "loop": {"steps": [call("a", "poll")], "until": ".x", "max_iterations": 2}}],
+        [("steps[0].loop.steps[0]", "step 'a' is inside 'poll' and cannot refer to it")],
+        id="body-refers-to-its-loop",
+    ),
+    pytest.param(
         [{"id": "s", "switch": [{"when": ".x", "steps": [call("a")]}], "default": [call("b", "a")]}],
         [("steps[0].default[0]", "step 'b' refers to 'a' in another branch of 's'")],
         id="reference-across-branches",
@@ -350,4 +360,45 @@ def test_mermaid_draws_an_agent_with_its_tool_set() -> None:
         '    research["research: agent kb__*, orders__get_* (at most 8 steps)"]',
         '    reply["reply: call t__reply"]',
         "    research --> reply",
+    ]
+
+
+def test_a_loops_condition_reads_its_body_without_depending_on_it_and_its_body_reads_outer_steps() -> None:
+    graph = valid_graph(
+        call("start"),
+        {
+            "id": "poll",
+            "loop": {"steps": [call("status", "start")], "until": ".steps.status.result.done", "max_iterations": 3},
+        },
+        call("after", "poll"),
+    )
+
+    assert deps(graph) == {"start": set(), "poll": set(), "status": {"start"}, "after": {"poll"}}
+    assert (graph.nodes["status"].parent, graph.nodes["status"].branch) == ("poll", "body")
+    assert graph.nodes["status"].path == "steps[1].loop.steps[0]"
+
+
+def test_mermaid_draws_a_loop_as_a_subgraph_labelled_with_its_condition_and_bound() -> None:
+    graph = valid_graph(
+        call("start"),
+        {
+            "id": "poll",
+            "loop": {
+                "steps": [call("status", "start")],
+                "until": '.steps.status.result.status == "done"',
+                "max_iterations": 20,
+                "delay": "2s",
+            },
+        },
+        call("report", "poll"),
+    )
+
+    assert mermaid(graph).splitlines()[1:] == [
+        '    start["start: call t__start"]',
+        '    subgraph poll ["poll: loop until .steps.status.result.status == #quot;done#quot;, at most 20 times"]',
+        '        status["status: call t__status"]',
+        "    end",
+        '    report["report: call t__report"]',
+        "    start --> status",
+        "    poll --> report",
     ]

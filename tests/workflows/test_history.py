@@ -254,6 +254,28 @@ steps:
     assert view["steps"][0]["result"] == [{"tool": "t", "n": 1}, {"tool": "t", "n": 2}]
 
 
+async def test_a_loop_comes_before_its_iterations_steps_each_under_its_own_key() -> None:
+    _, _, view = await run(
+        """
+steps:
+  - id: poll
+    loop:
+      steps: [{id: check, call: t, with: {n: "${.iteration}"}}]
+      until: .steps.check.result.n == 3
+      max_iterations: 5
+      delay: 1ms
+  - {id: after, call: t, after: [poll]}
+"""
+    )
+
+    assert [s["key"] for s in view["steps"]] == ["poll", "poll[1]/check", "poll[2]/check", "poll[3]/check", "after"]
+    assert [s["attempts"][0]["arguments"] for s in view["steps"][1:4]] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert (view["steps"][0]["status"], view["steps"][0]["result"]) == ("succeeded", {"tool": "t", "n": 3})
+    assert view["steps"][0]["started"] == view["steps"][1]["started"]
+    text = render_timeline(view)
+    assert text.index("poll[1]/check") < text.index("poll[2]/check") < text.index("poll[3]/check")
+
+
 async def test_a_degraded_step_shows_its_default_its_failure_and_the_mark_in_journal_timeline_and_progress() -> None:
     messages: list[str | None] = []
 

@@ -230,6 +230,8 @@ def test_iter_steps_walks_nested_steps_with_their_locations() -> None:
     ]
 
 
+LOOP = {"steps": [{"id": "b", "set": {}}], "until": ".x", "max_iterations": 3}
+
 INVALID_STEPS = [
     pytest.param({"id": "a"}, (0,), "step_kind", "exactly one of call, switch", id="no-kind"),
     pytest.param({"id": "a", "call": "t", "set": {}}, (0,), "step_kind", "it has call and set", id="two-kinds"),
@@ -338,6 +340,51 @@ INVALID_STEPS = [
         "value_error",
         "type: object",
         id="ask-user-schema-not-object",
+    ),
+    pytest.param(
+        {"id": "a", "loop": {"steps": [{"id": "b", "set": {}}], "until": ".x"}},
+        (0, "loop", "max_iterations"),
+        "missing",
+        "Field required",
+        id="loop-without-max-iterations",
+    ),
+    pytest.param(
+        {"id": "a", "loop": {**LOOP, "max_iterations": 0}},
+        (0, "loop", "max_iterations"),
+        "greater_than_equal",
+        "",
+        id="loop-max-iterations-0",
+    ),
+    pytest.param(
+        {"id": "a", "loop": {**LOOP, "backoff": 0.5}},
+        (0, "loop", "backoff"),
+        "greater_than_equal",
+        "greater than or equal to 1",
+        id="loop-backoff-below-1",
+    ),
+    pytest.param(
+        {"id": "a", "loop": {**LOOP, "delay": "soon"}}, (0, "loop", "delay"), "value_error", "duration", id="loop-delay"
+    ),
+    pytest.param(
+        {"id": "a", "loop": {**LOOP, "steps": []}},
+        (0, "loop", "steps"),
+        "value_error",
+        "at least one step",
+        id="loop-no-body",
+    ),
+    pytest.param(
+        {"id": "a", "loop": {**LOOP, "steps": [{"id": "b", "call": "t", "bad": 1}]}},
+        (0, "loop", "steps", 0, "bad"),
+        "extra_forbidden",
+        "",
+        id="loop-body-unknown-key",
+    ),
+    pytest.param(
+        {"id": "a", "for_each": ".x", "as": "last", "steps": [{"id": "b", "set": {}}]},
+        (0, "as"),
+        "value_error",
+        "would hide .last",
+        id="for-each-variable-hides-a-loops-last",
     ),
     pytest.param(
         {"id": "a", "ask_model": {"prompt": "p", "max_tokens": 0}},

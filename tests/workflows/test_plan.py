@@ -61,6 +61,20 @@ INVALID = {
         "    - {id: y, set: {v: '${.steps.x.result}'}}",
         [("workflows.w.steps[1]", 4, "refer to 'l', the list of its iterations' outputs, instead")],
     ),
+    "a loop condition that does not compile": (
+        "w:\n  steps:\n    - id: p\n      loop: {steps: [{id: x, set: {}}], until: '.x ==', max_iterations: 2}",
+        [("workflows.w.steps[0].loop.until", 4, "invalid jq")],
+    ),
+    "a loop output naming an unknown step": (
+        "w:\n  steps:\n    - id: p\n      loop: {steps: [{id: x, set: {}}], until: .x, max_iterations: 2, "
+        "output: '${.steps.y.result}'}",
+        [("workflows.w.steps[0]", 3, "unknown step 'y'")],
+    ),
+    "a reference into a loop's body": (
+        "w:\n  steps:\n    - {id: p, loop: {steps: [{id: x, set: {}}], until: .x, max_iterations: 2}}\n"
+        "    - {id: y, set: {v: '${.steps.x.result}'}}",
+        [("workflows.w.steps[1]", 4, "refer to 'p', its last iteration's output, instead")],
+    ),
     "a name with dots is located too": (
         "acme.reply:\n  steps: [{id: a, set: {x: '${.input | nosuch}'}}]",
         [("workflows.acme.reply.steps[0].set.x", 2, "nosuch/0")],
@@ -94,6 +108,25 @@ def test_calls_are_checked_against_the_tools_served() -> None:
         ("workflows.w.steps[0].with.id", "step 'a' calls crm__order"),
         ("workflows.w.steps[1].call", "step 'b' calls 'crm__gone', which is not a tool this gateway serves"),
         ("workflows.w.steps[1].compensate.call", "step 'b' calls 'crm__undo', which is not a tool this gateway serves"),
+    ]
+
+
+def test_calls_inside_a_loop_body_are_checked_against_the_tools_served_at_their_location() -> None:
+    config = parse_config(
+        "workflows:\n  w:\n    steps:\n      - id: poll\n        loop:\n          steps:\n"
+        "            - {id: a, call: crm__order, with: {id: 7}}\n            - {id: b, call: crm__gone}\n"
+        "          until: .steps.a.result\n          max_iterations: 2\n",
+        environ={},
+    )
+    schemas = {"crm__order": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]}}
+    problems = check_tools(config.plans, schemas)
+    assert [(p.path, p.line, p.message.split(":")[0]) for p in problems] == [
+        ("workflows.w.steps[0].loop.steps[0].with.id", None, "step 'a' calls crm__order"),
+        (
+            "workflows.w.steps[0].loop.steps[1].call",
+            None,
+            "step 'b' calls 'crm__gone', which is not a tool this gateway serves",
+        ),
     ]
 
 

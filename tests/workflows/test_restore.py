@@ -164,6 +164,7 @@ def test_restore_gives_the_state_the_run_had_and_what_it_was_waiting_for() -> No
         "outputs": [],
         "next_item": 0,
         "iterations": [],
+        "last": None,
     }
     assert_every_prefix_restores(recorded)
 
@@ -207,6 +208,40 @@ steps:
     assert (step["status"], step["result"], step["degraded"]) == ("succeeded", 6, True)
     assert step["error"] == {"kind": "unavailable", "message": "still down", "step": "a"}
     assert [(c.key, c.arguments) for c in outstanding if isinstance(c, CallTool)] == [("b", {"got": 6})]
+    assert_every_prefix_restores(recorded)
+
+
+def test_restore_mid_loop_gives_the_live_state_and_its_pending_delay_and_compensates_each_iteration() -> None:
+    recorded = Recorded(
+        plan_of("""
+steps:
+  - id: poll
+    loop:
+      steps: [{id: s, call: t, with: {n: "${.iteration}"}, compensate: {call: undo, with: {n: "${.iteration}"}}}]
+      until: .steps.s.result == "done"
+      max_iterations: 5
+      delay: 2s
+      backoff: 2
+"""),
+        {},
+    )
+    for n in (1, 2):
+        recorded.done(f"poll[{n}]/s", 1, "no")
+        while recorded.evaluations:  # the condition (jq: not a plain path)
+            recorded.evaluate(next(iter(recorded.evaluations)))
+        if n == 1:
+            recorded.fire("poll#delay")
+
+    restored, outstanding = Run.restore(recorded.plan, recorded.events)
+
+    assert restored.snapshot() == recorded.run.snapshot()
+    assert outstanding == [StartTimer("poll#delay", 4.0)]  # 2 s · 2: the delay after the second iteration
+    assert restored.snapshot()["steps"]["poll"]["last"] == "no"
+    recorded.fire("poll#delay")
+    recorded.cancel()
+    assert [(c.key, c.arguments) for c in recorded.calls.values()] == [("poll[2]/s#compensate", {"n": 2})]
+    recorded.done("poll[2]/s#compensate", 1)
+    assert [(c.key, c.arguments) for c in recorded.calls.values()] == [("poll[1]/s#compensate", {"n": 1})]
     assert_every_prefix_restores(recorded)
 
 
@@ -293,7 +328,7 @@ def _step(
     step = _kind(draw, ids, kind, earlier, depth, in_loop=in_loop)
     if draw(st.booleans()):
         step["retry"] = {"attempts": 2, "backoff": "1s", "jitter": 0.5, "on": ["error", "unavailable"]}
-    if kind in ("set", "switch", "for_each", "wait") and draw(st.booleans()):
+    if kind in ("set", "switch", "for_each", "wait", "loop") and draw(st.booleans()):
         step["timeout"] = "5s"
     on_error = draw(st.sampled_from([None, "continue", "fallback", "default"]))
     if on_error == "continue":
@@ -323,6 +358,8 @@ def _kind(
         step["wait"] = draw(
             st.sampled_from(["2s", {"until": "2030-01-01T00:00:00Z"}, {"until": "${.input.n | tostring}"}])
         )
+    elif kind == "loop":
+        step["loop"] = _loop(draw, ids, depth, in_loop=in_loop)
     elif kind == "switch":
         when = draw(st.sampled_from([".input.flag", ".input.n > 2", ".input.n > 0 and .input.flag"]))
         step["switch"] = [{"when": when, "steps": _steps(draw, ids, depth + 1, in_loop=in_loop)}]
@@ -337,11 +374,23 @@ def _kind(
     return step
 
 
+def _loop(draw: st.DrawFn, ids: Iterator[int], depth: int, *, in_loop: bool) -> dict[str, Any]:
+    """A loop whose condition reads its body's last step, the iteration or its output; with delays or not."""
+    body = _steps(draw, ids, depth + 1, in_loop=in_loop)
+    until = [".iteration >= 2", ".last == null", f'.steps.{body[-1]["id"]}.status == "succeeded"']
+    loop = {"steps": body, "until": draw(st.sampled_from(until)), "max_iterations": draw(st.integers(1, 3))}
+    if draw(st.booleans()):
+        loop |= {"delay": "1s", "backoff": 2, "max_delay": "3s"}
+    if draw(st.booleans()):
+        loop["output"] = draw(st.sampled_from(["${.iteration}", "${.iteration * 2}"]))
+    return loop
+
+
 def _steps(draw: st.DrawFn, ids: Iterator[int], depth: int, *, in_loop: bool) -> list[dict[str, Any]]:
     """1–3 steps of any kind (containers two deep at most), each reading the steps before it or the input."""
     steps: list[dict[str, Any]] = []
     earlier: list[str] = []
-    kinds = ["call", "call", "set", "fail", "wait"] + (["switch", "for_each"] if depth < 2 else [])
+    kinds = ["call", "call", "set", "fail", "wait"] + (["switch", "for_each", "loop"] if depth < 2 else [])
     for _ in range(draw(st.integers(1, 3 if depth == 0 else 2))):
         step_id = f"s{next(ids)}"
         kind = draw(st.sampled_from(kinds))

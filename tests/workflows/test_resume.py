@@ -517,3 +517,32 @@ async def test_a_cancelled_run_stops_waiting_at_once() -> None:
     [record] = await journal.runs()
     assert record.status == "cancelled"
     assert upstream.calls == []
+
+
+async def test_a_loops_pending_delay_fires_when_it_was_due_after_a_restart() -> None:
+    plan = plan_of("""
+steps:
+  - id: poll
+    loop:
+      steps: [{id: s, call: t.s, with: {n: "${.iteration}", done: "${.iteration == 2}"}}]
+      until: .steps.s.result.done
+      max_iterations: 3
+      delay: 1h
+""")
+    journal, first, started = MemoryStore(), Upstream(), 1_000_000.0
+
+    def first_iteration_settled() -> bool:
+        return any(e.kind == "step_settled" and e.key == "poll[1]/s" for run in journal._events.values() for e in run)
+
+    runner = Runner(first, journal, wall_clock=lambda: started)
+    run_id = await crash(runner, plan, {}, journal, first_iteration_settled)
+    assert [args for args, _ in first.called("t.s")] == [{"n": 1, "done": False}]
+
+    second = Upstream()
+    almost = started + 3600 - 0.05  # from scratch it would be another hour: fail_after would catch that
+    with anyio.fail_after(5):
+        result = await Runner(second, journal, wall_clock=lambda: almost).resume(
+            plan, await journal.events(run_id), CALLER
+        )
+    assert result.structured_content == {"poll": {"tool": "t.s", "n": 2, "done": True}}
+    assert [args for args, _ in second.called("t.s")] == [{"n": 2, "done": True}]

@@ -339,6 +339,7 @@ async def test_unanswered_questions_are_asked_again() -> None:
         ("[{id: l, for_each: '${[1, 2]}', steps: [{id: x, set: {}}]}]", None),
         ("[{id: a, call: t, on_error: [{id: b, call: u}]}]", None),
         ("[{id: a, call: t, retry: {attempts: 2}}]", 1),
+        ("[{id: l, loop: {steps: [{id: x, set: {}}], until: 'true', max_iterations: 3}}]", None),
     ],
 )
 def test_the_progress_total_is_known_when_every_step_settles_once(steps: str, total: int | None) -> None:
@@ -369,3 +370,67 @@ async def test_a_runaway_jq_program_does_not_hold_up_another_run_on_the_event_lo
     assert not result.is_error
     assert finished == ["quick", "runaway"]
     assert took < _jqsafe.TIME_LIMIT / 2  # in fact a few ms; before, the whole second the program ran
+
+
+class Polled(Tools):
+    """``status`` answers ``{n}``, its number of calls so far; the other tools as ``Tools``."""
+
+    async def __call__(self, tool: str, arguments: JSONObject, context: CallContext) -> Invocation:
+        if tool != "status":
+            return await super().__call__(tool, arguments, context)
+        self.calls.append((tool, dict(arguments)))
+        n = sum(called == "status" for called, _ in self.calls)
+        return Invocation(ToolResult((), structured_content={"n": n}), "ok")
+
+
+async def test_a_loop_reports_each_iteration_as_progress_and_waits_its_delays_between_them() -> None:
+    tools, journal = Polled(), MemoryStore()
+    seen: list[tuple[float, str | None]] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        seen.append((done, message))
+
+    plan = plan_of("""
+steps:
+  - id: poll
+    loop:
+      steps: [{id: s, call: status, with: {iteration: "${.iteration}"}}]
+      until: .steps.s.result.n >= 3
+      max_iterations: 5
+      delay: 30ms
+      backoff: 2
+""")
+    began = anyio.current_time()
+    result = await Runner(tools, journal).run(plan, {}, CallContext(principal=Principal("tester"), progress=progress))
+    assert anyio.current_time() - began >= 0.09  # 30 ms, then 60 ms
+
+    assert result.structured_content == {"poll": {"n": 3}}
+    assert [arguments for _, arguments in tools.calls] == [{"iteration": 1}, {"iteration": 2}, {"iteration": 3}]
+    assert [message for _, message in seen if message and ": iteration" in message] == [
+        "poll: iteration 1 of at most 5, the condition does not hold yet",
+        "poll: iteration 2 of at most 5, the condition does not hold yet",
+        "poll: iteration 3 of at most 5, the condition holds",
+    ]
+    assert [done for done, _ in seen] == list(range(1, len(seen) + 1))  # one count, steps and iterations
+    assert result.meta is not None
+    events = await journal.events(result.meta[RUN_META_KEY])
+    assert [e.key for e in events if e.kind == "timer_fired"] == ["poll#delay", "poll#delay"]
+
+
+async def test_a_cancelled_run_stops_a_loop_during_its_delay_at_once() -> None:
+    tools, journal = Polled(), MemoryStore()
+    plan = plan_of("""
+steps:
+  - id: poll
+    loop: {steps: [{id: s, call: status}], until: .steps.s.result.n > 9, max_iterations: 5, delay: 1h}
+""")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Runner(tools, journal).run, plan, {}, CALLER)
+            while not tools.calls:  # noqa: ASYNC110 - the first iteration has run; its delay begins
+                await anyio.sleep(0.001)
+            await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    [record] = await journal.runs()
+    assert record.status == "cancelled"
+    assert len(tools.calls) == 1

@@ -1,16 +1,20 @@
 """Workflow tools end to end: ``patchbay serve`` as a process, the testkit upstream, real MCP clients."""
 
 import json
+import os
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 import anyio
 import mcp_types as types
 import pytest
+import yaml
 from mcp import Client
 from mcp.client.session import ClientRequestContext
 
-from tests.support import PYTHON, TESTKIT, patchbay, run_gateway, stdio_server, text, upstream_events
+from tests.support import PYTHON, ROOT, TESTKIT, patchbay, run_gateway, stdio_server, text, upstream_events
 
 pytestmark = pytest.mark.anyio
 
@@ -344,3 +348,18 @@ def test_graph_prints_the_workflow_as_mermaid() -> None:
     unknown = patchbay("graph", "examples/quickstart.yaml", "nope")
     assert unknown.returncode == 2
     assert "support_reply" in unknown.stderr
+
+
+def test_the_quickstart_export_workflow_polls_the_orders_server_until_the_job_is_done() -> None:
+    # Exactly the workflow of examples/quickstart.yaml, whose steps the README shows, against the real orders server.
+    readme = (ROOT / "README.md").read_text().split("* **`loop`**", 1)[1]
+    snippet = textwrap.dedent(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    quickstart = yaml.safe_load((ROOT / "examples/quickstart.yaml").read_text())
+    assert yaml.safe_load(snippet)["steps"] == quickstart["workflows"]["export_batch"]["steps"]
+    env = dict(os.environ, PYTHON=sys.executable)
+    done = patchbay("call", "examples/quickstart.yaml", "export_batch", "--args", '{"batch": 3}', env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"job_id": "E-1", "exported": 3, "polls": 3}  # queued, running, done
+    assert "poll: iteration 2 of at most 10, the condition does not hold yet" in done.stderr
+    assert "poll: iteration 3 of at most 10, the condition holds" in done.stderr
+    assert "poll[3]/status: succeeded" in done.stderr
