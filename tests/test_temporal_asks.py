@@ -4,6 +4,7 @@ holding the request (``front``) runs none of the plan's workers, so the run and 
 (``back``); a real dev server, real MCP clients in-process (both eras), no fakes of Temporal."""
 
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from temporalio.worker import Worker
 from gateway.config import parse_config
 from gateway.gateway import Gateway, open_gateway
 from gateway.server import McpFrontend
-from gateway.types import CallContext, JSONObject, Principal, Tool, ToolResult
+from gateway.types import RUN_META_KEY, CallContext, JSONObject, Principal, Tool, ToolResult
 from gateway.workflows.asking import STEP_META_KEY
 from gateway.workflows.commands import AskModel, AskUser, CallTool, StepError
 from gateway.workflows.plan import Plan
@@ -360,6 +361,18 @@ async def test_an_agent_step_runs_on_temporal_asking_the_client_here_and_calling
             ) as client,
         ):
             result = await client.call_tool("research", {})
+            assert result.meta is not None
+            read = await client.read_resource(f"patchbay://runs/{result.meta[RUN_META_KEY]}")
+    [content] = read.contents
+    assert isinstance(content, types.TextResourceContents)
+    view = json.loads(content.text)  # read back from Temporal: the turns and the call as a local run shows them
+    assert [(step["key"], step.get("tool") or step.get("kind"), step["status"]) for step in view["steps"]] == [
+        ("look", None, "succeeded"),
+        ("look#turn1", "agent", "succeeded"),
+        ("look#call1", "box__add", "succeeded"),
+        ("look#turn2", "agent", "succeeded"),
+    ]
+    assert view["note"] is None
     assert not result.is_error, result.content
     assert result.structured_content == {
         "answer": "the sum is 5",

@@ -1,8 +1,9 @@
-"""A run on Temporal reads back step by step as the same run on the local runner, against a real dev server: each
-step with its status (``set``, ``wait``, ``switch``, ``for_each``, skipped and degraded steps included), from the
-engine's own notes, recovered by replaying the history (``gateway.workflows._temporal_notes``); across a
-continue-as-new too, and while the run runs. Without the plan the steps' ends are read from their calls, and the
-timeline says so. (``tests/test_temporal_engine.py`` compares the timelines of its cases on both engines as well.)"""
+"""A run on Temporal reads back step by step as the same run on the local runner, against a real dev server:
+each step with its status (``set``, ``wait``, ``switch``, ``for_each``, ``loop``, skipped and degraded steps
+included), from the engine's own notes, recovered by replaying the history (``gateway.workflows._temporal_notes``);
+across a continue-as-new too, and while the run runs. Without the plan the steps' ends are read from their calls,
+and the timeline says so. (``tests/test_temporal_engine.py`` compares the timelines of its cases on both engines
+as well.)"""
 
 import uuid
 from collections.abc import Mapping
@@ -42,7 +43,14 @@ steps:
     for_each: "${[1, 2]}"
     as: item
     steps: [{id: up, call: t__up, with: {n: "${.item}"}}]
-output: {b: "${.steps.b.result}", each: "${.steps.each.result | length}"}
+  - id: poll
+    after: [each]
+    loop:
+      steps: [{id: tick, call: t__tick, with: {n: "${.iteration}"}}]
+      until: .iteration == 2
+      max_iterations: 3
+      delay: 10ms
+output: {b: "${.steps.b.result}", each: "${.steps.each.result | length}", polls: "${.steps.poll.result.n}"}
 """)
 SHOWN = [
     ("a", "succeeded", False),
@@ -54,6 +62,9 @@ SHOWN = [
     ("each", "succeeded", False),
     ("each[0]/up", "succeeded", False),
     ("each[1]/up", "succeeded", False),
+    ("poll", "succeeded", False),
+    ("poll[1]/tick", "succeeded", False),
+    ("poll[2]/tick", "succeeded", False),
 ]
 """The local runner's timeline of MIXED: each step, its status, whether it is degraded."""
 
@@ -90,7 +101,7 @@ async def test_a_run_on_temporal_shows_each_step_as_the_local_runner_does(tempor
         async with serving(temporal_client, [MIXED], Tools()) as engine:
             result = await engine.run(MIXED.name, {}, CALLER_JSON, run_id)
             view = await temporal_view(temporal_client, engine.task_queue, [MIXED], run_id)
-    assert result["output"] == {"b": {"fine": True}, "each": 2}
+    assert result["output"] == {"b": {"fine": True}, "each": 2, "polls": 2}
     assert shown(view) == shown(local) == SHOWN
     degraded = next(step for step in view["steps"] if step["key"] == "b")
     assert degraded["result"] == {"fine": True}
@@ -152,6 +163,8 @@ async def test_without_the_plan_the_steps_ends_are_read_from_their_calls_and_the
         ("each[0]/up", "succeeded", False),
         ("each[1]/up", "succeeded", False),
         ("other", "succeeded", False),
+        ("poll[1]/tick", "succeeded", False),
+        ("poll[2]/tick", "succeeded", False),
     ]
     assert view["note"] is not None
     assert "read from their calls" in view["note"]

@@ -28,6 +28,7 @@ __all__ = [
     "Status",
     "StepError",
     "retry_delay",
+    "started_data",
 ]
 
 Status = Literal["succeeded", "failed", "skipped", "cancelled"]
@@ -221,3 +222,12 @@ class Finished:
 Command = CallTool | AskUser | AskModel | AskAgent | Evaluate | StartTimer | Cancel | Settled | Finished | Iterated
 Leaf = CallTool | AskUser | AskModel | AskAgent
 """The commands that start a call or a question: what counts against ``max_concurrency``."""
+
+
+def started_data(command: Leaf) -> dict[str, Any]:
+    """A try's start as the journal's ``step_started`` data, which a run's timeline is read from (either engine's):
+    a call's tool and arguments, or what kind of question it is."""
+    if isinstance(command, CallTool):
+        return {"step": command.step, "tool": command.tool, "arguments": command.arguments}
+    kind = "ask_user" if isinstance(command, AskUser) else "agent" if isinstance(command, AskAgent) else "ask_model"
+    return {"step": command.step, "kind": kind}

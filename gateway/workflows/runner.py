@@ -49,6 +49,7 @@ from gateway.workflows.commands import (
     Settled,
     StartTimer,
     StepError,
+    started_data,
 )
 from gateway.workflows.engine import Run
 from gateway.workflows.expressions import Outcome, run_program
@@ -347,7 +348,7 @@ class Runner:
                     pending.extend(await self._feed(run, await self._work(run, command)))
             elif tg is not None:
                 self._started(run, command)
-                self._record(run, "step_started", command.key, command.attempt, _started_data(command))
+                self._record(run, "step_started", command.key, command.attempt, started_data(command))
                 run.ready.append(command)
         return finished
 
@@ -543,10 +544,3 @@ def _outcome_data(outcome: Outcome) -> dict[str, Any]:
     if outcome.error is not None:
         return {"error": outcome.error}
     return {"empty": True} if outcome.empty else {"value": outcome.value}
-
-
-def _started_data(command: _Leaf) -> dict[str, Any]:
-    if isinstance(command, CallTool):
-        return {"step": command.step, "tool": command.tool, "arguments": command.arguments}
-    kind = "ask_user" if isinstance(command, AskUser) else "agent" if isinstance(command, AskAgent) else "ask_model"
-    return {"step": command.step, "kind": kind}

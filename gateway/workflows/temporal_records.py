@@ -41,13 +41,14 @@ from temporalio.service import RPCError, RPCStatusCode
 from gateway.store import RunRecord, RunStatus
 from gateway.types import RUN_META_KEY, ToolResult
 from gateway.workflows._temporal_notes import Replayed, replay_history
-from gateway.workflows.commands import StepError
+from gateway.workflows.commands import StepError, started_data
 from gateway.workflows.history import COMPENSATE
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.plan import Plan
 from gateway.workflows.temporal_engine import result_of
 from gateway.workflows.temporal_types import (
     ASK_ACTIVITY,
+    LEAVES,
     MEMO,
     STEP_ACTIVITY,
     WORKFLOW_TYPE,
@@ -310,12 +311,7 @@ class _Reader:
             return
         self._asked.add((key, attempt))
         self._began[key] = at
-        data: dict[str, Any] = {"step": step}
-        if task.kind == "call_tool":
-            data.update(tool=command.get("tool"), arguments=command.get("arguments"))
-        else:
-            data["kind"] = task.kind
-        self._add(at, "step_started", key, attempt, data)
+        self._add(at, "step_started", key, attempt, started_data(LEAVES[task.kind](**command)))
 
     def _done(self, scheduled: int, at: float, result: Any, error: Mapping[str, Any] | None) -> None:
         tried = self._tries.get(scheduled)

@@ -300,3 +300,44 @@ def test_an_agent_without_max_steps_is_a_config_error_at_its_location() -> None:
         parse_config("workflows:\n  w:\n    steps:\n      - {id: a, agent: {goal: g, tools: [x]}}\n", environ={})
     [problem] = caught.value.problems
     assert (problem.path, problem.message) == ("workflows.w.steps[0].agent.max_steps", "Field required")
+
+
+def test_an_agent_in_a_loop_body_starts_afresh_each_iteration_and_its_calls_are_keyed_by_iteration() -> None:
+    journal = Journal(
+        """
+steps:
+  - id: poll
+    loop:
+      steps:
+        - {id: ask, agent: {goal: "Is it done? (${.iteration})", tools: ["kb__*"], max_steps: 2}}
+      until: .steps.ask.result.answer == "done"
+      max_iterations: 3
+      output: "${.steps.ask.result}"
+""",
+        {},
+    )
+    [turn] = of(AskAgent, journal.out)
+    assert turn.key == "poll[1]/ask#turn1"
+    assert turn.messages[0]["content"]["text"] == "Is it done? (1)"
+    [call] = of(CallTool, journal.done(turn.key, uses(("u1", "kb__find", {"q": "job"}))))
+    assert call.key == "poll[1]/ask#call1"
+    [turn] = of(AskAgent, journal.done(call.key, {"status": "running"}))
+    journal.done(turn.key, says("not yet"))
+    while not of(AskAgent, journal.out):  # the condition, evaluated by jq: its outcome comes back
+        evaluations = [command for command in journal.out if type(command).__name__ == "Evaluate"]
+        assert evaluations, journal.out
+        for evaluation in evaluations:
+            journal.out = journal.run.evaluated(evaluation.key, False)
+    [turn] = of(AskAgent, journal.out)
+    assert turn.key == "poll[2]/ask#turn1"  # a fresh conversation: its own turns and calls
+    assert [message["role"] for message in turn.messages] == ["user"]
+    assert turn.messages[0]["content"]["text"] == "Is it done? (2)"
+    out = journal.done(turn.key, says("done"))
+    while not of(Finished, out):
+        evaluations = [command for command in out if type(command).__name__ == "Evaluate"]
+        assert evaluations, out
+        for evaluation in evaluations:
+            out = journal.run.evaluated(evaluation.key, True)
+    [finished] = of(Finished, out)
+    assert finished.status == "succeeded"
+    assert finished.output == {"poll": {"answer": "done", "steps": []}}
