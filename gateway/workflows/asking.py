@@ -78,16 +78,18 @@ async def _ask_user(client: ClientChannel | None, command: AskUser) -> tuple[Any
     return answer.get("content") or {}, None
 
 
+def _sampling(command: AskModel | AskAgent, messages: list[Any]) -> dict[str, Any]:
+    """A ``sampling/createMessage`` request's params: the messages, the step's system prompt and token limit."""
+    params: dict[str, Any] = {"messages": messages, "maxTokens": command.max_tokens, "_meta": _asked_by(command)}
+    if command.system is not None:
+        params["systemPrompt"] = command.system
+    return params
+
+
 async def _ask_model(client: ClientChannel | None, command: AskModel) -> tuple[Any, StepError | None]:
     if client is None or "sampling" not in client.capabilities:
         return default_or(command.default, "the client cannot ask its model (it has no sampling capability)")
-    params: dict[str, Any] = {
-        "messages": [{"role": "user", "content": {"type": "text", "text": command.prompt}}],
-        "maxTokens": command.max_tokens,
-        "_meta": _asked_by(command),
-    }
-    if command.system is not None:
-        params["systemPrompt"] = command.system
+    params = _sampling(command, [{"role": "user", "content": {"type": "text", "text": command.prompt}}])
     try:
         answer = await client.request("sampling/createMessage", params)
     except UpstreamError as exc:
@@ -106,15 +108,8 @@ async def _ask_agent(
         return None, StepError(
             "unavailable", "the client cannot let its model call tools (it has no sampling.tools capability)"
         )
-    params: dict[str, Any] = {
-        "messages": list(command.messages),
-        "maxTokens": command.max_tokens,
-        "tools": list(tools),
-        "toolChoice": {"mode": command.tool_choice},
-        "_meta": _asked_by(command),
-    }
-    if command.system is not None:
-        params["systemPrompt"] = command.system
+    params = _sampling(command, list(command.messages))
+    params.update(tools=list(tools), toolChoice={"mode": command.tool_choice})
     try:
         answer = await client.request("sampling/createMessage", params)
     except UpstreamError as exc:
