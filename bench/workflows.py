@@ -79,8 +79,8 @@ from gateway.store.memory import MemoryStore
 from gateway.store.sqlite import SqliteStore
 from gateway.types import CallContext, JSONObject, Principal, ProviderEvents, Tool, ToolResult
 from gateway.workflows._jqsafe import first as jq_first
-from gateway.workflows.commands import Evaluate
-from gateway.workflows.engine import CallTool, Run
+from gateway.workflows.commands import CallTool, Evaluate
+from gateway.workflows.engine import Run
 from gateway.workflows.journal import JournalEvent
 from gateway.workflows.model import Workflow
 from gateway.workflows.plan import Plan, compile_workflow
