@@ -37,6 +37,7 @@ from gateway.errors import StoreError
 from gateway.workflows.journal import JournalEvent
 
 __all__ = [
+    "FOLDED_KINDS",
     "CacheEntry",
     "Durability",
     "IdempotencyEntry",
@@ -153,9 +154,14 @@ class CacheEntry:
     """Wall-clock time it was kept."""
 
 
+FOLDED_KINDS = frozenset({"run_started", "step_settled", "run_finished"})
+"""The kinds of journal event that change a :class:`RunRecord` beyond its ``updated_at`` (see :func:`fold`)."""
+
+
 def fold(record: RunRecord | None, event: JournalEvent) -> RunRecord | None:
     """``record`` updated with ``event`` (None before a run's ``run_started``). Pure: every store keeps
-    its :class:`RunRecord` s this way, in the transaction that appends the event."""
+    its :class:`RunRecord` s this way, in the transaction that appends the event. An event of a kind
+    outside :data:`FOLDED_KINDS` changes only ``updated_at``."""
     data = event.data
     if event.kind == "run_started":
         caller = data.get("caller") or {}

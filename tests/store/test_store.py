@@ -44,8 +44,15 @@ async def test_a_runs_record_is_folded_from_its_events(store: Store) -> None:
     assert (running.workflow, running.caller_kind, running.caller_id, running.plan) == ("w", "client", "bot", "p1")
     assert running.owner == store.instance
     assert running.updated_at == 13.0
+    store.record(JournalEvent("r1", 4, 14.0, "step_started", "d", 1, {"step": "d", "tool": "t", "arguments": {}}))
+    store.record(JournalEvent("r1", 5, 14.5, "step_done", "d", 1, {"result": None, "error": None}))
+    await store.commit()
+    touched = await store.run("r1")  # events that change nothing else still move updated_at, listed or not
+    assert touched is not None
+    assert (touched.steps, touched.updated_at) == (3, 14.5)
+    assert [(r.run_id, r.updated_at) for r in await store.runs()] == [("r1", 14.5)]
 
-    await store.append(finished("r1", 4, 15.0, status="failed"))
+    await store.append(finished("r1", 6, 15.0, status="failed"))
     done = await store.run("r1")
     assert done is not None
     assert (done.status, done.finished_at, done.duration_ms) == ("failed", 15.0, 5.0)
