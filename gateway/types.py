@@ -173,6 +173,11 @@ class Principal:
     id: str
     kind: str = "client"  # "client" | "stdio" | "anonymous" | "workflow"
 
+    @classmethod
+    def of_caller(cls, caller: Mapping[str, str]) -> "Principal":
+        """The principal a run's recorded caller (``{kind, id}``) names."""
+        return cls(caller.get("id", ""), caller.get("kind", "client"))
+
 
 ProgressFn = Callable[[float, float | None, str | None], Awaitable[None]]
 """``async (progress, total, message)``: forwards a progress update to whoever asked for it."""

@@ -77,8 +77,8 @@ class Callers:
         attendance = self._enter(run_id)
         try:
             if isinstance(command, AskAgent):
-                principal = Principal(caller.get("id", ""), caller.get("kind", "client"))
-                return await ask(attendance.client, command, offered(self.catalog, principal, command))
+                tools = offered(self.catalog, Principal.of_caller(caller), command)
+                return await ask(attendance.client, command, tools)
             return await ask(attendance.client, command)
         finally:
             self._leave(run_id, attendance)

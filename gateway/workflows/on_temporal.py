@@ -87,7 +87,7 @@ def step_executor(invoke: InvokeFn) -> Execute:
             return None, StepError("unavailable", NOT_CARRIED)
         assert isinstance(command, CallTool)
         context = CallContext(
-            principal=Principal(caller.get("id", ""), caller.get("kind", "client")),
+            principal=Principal.of_caller(caller),
             meta={IDEMPOTENCY_META_KEY: command.idempotency_key} if command.idempotency_key else None,
             workflow_run=run_id,
             workflow_step=command.key,

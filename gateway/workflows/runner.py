@@ -472,17 +472,17 @@ class Runner:
         duration = round((self._clock() - started) * 1000, 3) if started is not None else None
         self._record(run, "step_settled", note.key, note.attempts, note.journaled(duration))
         if note.part is not None:  # an agent's turn or call: reported, not counted as a step
-            if run.context.progress is not None:
-                await run.context.progress(run.settled, run.plan.total_steps, note.describe(duration))
+            await self._progress(run, note.describe(duration), count=False)
             return
         if self._metrics is not None and duration is not None:  # the step's id: a bounded label, unlike its key
             self._metrics.workflow_step(run.plan.name, note.step, duration / 1000)
         await self._progress(run, note.describe(duration))
 
     @staticmethod
-    async def _progress(run: _Execution, message: str) -> None:
-        """One more progress note for the run's caller: a step settled, or a loop's iteration ended."""
-        run.settled += 1
+    async def _progress(run: _Execution, message: str, *, count: bool = True) -> None:
+        """A progress note for the run's caller: a step settled, or a loop's iteration ended (counted), or an
+        agent's turn or call (not counted)."""
+        run.settled += count
         if run.context.progress is not None:
             await run.context.progress(run.settled, run.plan.total_steps, message)
 
